@@ -39,3 +39,16 @@ def tiny_llama_dir(tmp_path_factory, embedded_dir):
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def embedded_f16_gguf(embedded_dir):
+    """f16 GGUF of the embedded HF folder (official converter), built once and cached beside
+    the converted HF folder ($TOOLKIT_CACHE or ~/.cache/toolkit)."""
+    from toolkit.export import hf_to_gguf
+    from toolkit.models import cache_dir
+
+    target = cache_dir() / "smollm2-135m-instruct-f16-v1.gguf"
+    if not target.is_file():
+        hf_to_gguf(embedded_dir, target, outtype="f16")
+    return target
