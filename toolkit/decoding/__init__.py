@@ -1,0 +1,25 @@
+"""Decoding: how a next-token distribution becomes text.
+
+A language model gives, at every step, a score (logit) for each of its ~50k tokens. Turning
+those scores into one token is a choice, and this package makes the choice explicit:
+
+- `config`: `DecodingConfig`, the one set of knobs (strategy, temperature, top-k, top-p, min-p,
+  repetition penalty, beams, length penalty, max tokens, stop strings, seed) shared by the
+  CLI, the chat UI and both backends, plus the named presets.
+- `transforms`: small pure functions that reshape a logit vector (temperature, top-k, top-p,
+  min-p, repetition penalty) and draw from it with an explicit random generator.
+- `search`: the loops (greedy, sampling, beam search) over a tiny backend interface, "give me
+  next-token logits, keep your cache", and the streaming iterator that cuts stop strings.
+
+Greedy (always the argmax) is reproducible and fine for short factual answers but tends to loop;
+sampling trades some likelihood for variety; beam search keeps several hypotheses and returns
+the one with the best length-normalised log-probability.
+"""
+
+from toolkit.decoding.config import PRESETS, DecodingConfig, preset
+from toolkit.decoding.search import Generation, Stream, beam_search, generate, stream, token_stream
+
+__all__ = [
+    "PRESETS", "DecodingConfig", "preset", "Generation", "Stream", "beam_search", "generate", "stream",
+    "token_stream",
+]

@@ -1,0 +1,117 @@
+"""`DecodingConfig`: the decoding knobs, validated on construction, and the named presets."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+
+from toolkit.errors import UserError
+
+STRATEGIES = ("greedy", "sample", "beam")
+
+
+@dataclass(frozen=True)
+class DecodingConfig:
+    """How to pick tokens.
+
+    strategy: greedy (argmax every step), sample (draw from the reshaped distribution) or
+      beam (keep `num_beams` hypotheses, return the best by log-prob / length**length_penalty).
+    temperature: divides the logits before sampling; <1 sharpens, >1 flattens. 0 means greedy.
+    top_k: keep only the k most likely tokens (0 = off).
+    top_p: keep the smallest set of most likely tokens whose probability reaches p (1 = off).
+    min_p: drop tokens less likely than min_p x the top token's probability (0 = off).
+    repetition_penalty: >1 makes tokens already in the prompt or answer less likely (1 = off).
+    num_beams, length_penalty: beam search width and its length normalisation exponent.
+    max_new_tokens: hard cap on generated tokens. stop: strings that end the answer (cut out).
+    seed: for sampling; None draws a fresh one.
+    """
+
+    strategy: str = "greedy"
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    num_beams: int = 4
+    length_penalty: float = 1.0
+    max_new_tokens: int = 256
+    stop: tuple[str, ...] = field(default_factory=tuple)
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        else:
+            object.__setattr__(self, "stop", tuple(self.stop))
+        checks = [
+            (self.strategy in STRATEGIES, f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}"),
+            (_num(self.temperature) and self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
+            (_int(self.top_k) and self.top_k >= 0, f"top_k must be an integer >= 0 (0 = off), got {self.top_k}"),
+            (_num(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
+            (_num(self.min_p) and 0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
+            (_num(self.repetition_penalty) and self.repetition_penalty > 0,
+             f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}"),
+            (_int(self.num_beams) and 1 <= self.num_beams <= 16, f"num_beams must be an integer in [1, 16], got {self.num_beams}"),
+            (_num(self.length_penalty), f"length_penalty must be a number, got {self.length_penalty}"),
+            (_int(self.max_new_tokens) and self.max_new_tokens >= 1,
+             f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens}"),
+            (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
+            (self.seed is None or (_int(self.seed) and self.seed >= 0), f"seed must be an integer >= 0, got {self.seed}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+
+    @property
+    def effective_strategy(self) -> str:
+        """Sampling at temperature 0 is greedy (as in llama.cpp and the OpenAI API)."""
+        if self.strategy == "sample" and self.temperature == 0:
+            return "greedy"
+        return self.strategy
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "DecodingConfig":
+        """Build from a mapping; unknown keys are an error naming the key."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise UserError(f"unknown decoding setting(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        return cls(**data)
+
+    def replace(self, **changes) -> "DecodingConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["stop"] = list(self.stop)
+        return d
+
+
+def _num(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x  # x == x rejects NaN
+
+
+def _int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+# Plain data, so the UI, the CLI and the docs read the same numbers.
+PRESETS: dict[str, dict] = {
+    # Reproducible, the most likely continuation: short factual answers, code, extraction.
+    "precise": {"strategy": "greedy", "repetition_penalty": 1.1},
+    # The usual chat setting: mild sampling with the long tail cut off.
+    "balanced": {"strategy": "sample", "temperature": 0.7, "top_k": 50, "top_p": 0.9, "min_p": 0.05,
+                 "repetition_penalty": 1.1},
+    # More variety (brainstorming, stories); min-p keeps it from derailing at high temperature.
+    "creative": {"strategy": "sample", "temperature": 1.1, "top_k": 0, "top_p": 0.98, "min_p": 0.05,
+                 "repetition_penalty": 1.05},
+}
+
+
+def preset(name: str, **overrides) -> DecodingConfig:
+    """The named preset, with `overrides` (None values ignored) applied on top."""
+    if name not in PRESETS:
+        raise UserError(f"unknown preset {name!r} (choose from {', '.join(PRESETS)})")
+    data = dict(PRESETS[name])
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return DecodingConfig.from_dict(data)
