@@ -168,3 +168,18 @@ def test_beam_matches_generate_on_tiny_model(tiny):
         ref = tiny.model.generate(torch.tensor([prompt]), do_sample=False, num_beams=3, max_new_tokens=10,
                                   length_penalty=lp)
         assert ours.tokens == ref[0, len(prompt):].tolist()[: ours.new_tokens]
+
+
+def test_top_k_shortcut_samples_the_same_distribution():
+    """_sample_token's top-k shortcut draws from exactly the full chain's distribution."""
+    from toolkit.decoding.search import _sample_token
+
+    x = _logits(8, rows=1)[0]
+    seen = torch.tensor([1, 2, 3])
+    cfg = DecodingConfig(strategy="sample", temperature=0.8, top_k=20, top_p=0.8, min_p=0.05, repetition_penalty=1.3)
+    full = T.probs(T.prepare_logits(x, seen, temperature_=0.8, top_k_=20, top_p_=0.8, min_p_=0.05,
+                                    repetition_penalty_=1.3))
+    g = torch.Generator().manual_seed(0)
+    counts = torch.bincount(torch.tensor([_sample_token(x, seen, cfg, g) for _ in range(4000)]), minlength=VOCAB)
+    assert set(counts.nonzero().flatten().tolist()) <= set(full.nonzero().flatten().tolist())
+    torch.testing.assert_close(counts.float() / 4000, full, atol=0.03, rtol=0)

@@ -10,16 +10,25 @@ those scores into one token is a choice, and this package makes the choice expli
   min-p, repetition penalty) and draw from it with an explicit random generator.
 - `search`: the loops (greedy, sampling, beam search) over a tiny backend interface, "give me
   next-token logits, keep your cache", and the streaming iterator that cuts stop strings.
+- `conversation`: chat history -> prompt ids, trimmed to the context window from the oldest turn.
 
 Greedy (always the argmax) is reproducible and fine for short factual answers but tends to loop;
 sampling trades some likelihood for variety; beam search keeps several hypotheses and returns
 the one with the best length-normalised log-probability.
+
+Only `config` is imported eagerly: the CLI reads presets without importing torch.
 """
 
 from toolkit.decoding.config import PRESETS, DecodingConfig, preset
-from toolkit.decoding.search import Generation, Stream, beam_search, generate, stream, token_stream
 
-__all__ = [
-    "PRESETS", "DecodingConfig", "preset", "Generation", "Stream", "beam_search", "generate", "stream",
-    "token_stream",
-]
+_SEARCH = ("Generation", "Stream", "beam_search", "generate", "stream", "token_stream")
+
+__all__ = ["PRESETS", "DecodingConfig", "preset", *_SEARCH]
+
+
+def __getattr__(name):
+    if name in _SEARCH:
+        from toolkit.decoding import search
+
+        return getattr(search, name)
+    raise AttributeError(f"module 'toolkit.decoding' has no attribute {name!r}")

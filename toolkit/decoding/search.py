@@ -63,14 +63,25 @@ def token_stream(backend: Backend, prompt_ids: list[int], cfg: DecodingConfig) -
         if strategy == "greedy":
             token = int(T.greedy(T.repetition_penalty(logits, history, cfg.repetition_penalty)))
         else:
-            shaped = T.prepare_logits(logits, history, temperature_=cfg.temperature, top_k_=cfg.top_k,
-                                      top_p_=cfg.top_p, min_p_=cfg.min_p, repetition_penalty_=cfg.repetition_penalty)
-            token = int(T.sample(T.probs(shaped), gen))
+            token = _sample_token(logits, history, cfg, gen)
         yield token
         if token in backend.eos_ids or i + 1 == budget:
             return
         seen.append(token)
         logits = backend.step([token])[0].float()
+
+
+def _sample_token(logits: torch.Tensor, history: torch.Tensor, cfg: DecodingConfig, gen: torch.Generator) -> int:
+    """One draw through the transform chain (T.prepare_logits' order). After top-k every other
+    token is -inf, so top-p / min-p / softmax run on those k values only: the same distribution
+    without sorting the whole vocabulary each step."""
+    x = T.temperature(T.repetition_penalty(logits, history, cfg.repetition_penalty), cfg.temperature)
+    idx = None
+    if 0 < cfg.top_k < x.numel():
+        x, idx = torch.topk(x, cfg.top_k)
+    x = T.min_p(T.top_p(x, cfg.top_p), cfg.min_p)
+    choice = int(T.sample(T.probs(x), gen))
+    return int(idx[choice]) if idx is not None else choice
 
 
 def beam_search(backend: Backend, prompt_ids: list[int], cfg: DecodingConfig) -> list[int]:

@@ -1,0 +1,139 @@
+"""Chat with a model, in the terminal or (--ui) in a Gradio web app.
+
+  toolkit chat --model embedded                 terminal chat
+  toolkit chat --ui --model runs/latest         web chat on http://127.0.0.1:7860
+
+In the terminal, lines starting with / are commands: /reset (forget the conversation),
+/system TEXT, /set key=value (a decoding setting, e.g. /set temperature=0.7), /preset NAME,
+/retry (regenerate the last answer), /quit. Long conversations are trimmed to the context
+window from the oldest turns, with a notice. The web UI binds 127.0.0.1 unless --host is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from toolkit.commands.generate import add_decoding_arguments, config_from_args
+from toolkit.errors import UserError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", "-m", default="embedded", help="embedded | HF id | folder | run folder | .gguf")
+    parser.add_argument("--system", help="system prompt")
+    parser.add_argument("--n-ctx", type=int, default=None, help="context window (default: the model's; 2048 for GGUF)")
+    parser.add_argument("--ui", action="store_true", help="serve the Gradio web chat instead")
+    parser.add_argument("--host", default="127.0.0.1", help="web UI address (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=7860, help="web UI port (default 7860)")
+    add_decoding_arguments(parser)
+
+
+def _parse_value(raw: str):
+    for cast in (int, float):
+        try:
+            return cast(raw)
+        except ValueError:
+            pass
+    return None if raw.lower() == "none" else raw
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    if args.ui:
+        from toolkit.models import resolve
+        from ui.chat import launch
+
+        resolve(args.model)  # a bad --model is a one-line error, not a broken page
+        print(f"chat UI on http://{args.host}:{args.port}  (Ctrl-C to stop)", file=sys.stderr)
+        launch(args.model, host=args.host, port=args.port, n_ctx=args.n_ctx, block=True)
+        return 0
+    return _terminal(args, cfg)
+
+
+def _terminal(args: argparse.Namespace, cfg) -> int:
+    from toolkit.backends import load
+    from toolkit.decoding.config import DecodingConfig, preset
+    from toolkit.decoding.conversation import build_prompt
+    from toolkit.decoding.search import stream
+
+    backend = load(args.model, n_ctx=args.n_ctx)
+    system = args.system
+    history: list[dict] = []
+    interactive = sys.stdin.isatty()
+    print(f"chatting with {args.model} ({backend.name}); /quit to leave, /reset, /system, /set k=v, /preset, /retry",
+          file=sys.stderr)
+    try:
+        while True:
+            try:
+                line = input("you> " if interactive else "")
+            except EOFError:
+                break
+            line = line.strip()
+            if not line:
+                continue
+            if line.startswith("/"):
+                cmd, _, rest = line.partition(" ")
+                try:
+                    if cmd in ("/quit", "/exit"):
+                        break
+                    elif cmd == "/reset":
+                        history.clear()
+                        print("(conversation cleared)", file=sys.stderr)
+                        continue
+                    elif cmd == "/system":
+                        system = rest or None
+                        print(f"(system prompt {'set' if system else 'cleared'})", file=sys.stderr)
+                        continue
+                    elif cmd == "/set":
+                        key, eq, value = rest.partition("=")
+                        if not eq:
+                            raise UserError("usage: /set key=value")
+                        key = key.strip().replace("-", "_")
+                        data = cfg.to_dict()
+                        data[key] = tuple(v for v in value.split("|") if v) if key == "stop" else _parse_value(value.strip())
+                        cfg = DecodingConfig.from_dict(data)
+                        print(f"({key} = {getattr(cfg, key)})", file=sys.stderr)
+                        continue
+                    elif cmd == "/preset":
+                        cfg = preset(rest.strip(), max_new_tokens=cfg.max_new_tokens, stop=cfg.stop, seed=cfg.seed)
+                        print(f"(preset {rest.strip()})", file=sys.stderr)
+                        continue
+                    elif cmd == "/retry":
+                        if not history or history[-1]["role"] != "assistant":
+                            raise UserError("nothing to regenerate yet")
+                        history.pop()
+                    else:
+                        raise UserError(f"unknown command {cmd}")
+                except UserError as exc:
+                    print(f"error: {exc}", file=sys.stderr)
+                    continue
+            else:
+                history.append({"role": "user", "content": line})
+            try:
+                prompt = build_prompt(backend, history, system, cfg.max_new_tokens)
+            except UserError as exc:
+                history.pop()
+                print(f"error: {exc}", file=sys.stderr)
+                continue
+            if prompt.dropped_turns:
+                del history[: prompt.dropped_turns]
+                print(f"(note: {prompt.dropped_turns} earlier message(s) dropped to fit the {backend.n_ctx}-token "
+                      "context window)", file=sys.stderr)
+            sys.stdout.write("assistant> " if interactive else "")
+            s = stream(backend, prompt.ids, cfg)
+            try:
+                for piece in s:
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
+            except KeyboardInterrupt:  # Ctrl-C stops this answer, not the chat
+                s.cancel()
+                print("\n(stopped)", file=sys.stderr)
+                history.pop()
+                continue
+            print()
+            g = s.result
+            history.append({"role": "assistant", "content": g.text})
+            print(f"[{g.new_tokens} tokens, {g.tokens_per_s:.1f} tok/s, {g.finish_reason}]", file=sys.stderr)
+    finally:
+        backend.close()
+    return 0
