@@ -1,0 +1,157 @@
+"""Ollama `Modelfile` for an exported GGUF: FROM, TEMPLATE (Go template), SYSTEM, PARAMETER stop.
+
+Ollama does not run Jinja, so the HF chat template has to be restated in Go-template syntax.
+Rather than keeping a hand-written table of known formats, we probe the tokenizer's own
+template with sentinel messages and read off each role's prefix and suffix, the default
+system prompt and the generation prompt (`TurnFormat`). `render()` replays a TurnFormat in
+Python exactly as the Go template does, and `turn_format()` only returns a format whose replay
+equals `apply_chat_template` on several conversations, so the Modelfile says the same thing
+as the template or is not claimed at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+_S, _U, _A, _U2, _A2 = "SYSTEM_7f3a", "USER_7f3a", "ASSISTANT_7f3a", "USER2_7f3a", "ASSISTANT2_7f3a"
+
+
+@dataclass(frozen=True)
+class TurnFormat:
+    """A chat format made of per-role prefix + content + suffix blocks."""
+
+    system_prefix: str
+    system_suffix: str
+    user_prefix: str
+    user_suffix: str
+    assistant_prefix: str
+    assistant_suffix: str
+    generation_prompt: str
+    default_system: str | None  # inserted when the conversation has no system message
+
+
+def render(fmt: TurnFormat, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    """What the Modelfile's Go template produces for `messages` (first system message, or the
+    default system prompt, then user/assistant turns, then the generation prompt)."""
+    system = next((m["content"] for m in messages if m["role"] == "system"), fmt.default_system)
+    out = [] if system is None else [fmt.system_prefix, system, fmt.system_suffix]
+    for m in messages:
+        if m["role"] == "user":
+            out += [fmt.user_prefix, m["content"], fmt.user_suffix]
+        elif m["role"] == "assistant":
+            out += [fmt.assistant_prefix, m["content"], fmt.assistant_suffix]
+    if add_generation_prompt:
+        out.append(fmt.generation_prompt)
+    return "".join(out)
+
+
+def _between(text: str, start: str, end: str | None) -> str:
+    i = text.index(start) + len(start)
+    return text[i:] if end is None else text[i:text.index(end, i)]
+
+
+def _strip_prefix(text: str, prefix: str) -> str:
+    if not text.startswith(prefix):
+        raise ValueError("template is not a prefix/suffix format")
+    return text[len(prefix):]
+
+
+def turn_format(tokenizer) -> TurnFormat | None:
+    """The TurnFormat equivalent to the tokenizer's chat template, or None when the template
+    is not expressible as per-role blocks (then no TEMPLATE is claimed)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+
+    def apply(msgs, gen=False):
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+
+    sysm, user, asst = ({"role": "system", "content": _S}, {"role": "user", "content": _U},
+                        {"role": "assistant", "content": _A})
+    try:
+        r_user = apply([user])
+        generation = _strip_prefix(apply([user], gen=True), r_user)
+        user_suffix = _between(r_user, _U, None)
+        r_ua = apply([user, asst])
+        mid = _between(r_ua, _U, _A)
+        assistant_prefix = _strip_prefix(mid, user_suffix)
+        assistant_suffix = _between(r_ua, _A, None)
+        r_uau = apply([user, asst, {"role": "user", "content": _U2}])
+        user_prefix = _strip_prefix(_between(r_uau, _A, _U2), assistant_suffix)
+        head = r_user[: r_user.index(_U)]
+        if not head.endswith(user_prefix):
+            return None
+        default_block = head[: len(head) - len(user_prefix)]
+        r_su = apply([sysm, user])
+        system_prefix = r_su[: r_su.index(_S)]
+        mid_su = _between(r_su, _S, _U)
+        if not mid_su.endswith(user_prefix):
+            return None
+        system_suffix = mid_su[: len(mid_su) - len(user_prefix)]
+        default_system = None
+        if default_block:
+            if not (default_block.startswith(system_prefix) and default_block.endswith(system_suffix)):
+                return None
+            default_system = default_block[len(system_prefix): len(default_block) - len(system_suffix)]
+    except (ValueError, TypeError):
+        return None
+    fmt = TurnFormat(system_prefix, system_suffix, user_prefix, user_suffix, assistant_prefix,
+                     assistant_suffix, generation, default_system)
+    probes = [
+        [user], [sysm, user], [user, asst], [sysm, user, asst, {"role": "user", "content": _U2}],
+        [user, asst, {"role": "user", "content": _U2}, {"role": "assistant", "content": _A2}],
+    ]
+    for msgs in probes:
+        for gen in (False, True):
+            if render(fmt, msgs, gen) != apply(msgs, gen):
+                return None
+    return fmt
+
+
+def _go_literal(text: str) -> str:
+    """Text placed verbatim in a Go template inside a Modelfile triple-quoted string."""
+    if '"""' in text or "{{" in text:
+        raise ValueError(f"cannot place {text!r} in a Modelfile TEMPLATE")
+    return text
+
+
+def go_template(fmt: TurnFormat) -> str:
+    """The Go template equivalent of `render(fmt, ...)`. No `{{-` trim markers: the literal
+    prefixes and suffixes carry significant newlines that trimming would eat."""
+    g = _go_literal
+    return (
+        f"{{{{ if .System }}}}{g(fmt.system_prefix)}{{{{ .System }}}}{g(fmt.system_suffix)}{{{{ end }}}}"
+        f"{{{{ range .Messages }}}}"
+        f'{{{{ if eq .Role "user" }}}}{g(fmt.user_prefix)}{{{{ .Content }}}}{g(fmt.user_suffix)}'
+        f'{{{{ else if eq .Role "assistant" }}}}{g(fmt.assistant_prefix)}{{{{ .Content }}}}{g(fmt.assistant_suffix)}'
+        f"{{{{ end }}}}{{{{ end }}}}{g(fmt.generation_prompt)}"
+    )
+
+
+def stop_tokens(tokenizer, end_of_turn: str, fmt: TurnFormat | None) -> list[str]:
+    """Strings that end a reply: the end-of-turn token, plus the special token that opens a
+    new turn (a model that starts a new turn has run on)."""
+    stops = [end_of_turn]
+    if fmt is not None:
+        specials = set(tokenizer.all_special_tokens) | set(getattr(tokenizer, "added_tokens_encoder", {}))
+        for tok in sorted(specials, key=len, reverse=True):
+            if tok and fmt.user_prefix.startswith(tok) and tok not in stops:
+                stops.append(tok)
+                break
+    return stops
+
+
+def modelfile_text(gguf_name: str, tokenizer, end_of_turn: str, temperature: float | None = None) -> str:
+    """The Ollama Modelfile for `gguf_name` (a file beside it)."""
+    fmt = turn_format(tokenizer)
+    lines = [f"FROM ./{gguf_name}", ""]
+    if fmt is None:
+        lines += ["# The chat template is not a simple per-role format; Ollama reads the one embedded in the GGUF.", ""]
+    else:
+        lines += [f'TEMPLATE """{go_template(fmt)}"""', ""]
+        if fmt.default_system is not None:
+            lines += [f'SYSTEM """{_go_literal(fmt.default_system)}"""', ""]
+    for stop in stop_tokens(tokenizer, end_of_turn, fmt):
+        lines.append(f'PARAMETER stop "{stop}"')
+    if temperature is not None:
+        lines.append(f"PARAMETER temperature {temperature}")
+    return "\n".join(lines) + "\n"
