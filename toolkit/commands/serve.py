@@ -1,0 +1,78 @@
+"""Serve a GGUF over an OpenAI-compatible HTTP API (llama-cpp-python's server) on 127.0.0.1.
+
+Chat requests are formatted with the chat template embedded in the GGUF (never a guessed
+format), so replies end at the model's end-of-turn token. Any OpenAI client works:
+
+  toolkit serve runs/latest/gguf/finance-...-q4_k_m.gguf --port 8000
+  python -c "import openai; c = openai.OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='x'); ..."
+
+Endpoints: /v1/chat/completions (streaming too), /v1/completions, /v1/models, /docs.
+"""
+
+from __future__ import annotations
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("gguf", metavar="GGUF", help="the .gguf file to serve (e.g. from `toolkit export`)")
+    parser.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--n-ctx", type=int, default=4096, help="context window in tokens (default 4096)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: half the cores)")
+    parser.add_argument("--api-key", default=None, help="require this bearer token from clients")
+
+
+def check_port_free(host: str, port: int) -> None:
+    """UserError when `host:port` cannot be bound (in use, or not an address of this machine)."""
+    import socket
+
+    from toolkit.errors import UserError
+
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, port))
+    except OSError as exc:
+        raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from toolkit.errors import UserError
+
+    path = Path(args.gguf).expanduser()
+    if not path.is_file():
+        raise UserError(f"GGUF file not found: {args.gguf}")
+    if path.suffix != ".gguf":
+        raise UserError(f"{args.gguf}: not a .gguf file (export a run first: toolkit export RUN)")
+    if not 0 < args.port < 65536:
+        raise UserError(f"--port {args.port}: must be 1-65535")
+    check_port_free(args.host, args.port)
+
+    from toolkit.verify import gguf_metadata, llama_threads
+
+    try:
+        meta = gguf_metadata(path)
+    except Exception as exc:  # gguf-py raises assorted errors on a truncated or foreign file
+        raise UserError(f"{args.gguf}: not a readable GGUF ({exc})") from None
+    if meta["chat_template"]:
+        chat_format = "chat_template.default"
+    else:
+        chat_format = None
+        print("warning: the GGUF has no chat template; llama-cpp-python will guess a chat format", flush=True)
+
+    import uvicorn
+    from llama_cpp.server.app import create_app
+    from llama_cpp.server.settings import ModelSettings, ServerSettings
+
+    threads = args.threads or llama_threads()
+    model = ModelSettings(
+        model=str(path), model_alias=path.stem, n_ctx=args.n_ctx, n_threads=threads, n_threads_batch=threads,
+        chat_format=chat_format, verbose=False,
+    )
+    server = ServerSettings(host=args.host, port=args.port, api_key=args.api_key)
+    app = create_app(server_settings=server, model_settings=[model])
+    print(f"serving {path.name} as model {path.stem!r} on http://{args.host}:{args.port}/v1 "
+          f"(EOS {meta['eos_token']!r}, chat format {chat_format or 'guessed'}); Ctrl-C stops", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
