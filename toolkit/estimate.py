@@ -111,7 +111,7 @@ def _gguf_matches(m: ModelFacts, quant: str) -> bool:
 def estimate(model: str | ModelFacts, task: str = "qlora", quant: str | None = None, seq_len: int = 512,
              batch: int = 1, lora_r: int = 16, grad_ckpt: bool = True, targets: tuple[str, ...] = ALL_LINEAR,
              optimizer: str = "adamw", lora_dropout: float = 0.0, device: str = "cuda",
-             budget_bytes: int | None = None) -> Estimate:
+             budget_bytes: int | None = None, bnb_legacy: bool = False) -> Estimate:
     """Estimate peak memory of `task` ("inference" | "lora" | "qlora" | "full") for `model`.
 
     quant: fp32/bf16/fp16, int8/nf4/nf4-dq (bitsandbytes), or a GGUF type (inference with
@@ -119,6 +119,8 @@ def estimate(model: str | ModelFacts, task: str = "qlora", quant: str | None = N
     A GGUF file as `model` defaults to its own type and uses its exact tensor sizes.
     seq_len is the context (inference) or the padded/packed sequence length (training); targets
     are the LoRA target modules (PEFT names); device "cuda" or "cpu" picks the overhead.
+    bnb_legacy models the older bitsandbytes that kept each 4-bit linear's input (for comparing
+    with measurements taken with it).
     """
     m = model if isinstance(model, ModelFacts) else lookup(model)
     if task not in TASKS:
@@ -151,6 +153,9 @@ def estimate(model: str | ModelFacts, task: str = "qlora", quant: str | None = N
         _inference_terms(est, m, quant, is_gguf, tokens)
     else:
         _training_terms(est, m, quant, tokens, lora_r, grad_ckpt, targets, optimizer, lora_dropout)
+        if bnb_legacy and quant in ("nf4", "nf4-dq") and not grad_ckpt:
+            c["activations"] += F.bnb_legacy_input_bytes(m.hidden, m.intermediate, m.layers, tokens)
+            est.notes.append("older bitsandbytes: 4-bit layers keep their inputs")
     overhead = "llama.cpp" if (is_gguf and device == "cpu") else device
     c["framework"] = F.FRAMEWORK_OVERHEAD[overhead]
     return est
@@ -190,8 +195,10 @@ def _training_terms(est, m, quant, tokens, lora_r, grad_ckpt, targets, optimizer
         c["lora_adapter"] = 4 * est.trainable_params
         c["gradients"] = 4 * est.trainable_params
         c["optimizer"] = F.optimizer_bytes(est.trainable_params, optimizer, 4)
-    per_layer = F.layer_activation_elems(m.hidden, m.q_dim, m.kv_dim, m.intermediate, "full" if task == "full" else "lora",
-                                         targets, m.linears(), lora_r or 0, lora_dropout)
+    # CUDA's fused dropout keeps a bool mask; CPU dropout multiplies by a mask of the input dtype
+    per_layer = F.layer_activation_bytes(m.hidden, m.q_dim, m.kv_dim, m.intermediate,
+                                         "full" if task == "full" else "lora", targets, m.linears(), lora_r or 0,
+                                         lora_dropout, act, adapter_bytes=4, mask_bytes=1 if est.device == "cuda" else 4)
     c["activations"] = F.training_activation_bytes(per_layer, m.layers, m.hidden, tokens, grad_ckpt, act)
     c["logits"] = F.logits_bytes(tokens, m.vocab, act)
     if quant in ("nf4", "nf4-dq", "int8"):

@@ -142,55 +142,68 @@ def lora_params(linears: dict[str, tuple[int, int]], targets: tuple[str, ...], r
     return layers * sum(rank * (fin + fout) for name, (fin, fout) in linears.items() if name in targets)
 
 
-def layer_activation_elems(hidden: int, q_dim: int, kv_dim: int, inter: int, method: str,
-                           targets: tuple[str, ...], linears: dict[str, tuple[int, int]],
-                           rank: int = 0, lora_dropout: float = 0.0) -> float:
-    """16-bit elements per token that autograd keeps for one decoder layer (eager PyTorch,
-    SDPA/flash attention, HF Llama/Qwen2 modules).
+def layer_activation_bytes(hidden: int, q_dim: int, kv_dim: int, inter: int, method: str,
+                           targets: tuple[str, ...], linears: dict[str, tuple[int, int]], rank: int = 0,
+                           lora_dropout: float = 0.0, act_bytes: int = 2, adapter_bytes: int = 4,
+                           mask_bytes: int = 1) -> int:
+    """Bytes per token that autograd keeps for one decoder layer (eager PyTorch, SDPA/flash
+    attention, transformers' Llama/Qwen2 modules, PEFT LoRA).
 
-    Counted from what each op saves for its backward (torch only saves what a needed gradient
-    uses: a frozen linear keeps its weight, not its input; bitsandbytes' 4-bit matmul keeps only
+    Counted from what each op saves for its backward; torch saves only what a needed gradient
+    uses (a frozen linear keeps its weight, not its input; bitsandbytes' 4-bit matmul keeps only
     the quantized weight, bitsandbytes/autograd/_functions.py MatMul4Bit):
-    - always: both RMSNorm inputs, upcast to fp32 (2 x 2h), q after RoPE (q_dim), k and v
-      (2 kv_dim), the attention output (q_dim; flash keeps it plus a per-head logsumexp),
-      gate, SiLU(gate) and up of the SwiGLU MLP (3 i). Compare Korthikanti et al. 2022, whose
-      34sbh counts the same tensors for a GPT block with GeLU and no flash attention.
-    - the input of every linear whose weight trains (full) or that carries LoRA: attention input
-      (h) for q/k/v, MLP input (h) for gate/up, down input (i); o_proj's input is the attention
-      output, already counted. Full fine-tuning also keeps each RMSNorm's normalized input for
-      its weight gradient (2h). LoRA dropout > 0 gives every adapter its own dropped copy of
-      the input (in_features) and a bool mask (in_features / 2 in 16-bit units); the rank-r
-      A outputs add r per adapter.
+    - always: both RMSNorm inputs, upcast to fp32 (2 x 4h bytes), q after RoPE (q_dim), k and v
+      (2 kv_dim), the attention output (q_dim; flash attention keeps it plus a per-head
+      logsumexp, not the scores), gate, SiLU(gate) and up of the SwiGLU MLP (3i).
+      Korthikanti et al. 2022 (arXiv:2205.05198) count the same tensors for a GPT block.
+    - full fine-tuning: the input of every trained linear — attention input (h, shared by
+      q/k/v), MLP input (h, shared by gate/up), down input (i); o_proj's input is the attention
+      output, already kept — and each RMSNorm's normalized input for its weight gradient (2h).
+    - LoRA (PEFT): each adapter casts its input to the adapter dtype (fp32 by default,
+      autocast_adapter_dtype) and keeps that copy (in_features x adapter_bytes; shared across
+      adapters only when no cast and no dropout happen), with dropout also the mask
+      (in_features x mask_bytes: 1 for CUDA's bool mask, the input dtype on CPU), and the
+      rank-r output of A (r x adapter_bytes).
+    tests/test_estimate.py checks these counts against the tensors that transformers + PEFT
+    actually save (torch.autograd.graph.saved_tensors_hooks) on a small Llama.
     """
-    base = 4 * hidden + 2 * q_dim + 2 * kv_dim + 3 * inter
-    trained = set(linears) if method == "full" else set(targets)
-    extra = 0.0
-    if method == "full" or lora_dropout == 0.0:
-        if trained & {"q_proj", "k_proj", "v_proj"}:
-            extra += hidden
-        if trained & {"gate_proj", "up_proj"}:
-            extra += hidden
-        if "down_proj" in trained:
-            extra += inter
-    else:
-        extra += sum(1.5 * linears[n][0] for n in trained)
+    total = 8 * hidden + act_bytes * (2 * q_dim + 2 * kv_dim + 3 * inter)
     if method == "full":
-        extra += 2 * hidden
+        return total + act_bytes * (hidden + hidden + inter + 2 * hidden)
+    shared = lora_dropout == 0.0 and adapter_bytes == act_bytes
+    trained = [n for n in linears if n in targets]
+    if shared:
+        groups = {"attn": {"q_proj", "k_proj", "v_proj"}, "o": {"o_proj"}, "mlp": {"gate_proj", "up_proj"},
+                  "down": {"down_proj"}}
+        for members in groups.values():
+            hit = [n for n in trained if n in members]
+            if hit and hit[0] != "o_proj":  # o_proj's input is the attention output, already kept
+                total += act_bytes * linears[hit[0]][0]
     else:
-        extra += rank * len(trained)
-    return base + extra
+        for n in trained:
+            total += linears[n][0] * (adapter_bytes + (mask_bytes if lora_dropout > 0 else 0))
+    return total + len(trained) * rank * adapter_bytes
 
 
-def training_activation_bytes(per_layer_elems: float, layers: int, hidden: int, tokens: int,
+def training_activation_bytes(per_layer_bytes: int, layers: int, hidden: int, tokens: int,
                               grad_ckpt: bool, act_bytes: int = 2) -> int:
     """Activations kept between forward and backward for `tokens` = batch x seq_len.
 
-    Without checkpointing every layer keeps `per_layer_elems` per token. With (per-layer)
+    Without checkpointing every layer keeps `per_layer_bytes` per token. With (per-layer)
     gradient checkpointing each layer keeps only its input (hidden), and the backward recomputes
     one layer at a time, so one layer's full set is live on top (Chen et al. 2016)."""
     if grad_ckpt:
-        return int(tokens * (layers * hidden + per_layer_elems) * act_bytes)
-    return int(tokens * layers * per_layer_elems * act_bytes)
+        return int(tokens * (layers * hidden * act_bytes + per_layer_bytes))
+    return int(tokens * layers * per_layer_bytes)
+
+
+def bnb_legacy_input_bytes(hidden: int, inter: int, layers: int, tokens: int, act_bytes: int = 2) -> int:
+    """Extra activations of QLoRA under older bitsandbytes, whose MatMul4Bit kept its input
+    (`ctx.tensors = (A, B)`; bitsandbytes 0.50, which this toolkit runs, keeps `(None, B)`):
+    per layer the attention input (h), the MLP input (h) and the down-projection input (i);
+    o_proj's input is the attention output, kept anyway. Used only to compare with measurements
+    taken with those versions (docs/estimate.md)."""
+    return tokens * layers * (2 * hidden + inter) * act_bytes
 
 
 def logits_bytes(tokens: int, vocab: int, act_bytes: int = 2) -> int:

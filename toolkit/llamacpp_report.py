@@ -4,14 +4,17 @@ With verbose=True llama.cpp prints, from C, lines such as
   load_tensors:   CPU_Mapped model buffer size =    92.10 MiB
   llama_kv_cache:        CPU KV buffer size =    11.25 MiB
   sched_reserve:        CPU compute buffer size =    98.25 MiB
-to the process's stderr (fd 2), which Python's sys.stderr redirection cannot catch, so fd 2 is
-pointed at a temporary file while the model loads.
+to the process's stderr (fd 2), or through llama-cpp-python's log callback, which prints to
+`sys.stderr`. Both are pointed at one temporary file while the model loads (fd 2 by dup2, since
+redirecting sys.stderr alone cannot catch C writes).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import sys
 import tempfile
 
 _LINE = re.compile(r"\b(\w+)\s+(model|KV|compute|output) buffer size\s*=\s*([0-9.]+)\s*MiB")
@@ -36,13 +39,17 @@ def measure(gguf_path: str, n_ctx: int, n_batch: int = 512) -> tuple[dict[str, f
     """Load `gguf_path` on CPU with llama-cpp-python at `n_ctx`, return (MiB per buffer, log)."""
     from llama_cpp import Llama
 
+    sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as log:
+        text_log = open(log.fileno(), "w", closefd=False)
         os.dup2(log.fileno(), 2)
         try:
-            llm = Llama(str(gguf_path), n_ctx=n_ctx, n_batch=n_batch, n_gpu_layers=0, verbose=True)
-            llm.close()
+            with contextlib.redirect_stderr(text_log):
+                llm = Llama(str(gguf_path), n_ctx=n_ctx, n_batch=n_batch, n_gpu_layers=0, verbose=True)
+                llm.close()
         finally:
+            text_log.flush()
             os.dup2(saved, 2)
             os.close(saved)
         log.seek(0)
