@@ -46,15 +46,21 @@ def test_hf_greedy_equals_generate(hf, hf_greedy):
     assert ours.text == hf.tokenizer.decode(ref, skip_special_tokens=True)
 
 
-@pytest.mark.slow
-def test_hf_beam4_equals_generate(hf):
+@pytest.fixture(scope="module")
+def beam_ref(hf):
+    """transformers' own beam search (num_beams=4) on the embedded model."""
     ids = hf.chat_ids([{"role": "user", "content": "Write one sentence about the moon."}])
-    ours = generate(hf, ids, DecodingConfig(strategy="beam", num_beams=4, max_new_tokens=10))
     ref = hf.model.generate(torch.tensor([ids]), do_sample=False, num_beams=4, max_new_tokens=10)
-    ref = ref[0, len(ids):].tolist()
+    return ids, ref[0, len(ids):].tolist()
+
+
+@pytest.mark.slow
+def test_hf_beam4_equals_generate(hf, beam_ref):
+    ids, ref = beam_ref
+    ours = generate(hf, ids, DecodingConfig(strategy="beam", num_beams=4, max_new_tokens=10))
     assert ours.tokens == ref[: ours.new_tokens] and ours.new_tokens >= 1
-    greedy = generate(hf, ids, DecodingConfig(max_new_tokens=10))
-    assert greedy.tokens != ours.tokens  # beam search really searched
+    # beam search really searched: its answer is not the greedy one here
+    assert ours.tokens != generate(hf, ids, DecodingConfig(max_new_tokens=10)).tokens
 
 
 @pytest.mark.slow
@@ -77,11 +83,10 @@ def test_llamacpp_greedy_equals_hf_on_f16_gguf(hf, gguf, hf_greedy):
 
 
 @pytest.mark.slow
-def test_llamacpp_beam_and_sampling(gguf, hf):
-    ids = gguf.chat_ids([{"role": "user", "content": "Write one sentence about the moon."}])
+def test_llamacpp_beam_and_sampling(gguf, beam_ref):
+    ids, ref = beam_ref
     beam = generate(gguf, ids, DecodingConfig(strategy="beam", num_beams=4, max_new_tokens=10))
-    ref = hf.model.generate(torch.tensor([ids]), do_sample=False, num_beams=4, max_new_tokens=10)
-    assert beam.tokens == ref[0, len(ids):].tolist()[: beam.new_tokens]
+    assert beam.tokens == ref[: beam.new_tokens]
     cfg = DecodingConfig(strategy="sample", temperature=1.0, top_k=40, seed=1, max_new_tokens=16)
     assert generate(gguf, ids, cfg).tokens == generate(gguf, ids, cfg).tokens
 
@@ -101,6 +106,27 @@ def test_llamacpp_streaming_and_stop_strings(gguf):
     text = "".join(s)
     assert s.result.finish_reason == "stop" and text == full.text[: full.text.index(stop)]
     assert s.result.new_tokens < full.new_tokens
+
+
+@pytest.mark.slow
+def test_llamacpp_greedy_equals_create_completion():
+    """On the shipped Q4_1 GGUF our loop and llama-cpp-python's own greedy completion agree."""
+    import llama_cpp
+
+    from toolkit.backends.llamacpp import LlamaCppBackend
+    from toolkit.models import embedded_gguf_path
+
+    path = str(embedded_gguf_path())
+    with LlamaCppBackend(path, n_ctx=512) as backend:
+        ids = backend.chat_ids([{"role": "user", "content": "What is the capital of France?"}])
+        ours = generate(backend, ids, DecodingConfig(max_new_tokens=20))
+    llm = llama_cpp.Llama(path, n_ctx=512, verbose=False)
+    try:
+        ref = llm.create_completion(ids, max_tokens=20, temperature=0.0, top_k=1, repeat_penalty=1.0)
+    finally:
+        llm.close()
+    assert ours.text == ref["choices"][0]["text"]
+    assert ours.new_tokens == ref["usage"]["completion_tokens"]
 
 
 def test_run_folder_backend_applies_lora(tiny_llama_dir, tmp_path):

@@ -20,8 +20,9 @@ import gradio as gr  # noqa: E402
 from toolkit.decoding.config import PRESETS, DecodingConfig  # noqa: E402
 from toolkit.errors import UserError  # noqa: E402
 
-STATS_PREFIX = "⏱ "
-TRIM_PREFIX = "✂ "
+# Plain text: headless browsers without emoji fonts show emoji as boxes.
+STATS_PREFIX = "stats: "
+TRIM_PREFIX = "trimmed: "
 DEFAULTS = DecodingConfig()
 
 

@@ -29,13 +29,14 @@ class LlamaCppBackend:
         # minimal because decoding runs in the multi-sequence context built below.
         self.llm = llama_cpp.Llama(model_path=gguf_path, n_ctx=64, n_batch=64, n_threads=n_threads, verbose=False)
         try:
-            params = llama_cpp.llama_context_default_params()
+            # Start from the Llama object's own settings (threads, flash attention off, ...) so
+            # our numbers match its create_completion on the same file.
+            base = self.llm.context_params
+            params = type(base).from_buffer_copy(base)
             params.n_ctx = n_ctx
             params.n_batch = params.n_ubatch = n_batch
             params.n_seq_max = 2 * MAX_ROWS  # rows plus room to copy them during reorder
             params.kv_unified = True
-            params.n_threads = self.llm.context_params.n_threads
-            params.n_threads_batch = self.llm.context_params.n_threads_batch
             self.ctx = _internals.LlamaContext(model=self.llm._model, params=params, verbose=False)
             self.batch = _internals.LlamaBatch(n_tokens=n_batch, embd=0, n_seq_max=1, verbose=False)
         except Exception:
