@@ -227,8 +227,8 @@ def _lora_run(tmp_path: Path, embedded_dir: Path) -> Path:
     run = tmp_path / "runs" / "finance-20260101-000000"
     model = AutoModelForCausalLM.from_pretrained(embedded_dir, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(embedded_dir)
+    torch.manual_seed(0)  # lora_A is initialized randomly inside get_peft_model
     peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
-    torch.manual_seed(0)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
