@@ -171,6 +171,20 @@ def test_cli_refuses_overwrite_without_force(tmp_path, capsys):
     assert (out / "smollm2-135m-instruct-q8_0.gguf").read_text() == "old"
 
 
+def test_force_allows_existing_files_and_keeps_them_until_the_end(tmp_path):
+    from toolkit.export import _prepare_out_dir, planned_files
+
+    out = tmp_path / "out"
+    out.mkdir()
+    files = planned_files("m", ["q8_0"])
+    (out / files["q8_0"]).write_text("old")
+    with pytest.raises(UserError, match="--force"):
+        _prepare_out_dir(out, files, force=False)
+    assert _prepare_out_dir(out, files, force=True) is False  # existed: never removed on failure
+    assert (out / files["q8_0"]).read_text() == "old"  # replaced only by the final rename
+    assert _prepare_out_dir(tmp_path / "new" / "o", files, force=False) is True
+
+
 def test_not_enough_disk_on_a_small_filesystem(tmp_path, tiny_llama_dir, capsys):
     mnt = tmp_path / "small"
     mnt.mkdir()
@@ -300,3 +314,22 @@ def test_export_lora_run_f16_and_q8_0(tmp_path, embedded_dir, capsys):
     # Second export into the same folder needs --force, then replaces the files.
     assert main(["export", str(run), "--quant", "q8_0"]) == 2
     assert "--force" in capsys.readouterr().err
+
+
+def test_heldout_text_from_run_recipe(tmp_path, embedded_tok):
+    from toolkit.verify_text import heldout_text
+
+    run = tmp_path / "run"
+    (run / "d").mkdir(parents=True)
+    assert heldout_text(run, embedded_tok) is None  # no recipe.yaml: the caller uses the fixed text
+    rows = [{"instruction": "Define APR.", "input": "", "output": "The yearly cost of a loan."},
+            {"prompt": "What is CAGR?", "completion": "Compound annual growth rate."},
+            {"text": "Plain prose about saving."}, {"unknown": 1}]
+    (run / "d" / "valid.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\nnot json\n")
+    (run / "recipe.yaml").write_text("data:\n  train: d/train.jsonl\n  valid_file: d/valid.jsonl\n")
+    text, source = heldout_text(run, embedded_tok)
+    assert "3 examples" in source and str(run / "d" / "valid.jsonl") in source
+    assert text.count("<|im_start|>assistant\n") == 2 and "The yearly cost of a loan.<|im_end|>" in text
+    assert text.endswith("Plain prose about saving.")
+    text2, _ = heldout_text(run, embedded_tok, max_tokens=5)
+    assert text2.count("<|im_start|>user") == 1  # stops once max_tokens is reached

@@ -264,7 +264,7 @@ def export_model(spec: str, quants=("q4_k_m",), out=None, force: bool = False, p
     import shutil
     import time
 
-    from toolkit import export_report, verify
+    from toolkit import export_report, verify, verify_text
     from toolkit.hardware import device, dtype_for
 
     quants = list(dict.fromkeys(check_quant(q) for q in quants))
@@ -333,11 +333,11 @@ def export_model(spec: str, quants=("q4_k_m",), out=None, force: bool = False, p
 
         progress(f"[5/{steps}] verifying: metadata, round trip vs the HF model, chat turn through llama.cpp")
         t = time.perf_counter()
-        held = verify.heldout_text(ref.path, tok) if ref.kind == "run" else None
+        held = verify_text.heldout_text(ref.path, tok) if ref.kind == "run" else None
         if held:
             text, source = held
         else:
-            text = verify.fixed_text(tok)
+            text = verify_text.fixed_text(tok)
             source = "built-in finance text" + (" (the run records no held-out data)" if ref.kind == "run" else "")
         ids = verify.text_ids(tok, text)
         logits_ref = verify.hf_logits(model, ids)
