@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,29 @@ def test_disk_needed_and_check_disk(tmp_path):
     assert check_disk(tmp_path, 1) > 0
     with pytest.raises(UserError, match="not enough disk space"):
         check_disk(tmp_path, 1 << 60)
+
+
+def test_safetensors_params_matches_the_safetensors_library(embedded_dir, tiny_llama_dir):
+    import math
+
+    from safetensors import safe_open
+
+    from toolkit.export import safetensors_params
+
+    for folder in (embedded_dir, tiny_llama_dir):
+        with safe_open(str(folder / "model.safetensors"), framework="np") as f:
+            want = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+        assert safetensors_params(folder) == want
+    assert 134_000_000 < safetensors_params(embedded_dir) < 135_000_000
+    assert safetensors_params(tiny_llama_dir.parent) is None
+
+
+def test_merge_dtype():
+    from toolkit.export import merge_dtype
+
+    assert merge_dtype(1_000_000_000, 16 * 1024**3) == "float32"  # 6 GB needed, 16 GiB there
+    assert merge_dtype(8_000_000_000, 16 * 1024**3) == "bfloat16"  # 48 GB needed
+    assert merge_dtype(None, None) == "float32"
 
 
 def test_check_quant_lists_valid_types():
@@ -226,6 +250,28 @@ def test_interrupt_after_conversion_leaves_no_partial_gguf(tmp_path, tiny_llama_
     with pytest.raises(KeyboardInterrupt):
         export_model(str(tiny_llama_dir), ["q8_0"], out=out, progress=progress)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_ctrl_c_during_conversion_leaves_nothing(tmp_path, tiny_llama_dir):
+    import os
+    import signal
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "toolkit", "export", str(tiny_llama_dir), "--quant", "q8_0", "--out", str(out)],
+        cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )
+    for line in proc.stdout:
+        if line.startswith("[3/6]"):  # the converter subprocess is running now
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGINT)
+            break
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in err
+    assert not out.exists()
 
 
 # ---------------------------------------------------------------- real exports

@@ -176,6 +176,61 @@ def check_disk(path, needed: int) -> int:
     return free
 
 
+def safetensors_params(folder) -> int | None:
+    """Exact parameter count of the *.safetensors weights in `folder`, read from their JSON
+    headers (8-byte little-endian length, then {name: {dtype, shape, ...}}) without loading
+    any weights; None when the folder has none."""
+    import json
+    import math
+    import struct
+
+    total, found = 0, False
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        total += sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
+        found = True
+    return total if found else None
+
+
+def _base_folder(ref) -> Path | None:
+    """The local folder holding the weights an export starts from, if there is one."""
+    from toolkit.models import EMBEDDED, embedded_hf_dir, run_info
+
+    if ref.kind == "embedded":
+        return embedded_hf_dir()
+    if ref.kind == "hf_dir":
+        return ref.path
+    if ref.kind == "run":
+        info = run_info(ref.path)
+        if info.get("base_model") == EMBEDDED:
+            return embedded_hf_dir()
+        p = Path(str(info.get("base_source") or ""))
+        return p if p.is_dir() else None
+    return None
+
+
+def _available_ram() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def merge_dtype(n_params: int | None, available_ram: int | None) -> str:
+    """fp32 unless the merged model (x1.5 for the merge and the reference forward pass) would
+    not fit in RAM, then bf16. fp32 makes the HF side of the round trip exact, so the f16
+    check measures the GGUF, not the reference's own rounding."""
+    if n_params and available_ram and n_params * 4 * 1.5 > available_ram:
+        return "bfloat16"
+    return "float32"
+
+
 class ExportFailed(Exception):
     """Verification rejected an export; the message names every failed check."""
 
@@ -265,7 +320,6 @@ def export_model(spec: str, quants=("q4_k_m",), out=None, force: bool = False, p
     import time
 
     from toolkit import export_report, verify, verify_text
-    from toolkit.hardware import device, dtype_for
 
     quants = list(dict.fromkeys(check_quant(q) for q in quants))
     if not quants:
@@ -280,9 +334,17 @@ def export_model(spec: str, quants=("q4_k_m",), out=None, force: bool = False, p
     work = None
     t_all = time.perf_counter()
     try:
-        dev = device()
-        dtype = dtype_for(dev, "infer")
-        progress(f"[1/{steps}] loading {spec} ({ref.kind}) in {dtype} on {dev}" + (" and merging the LoRA adapter" if ref.kind == "run" else ""))
+        # Free disk first, from the checkpoint's own header, before anything is loaded.
+        base = _base_folder(ref)
+        n_est = safetensors_params(base) if base else None
+        if n_est:
+            check_disk(out, disk_needed(n_est, quants, 4))
+        # On the CPU even where a GPU exists: the export is a one-off, and an fp32 reference on
+        # the CPU is exact where a bf16 one on the GPU would blur the f16 check.
+        dev = "cpu"
+        dtype = merge_dtype(n_est, _available_ram())
+        progress(f"[1/{steps}] loading {spec} ({ref.kind}) in {dtype} on {dev}"
+                 + (" and merging the LoRA adapter" if ref.kind == "run" else ""))
         t = time.perf_counter()
         from transformers.utils import logging as hf_logging
 
