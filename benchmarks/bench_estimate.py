@@ -1,0 +1,127 @@
+"""`toolkit estimate`: wall time of each CLI form, estimate vs published peaks, and vs the buffer
+sizes llama.cpp reports for the embedded GGUF. Writes nothing but its result dict."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "tests" / "data" / "estimate"
+GIB, MIB = 1024**3, 1024**2
+REPEATS = 5
+
+
+def _cli_rows() -> list[dict]:
+    from toolkit.models import embedded_gguf_path
+
+    forms = [
+        ["estimate", "--help"],
+        ["estimate"],
+        ["estimate", "--gpu", "RTX 3060 12GB"],
+        ["estimate", "--vram", "8GB", "--task", "inference", "--json"],
+        ["estimate", "--model", "meta-llama/Llama-3.1-8B-Instruct", "--task", "qlora"],
+        ["estimate", "--model", str(embedded_gguf_path()), "--task", "inference", "--seq-len", "4096"],
+    ]
+    rows = []
+    for argv in forms:
+        times = []
+        for _ in range(REPEATS):
+            t0 = time.perf_counter()
+            proc = subprocess.run([sys.executable, "-m", "toolkit", *argv], cwd=ROOT, capture_output=True, text=True)
+            times.append(time.perf_counter() - t0)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{argv}: {proc.stderr}")
+        shown = " ".join(a if "/" not in a or not a.endswith(".gguf") else "<embedded .gguf>" for a in argv)
+        rows.append({"measure": "cli wall s", "case": f"toolkit {shown}", "median": round(sorted(times)[len(times) // 2], 3),
+                     "max": round(max(times), 3), "target": "< 1.5"})
+    return rows
+
+
+def published_rows() -> list[dict]:
+    """Estimate vs every row of vram_measured.csv, with the row's reproduction status."""
+    from toolkit.estimate import ALL_LINEAR, estimate
+
+    repro = json.loads((DATA / "reproduction.json").read_text())
+    rows = []
+    for row in csv.DictReader(open(DATA / "vram_measured.csv")):
+        info = repro[row["id"]]
+        s = dict(info["settings"])
+        s["targets"] = tuple(s.get("targets", ALL_LINEAR))
+        unit = 1e9 if row["unit"] == "GB" else GIB
+        measured = float(row["measured_gb"]) * unit
+        args = (s.pop("model"), s.pop("task"), s.pop("quant"))
+        est = estimate(*args, **s, device="cuda").allocated_bytes
+        r = {"id": row["id"], "measured": f"{row['measured_gb']} {row['unit']}", "estimate": f"{est / unit:.2f} {row['unit']}",
+             "error": f"{100 * (est / measured - 1):+.1f}%", "status": info["status"]}
+        if args[1] == "qlora" and row["id"].startswith("lit-"):
+            legacy = estimate(*args, **s, device="cuda", bnb_legacy=True).allocated_bytes
+            r["older bnb"] = f"{legacy / unit:.2f} ({100 * (legacy / measured - 1):+.1f}%)"
+        rows.append(r)
+    return rows
+
+
+def llamacpp_rows() -> list[dict]:
+    from toolkit.catalog import lookup
+    from toolkit.estimate import estimate
+    from toolkit.llamacpp_report import measure
+    from toolkit.models import embedded_gguf_path
+
+    path = embedded_gguf_path()
+    rows = []
+    for n_ctx in (512, 4096, 8192):
+        measured, _ = measure(path, n_ctx)
+        est = estimate(lookup(str(path)), "inference", seq_len=n_ctx, device="cpu").components
+        for key in ("weights", "kv_cache", "compute_buffer"):
+            ours = est[key] / MIB
+            rows.append({"n_ctx": n_ctx, "buffer": key, "llama.cpp MiB": measured[key], "estimate MiB": round(ours, 2),
+                         "error": f"{100 * (ours / measured[key] - 1):+.2f}%"})
+    return rows
+
+
+def cpu_training_rows() -> list[dict]:
+    """One real QLoRA step of the embedded model on this CPU per setting, vs the estimate."""
+    from toolkit.estimate import estimate
+
+    rows = []
+    for ckpt in (True, False):
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.estimate_cpu_peak", "qlora", "ckpt" if ckpt else "nockpt",
+                               "512", "2"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+        if proc.returncode != 0:
+            raise RuntimeError(proc.stderr[-2000:])
+        m = json.loads(proc.stdout.strip().splitlines()[-1])
+        est = estimate("embedded", "qlora", "nf4-dq", 512, 2, 16, grad_ckpt=ckpt, device="cpu")
+        rows.append({"case": f"embedded qlora nf4-dq r16 seq 512 x 2, grad ckpt {'on' if ckpt else 'off'}",
+                     "live tensors peak MiB": round(m["live_peak_bytes"] / MIB), "estimate (no framework) MiB":
+                     round(est.allocated_bytes / MIB), "vs live": f"{100 * (est.allocated_bytes / m['live_peak_bytes'] - 1):+.0f}%",
+                     "process RSS peak MiB": round(m["rss_peak"] / MIB), "estimate total MiB": round(est.total_bytes / MIB),
+                     "vs RSS": f"{100 * (est.total_bytes / m['rss_peak'] - 1):+.0f}%"})
+    return rows
+
+
+def run() -> dict:
+    rows = _cli_rows()
+    rows += [{"measure": "cpu training step", **r} for r in cpu_training_rows()]
+    rows += [{"measure": "published peak", **r} for r in published_rows()]
+    rows += [{"measure": "llama.cpp buffer", **r} for r in llamacpp_rows()]
+    return {
+        "title": "toolkit estimate: CLI speed and accuracy",
+        "rows": rows,
+        "notes": ("CLI times are subprocess wall times (python start included), median of 5. Published peaks: "
+                  "tests/data/estimate/vram_measured.csv with settings and reproduction status in reproduction.json; "
+                  "'estimate' excludes the framework constant because the measurements (max_memory_allocated / "
+                  "active bytes) exclude the CUDA context. No GPU was available: no CUDA measurements of our own. "
+                  "llama.cpp buffers: the embedded SmolLM2-135M Q4_1 GGUF loaded on CPU by llama-cpp-python. "
+                  "CPU training step: benchmarks/estimate_cpu_peak.py (torch profiler live-tensor peak, approximate; "
+                  "process RSS high-water mark, which adds glibc's caching)."),
+    }
+
+
+if __name__ == "__main__":
+    res = run()
+    for r in res["rows"]:
+        print(r)

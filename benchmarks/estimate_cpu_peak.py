@@ -1,0 +1,94 @@
+"""Measure one LoRA/QLoRA training step of the embedded model on CPU, the stack the toolkit runs
+(transformers + PEFT + bitsandbytes), for comparison with `toolkit.estimate` (device "cpu").
+
+Run as a script (one configuration per process, so peaks do not mix):
+  python -m benchmarks.estimate_cpu_peak qlora ckpt 512 2
+prints one JSON line with:
+- base_bytes: parameters, buffers, bnb quant states, gradients and AdamW states (after a step);
+- live_peak_bytes: peak of live tensor bytes during forward + backward + AdamW step, from the
+  torch profiler's per-op memory accounting of a second step (allocations placed at each op's
+  start: approximate), plus base_bytes;
+- rss_before / rss_peak: process RSS before the step and its high-water mark during it
+  (VmHWM reset through /proc/self/clear_refs), which adds allocator caching and fragmentation.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import sys
+import warnings
+
+
+def _status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def measure(method: str, ckpt: bool, seq: int, batch: int, rank: int = 16) -> dict:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from toolkit.models import embedded_hf_dir
+
+    src = str(embedded_hf_dir())
+    if method == "qlora":
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(src, quantization_config=q, device_map={"": "cpu"},
+                                                     dtype=torch.bfloat16)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
+    if ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear", lora_dropout=0.0))
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def resident() -> int:
+        """Bytes of parameters, buffers, bnb quant states, gradients and optimizer states."""
+        tensors = list(model.parameters()) + list(model.buffers())
+        tensors += [p.grad for p in model.parameters() if p.grad is not None]
+        tensors += [v for st in opt.state.values() for v in st.values() if torch.is_tensor(v)]
+        for mod in model.modules():
+            qs = getattr(getattr(mod, "weight", None), "quant_state", None)
+            if qs is not None:
+                tensors += [qs.absmax, qs.code] + ([qs.state2.absmax, qs.state2.code] if qs.nested else [])
+        return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
+
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
+
+    def step():
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+    rss_before = _status("VmRSS")
+    step()
+    rss_peak = _status("VmHWM")
+    base = resident()  # now including gradients and AdamW states, which the profiled step reuses
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    live = peak = 0
+    for _, delta in sorted((e.time_range.start, e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage)
+                           for e in prof.events()):
+        live += delta
+        peak = max(peak, live)
+    return {"method": method, "grad_ckpt": ckpt, "seq_len": seq, "batch": batch, "lora_r": rank, "base_bytes": base,
+            "live_peak_bytes": base + peak, "rss_before": rss_before, "rss_peak": rss_peak}
+
+
+if __name__ == "__main__":
+    warnings.filterwarnings("ignore")
+    m, c, s, b = sys.argv[1], sys.argv[2] == "ckpt", int(sys.argv[3]), int(sys.argv[4])
+    print(json.dumps(measure(m, c, s, b)))
