@@ -151,3 +151,32 @@ def test_run_folder_backend_applies_lora(tiny_llama_dir, tmp_path):
     ref = backend.model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=12)[0, len(ids):].tolist()
     assert ours.tokens == ref
     assert generate(bare, ids, DecodingConfig(max_new_tokens=12)).tokens != ours.tokens
+
+
+@pytest.mark.slow
+def test_generate_command_json_and_errors(embedded_f16_gguf, capsys):
+    from toolkit.cli import main
+
+    rc = main(["generate", "--model", str(embedded_f16_gguf), "--prompt", "What is the capital of France?",
+               "--max-new-tokens", "12", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and "Paris" in out["text"]
+    assert out["new_tokens"] == len(out["tokens"]) >= 1 and out["tokens_per_s"] > 0
+    assert out["backend"] == "llama.cpp" and out["config"]["strategy"] == "greedy"
+    assert main(["generate", "--prompt", "hi", "--top-p", "1.5"]) == 2
+    assert "error: top_p must be in (0, 1]" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_terminal_chat_session(embedded_f16_gguf, capsys, monkeypatch):
+    import io
+
+    from toolkit.cli import main
+
+    script = "What is the capital of France?\n/set temperature=-1\n/set max_new_tokens=8\n/retry\n/quit\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO(script))
+    assert main(["chat", "--model", str(embedded_f16_gguf), "--max-new-tokens", "16"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.count("Paris") == 2  # the answer, then the regenerated one
+    assert "error: temperature must be >= 0" in captured.err
+    assert "(max_new_tokens = 8)" in captured.err and "[8 tokens" in captured.err

@@ -193,7 +193,6 @@ def build_app(model: str = "embedded", root: str | Path = ".", n_ctx: int | None
             fill_height=True,
             api_name="chat",
         )
-    app.unload(lambda: None)
     app._toolkit_slot = slot  # tests and launch() close it
     return app
 

@@ -48,7 +48,8 @@ class HFBackend:
     def _forward(self, ids: torch.Tensor) -> torch.Tensor:
         out = self.model(input_ids=ids.to(self.device), past_key_values=self.cache, use_cache=True, logits_to_keep=1)
         self.cache = out.past_key_values
-        return out.logits[:, -1, :]
+        # The search loop runs on the CPU: one small copy per step (it syncs for the token id anyway).
+        return out.logits[:, -1, :].float().cpu()
 
     def prefill(self, ids: list[int]) -> torch.Tensor:
         from transformers import DynamicCache

@@ -79,12 +79,12 @@ class LlamaCppBackend:
         return self.llm.detokenize(ids, special=False).decode("utf-8", errors="replace")
 
     # --- logits -----------------------------------------------------------------------------
-    def _decode(self, tokens: list[int], pos: int, seqs: list[int], want: list[bool]) -> None:
+    def _decode(self, tokens: list[int], positions: list[int], seqs: list[int], want: list[bool]) -> None:
         b = self.batch.batch
         b.n_tokens = len(tokens)
-        for i, (t, s, w) in enumerate(zip(tokens, seqs, want)):
+        for i, (t, p, s, w) in enumerate(zip(tokens, positions, seqs, want)):
             b.token[i] = t
-            b.pos[i] = pos + (i if len(set(seqs)) == 1 else 0)
+            b.pos[i] = p
             b.n_seq_id[i] = 1
             b.seq_id[i][0] = s
             b.logits[i] = w
@@ -106,14 +106,15 @@ class LlamaCppBackend:
         for start in range(0, len(ids), self.n_batch):
             chunk = ids[start:start + self.n_batch]
             last = start + len(chunk) == len(ids)
-            self._decode(chunk, start, [0] * len(chunk), [last and i == len(chunk) - 1 for i in range(len(chunk))])
+            self._decode(chunk, list(range(start, start + len(chunk))), [0] * len(chunk),
+                         [last and i == len(chunk) - 1 for i in range(len(chunk))])
         self.n_past = len(ids)
         return self._logits(1)[0]
 
     def step(self, tokens: list[int]) -> torch.Tensor:
         if len(tokens) != len(self.rows):
             raise ValueError(f"{len(tokens)} tokens for {len(self.rows)} rows")
-        self._decode(tokens, self.n_past, self.rows, [True] * len(tokens))
+        self._decode(tokens, [self.n_past] * len(tokens), self.rows, [True] * len(tokens))
         self.n_past += 1
         return self._logits(len(tokens))
 

@@ -1,0 +1,131 @@
+"""Decoding speed: our loop vs the libraries' own generation, on the embedded model.
+
+1. transformers backend + our search loop vs `model.generate` at the same settings (goal >= 1.0x);
+2. llama.cpp backend + our loop vs llama-cpp-python's `create_completion`, same f16 GGUF (>= 0.9x);
+3. llama.cpp backend vs transformers backend (ratio).
+
+tokens/s = new tokens / wall time of the whole call (prefill included), median of REPEATS runs
+after one warm-up. Greedy outputs are identical on both sides, so token counts match.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+
+PROMPT = [{"role": "user", "content": "Write a long story about a dragon who learns to bake bread."}]
+NEW_TOKENS = 48
+REPEATS = 3
+
+
+def _rates(ours, theirs) -> tuple[float, int, float, int]:
+    """Median tokens/s of two callables (each returns its new-token count), run alternately so
+    that load changes on a shared machine hit both sides alike."""
+    ours(), theirs()  # warm-up
+    a, b = [], []
+    for _ in range(REPEATS):
+        for fn, runs in ((ours, a), (theirs, b)):
+            t0 = time.perf_counter()
+            n = fn()
+            runs.append((n / (time.perf_counter() - t0), n))
+    ra, rb = statistics.median(r for r, _ in a), statistics.median(r for r, _ in b)
+    print(f"  {ra:.1f} vs {rb:.1f} tok/s ({a[-1][1]} / {b[-1][1]} tokens)", file=sys.stderr, flush=True)
+    return ra, a[-1][1], rb, b[-1][1]
+
+
+def _f16_gguf(hf_dir) -> str:
+    from toolkit.export import hf_to_gguf
+    from toolkit.models import cache_dir
+
+    target = cache_dir() / "smollm2-135m-instruct-f16-v1.gguf"
+    if not target.is_file():
+        hf_to_gguf(hf_dir, target, outtype="f16")
+    return str(target)
+
+
+def run() -> dict:
+    import llama_cpp
+    import torch
+
+    from toolkit.backends.hf import HFBackend
+    from toolkit.backends.llamacpp import LlamaCppBackend
+    from toolkit.decoding import DecodingConfig, generate
+    from toolkit.models import embedded_hf_dir
+
+    threads = os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    rows = []
+    hf = HFBackend.from_spec("embedded", device="cpu")
+    ids = hf.chat_ids(PROMPT)
+    settings = {
+        "greedy": (DecodingConfig(max_new_tokens=NEW_TOKENS), dict(do_sample=False)),
+        "sample t=0.7 top-k 50 top-p 0.9": (
+            DecodingConfig(strategy="sample", temperature=0.7, top_k=50, top_p=0.9, seed=0, max_new_tokens=NEW_TOKENS),
+            dict(do_sample=True, temperature=0.7, top_k=50, top_p=0.9)),
+        "beam 4": (DecodingConfig(strategy="beam", num_beams=4, max_new_tokens=NEW_TOKENS // 3),
+                   dict(do_sample=False, num_beams=4)),
+    }
+    hf_rates = {}
+    x = torch.tensor([ids])
+    for name, (cfg, kw) in settings.items():
+        def ref():
+            torch.manual_seed(0)
+            out = hf.model.generate(x, max_new_tokens=cfg.max_new_tokens, **kw)
+            return out.shape[1] - len(ids)
+
+        ours, n_ours, theirs, n_theirs = _rates(lambda: generate(hf, ids, cfg).new_tokens, ref)
+        hf_rates[name] = ours
+        rows.append({"comparison": "ours (transformers) vs model.generate", "settings": name,
+                     "new_tokens": f"{n_ours} / {n_theirs}", "ours_tok_s": round(ours, 1),
+                     "reference_tok_s": round(theirs, 1), "ratio": round(ours / theirs, 2)})
+    hf.close()
+
+    gguf = _f16_gguf(embedded_hf_dir())
+    backend = LlamaCppBackend(gguf, n_ctx=1024, n_threads=threads)
+    llm = llama_cpp.Llama(gguf, n_ctx=1024, n_threads=threads, verbose=False)
+    try:
+        for name, (cfg, _) in settings.items():
+            def mine():
+                return generate(backend, ids, cfg).new_tokens
+
+            if name == "greedy":
+                def ref():
+                    out = llm.create_completion(ids, max_tokens=NEW_TOKENS, temperature=0.0, top_k=1, repeat_penalty=1.0)
+                    return out["usage"]["completion_tokens"]
+            elif name.startswith("sample"):
+                def ref():
+                    out = llm.create_completion(ids, max_tokens=NEW_TOKENS, temperature=0.7, top_k=50, top_p=0.9,
+                                                min_p=0.0, repeat_penalty=1.0, seed=0)
+                    return out["usage"]["completion_tokens"]
+            else:
+                ref = None  # llama.cpp has no beam search of its own
+            if ref is None:
+                ours, n_ours, _, _ = _rates(mine, lambda: 0)
+            else:
+                # llm.reset(): no prompt-prefix reuse between runs, both sides prefill every time
+                ours, n_ours, theirs, n_theirs = _rates(mine, lambda: (llm.reset(), ref())[1])
+                rows.append({"comparison": "ours (llama.cpp) vs create_completion", "settings": name,
+                             "new_tokens": f"{n_ours} / {n_theirs}", "ours_tok_s": round(ours, 1),
+                             "reference_tok_s": round(theirs, 1), "ratio": round(ours / theirs, 2)})
+            rows.append({"comparison": "ours: llama.cpp vs transformers backend", "settings": name,
+                         "new_tokens": n_ours, "ours_tok_s": round(ours, 1),
+                         "reference_tok_s": round(hf_rates[name], 1), "ratio": round(ours / hf_rates[name], 2)})
+    finally:
+        backend.close()
+        llm.close()
+    return {
+        "title": "Decoding speed (embedded SmolLM2-135M, CPU)",
+        "rows": rows,
+        "notes": (f"Median of {REPEATS} runs after a warm-up, ours and the reference alternating; prompt of {len(ids)} tokens, up to {NEW_TOKENS} new "
+                  f"({NEW_TOKENS // 3} for beam), {threads} threads for torch and llama.cpp, fp32 transformers, f16 "
+                  "GGUF. Greedy outputs are token-identical on all four paths; sampled lengths can differ "
+                  "(different random streams). llama.cpp has no beam search: only our loop runs it there."),
+    }
+
+
+if __name__ == "__main__":
+    import json
+
+    print(json.dumps(run(), indent=2))
