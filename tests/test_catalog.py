@@ -125,3 +125,14 @@ def test_non_gguf_and_truncated_gguf(tmp_path):
         catalog.lookup(str(cut))
     with pytest.raises(UserError, match="no such file"):
         catalog.lookup(str(tmp_path / "missing.gguf"))
+
+
+def test_run_folder_uses_its_base_model(tmp_path):
+    run = tmp_path / "finance-20261121-050000"
+    (run / "adapter").mkdir(parents=True)
+    (run / "run.json").write_text(json.dumps({"recipe": "finance", "base_model": "embedded", "method": "qlora"}))
+    facts = catalog.lookup(str(run))
+    assert facts.param_count() == catalog.CATALOG["embedded"].published_params and "base model embedded" in facts.source
+    (run / "run.json").write_text(json.dumps({"recipe": "finance"}))
+    with pytest.raises(UserError, match="no base_model"):
+        catalog.lookup(str(run))

@@ -139,7 +139,8 @@ def _catalog_key(spec: str) -> str | None:
 
 def lookup(spec: str) -> ModelFacts:
     """Facts for `spec`: `embedded`, a catalog id (org optional, any case), a local HF folder
-    (its config.json) or a .gguf file (its metadata). Nothing is downloaded or loaded."""
+    (its config.json), a .gguf file (its metadata) or a fine-tune run folder (its base model).
+    Nothing is downloaded or loaded."""
     if not spec or not spec.strip():
         raise UserError("--model is empty")
     key = _catalog_key(spec)
@@ -152,6 +153,8 @@ def lookup(spec: str) -> ModelFacts:
         if p.name == "config.json":
             return from_hf_folder(p.parent)
         raise UserError(f"{spec}: not a GGUF file (no GGUF magic) and not a config.json")
+    if p.is_dir() and (p / "run.json").is_file():
+        return _from_run(p)
     if p.is_dir():
         return from_hf_folder(p)
     if p.suffix.lower() == ".gguf" or spec.startswith((".", "/", "~")):
@@ -161,6 +164,17 @@ def lookup(spec: str) -> ModelFacts:
               for k in [_catalog_key(k)] if k and k not in close]
     hint = f"; did you mean {', '.join(close[:3])}?" if close else f"; known: {', '.join(names())}"
     raise UserError(f"unknown model {spec!r} (not in the catalog, not a local folder or .gguf){hint}")
+
+
+def _from_run(run: Path) -> ModelFacts:
+    """A fine-tune run folder: the facts of its base model (run.json's `base_model`)."""
+    try:
+        base = json.loads((run / "run.json").read_text()).get("base_model")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{run / 'run.json'}: not valid JSON ({exc})") from None
+    if not isinstance(base, str) or not base:
+        raise UserError(f"{run / 'run.json'}: no base_model")
+    return replace(lookup(base), source=f"{run} (base model {base})")
 
 
 def _has_gguf_magic(p: Path) -> bool:

@@ -25,9 +25,13 @@ QUANTS_FOR_TASK = {
     "qlora": ("nf4-dq", "nf4", "int8"),
     "full": DENSE_QUANTS,
 }
+# Defaults follow toolkit.hardware.dtype_for: bf16 on CUDA; on CPU fp32 for inference (the
+# toolkit decodes in fp32 there) and bf16 for training.
 DEFAULT_QUANT = {"inference": "bf16", "lora": "bf16", "qlora": "nf4-dq", "full": "bf16"}
+DEFAULT_QUANT_CPU = {**DEFAULT_QUANT, "inference": "fp32"}
 # What `pick` tries for each model, best fidelity first.
 PICK_QUANTS = {"inference": ("bf16", "q8_0", "q4_k_m"), "lora": ("bf16",), "qlora": ("nf4-dq",), "full": ("bf16",)}
+PICK_QUANTS_CPU = {**PICK_QUANTS, "inference": ("fp32", "q8_0", "q4_k_m")}
 # Share of the budget kept free by `pick`: the caching allocator's fragmentation (reserved minus
 # allocated is typically 5-10% in PyTorch training) and the spread of our estimates against
 # measured peaks (within 15%, docs/estimate.md) are not covered by the estimate itself.
@@ -115,7 +119,8 @@ def estimate(model: str | ModelFacts, task: str = "qlora", quant: str | None = N
     """Estimate peak memory of `task` ("inference" | "lora" | "qlora" | "full") for `model`.
 
     quant: fp32/bf16/fp16, int8/nf4/nf4-dq (bitsandbytes), or a GGUF type (inference with
-    llama.cpp); None = the task's default (inference bf16, lora bf16, qlora nf4-dq, full bf16).
+    llama.cpp); None = the task's default (inference bf16, fp32 on CPU; lora bf16; qlora
+    nf4-dq; full bf16).
     A GGUF file as `model` defaults to its own type and uses its exact tensor sizes.
     seq_len is the context (inference) or the padded/packed sequence length (training); targets
     are the LoRA target modules (PEFT names); device "cuda" or "cpu" picks the overhead.
@@ -129,7 +134,8 @@ def estimate(model: str | ModelFacts, task: str = "qlora", quant: str | None = N
     if task in ("lora", "qlora"):
         lora_r = _positive("--lora-r", lora_r)
     if quant is None:
-        quant = m.gguf.file_type.lower().replace("mostly_", "") if (m.gguf and task == "inference") else DEFAULT_QUANT[task]
+        defaults = DEFAULT_QUANT_CPU if device == "cpu" else DEFAULT_QUANT
+        quant = m.gguf.file_type.lower().replace("mostly_", "") if (m.gguf and task == "inference") else defaults[task]
     quant = quant.lower()
     gguf_file_quant = m.gguf is not None and _gguf_matches(m, quant)
     if quant not in QUANTS_FOR_TASK[task] and not (task == "inference" and gguf_file_quant):
@@ -258,7 +264,7 @@ def pick(task: str, budget_bytes: int, seq_len: int = 512, batch: int = 1, lora_
     best: Candidate | None = None
     for name in PICKABLE:
         chosen = None
-        for q in PICK_QUANTS[task]:
+        for q in (PICK_QUANTS_CPU if device == "cpu" else PICK_QUANTS)[task]:
             e = estimate(CATALOG[name], task, q, seq_len, batch, lora_r, device=device)
             cand = Candidate(name, q, e.params, e.total_bytes, e.total_bytes <= usable, usable - e.total_bytes)
             cands.append(cand)
