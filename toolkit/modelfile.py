@@ -144,12 +144,17 @@ def modelfile_text(gguf_name: str, tokenizer, end_of_turn: str, temperature: flo
     """The Ollama Modelfile for `gguf_name` (a file beside it)."""
     fmt = turn_format(tokenizer)
     lines = [f"FROM ./{gguf_name}", ""]
-    if fmt is None:
+    try:
+        template = go_template(fmt) if fmt else None
+        system = _go_literal(fmt.default_system) if fmt and fmt.default_system is not None else None
+    except ValueError:  # template text that cannot sit inside a Modelfile string
+        fmt = template = system = None
+    if template is None:
         lines += ["# The chat template is not a simple per-role format; Ollama reads the one embedded in the GGUF.", ""]
     else:
-        lines += [f'TEMPLATE """{go_template(fmt)}"""', ""]
-        if fmt.default_system is not None:
-            lines += [f'SYSTEM """{_go_literal(fmt.default_system)}"""', ""]
+        lines += [f'TEMPLATE """{template}"""', ""]
+        if system is not None:
+            lines += [f'SYSTEM """{system}"""', ""]
     for stop in stop_tokens(tokenizer, end_of_turn, fmt):
         lines.append(f'PARAMETER stop "{stop}"')
     if temperature is not None:
