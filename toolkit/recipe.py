@@ -92,6 +92,7 @@ class TrainingConfig:
 @dataclass
 class EvalConfig:
     eval_steps: int = 0  # eval loss every N steps; 0 = only before and after training
+    eval_examples: int = 0  # held-out examples used for the in-training eval loss; 0 = all
     early_stopping_patience: int = 0  # evals without improvement before stopping; 0 = off
     report: bool = True  # base vs fine-tuned report (report.json / report.md)
     generation_samples: int = 16  # held-out questions answered greedily for the generation score
@@ -261,7 +262,7 @@ def _check_range(recipe: Recipe, src: str) -> None:
     for key in ("save_steps",):
         if getattr(t, key) < 0:
             bad(f"training.{key}", "must be >= 0")
-    for key in ("eval_steps", "early_stopping_patience", "generation_samples", "side_by_side"):
+    for key in ("eval_steps", "eval_examples", "early_stopping_patience", "generation_samples", "side_by_side"):
         if getattr(e, key) < 0:
             bad(f"eval.{key}", "must be >= 0")
     if e.max_new_tokens < 1:

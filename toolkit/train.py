@@ -213,7 +213,7 @@ def _train(rec, overrides, stage: Path, runs: Path, dev, dtype, train_ex, eval_e
         cbs.append(EarlyStoppingCallback(early_stopping_patience=rec.eval.early_stopping_patience))
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=data_mod.to_dataset(train_split),
-        eval_dataset=data_mod.to_dataset(eval_split) if eval_split else None,
+        eval_dataset=_eval_dataset(eval_split, rec.eval.eval_examples) if eval_split else None,
         processing_class=tok, callbacks=cbs,
     )
     interrupt.install()
@@ -274,6 +274,15 @@ def _train(rec, overrides, stage: Path, runs: Path, dev, dtype, train_ex, eval_e
     _atomic_symlink(runs / "latest", final.name)
     announce(f"run saved: {final}")
     return final
+
+
+def _eval_dataset(split, limit: int):
+    """The in-training eval set: the first `limit` held-out examples (all when 0); the report uses all."""
+    from toolkit import data as data_mod
+
+    if limit and limit < len(split.input_ids):
+        split = data_mod.TokenizedSplit(split.input_ids[:limit], split.labels[:limit], split.examples[:limit])
+    return data_mod.to_dataset(split)
 
 
 def _save_outputs(trainer, tok, stage: Path, rec) -> None:
