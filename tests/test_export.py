@@ -311,7 +311,7 @@ def _lora_run(tmp_path: Path, embedded_dir: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_export_lora_run_f16_and_q8_0(tmp_path, embedded_dir, capsys):
+def test_export_lora_run_f16_and_q8_0(tmp_path, embedded_dir, embedded_f16_gguf, capsys):
     from toolkit.verify import gguf_metadata
 
     run = _lora_run(tmp_path, embedded_dir)
@@ -337,25 +337,22 @@ def test_export_lora_run_f16_and_q8_0(tmp_path, embedded_dir, capsys):
     assert "finance" in readme and f"{f16['ppl_gguf']:.3f}" in readme and "lora" in readme
     assert (out / "Modelfile").read_text().startswith("FROM ./finance-20260101-000000-q8_0.gguf")
 
-    # The adapter is in the GGUF: its logits sit near the merged model's, far from the base's.
+    # The adapter is in the GGUF: the round trip above matched it to the merged model, and its
+    # logits are clearly not the base model's (llama.cpp on the base's own f16 GGUF).
     import numpy as np
 
-    from toolkit.models import load_model
-    from toolkit.verify import hf_logits, open_gguf, text_ids
+    from toolkit.verify import open_gguf
 
-    base, tok = load_model("embedded")
-    merged, _ = load_model(str(run), merge=True)
-    ids = text_ids(tok, "A bond's price falls when market interest rates rise, because its coupons are fixed.")
-    base_logits, merged_logits = hf_logits(base, ids), hf_logits(merged, ids)
-    llm = open_gguf(out / "finance-20260101-000000-f16.gguf", logits_all=True)
-    try:
-        llm.eval(ids)
-        gguf_logits = np.array(llm.scores[: len(ids)])
-    finally:
-        llm.close()
-    merge_effect = np.abs(merged_logits - base_logits).max()
-    assert merge_effect > 0.1
-    assert np.abs(gguf_logits - merged_logits).max() < merge_effect / 2
+    ids = [1, 504, 1789, 282, 253, 5157, 314, 9045, 30]  # <|im_start|> and a few ordinary tokens
+    logits = []
+    for path in (embedded_f16_gguf, out / "finance-20260101-000000-f16.gguf"):
+        llm = open_gguf(path, logits_all=True)
+        try:
+            llm.eval(ids)
+            logits.append(np.array(llm.scores[: len(ids)]))
+        finally:
+            llm.close()
+    assert np.abs(logits[0] - logits[1]).max() > 0.1
 
     # Second export into the same folder needs --force, then replaces the files.
     assert main(["export", str(run), "--quant", "q8_0"]) == 2
