@@ -1,15 +1,17 @@
 """Measure one LoRA/QLoRA training step of the embedded model on CPU, the stack the toolkit runs
 (transformers + PEFT + bitsandbytes), for comparison with `toolkit.estimate` (device "cpu").
 
-Run as a script (one configuration per process, so peaks do not mix):
-  python -m benchmarks.estimate_cpu_peak qlora ckpt 512 2
-prints one JSON line with:
-- base_bytes: parameters, buffers, bnb quant states, gradients and AdamW states (after a step);
-- live_peak_bytes: peak of live tensor bytes during forward + backward + AdamW step, from the
-  torch profiler's per-op memory accounting of a second step (allocations placed at each op's
-  start: approximate), plus base_bytes;
-- rss_before / rss_peak: process RSS before the step and its high-water mark during it
-  (VmHWM reset through /proc/self/clear_refs), which adds allocator caching and fragmentation.
+Run as a script, one configuration per process:
+  MALLOC_MMAP_THRESHOLD_=65536 python -m benchmarks.estimate_cpu_peak qlora ckpt 512 2
+With glibc's mmap threshold fixed at 64 KiB every tensor buffer above it is its own mapping,
+returned to the OS when freed, so the process RSS follows the live tensors and its high-water
+mark (VmHWM, reset through /proc/self/clear_refs before the step) is the step's peak. Checked on
+the loss alone: transformers' causal-LM loss peaks at 14.2 bytes x vocab per token, the 14 that
+toolkit.estimate_formulas.logits_bytes counts. Prints one JSON line:
+- base_bytes: parameters, buffers and bnb quant states before the first step;
+- live_peak_bytes: base_bytes + (VmHWM - VmRSS before the step): the first step's peak,
+  gradients and AdamW states included;
+- rss_before / rss_peak: the whole process (python, libraries, tokenizer files...).
 """
 
 from __future__ import annotations
@@ -31,7 +33,6 @@ def _status(key: str) -> int:
 def measure(method: str, ckpt: bool, seq: int, batch: int, rank: int = 16) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
-    from torch.profiler import ProfilerActivity, profile
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from toolkit.models import embedded_hf_dir
@@ -52,10 +53,8 @@ def measure(method: str, ckpt: bool, seq: int, batch: int, rank: int = 16) -> di
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def resident() -> int:
-        """Bytes of parameters, buffers, bnb quant states, gradients and optimizer states."""
+        """Bytes of parameters, buffers and bnb quant states."""
         tensors = list(model.parameters()) + list(model.buffers())
-        tensors += [p.grad for p in model.parameters() if p.grad is not None]
-        tensors += [v for st in opt.state.values() for v in st.values() if torch.is_tensor(v)]
         for mod in model.modules():
             qs = getattr(getattr(mod, "weight", None), "quant_state", None)
             if qs is not None:
@@ -63,29 +62,19 @@ def measure(method: str, ckpt: bool, seq: int, batch: int, rank: int = 16) -> di
         return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
 
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
-
-    def step():
-        out = model(input_ids=ids, labels=ids)
-        out.loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=False)
-
+    base = resident()
     gc.collect()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS
     rss_before = _status("VmRSS")
-    step()
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=False)
     rss_peak = _status("VmHWM")
-    base = resident()  # now including gradients and AdamW states, which the profiled step reuses
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    live = peak = 0
-    for _, delta in sorted((e.time_range.start, e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage)
-                           for e in prof.events()):
-        live += delta
-        peak = max(peak, live)
+    peak = base + rss_peak - rss_before
     return {"method": method, "grad_ckpt": ckpt, "seq_len": seq, "batch": batch, "lora_r": rank, "base_bytes": base,
-            "live_peak_bytes": base + peak, "rss_before": rss_before, "rss_peak": rss_peak}
+            "live_peak_bytes": peak, "rss_before": rss_before, "rss_peak": rss_peak}
 
 
 if __name__ == "__main__":
