@@ -243,6 +243,8 @@ def from_gguf(path: str | Path) -> ModelFacts:
         v = md.get(f"{arch}.{k}", default)
         if v is None:
             raise UserError(f"{path}: GGUF lacks {arch}.{k}")
+        if not isinstance(v, (int, float)):  # e.g. per-layer head counts: not a uniform decoder
+            raise UserError(f"{path}: {arch}.{k} is not a single number; this architecture is not supported")
         return int(v)
 
     h, heads = key("embedding_length"), key("attention.head_count")
