@@ -4,7 +4,7 @@ Without --model: detects the GPU (nvidia-smi) or, on CPU, the available RAM — 
 --vram SIZE / --gpu NAME — and prints every catalog model x quant for the task with its
 estimate and headroom, then the pick: the largest model that fits with a 10% safety margin.
 
-With --model (catalog id, `embedded`, a local HF folder or a .gguf file): prints the breakdown
+With --model (catalog id, `embedded`, an HF folder, a .gguf file or a run folder): prints the breakdown
 (weights, KV cache, activations, logits, gradients, optimizer, LoRA adapter, overhead).
 
 Examples:
