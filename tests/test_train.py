@@ -14,6 +14,17 @@ import pytest
 
 from toolkit.errors import UserError
 
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """The test machine's cores are shared: one intra-op thread per process avoids spin-wait thrash."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 ROOT = Path(__file__).resolve().parents[1]
 FINANCE = ROOT / "recipes" / "finance"
 
@@ -150,7 +161,8 @@ def _env():
 def test_two_process_accelerate_run_saves_once(tmp_path, tiny_llama_dir):
     rec = make_recipe(tmp_path, tiny_llama_dir)
     runs = tmp_path / "runs"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+    # accelerate's torchrun launcher (--multi_gpu) spawns the ranks; on CPU (TOOLKIT_DEVICE=cpu) they join a gloo group.
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "toolkit",
            "finetune", str(rec), "--runs-dir", str(runs), "--set", "training.max_steps=4",
            "--set", "eval.report=false", "--set", "eval.eval_steps=2"]

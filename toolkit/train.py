@@ -216,6 +216,12 @@ def _train(rec, overrides, stage: Path, runs: Path, dev, dtype, train_ex, eval_e
         eval_dataset=_eval_dataset(eval_split, rec.eval.eval_examples) if eval_split else None,
         processing_class=tok, callbacks=cbs,
     )
+    # TRL casts QLoRA adapter weights to bf16; keep trainable weights in fp32 instead (autocast still
+    # computes in bf16): small updates are not rounded away, and a resumed run, whose checkpoint
+    # loads back in fp32, trains exactly the same weights as an uninterrupted one.
+    for p in trainer.model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
     interrupt.install()
     try:
         result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
