@@ -244,3 +244,18 @@ def test_cli_bad_input_exits_2_with_one_line_and_leaves_nothing(tmp_path, tiny_l
         err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
         assert len(err) == 1 and needle in err[0], (args, err)
         assert not runs.exists() or not any(runs.iterdir()), args
+
+
+def test_base_that_does_not_fit_falls_back(tmp_path, tiny_llama_dir, monkeypatch):
+    pytest.importorskip("toolkit.estimate", reason="toolkit.estimate not landed yet")
+    from toolkit import hardware, recipe
+    from toolkit.train_model import resolve_base
+
+    tiny_machine = hardware.Hardware("cpu", "test box", 2 * 2**30, 1 * 2**30, "test")
+    monkeypatch.setattr(hardware, "detect", lambda use_torch=False: tiny_machine)
+    rec = recipe.load(make_recipe(tmp_path, "meta-llama/Llama-3.1-8B-Instruct"),
+                      [f"model.fallback_model={tiny_llama_dir}"], gpu=False)
+    seen = []
+    choice = resolve_base(rec, seen.append)
+    assert choice.spec == str(tiny_llama_dir) and "doesn't fit" in choice.fallback_reason
+    assert seen[0].startswith("FALLBACK:")

@@ -86,6 +86,27 @@ def _auto_pick(recipe, announce) -> tuple[str, dict]:
     return p.model, info
 
 
+def check_fits(recipe, spec: str) -> None:
+    """Raise Unavailable when the estimator knows `spec` and says it doesn't fit this machine."""
+    try:
+        from toolkit.catalog import CATALOG
+        from toolkit.estimate import estimate
+    except ImportError:
+        return
+    if spec not in CATALOG:
+        return  # unknown model: nothing to estimate with, try loading it
+    from toolkit.hardware import detect
+
+    hw = detect()
+    m = recipe.method
+    quant = ("nf4-dq" if m.double_quant else "nf4") if m.name == "qlora" else ("fp32" if hw.kind == "cpu" else "bf16")
+    e = estimate(CATALOG[spec], m.name, quant, recipe.data.max_seq_len, recipe.training.batch_size, recipe.lora.r,
+                 grad_ckpt=recipe.training.gradient_checkpointing, device=hw.kind)
+    if e.total_bytes > hw.available_bytes:
+        raise Unavailable(f"doesn't fit: needs ~{e.total_bytes / 2**30:.1f} GiB, "
+                          f"{hw.available_bytes / 2**30:.1f} GiB available on {hw.name}")
+
+
 def resolve_base(recipe, announce=print) -> BaseChoice:
     """Resolve `model.base_model` (auto, offline and fallback handling) to a loadable source."""
     requested = recipe.model.base_model
@@ -93,6 +114,8 @@ def resolve_base(recipe, announce=print) -> BaseChoice:
     try:
         if spec == "auto":
             spec, info = _auto_pick(recipe, announce)
+        else:
+            check_fits(recipe, spec)
         return BaseChoice(spec, available_source(spec, recipe.model.hub_timeout_s), requested, pick=info)
     except Unavailable as why:
         return fallback(recipe, spec, str(why), announce, info)
