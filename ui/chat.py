@@ -120,8 +120,11 @@ def config_from_controls(strategy, temperature, top_k, top_p, min_p, repetition_
     )
 
 
-def build_app(model: str = "embedded", root: str | Path = ".", n_ctx: int | None = None) -> gr.Blocks:
-    """The chat app; `model` is preselected (added to the picker if it is not listed)."""
+def build_app(model: str = "embedded", root: str | Path = ".", n_ctx: int | None = None,
+              initial: DecodingConfig | None = None) -> gr.Blocks:
+    """The chat app; `model` is preselected (added to the picker if it is not listed) and the
+    controls start at `initial` (the CLI's decoding flags)."""
+    init = initial or DEFAULTS
     from toolkit.decoding.conversation import build_prompt
     from toolkit.decoding.search import stream
 
@@ -172,16 +175,16 @@ def build_app(model: str = "embedded", root: str | Path = ".", n_ctx: int | None
             picker = gr.Dropdown(models, value=model, label="Model", allow_custom_value=True)
             system = gr.Textbox(label="System prompt", lines=2, placeholder="(the model's default)")
             preset = gr.Dropdown(list(PRESETS), value=None, label="Preset (fills the controls)")
-            strategy = gr.Radio(["greedy", "sample", "beam"], value=DEFAULTS.strategy, label="Strategy")
-            temperature = gr.Slider(0, 2, value=DEFAULTS.temperature, step=0.05, label="Temperature (0 = greedy)")
-            top_k = gr.Slider(0, 200, value=DEFAULTS.top_k, step=1, label="Top-k (0 = off)")
-            top_p = gr.Slider(0.01, 1, value=DEFAULTS.top_p, step=0.01, label="Top-p (1 = off)")
-            min_p = gr.Slider(0, 1, value=DEFAULTS.min_p, step=0.01, label="Min-p (0 = off)")
-            rep = gr.Slider(0.5, 2, value=DEFAULTS.repetition_penalty, step=0.05, label="Repetition penalty (1 = off)")
-            beams = gr.Slider(1, 8, value=DEFAULTS.num_beams, step=1, label="Beams (strategy beam)")
-            max_new = gr.Number(value=DEFAULTS.max_new_tokens, label="Max new tokens", precision=0)
-            seed = gr.Number(value=-1, label="Seed (-1 = random)", precision=0)
-            stop = gr.Textbox(label="Stop strings (one per line)", lines=2)
+            strategy = gr.Radio(["greedy", "sample", "beam"], value=init.strategy, label="Strategy")
+            temperature = gr.Slider(0, 2, value=init.temperature, step=0.05, label="Temperature (0 = greedy)")
+            top_k = gr.Slider(0, 200, value=init.top_k, step=1, label="Top-k (0 = off)")
+            top_p = gr.Slider(0.01, 1, value=init.top_p, step=0.01, label="Top-p (1 = off)")
+            min_p = gr.Slider(0, 1, value=init.min_p, step=0.01, label="Min-p (0 = off)")
+            rep = gr.Slider(0.5, 2, value=init.repetition_penalty, step=0.05, label="Repetition penalty (1 = off)")
+            beams = gr.Slider(1, 16, value=init.num_beams, step=1, label="Beams (strategy beam)")
+            max_new = gr.Number(value=init.max_new_tokens, label="Max new tokens", precision=0)
+            seed = gr.Number(value=-1 if init.seed is None else init.seed, label="Seed (-1 = random)", precision=0)
+            stop = gr.Textbox("\n".join(init.stop), label="Stop strings (one per line)", lines=2)
         preset.change(apply_preset, preset, [strategy, temperature, top_k, top_p, min_p, rep])
         gr.ChatInterface(
             respond,
@@ -198,9 +201,9 @@ def build_app(model: str = "embedded", root: str | Path = ".", n_ctx: int | None
 
 
 def launch(model: str = "embedded", host: str = "127.0.0.1", port: int = 7860, n_ctx: int | None = None,
-           block: bool = True, root: str | Path = "."):
+           block: bool = True, root: str | Path = ".", initial: DecodingConfig | None = None):
     """Build and serve the app. The queue answers concurrent requests in turn (up to 64 waiting)."""
-    app = build_app(model, root=root, n_ctx=n_ctx)
+    app = build_app(model, root=root, n_ctx=n_ctx, initial=initial)
     app.queue(default_concurrency_limit=1, max_size=64)
     app.launch(server_name=host, server_port=port, prevent_thread_lock=not block, show_error=True, quiet=not block)
     return app

@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
 
         resolve(args.model)  # a bad --model is a one-line error, not a broken page
         print(f"chat UI on http://{args.host}:{args.port}  (Ctrl-C to stop)", file=sys.stderr)
-        launch(args.model, host=args.host, port=args.port, n_ctx=args.n_ctx, block=True)
+        launch(args.model, host=args.host, port=args.port, n_ctx=args.n_ctx, block=True, initial=cfg)
         return 0
     return _terminal(args, cfg)
 
