@@ -120,7 +120,7 @@ def run() -> dict:
         "title": "Decoding speed (embedded SmolLM2-135M, CPU)",
         "rows": rows,
         "notes": (f"Best of {REPEATS} (transformers) / {LLAMA_REPEATS} (llama.cpp) runs after a warm-up, ours and the "
-                  "reference alternating; prompt of {len(ids)} tokens, up to {NEW_TOKENS} new "
+                  f"reference alternating; prompt of {len(ids)} tokens, up to {NEW_TOKENS} new "
                   f"({NEW_TOKENS // 3} for beam), {threads} threads for torch and llama.cpp, fp32 transformers, f16 "
                   "GGUF. Greedy outputs are token-identical on all four paths; sampled lengths can differ "
                   "(different random streams). llama.cpp has no beam search: only our loop runs it there."),

@@ -20,15 +20,26 @@ HERE = Path(__file__).parent
 
 
 def _table(rows: list[dict]) -> str:
+    """Markdown tables, one per kind of row: consecutive rows with the same `measure` (or, without
+    one, the same columns) share a table, so speed rows and accuracy rows don't share columns."""
     if not rows:
         return "(no rows)\n"
-    cols = list(rows[0])
-    for r in rows[1:]:
-        cols += [c for c in r if c not in cols]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    kind = lambda r: r.get("measure", tuple(r))  # noqa: E731
+    groups: list[list[dict]] = []
     for r in rows:
-        lines.append("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
-    return "\n".join(lines) + "\n"
+        if groups and kind(groups[-1][0]) == kind(r):
+            groups[-1].append(r)
+        else:
+            groups.append([r])
+    out = []
+    for group in groups:
+        cols = list(group[0])
+        for r in group[1:]:
+            cols += [c for c in r if c not in cols]
+        lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in group]
+        out.append("\n".join(lines) + "\n")
+    return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> int:
