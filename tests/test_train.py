@@ -259,3 +259,38 @@ def test_base_that_does_not_fit_falls_back(tmp_path, tiny_llama_dir, monkeypatch
     choice = resolve_base(rec, seen.append)
     assert choice.spec == str(tiny_llama_dir) and "doesn't fit" in choice.fallback_reason
     assert seen[0].startswith("FALLBACK:")
+
+
+def test_lora_gradients_are_the_same_after_an_eval_pass(tmp_path, tiny_llama_dir):
+    """bitsandbytes repacks 4-bit weights for a backward-less CPU kernel on the first eval-mode
+    forward; the trainer evaluates before training, so that must not change any gradient."""
+    import torch
+
+    from toolkit import recipe
+    from toolkit.train_model import load_for_training
+
+    rec = recipe.load(make_recipe(tmp_path, tiny_llama_dir), gpu=False)
+
+    def lora_grads(eval_first: bool) -> dict:
+        torch.manual_seed(0)
+        model, tok, _ = load_for_training(str(tiny_llama_dir), rec, "cpu", "bfloat16")
+        ids = torch.tensor([tok("Compound interest grows on past interest.")["input_ids"]])
+        if eval_first:
+            model.eval()
+            with torch.no_grad():
+                model(input_ids=ids)
+        model.train()
+        gen = torch.Generator().manual_seed(1)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # B starts at zero; non-zero B lets gradients reach lower layers' A
+                torch.nn.init.normal_(p, std=0.02, generator=gen)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    straight, after_eval = lora_grads(False), lora_grads(True)
+    first_layer_a = [n for n in straight if ".layers.0." in n and "lora_A" in n]
+    assert first_layer_a and all(straight[n].abs().sum() > 0 for n in first_layer_a)
+    for name, grad in straight.items():
+        torch.testing.assert_close(after_eval[name], grad, msg=f"gradient of {name} changed after an eval pass")

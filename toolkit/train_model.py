@@ -160,6 +160,21 @@ def _lora_config(recipe):
                       bias="none", task_type="CAUSAL_LM")
 
 
+def keep_4bit_weights_trainable(model) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel.
+
+    On a CPU with AVX512-BF16, bitsandbytes 0.50 `Linear4bit` repacks its weight for a fast
+    inference kernel on the first forward in eval mode and never packs it back. That kernel has
+    no autograd formula, so after the trainer's first evaluation every frozen 4-bit layer would
+    pass no gradient to its input ("gemv_4bit: an autograd kernel was not registered" warning)
+    and all LoRA layers below the top one would train on wrong gradients. Eval then uses the
+    same dequantize-and-matmul path as training.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
 def load_for_training(source: str, recipe, device: str, dtype: str):
     """(model ready to train, tokenizer, notes). PEFT-wrapped for qlora/lora."""
     from transformers import AutoTokenizer
@@ -196,6 +211,8 @@ def load_for_training(source: str, recipe, device: str, dtype: str):
     # Full fine-tuning keeps fp32 master weights; autocast supplies the low-precision compute.
     load_dtype = "float32" if method == "full" else dtype
     model = models.load_causal_lm(source, load_dtype, device, quantization=quant)
+    if quant is not None:
+        keep_4bit_weights_trainable(model)
     model.config.pad_token_id = tok.pad_token_id
     model.config.eos_token_id = tok.eos_token_id
     if getattr(model, "generation_config", None) is not None:
