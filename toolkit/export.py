@@ -297,7 +297,7 @@ def _prepare_out_dir(out: Path, files: dict[str, str], force: bool) -> bool:
 def _ensure_end_of_turn_eos(model, tok, progress) -> None:
     """Make the tokenizer's EOS the end-of-turn token (ChatML: <|im_end|>), which is what the
     converter writes as the GGUF's EOS and what llama.cpp stops on."""
-    from toolkit.verify import end_of_turn_token
+    from toolkit.models import end_of_turn_token
 
     eot = end_of_turn_token(tok)
     if tok.eos_token != eot:
@@ -320,6 +320,7 @@ def export_model(spec: str, quants=("q4_k_m",), out=None, force: bool = False, p
     import time
 
     from toolkit import export_report, verify, verify_text
+    from toolkit.models import end_of_turn_token
 
     quants = list(dict.fromkeys(check_quant(q) for q in quants))
     if not quants:
@@ -421,7 +422,7 @@ def export_model(spec: str, quants=("q4_k_m",), out=None, force: bool = False, p
         timings["total"] = time.perf_counter() - t_all
         summary = export_report.summary(spec, ref, name, quants, files, results, timings, notes, dtype)
         summary["out_dir"] = str(out.resolve())
-        eot = verify.end_of_turn_token(tok)
+        eot = end_of_turn_token(tok)
         from toolkit.modelfile import modelfile_text
 
         for q in quants:

@@ -68,7 +68,9 @@ def gguf_to_hf_dir(gguf: Path, target: Path) -> Path:
     if unexpected or any(k != "lm_head.weight" for k in missing):
         raise RuntimeError(f"GGUF state dict mismatch: missing={missing} unexpected={unexpected}")
     model.tie_weights()
-    _fix_chat_special_tokens(tok, model)
+    fix_chat_special_tokens(tok)
+    sync_special_ids(model, tok)
+    model.generation_config.bos_token_id = tok.bos_token_id
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
     try:
@@ -82,23 +84,38 @@ def gguf_to_hf_dir(gguf: Path, target: Path) -> Path:
     return target
 
 
-def _fix_chat_special_tokens(tok, model) -> None:
-    """ChatML models end a turn with <|im_end|>: make it the EOS everywhere, so generation and
-    training (which learns to emit EOS) agree, and give padding its own id so masking pads
-    never masks the EOS we want learned."""
-    if "<|im_end|>" in tok.get_vocab():
-        tok.eos_token = "<|im_end|>"
+def end_of_turn_token(tok) -> str:
+    """The token a chat reply ends with: `<|im_end|>` for ChatML templates, else the EOS."""
+    if "<|im_end|>" in (tok.chat_template or "") and "<|im_end|>" in tok.get_vocab():
+        return "<|im_end|>"
+    return tok.eos_token
+
+
+_PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<|endoftext|>", "<pad>", "<unk>", "<|reserved_special_token_0|>")
+
+
+def fix_chat_special_tokens(tok) -> None:
+    """Make the end-of-turn token the EOS, so generation, training (which learns to emit EOS)
+    and llama.cpp (which stops on the GGUF's EOS) agree; and give padding an id of its own,
+    because masking padding must never mask the EOS the model has to learn."""
+    tok.eos_token = end_of_turn_token(tok)
     if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
-        for cand in ("<|endoftext|>", "<pad>", "<unk>"):
+        for cand in _PAD_CANDIDATES:
             if cand in tok.get_vocab() and tok.convert_tokens_to_ids(cand) != tok.eos_token_id:
                 tok.pad_token = cand
                 break
+        else:
+            raise UserError("the tokenizer has no token usable as padding distinct from EOS")
+
+
+def sync_special_ids(model, tok) -> None:
+    """Copy the tokenizer's EOS / pad ids into the model's config and generation config."""
     model.config.eos_token_id = tok.eos_token_id
     model.config.pad_token_id = tok.pad_token_id
-    gc = model.generation_config
-    gc.eos_token_id = tok.eos_token_id
-    gc.pad_token_id = tok.pad_token_id
-    gc.bos_token_id = tok.bos_token_id
+    gc = getattr(model, "generation_config", None)
+    if gc is not None:
+        gc.eos_token_id = tok.eos_token_id
+        gc.pad_token_id = tok.pad_token_id
 
 
 @dataclass(frozen=True)

@@ -133,19 +133,6 @@ def fallback(recipe, spec: str, why: str, announce=print, info: dict | None = No
     return BaseChoice(fb, source, recipe.model.base_model, fallback_reason=why, pick=info or {})
 
 
-def fix_special_tokens(tok) -> None:
-    """Pad must differ from EOS, or masking padding would also mask the EOS the model must learn."""
-    if "<|im_end|>" in tok.get_vocab() and tok.chat_template and "<|im_end|>" in tok.chat_template:
-        tok.eos_token = "<|im_end|>"
-    if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
-        for cand in ("<|finetune_right_pad_id|>", "<|endoftext|>", "<pad>", "<unk>", "<|reserved_special_token_0|>"):
-            if cand in tok.get_vocab() and tok.convert_tokens_to_ids(cand) != tok.eos_token_id:
-                tok.pad_token = cand
-                break
-        else:
-            raise UserError("the tokenizer has no token usable as padding distinct from EOS")
-
-
 def unsloth_usable(recipe, device: str) -> bool:
     return recipe.method.unsloth and recipe.method.name in ("qlora", "lora") and device.startswith("cuda") \
         and importlib.util.find_spec("unsloth") is not None
@@ -189,7 +176,7 @@ def load_for_training(source: str, recipe, device: str, dtype: str):
         model, tok = FastLanguageModel.from_pretrained(
             source, max_seq_length=recipe.data.max_seq_len, dtype=torch_dtype(dtype),
             load_in_4bit=method == "qlora")
-        fix_special_tokens(tok)
+        models.fix_chat_special_tokens(tok)
         targets = recipe.lora.target_modules
         if targets == ["all-linear"]:
             targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -200,7 +187,7 @@ def load_for_training(source: str, recipe, device: str, dtype: str):
         return model, tok, {"engine": "unsloth"}
 
     tok = AutoTokenizer.from_pretrained(source)
-    fix_special_tokens(tok)
+    models.fix_chat_special_tokens(tok)
     quant = None
     if method == "qlora":
         from transformers import BitsAndBytesConfig
@@ -213,11 +200,7 @@ def load_for_training(source: str, recipe, device: str, dtype: str):
     model = models.load_causal_lm(source, load_dtype, device, quantization=quant)
     if quant is not None:
         keep_4bit_weights_trainable(model)
-    model.config.pad_token_id = tok.pad_token_id
-    model.config.eos_token_id = tok.eos_token_id
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.pad_token_id = tok.pad_token_id
-        model.generation_config.eos_token_id = tok.eos_token_id
+    models.sync_special_ids(model, tok)
     if recipe.training.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()

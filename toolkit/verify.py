@@ -153,14 +153,6 @@ def gguf_metadata(path) -> dict:
     }
 
 
-def end_of_turn_token(tokenizer) -> str:
-    """The token a chat reply must end with: for ChatML templates `<|im_end|>`, else the EOS."""
-    template = tokenizer.chat_template or ""
-    if "<|im_end|>" in template and "<|im_end|>" in tokenizer.get_vocab():
-        return "<|im_end|>"
-    return tokenizer.eos_token
-
-
 def check_metadata(meta: dict, tokenizer) -> list[str]:
     """Failures (empty when fine) of the GGUF metadata against the HF tokenizer."""
     failures = []
@@ -168,6 +160,8 @@ def check_metadata(meta: dict, tokenizer) -> list[str]:
         failures.append("metadata: no tokenizer.chat_template in the GGUF (llama.cpp would fall back to llama-2 format)")
     elif meta["chat_template"] != tokenizer.chat_template:
         failures.append("metadata: the GGUF chat template differs from the tokenizer's")
+    from toolkit.models import end_of_turn_token
+
     want = end_of_turn_token(tokenizer)
     want_id = tokenizer.convert_tokens_to_ids(want)
     if meta["eos_token_id"] != want_id:
