@@ -37,8 +37,8 @@ def _rates(ours, theirs, repeats: int = REPEATS) -> tuple[float, int, float, int
 
 
 def _f16_gguf(hf_dir) -> str:
-    from toolkit.export import hf_to_gguf
-    from toolkit.models import cache_dir
+    from toolkit.export.convert import hf_to_gguf
+    from toolkit.core.models import cache_dir
 
     target = cache_dir() / "smollm2-135m-instruct-f16-v1.gguf"
     if not target.is_file():
@@ -50,10 +50,10 @@ def run() -> dict:
     import llama_cpp
     import torch
 
-    from toolkit.backends.hf import HFBackend
-    from toolkit.backends.llamacpp import LlamaCppBackend
+    from toolkit.decoding.backends.hf import HFBackend
+    from toolkit.decoding.backends.llamacpp import LlamaCppBackend
     from toolkit.decoding import DecodingConfig, generate
-    from toolkit.models import embedded_hf_dir
+    from toolkit.core.models import embedded_hf_dir
 
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)

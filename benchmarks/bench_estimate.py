@@ -17,7 +17,7 @@ REPEATS = 5
 
 
 def _cli_rows() -> list[dict]:
-    from toolkit.models import embedded_gguf_path
+    from toolkit.core.models import embedded_gguf_path
 
     forms = [
         ["estimate", "--help"],
@@ -44,7 +44,7 @@ def _cli_rows() -> list[dict]:
 
 def published_rows() -> list[dict]:
     """Estimate vs every row of vram_measured.csv, with the row's reproduction status."""
-    from toolkit.estimate import ALL_LINEAR, estimate
+    from toolkit.estimate.planner import ALL_LINEAR, estimate
 
     repro = json.loads((DATA / "reproduction.json").read_text())
     rows = []
@@ -66,10 +66,10 @@ def published_rows() -> list[dict]:
 
 
 def llamacpp_rows() -> list[dict]:
-    from toolkit.catalog import lookup
-    from toolkit.estimate import estimate
-    from toolkit.llamacpp_report import measure
-    from toolkit.models import embedded_gguf_path
+    from toolkit.estimate.catalog import lookup
+    from toolkit.estimate.planner import estimate
+    from toolkit.estimate.llamacpp_report import measure
+    from toolkit.core.models import embedded_gguf_path
 
     path = embedded_gguf_path()
     rows = []
@@ -87,7 +87,7 @@ def cpu_training_rows() -> list[dict]:
     """One real QLoRA step of the embedded model on this CPU per setting, vs the estimate."""
     import os
 
-    from toolkit.estimate import estimate
+    from toolkit.estimate.planner import estimate
 
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # RSS follows live tensors (see the script)
     rows = []

@@ -22,7 +22,7 @@ def _lora_run(root: Path) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from toolkit.models import embedded_hf_dir
+    from toolkit.core.models import embedded_hf_dir
 
     base = embedded_hf_dir()
     run = root / "runs" / "bench-20260101-000000"
@@ -43,12 +43,12 @@ def _lora_run(root: Path) -> Path:
 
 
 def run() -> dict:
-    from toolkit.export import export_model
+    from toolkit.export.pipeline import export_model
 
     with tempfile.TemporaryDirectory(prefix="bench-export-") as tmp:
         run_dir = _lora_run(Path(tmp))
         t0 = time.perf_counter()
-        summary = export_model(str(run_dir), QUANTS, progress=lambda m: print(m, flush=True))
+        summary = export_model(str(run_dir), QUANTS)
         wall = time.perf_counter() - t0
         sizes = {q: (run_dir / "gguf" / summary["files"][q]).stat().st_size / 1024**2 for q in QUANTS}
     sec = summary["seconds"]

@@ -26,7 +26,7 @@ STEPS = int(os.environ.get("BENCH_TRAIN_STEPS", "8"))
 
 
 def end_to_end(tmp: Path) -> dict:
-    from toolkit.train import finetune
+    from toolkit.finetune.trainer import finetune
 
     t0 = time.time()
     run = finetune(RECIPE, runs_dir=tmp / "e2e")
@@ -48,7 +48,7 @@ def end_to_end(tmp: Path) -> dict:
 
 
 def ours(tmp: Path) -> dict:
-    from toolkit.train import finetune
+    from toolkit.finetune.trainer import finetune
 
     run = finetune(RECIPE, [f"training.max_steps={STEPS}", "eval.report=false", "data.eval=", "training.save_steps=0",
                             "training.logging_steps=1"], runs_dir=tmp / "ours", gpu=False)
@@ -65,8 +65,8 @@ def naive(tmp: Path) -> dict:
     from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer,
                               TrainingArguments, set_seed)
 
-    from toolkit import data, recipe
-    from toolkit.models import embedded_hf_dir
+    from toolkit.finetune import data, recipe
+    from toolkit.core.models import embedded_hf_dir
 
     rec = recipe.load(RECIPE, gpu=False)
     src = str(embedded_hf_dir())

@@ -1,5 +1,5 @@
 """Measure one LoRA/QLoRA training step of the embedded model on CPU, the stack the toolkit runs
-(transformers + PEFT + bitsandbytes), for comparison with `toolkit.estimate` (device "cpu").
+(transformers + PEFT + bitsandbytes), for comparison with `toolkit.estimate.planner` (device "cpu").
 
 Run as a script, one configuration per process:
   MALLOC_MMAP_THRESHOLD_=65536 python -m benchmarks.estimate_cpu_peak qlora ckpt 512 2
@@ -7,7 +7,7 @@ With glibc's mmap threshold fixed at 64 KiB every tensor buffer above it is its 
 returned to the OS when freed, so the process RSS follows the live tensors and its high-water
 mark (VmHWM, reset through /proc/self/clear_refs before the step) is the step's peak. Checked on
 the loss alone: transformers' causal-LM loss peaks at 14.2 bytes x vocab per token, the 14 that
-toolkit.estimate_formulas.logits_bytes counts. Prints one JSON line:
+toolkit.estimate.formulas.logits_bytes counts. Prints one JSON line:
 - base_bytes: parameters, buffers and bnb quant states before the first step;
 - live_peak_bytes: base_bytes + (VmHWM - VmRSS before the step): the first step's peak,
   gradients and AdamW states included;
@@ -35,7 +35,7 @@ def measure(method: str, ckpt: bool, seq: int, batch: int, rank: int = 16) -> di
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from toolkit.models import embedded_hf_dir
+    from toolkit.core.models import embedded_hf_dir
 
     src = str(embedded_hf_dir())
     if method == "qlora":

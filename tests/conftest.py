@@ -15,7 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def embedded_dir():
     """HF folder of the real embedded SmolLM2-135M-Instruct (converted once, cached)."""
-    from toolkit.models import embedded_hf_dir
+    from toolkit.core.models import embedded_hf_dir
 
     return embedded_hf_dir()
 
@@ -45,10 +45,23 @@ def tiny_llama_dir(tmp_path_factory, embedded_dir):
 def embedded_f16_gguf(embedded_dir):
     """f16 GGUF of the embedded HF folder (official converter), built once and cached beside
     the converted HF folder ($TOOLKIT_CACHE or ~/.cache/toolkit)."""
-    from toolkit.export import hf_to_gguf
-    from toolkit.models import cache_dir
+    from toolkit.export.convert import hf_to_gguf
+    from toolkit.core.models import cache_dir
 
     target = cache_dir() / "smollm2-135m-instruct-f16-v1.gguf"
     if not target.is_file():
         hf_to_gguf(embedded_dir, target, outtype="f16")
     return target
+
+
+@pytest.fixture(scope="session")
+def free_port():
+    """A function returning a TCP port free on 127.0.0.1 right now (for servers the tests start)."""
+    import socket
+
+    def pick() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    return pick

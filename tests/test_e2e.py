@@ -15,8 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_finetune_export_q8_0_and_llamacpp_answers(tmp_path, embedded_dir, monkeypatch, capsys):
-    from toolkit.train import finetune
-    from toolkit.verify import chat_turn, gguf_metadata, open_gguf
+    from toolkit.finetune.trainer import finetune
+    from toolkit.export.verify import chat_turn, gguf_metadata, open_gguf
 
     monkeypatch.chdir(ROOT)
     # A few short steps and a small held-out file keep this test to about a minute; the held-out

@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-from toolkit.errors import UserError
+from toolkit.core.errors import UserError
 
 # Order is the order `toolkit --help` lists them in.
 COMMANDS = ("estimate", "finetune", "generate", "chat", "export", "serve")
@@ -24,12 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"toolkit.commands.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"toolkit.commands.{name}":
-                continue  # subcommand not built yet
-            raise
+        module = importlib.import_module(f"toolkit.commands.{name}")
         doc = (module.__doc__ or "").strip()
         summary = doc.splitlines()[0] if doc else name
         p = sub.add_parser(

@@ -1,10 +1,12 @@
 """The Gradio 6 chat app behind `toolkit chat --ui` / `make chat`.
 
-A ChatInterface (streaming, stop, retry = regenerate, undo) with every decoding control of
-`DecodingConfig`, the presets, a system prompt and a model picker (embedded model, each run in
-runs/, each exported GGUF). One model is loaded at a time and a lock serialises decoding on it;
-the queue keeps concurrent requests waiting instead of failing. Each reply is followed by a small
-stats line (tokens, tokens/s) kept out of the prompt of later turns.
+A ChatInterface (streaming, stop, retry = regenerate, undo) with one control per decoding field
+(generated from `toolkit.decoding.fields.FIELDS`, in its order, which is also the order of the
+/chat API's inputs after message, model, system prompt and preset), the presets, a system
+prompt and a model picker (embedded model, each run in runs/, each exported GGUF). One model is
+loaded at a time and a lock serialises decoding on it; the queue keeps concurrent requests
+waiting instead of failing. Each reply is followed by a small stats line (tokens, tokens/s)
+kept out of the prompt of later turns.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
 
-from toolkit.decoding.config import PRESETS, DecodingConfig  # noqa: E402
-from toolkit.errors import UserError  # noqa: E402
+from toolkit.core.errors import UserError  # noqa: E402
+from toolkit.decoding.config import PRESET_FIELDS, PRESETS, DecodingConfig, with_preset  # noqa: E402
+from toolkit.decoding.fields import FIELDS  # noqa: E402
 
 # Plain text: headless browsers without emoji fonts show emoji as boxes.
 STATS_PREFIX = "stats: "
@@ -29,7 +32,7 @@ DEFAULTS = DecodingConfig()
 def list_models(root: str | Path = ".") -> list[tuple[str, str]]:
     """(label, spec) for the picker: the embedded model (transformers, and its GGUF through
     llama.cpp), every run folder in runs/, every GGUF under runs/*/gguf/ and exports/."""
-    from toolkit.models import embedded_gguf_path
+    from toolkit.core.models import embedded_gguf_path
 
     root = Path(root)
     models = [("embedded (transformers)", "embedded")]
@@ -62,7 +65,7 @@ class ModelSlot:
 
     def get(self, spec: str):
         if spec != self.spec:
-            from toolkit.backends import load
+            from toolkit.decoding.backends import load
 
             if self.backend is not None:
                 self.backend.close()
@@ -102,22 +105,31 @@ def history_to_messages(history: list[dict]) -> list[dict]:
     return out
 
 
-def config_from_controls(strategy, temperature, top_k, top_p, min_p, repetition_penalty, num_beams,
-                         max_new_tokens, seed, stop) -> DecodingConfig:
-    """Build the config from UI values; UserError names the bad field."""
-    def as_int(name, value):
-        if value is None or float(value) != int(float(value)):
-            raise UserError(f"{name} must be a whole number, got {value}")
-        return int(float(value))
+def config_from_controls(*values) -> DecodingConfig:
+    """The config from the decoding controls' values, in `FIELDS` order (seed -1 = random, stop
+    one string per line); UserError names the bad field."""
+    if len(values) != len(FIELDS):
+        raise TypeError(f"expected {len(FIELDS)} control values ({', '.join(f.name for f in FIELDS)}), "
+                        f"got {len(values)}")
+    return DecodingConfig(**{f.name: f.from_ui(v) for f, v in zip(FIELDS, values)})
 
-    seed_v = None if seed is None or int(seed) < 0 else as_int("seed", seed)
-    stops = tuple(s for s in (stop or "").split("\n") if s)
-    return DecodingConfig(
-        strategy=strategy, temperature=float(temperature), top_k=as_int("top_k", top_k), top_p=float(top_p),
-        min_p=float(min_p), repetition_penalty=float(repetition_penalty),
-        num_beams=as_int("num_beams", num_beams), max_new_tokens=as_int("max_new_tokens", max_new_tokens),
-        seed=seed_v, stop=stops,
-    )
+
+def controls_from_config(cfg: DecodingConfig) -> list:
+    """The controls' values (in `FIELDS` order) that show `cfg`: config_from_controls' inverse."""
+    return [f.to_ui(getattr(cfg, f.name)) for f in FIELDS]
+
+
+def _control(f, value) -> gr.components.Component:
+    c = f.control
+    if c.kind == "radio":
+        return gr.Radio(list(f.choices), value=value, label=c.label)
+    if c.kind == "slider":
+        return gr.Slider(c.minimum, c.maximum, value=value, step=c.step, label=c.label)
+    if c.kind == "number":
+        return gr.Number(value=value, label=c.label, precision=0 if f.type is int else None)
+    if c.kind == "textbox":
+        return gr.Textbox(value, label=c.label, lines=2)
+    raise ValueError(f"{f.name}: unknown control kind {c.kind!r}")
 
 
 def build_app(model: str = "embedded", root: str | Path = ".", n_ctx: int | None = None,
@@ -133,11 +145,9 @@ def build_app(model: str = "embedded", root: str | Path = ".", n_ctx: int | None
     if model not in [spec for _, spec in models]:
         models.insert(0, (model, model))
 
-    def respond(message, history, spec, system, preset, strategy, temperature, top_k, top_p, min_p,
-                repetition_penalty, num_beams, max_new_tokens, seed, stop):
+    def respond(message, history, spec, system, preset, *controls):
         try:
-            cfg = config_from_controls(strategy, temperature, top_k, top_p, min_p, repetition_penalty,
-                                       num_beams, max_new_tokens, seed, stop)
+            cfg = config_from_controls(*controls)
             if not (message or "").strip():
                 raise UserError("the message is empty")
         except (UserError, ValueError, TypeError) as exc:
@@ -165,9 +175,12 @@ def build_app(model: str = "embedded", root: str | Path = ".", n_ctx: int | None
                      f"{cfg.effective_strategy} · {backend.name}")
             yield notes + [gr.ChatMessage(content=g.text), gr.ChatMessage(content="", metadata={"title": stats})]
 
+    # A preset fills only the fields presets set; the others stay as the user set them.
+    filled = [f for f in FIELDS if f.name in PRESET_FIELDS]
+
     def apply_preset(name):
-        values = {**DEFAULTS.to_dict(), **PRESETS[name]}
-        return [values[k] for k in ("strategy", "temperature", "top_k", "top_p", "min_p", "repetition_penalty")]
+        cfg = with_preset(DEFAULTS, name)
+        return [f.to_ui(getattr(cfg, f.name)) for f in filled]
 
     with gr.Blocks(title="toolkit chat", fill_height=True) as app:
         with gr.Sidebar(open=True, width=340):
@@ -175,21 +188,11 @@ def build_app(model: str = "embedded", root: str | Path = ".", n_ctx: int | None
             picker = gr.Dropdown(models, value=model, label="Model", allow_custom_value=True)
             system = gr.Textbox(label="System prompt", lines=2, placeholder="(the model's default)")
             preset = gr.Dropdown(list(PRESETS), value=None, label="Preset (fills the controls)")
-            strategy = gr.Radio(["greedy", "sample", "beam"], value=init.strategy, label="Strategy")
-            temperature = gr.Slider(0, 2, value=init.temperature, step=0.05, label="Temperature (0 = greedy)")
-            top_k = gr.Slider(0, 200, value=init.top_k, step=1, label="Top-k (0 = off)")
-            top_p = gr.Slider(0.01, 1, value=init.top_p, step=0.01, label="Top-p (1 = off)")
-            min_p = gr.Slider(0, 1, value=init.min_p, step=0.01, label="Min-p (0 = off)")
-            rep = gr.Slider(0.5, 2, value=init.repetition_penalty, step=0.05, label="Repetition penalty (1 = off)")
-            beams = gr.Slider(1, 16, value=init.num_beams, step=1, label="Beams (strategy beam)")
-            max_new = gr.Number(value=init.max_new_tokens, label="Max new tokens", precision=0)
-            seed = gr.Number(value=-1 if init.seed is None else init.seed, label="Seed (-1 = random)", precision=0)
-            stop = gr.Textbox("\n".join(init.stop), label="Stop strings (one per line)", lines=2)
-        preset.change(apply_preset, preset, [strategy, temperature, top_k, top_p, min_p, rep])
+            controls = {f.name: _control(f, v) for f, v in zip(FIELDS, controls_from_config(init))}
+        preset.change(apply_preset, preset, [controls[f.name] for f in filled])
         gr.ChatInterface(
             respond,
-            additional_inputs=[picker, system, preset, strategy, temperature, top_k, top_p, min_p, rep, beams,
-                               max_new, seed, stop],
+            additional_inputs=[picker, system, preset, *controls.values()],
             chatbot=gr.Chatbot(label="chat", height="70vh"),
             textbox=gr.Textbox(placeholder="Type a message…", submit_btn=True, stop_btn=True),
             title="toolkit chat",

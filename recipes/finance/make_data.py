@@ -2,7 +2,7 @@
 
 Every number in an answer is computed here from the numbers in its question (nothing typed
 by hand), and each conversation records the template it came from and its key numbers/terms
-in `meta` (used by the report's generation score and by tests/test_finance_data.py, which
+in `meta` (used by the report's generation score and by tests/recipes/test_finance.py, which
 recomputes them). The split is by TEMPLATE: a question template is either in the held-out set
 or in the training set, never both, so held-out questions never appear in training, not even
 as the same sentence with other numbers.

@@ -4,9 +4,10 @@
   toolkit chat --ui --model runs/latest         web chat on http://127.0.0.1:7860
 
 In the terminal, lines starting with / are commands: /reset (forget the conversation),
-/system TEXT, /set key=value (a decoding setting, e.g. /set temperature=0.7), /preset NAME,
-/retry (regenerate the last answer), /quit. Long conversations are trimmed to the context
-window from the oldest turns, with a notice. The web UI binds 127.0.0.1 unless --host is given.
+/system TEXT, /set key=value (a decoding setting: /set temperature=0.7, /set stop=A|B,
+/set seed=none), /preset NAME, /retry (regenerate the last answer), /quit. Long conversations
+are trimmed to the context window from the oldest turns, with a notice. The web UI binds
+127.0.0.1 unless --host is given.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from toolkit.commands.generate import add_decoding_arguments, config_from_args
-from toolkit.errors import UserError
+from toolkit.core.errors import UserError
+from toolkit.decoding.fields import field_named
+from toolkit.decoding.flags import add_decoding_arguments, config_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,19 +30,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_decoding_arguments(parser)
 
 
-def _parse_value(raw: str):
-    for cast in (int, float):
-        try:
-            return cast(raw)
-        except ValueError:
-            pass
-    return None if raw.lower() == "none" else raw
-
-
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     if args.ui:
-        from toolkit.models import resolve
+        from toolkit.core.models import resolve
         from ui.chat import launch
 
         resolve(args.model)  # a bad --model is a one-line error, not a broken page
@@ -51,8 +44,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _terminal(args: argparse.Namespace, cfg) -> int:
-    from toolkit.backends import load
-    from toolkit.decoding.config import DecodingConfig, preset
+    from toolkit.decoding.backends import load
+    from toolkit.decoding.config import with_preset
     from toolkit.decoding.conversation import build_prompt
     from toolkit.decoding.search import stream
 
@@ -89,13 +82,11 @@ def _terminal(args: argparse.Namespace, cfg) -> int:
                         if not eq:
                             raise UserError("usage: /set key=value")
                         key = key.strip().replace("-", "_")
-                        data = cfg.to_dict()
-                        data[key] = tuple(v for v in value.split("|") if v) if key == "stop" else _parse_value(value.strip())
-                        cfg = DecodingConfig.from_dict(data)
+                        cfg = cfg.replace(**{key: field_named(key).from_text(value)})
                         print(f"({key} = {getattr(cfg, key)})", file=sys.stderr)
                         continue
                     elif cmd == "/preset":
-                        cfg = preset(rest.strip(), max_new_tokens=cfg.max_new_tokens, stop=cfg.stop, seed=cfg.seed)
+                        cfg = with_preset(cfg, rest.strip())
                         print(f"(preset {rest.strip()})", file=sys.stderr)
                         continue
                     elif cmd == "/retry":

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import json
 
-from toolkit.errors import UserError
+from toolkit.core.errors import UserError
+from toolkit.core.units import gib
 
 _TASKS = ("inference", "lora", "qlora", "full")
 
@@ -43,13 +44,8 @@ def add_arguments(p) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
 
-def _gib(b: int) -> str:
-    return f"{b / 1024**3:.2f} GiB"
-
-
 def run(args) -> int:
-    from toolkit import budget as B
-
+    from toolkit.estimate import budget as B
     if args.list_gpus:
         for name, gib in B.GPUS.items():
             print(f"{name:<26} {gib:>3} GiB")
@@ -62,19 +58,17 @@ def run(args) -> int:
 
 
 def _budget_if_any(args):
-    from toolkit import budget as B
-
+    from toolkit.estimate import budget as B
     if args.vram is None and args.gpu is None:
         return None
     return B.resolve_budget(args.vram, args.gpu)
 
 
 def _one_model(args) -> int:
-    from toolkit import estimate as E
-
+    from toolkit.estimate import planner as E
     bud = _budget_if_any(args)
     if bud is None:
-        from toolkit.hardware import detect
+        from toolkit.core.hardware import detect
 
         device = detect().kind
     else:
@@ -96,22 +90,21 @@ def _one_model(args) -> int:
     print(f"{est.model}  ({est.params / 1e9:.3f} B params)")
     print("  " + " · ".join(head))
     for name, b in sorted(est.components.items(), key=lambda kv: -kv[1]):
-        print(f"  {name:<15} {_gib(b):>11}")
-    print(f"  {'total':<15} {_gib(est.total_bytes):>11}")
+        print(f"  {name:<15} {gib(b):>11}")
+    print(f"  {'total':<15} {gib(est.total_bytes):>11}")
     if est.trainable_params:
         print(f"  trainable params: {est.trainable_params:,}")
     for note in est.notes:
         print(f"  note: {note}")
     if bud:
         verdict = "fits" if est.fits else "does NOT fit"
-        print(f"  budget {_gib(bud.bytes)} ({bud.source}): {verdict}, headroom {_gib(bud.bytes - est.total_bytes)}")
+        print(f"  budget {gib(bud.bytes)} ({bud.source}): {verdict}, headroom {gib(bud.bytes - est.total_bytes)}")
     return 0
 
 
 def _pick(args) -> int:
-    from toolkit import budget as B
-    from toolkit import estimate as E
-
+    from toolkit.estimate import budget as B
+    from toolkit.estimate import planner as E
     if args.quant:
         raise UserError("--quant needs --model (without it, the pick tries the task's usual quants)")
     bud = B.resolve_budget(args.vram, args.gpu)
@@ -124,15 +117,15 @@ def _pick(args) -> int:
         d["device"] = bud.device
         print(json.dumps(d))
         return 0
-    print(f"Budget: {_gib(bud.bytes)} — {bud.source}")
+    print(f"Budget: {gib(bud.bytes)} — {bud.source}")
     print(f"Task: {args.task}, seq {args.seq_len} x batch {args.batch}"
           + (f", LoRA r{args.lora_r}" if args.task in ("lora", "qlora") else ""))
     print(f"{'model':<38} {'quant':<7} {'params':>7} {'estimate':>11} {'fits':>5} {'headroom':>11}")
     for c in p.candidates:
         mark = "yes" if c.fits else "no"
         star = " <- pick" if (c.model == p.model and c.quant == p.quant and p.fits) else ""
-        print(f"{c.model:<38} {c.quant:<7} {c.params / 1e9:>6.2f}B {_gib(c.total_bytes):>11} {mark:>5} "
-              f"{_gib(c.headroom_bytes):>11}{star}")
+        print(f"{c.model:<38} {c.quant:<7} {c.params / 1e9:>6.2f}B {gib(c.total_bytes):>11} {mark:>5} "
+              f"{gib(c.headroom_bytes):>11}{star}")
     print(f"Pick: {p.model} ({p.quant})" if p.fits else "Pick: none fits")
     print(f"Why: {p.reason}")
     return 0

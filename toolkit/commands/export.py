@@ -7,36 +7,50 @@ turn that stops at the end-of-turn token) before renaming it into place. Beside 
 an Ollama Modelfile and a README with the verification numbers.
 
 Default output folder: RUN/gguf/ for a run folder, exports/<name>/ otherwise.
+Progress goes to stderr; stdout holds the files written (or, with --json, export.json's content).
 Exit status: 0 done, 2 bad input, 1 verification failed (nothing written).
 """
 
 from __future__ import annotations
 
-QUANT_CHOICES = ("f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0")
+from toolkit.export.convert import QUANT_TYPES, check_quant
+
+DEFAULT_QUANT = "q4_k_m"
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("run", metavar="RUN", help="run folder (e.g. runs/latest), `embedded`, or an HF model folder")
     parser.add_argument(
-        "--quant", nargs="+", default=["q4_k_m"], metavar="TYPE",
-        help=f"one or more of: {', '.join(QUANT_CHOICES)} (default q4_k_m); commas also separate",
+        "--quant", action="extend", nargs="+", default=None, metavar="TYPE",
+        help=f"one or more of: {', '.join(QUANT_TYPES)} (default {DEFAULT_QUANT}); commas also separate, "
+             "and the flag may be repeated",
     )
     parser.add_argument("--out", default=None, metavar="DIR", help="output folder (default: RUN/gguf or exports/<name>)")
     parser.add_argument("--force", action="store_true", help="overwrite existing files in the output folder")
+    parser.add_argument("--json", action="store_true", help="print the export summary (export.json) as one JSON object")
+
+
+def quant_list(values: list[str] | None) -> list[str]:
+    """The --quant values (repeated, space- or comma-separated) as checked quant names."""
+    # No argparse default: with action="extend" it would be kept and added to.
+    return [check_quant(q) for item in values or [DEFAULT_QUANT] for q in item.split(",") if q.strip()]
 
 
 def run(args) -> int:
+    import json
     import sys
 
-    from toolkit.export import ExportFailed, check_quant, export_model
+    from toolkit.export.pipeline import ExportFailed, export_model
 
-    quants = [check_quant(q) for item in args.quant for q in item.split(",") if q.strip()]
+    quants = quant_list(args.quant)
     try:
-        summary = export_model(args.run, quants, out=args.out, force=args.force,
-                               progress=lambda msg: print(msg, flush=True))
+        summary = export_model(args.run, quants, out=args.out, force=args.force)
     except ExportFailed as exc:
         print(f"error: {exc} (nothing was written)", file=sys.stderr)
         return 1
+    if args.json:
+        print(json.dumps(summary, default=str))
+        return 0
     for q in summary["quants"]:
         print(f"wrote {summary['files'][q]}")
     print(f"done in {summary['seconds']['total']:.1f} s: {', '.join(summary['quants'])} verified; "

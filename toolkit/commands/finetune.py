@@ -22,7 +22,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from toolkit.train import finetune
+    from toolkit.finetune.trainer import finetune
 
     out = finetune(args.recipe, args.overrides, runs_dir=args.runs_dir, resume=args.resume)
     print(out)

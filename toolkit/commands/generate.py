@@ -15,43 +15,8 @@ import argparse
 import json
 import sys
 
-from toolkit.errors import UserError
-
-# flag -> DecodingConfig field; the flags default to None so a preset's values survive.
-_FLAGS = {
-    "strategy": dict(choices=["greedy", "sample", "beam"], help="token choice (default greedy)"),
-    "temperature": dict(type=float, help="sampling temperature, 0 = greedy (default 1.0)"),
-    "top_k": dict(type=int, help="keep the k most likely tokens, 0 = off"),
-    "top_p": dict(type=float, help="nucleus: keep tokens up to this probability mass, 1 = off"),
-    "min_p": dict(type=float, help="drop tokens below min_p x top probability, 0 = off"),
-    "repetition_penalty": dict(type=float, help="penalise tokens already seen, 1 = off"),
-    "num_beams": dict(type=int, help="beam width for --strategy beam (default 4)"),
-    "length_penalty": dict(type=float, help="beam score = logprob / length**this (default 1.0)"),
-    "max_new_tokens": dict(type=int, help="at most this many new tokens (default 256)"),
-    "seed": dict(type=int, help="random seed for sampling"),
-}
-
-
-def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
-    """The decoding flags shared by `generate` and `chat`."""
-    from toolkit.decoding.config import PRESETS
-
-    g = parser.add_argument_group("decoding")
-    g.add_argument("--preset", choices=sorted(PRESETS), help="named settings; other flags override it")
-    for name, kw in _FLAGS.items():
-        g.add_argument("--" + name.replace("_", "-"), dest=name, default=None, **kw)
-    g.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop string (repeatable)")
-
-
-def config_from_args(args: argparse.Namespace):
-    """DecodingConfig from a preset (if any) plus the flags given."""
-    from toolkit.decoding.config import PRESETS, DecodingConfig
-
-    data = dict(PRESETS[args.preset]) if args.preset else {}
-    data.update({k: getattr(args, k) for k in _FLAGS if getattr(args, k) is not None})
-    if args.stop:
-        data["stop"] = tuple(args.stop)
-    return DecodingConfig.from_dict(data)
+from toolkit.core.errors import UserError
+from toolkit.decoding.flags import add_decoding_arguments, config_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -71,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--prompt is empty")
     if args.raw and args.system:
         raise UserError("--system needs the chat template; drop --raw")
-    from toolkit.backends import load
+    from toolkit.decoding.backends import load
     from toolkit.decoding.conversation import build_prompt
     from toolkit.decoding.search import stream
 

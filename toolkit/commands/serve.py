@@ -25,7 +25,7 @@ def check_port_free(host: str, port: int) -> None:
     """UserError when `host:port` cannot be bound (in use, or not an address of this machine)."""
     import socket
 
-    from toolkit.errors import UserError
+    from toolkit.core.errors import UserError
 
     try:
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -36,30 +36,26 @@ def check_port_free(host: str, port: int) -> None:
 
 
 def run(args) -> int:
-    from pathlib import Path
+    from toolkit.core.errors import UserError
+    from toolkit.core.progress import say
+    from toolkit.export.convert import gguf_file
 
-    from toolkit.errors import UserError
-
-    path = Path(args.gguf).expanduser()
-    if not path.is_file():
-        raise UserError(f"GGUF file not found: {args.gguf}")
+    path = gguf_file(args.gguf)
     if path.suffix != ".gguf":
         raise UserError(f"{args.gguf}: not a .gguf file (export a run first: toolkit export RUN)")
     if not 0 < args.port < 65536:
         raise UserError(f"--port {args.port}: must be 1-65535")
     check_port_free(args.host, args.port)
 
-    from toolkit.verify import gguf_metadata, llama_threads
+    from toolkit.export.verify import GGUF_CHAT_FORMAT, gguf_metadata, llama_threads
 
     try:
         meta = gguf_metadata(path)
     except Exception as exc:  # gguf-py raises assorted errors on a truncated or foreign file
         raise UserError(f"{args.gguf}: not a readable GGUF ({exc})") from None
-    if meta["chat_template"]:
-        chat_format = "chat_template.default"
-    else:
-        chat_format = None
-        print("warning: the GGUF has no chat template; llama-cpp-python will guess a chat format", flush=True)
+    chat_format = GGUF_CHAT_FORMAT if meta["chat_template"] else None
+    if chat_format is None:
+        say("warning: the GGUF has no chat template; llama-cpp-python will guess a chat format")
 
     import uvicorn
     from llama_cpp.server.app import create_app

@@ -1,4 +1,6 @@
-"""Decoding: how a next-token distribution becomes text.
+"""Decoding: how a next-token distribution becomes text, the same way on every backend.
+`config` (DecodingConfig, presets), `fields` + `flags` (the one table: CLI flags, UI controls),
+`transforms` (pure), `search` (greedy/sample/beam, streaming), `conversation`, `backends/` (hf, llama.cpp).
 
 A language model gives, at every step, a score (logit) for each of its ~50k tokens. Turning
 those scores into one token is a choice, and this package makes the choice explicit:
@@ -6,6 +8,8 @@ those scores into one token is a choice, and this package makes the choice expli
 - `config`: `DecodingConfig`, the one set of knobs (strategy, temperature, top-k, top-p, min-p,
   repetition penalty, beams, length penalty, max tokens, stop strings, seed) shared by the
   CLI, the chat UI and both backends, plus the named presets.
+- `fields`: `FIELDS`, one entry per config field (type, flag help, UI control, conversions);
+  `flags` builds the CLI's decoding flags from it and `ui/chat.py` the web controls.
 - `transforms`: small pure functions that reshape a logit vector (temperature, top-k, top-p,
   min-p, repetition penalty) and draw from it with an explicit random generator.
 - `search`: the loops (greedy, sampling, beam search) over a tiny backend interface, "give me
@@ -16,14 +20,16 @@ Greedy (always the argmax) is reproducible and fine for short factual answers bu
 sampling trades some likelihood for variety; beam search keeps several hypotheses and returns
 the one with the best length-normalised log-probability.
 
-Only `config` is imported eagerly: the CLI reads presets without importing torch.
+Only `config` and `fields` are imported eagerly: the CLI builds its flags and reads presets
+without importing torch.
 """
 
 from toolkit.decoding.config import PRESETS, DecodingConfig, preset
+from toolkit.decoding.fields import FIELDS
 
 _SEARCH = ("Generation", "Stream", "beam_search", "generate", "stream", "token_stream")
 
-__all__ = ["PRESETS", "DecodingConfig", "preset", *_SEARCH]
+__all__ = ["FIELDS", "PRESETS", "DecodingConfig", "preset", *_SEARCH]
 
 
 def __getattr__(name):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field, fields
 
-from toolkit.errors import UserError
+from toolkit.core.errors import UserError
 
 STRATEGIES = ("greedy", "sample", "beam")
 
@@ -115,3 +115,15 @@ def preset(name: str, **overrides) -> DecodingConfig:
     data = dict(PRESETS[name])
     data.update({k: v for k, v in overrides.items() if v is not None})
     return DecodingConfig.from_dict(data)
+
+# The fields some preset sets; choosing a preset resets these (to the defaults where it is silent)
+# and keeps the rest (beams, max tokens, seed, stop) as the user set them.
+PRESET_FIELDS = tuple(f.name for f in fields(DecodingConfig) if any(f.name in p for p in PRESETS.values()))
+
+
+def with_preset(cfg: DecodingConfig, name: str) -> DecodingConfig:
+    """`cfg` with preset `name` chosen: what the chat UI's preset menu and the terminal's /preset do."""
+    if name not in PRESETS:
+        raise UserError(f"unknown preset {name!r} (choose from {', '.join(PRESETS)})")
+    chosen = {**DecodingConfig().to_dict(), **PRESETS[name]}
+    return cfg.replace(**{k: chosen[k] for k in PRESET_FIELDS})

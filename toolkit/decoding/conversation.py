@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from toolkit.errors import UserError
+from toolkit.core.errors import UserError
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Search loops over a minimal backend, and streaming with stop strings.
 
-A backend (`toolkit.backends.hf.HFBackend`, `toolkit.backends.llamacpp.LlamaCppBackend`) keeps a
+A backend (`toolkit.decoding.backends.hf.HFBackend`, `toolkit.decoding.backends.llamacpp.LlamaCppBackend`) keeps a
 KV cache of one or more rows (sequences) and offers:
 
     prefill(ids) -> logits [vocab]         reset, run the prompt, next-token logits of row 0
@@ -41,7 +41,7 @@ class Backend(Protocol):
 def _budget(backend: Backend, prompt_ids: list[int], cfg: DecodingConfig) -> int:
     room = backend.n_ctx - len(prompt_ids)
     if room <= 0:
-        from toolkit.errors import UserError
+        from toolkit.core.errors import UserError
 
         raise UserError(f"the prompt has {len(prompt_ids)} tokens, the context window holds {backend.n_ctx}")
     return min(cfg.max_new_tokens, room)

@@ -1,0 +1,134 @@
+"""`toolkit estimate`: both forms, --json, one-line errors with exit 2, no torch import, speed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from toolkit.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(capsys, *argv):
+    code = main(["estimate", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_pick_form_with_gpu_name(capsys):
+    code, out, err = _run(capsys, "--gpu", "RTX 3060 12GB")
+    assert code == 0, err
+    assert "Budget: 12.00 GiB" in out and "<- pick" in out
+    assert out.count("nf4-dq") >= 10  # one row per pickable model
+    pick_line = next(line for line in out.splitlines() if line.startswith("Pick:"))
+    why = next(line for line in out.splitlines() if line.startswith("Why:"))
+    assert pick_line.split()[1] in why and "safety margin" in why
+
+
+def test_pick_form_json_and_detected_hardware(capsys):
+    code, out, _ = _run(capsys, "--task", "inference", "--json")
+    assert code == 0
+    d = json.loads(out)
+    assert {"model", "quant", "fits", "headroom_bytes", "reason", "candidates", "budget_bytes", "device"} <= set(d)
+    assert d["budget_bytes"] > 0 and d["device"] in ("cpu", "cuda")
+    dense = "fp32" if d["device"] == "cpu" else "bf16"  # the dtype the toolkit decodes in there
+    assert {c["quant"] for c in d["candidates"]} == {dense, "q8_0", "q4_k_m"}
+
+
+def test_model_form_breakdown(capsys):
+    code, out, _ = _run(capsys, "--model", "meta-llama/Llama-3.2-1B-Instruct", "--task", "qlora",
+                        "--seq-len", "1024", "--batch", "2", "--lora-r", "8", "--no-grad-ckpt", "--vram", "8GB")
+    assert code == 0
+    for word in ("weights", "activations", "logits", "optimizer", "lora_adapter", "total", "grad ckpt off",
+                 "LoRA r8", "seq 1024 x batch 2", "budget 8.00 GiB"):
+        assert word in out, word
+
+
+def test_model_form_json_fields(capsys):
+    code, out, _ = _run(capsys, "--model", "embedded", "--task", "lora", "--quant", "bf16", "--gpu", "T4 16GB", "--json")
+    assert code == 0
+    d = json.loads(out)
+    assert d["model"] == "embedded" and d["task"] == "lora" and d["quant"] == "bf16" and d["fits"] is True
+    assert d["total_bytes"] == sum(d["components"].values())
+    assert d["budget_bytes"] == 16 * 1024**3 and d["headroom_bytes"] == d["budget_bytes"] - d["total_bytes"]
+
+
+def test_model_form_gguf_file(capsys):
+    from toolkit.core.models import embedded_gguf_path
+
+    code, out, _ = _run(capsys, "--model", str(embedded_gguf_path()), "--task", "inference", "--seq-len", "4096", "--json")
+    d = json.loads(out)
+    assert code == 0 and d["quant"] == "q4_1" and d["backend"] == "llama.cpp"
+    assert set(d["components"]) == {"weights", "kv_cache", "compute_buffer", "output_buffer", "framework"}
+
+
+def test_grad_ckpt_flags(capsys):
+    on = json.loads(_run(capsys, "--model", "embedded", "--json", "--grad-ckpt")[1])
+    off = json.loads(_run(capsys, "--model", "embedded", "--json", "--no-grad-ckpt")[1])
+    assert on["grad_ckpt"] is True and off["grad_ckpt"] is False
+    assert on["components"]["activations"] < off["components"]["activations"]
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--model", "llama-3.2-1b-instrct"], "did you mean meta-llama/Llama-3.2-1B-Instruct"),
+    (["--vram", "eight"], "cannot read 'eight' as a size"),
+    (["--vram=-3GB"], "must be positive"),
+    (["--vram", "0"], "must be positive"),
+    (["--vram", "8GB", "--gpu", "T4 16GB"], "either --vram or --gpu"),
+    (["--gpu", "RTX 9999"], "unknown GPU"),
+    (["--gpu", "RTX 3060"], "several sizes"),
+    (["--model", "embedded", "--batch", "0"], "--batch must be a positive integer"),
+    (["--model", "embedded", "--seq-len", "-5"], "--seq-len must be a positive integer"),
+    (["--model", "embedded", "--lora-r", "2.5"], "--lora-r must be a positive integer"),
+    (["--seq-len", "abc"], "--seq-len must be a positive integer"),
+    (["--task", "train"], "--task must be one of"),
+    (["--model", "embedded", "--task", "lora", "--quant", "q4_k_m"], "does not go with --task lora"),
+    (["--model", "embedded", "--optimizer", "sgd"], "--optimizer must be one of"),
+    (["--quant", "nf4"], "--quant needs --model"),
+])
+def test_bad_input_is_one_line_exit_2(capsys, argv, needle):
+    code, out, err = _run(capsys, *argv)
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("error: ") and needle in err, err
+    assert "Traceback" not in err and out == ""
+
+
+def test_bad_paths_are_one_line_exit_2(capsys, tmp_path):
+    (tmp_path / "empty").mkdir()
+    notgguf = tmp_path / "weights.gguf"
+    notgguf.write_bytes(b"\x00" * 64)
+    for path, needle in ((tmp_path / "empty", "no config.json"), (notgguf, "not a GGUF file")):
+        code, _, err = _run(capsys, "--model", str(path))
+        assert code == 2 and err.count("\n") == 1 and needle in err, err
+
+
+def _timed(argv: list[str]) -> tuple[float, subprocess.CompletedProcess]:
+    code = ("import sys, runpy; sys.argv = ['toolkit'] + sys.argv[1:]\n"
+            "from toolkit.cli import main\nrc = main()\n"
+            "heavy = [m for m in ('torch', 'transformers', 'gradio', 'llama_cpp', 'bitsandbytes') if m in sys.modules]\n"
+            "assert not heavy, heavy\nsys.exit(rc)")
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", code, *argv], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    return time.perf_counter() - t0, proc
+
+
+@pytest.mark.parametrize("argv", [
+    ["estimate", "--help"],
+    ["estimate", "--vram", "8GB"],
+    ["estimate"],
+    ["estimate", "--model", "meta-llama/Llama-3.1-8B-Instruct", "--task", "qlora", "--json"],
+    ["estimate", "--model", "GGUF", "--task", "inference"],
+])
+def test_cli_is_fast_and_never_imports_torch(argv):
+    from toolkit.core.models import embedded_gguf_path
+
+    argv = [str(embedded_gguf_path()) if a == "GGUF" else a for a in argv]
+    wall, proc = _timed(argv)
+    assert proc.returncode == 0, proc.stderr
+    assert wall < 1.5, f"{argv}: {wall:.2f} s"

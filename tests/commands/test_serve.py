@@ -1,0 +1,95 @@
+"""`toolkit serve`: a real server process on a free port, queried with the official openai client."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from toolkit.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def server(embedded_f16_gguf, free_port):
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "toolkit", "serve", str(embedded_f16_gguf), "--port", str(port), "--n-ctx", "1024"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    import openai
+
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
+    deadline = time.time() + 90
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"toolkit serve exited {proc.returncode}: {proc.stdout.read()}")
+            try:
+                models = client.models.list()
+                break
+            except openai.APIConnectionError:
+                if time.time() > deadline:
+                    pytest.fail("toolkit serve did not answer within 90 s")
+                time.sleep(0.5)
+        yield client, [m.id for m in models.data]
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+QUESTION = [{"role": "user", "content": "In one sentence, what is a bond?"}]
+
+
+def test_chat_completion(server, embedded_f16_gguf):
+    client, model_ids = server
+    assert model_ids == [Path(embedded_f16_gguf).stem]
+    resp = client.chat.completions.create(model=model_ids[0], messages=QUESTION, max_tokens=120, temperature=0)
+    choice = resp.choices[0]
+    assert choice.message.role == "assistant"
+    text = choice.message.content
+    assert text.strip() and "<|im_" not in text
+    assert choice.finish_reason == "stop"  # ended at <|im_end|>, not at max_tokens
+    assert 0 < resp.usage.completion_tokens < 120
+
+
+def test_streamed_chat_completion(server):
+    client, model_ids = server
+    stream = client.chat.completions.create(model=model_ids[0], messages=QUESTION, max_tokens=120,
+                                            temperature=0, stream=True)
+    pieces, finish = [], None
+    for chunk in stream:
+        if chunk.choices:
+            pieces.append(chunk.choices[0].delta.content or "")
+            finish = chunk.choices[0].finish_reason or finish
+    assert sum(1 for p in pieces if p) > 3  # it really streamed, token by token
+    assert "".join(pieces).strip() and finish == "stop"
+    # Same greedy answer as the non-streamed request.
+    full = client.chat.completions.create(model=model_ids[0], messages=QUESTION, max_tokens=120, temperature=0)
+    assert "".join(pieces) == full.choices[0].message.content
+
+
+def test_serve_missing_file(tmp_path, capsys):
+    assert main(["serve", str(tmp_path / "none.gguf")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: GGUF file not found: {tmp_path / 'none.gguf'}"
+
+
+def test_serve_port_in_use(embedded_f16_gguf, capsys):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert main(["serve", str(embedded_f16_gguf), "--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"cannot listen on 127.0.0.1:{port}" in err[0]

@@ -1,0 +1,246 @@
+"""Estimator formulas against independent references: bitsandbytes' own quantizer, llama.cpp's
+quantizer and its buffer report, the tensors autograd actually saves, and published peaks."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from toolkit.estimate import formulas as F
+from toolkit.estimate.catalog import CATALOG, lookup
+from toolkit.core.errors import UserError
+from toolkit.estimate.planner import ALL_LINEAR, SAFETY_MARGIN, estimate, pick, weights_bytes
+
+DATA = Path(__file__).resolve().parents[1] / "data" / "estimate"
+MIB, GIB = 1024**2, 1024**3
+
+
+# ------------------------------------------------------------------ weights
+
+
+@pytest.mark.parametrize("shape", [(576, 1536), (1536, 576), (2048, 512), (100, 70)])
+def test_bnb_weight_bytes_match_bitsandbytes(shape):
+    import torch
+    from bitsandbytes import functional as bf
+
+    fin, fout = shape
+    w = torch.randn(fout, fin, dtype=torch.bfloat16)
+    for dq in (False, True):
+        packed, state = bf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=dq)
+        got = packed.nbytes + state.absmax.nbytes + (state.state2.absmax.nbytes if state.nested else 0)
+        assert F.bnb_4bit_bytes(fin * fout, dq) == got
+    cb, scb, _ = bf.int8_vectorwise_quant(w.to(torch.float16))
+    assert F.bnb_int8_bytes(fin, fout) == cb.nbytes + scb.nbytes
+
+
+def test_ggml_block_table_matches_gguf_py():
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    for name, (block, size) in F.GGML_TYPES.items():
+        assert GGML_QUANT_SIZES[GGMLQuantizationType[name]] == (block, size), name
+
+
+def test_gguf_weights_of_the_embedded_file_are_exact():
+    from toolkit.core.models import embedded_gguf_path
+
+    # from shapes alone (llama.cpp's type rules) and from the file's tensor table
+    assert weights_bytes(CATALOG["embedded"], "q4_1") == embedded_gguf_path().stat().st_size - _gguf_overhead()
+    assert weights_bytes(CATALOG["embedded"], "q4_1") == lookup(str(embedded_gguf_path())).gguf.tensor_bytes
+
+
+def _gguf_overhead() -> int:
+    """Header + alignment bytes of the embedded file (everything that is not tensor data)."""
+    from toolkit.estimate.gguf_header import read_header
+    from toolkit.core.models import embedded_gguf_path
+
+    hdr = read_header(embedded_gguf_path())
+    return embedded_gguf_path().stat().st_size - hdr.tensor_bytes
+
+
+@pytest.mark.parametrize("quant", ["q4_k_m", "q6_k"])
+def test_gguf_weight_formula_matches_llama_cpp_quantizer(quant, embedded_f16_gguf, tmp_path):
+    """llama.cpp quantizes the f16 export; its tensor bytes must equal our type rules' sum
+    (SmolLM2's 576-wide rows exercise the k-quant fallbacks, 1536-wide down_proj does not)."""
+    from toolkit.export.convert import quantize_gguf
+
+    out = quantize_gguf(embedded_f16_gguf, tmp_path / f"{quant}.gguf", quant)
+    assert lookup(str(out)).gguf.tensor_bytes == weights_bytes(CATALOG["embedded"], quant)
+    assert lookup(str(embedded_f16_gguf)).gguf.tensor_bytes == weights_bytes(CATALOG["embedded"], "f16")
+
+
+# ------------------------------------------------------------------ llama.cpp buffers
+
+
+@pytest.fixture(scope="module")
+def llamacpp_measured():
+    from toolkit.estimate.llamacpp_report import measure
+    from toolkit.core.models import embedded_gguf_path
+
+    return {n: measure(embedded_gguf_path(), n)[0] for n in (512, 4096, 8192)}
+
+
+@pytest.mark.parametrize("n_ctx", [512, 4096, 8192])
+def test_llamacpp_buffers_within_5_percent(llamacpp_measured, n_ctx):
+    from toolkit.core.models import embedded_gguf_path
+
+    measured = llamacpp_measured[n_ctx]
+    assert {"weights", "kv_cache", "compute_buffer"} <= set(measured), measured
+    for facts in (lookup(str(embedded_gguf_path())), CATALOG["embedded"]):
+        est = estimate(facts, "inference", "q4_1", seq_len=n_ctx, device="cpu")
+        assert est.backend == "llama.cpp"
+        for key in ("weights", "kv_cache", "compute_buffer"):
+            ours = est.components[key] / MIB
+            assert ours == pytest.approx(measured[key], rel=0.05), (key, ours, measured[key])
+
+
+def test_buffer_log_parser():
+    from toolkit.estimate.llamacpp_report import parse_buffer_lines
+
+    log = ("load_tensors:   CPU_Mapped model buffer size =    92.10 MiB\n"
+           "llama_kv_cache:        CPU KV buffer size =    11.25 MiB\n"
+           "sched_reserve:        CPU compute buffer size =    98.25 MiB\n"
+           "~llama_context:        CPU compute buffer size is  98.2520 MiB, matches expectation\n")
+    assert parse_buffer_lines(log) == {"weights": 92.10, "kv_cache": 11.25, "compute_buffer": 98.25}
+
+
+# ------------------------------------------------------------------ training activations
+
+
+def _saved_bytes_per_token_layer(method, targets, dropout, autocast):
+    """Bytes autograd saves per token and layer in a real transformers Llama (+ PEFT LoRA):
+    the difference between a 4- and a 2-layer model, parameters excluded, storages deduplicated."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def run(layers):
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=704, num_hidden_layers=layers,
+                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                          attn_implementation="sdpa")
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+        if method == "lora":
+            from peft import LoraConfig, get_peft_model
+
+            model = get_peft_model(model, LoraConfig(r=8, target_modules=list(targets), lora_dropout=dropout),
+                                   autocast_adapter_dtype=autocast)
+        model.train()
+        params = {p.data_ptr() for p in model.parameters()}
+        storages = {}
+
+        def pack(t):
+            if t.data_ptr() not in params:
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        ids = torch.randint(0, 1000, (2, 64))
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(input_ids=ids, labels=ids)
+        return sum(storages.values())
+
+    return (run(4) - run(2)) / 2 / (2 * 64)
+
+
+@pytest.mark.parametrize("method,targets,dropout,autocast", [
+    ("full", (), 0.0, True),
+    ("lora", ALL_LINEAR, 0.0, True),
+    ("lora", ("q_proj", "v_proj"), 0.05, True),
+    ("lora", ALL_LINEAR, 0.0, False),
+])
+def test_activation_formula_matches_saved_tensors(method, targets, dropout, autocast):
+    h, i, kv = 256, 704, 128
+    lin = {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+           "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+    adapter = 4 if autocast else 2
+    # on CPU dropout multiplies by a mask of the input's dtype (CUDA keeps a bool mask)
+    ours = F.layer_activation_bytes(h, h, kv, i, method, targets, lin, 8, dropout, act_bytes=2,
+                                    adapter_bytes=adapter, mask_bytes=adapter)
+    measured = _saved_bytes_per_token_layer(method, targets, dropout, autocast)
+    # the only tensor not counted is flash attention's per-head fp32 logsumexp (16 B here)
+    assert ours == pytest.approx(measured, rel=0.01)
+
+
+def test_gradient_checkpointing_and_sizes_move_the_right_way():
+    base = estimate("meta-llama/Llama-3.2-1B-Instruct", "qlora", seq_len=1024, grad_ckpt=False)
+    ckpt = estimate("meta-llama/Llama-3.2-1B-Instruct", "qlora", seq_len=1024, grad_ckpt=True)
+    assert ckpt.components["activations"] < base.components["activations"] / 4
+    assert estimate("meta-llama/Llama-3.2-1B-Instruct", "qlora", seq_len=2048).total_bytes > ckpt.total_bytes
+    lora = estimate("meta-llama/Llama-3.2-1B-Instruct", "lora")
+    qlora = estimate("meta-llama/Llama-3.2-1B-Instruct", "qlora")
+    full = estimate("meta-llama/Llama-3.2-1B-Instruct", "full")
+    assert qlora.total_bytes < lora.total_bytes < full.total_bytes
+    assert full.components["gradients"] == 2 * full.params
+    assert full.components["optimizer"] == 4 * full.params  # torch AdamW: two bf16 states
+    assert lora.trainable_params == 16 * 16 * sum(a + b for a, b in CATALOG["meta-llama/Llama-3.2-1B-Instruct"].linears().values())
+    kv = estimate("meta-llama/Llama-3.1-8B-Instruct", "inference", "bf16", seq_len=8192).components["kv_cache"]
+    assert kv == 2 * 32 * 8192 * 8 * 128 * 2  # 1 GiB: GQA caches 8 of 32 heads
+
+
+# ------------------------------------------------------------------ published peaks
+
+
+def _measured_rows():
+    rows = {r["id"]: r for r in csv.DictReader(open(DATA / "vram_measured.csv"))}
+    repro = {k: v for k, v in json.loads((DATA / "reproduction.json").read_text()).items() if not k.startswith("_")}
+    return rows, repro
+
+
+def test_every_published_row_is_classified():
+    rows, repro = _measured_rows()
+    assert set(rows) == set(repro)
+    for rid, info in repro.items():
+        assert info["status"] in ("reproduced", "not-reproducible"), rid
+        assert info["status"] == "reproduced" or len(info["why"]) > 20, rid
+
+
+@pytest.mark.parametrize("rid", [k for k, v in _measured_rows()[1].items() if v["status"] == "reproduced"])
+def test_reproducible_published_peaks_within_15_percent(rid):
+    rows, repro = _measured_rows()
+    row, s = rows[rid], dict(repro[rid]["settings"])
+    s["targets"] = tuple(s.get("targets", ALL_LINEAR))
+    measured = float(row["measured_gb"]) * (1e9 if row["unit"] == "GB" else GIB)
+    est = estimate(s.pop("model"), s.pop("task"), s.pop("quant"), **s, device="cuda")
+    assert est.allocated_bytes == pytest.approx(measured, rel=0.15), (rid, est.allocated_bytes / 1e9)
+
+
+# ------------------------------------------------------------------ pick and errors
+
+
+@pytest.mark.parametrize("task", ["qlora", "inference"])
+def test_pick_is_the_largest_model_that_fits_with_margin(task):
+    prev = 0
+    for gib in (1, 2, 4, 8, 12, 16, 24, 48):
+        p = pick(task, gib * GIB, device="cuda")
+        usable = int(gib * GIB * (1 - SAFETY_MARGIN))
+        if not p.fits:
+            assert all(not c.fits for c in p.candidates) and "nothing fits" in p.reason
+            continue
+        assert p.total_bytes <= usable and p.headroom_bytes == usable - p.total_bytes
+        chosen = CATALOG[p.model].param_count()
+        assert all(not c.fits for c in p.candidates if c.params > chosen)
+        assert chosen >= prev  # more memory never picks a smaller model
+        prev = chosen
+        assert p.model in p.reason and p.quant in p.reason
+    assert prev == CATALOG["meta-llama/Llama-3.1-8B-Instruct"].param_count()
+
+
+def test_pick_on_cpu_budget_mentions_speed():
+    p = pick("qlora", 20 * GIB, device="cpu")
+    assert p.fits and "CPU" in p.reason
+
+
+def test_bad_estimate_inputs():
+    with pytest.raises(UserError, match="--task"):
+        estimate("embedded", "train")
+    with pytest.raises(UserError, match="does not go with"):
+        estimate("embedded", "lora", "q4_k_m")
+    with pytest.raises(UserError, match="positive"):
+        estimate("embedded", "qlora", seq_len=0)
+    with pytest.raises(UserError, match="positive"):
+        estimate("embedded", "qlora", batch=-2)
+    with pytest.raises(UserError, match="LoRA target"):
+        estimate("embedded", "lora", targets=("qkv",))
+    with pytest.raises(UserError, match="budget"):
+        pick("qlora", 0, device="cuda")

@@ -1,0 +1,432 @@
+"""GGUF export: the pure math against torch, the Modelfile against the real chat template,
+bad input through the CLI, and real exports of the embedded model (plain and with a LoRA run)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from toolkit.cli import main
+from toolkit.core.errors import UserError
+
+
+# ---------------------------------------------------------------- pure math vs torch
+
+def test_next_token_nll_and_perplexity_match_torch_cross_entropy():
+    import numpy as np
+    import torch
+
+    from toolkit.export.verify import next_token_nll, perplexity
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(17, 50)).astype(np.float32) * 4
+    ids = rng.integers(0, 50, size=17)
+    ours = next_token_nll(logits, ids)
+    ref = torch.nn.functional.cross_entropy(
+        torch.tensor(logits[:-1], dtype=torch.float64), torch.tensor(ids[1:]), reduction="none"
+    ).numpy()
+    assert np.allclose(ours, ref, atol=1e-9)
+    assert perplexity(ours) == pytest.approx(float(torch.exp(torch.tensor(ref).mean())), rel=1e-12)
+
+
+def test_top1_agreement_and_relative_increase():
+    import numpy as np
+
+    from toolkit.export.verify import relative_increase, top1_agreement
+
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(40, 9)), rng.normal(size=(40, 9))
+    expected = sum(int(np.argmax(a[i]) == np.argmax(b[i])) for i in range(40)) / 40
+    assert top1_agreement(a, b) == expected
+    assert top1_agreement(a, a) == 1.0
+    assert relative_increase(10.5, 10.0) == pytest.approx(0.05)
+    with pytest.raises(ValueError):
+        top1_agreement(a, b[:5])
+
+
+def test_disk_needed_and_check_disk(tmp_path):
+    from toolkit.export.pipeline import check_disk, disk_needed
+
+    n = 100_000_000
+    # fp32 HF folder 400 MB + f16 200 MB + q8_0 106.25 MB, +10%, +64 MiB
+    assert disk_needed(n, ["q8_0"], 4) == int((400e6 + 200e6 + 106.25e6) * 1.1) + 64 * 1024**2
+    # f16 output is the intermediate itself: no extra space
+    assert disk_needed(n, ["f16"], 4) == int(600e6 * 1.1) + 64 * 1024**2
+    assert check_disk(tmp_path, 1) > 0
+    with pytest.raises(UserError, match="not enough disk space"):
+        check_disk(tmp_path, 1 << 60)
+
+
+def test_safetensors_params_matches_the_safetensors_library(embedded_dir, tiny_llama_dir):
+    import math
+
+    from safetensors import safe_open
+
+    from toolkit.export.pipeline import safetensors_params
+
+    for folder in (embedded_dir, tiny_llama_dir):
+        with safe_open(str(folder / "model.safetensors"), framework="np") as f:
+            want = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+        assert safetensors_params(folder) == want
+    assert 134_000_000 < safetensors_params(embedded_dir) < 135_000_000
+    assert safetensors_params(tiny_llama_dir.parent) is None
+
+
+def test_merge_dtype():
+    from toolkit.export.pipeline import merge_dtype
+
+    assert merge_dtype(1_000_000_000, 16 * 1024**3) == "float32"  # 6 GB needed, 16 GiB there
+    assert merge_dtype(8_000_000_000, 16 * 1024**3) == "bfloat16"  # 48 GB needed
+    assert merge_dtype(None, None) == "float32"
+
+
+def test_check_quant_lists_valid_types():
+    from toolkit.export.convert import QUANT_TYPES, check_quant
+
+    assert check_quant("Q4_K_M") == "q4_k_m"
+    with pytest.raises(UserError) as exc:
+        check_quant("q3_xx")
+    assert all(q in str(exc.value) for q in QUANT_TYPES)
+
+
+# ---------------------------------------------------------------- Modelfile vs the real template
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hi"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is a bond?"}],
+    [{"role": "user", "content": "a\nb"}, {"role": "assistant", "content": "c"}, {"role": "user", "content": "d"}],
+    [{"role": "system", "content": "S"}, {"role": "user", "content": "u1"}, {"role": "assistant", "content": "a1"},
+     {"role": "user", "content": "u2"}, {"role": "assistant", "content": "a2"}],
+]
+
+
+@pytest.fixture(scope="module")
+def embedded_tok(embedded_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(embedded_dir)
+
+
+def test_turn_format_replays_the_chat_template_exactly(embedded_tok):
+    from toolkit.export.modelfile import render, turn_format
+
+    fmt = turn_format(embedded_tok)
+    assert fmt is not None
+    assert fmt.default_system.startswith("You are a helpful AI assistant named SmolLM")
+    for msgs in CONVERSATIONS:
+        for gen in (False, True):
+            want = embedded_tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+            assert render(fmt, msgs, gen) == want
+
+
+def test_modelfile_text(embedded_tok):
+    from toolkit.export.modelfile import modelfile_text
+
+    text = modelfile_text("m-q8_0.gguf", embedded_tok, "<|im_end|>")
+    assert text.startswith("FROM ./m-q8_0.gguf\n")
+    template = text.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+    assert template.count("{{ if") == template.count("{{ end }}") - 1  # `range` closes with the last end
+    assert "<|im_start|>user\n{{ .Content }}<|im_end|>\n" in template
+    assert template.endswith("<|im_start|>assistant\n")
+    assert '{{-' not in template  # trim markers would eat the template's newlines
+    assert 'SYSTEM """You are a helpful AI assistant named SmolLM' in text
+    assert 'PARAMETER stop "<|im_end|>"' in text and 'PARAMETER stop "<|im_start|>"' in text
+
+
+def test_modelfile_without_expressible_template_claims_none(embedded_tok):
+    import copy
+
+    from toolkit.export.modelfile import modelfile_text, turn_format
+
+    tok = copy.deepcopy(embedded_tok)
+    # Content transformed by the template: no prefix/suffix format reproduces it.
+    tok.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] | upper }}\n{% endfor %}"
+    assert turn_format(tok) is None
+    text = modelfile_text("m.gguf", tok, "<|im_end|>")
+    assert "TEMPLATE" not in text and 'PARAMETER stop "<|im_end|>"' in text
+
+
+# ---------------------------------------------------------------- bad input via the CLI
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def test_cli_missing_run(tmp_path, capsys):
+    assert main(["export", str(tmp_path / "runs" / "nope"), "--out", str(tmp_path / "o")]) == 2
+    assert "nope" in _one_error_line(capsys)
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_run_without_adapter(tmp_path, capsys):
+    run = tmp_path / "runs" / "finance-20260101-000000"
+    run.mkdir(parents=True)
+    (run / "run.json").write_text(json.dumps({"recipe": "finance", "base_model": "embedded"}))
+    assert main(["export", str(run)]) == 2
+    assert "no adapter" in _one_error_line(capsys)
+    assert not (run / "gguf").exists()
+
+
+def test_cli_unknown_quant(capsys):
+    assert main(["export", "embedded", "--quant", "q3_xx"]) == 2
+    line = _one_error_line(capsys)
+    assert "q3_xx" in line and "q4_k_m" in line and "q8_0" in line
+
+
+def test_cli_unwritable_out_dir(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["export", "embedded", "--quant", "q8_0", "--out", str(blocker / "sub")]) == 2
+    assert "cannot write to output folder" in _one_error_line(capsys)
+
+
+def test_cli_refuses_overwrite_without_force(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "smollm2-135m-instruct-q8_0.gguf").write_text("old")
+    assert main(["export", "embedded", "--quant", "q8_0", "--out", str(out)]) == 2
+    assert "--force" in _one_error_line(capsys)
+    assert (out / "smollm2-135m-instruct-q8_0.gguf").read_text() == "old"
+
+
+def test_force_allows_existing_files_and_keeps_them_until_the_end(tmp_path):
+    from toolkit.export.pipeline import _prepare_out_dir, planned_files
+
+    out = tmp_path / "out"
+    out.mkdir()
+    files = planned_files("m", ["q8_0"])
+    (out / files["q8_0"]).write_text("old")
+    with pytest.raises(UserError, match="--force"):
+        _prepare_out_dir(out, files, force=False)
+    assert _prepare_out_dir(out, files, force=True) is False  # existed: never removed on failure
+    assert (out / files["q8_0"]).read_text() == "old"  # replaced only by the final rename
+    assert _prepare_out_dir(tmp_path / "new" / "o", files, force=False) is True
+
+
+def test_not_enough_disk_on_a_small_filesystem(tmp_path, tiny_llama_dir, capsys):
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("mounting a 2 MiB tmpfs needs root; check_disk itself is tested above")
+    try:
+        assert main(["export", str(tiny_llama_dir), "--quant", "q8_0", "--out", str(mnt / "o")]) == 2
+        assert "not enough disk space" in _one_error_line(capsys)
+        assert list(mnt.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+# ---------------------------------------------------------------- failures leave nothing behind
+
+@pytest.mark.slow
+def test_failed_verification_exits_1_and_writes_nothing(tmp_path, tiny_llama_dir, capsys):
+    # A random tiny model converts and quantizes fine but cannot pass verification (its chat
+    # turn never reaches <|im_end|>): the export must say which check failed and leave nothing.
+    out = tmp_path / "out"
+    assert main(["export", str(tiny_llama_dir), "--quant", "q8_0", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "verification failed" in err and "chat turn" in err
+    assert not out.exists()
+
+
+def test_interrupt_after_conversion_leaves_no_partial_gguf(tmp_path, tiny_llama_dir):
+    from toolkit.export.pipeline import export_model
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("user file")
+
+    def progress(msg):
+        if msg.startswith("[4/"):  # the f16 GGUF exists in the work folder by now
+            assert any(p.name.endswith(".gguf.tmp") for p in out.rglob("*"))
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        export_model(str(tiny_llama_dir), ["q8_0"], out=out, progress=progress)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_ctrl_c_during_conversion_leaves_nothing(tmp_path, tiny_llama_dir):
+    import os
+    import signal
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "toolkit", "export", str(tiny_llama_dir), "--quant", "q8_0", "--out", str(out)],
+        cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )
+    for line in proc.stderr:  # progress lines are on stderr
+        if line.startswith("[3/6]"):  # the converter subprocess is running now
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGINT)
+            break
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in err
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------- real exports
+
+def _lora_run(tmp_path: Path, embedded_dir: Path) -> Path:
+    """A run folder per the fine-tune contract, made with PEFT directly: a LoRA with non-zero
+    B matrices on the embedded model (so merging changes the weights), the tokenizer saved
+    beside the adapter, and a recipe pointing at held-out chat data."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run = tmp_path / "runs" / "finance-20260101-000000"
+    model = AutoModelForCausalLM.from_pretrained(embedded_dir, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(embedded_dir)
+    torch.manual_seed(0)  # lora_A is initialized randomly inside get_peft_model
+    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.002)
+    peft_model.save_pretrained(run / "adapter")
+    tok.save_pretrained(run / "adapter")
+    (run / "run.json").write_text(json.dumps({
+        "recipe": "finance", "base_model": "embedded", "base_source": str(embedded_dir), "method": "lora",
+        "created": "2026-01-01T00:00:00",
+    }))
+    (run / "data").mkdir()
+    rows = [
+        {"messages": [{"role": "user", "content": f"What is {x}?"},
+                      {"role": "assistant", "content": f"{x.capitalize()} is a basic finance concept worth knowing well."}]}
+        for x in ("inflation", "a dividend", "a mortgage", "an index fund", "a budget", "yield", "equity", "a bond")
+    ]
+    (run / "data" / "heldout.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    # A resolved recipe as the trainer writes it; no recipe_dir in run.json, so the data is found
+    # beside it in the run folder.
+    (run / "recipe.yaml").write_text("model:\n  base_model: embedded\ndata:\n  train: data/train.jsonl\n"
+                                     "  eval: data/heldout.jsonl\n  format: messages\n")
+    return run
+
+
+@pytest.mark.slow
+def test_export_lora_run_f16_and_q8_0(tmp_path, embedded_dir, embedded_f16_gguf, capsys):
+    from toolkit.export.verify import gguf_metadata
+
+    run = _lora_run(tmp_path, embedded_dir)
+    assert main(["export", str(run), "--quant", "q8_0,f16"]) == 0
+    captured = capsys.readouterr()
+    for step in range(1, 7):  # progress on stderr, results alone on stdout
+        assert f"[{step}/6]" in captured.err and f"[{step}/6]" not in captured.out
+    assert captured.out.splitlines()[:2] == ["wrote finance-20260101-000000-q8_0.gguf",
+                                             "wrote finance-20260101-000000-f16.gguf"]
+    out = run / "gguf"
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(["Modelfile", "Modelfile.f16", "README.md", "export.json",
+                            "finance-20260101-000000-q8_0.gguf", "finance-20260101-000000-f16.gguf"])
+    summary = json.loads((out / "export.json").read_text())
+    by_quant = {v["quant"]: v for v in summary["verification"]}
+    assert "held-out data" in by_quant["f16"]["text_source"]
+    f16, q8 = by_quant["f16"]["round_trip"], by_quant["q8_0"]["round_trip"]
+    assert f16["same_ids"] and f16["top1_agreement"] >= 0.99 and abs(f16["ppl_rel"]) <= 0.005
+    assert abs(q8["ppl_rel"]) <= 0.02
+    for v in by_quant.values():
+        assert v["chat"]["finish_reason"] == "stop" and v["failures"] == []
+    meta = gguf_metadata(out / "finance-20260101-000000-q8_0.gguf")
+    assert meta["eos_token"] == "<|im_end|>" and "<|im_start|>" in meta["chat_template"]
+    readme = (out / "README.md").read_text()
+    assert "finance" in readme and f"{f16['ppl_gguf']:.3f}" in readme and "lora" in readme
+    assert (out / "Modelfile").read_text().startswith("FROM ./finance-20260101-000000-q8_0.gguf")
+
+    # The adapter is in the GGUF: the round trip above matched it to the merged model, and its
+    # logits are clearly not the base model's (llama.cpp on the base's own f16 GGUF).
+    import numpy as np
+
+    from toolkit.export.verify import open_gguf
+
+    ids = [1, 504, 1789, 282, 253, 5157, 314, 9045, 30]  # <|im_start|> and a few ordinary tokens
+    logits = []
+    for path in (embedded_f16_gguf, out / "finance-20260101-000000-f16.gguf"):
+        llm = open_gguf(path, logits_all=True)
+        try:
+            llm.eval(ids)
+            logits.append(np.array(llm.scores[: len(ids)]))
+        finally:
+            llm.close()
+    assert np.abs(logits[0] - logits[1]).max() > 0.1
+
+    # Second export into the same folder needs --force, then replaces the files.
+    assert main(["export", str(run), "--quant", "q8_0"]) == 2
+    assert "--force" in capsys.readouterr().err
+
+
+def test_heldout_text_from_run_recipe(tmp_path, embedded_tok):
+    from toolkit.export.verify_text import heldout_text
+
+    run = tmp_path / "run"
+    recipe_dir = tmp_path / "recipes" / "r"
+    (recipe_dir / "d").mkdir(parents=True)
+    run.mkdir()
+    assert heldout_text(run, embedded_tok) is None  # no recipe.yaml: the caller uses the fixed text
+    (run / "recipe.yaml").write_text("data:\n  train: d/train.jsonl\n")
+    assert heldout_text(run, embedded_tok) is None  # no data.eval: none either
+    # Mixed formats, each read by toolkit.finetune.data (format auto is decided per line).
+    rows = [{"instruction": "Define APR.", "input": "", "output": "The yearly cost of a loan."},
+            {"prompt": "What is CAGR?", "completion": "Compound annual growth rate."},
+            {"text": "Plain prose about saving."}]
+    (recipe_dir / "d" / "valid.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (run / "recipe.yaml").write_text("data:\n  train: d/train.jsonl\n  eval: d/valid.jsonl\n")
+    (run / "run.json").write_text(json.dumps({"recipe": "r", "recipe_dir": str(recipe_dir)}))
+    text, source = heldout_text(run, embedded_tok)
+    assert "3 examples" in source and str(recipe_dir / "d" / "valid.jsonl") in source
+    assert text.count("<|im_start|>assistant\n") == 2 and "The yearly cost of a loan.<|im_end|>" in text
+    assert text.endswith("Plain prose about saving.")
+    text2, _ = heldout_text(run, embedded_tok, max_tokens=5)
+    assert text2.count("<|im_start|>user") == 1  # stops once max_tokens is reached
+
+
+def test_heldout_text_falls_back_when_unreadable(tmp_path, embedded_tok):
+    from toolkit.export.verify_text import heldout_text
+
+    run = tmp_path / "run"
+    (run / "d").mkdir(parents=True)
+    (run / "d" / "valid.jsonl").write_text(json.dumps({"text": "ok"}) + "\nnot json\n")
+    (run / "recipe.yaml").write_text("data:\n  eval: d/valid.jsonl\n")
+    assert heldout_text(run, embedded_tok) is None  # a bad line: the fixed text, not a crash
+    (run / "recipe.yaml").write_text("data:\n  eval_file: d/valid.jsonl\n")
+    assert heldout_text(run, embedded_tok) is None  # not a recipe the reader accepts
+
+
+# ---------------------------------------------------------------- the command's output
+
+def test_quant_flag_accumulates():
+    from toolkit.cli import build_parser
+    from toolkit.commands.export import quant_list
+
+    args = build_parser().parse_args(["export", "embedded", "--quant", "q8_0", "--quant", "F16,q4_0"])
+    assert quant_list(args.quant) == ["q8_0", "f16", "q4_0"]
+    assert quant_list(build_parser().parse_args(["export", "embedded"]).quant) == ["q4_k_m"]
+
+
+def test_stdout_holds_results_only(monkeypatch, capsys):
+    import toolkit.export.pipeline as pipeline
+
+    summary = {"quants": ["q8_0"], "files": {"q8_0": "m-q8_0.gguf"}, "seconds": {"total": 1.0}, "out_dir": "/o"}
+
+    def fake_export(spec, quants, out=None, force=False, progress=pipeline.say):
+        progress("[1/6] loading")
+        return summary
+
+    monkeypatch.setattr(pipeline, "export_model", fake_export)
+    assert main(["export", "embedded", "--quant", "q8_0"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "[1/6] loading\n"
+    assert captured.out.splitlines() == ["wrote m-q8_0.gguf",
+                                         "done in 1.0 s: q8_0 verified; Modelfile and README.md beside them in /o"]
+    assert main(["export", "embedded", "--quant", "q8_0", "--json"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 and json.loads(out[0]) == summary

@@ -1,0 +1,125 @@
+"""Recipes: every shipped recipe loads; bad input names the key and the file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from toolkit.finetune import recipe
+from toolkit.core.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[2]
+SHIPPED = sorted((ROOT / "recipes").glob("*/recipe.yaml"))
+
+
+def test_there_are_shipped_recipes():
+    assert any(p.parent.name == "finance" for p in SHIPPED)
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.parent.name)
+@pytest.mark.parametrize("gpu", [True, False], ids=["gpu", "cpu"])
+def test_shipped_recipe_loads(path, gpu):
+    r = recipe.load(path.parent, gpu=gpu)
+    assert r.name == path.parent.name
+    assert r.data_path(r.data.train).is_file()
+    if r.data.eval:
+        assert r.data_path(r.data.eval).is_file()
+
+
+def test_finance_recipe_contract():
+    gpu = recipe.load(ROOT / "recipes/finance", gpu=True)
+    assert gpu.model.base_model == "meta-llama/Llama-3.2-1B-Instruct"
+    assert gpu.model.fallback_model == "embedded"
+    assert (gpu.method.name, gpu.method.quant_type, gpu.method.double_quant) == ("qlora", "nf4", True)
+    assert gpu.profile == ""
+    cpu = recipe.load(ROOT / "recipes/finance", gpu=False)
+    assert cpu.profile == "cpu" and cpu.method.name == "qlora"
+    assert cpu.training.max_steps > 0 and cpu.data.packing
+
+
+def write(tmp_path, text, name="recipe.yaml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_dump_roundtrip(tmp_path):
+    r = recipe.load(ROOT / "recipes/finance", ["training.max_steps=7"], gpu=False)
+    p = write(tmp_path, recipe.dump(r))
+    r2 = recipe.load(p, gpu=True)
+    assert r2.to_dict() == r.to_dict()
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("model:\n  base_modle: x\n", "unknown key `model.base_modle`"),
+    ("trainng:\n  epochs: 1\n", "unknown key `trainng`"),
+    ("training:\n  batch_size: eight\n", "training.batch_size: expected an integer"),
+    ("training:\n  batch_size: 0\n", "training.batch_size must be >= 1"),
+    ("lora:\n  dropout: 1.5\n", "lora.dropout must be in [0, 1)"),
+    ("lora:\n  target_modules: 3\n", "lora.target_modules: expected a list"),
+    ("method:\n  name: prefix\n", "method.name must be one of qlora, lora, full"),
+    ("data:\n  packing: maybe\n", "data.packing: expected true/false"),
+    ("data:\n  max_seq_len: 4\n", "data.max_seq_len must be >= 16"),
+    ("training:\n  learning_rate: 3\n", "training.learning_rate must be in (0, 1)"),
+    ("eval:\n  early_stopping_patience: 2\n", "eval.early_stopping_patience needs"),
+    ("cpu:\n  training:\n    max_stepz: 3\n", "unknown key `training.max_stepz`"),
+    ("- a\n- b\n", "must be a mapping"),
+    ("model: 3\n", "`model` must be a mapping"),
+])
+def test_bad_recipe_names_key_and_file(tmp_path, text, needle):
+    p = write(tmp_path, text)
+    with pytest.raises(UserError) as exc:
+        recipe.load(p, gpu=True)
+    msg = str(exc.value)
+    assert needle in msg
+    assert str(p) in msg
+
+
+def test_bad_yaml_reports_line(tmp_path):
+    p = write(tmp_path, "model:\n  base_model: x\n training: [\n")
+    with pytest.raises(UserError, match=r"recipe.yaml:\d+: bad YAML"):
+        recipe.load(p)
+
+
+def test_missing_and_empty_recipe(tmp_path):
+    with pytest.raises(UserError, match="recipe not found"):
+        recipe.load(tmp_path / "nope")
+    with pytest.raises(UserError, match="empty recipe"):
+        recipe.load(write(tmp_path, ""))
+
+
+def test_cpu_profile_only_without_gpu(tmp_path):
+    p = write(tmp_path, "training:\n  max_steps: 100\ncpu:\n  training:\n    max_steps: 5\n")
+    assert recipe.load(p, gpu=True).training.max_steps == 100
+    assert recipe.load(p, gpu=False).training.max_steps == 5
+
+
+def test_overrides_coerce_types(tmp_path):
+    p = write(tmp_path, "name: x\n")
+    r = recipe.load(p, ["training.max_steps=20", "training.learning_rate=5e-4", "data.packing=false",
+                        "lora.target_modules=q_proj,v_proj", "training.epochs=2", "model.base_model=embedded",
+                        "name=renamed"], gpu=True)
+    assert r.training.max_steps == 20 and r.training.learning_rate == 5e-4 and r.data.packing is False
+    assert r.lora.target_modules == ["q_proj", "v_proj"] and r.training.epochs == 2.0 and r.name == "renamed"
+
+
+@pytest.mark.parametrize("item, needle", [
+    ("training.nope=1", "unknown key `training.nope`"),
+    ("training.max_steps=abc", "training.max_steps: expected an integer"),
+    ("max_steps", "expected section.key=value"),
+    ("a.b.c=1", "expected section.key=value"),
+    ("training.max_steps=0", "training.max_steps must be > 0"),
+])
+def test_bad_overrides(tmp_path, item, needle):
+    p = write(tmp_path, "name: x\n")
+    with pytest.raises(UserError, match=None) as exc:
+        recipe.load(p, [item], gpu=True)
+    assert needle in str(exc.value)
+
+
+def test_data_paths_resolve_against_recipe_folder(tmp_path):
+    (tmp_path / "sub").mkdir()
+    p = write(tmp_path / "sub", "data:\n  train: d.jsonl\n")
+    r = recipe.load(tmp_path / "sub", gpu=True)
+    assert r.data_path(r.data.train) == (tmp_path / "sub" / "d.jsonl").resolve()

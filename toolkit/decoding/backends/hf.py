@@ -1,0 +1,76 @@
+"""The transformers backend: any causal LM (base, HF folder, run folder = base + LoRA adapter)
+with a `DynamicCache`, so each step runs only the new token through the model."""
+
+from __future__ import annotations
+
+import torch
+
+
+class HFBackend:
+    """Next-token logits from a transformers model, rows kept in one batched KV cache."""
+
+    name = "transformers"
+
+    def __init__(self, model, tokenizer, n_ctx: int | None = None):
+        self.model, self.tokenizer = model, tokenizer
+        eos = model.generation_config.eos_token_id
+        if eos is None:
+            eos = tokenizer.eos_token_id
+        self.eos_ids = frozenset([eos] if isinstance(eos, int) else eos)
+        limit = getattr(model.config, "max_position_embeddings", None) or 2048
+        self.n_ctx = min(n_ctx, limit) if n_ctx else limit
+        self.device = next(model.parameters()).device
+        self.cache = None
+
+    @classmethod
+    def from_spec(cls, spec: str, n_ctx: int | None = None, device: str | None = None) -> "HFBackend":
+        from toolkit.core import hardware
+        from toolkit.core.models import load_model
+
+        dev = device or hardware.device()
+        model, tok = load_model(spec, device=dev, dtype=hardware.dtype_for(dev, "infer"))
+        return cls(model, tok, n_ctx)
+
+    # --- text -------------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        """Token ids of `messages` in the model's chat template, ready for the assistant turn."""
+        out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    # --- logits -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=ids.to(self.device), past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        self.cache = out.past_key_values
+        # The search loop runs on the CPU: one small copy per step (it syncs for the token id anyway).
+        return out.logits[:, -1, :].float().cpu()
+
+    def prefill(self, ids: list[int]) -> torch.Tensor:
+        from transformers import DynamicCache
+
+        self.cache = DynamicCache(config=self.model.config)
+        return self._forward(torch.tensor([ids], dtype=torch.long))[0]
+
+    def step(self, tokens: list[int]) -> torch.Tensor:
+        return self._forward(torch.tensor(tokens, dtype=torch.long)[:, None])
+
+    def fork(self, n: int) -> None:
+        self.cache.batch_repeat_interleave(n)
+
+    def reorder(self, rows: list[int]) -> None:
+        self.cache.reorder_cache(torch.tensor(rows, dtype=torch.long, device=self.device))
+
+    def close(self) -> None:
+        self.cache = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

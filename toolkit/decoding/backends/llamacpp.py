@@ -1,0 +1,161 @@
+"""The llama.cpp backend: a GGUF through llama-cpp-python's low-level API.
+
+llama.cpp removed its own beam search, so the search loops of `toolkit.decoding` drive it here:
+each row (beam) is a llama.cpp *sequence* in one unified KV cache. `fork` and `reorder` copy
+sequences with `llama_memory_seq_cp`, which in a unified cache only relabels cells (no tensor
+copy), and one `llama_decode` call runs all rows' new tokens as one batch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+MAX_ROWS = 16  # the widest beam search DecodingConfig allows
+
+
+class LlamaCppBackend:
+    """Next-token logits from a GGUF model. Call `close()` (or use `with`): llama-cpp-python's
+    destructors misbehave at interpreter exit otherwise."""
+
+    name = "llama.cpp"
+
+    def __init__(self, gguf_path: str, n_ctx: int = 2048, n_threads: int | None = None, n_batch: int = 512):
+        import llama_cpp
+        from llama_cpp import _internals
+
+        self._lib = llama_cpp
+        # The Llama object gives us the model, tokenizer and metadata; its own context stays
+        # minimal because decoding runs in the multi-sequence context built below.
+        self.llm = llama_cpp.Llama(model_path=gguf_path, n_ctx=64, n_batch=64, n_threads=n_threads, verbose=False)
+        try:
+            # Start from the Llama object's own settings (threads, flash attention off, ...) so
+            # our numbers match its create_completion on the same file.
+            base = self.llm.context_params
+            params = type(base).from_buffer_copy(base)
+            params.n_ctx = n_ctx
+            params.n_batch = params.n_ubatch = n_batch
+            params.n_seq_max = 2 * MAX_ROWS  # rows plus room to copy them during reorder
+            params.kv_unified = True
+            self.ctx = _internals.LlamaContext(model=self.llm._model, params=params, verbose=False)
+            self.batch = _internals.LlamaBatch(n_tokens=n_batch, embd=0, n_seq_max=1, verbose=False)
+        except Exception:
+            self.llm.close()
+            raise
+        self.n_ctx = n_ctx
+        self.n_batch = n_batch
+        self.n_vocab = self.llm.n_vocab()
+        eos = {self.llm.token_eos()}
+        eot = self.llm._model.token_eot()
+        if eot is not None and eot >= 0:
+            eos.add(eot)
+        self.eos_ids = frozenset(eos)
+        self.rows: list[int] = [0]  # llama.cpp sequence id of each row
+        self.n_past = 0
+        self._formatter = None
+
+    # --- text -------------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        """Render `messages` with the chat template embedded in the GGUF, then tokenize."""
+        if self._formatter is None:
+            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+            template = self.llm.metadata.get("tokenizer.chat_template")
+            if not template:
+                from toolkit.core.errors import UserError
+
+                raise UserError("this GGUF has no chat template embedded (tokenizer.chat_template); use --raw")
+            vocab = self.llm._model
+            tok = lambda i: vocab.token_get_text(i) if i is not None and i >= 0 else ""  # noqa: E731
+            self._formatter = Jinja2ChatFormatter(template, eos_token=tok(self.llm.token_eos()),
+                                                  bos_token=tok(self.llm.token_bos()))
+        prompt = self._formatter(messages=messages).prompt
+        return self.encode(prompt)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.llm.detokenize(ids, special=False).decode("utf-8", errors="replace")
+
+    # --- logits -----------------------------------------------------------------------------
+    def _decode(self, tokens: list[int], positions: list[int], seqs: list[int], want: list[bool]) -> None:
+        b = self.batch.batch
+        b.n_tokens = len(tokens)
+        for i, (t, p, s, w) in enumerate(zip(tokens, positions, seqs, want)):
+            b.token[i] = t
+            b.pos[i] = p
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = s
+            b.logits[i] = w
+        rc = self._lib.llama_decode(self.ctx.ctx, b)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed with status {rc} (context full?)")
+
+    def _logits(self, n: int) -> torch.Tensor:
+        ptr = self._lib.llama_get_logits(self.ctx.ctx)
+        return torch.from_numpy(np.ctypeslib.as_array(ptr, shape=(n, self.n_vocab)).copy())
+
+    def prefill(self, ids: list[int]) -> torch.Tensor:
+        if len(ids) >= self.n_ctx:
+            from toolkit.core.errors import UserError
+
+            raise UserError(f"the prompt has {len(ids)} tokens, the context window holds {self.n_ctx}")
+        self._lib.llama_memory_clear(self.ctx.memory, True)
+        self.rows, self.n_past = [0], 0
+        for start in range(0, len(ids), self.n_batch):
+            chunk = ids[start:start + self.n_batch]
+            last = start + len(chunk) == len(ids)
+            self._decode(chunk, list(range(start, start + len(chunk))), [0] * len(chunk),
+                         [last and i == len(chunk) - 1 for i in range(len(chunk))])
+        self.n_past = len(ids)
+        return self._logits(1)[0]
+
+    def step(self, tokens: list[int]) -> torch.Tensor:
+        if len(tokens) != len(self.rows):
+            raise ValueError(f"{len(tokens)} tokens for {len(self.rows)} rows")
+        self._decode(tokens, [self.n_past] * len(tokens), self.rows, [True] * len(tokens))
+        self.n_past += 1
+        return self._logits(len(tokens))
+
+    def _free_seq(self, used: set[int]) -> int:
+        return next(s for s in range(2 * MAX_ROWS) if s not in used)
+
+    def fork(self, n: int) -> None:
+        if n > MAX_ROWS:
+            raise ValueError(f"at most {MAX_ROWS} rows")
+        used = set(self.rows)
+        for _ in range(n - len(self.rows)):
+            s = self._free_seq(used)
+            self._lib.llama_memory_seq_cp(self.ctx.memory, self.rows[0], s, -1, -1)
+            used.add(s)
+            self.rows.append(s)
+
+    def reorder(self, rows: list[int]) -> None:
+        old = self.rows
+        new: list[int | None] = [old[r] if r == i else None for i, r in enumerate(rows)]
+        used = set(old)
+        for i, r in enumerate(rows):
+            if new[i] is None:  # copy before anything is removed: sources may be shared
+                s = self._free_seq(used)
+                self._lib.llama_memory_seq_cp(self.ctx.memory, old[r], s, -1, -1)
+                used.add(s)
+                new[i] = s
+        for s in set(old) - set(new):
+            self._lib.llama_memory_seq_rm(self.ctx.memory, s, -1, -1)
+        self.rows = list(new)
+
+    def close(self) -> None:
+        ctx, self.ctx = getattr(self, "ctx", None), None
+        if ctx is not None:
+            self.batch.close()
+            ctx.close()
+        if getattr(self, "llm", None) is not None:
+            self.llm.close()
+            self.llm = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

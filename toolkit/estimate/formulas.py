@@ -1,0 +1,242 @@
+"""Pure memory formulas: every function takes plain numbers and returns bytes.
+
+Each docstring says where its term comes from. Element counts use the shapes in
+`toolkit.estimate.catalog.ModelFacts`; nothing here imports torch, numpy or the catalog.
+"""
+
+from __future__ import annotations
+
+import math
+
+from toolkit.core.units import MIB
+
+# ---------------------------------------------------------------- weights
+
+DENSE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+
+
+def dense_bytes(n_params: int, fmt: str) -> int:
+    """fp32 / fp16 / bf16 storage: 4 / 2 / 2 bytes per parameter."""
+    return n_params * DENSE_BYTES[fmt]
+
+
+def bnb_int8_bytes(in_features: int, out_features: int) -> int:
+    """bitsandbytes LLM.int8 `Int8Params`: one int8 per weight (CB) plus one fp32 absmax per
+    output row (SCB) — bitsandbytes/nn/modules.py, Int8Params."""
+    return in_features * out_features + 4 * out_features
+
+
+def bnb_4bit_bytes(n: int, double_quant: bool, blocksize: int = 64) -> int:
+    """bitsandbytes NF4/FP4 `Params4bit` (bitsandbytes/functional.py quantize_4bit): two 4-bit
+    codes per byte, one absmax per `blocksize` (64) weights stored as fp32, or with double
+    quantization (QLoRA paper, Dettmers et al. 2023, section 3) as uint8 with one fp32 scale per
+    256 absmax values. Per-tensor constants (code table, offset) are a few hundred bytes, ignored."""
+    blocks = math.ceil(n / blocksize)
+    if double_quant:
+        absmax = blocks + 4 * math.ceil(blocks / 256)
+    else:
+        absmax = 4 * blocks
+    return math.ceil(n / 2) + absmax
+
+
+# ggml block layouts: type -> (weights per block, bytes per block). ggml/src/ggml-common.h;
+# tests check this table against gguf-py's GGML_QUANT_SIZES.
+GGML_TYPES = {
+    "F32": (1, 4), "F16": (1, 2), "BF16": (1, 2), "Q8_0": (32, 34), "Q4_0": (32, 18),
+    "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24), "Q2_K": (256, 84), "Q3_K": (256, 110),
+    "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210), "IQ4_NL": (32, 18),
+}
+
+# llama.cpp file types (llama_ftype) -> the ggml type most tensors get (src/llama-quant.cpp).
+GGUF_BASE_TYPE = {
+    "f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0", "q4_1": "Q4_1",
+    "q5_0": "Q5_0", "q5_1": "Q5_1", "q6_k": "Q6_K", "q5_k_m": "Q5_K", "q5_k_s": "Q5_K",
+    "q4_k_m": "Q4_K", "q4_k_s": "Q4_K", "q3_k_m": "Q3_K", "q2_k": "Q2_K",
+}
+# When a row length is not a multiple of 256, llama.cpp swaps a k-quant for this type.
+_KQUANT_FALLBACK = {"Q2_K": "IQ4_NL", "Q3_K": "IQ4_NL", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+
+
+def ggml_bytes(n: int, ggml_type: str) -> int:
+    """Bytes of `n` weights stored as `ggml_type` (whole blocks)."""
+    block, size = GGML_TYPES[ggml_type]
+    return math.ceil(n / block) * size
+
+
+def _use_more_bits(i_layer: int, n_layers: int) -> bool:
+    """llama-quant.cpp use_more_bits(): first and last eighth, and every third layer between."""
+    return i_layer < n_layers // 8 or i_layer >= 7 * n_layers // 8 or (i_layer - n_layers // 8) % 3 == 2
+
+
+def gguf_tensor_type(quant: str, role: str, row: int, i_layer: int = 0, n_layers: int = 1) -> str:
+    """ggml type llama.cpp's quantizer gives a 2-D tensor (llama_tensor_get_type, simplified to
+    the ftypes offered here). `role`: "output" (lm_head, or the tied embedding), "token_embd",
+    "attn_v", "ffn_down" or "other"; `row` = row length (ne[0], the input features)."""
+    base = GGUF_BASE_TYPE[quant]
+    if base in ("F32", "F16", "BF16"):
+        return base
+    t = base
+    if role == "output":
+        # output.weight gets Q6_K unless the row does not split into 256-blocks (then Q8_0)
+        t = "Q8_0" if row % 256 else ("Q6_K" if base != "Q8_0" else "Q8_0")
+        return t
+    if quant in ("q4_k_m", "q5_k_m") and role in ("attn_v", "ffn_down") and _use_more_bits(i_layer, n_layers):
+        t = "Q6_K"
+    elif quant == "q3_k_m" and role in ("attn_v",) and i_layer < 2:
+        t = "Q5_K"
+    if GGML_TYPES[t][0] == 256 and row % 256:
+        t = _KQUANT_FALLBACK[t]
+    return t
+
+
+def gguf_weights_bytes(linears: dict[str, tuple[int, int]], n_layers: int, vocab: int, hidden: int,
+                       tied: bool, small_params: int, quant: str) -> int:
+    """Model buffer of a GGUF made by llama.cpp's quantizer from an HF model: 2-D tensors per
+    `gguf_tensor_type`, 1-D tensors (norms, biases) as F32 (llama.cpp never quantizes them)."""
+    role = {"v_proj": "attn_v", "down_proj": "ffn_down"}
+    total = 4 * small_params
+    for i in range(n_layers):
+        for name, (fin, fout) in linears.items():
+            total += ggml_bytes(fin * fout, gguf_tensor_type(quant, role.get(name, "other"), fin, i, n_layers))
+    embd_role = "output" if tied else "token_embd"
+    total += ggml_bytes(vocab * hidden, gguf_tensor_type(quant, embd_role, hidden))
+    if not tied:
+        total += ggml_bytes(vocab * hidden, gguf_tensor_type(quant, "output", hidden))
+    return total
+
+
+# ---------------------------------------------------------------- KV cache and llama.cpp buffers
+
+
+def kv_cache_bytes(layers: int, kv_heads: int, head_dim: int, tokens: int, batch: int, dtype_bytes: float) -> int:
+    """K and V for every layer and cached token: 2 x layers x batch x tokens x kv_heads x head_dim
+    x dtype. GQA-aware: only the KV heads are cached (Ainslie et al. 2023)."""
+    return int(2 * layers * batch * tokens * kv_heads * head_dim * dtype_bytes)
+
+
+def llamacpp_compute_bytes(n_ctx: int, n_ubatch: int, n_vocab: int, n_embd: int, n_head: int, n_embd_kv: int) -> int:
+    """CPU compute buffer llama.cpp reserves (flash attention off), f32 throughout.
+
+    ggml-alloc reuses memory, so the buffer is the larger of two stages of the worst-case graph
+    (n_ubatch tokens, every token output):
+    - output: logits (n_vocab) plus the last hidden state and its norm (2 n_embd) per token;
+    - attention: KQ scores (n_head x n_ctx) and the KQ mask (n_ctx) per token, plus Q, K, V,
+      the residual, the norm and the attention output (5 n_embd + 2 n_embd_kv).
+    Checked against llama.cpp's own report for n_ctx 256..16384 (tests/estimate/test_planner.py)."""
+    output = n_ubatch * (n_vocab + 2 * n_embd)
+    attention = n_ubatch * (n_ctx * (n_head + 1) + 5 * n_embd + 2 * n_embd_kv)
+    return 4 * max(output, attention)
+
+
+def llamacpp_output_bytes(n_vocab: int, n_seq: int = 1) -> int:
+    """Logits buffer: one f32 row of n_vocab per sequence (llama_context output buffer)."""
+    return 4 * n_vocab * n_seq
+
+
+# ---------------------------------------------------------------- training
+
+
+def lora_params(linears: dict[str, tuple[int, int]], targets: tuple[str, ...], rank: int, layers: int) -> int:
+    """LoRA adds A (r x in) and B (out x r) to each targeted linear (Hu et al. 2021)."""
+    return layers * sum(rank * (fin + fout) for name, (fin, fout) in linears.items() if name in targets)
+
+
+def layer_activation_bytes(hidden: int, q_dim: int, kv_dim: int, inter: int, method: str,
+                           targets: tuple[str, ...], linears: dict[str, tuple[int, int]], rank: int = 0,
+                           lora_dropout: float = 0.0, act_bytes: int = 2, adapter_bytes: int = 4,
+                           mask_bytes: int = 1) -> int:
+    """Bytes per token that autograd keeps for one decoder layer (eager PyTorch, SDPA/flash
+    attention, transformers' Llama/Qwen2 modules, PEFT LoRA).
+
+    Counted from what each op saves for its backward; torch saves only what a needed gradient
+    uses (a frozen linear keeps its weight, not its input; bitsandbytes' 4-bit matmul keeps only
+    the quantized weight, bitsandbytes/autograd/_functions.py MatMul4Bit):
+    - always: both RMSNorm inputs, upcast to fp32 (2 x 4h bytes), q after RoPE (q_dim), k and v
+      (2 kv_dim), the attention output (q_dim; flash attention keeps it plus a per-head
+      logsumexp, not the scores), gate, SiLU(gate) and up of the SwiGLU MLP (3i).
+      Korthikanti et al. 2022 (arXiv:2205.05198) count the same tensors for a GPT block.
+    - full fine-tuning: the input of every trained linear — attention input (h, shared by
+      q/k/v), MLP input (h, shared by gate/up), down input (i); o_proj's input is the attention
+      output, already kept — and each RMSNorm's normalized input for its weight gradient (2h).
+    - LoRA (PEFT): each adapter casts its input to the adapter dtype (fp32 by default,
+      autocast_adapter_dtype) and keeps that copy (in_features x adapter_bytes; shared across
+      adapters only when no cast and no dropout happen), with dropout also the mask
+      (in_features x mask_bytes: 1 for CUDA's bool mask, the input dtype on CPU), and the
+      rank-r output of A (r x adapter_bytes).
+    tests/estimate/test_planner.py checks these counts against the tensors that transformers + PEFT
+    actually save (torch.autograd.graph.saved_tensors_hooks) on a small Llama.
+    """
+    total = 8 * hidden + act_bytes * (2 * q_dim + 2 * kv_dim + 3 * inter)
+    if method == "full":
+        return total + act_bytes * (hidden + hidden + inter + 2 * hidden)
+    shared = lora_dropout == 0.0 and adapter_bytes == act_bytes
+    trained = [n for n in linears if n in targets]
+    if shared:
+        groups = {"attn": {"q_proj", "k_proj", "v_proj"}, "o": {"o_proj"}, "mlp": {"gate_proj", "up_proj"},
+                  "down": {"down_proj"}}
+        for members in groups.values():
+            hit = [n for n in trained if n in members]
+            if hit and hit[0] != "o_proj":  # o_proj's input is the attention output, already kept
+                total += act_bytes * linears[hit[0]][0]
+    else:
+        for n in trained:
+            total += linears[n][0] * (adapter_bytes + (mask_bytes if lora_dropout > 0 else 0))
+    return total + len(trained) * rank * adapter_bytes
+
+
+def training_activation_bytes(per_layer_bytes: int, layers: int, hidden: int, tokens: int,
+                              grad_ckpt: bool, act_bytes: int = 2) -> int:
+    """Activations kept between forward and backward for `tokens` = batch x seq_len.
+
+    Without checkpointing every layer keeps `per_layer_bytes` per token. With (per-layer)
+    gradient checkpointing each layer keeps only its input (hidden), and the backward recomputes
+    one layer at a time, so one layer's full set is live on top (Chen et al. 2016)."""
+    if grad_ckpt:
+        return int(tokens * (layers * hidden * act_bytes + per_layer_bytes))
+    return int(tokens * layers * per_layer_bytes)
+
+
+def bnb_legacy_input_bytes(hidden: int, inter: int, layers: int, tokens: int, act_bytes: int = 2) -> int:
+    """Extra activations of QLoRA under older bitsandbytes, whose MatMul4Bit kept its input
+    (`ctx.tensors = (A, B)`; bitsandbytes 0.50, which this toolkit runs, keeps `(None, B)`):
+    per layer the attention input (h), the MLP input (h) and the down-projection input (i);
+    o_proj's input is the attention output, kept anyway. Used only to compare with measurements
+    taken with those versions (docs/estimate.md)."""
+    return tokens * layers * (2 * hidden + inter) * act_bytes
+
+
+def logits_bytes(tokens: int, vocab: int, act_bytes: int = 2) -> int:
+    """Peak of the LM head + loss (the logits spike, tokens x vocab). transformers' causal-LM
+    loss upcasts the logits to fp32 before cross-entropy (loss_utils.ForCausalLMLoss): live at
+    the log-softmax backward are the 16-bit logits, the saved fp32 log-softmax, its incoming
+    gradient and the gradient it produces: (2 + 4 + 4 + 4) bytes per vocab entry per token."""
+    return tokens * vocab * (act_bytes + 12)
+
+
+OPTIMIZER_STATE_BYTES = {
+    # AdamW keeps exp_avg and exp_avg_sq like the parameter (torch.optim.AdamW: zeros_like(p)).
+    "adamw": None,
+    "paged-adamw": None,
+    # bitsandbytes 8-bit AdamW: two uint8 states (+ a per-2048-block fp32 absmax, ~0.4%).
+    "adamw-8bit": 2.0,
+    "paged-adamw-8bit": 2.0,
+}
+
+
+def optimizer_bytes(trainable: int, optimizer: str, param_bytes: int) -> int:
+    """Optimizer states for `trainable` parameters stored with `param_bytes` each."""
+    per = OPTIMIZER_STATE_BYTES[optimizer]
+    if per is None:
+        per = 2 * param_bytes
+    elif optimizer.endswith("8bit"):
+        per = per * (1 + 4 / 2048)
+    return int(trainable * per)
+
+
+# Per-backend framework overhead, the one constant each: memory used before any tensor exists.
+# cuda: the CUDA context + cuBLAS/cuDNN handles that nvidia-smi shows and
+# torch.cuda.max_memory_allocated does not (PyTorch "CUDA semantics" notes; ~300-600 MiB on
+# recent GPUs with lazy module loading) — 512 MiB.
+# cpu/transformers: RSS of `import torch, transformers, peft, trl` measured here, 395 MiB -> 400.
+# cpu/llama.cpp: RSS of `import llama_cpp` measured here, 40 MiB.
+FRAMEWORK_OVERHEAD = {"cuda": 512 * MIB, "cpu": 400 * MIB, "llama.cpp": 40 * MIB}

@@ -1,0 +1,296 @@
+"""Memory estimates for inference and fine-tuning, and the pick of a model + quant for a budget.
+
+`estimate()` adds up the terms of `toolkit.estimate.formulas` for one model, task and setting;
+`pick()` runs it over the catalog and returns the largest model that fits with a safety margin.
+The fine-tune uses `pick` for `base_model: auto`. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from toolkit.estimate import formulas as F
+from toolkit.estimate.catalog import CATALOG, PICKABLE, ModelFacts, lookup
+from toolkit.core.errors import UserError
+from toolkit.core.units import gib
+
+TASKS = ("inference", "lora", "qlora", "full")
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+BNB_QUANTS = ("int8", "nf4", "nf4-dq")
+DENSE_QUANTS = ("fp32", "bf16", "fp16")
+GGUF_QUANTS = ("f16", "q8_0", "q6_k", "q5_k_m", "q5_0", "q5_1", "q4_k_m", "q4_0", "q4_1")
+QUANTS_FOR_TASK = {
+    "inference": DENSE_QUANTS + BNB_QUANTS + GGUF_QUANTS,
+    "lora": DENSE_QUANTS,
+    "qlora": ("nf4-dq", "nf4", "int8"),
+    "full": DENSE_QUANTS,
+}
+# Defaults follow toolkit.core.hardware.dtype_for: bf16 on CUDA; on CPU fp32 for inference (the
+# toolkit decodes in fp32 there) and bf16 for training.
+DEFAULT_QUANT = {"inference": "bf16", "lora": "bf16", "qlora": "nf4-dq", "full": "bf16"}
+DEFAULT_QUANT_CPU = {**DEFAULT_QUANT, "inference": "fp32"}
+# What `pick` tries for each model, best fidelity first.
+PICK_QUANTS = {"inference": ("bf16", "q8_0", "q4_k_m"), "lora": ("bf16",), "qlora": ("nf4-dq",), "full": ("bf16",)}
+PICK_QUANTS_CPU = {**PICK_QUANTS, "inference": ("fp32", "q8_0", "q4_k_m")}
+# Share of the budget kept free by `pick`: the caching allocator's fragmentation (reserved minus
+# allocated is typically 5-10% in PyTorch training) and the spread of our estimates against
+# measured peaks (within 15%, docs/estimate.md) are not covered by the estimate itself.
+SAFETY_MARGIN = 0.10
+OPTIMIZERS = tuple(F.OPTIMIZER_STATE_BYTES)
+
+
+@dataclass
+class Estimate:
+    """One estimate. `components` maps a name to bytes; their sum is `total_bytes`."""
+
+    model: str
+    task: str
+    quant: str
+    backend: str  # "transformers" or "llama.cpp"
+    device: str  # "cuda" or "cpu": decides the framework overhead
+    seq_len: int
+    batch: int
+    lora_r: int | None
+    grad_ckpt: bool | None
+    params: int
+    trainable_params: int
+    components: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    budget_bytes: int | None = None
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.components.values())
+
+    @property
+    def allocated_bytes(self) -> int:
+        """Total without the framework overhead: what torch.cuda.max_memory_allocated (or
+        llama.cpp's buffer report) can be compared with."""
+        return self.total_bytes - self.components.get("framework", 0)
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.budget_bytes is None else self.total_bytes <= self.budget_bytes
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(total_bytes=self.total_bytes, allocated_bytes=self.allocated_bytes)
+        if self.budget_bytes is not None:
+            d.update(fits=self.fits, headroom_bytes=self.budget_bytes - self.total_bytes)
+        return d
+
+
+def _positive(name: str, value) -> int:
+    try:
+        v = int(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{name} must be a positive integer, got {value!r}") from None
+    if v <= 0 or str(value).strip() not in (str(v), f"+{v}"):
+        raise UserError(f"{name} must be a positive integer, got {value!r}")
+    return v
+
+
+def weights_bytes(m: ModelFacts, quant: str) -> int:
+    """Weights of `m` stored as `quant`. bitsandbytes quantizes only the decoder linears:
+    embeddings, lm_head and norms stay 16-bit (transformers keeps the output embedding out of
+    bnb conversion, integrations/bitsandbytes.py get_keys_to_not_convert)."""
+    if quant in DENSE_QUANTS:
+        return F.dense_bytes(m.param_count(), quant)
+    rest16 = 2 * (m.embedding_params() + m.lm_head_params() + m.small_params())
+    if quant == "int8":
+        return rest16 + m.layers * sum(F.bnb_int8_bytes(a, b) for a, b in m.linears().values())
+    if quant in ("nf4", "nf4-dq"):
+        return rest16 + m.layers * sum(F.bnb_4bit_bytes(a * b, quant == "nf4-dq") for a, b in m.linears().values())
+    if quant in GGUF_QUANTS or quant in F.GGUF_BASE_TYPE:
+        if m.gguf is not None and _gguf_matches(m, quant):
+            return m.gguf.tensor_bytes
+        return F.gguf_weights_bytes(m.linears(), m.layers, m.vocab, m.hidden, m.tied, m.small_params(), quant)
+    raise UserError(f"unknown quant {quant!r}")
+
+
+def _gguf_matches(m: ModelFacts, quant: str) -> bool:
+    return m.gguf is not None and m.gguf.file_type.lower().replace("mostly_", "") == quant
+
+
+def estimate(model: str | ModelFacts, task: str = "qlora", quant: str | None = None, seq_len: int = 512,
+             batch: int = 1, lora_r: int = 16, grad_ckpt: bool = True, targets: tuple[str, ...] = ALL_LINEAR,
+             optimizer: str = "adamw", lora_dropout: float = 0.0, device: str = "cuda",
+             budget_bytes: int | None = None, bnb_legacy: bool = False) -> Estimate:
+    """Estimate peak memory of `task` ("inference" | "lora" | "qlora" | "full") for `model`.
+
+    quant: fp32/bf16/fp16, int8/nf4/nf4-dq (bitsandbytes), or a GGUF type (inference with
+    llama.cpp); None = the task's default (inference bf16, fp32 on CPU; lora bf16; qlora
+    nf4-dq; full bf16).
+    A GGUF file as `model` defaults to its own type and uses its exact tensor sizes.
+    seq_len is the context (inference) or the padded/packed sequence length (training); targets
+    are the LoRA target modules (PEFT names); device "cuda" or "cpu" picks the overhead.
+    bnb_legacy models the older bitsandbytes that kept each 4-bit linear's input (for comparing
+    with measurements taken with it).
+    """
+    m = model if isinstance(model, ModelFacts) else lookup(model)
+    if task not in TASKS:
+        raise UserError(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
+    seq_len, batch = _positive("--seq-len", seq_len), _positive("--batch", batch)
+    if task in ("lora", "qlora"):
+        lora_r = _positive("--lora-r", lora_r)
+    if quant is None:
+        defaults = DEFAULT_QUANT_CPU if device == "cpu" else DEFAULT_QUANT
+        quant = m.gguf.file_type.lower().replace("mostly_", "") if (m.gguf and task == "inference") else defaults[task]
+    quant = quant.lower()
+    gguf_file_quant = m.gguf is not None and _gguf_matches(m, quant)
+    if quant not in QUANTS_FOR_TASK[task] and not (task == "inference" and gguf_file_quant):
+        raise UserError(f"--quant {quant} does not go with --task {task} (use one of: {', '.join(QUANTS_FOR_TASK[task])})")
+    if optimizer not in OPTIMIZERS:
+        raise UserError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
+    bad = [t for t in targets if t not in ALL_LINEAR]
+    if bad:
+        raise UserError(f"unknown LoRA target(s) {', '.join(bad)} (known: {', '.join(ALL_LINEAR)})")
+    if device not in ("cuda", "cpu"):
+        raise UserError(f"device must be cuda or cpu, got {device!r}")
+
+    is_gguf = quant in GGUF_QUANTS or gguf_file_quant
+    est = Estimate(m.name, task, quant, "llama.cpp" if is_gguf else "transformers", device, seq_len, batch,
+                   lora_r if task in ("lora", "qlora") else None, grad_ckpt if task != "inference" else None,
+                   m.counted_params or m.param_count(), 0, budget_bytes=budget_bytes)
+    c = est.components
+    c["weights"] = weights_bytes(m, quant)
+    tokens = seq_len * batch
+    if task == "inference":
+        _inference_terms(est, m, quant, is_gguf, tokens)
+    else:
+        _training_terms(est, m, quant, tokens, lora_r, grad_ckpt, targets, optimizer, lora_dropout)
+        if bnb_legacy and quant in ("nf4", "nf4-dq") and not grad_ckpt:
+            c["activations"] += F.bnb_legacy_input_bytes(m.hidden, m.intermediate, m.layers, tokens)
+            est.notes.append("older bitsandbytes: 4-bit layers keep their inputs")
+    overhead = "llama.cpp" if (is_gguf and device == "cpu") else device
+    c["framework"] = F.FRAMEWORK_OVERHEAD[overhead]
+    return est
+
+
+def _inference_terms(est: Estimate, m: ModelFacts, quant: str, is_gguf: bool, tokens: int) -> None:
+    c = est.components
+    if is_gguf:
+        # llama.cpp: f16 KV cache of n_ctx cells, compute buffer for n_ubatch = min(512, n_ctx)
+        c["kv_cache"] = F.kv_cache_bytes(m.layers, m.kv_heads, m.head_dim, tokens, 1, 2)
+        c["compute_buffer"] = F.llamacpp_compute_bytes(tokens, min(512, tokens), m.vocab, m.hidden, m.heads, m.kv_dim)
+        c["output_buffer"] = F.llamacpp_output_bytes(m.vocab, est.batch)
+        est.notes.append("llama.cpp defaults: n_batch = n_ubatch = 512, f16 KV cache, flash attention off")
+        return
+    act = 4 if quant == "fp32" else 2
+    c["kv_cache"] = F.kv_cache_bytes(m.layers, m.kv_heads, m.head_dim, est.seq_len, est.batch, act)
+    # Prefill, one layer at a time under no_grad: the SwiGLU MLP's gate, up and product (3i) and
+    # the residual + normed hidden (2h) per token are the largest live set; generate() computes
+    # fp32 logits for the last position only.
+    c["activations"] = tokens * (3 * m.intermediate + 2 * m.hidden) * act + est.batch * m.vocab * 4
+    if quant in ("nf4", "nf4-dq", "int8"):
+        c["dequant_buffer"] = 2 * max(a * b for a, b in m.linears().values())
+
+
+def _training_terms(est, m, quant, tokens, lora_r, grad_ckpt, targets, optimizer, lora_dropout) -> None:
+    c = est.components
+    task = est.task
+    act = 4 if quant == "fp32" else 2
+    if task == "full":
+        pbytes = F.DENSE_BYTES[quant]
+        est.trainable_params = m.param_count()
+        c["gradients"] = est.trainable_params * pbytes
+        c["optimizer"] = F.optimizer_bytes(est.trainable_params, optimizer, pbytes)
+    else:
+        # PEFT keeps adapter weights in fp32 (autocast_adapter_dtype=True) whatever the base dtype
+        est.trainable_params = F.lora_params(m.linears(), targets, lora_r, m.layers)
+        c["lora_adapter"] = 4 * est.trainable_params
+        c["gradients"] = 4 * est.trainable_params
+        c["optimizer"] = F.optimizer_bytes(est.trainable_params, optimizer, 4)
+    # CUDA's fused dropout keeps a bool mask; CPU dropout multiplies by a mask of the input dtype
+    per_layer = F.layer_activation_bytes(m.hidden, m.q_dim, m.kv_dim, m.intermediate,
+                                         "full" if task == "full" else "lora", targets, m.linears(), lora_r or 0,
+                                         lora_dropout, act, adapter_bytes=4, mask_bytes=1 if est.device == "cuda" else 4)
+    c["activations"] = F.training_activation_bytes(per_layer, m.layers, m.hidden, tokens, grad_ckpt, act)
+    c["logits"] = F.logits_bytes(tokens, m.vocab, act)
+    if quant in ("nf4", "nf4-dq", "int8"):
+        # bnb dequantizes one weight at a time to the compute dtype for the matmul
+        c["dequant_buffer"] = 2 * max(a * b for a, b in m.linears().values())
+    if task != "full" and tuple(targets) != ALL_LINEAR:
+        est.notes.append(f"LoRA targets: {', '.join(targets)}")
+
+
+def usable_bytes(budget_bytes: int) -> int:
+    """The part of a memory budget a plan may use: the budget minus SAFETY_MARGIN."""
+    return int(budget_bytes * (1 - SAFETY_MARGIN))
+
+
+@dataclass
+class Candidate:
+    model: str
+    quant: str
+    params: int
+    total_bytes: int
+    fits: bool
+    headroom_bytes: int
+
+
+@dataclass
+class Pick:
+    """The chosen model for a task and budget. `model` is a catalog key (HF id or "embedded")."""
+
+    model: str
+    quant: str
+    fits: bool
+    headroom_bytes: int
+    reason: str
+    candidates: list[Candidate]
+    total_bytes: int = 0
+    budget_bytes: int = 0
+    usable_bytes: int = 0
+    task: str = "qlora"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def pick(task: str, budget_bytes: int, seq_len: int = 512, batch: int = 1, lora_r: int = 16,
+         device: str | None = None, *, quants: tuple[str, ...] | None = None, grad_ckpt: bool = True,
+         targets: tuple[str, ...] = ALL_LINEAR, optimizer: str = "adamw", lora_dropout: float = 0.0) -> Pick:
+    """The largest catalog model whose estimate fits in `budget_bytes` minus SAFETY_MARGIN (10%).
+
+    Candidates are every pickable model (instruct variants; `embedded` stands for
+    SmolLM2-135M-Instruct) x the task's quants in PICK_QUANTS. Per model the first quant that
+    fits wins (bf16 before q8_0 before q4_k_m for inference); `quants` replaces that list (a
+    recipe's own quant). The remaining settings are `estimate`'s. `device` None: detected.
+    """
+    if task not in TASKS:
+        raise UserError(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
+    if budget_bytes is None or int(budget_bytes) <= 0:
+        raise UserError(f"memory budget must be positive, got {budget_bytes!r}")
+    if device is None:
+        from toolkit.core.hardware import detect
+
+        device = detect().kind
+    usable = usable_bytes(budget_bytes)
+    cands: list[Candidate] = []
+    best: Candidate | None = None
+    for name in PICKABLE:
+        chosen = None
+        for q in quants or (PICK_QUANTS_CPU if device == "cpu" else PICK_QUANTS)[task]:
+            e = estimate(CATALOG[name], task, q, seq_len, batch, lora_r, grad_ckpt, targets, optimizer, lora_dropout,
+                         device=device)
+            cand = Candidate(name, q, e.params, e.total_bytes, e.total_bytes <= usable, usable - e.total_bytes)
+            cands.append(cand)
+            if cand.fits and chosen is None:
+                chosen = cand
+        if chosen and (best is None or chosen.params >= best.params):
+            best = chosen
+    budget_txt = f"{gib(usable)} usable ({gib(budget_bytes)} budget minus the {SAFETY_MARGIN:.0%} safety margin)"
+    if best is None:
+        smallest = min(cands, key=lambda c: c.total_bytes)
+        return Pick(smallest.model, smallest.quant, False, smallest.headroom_bytes,
+                    f"nothing fits: the smallest, {smallest.model} {smallest.quant}, needs {gib(smallest.total_bytes)} "
+                    f"but only {budget_txt}", cands, smallest.total_bytes, budget_bytes, usable, task)
+    bigger = [c for c in cands if c.params > best.params]
+    nxt = min(bigger, key=lambda c: (c.params, c.total_bytes)) if bigger else None
+    why = f"largest model that fits: {best.model} {task} {best.quant} needs {gib(best.total_bytes)} of {budget_txt}"
+    if nxt:
+        why += f"; the next larger, {nxt.model} {nxt.quant}, needs {gib(nxt.total_bytes)}"
+    if device == "cpu" and task != "inference":
+        why += "; on CPU, time rather than memory limits training: prefer a small model for quick runs"
+    return Pick(best.model, best.quant, True, best.headroom_bytes, why, cands, best.total_bytes, budget_bytes, usable, task)

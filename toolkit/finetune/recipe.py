@@ -1,0 +1,359 @@
+"""Fine-tune recipes: `recipes/<name>/recipe.yaml` mapped onto validated dataclasses.
+
+YAML keys are the dataclass fields below, section by section. Unknown keys, wrong types and
+out-of-range values raise `UserError` naming the key and the file. A `cpu:` section holds the
+same sections with partial values; it is applied on top when no GPU is present, so one recipe
+serves a consumer GPU (Llama-3.2-1B, QLoRA) and a CPU box (small model, short run). `--set
+section.key=value` overrides come last and are coerced to the field's type.
+
+This module imports only the standard library and PyYAML: `toolkit finetune --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from toolkit.core.errors import UserError
+
+METHODS = ("qlora", "lora", "full")
+FORMATS = ("auto", "messages", "alpaca", "prompt_completion", "text")
+SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+@dataclass
+class ModelConfig:
+    """Which weights to fine-tune."""
+
+    # HF id, local HF folder, .gguf file, `embedded`, or `auto` (the estimator's pick).
+    base_model: str = "embedded"
+    # Used when the base can't be had (offline, gated, doesn't fit); "" disables the fallback.
+    fallback_model: str = "embedded"
+    # Seconds to wait for the HF hub before calling it unreachable.
+    hub_timeout_s: float = 3.0
+
+
+@dataclass
+class MethodConfig:
+    """How the weights are trained: adapters on a 4-bit base, adapters on a full-precision base, or all weights."""
+
+    name: str = "qlora"
+    quant_type: str = "nf4"  # bitsandbytes 4-bit type: nf4 | fp4
+    double_quant: bool = True
+    # Compute dtype; `auto` asks toolkit.core.hardware (bf16 on CPU and Ampere+, fp16 on older GPUs).
+    compute_dtype: str = "auto"
+    # Use Unsloth's FastLanguageModel when CUDA and unsloth are present.
+    unsloth: bool = True
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+
+
+@dataclass
+class DataConfig:
+    """Training/eval files (paths relative to the recipe folder) and how to turn them into tokens."""
+
+    train: str = "train.jsonl"
+    eval: str = ""  # "" = no held-out set (no eval loss, no report comparison)
+    format: str = "auto"
+    max_seq_len: int = 512
+    overlong: str = "truncate"  # truncate | drop examples longer than max_seq_len
+    packing: bool = True  # padding-free packing: no compute spent on pad tokens
+    completion_only_loss: bool = True  # loss on assistant tokens only
+    system_prompt: str = ""  # prepended to conversations that have no system message
+
+
+@dataclass
+class TrainingConfig:
+    epochs: float = 1.0
+    max_steps: int = -1  # > 0 overrides epochs
+    learning_rate: float = 2e-4
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    batch_size: int = 8
+    grad_accum: int = 1
+    gradient_checkpointing: bool = False
+    save_steps: int = 50  # checkpoint every N optimizer steps (for --resume); 0 = only on Ctrl-C
+    logging_steps: int = 5
+    seed: int = 42
+
+
+@dataclass
+class EvalConfig:
+    eval_steps: int = 0  # eval loss every N steps; 0 = only before and after training
+    eval_examples: int = 0  # held-out examples used for the in-training eval loss; 0 = all
+    early_stopping_patience: int = 0  # evals without improvement before stopping; 0 = off
+    report: bool = True  # base vs fine-tuned report (report.json / report.md)
+    generation_samples: int = 16  # held-out questions answered greedily for the generation score
+    max_new_tokens: int = 96
+    side_by_side: int = 3
+
+
+@dataclass
+class OutputConfig:
+    runs_dir: str = "runs"
+    name: str = ""  # run-folder prefix; "" = the recipe's name
+
+
+@dataclass
+class Recipe:
+    name: str = ""
+    description: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    # Folder the recipe came from; relative data paths resolve against it. Not a YAML key.
+    root: Path = field(default=Path("."), metadata={"yaml": False})
+    # Which profile was applied ("cpu" or ""); recorded in the resolved recipe. Not a YAML key.
+    profile: str = field(default="", metadata={"yaml": False})
+
+    def data_path(self, rel: str) -> Path:
+        p = Path(rel).expanduser()
+        return p if p.is_absolute() else self.root / p
+
+    def to_dict(self) -> dict:
+        """The recipe as YAML-ready data (what `recipe.yaml` in a run folder holds)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            if f.metadata.get("yaml", True):
+                v = getattr(self, f.name)
+                out[f.name] = dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
+        return out
+
+
+_SECTION_TYPES = {
+    "model": ModelConfig, "method": MethodConfig, "lora": LoraConfig, "data": DataConfig,
+    "training": TrainingConfig, "eval": EvalConfig, "output": OutputConfig,
+}
+_TOP_SCALARS = ("name", "description")
+
+
+def _field_types(cls) -> dict[str, type]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(value, typ, where: str):
+    """Check `value` against `typ` (YAML already typed it); ints are accepted for floats."""
+    origin = typing.get_origin(typ)
+    if origin is list:
+        (item,) = typing.get_args(typ)
+        if isinstance(value, str):  # `--set lora.target_modules=q_proj,v_proj`
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise UserError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"{where}: expected true/false, got {value!r}")
+    if typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise UserError(f"{where}: expected an integer, got {value!r}")
+    if typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `5e-4` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise UserError(f"{where}: expected a number, got {value!r}")
+    if typ is str:
+        if value is None:
+            return ""
+        if isinstance(value, str):
+            return value
+        raise UserError(f"{where}: expected a string, got {type(value).__name__} {value!r}")
+    raise AssertionError(f"unhandled field type {typ}")
+
+
+def _apply(recipe: Recipe, data: dict, src: str, allow_profile: bool) -> dict | None:
+    """Write the YAML mapping `data` onto `recipe`; returns the `cpu:` profile if present."""
+    if not isinstance(data, dict):
+        raise UserError(f"{src}: a recipe must be a mapping of sections, got {type(data).__name__}")
+    profile = None
+    for key, value in data.items():
+        if key == "cpu" and allow_profile:
+            if not isinstance(value, dict):
+                raise UserError(f"{src}: `cpu` must be a mapping of sections")
+            profile = value
+            continue
+        if key in _TOP_SCALARS:
+            setattr(recipe, key, _coerce(value, str, f"{src}: {key}"))
+            continue
+        if key not in _SECTION_TYPES:
+            known = ", ".join([*_TOP_SCALARS, *_SECTION_TYPES, "cpu"])
+            raise UserError(f"{src}: unknown key `{key}` (known: {known})")
+        if not isinstance(value, dict):
+            raise UserError(f"{src}: `{key}` must be a mapping, got {type(value).__name__}")
+        section = getattr(recipe, key)
+        types_ = _field_types(type(section))
+        for k, v in value.items():
+            if k not in types_:
+                raise UserError(f"{src}: unknown key `{key}.{k}` (known: {', '.join(types_)})")
+            setattr(section, k, _coerce(v, types_[k], f"{src}: {key}.{k}"))
+    return profile
+
+
+def _check_range(recipe: Recipe, src: str) -> None:
+    def bad(key, msg):
+        raise UserError(f"{src}: {key} {msg}")
+
+    def choice(key, value, options):
+        if value not in options:
+            bad(key, f"must be one of {', '.join(options)}; got {value!r}")
+
+    m, lo, d, t, e = recipe.method, recipe.lora, recipe.data, recipe.training, recipe.eval
+    if not recipe.model.base_model:
+        bad("model.base_model", "is required")
+    if recipe.model.hub_timeout_s <= 0:
+        bad("model.hub_timeout_s", "must be > 0")
+    choice("method.name", m.name, METHODS)
+    choice("method.quant_type", m.quant_type, ("nf4", "fp4"))
+    choice("method.compute_dtype", m.compute_dtype, DTYPES)
+    if lo.r < 1:
+        bad("lora.r", f"must be >= 1; got {lo.r}")
+    if lo.alpha < 1:
+        bad("lora.alpha", f"must be >= 1; got {lo.alpha}")
+    if not 0.0 <= lo.dropout < 1.0:
+        bad("lora.dropout", f"must be in [0, 1); got {lo.dropout}")
+    if not lo.target_modules:
+        bad("lora.target_modules", "must name at least one module (or all-linear)")
+    if not d.train:
+        bad("data.train", "is required")
+    choice("data.format", d.format, FORMATS)
+    choice("data.overlong", d.overlong, ("truncate", "drop"))
+    if d.max_seq_len < 16:
+        bad("data.max_seq_len", f"must be >= 16; got {d.max_seq_len}")
+    if t.epochs <= 0 and t.max_steps <= 0:
+        bad("training.epochs", "must be > 0 (or set training.max_steps)")
+    if t.max_steps == 0 or t.max_steps < -1:
+        bad("training.max_steps", f"must be > 0, or -1 to use epochs; got {t.max_steps}")
+    if not 0.0 < t.learning_rate < 1.0:
+        bad("training.learning_rate", f"must be in (0, 1); got {t.learning_rate}")
+    choice("training.lr_scheduler", t.lr_scheduler, SCHEDULERS)
+    if not 0.0 <= t.warmup_ratio < 1.0:
+        bad("training.warmup_ratio", f"must be in [0, 1); got {t.warmup_ratio}")
+    for key in ("weight_decay", "max_grad_norm"):
+        if getattr(t, key) < 0:
+            bad(f"training.{key}", "must be >= 0")
+    for key in ("batch_size", "grad_accum", "logging_steps"):
+        if getattr(t, key) < 1:
+            bad(f"training.{key}", f"must be >= 1; got {getattr(t, key)}")
+    for key in ("save_steps",):
+        if getattr(t, key) < 0:
+            bad(f"training.{key}", "must be >= 0")
+    for key in ("eval_steps", "eval_examples", "early_stopping_patience", "generation_samples", "side_by_side"):
+        if getattr(e, key) < 0:
+            bad(f"eval.{key}", "must be >= 0")
+    if e.max_new_tokens < 1:
+        bad("eval.max_new_tokens", "must be >= 1")
+    if e.early_stopping_patience and not (e.eval_steps and d.eval):
+        bad("eval.early_stopping_patience", "needs eval.eval_steps > 0 and a data.eval file")
+
+
+def parse_override(item: str) -> tuple[list[str], object]:
+    """`section.key=value` → (path, YAML-typed value). `true`, `3`, `2e-4`, `[a, b]` parse as YAML."""
+    import yaml
+
+    if "=" not in item:
+        raise UserError(f"--set {item!r}: expected section.key=value")
+    key, raw = item.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise UserError(f"--set {item!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return path, value
+
+
+def _nest(path: list[str], value) -> dict:
+    out: object = value
+    for p in reversed(path):
+        out = {p: out}
+    return out  # type: ignore[return-value]
+
+
+def recipe_file(spec: str | Path) -> Path:
+    """`recipes/finance`, `recipes/finance/recipe.yaml` or `finance` (looked up under recipes/)."""
+    p = Path(spec).expanduser()
+    if p.is_dir():
+        p = p / "recipe.yaml"
+    elif not p.exists() and p.suffix not in (".yaml", ".yml") and (Path("recipes") / p / "recipe.yaml").is_file():
+        p = Path("recipes") / p / "recipe.yaml"
+    if not p.is_file():
+        raise UserError(f"recipe not found: {spec} (expected a folder with recipe.yaml, or a .yaml file)")
+    return p
+
+
+def load(spec: str | Path, overrides: typing.Sequence[str] = (), gpu: bool | None = None) -> Recipe:
+    """Load and validate a recipe; apply its `cpu:` profile when `gpu` is False (None: detect), then overrides."""
+    import yaml
+
+    path = recipe_file(spec)
+    src = str(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{src}:{mark.line + 1}" if mark is not None else src
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UserError(f"{where}: bad YAML: {problem}") from None
+    except OSError as exc:
+        raise UserError(f"{src}: cannot read: {exc.strerror}") from None
+    if data is None:
+        raise UserError(f"{src}: empty recipe")
+    recipe = Recipe(root=path.parent.resolve())
+    profile = _apply(recipe, data, src, allow_profile=True)
+    if not recipe.name:
+        recipe.name = path.parent.name if path.name == "recipe.yaml" else path.stem
+    if profile is not None:
+        # Validate the profile even where it is not applied, so a typo fails on every machine.
+        _apply(copy.deepcopy(recipe), profile, f"{src} (cpu profile)", allow_profile=False)
+        if gpu is None:
+            from toolkit.core.hardware import detect
+
+            gpu = detect().kind == "cuda"
+        if not gpu:
+            _apply(recipe, profile, f"{src} (cpu profile)", allow_profile=False)
+            recipe.profile = "cpu"
+    for item in overrides:
+        p, value = parse_override(item)
+        if len(p) == 1 and p[0] in _TOP_SCALARS:
+            _apply(recipe, {p[0]: value}, f"--set {item}", allow_profile=False)
+        elif len(p) != 2:
+            raise UserError(f"--set {item}: expected section.key=value (e.g. training.max_steps=20)")
+        else:
+            _apply(recipe, _nest(p, value), f"--set {item}", allow_profile=False)
+    _check_range(recipe, src if not overrides else f"{src} (with --set)")
+    return recipe
+
+
+def dump(recipe: Recipe) -> str:
+    """YAML text of the resolved recipe (profile and overrides applied)."""
+    import yaml
+
+    data = recipe.to_dict()
+    header = f"# resolved recipe {recipe.name!r}" + (f" (profile: {recipe.profile})" if recipe.profile else "")
+    return header + "\n" + yaml.safe_dump(data, sort_keys=False)
