@@ -73,12 +73,14 @@ def adapter_tensors(run):
 
 
 @pytest.mark.slow
-def test_finetune_writes_complete_run_folder(tmp_path, tiny_llama_dir):
+def test_finetune_writes_complete_run_folder(tmp_path, tiny_llama_dir, capsys):
     from toolkit.core.models import load_model
     from toolkit.finetune.trainer import finetune
 
     runs = tmp_path / "runs"
     run = finetune(make_recipe(tmp_path, tiny_llama_dir), runs_dir=runs, gpu=False)
+    out, err = capsys.readouterr()
+    assert out == "" and "run saved:" in err  # progress on stderr; stdout is for results
     assert run.parent == runs and run.name.startswith("tiny-") and not run.name.endswith(".incomplete")
     assert (runs / "latest").resolve() == run.resolve()
     assert [p.name for p in runs.iterdir() if p.name != "latest"] == [run.name]  # nothing else left behind

@@ -1,7 +1,8 @@
 """Which base model a fine-tune uses, and loading it for training (QLoRA / LoRA / full, Unsloth on CUDA).
 
 `resolve_base` turns the recipe's `base_model` into something loadable: `auto` asks the
-estimator (toolkit.estimate.planner.pick), a hub id is checked against the local cache and the hub
+estimator's pick with the recipe's own settings (`toolkit.finetune.plan`), a named catalog base
+must fit by the same estimate and memory rule, a hub id is checked against the local cache and the hub
 (HF_HUB_OFFLINE, or no answer within `hub_timeout_s`, means offline), and when the base can't
 be had the recipe's `fallback_model` is used, announced in one visible line, never silently.
 """

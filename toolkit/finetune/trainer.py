@@ -166,6 +166,7 @@ def _train(rec, overrides, stage: Path, runs: Path, dev, dtype, train_ex, eval_e
            dist_state) -> Path:
     import torch
     from transformers import EarlyStoppingCallback, set_seed
+    from transformers.trainer_callback import PrinterCallback
     from transformers.integrations import TensorBoardCallback
     from trl import SFTTrainer
 
@@ -212,6 +213,9 @@ def _train(rec, overrides, stage: Path, runs: Path, dev, dtype, train_ex, eval_e
         eval_dataset=_eval_dataset(eval_split, rec.eval.eval_examples) if eval_split else None,
         processing_class=tok, callbacks=cbs,
     )
+    # With its bar disabled the Trainer prints every log dict to stdout; our bar shows the loss and
+    # metrics.jsonl keeps every log, and stdout is for the run folder alone (toolkit.core.progress).
+    trainer.remove_callback(PrinterCallback)
     # TRL casts QLoRA adapter weights to bf16; keep trainable weights in fp32 instead (autocast still
     # computes in bf16): small updates are not rounded away, and a resumed run, whose checkpoint
     # loads back in fp32, trains exactly the same weights as an uninterrupted one.
