@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass
 
 from toolkit.core.errors import UserError
-from toolkit.core.units import GIB, MIB
+from toolkit.core.units import GIB, MIB, gib
 
 # GB = GiB, for --vram too (toolkit.core.units).
 _UNITS = {
@@ -92,5 +92,5 @@ def resolve_budget(vram: str | None, gpu: str | None) -> Budget:
 
     hw = detect()
     if hw.kind == "cuda":
-        return Budget(hw.total_bytes, "cuda", f"{hw.name}, {hw.total_bytes / GIB:.1f} GiB total ({hw.source})")
-    return Budget(hw.available_bytes, "cpu", f"{hw.name}: {hw.available_bytes / GIB:.1f} GiB RAM available ({hw.source})")
+        return Budget(hw.total_bytes, "cuda", f"{hw.name}, {gib(hw.total_bytes, 1)} total ({hw.source})")
+    return Budget(hw.available_bytes, "cpu", f"{hw.name}: {gib(hw.available_bytes, 1)} RAM available ({hw.source})")

@@ -153,13 +153,10 @@ def lookup(spec: str) -> ModelFacts:
     except UserError:
         if looks_local(spec) or Path(spec).expanduser().exists():
             raise
-        ref = None
-    if ref is not None and ref.kind == "gguf":
-        return from_gguf(ref.path)
-    if ref is not None and ref.kind == "hf_dir":
-        return from_hf_folder(ref.path)
-    if ref is not None and ref.kind == "run":
-        return _from_run(ref.path)
+        ref = None  # a bare name: answered with catalog suggestions below
+    readers = {"gguf": from_gguf, "hf_dir": from_hf_folder, "run": _from_run}
+    if ref is not None and ref.kind in readers:
+        return readers[ref.kind](ref.path)
     close = difflib.get_close_matches(spec, names(), n=3, cutoff=0.4)
     close += [k for k in difflib.get_close_matches(spec.lower(), [n.split("/")[-1].lower() for n in names()], n=3, cutoff=0.4)
               for k in [_catalog_key(k)] if k and k not in close]

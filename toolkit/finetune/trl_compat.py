@@ -18,17 +18,6 @@ import contextlib
 PRIVATE_HOOK = "_use_triton"
 
 
-def _trl_utils():
-    import trl.trainer.utils as trl_utils
-
-    return trl_utils
-
-
-def hook_present() -> bool:
-    """Whether the installed TRL still has the private function we wrap."""
-    return callable(getattr(_trl_utils(), PRIVATE_HOOK, None))
-
-
 @contextlib.contextmanager
 def score_labelled_positions_only(device: str, announce=None):
     """Within the block, TRL's fused LM head scores only labelled positions on the CPU too.
@@ -36,7 +25,8 @@ def score_labelled_positions_only(device: str, announce=None):
     Scoped to the block (the training loop), not the process: nothing else sees the change,
     and it is undone on exit, also after an error or Ctrl-C. On CUDA it changes nothing.
     """
-    trl_utils = _trl_utils()
+    import trl.trainer.utils as trl_utils
+
     original = getattr(trl_utils, PRIVATE_HOOK, None)
     if device.startswith("cuda") or original is None:
         if original is None and announce is not None:
