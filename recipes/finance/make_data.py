@@ -389,66 +389,160 @@ def _(rng):
             [f"{ded * rate:,.2f}"])
 
 
-# Concept questions without numbers: (id, topic, heldout, phrasings, answer, key terms).
+# Concept questions without numbers. Each concept is taught with its `train` phrasings and tested
+# with DIFFERENT `heldout` phrasings (a separate template id, `<id>_h`), so the held-out set asks
+# what the model could learn without repeating a training sentence; concepts with no `train`
+# phrasings are never taught and show whether fine-tuning broke what the base already knew.
+# `keys`: every entry must appear in a right answer (a list entry: any one of its alternatives);
+# `wrong`: phrases that contradict the answer (e.g. the opposite direction of a relationship) and
+# make it wrong even when the keys are there.
+FALL = ["fall", "falls", "drop", "decline", "go down", "goes down", "decrease", "lower"]
+RISE = ["rise", "rises", "go up", "goes up", "increase", "higher"]
 CONCEPTS = [
-    ("c_compound", "interest", False, ["What is compound interest?", "Explain compound interest simply.",
-     "How is compound interest different from simple interest?"],
-     "Compound interest is interest earned on both the original deposit and the interest already added, so "
-     "growth accelerates over time. Simple interest is paid on the original principal only.", ["principal"]),
-    ("c_apr", "interest", False, ["What is an APR?", "What does APR mean on a loan?"],
-     "APR, the annual percentage rate, is the yearly cost of borrowing before compounding. The effective "
-     "annual rate adds the effect of compounding within the year.", ["compounding"]),
-    ("c_inflation", "inflation", False, ["What is inflation?", "Why does inflation matter for savers?",
-     "How does inflation affect my savings?"],
-     "Inflation is the general rise in prices over time. It lowers the purchasing power of money, so savings "
-     "must earn more than the inflation rate to grow in real terms.", ["purchasing power"]),
-    ("c_cpi", "inflation", True, ["How is inflation usually measured?", "What index tracks consumer prices?"],
-     "Inflation is usually measured with a consumer price index, the cost of a fixed basket of goods and services "
-     "compared over time. The percentage change of the index is the inflation rate.", ["price index"]),
-    ("c_bond_yield", "bonds", False, ["Why do bond prices fall when interest rates rise?",
-     "What happens to bond prices when yields go up?"],
-     "A bond's coupons are fixed, so when market yields rise, new bonds pay more and existing bonds must fall in "
-     "price until their yield matches. Prices and yields move in opposite directions.", ["opposite"]),
-    ("c_duration", "bonds", True, ["What does bond duration tell me?", "What is duration for a bond?"],
-     "Duration measures how sensitive a bond's price is to interest rate changes: a duration of 5 means roughly a "
-     "5% price drop for a 1 percentage point rise in yields. Longer bonds have higher duration.", ["sensitive"]),
-    ("c_pe", "equities", False, ["What does a high P/E ratio mean?", "How should I read a P/E ratio?"],
-     "The P/E ratio is price divided by earnings per share. A high P/E means investors pay more for each dollar "
-     "of earnings, usually because they expect growth, but it can also signal an expensive stock.", ["earnings"]),
-    ("c_dividend", "equities", False, ["What is a dividend?", "How do dividends work?"],
-     "A dividend is a share of company profits paid to shareholders, usually in cash every quarter. The dividend "
-     "yield is the annual dividend divided by the share price.", ["shareholders"]),
-    ("c_index_fund", "diversification", False, ["What is an index fund?", "Why do people buy index funds?"],
-     "An index fund holds all the stocks or bonds of a market index, such as a broad stock market index. It gives "
-     "wide diversification at low cost, and it does not try to beat the market.", ["diversification"]),
-    ("c_diversify", "diversification", True, ["Why should I diversify my investments?",
-     "What is the point of diversification?"],
-     "Diversification spreads money across assets that do not move together, so a loss in one is softened by "
-     "others. It lowers risk without necessarily lowering expected return.", ["risk"]),
-    ("c_budget", "budgeting", False, ["How do I start a budget?", "What is the first step in budgeting?"],
-     "Start by tracking income and every expense for a month, then sort spending into needs, wants and savings. "
-     "Set limits for each category and pay yourself first by saving at the start of the month.", ["expenses"]),
-    ("c_emergency", "budgeting", False, ["Why do I need an emergency fund?", "What is an emergency fund for?"],
-     "An emergency fund is cash set aside for surprises such as job loss or repairs, typically three to six months "
-     "of essential expenses, kept in a safe, easy-to-reach account.", ["expenses"]),
-    ("c_amortization", "loans", False, ["What is loan amortization?", "How does an amortizing loan work?"],
-     "Amortization means repaying a loan with equal payments that cover interest and principal. Early payments "
-     "are mostly interest; later ones are mostly principal as the balance shrinks.", ["principal"]),
-    ("c_credit_score", "loans", True, ["What affects my credit score?", "How can I improve a credit score?"],
-     "Credit scores depend mostly on paying on time, how much of your credit limits you use, the length of your "
-     "credit history and recent applications. Paying every bill on time matters most.", ["on time"]),
-    ("c_marginal", "taxes", False, ["What is a marginal tax rate?", "How do tax brackets work?"],
-     "With progressive brackets each slice of income is taxed at its own rate. The marginal rate applies to your "
-     "last dollar of income; moving into a higher bracket only raises tax on the income above the threshold.",
-     ["bracket"]),
-    ("c_deduction", "taxes", True, ["What is the difference between a tax deduction and a tax credit?",
-     "Is a tax credit better than a deduction?"],
-     "A deduction reduces taxable income, so it saves the deduction times your marginal rate. A credit reduces "
-     "the tax itself dollar for dollar, so a credit is worth more than a deduction of the same size.", ["credit"]),
+    dict(id="c_compound", topic="interest",
+         train=["What is compound interest?", "Explain compound interest simply.",
+                "How is compound interest different from simple interest?"],
+         heldout=["In plain words, how does interest on interest work?",
+                  "Why does money grow faster with compounding than with simple interest?"],
+         answer="Compound interest is interest earned on both the original deposit and the interest already added, "
+                "so growth accelerates over time. Simple interest is paid on the original principal only.",
+         keys=[["interest on interest", "interest already", "earned interest", "accumulated interest",
+                "previous interest", "interest that has been added", "interest already added"]], wrong=[]),
+    dict(id="c_apr", topic="interest",
+         train=["What is an APR?", "What does APR mean on a loan?", "What does the annual percentage rate measure?"],
+         heldout=["What do the letters APR stand for on a credit card offer?"],
+         answer="APR, the annual percentage rate, is the yearly cost of borrowing before compounding. The effective "
+                "annual rate adds the effect of compounding within the year.",
+         keys=[["annual percentage rate"]], wrong=[]),
+    dict(id="c_inflation", topic="inflation",
+         train=["What is inflation?", "Why does inflation matter for savers?", "How does inflation affect my savings?"],
+         heldout=["What happens to the purchasing power of cash when prices keep rising?"],
+         answer="Inflation is the general rise in prices over time. It lowers the purchasing power of money, so savings "
+                "must earn more than the inflation rate to grow in real terms.",
+         keys=[["lower", "reduc", "erode", "decreas", "falls", "lose", "less"]],
+         wrong=["increases the purchasing power", "raises the purchasing power", "purchasing power rises",
+                "purchasing power increases", "buy more"]),
+    dict(id="c_bond_yield", topic="bonds",
+         train=["Why do bond prices fall when interest rates rise?", "What happens to bond prices when yields go up?",
+                "How are bond prices and interest rates related?", "Do bond prices rise or fall when rates increase?"],
+         heldout=["If market interest rates go up, what happens to the price of a bond I already own?",
+                  "Rates just jumped. Is my existing bond now worth more or less?"],
+         answer="When interest rates rise, bond prices fall. A bond's coupons are fixed, so when market yields rise, "
+                "new bonds pay more and existing bonds must fall in price until their yield matches. Prices and "
+                "yields move in opposite directions.",
+         keys=[FALL + ["less", "opposite"]],
+         wrong=["bond prices rise", "bond prices go up", "bond prices increase", "price rises", "price goes up",
+                "price increases", "bond increases", "bond rises", "bond goes up", "worth more", "prices also rise",
+                "same direction"]),
+    dict(id="c_rates_loans", topic="loans",
+         train=["What happens to my variable-rate loan payment when interest rates rise?",
+                "Do higher interest rates make borrowing more expensive?"],
+         heldout=["The central bank raised rates. Will my adjustable mortgage payment go up or down?"],
+         answer="When interest rates rise, the rate on a variable or adjustable loan resets higher, so the monthly "
+                "payment rises and borrowing becomes more expensive.",
+         keys=[RISE + ["more expensive"]],
+         wrong=["payment falls", "payment goes down", "payment decreases", "cheaper", "lower payment"]),
+    dict(id="c_risk_return", topic="investing",
+         train=["What is the relationship between risk and return?", "Why do riskier investments pay more on average?"],
+         heldout=["Should I expect a higher return from a safer investment or a riskier one?"],
+         answer="Risk and return go together: investors demand a higher expected return for taking more risk, so "
+                "riskier investments pay more on average but can also lose more. Safer investments usually return less.",
+         keys=[["higher expected return", "higher return", "pay more", "more return", "riskier"]],
+         wrong=["safer investments return more", "safer investment has a higher return", "less risk means more return"]),
+    dict(id="c_pe", topic="equities",
+         train=["What does a high P/E ratio mean?", "How should I read a P/E ratio?", "What is the P/E ratio of a stock?"],
+         heldout=["What does the price-to-earnings ratio compare?"],
+         answer="The P/E ratio is price divided by earnings per share. A high P/E means investors pay more for each "
+                "dollar of earnings, usually because they expect growth, but it can also signal an expensive stock.",
+         keys=["earnings", "price"], wrong=[]),
+    dict(id="c_dividend", topic="equities",
+         train=["What is a dividend?", "How do dividends work?"],
+         heldout=["Who receives a company's dividends, and where does the money come from?"],
+         answer="A dividend is a share of company profits paid to shareholders, usually in cash every quarter. The "
+                "dividend yield is the annual dividend divided by the share price.",
+         keys=[["shareholder", "stockholder", "investors who own"], ["profit", "earnings"]], wrong=[]),
+    dict(id="c_stock_bond", topic="equities",
+         train=["What is the difference between a stock and a bond?", "Is a bond a loan or a share of ownership?"],
+         heldout=["When I buy a share of stock, do I lend money to the company or own part of it?"],
+         answer="A stock is a share of ownership in a company; a bond is a loan to the issuer that pays interest and "
+                "returns the principal at maturity. Stockholders own part of the company, bondholders are lenders.",
+         keys=[["ownership", "own part", "owner", "own a part", "own a share"]],
+         wrong=["stock is a loan", "stockholders are lenders"]),
+    dict(id="c_index_fund", topic="diversification",
+         train=["What is an index fund?", "Why do people buy index funds?"],
+         heldout=["What does a fund that tracks a market index hold?"],
+         answer="An index fund holds all the stocks or bonds of a market index, such as a broad stock market index. "
+                "It gives wide diversification at low cost, and it does not try to beat the market.",
+         keys=[["index"], ["divers", "many", "all the stocks", "all the", "low cost"]], wrong=[]),
+    dict(id="c_diversify", topic="diversification",
+         train=["Why should I diversify my investments?", "What is the point of diversification?",
+                "Does owning many different assets lower risk?"],
+         heldout=["Is it safer to put all my savings into one company's stock or spread them across many?"],
+         answer="Diversification spreads money across assets that do not move together, so a loss in one is softened "
+                "by others. It lowers risk without necessarily lowering expected return.",
+         keys=[["risk"], ["spread", "divers", "many"]],
+         wrong=["safer to put all", "one company's stock is safer", "increases risk"]),
+    dict(id="c_budget", topic="budgeting",
+         train=["How do I start a budget?", "What is the first step in budgeting?"],
+         heldout=["I have never made a budget. Where should I begin?"],
+         answer="Start by tracking income and every expense for a month, then sort spending into needs, wants and "
+                "savings. Set limits for each category and pay yourself first by saving at the start of the month.",
+         keys=[["track", "list", "write down", "record"], ["expense", "spending"]], wrong=[]),
+    dict(id="c_emergency", topic="budgeting",
+         train=["Why do I need an emergency fund?", "What is an emergency fund for?",
+                "How large should an emergency fund be?"],
+         heldout=["How many months of expenses should I keep as a cash cushion for emergencies?"],
+         answer="An emergency fund is cash set aside for surprises such as job loss or repairs, typically three to six "
+                "months of essential expenses, kept in a safe, easy-to-reach account.",
+         keys=[["three", "3"], ["six", "6"]], wrong=[]),
+    dict(id="c_amortization", topic="loans",
+         train=["What is loan amortization?", "How does an amortizing loan work?"],
+         heldout=["Early in a mortgage, does most of each payment go to interest or to principal?"],
+         answer="Amortization means repaying a loan with equal payments that cover interest and principal. Early "
+                "payments are mostly interest; later ones are mostly principal as the balance shrinks.",
+         keys=[["mostly interest", "most of it is interest", "mainly interest", "goes to interest",
+                "mostly to interest", "mostly goes to interest"]],
+         wrong=["mostly principal at first", "early payments are mostly principal"]),
+    dict(id="c_marginal", topic="taxes",
+         train=["What is a marginal tax rate?", "How do tax brackets work?"],
+         heldout=["If a raise moves me into a higher tax bracket, is all my income taxed at the higher rate?"],
+         answer="With progressive brackets each slice of income is taxed at its own rate. The marginal rate applies to "
+                "your last dollar of income; moving into a higher bracket only raises tax on the income above the "
+                "threshold, not on all of it.",
+         keys=[["above the threshold", "only the income above", "only on the income", "not on all", "only the part",
+                "each slice", "only the portion"]],
+         wrong=["all your income is taxed at the higher", "all of your income is taxed at the higher"]),
+    dict(id="c_deduction", topic="taxes",
+         train=["What is the difference between a tax deduction and a tax credit?",
+                "Is a tax credit better than a deduction?"],
+         heldout=["Which saves more tax: a $1,000 credit or a $1,000 deduction?"],
+         answer="A deduction reduces taxable income, so it saves the deduction times your marginal rate. A credit "
+                "reduces the tax itself dollar for dollar, so a credit is worth more than a deduction of the same size.",
+         keys=["credit", ["dollar for dollar", "worth more", "saves more", "more valuable", "is better"]],
+         wrong=["deduction is worth more", "deduction saves more", "deduction is better"]),
+    # Never taught: the base's knowledge the fine-tune must not break.
+    dict(id="c_cpi", topic="inflation", train=[],
+         heldout=["How is inflation usually measured?", "What index tracks consumer prices?"],
+         answer="Inflation is usually measured with a consumer price index, the cost of a fixed basket of goods and "
+                "services compared over time. The percentage change of the index is the inflation rate.",
+         keys=[["price index", "cpi"]], wrong=[]),
+    dict(id="c_duration", topic="bonds", train=[],
+         heldout=["What does bond duration tell me?", "Do long-term bonds react more or less to rate changes than short-term ones?"],
+         answer="Duration measures how sensitive a bond's price is to interest rate changes: a duration of 5 means "
+                "roughly a 5% price drop for a 1 percentage point rise in yields. Longer bonds have higher duration, "
+                "so they react more.",
+         keys=[["sensitiv", "react more", "more sensitive", "change more"]], wrong=["react less", "less sensitive"]),
+    dict(id="c_credit_score", topic="loans", train=[],
+         heldout=["What affects my credit score?", "How can I improve a credit score?"],
+         answer="Credit scores depend mostly on paying on time, how much of your credit limits you use, the length of "
+                "your credit history and recent applications. Paying every bill on time matters most.",
+         keys=[["on time", "on-time", "payment history"]], wrong=[]),
 ]
 
-TRAIN_PER_TEMPLATE = 22
-HELDOUT_PER_TEMPLATE = 9
+# Small enough that the CPU profile (~40k tokens) sees most of the set once; concepts are repeated
+# in every epoch so they carry weight next to the longer worked calculations.
+TRAIN_PER_TEMPLATE = 20
+HELDOUT_PER_TEMPLATE = 6
 
 
 def conversation(q: str, a: str) -> list[dict]:
@@ -469,12 +563,16 @@ def generate(seed: int = 7) -> tuple[list[dict], list[dict]]:
             if q in seen:
                 continue
             seen.add(q)
-            rec = {"messages": conversation(q, a), "meta": {"template": tid, "topic": topic, "keys": keys}}
+            rec = {"messages": conversation(q, a),
+                   "meta": {"template": tid, "topic": topic, "kind": "calculation", "keys": keys}}
             (held if heldout else train).append(rec)
-    for cid, topic, heldout, phrasings, answer, keys in CONCEPTS:
-        for q in phrasings:
-            rec = {"messages": conversation(q, answer), "meta": {"template": cid, "topic": topic, "keys": keys}}
-            (held if heldout else train).append(rec)
+    for c in CONCEPTS:
+        for split, phrasings, tid in ((train, c["train"], c["id"]), (held, c["heldout"], c["id"] + "_h")):
+            kind = "concept" if c["train"] else "concept-unseen"
+            for q in phrasings:
+                split.append({"messages": conversation(q, c["answer"]),
+                              "meta": {"template": tid, "topic": c["topic"], "kind": kind, "keys": c["keys"],
+                                       "wrong": c["wrong"]}})
     rng.shuffle(train)
     rng.shuffle(held)
     return train, held

@@ -132,3 +132,52 @@ def test_cli_is_fast_and_never_imports_torch(argv):
     wall, proc = _timed(argv)
     assert proc.returncode == 0, proc.stderr
     assert wall < 1.5, f"{argv}: {wall:.2f} s"
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--time-budget", "soon"], "--time-budget: cannot read 'soon'"),
+    (["--time-budget", "0"], "--time-budget: must be positive"),
+    (["--time-budget=-5m"], "--time-budget: must be positive"),
+    (["--target-modules", "q_proj,foo_proj"], "--target-modules: unknown module foo_proj"),
+    (["--model", "embedded", "--target-modules", "attn"], "--target-modules: unknown module attn"),
+    (["--recipe", "README.md"], "--recipe README.md"),
+    (["--recipe", "toolkit"], "--recipe toolkit"),
+])
+def test_time_and_recipe_bad_input_is_one_line_exit_2(capsys, argv, needle):
+    code, out, err = _run(capsys, *argv)
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("error: ") and needle in err, err
+    assert out == ""
+
+
+def test_model_form_reports_time_and_allocated_for_a_named_gpu(capsys):
+    code, out, _ = _run(capsys, "--model", "Llama-3.2-1B", "--task", "lora", "--quant", "bf16", "--gpu", "A10G",
+                        "--target-modules", "q_proj,v_proj", "--lora-r", "32", "--no-grad-ckpt", "--json")
+    assert code == 0
+    d = json.loads(out)
+    assert d["allocated_bytes"] == d["total_bytes"] - d["components"]["framework"]
+    t = d["time"]
+    assert "A10G 24GB datasheet" in t["source"]
+    assert t["train_tokens_per_s"] > 1000 and t["decode_tokens_per_s"] > 50 and t["prefill_s"] > 0
+    assert "train_wall_s" not in t  # no recipe, no run to time
+
+
+def test_recipe_sets_the_estimate_and_times_its_run(capsys):
+    code, out, _ = _run(capsys, "--model", "embedded", "--recipe", "recipes/finance", "--gpu", "RTX 4060 8GB", "--json")
+    assert code == 0
+    d = json.loads(out)
+    # the recipe's GPU settings (plan_inputs): QLoRA nf4 double quant, seq 512, batch 8, r16
+    assert (d["task"], d["quant"], d["seq_len"], d["batch"], d["lora_r"]) == ("qlora", "nf4-dq", 512, 8, 16)
+    from toolkit.finetune import recipe
+
+    rec = recipe.load("recipes/finance", gpu=True)
+    t = d["time"]
+    assert t["steps"] > 0 and t["tokens_per_step"] == rec.training.batch_size * rec.training.grad_accum * 512
+    assert t["train_wall_s"] > t["steps"] * t["tokens_per_step"] / t["train_tokens_per_s"]
+
+
+def test_pick_with_a_gpu_and_a_tight_time_budget_names_the_time_limit(capsys):
+    code, out, _ = _run(capsys, "--gpu", "T4 16GB", "--time-budget", "2m")
+    assert code == 0
+    why = next(line for line in out.splitlines() if line.startswith("Why:"))
+    assert "would take" in why and "Time: budget 2 min" in out

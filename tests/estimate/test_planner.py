@@ -226,9 +226,23 @@ def test_pick_is_the_largest_model_that_fits_with_margin(task):
     assert prev == CATALOG["meta-llama/Llama-3.1-8B-Instruct"].param_count()
 
 
-def test_pick_on_cpu_budget_mentions_speed():
-    p = pick("qlora", 20 * GIB, device="cpu")
-    assert p.fits and "CPU" in p.reason
+def test_pick_on_cpu_budget_names_time_when_given_a_time_model():
+    from toolkit.estimate.timeplan import Rates, time_fields
+    from toolkit.finetune.plan import RunShape
+
+    rates = Rates("cpu", 100e9, 20e9, "test")
+    run = RunShape(steps=40, tokens_per_step=1024, eval_rounds=0, eval_tokens=0, generated_tokens=0)
+
+    def secs(m, e):
+        return time_fields(m, e, rates, targets=ALL_LINEAR, run=run)["train_wall_s"]
+
+    memory_only = pick("qlora", 20 * GIB, device="cpu")
+    timed = pick("qlora", 20 * GIB, device="cpu", seconds_of=secs, time_budget_s=1800)
+    assert memory_only.fits and "would take" not in memory_only.reason
+    assert timed.fits and "would take" in timed.reason
+    small = CATALOG[timed.model].param_count()
+    assert small < CATALOG[memory_only.model].param_count()
+    assert all(c.seconds <= 1800 for c in timed.candidates if c.fits)
 
 
 def test_bad_estimate_inputs():
@@ -244,3 +258,27 @@ def test_bad_estimate_inputs():
         estimate("embedded", "lora", targets=("qkv",))
     with pytest.raises(UserError, match="budget"):
         pick("qlora", 0, device="cuda")
+
+
+def test_training_peak_is_the_larger_phase_not_the_sum():
+    # loss phase: kept activations + logits; layer phase (checkpointing): + one layer's set + temporaries
+    kept = 100 * 4 * (8 * 2)
+    acts, logits, phase = F.training_peak_activation_bytes(50, 4, 8, 100, True, logits_peak=10_000, act_bytes=2)
+    assert (acts, logits, phase) == (kept, 10_000, "the loss backward")
+    acts, logits, phase = F.training_peak_activation_bytes(500, 4, 8, 100, True, logits_peak=10, act_bytes=2,
+                                                           attn_backward_bytes=30)
+    assert (acts, logits) == (kept + 100 * (2 * 8 * 2 + 30 + 500), 0) and "layer" in phase
+    # without checkpointing every layer's set is kept through the loss
+    acts, logits, _ = F.training_peak_activation_bytes(50, 4, 8, 100, False, logits_peak=10_000)
+    assert (acts, logits) == (100 * 4 * 50, 10_000)
+
+
+def test_eager_attention_keeps_scores_and_kbit_upcast_makes_fp32_rest():
+    sd = estimate("TinyLlama-1.1B-Chat-v1.0", "qlora", "nf4", 2048, 1, 32, True, device="cuda")
+    up = estimate("TinyLlama-1.1B-Chat-v1.0", "qlora", "nf4", 2048, 1, 32, True, device="cuda", kbit_upcast=True)
+    m = CATALOG["TinyLlama/TinyLlama-1.1B-Chat-v1.0"]
+    assert up.components["weights"] - sd.components["weights"] == 2 * (m.embedding_params() + m.lm_head_params()
+                                                                         + m.small_params())
+    assert up.components["logits"] == 2048 * m.vocab * 16  # fp32 logits: no 16-bit copy, 4 + 12 bytes
+    saved, back = F.eager_attention_bytes(32, 2048, 2)
+    assert (saved, back) == (32 * 2048 * 6, 32 * 2048 * 8)

@@ -129,3 +129,165 @@ def test_dataset_columns(tmp_path, tok):
     ex = data.read_examples(jsonl(tmp_path / "d.jsonl", [CHAT, CHAT]))
     ds = data.to_dataset(data.tokenize_split(tok, ex, 128))
     assert ds.column_names == ["input_ids", "labels"] and len(ds) == 2
+
+
+# --- Bring your own data: ShareGPT, prompt/response pairs, tables, hf: ids, mixing -------------------------------
+
+SHAREGPT = {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "What is 2+2?"},
+                              {"from": "gpt", "value": "It is 4."}]}
+EXPECTED = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"},
+            {"role": "assistant", "content": "It is 4."}]
+
+
+@pytest.mark.parametrize("record", [
+    SHAREGPT,
+    {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "user", "value": "What is 2+2?"},
+                       {"from": "assistant", "value": "It is 4."}]},
+    {"messages": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "What is 2+2?"},
+                  {"from": "gpt", "value": "It is 4."}]},
+])
+def test_sharegpt_becomes_messages_with_assistant_only_loss(tmp_path, tok, record):
+    fmt, why = data.explain_format(record)
+    assert fmt == "sharegpt" and "from, value" in why
+    (ex,) = data.read_examples(jsonl(tmp_path / "d.jsonl", [{**record, "id": 7}]))
+    assert ex.messages == EXPECTED and ex.extra == {"id": 7}
+    ids, labels = data.tokenize_example(tok, ex)
+    assert trained_text(tok, ids, labels).strip() == "It is 4.<|im_end|>"
+
+
+@pytest.mark.parametrize("record, why", [
+    ({"prompt": "What is 2+2?", "response": "It is 4."}, "`prompt` and `response`"),
+    ({"question": "What is 2+2?", "answer": "It is 4."}, "`question` and `answer`"),
+    ({"instruction": "What is 2+2?", "input": "", "output": "It is 4."}, "`instruction` and `output` (+ `input`)"),
+])
+def test_prompt_pairs_map_to_prompt_completion(tmp_path, record, why):
+    fmt, got_why = data.explain_format(record)
+    assert got_why == f"keys {why}" and fmt in ("prompt_completion", "alpaca")
+    (ex,) = data.read_examples(jsonl(tmp_path / "d.jsonl", [record]))
+    assert ex.messages == EXPECTED[1:]
+
+
+@pytest.mark.parametrize("bad, needle", [
+    ('{"conversations": [{"from": "bot", "value": "x"}]}', "conversations[0].from 'bot' is not one of"),
+    ('{"conversations": [{"from": "human", "value": "x"}]}', "no gpt/assistant turn"),
+    ('{"conversations": [{"from": "human"}, {"from": "gpt", "value": "y"}]}', "conversations[0]: `value` is empty"),
+    ('{"conversations": []}', "`conversations` must be a non-empty list"),
+    ('{"question": "x"}', "keys: question"),
+])
+def test_bad_sharegpt_line_reports_file_and_line(tmp_path, bad, needle):
+    p = jsonl(tmp_path / "d.jsonl", [SHAREGPT, bad])
+    with pytest.raises(UserError) as exc:
+        data.read_examples(p)
+    assert f"{p}:2:" in str(exc.value) and needle in str(exc.value)
+
+
+def test_csv_columns_and_bad_row_line(tmp_path):
+    p = tmp_path / "d.csv"
+    p.write_text('instruction,input,output\nWhat is 2+2?,,It is 4.\n"Sum:","1\n2",3\n')
+    a, b = data.read_examples(p)
+    assert a.messages == EXPECTED[1:] and b.messages[0]["content"] == "Sum:\n\n1\n2"
+    assert a.source == f"{p}:2" and b.source == f"{p}:4"  # the physical line a row ends on
+    p.write_text("question,answer\nWhat is 2+2?,It is 4.\nWhy?,\n")
+    with pytest.raises(UserError, match=rf"{p}:3: `answer` is empty"):
+        data.read_examples(p)
+    p.write_text("prompt,response\na,b,c\n")
+    with pytest.raises(UserError, match=rf"{p}:2: 3 cells for 2 header columns"):
+        data.read_examples(p)
+
+
+def test_parquet_arrow_and_json_array(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pylist([SHAREGPT, {"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt",
+                                                                                                 "value": "A"}]}])
+    pq.write_table(table, tmp_path / "d.parquet")
+    with pa.OSFile(str(tmp_path / "file.arrow"), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
+        w.write_table(table)
+    with pa.OSFile(str(tmp_path / "stream.arrow"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    (tmp_path / "d.json").write_text(json.dumps(table.to_pylist(), indent=1))
+    for name in ("d.parquet", "file.arrow", "stream.arrow", "d.json"):
+        exs = data.read_examples(tmp_path / name)
+        assert [e.messages for e in exs] == [EXPECTED, [{"role": "user", "content": "Q"},
+                                                        {"role": "assistant", "content": "A"}]], name
+    bad = pa.Table.from_pylist([{"prompt": "x", "completion": "y"}, {"prompt": "x", "completion": None}])
+    pq.write_table(bad, tmp_path / "bad.parquet")
+    with pytest.raises(UserError, match=r"bad.parquet: row 2: `completion` is empty"):
+        data.read_examples(tmp_path / "bad.parquet")
+    (tmp_path / "junk.parquet").write_text("not parquet")
+    with pytest.raises(UserError, match="junk.parquet: cannot read as a parquet table"):
+        data.read_examples(tmp_path / "junk.parquet")
+
+
+def test_hub_dataset_offline_is_one_clear_line(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError) as exc:
+        data.read_examples("hf:someorg/chats:validation", field="data.train")
+    assert str(exc.value) == "data.train: hf:someorg/chats can't be loaded offline (HF_HUB_OFFLINE is set)"
+    with pytest.raises(UserError, match="not a dataset id"):
+        data.read_examples("hf:", field="data.train")
+
+
+def _reference_mix_count(n: int, w: float) -> int:
+    return n * int(w) + round((w - int(w)) * n)
+
+
+@pytest.mark.parametrize("weights", [(1.0, 1.0), (2.0, 0.5), (0.25, 3.0), (1.5, 1.0)])
+def test_mix_resamples_by_weight_seeded(weights):
+    a = [data.Example(None, f"a{i}", f"a:{i}") for i in range(20)]
+    b = [data.Example(None, f"b{i}", f"b:{i}") for i in range(8)]
+    out = data.mix([(a, weights[0]), (b, weights[1])], seed=42)
+    assert sum(e.text.startswith("a") for e in out) == _reference_mix_count(20, weights[0])
+    assert sum(e.text.startswith("b") for e in out) == _reference_mix_count(8, weights[1])
+    assert [e.text for e in out] == [e.text for e in data.mix([(a, weights[0]), (b, weights[1])], seed=42)]
+    assert data.mix([(a, 1.0)], seed=1) == a  # weight 1: the source exactly as it is
+    halves = {tuple(e.text for e in data.mix([(a, 0.5)], seed=s)) for s in range(5)}
+    assert len(halves) > 1  # the seed decides which half
+
+
+def test_recipe_with_weighted_sources_reads_mixed_examples(tmp_path):
+    from toolkit.finetune import recipe
+
+    jsonl(tmp_path / "a.jsonl", [CHAT] * 4)
+    jsonl(tmp_path / "b.jsonl", [SHAREGPT] * 6)
+    jsonl(tmp_path / "h.jsonl", [CHAT])
+    (tmp_path / "recipe.yaml").write_text(
+        "data:\n  train:\n    - {path: a.jsonl, weight: 2}\n    - {path: b.jsonl, weight: 0.5}\n  eval: h.jsonl\n")
+    rec = recipe.load(tmp_path)
+    assert rec.data.train == [recipe.TrainSource("a.jsonl", 2.0), recipe.TrainSource("b.jsonl", 0.5)]
+    train, held = data.read_splits(rec)
+    assert len(train) == 8 + 3 and len(held) == 1
+    # The resolved recipe round-trips through YAML (what a run folder stores).
+    (tmp_path / "resolved.yaml").write_text(recipe.dump(rec))
+    assert recipe.load(tmp_path / "resolved.yaml").data.train == rec.data.train
+    # The single-string form is unchanged.
+    (tmp_path / "recipe.yaml").write_text("data:\n  train: a.jsonl\n")
+    assert recipe.load(tmp_path).data.train == "a.jsonl"
+    assert len(data.read_splits(recipe.load(tmp_path))[0]) == 4
+
+
+@pytest.mark.parametrize("train, needle", [
+    ("[{path: a.jsonl, wieght: 2}]", "data.train[0]: unknown key `wieght` (known: path, weight)"),
+    ("[{path: a.jsonl, weight: 0}]", "data.train[0].weight must be > 0"),
+    ("[{weight: 1}]", "data.train[0].path is required"),
+    ("[a.jsonl]", "data.train[0]: expected a mapping with keys path, weight"),
+    ("[]", "data.train is required"),
+])
+def test_bad_weighted_sources(tmp_path, train, needle):
+    from toolkit.finetune import recipe
+
+    (tmp_path / "recipe.yaml").write_text(f"data:\n  train: {train}\n")
+    with pytest.raises(UserError) as exc:
+        recipe.load(tmp_path)
+    assert needle in str(exc.value) and str(tmp_path / "recipe.yaml") in str(exc.value)
+
+
+def test_bad_source_in_a_mix_names_its_entry(tmp_path, monkeypatch):
+    from toolkit.finetune import recipe
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    jsonl(tmp_path / "a.jsonl", [CHAT])
+    (tmp_path / "recipe.yaml").write_text("data:\n  train:\n    - {path: a.jsonl}\n    - {path: 'hf:org/missing'}\n")
+    with pytest.raises(UserError, match=r"^data.train\[1\]: hf:org/missing can't be loaded offline"):
+        data.read_splits(recipe.load(tmp_path))

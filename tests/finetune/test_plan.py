@@ -59,3 +59,85 @@ def test_pick_and_fit_check_agree(monkeypatch):
             except Unavailable:
                 allowed = False
             assert allowed == cand.fits, (gib, cand.model)
+
+
+def test_run_shape_counts_steps_and_tokens():
+    from toolkit.finetune.plan import run_shape
+
+    cpu = recipe.load(FINANCE, gpu=False)
+    r = run_shape(cpu)
+    assert r.steps == cpu.training.max_steps  # max_steps wins over epochs
+    assert r.tokens_per_step == cpu.training.batch_size * cpu.training.grad_accum * cpu.data.max_seq_len
+    assert r.eval_rounds == 2 + cpu.training.max_steps // cpu.eval.eval_steps and r.eval_tokens > 0
+    assert r.generated_tokens == 2 * cpu.eval.generation_samples * cpu.eval.max_new_tokens
+    gpu = recipe.load(FINANCE, gpu=True)
+    g = run_shape(gpu)
+    # packed: the train file's tokens (bytes / CHARS_PER_TOKEN) in seq-long rows, epochs x rows / rows per step
+    import math
+
+    from toolkit.finetune.plan import CHARS_PER_TOKEN
+    rows = math.ceil(int(gpu.data_path(gpu.data.train).stat().st_size / CHARS_PER_TOKEN) / gpu.data.max_seq_len)
+    per_step = gpu.training.batch_size * gpu.training.grad_accum
+    assert g.steps == math.ceil(gpu.training.epochs * math.ceil(rows / per_step))
+    nopack = run_shape(recipe.load(FINANCE, ["data.packing=false"], gpu=True))
+    assert nopack.tokens_per_step < g.tokens_per_step
+
+
+def test_time_budget_field_is_validated(tmp_path):
+    from toolkit.core.errors import UserError
+
+    assert recipe.load(FINANCE, ["model.time_budget=1h30m"], gpu=False).model.time_budget == "1h30m"
+    for bad in ("soon", "0", "-5m"):
+        with pytest.raises(UserError, match="model.time_budget"):
+            recipe.load(FINANCE, [f"model.time_budget={bad}"], gpu=False)
+
+
+def test_auto_pick_honours_the_time_budget(monkeypatch):
+    """`base_model: auto` with a budget too short for any model: nothing is picked, and the
+    announcement names the time."""
+    from toolkit.core import hardware
+    from toolkit.estimate import timeplan
+    from toolkit.finetune.base_model import Unavailable, _auto_pick
+
+    machine = hardware.Hardware("cpu", "test box", 64 * 2**30, 64 * 2**30, "test")
+    monkeypatch.setattr(hardware, "detect", lambda use_torch=False: machine)
+    monkeypatch.setattr(timeplan, "rates_here", lambda dtype=None: timeplan.Rates("cpu", 100e9, 20e9, "test rates"))
+    said = []
+    rec = recipe.load(FINANCE, ["model.base_model=auto", "model.time_budget=90s"], gpu=False)
+    with pytest.raises(Unavailable, match="memory and time"):
+        _auto_pick(rec, said.append, "cpu", "float32")
+    assert "would take" in said[0]
+    rec = recipe.load(FINANCE, ["model.base_model=auto", "model.time_budget=20m"], gpu=False)
+    model, info = _auto_pick(rec, said.append, "cpu", "float32")
+    assert info["fits"] and model in ("embedded", "HuggingFaceTB/SmolLM2-360M-Instruct")
+
+
+def test_method_auto_takes_lora_only_where_memory_is_plentiful():
+    from toolkit.core.units import GIB
+    from toolkit.finetune.plan import AUTO_LORA_SHARE, choose_method
+
+    assert choose_method(3 * GIB, 20 * GIB)[0] == "lora"
+    assert choose_method(int(AUTO_LORA_SHARE * 8 * GIB), 8 * GIB)[0] == "lora"
+    assert choose_method(int(AUTO_LORA_SHARE * 8 * GIB) + 1, 8 * GIB)[0] == "qlora"
+    method, why = choose_method(None, 20 * GIB)
+    assert method == "qlora" and "doesn't know" in why
+
+
+def test_resolve_method_uses_the_lora_estimate_of_the_base():
+    from toolkit.core.units import GIB
+    from toolkit.estimate.catalog import CATALOG
+    from toolkit.estimate.planner import estimate
+    from toolkit.finetune import recipe
+    from toolkit.finetune.plan import plan_inputs, resolve_method, usable_bytes
+
+    rec = recipe.load(FINANCE, gpu=False)
+    assert rec.method.name == "auto"
+    kw = dict(plan_inputs(rec, "cpu", "float32").as_kwargs(), task="lora", quant="fp32")
+    need = estimate(CATALOG["embedded"], **kw).total_bytes
+    plenty, tight = resolve_method(rec, "embedded", "cpu", "float32", 64 * GIB), \
+        resolve_method(rec, "embedded", "cpu", "float32", int(need * 1.2))
+    assert plenty[0].method.name == "lora" and tight[0].method.name == "qlora"
+    assert usable_bytes(int(need * 1.2)) < need / 0.5
+    assert rec.method.name == "auto"  # the loaded recipe is not changed in place
+    same, why = resolve_method(recipe.load(FINANCE, gpu=True), "embedded", "cpu", "float32", GIB)
+    assert same.method.name == "qlora" and why == ""

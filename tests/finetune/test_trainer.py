@@ -16,10 +16,12 @@ from toolkit.core.errors import UserError
 
 
 @pytest.fixture(autouse=True)
-def one_torch_thread():
-    """The test machine's cores are shared: one intra-op thread per process avoids spin-wait thrash."""
+def one_torch_thread(monkeypatch):
+    """The test machine's cores are shared: one intra-op thread per process avoids spin-wait thrash
+    (TOOLKIT_THREADS: finetune() would otherwise set the physical core count)."""
     import torch
 
+    monkeypatch.setenv("TOOLKIT_THREADS", "1")
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -197,7 +199,9 @@ def test_fallback_is_announced_and_missing_fallback_is_an_error(tmp_path, tiny_l
 
 def test_auto_base_uses_the_estimator(tmp_path, tiny_llama_dir):
     from toolkit.estimate import planner as estimate
+    from toolkit.estimate.timeplan import DEFAULT_TIME_BUDGET_S, rates_here, time_fields
     from toolkit.finetune import recipe
+    from toolkit.finetune.plan import run_shape
     from toolkit.core.hardware import detect
     from toolkit.finetune.base_model import resolve_base
 
@@ -205,9 +209,14 @@ def test_auto_base_uses_the_estimator(tmp_path, tiny_llama_dir):
     seen = []
     choice = resolve_base(rec, seen.append)
     # The recipe's own settings (make_recipe): QLoRA nf4 + double quant, seq 256, batch 2, r 8, dropout
-    # 0.05, no gradient checkpointing, all linear layers, AdamW.
+    # 0.05, no gradient checkpointing, all linear layers, AdamW; its run's steps and tokens, within the
+    # CPU's default time budget at this machine's rates.
+    rates, run = rates_here("float32"), run_shape(rec)
+    targets = estimate.ALL_LINEAR
     pick = estimate.pick("qlora", detect().available_bytes, seq_len=256, batch=2, lora_r=8, device="cpu",
-                         quants=("nf4-dq",), grad_ckpt=False, lora_dropout=0.05)
+                         quants=("nf4-dq",), grad_ckpt=False, lora_dropout=0.05, targets=targets,
+                         seconds_of=lambda m, e: time_fields(m, e, rates, targets=targets, run=run)["train_wall_s"],
+                         time_budget_s=DEFAULT_TIME_BUDGET_S["cpu"])
     assert seen[0].startswith(f"base_model auto: estimator picked {pick.model}")
     assert choice.spec in (pick.model, str(tiny_llama_dir))
 
@@ -299,3 +308,145 @@ def test_lora_gradients_are_the_same_after_an_eval_pass(tmp_path, tiny_llama_dir
     assert first_layer_a and all(straight[n].abs().sum() > 0 for n in first_layer_a)
     for name, grad in straight.items():
         torch.testing.assert_close(after_eval[name], grad, msg=f"gradient of {name} changed after an eval pass")
+
+
+# --- after training: the weights are never lost; evaluation in chunks; packing under each engine ---
+
+
+@pytest.mark.slow
+def test_report_failure_keeps_the_trained_run_and_exits_nonzero(tmp_path, tiny_llama_dir, monkeypatch, capsys):
+    from toolkit.cli import main
+    from toolkit.core.models import load_model
+    from toolkit.finetune import report
+
+    def broken_evaluate(*a, **kw):  # failure injection: the report phase fails after training
+        raise RuntimeError("CUDA out of memory while evaluating")
+
+    monkeypatch.setattr(report, "evaluate", broken_evaluate)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    runs = tmp_path / "runs"
+    rec = make_recipe(tmp_path, tiny_llama_dir)
+    code = main(["finetune", str(rec), "--runs-dir", str(runs), "--set", "training.max_steps=2"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert code == 1 and len(err) == 1 and "CUDA out of memory while evaluating" in err[0]
+    (run,) = [p for p in runs.iterdir() if p.name != "latest"]
+    assert not run.name.endswith(".incomplete") and not (run / "INCOMPLETE").exists()
+    assert (runs / "latest").resolve() == run.resolve() and str(run) in err[0]
+    info = json.loads((run / "run.json").read_text())
+    assert info["report_error"] == "RuntimeError: CUDA out of memory while evaluating" and info["steps"] == 2
+    assert "broken_evaluate" in (run / "report_error.txt").read_text()
+    assert (run / "adapter" / "adapter_model.safetensors").is_file() and not (run / "report.json").exists()
+    model, tok = load_model(str(run))  # what `toolkit export` / `toolkit chat` do with it
+    assert type(model).__name__ == "PeftModelForCausalLM"
+
+
+@pytest.mark.slow
+def test_interrupt_after_training_keeps_the_weights(tmp_path, tiny_llama_dir, monkeypatch):
+    """Ctrl-C during the report, with no checkpoint saved (save_steps 0): the adapter stays."""
+    from toolkit.finetune import report
+    from toolkit.finetune.trainer import finetune
+
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "plot_losses", interrupted)
+    runs = tmp_path / "runs"
+    with pytest.raises(KeyboardInterrupt):
+        finetune(make_recipe(tmp_path, tiny_llama_dir), ["training.max_steps=1", "eval.report=false"], runs_dir=runs,
+                 gpu=False)
+    (stage,) = list(runs.iterdir())
+    assert stage.name.endswith(".incomplete") and not list(stage.glob("checkpoints/checkpoint-*"))
+    assert (stage / "adapter" / "adapter_model.safetensors").is_file()
+    assert json.loads((stage / "run.json").read_text())["steps"] == 1
+
+
+def test_answer_loss_in_chunks_equals_the_full_logits_loss(tiny_llama_dir):
+    """Same loss as cross entropy over the full logits, with the vocabulary projection never seeing
+    more than `chunk` positions at once; for the adapter and, with it disabled, for the base."""
+    import torch
+    import torch.nn.functional as F
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from toolkit.finetune.report import answer_loss
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
+                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    gen = torch.Generator().manual_seed(1)
+    vocab = model.config.vocab_size
+    ids = [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in (23, 9, 31, 17, 5)]
+    labels = [[t if (i > 3 and i % 3) else -100 for i, t in enumerate(x)] for x in ids]
+
+    def straightforward():
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for x, y in zip(ids, labels):
+                logits = model(input_ids=torch.tensor([x])).logits.float()[0, :-1]
+                target = torch.tensor(y[1:])
+                total += F.cross_entropy(logits, target, ignore_index=-100, reduction="sum").item()
+                count += int((target != -100).sum())
+        return total / count, count
+
+    seen = []
+    head = model.get_base_model().get_output_embeddings()
+    hook = head.register_forward_hook(lambda m, inp, out: seen.append(inp[0].shape))
+    try:
+        loss, n = answer_loss(model, ids, labels, batch_size=2, chunk=7)
+    finally:
+        hook.remove()
+    ref_loss, ref_n = straightforward()
+    assert n == ref_n and loss == pytest.approx(ref_loss, rel=1e-5)
+    assert seen and all(s[0] <= 7 and len(s) == 2 for s in seen) and sum(s[0] for s in seen) == n
+    with model.disable_adapter():
+        base_loss, _ = answer_loss(model, ids, labels, batch_size=3, chunk=4)
+        ref_base, _ = straightforward()
+    assert base_loss == pytest.approx(ref_base, rel=1e-5) and abs(base_loss - loss) > 1e-4
+
+
+def test_packing_plan_per_engine():
+    from toolkit.finetune.trl_compat import packing_plan
+
+    assert packing_plan(False, "unsloth").packing is False
+    plain = packing_plan(True, "transformers+peft+bitsandbytes")
+    assert plain.packing and plain.hook is None and "position_ids" in plain.mode
+    # Unsloth's attention needs its packed-sequence metadata: with its hook packing stays on ...
+    hook = lambda model, trainer: None  # noqa: E731
+    on = packing_plan(True, "unsloth", unsloth_hook=hook)
+    assert on.packing and on.hook is hook and "packed_seq_lengths" in on.mode
+    # ... without it (an Unsloth that has none; none installed here) batches are padded, said why.
+    off = packing_plan(True, "unsloth")
+    assert not off.packing and off.mode == "padded" and "enable_sample_packing" in off.why
+
+
+def test_unsloth_still_has_its_packing_hook():
+    """Fails when Unsloth renames or drops the hook the Unsloth path relies on (runs where Unsloth is installed)."""
+    import importlib.util
+
+    if importlib.util.find_spec("unsloth") is None:
+        pytest.skip("unsloth is not installed (CUDA machines only)")
+    from toolkit.finetune.trl_compat import unsloth_packing_hook
+
+    assert callable(unsloth_packing_hook())
+
+
+@pytest.mark.slow
+def test_fallback_trains_with_the_fallback_profile(tmp_path, tiny_llama_dir, monkeypatch):
+    """The GPU recipe (gpu=True: no cpu profile) falls back to the small model: the run uses the
+    recipe's `fallback:` settings, then the --set overrides, and records them."""
+    from toolkit.finetune.trainer import finetune
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rec = make_recipe(tmp_path, "meta-llama/Llama-3.2-1B-Instruct",
+                      extra="fallback:\n  method:\n    name: lora\n  lora:\n    r: 4\n  training:\n    max_steps: 3\n")
+    run = finetune(rec, [f"model.fallback_model={tiny_llama_dir}", "eval.report=false", "training.max_steps=2"],
+                   runs_dir=tmp_path / "runs", gpu=True)
+    info = json.loads((run / "run.json").read_text())
+    assert info["profile"] == "fallback" and info["base_model"] == str(tiny_llama_dir) and info["fallback_reason"]
+    assert info["method"] == "lora" and info["steps"] == 2  # the profile, then --set
+    assert json.loads((run / "adapter" / "adapter_config.json").read_text())["r"] == 4
+    assert (run / "recipe.yaml").read_text().startswith("# resolved recipe 'tiny' (profile: fallback)")
+    assert info["base_weights"] == str(Path(tiny_llama_dir).resolve()) and info["packing"].startswith("padding-free")

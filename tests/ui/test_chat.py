@@ -148,7 +148,7 @@ def test_history_and_trimming(tiny_llama_dir):
     assert trimmed.messages[1]["content"] == "second question"
     with pytest.raises(UserError, match="too long"):
         build_prompt(HFBackend(backend.model, backend.tokenizer, n_ctx=40), turns, None, max_new_tokens=10)
-    assert list_models(tiny_llama_dir)[0] == ("embedded (transformers)", "embedded")
+    assert list_models(tiny_llama_dir)[0] == ("embedded (SmolLM2-135M-Instruct)", "embedded")
 
 
 def test_model_picker_lists_runs_and_ggufs(tmp_path):

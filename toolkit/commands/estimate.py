@@ -1,14 +1,21 @@
-"""Estimate memory: pick a model for your GPU/RAM, or break down one model's needs.
+"""Estimate memory and time: pick a model for your GPU/RAM, or break down one model's needs.
 
-Without --model: detects the GPU (nvidia-smi) or, on CPU, the available RAM — or takes
---vram SIZE / --gpu NAME — and prints every catalog model x quant for the task with its
-estimate and headroom, then the pick: the largest model that fits with a 10% safety margin.
+Without --model: detects the GPU (nvidia-smi: free memory) or, on CPU, the available RAM — or
+takes --vram SIZE / --gpu NAME — and prints every catalog model x quant for the task with its
+estimate, headroom and run time, then the pick: the largest model that fits with a 10% safety
+margin AND trains within --time-budget (default 30 min on a CPU, none on a GPU; the run timed is
+--recipe's, else the finance recipe's tokens at the flags' settings).
 
 With --model (catalog id, `embedded`, an HF folder, a .gguf file or a run folder): prints the breakdown
-(weights, KV cache, activations, logits, gradients, optimizer, LoRA adapter, overhead).
+(weights, KV cache, activations, logits, gradients, optimizer, LoRA adapter, overhead) and the
+time: training tokens/s, the recipe's wall time with --recipe, decode tokens/s, prefill.
+Speeds come from this machine's calibration or, with --gpu, the GPU's datasheet.
 
 Examples:
+  toolkit estimate
+  toolkit estimate --recipe recipes/finance --time-budget 1h
   toolkit estimate --gpu "RTX 3060 12GB"
+  toolkit estimate --model TinyLlama-1.1B-Chat-v1.0 --task lora --quant fp16 --target-modules q_proj,k_proj,v_proj,o_proj --lora-r 32 --json
   toolkit estimate --vram 8GB --task inference
   toolkit estimate --model meta-llama/Llama-3.2-1B-Instruct --task qlora --seq-len 1024 --json
   toolkit estimate --model path/to/model.gguf --task inference --seq-len 4096
@@ -32,7 +39,13 @@ def add_arguments(p) -> None:
                    "(f16, q8_0, q6_k, q5_k_m, q4_k_m, q4_0, ...: llama.cpp inference)")
     p.add_argument("--seq-len", default="512", help="tokens per sequence / context length (default 512)")
     p.add_argument("--batch", default="1", help="sequences per step (default 1)")
-    p.add_argument("--lora-r", default="16", help="LoRA rank (default 16; all linear layers are targeted)")
+    p.add_argument("--lora-r", default="16", help="LoRA rank (default 16)")
+    p.add_argument("--target-modules", default="all-linear",
+                   help="LoRA targets: all-linear (default) or a comma list, e.g. q_proj,k_proj,v_proj,o_proj")
+    p.add_argument("--recipe", help="a recipe folder or YAML: its method, quant, seq, batch, rank, targets, "
+                   "checkpointing and steps set the estimate (and the run whose time is budgeted)")
+    p.add_argument("--time-budget", help="longest training run the pick may choose: 90s, 30m, 1.5h, 2h30m "
+                   "(default 30m on a CPU, none on a GPU)")
     ck = p.add_mutually_exclusive_group()
     ck.add_argument("--grad-ckpt", dest="grad_ckpt", action="store_true", default=True,
                     help="gradient checkpointing on (default)")
@@ -41,17 +54,30 @@ def add_arguments(p) -> None:
     p.add_argument("--vram", help="memory budget, e.g. 8GB, 7.5GiB, 7680MiB (GB = GiB)")
     p.add_argument("--gpu", help='budget from a GPU name, e.g. "RTX 3060 12GB" (see --list-gpus)')
     p.add_argument("--list-gpus", action="store_true", help="print the known GPUs and exit")
+    p.add_argument("--calibrate", action="store_true",
+                   help="measure this machine again (matmul GFLOP/s per dtype, memory GB/s; ~3 s), cache it, print it")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
 
 def run(args) -> int:
     from toolkit.estimate import budget as B
+    if args.calibrate:
+        from dataclasses import asdict
+
+        from toolkit.core import calibration
+        cal = calibration.load(refresh=True)
+        print(json.dumps(asdict(cal)) if args.json else cal.summary())
+        return 0
     if args.list_gpus:
         for name, gib in B.GPUS.items():
             print(f"{name:<26} {gib:>3} GiB")
         return 0
     if args.task not in _TASKS:
         raise UserError(f"--task must be one of {', '.join(_TASKS)}, got {args.task!r}")
+    if args.time_budget is not None:
+        from toolkit.estimate.timeplan import parse_duration
+
+        parse_duration(args.time_budget, "--time-budget")
     if args.model:
         return _one_model(args)
     return _pick(args)
@@ -73,13 +99,19 @@ def _one_model(args) -> int:
         device = detect().kind
     else:
         device = bud.device
-    est = E.estimate(args.model, args.task, args.quant, args.seq_len, args.batch, args.lora_r,
-                     args.grad_ckpt, optimizer=args.optimizer, device=device,
+    from toolkit.estimate.catalog import lookup
+
+    facts = lookup(args.model)
+    s = _settings(args, device)
+    est = E.estimate(facts, s["task"], s["quant"], s["seq_len"], s["batch"], s["lora_r"], s["grad_ckpt"],
+                     _targets(s["targets"], facts), s["optimizer"], s["lora_dropout"], device=device,
                      budget_bytes=bud.bytes if bud else None)
+    tm = _time(args, facts, est, device, s)
     if args.json:
         d = est.to_dict()
         if bud:
             d["budget_source"] = bud.source
+        d["time"] = tm
         print(json.dumps(d))
         return 0
     head = [est.task, est.quant, f"{est.backend} on {est.device}", f"seq {est.seq_len} x batch {est.batch}"]
@@ -94,6 +126,16 @@ def _one_model(args) -> int:
     print(f"  {'total':<15} {gib(est.total_bytes):>11}")
     if est.trainable_params:
         print(f"  trainable params: {est.trainable_params:,}")
+    if tm:
+        parts = []
+        if "train_tokens_per_s" in tm:
+            parts.append(f"train {tm['train_tokens_per_s']:.0f} tok/s")
+        if "train_wall_s" in tm:
+            from toolkit.estimate.timeplan import fmt_duration
+
+            parts.append(f"recipe run {fmt_duration(tm['train_wall_s'])} ({tm['steps']} steps)")
+        parts += [f"decode {tm['decode_tokens_per_s']:.0f} tok/s", f"prefill {tm['prefill_s']:.2f} s"]
+        print(f"  {'time':<15} " + " · ".join(parts) + f"  [{tm['source']}]")
     for note in est.notes:
         print(f"  note: {note}")
     if bud:
@@ -105,28 +147,163 @@ def _one_model(args) -> int:
 def _pick(args) -> int:
     from toolkit.estimate import budget as B
     from toolkit.estimate import planner as E
-    if args.quant:
+    if args.quant and not args.recipe:
         raise UserError("--quant needs --model (without it, the pick tries the task's usual quants)")
     bud = B.resolve_budget(args.vram, args.gpu)
-    seq, batch, rank = (E._positive(f, v) for f, v in
-                        (("--seq-len", args.seq_len), ("--batch", args.batch), ("--lora-r", args.lora_r)))
-    p = E.pick(args.task, bud.bytes, seq, batch, rank, device=bud.device)
+    s = _settings(args, bud.device)
+    quants = (s["quant"],) if args.recipe else None
+    rates, run, limit = None, None, None
+    if s["task"] != "inference":
+        rates = _rates(args, bud.device)
+        run = s["run"]
+        limit = _time_budget(args, bud.device)
+    seconds_of = None
+    if rates is not None and run is not None:
+        from toolkit.estimate.timeplan import time_fields
+
+        targets = s["targets"]
+
+        def seconds_of(m, e):
+            return time_fields(m, e, rates, targets=_targets(targets, m), run=run)["train_wall_s"]
+    p = E.pick(s["task"], bud.bytes, s["seq_len"], s["batch"], s["lora_r"], device=bud.device, quants=quants,
+               grad_ckpt=s["grad_ckpt"], targets=_targets(s["targets"], None), optimizer=s["optimizer"],
+               lora_dropout=s["lora_dropout"], seconds_of=seconds_of, time_budget_s=limit)
+    args.task = s["task"]
     if args.json:
         d = p.to_dict()
         d["budget_source"] = bud.source
         d["device"] = bud.device
+        d["time_budget_s"] = limit
+        d["time_source"] = rates.source if rates else None
         print(json.dumps(d))
         return 0
     print(f"Budget: {gib(bud.bytes)} — {bud.source}")
+    if limit is not None or rates is not None:
+        from toolkit.estimate.timeplan import fmt_duration
+
+        print(f"Time: {('budget ' + fmt_duration(limit)[1:]) if limit else 'no budget'}"
+              + (f" for {s['run_name']}" if s.get("run_name") else "") + (f" — {rates.source}" if rates else ""))
     print(f"Task: {args.task}, seq {args.seq_len} x batch {args.batch}"
           + (f", LoRA r{args.lora_r}" if args.task in ("lora", "qlora") else ""))
-    print(f"{'model':<38} {'quant':<7} {'params':>7} {'estimate':>11} {'fits':>5} {'headroom':>11}")
+    print(f"{'model':<38} {'quant':<7} {'params':>7} {'estimate':>11} {'fits':>5} {'headroom':>11} {'run time':>9}")
+    from toolkit.estimate.timeplan import fmt_duration
+
     for c in p.candidates:
         mark = "yes" if c.fits else "no"
         star = " <- pick" if (c.model == p.model and c.quant == p.quant and p.fits) else ""
+        secs = fmt_duration(c.seconds) if c.seconds is not None else "-"
         print(f"{c.model:<38} {c.quant:<7} {c.params / 1e9:>6.2f}B {gib(c.total_bytes):>11} {mark:>5} "
-              f"{gib(c.headroom_bytes):>11}{star}")
+              f"{gib(c.headroom_bytes):>11} {secs:>9}{star}")
     print(f"Pick: {p.model} ({p.quant})" if p.fits else "Pick: none fits")
     print(f"Why: {p.reason}")
     return 0
 
+
+
+def _settings(args, device: str) -> dict:
+    """The estimate's settings: from --recipe (through toolkit.finetune.plan.plan_inputs, the one
+    recipe -> planner mapping) or from the flags. Without --recipe the CPU time budget is judged
+    on the finance recipe's run (recipes/finance), the toolkit's reference workload."""
+    from pathlib import Path
+
+    from toolkit.estimate import planner as E
+    from toolkit.finetune.plan import PlanInputs
+
+    if args.recipe:
+        plan, run = _recipe_plan(args.recipe, "--recipe", device)
+        s = plan.as_kwargs()
+        if args.quant:
+            s["quant"] = args.quant
+        s.update(run=run, run_name=f"the {args.recipe} recipe's run")
+        return s
+    s = PlanInputs(task=args.task, quant=args.quant, seq_len=E._positive("--seq-len", args.seq_len),
+                   batch=E._positive("--batch", args.batch), lora_r=E._positive("--lora-r", args.lora_r),
+                   grad_ckpt=args.grad_ckpt, targets=_parse_targets(args.target_modules),
+                   optimizer=args.optimizer, lora_dropout=0.0, device=device).as_kwargs()
+    ref = Path(__file__).resolve().parents[2] / "recipes" / "finance"
+    run = None
+    if (ref / "recipe.yaml").is_file() and args.task != "inference":
+        try:
+            _, run = _recipe_plan(str(ref), "reference recipe", device)
+            run = _rescale(run, s["seq_len"], s["batch"])
+        except UserError:
+            run = None
+    s.update(run=run, run_name="the finance recipe's work" if run else "")
+    return s
+
+
+def _rescale(run, seq_len: int, batch: int):
+    """The reference recipe's tokens trained at the flags' seq x batch per step."""
+    from dataclasses import replace
+    import math
+
+    total = run.steps * run.tokens_per_step
+    per_step = seq_len * batch
+    return replace(run, steps=max(1, math.ceil(total / per_step)), tokens_per_step=per_step)
+
+
+def _recipe_plan(path: str, flag: str, device: str):
+    from toolkit.estimate.timeplan import training_dtype
+    from toolkit.finetune import recipe as R
+    from toolkit.finetune.plan import plan_inputs, run_shape
+
+    try:
+        rec = R.load(path, gpu=device == "cuda")
+    except UserError as exc:
+        raise UserError(f"{flag} {path}: {exc}") from None
+    dtype = "bfloat16" if device == "cuda" else training_dtype()
+    if rec.method.compute_dtype not in ("auto", "", None):
+        dtype = rec.method.compute_dtype
+    return plan_inputs(rec, device, dtype), run_shape(rec)
+
+
+def _parse_targets(text: str) -> tuple[str, ...]:
+    from toolkit.estimate.planner import ALL_LINEAR
+
+    items = [t.strip() for t in str(text).split(",") if t.strip()]
+    if not items:
+        raise UserError("--target-modules is empty (all-linear or a comma list such as q_proj,v_proj)")
+    if items == ["all-linear"]:
+        return ALL_LINEAR
+    bad = [t for t in items if t not in ALL_LINEAR]
+    if bad:
+        raise UserError(f"--target-modules: unknown module {', '.join(bad)} (known: all-linear, {', '.join(ALL_LINEAR)})")
+    return tuple(items)
+
+
+def _targets(targets, facts) -> tuple[str, ...]:
+    """Targets checked against the model's own linear layers (every catalog model has all seven)."""
+    if facts is not None:
+        bad = [t for t in targets if t not in facts.linears()]
+        if bad:
+            raise UserError(f"--target-modules: {facts.name} has no {', '.join(bad)}")
+    return tuple(targets)
+
+
+def _rates(args, device: str):
+    from toolkit.estimate.timeplan import rates_for_gpu, rates_here
+
+    if args.gpu is not None:
+        return rates_for_gpu(args.gpu)
+    if args.vram is not None:
+        return None  # a bare size says nothing about speed
+    return rates_here()
+
+
+def _time_budget(args, device: str):
+    from toolkit.estimate.timeplan import DEFAULT_TIME_BUDGET_S, parse_duration
+
+    if args.time_budget is not None:
+        return parse_duration(args.time_budget, "--time-budget")
+    return DEFAULT_TIME_BUDGET_S[device]
+
+
+def _time(args, facts, est, device: str, s: dict):
+    """The estimate's `time` object, or None when the device's rates are unknown (--vram)."""
+    from toolkit.estimate.timeplan import time_fields
+
+    rates = _rates(args, device)
+    if rates is None:
+        return None
+    return time_fields(facts, est, rates, targets=_targets(s["targets"], facts),
+                       run=s["run"] if args.recipe else None)

@@ -2,7 +2,8 @@
 
 Detection never imports torch unless asked to: `toolkit estimate` must stay instant, so GPU
 memory comes from `nvidia-smi` and CPU memory from /proc/meminfo (or psutil-free fallbacks).
-Training and decoding call `device()` / `dtype_for()`, which do use torch.
+Training and decoding call `device()` / `dtype_for()` / `dtype_choice()` / `apply_threads()`, which
+do use torch; what the device can do is toolkit.core.capability, how fast it is toolkit.core.calibration.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import os
 import shutil
 import subprocess
 from dataclasses import dataclass
+
+from toolkit.core.errors import UserError
 
 @dataclass(frozen=True)
 class Hardware:
@@ -89,19 +92,73 @@ def device() -> str:
 
 
 def dtype_for(dev: str, purpose: str) -> str:
-    """Compute dtype name for `purpose` in {"train", "infer"} on device `dev`.
+    """Compute dtype name for `purpose` in {"train", "eval", "infer"} on device `dev`.
 
     CUDA: bf16 where the GPU supports it (Ampere+), else fp16.
-    CPU training: bf16 compute measured ~1.75x faster than fp32 for QLoRA (240 vs 137 tokens/s) on
-    the AVX512-BF16 CPU the toolkit was first built on; on a CPU without native bf16 it is far slower.
+    CPU training/evaluation: bf16 only with native bf16 (avx512_bf16, AMX) and measured faster
+    than fp32 by the calibration: bf16 compute ran ~1.75x faster than fp32 for QLoRA (240 vs 137
+    tokens/s) on an AVX512-BF16 CPU, but ~100x slower per matmul on an AVX2-only one.
     CPU inference: fp32, because greedy output must match llama.cpp's f16/f32 path token for
     token and bf16 matmuls on CPU are not faster for a 135M model.
     """
-    if dev.startswith("cuda"):
-        import torch
+    return dtype_choice(dev, purpose)[0]
 
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    return "bfloat16" if purpose == "train" else "float32"
+
+_warned: set[str] = set()
+
+
+def dtype_choice(dev: str, purpose: str, requested: str = "auto", field: str = "compute dtype") -> tuple[str, str]:
+    """(dtype name, reason) for `purpose` on `dev`: `requested` "auto" follows dtype_for's rules
+    (toolkit.core.capability.choose_dtype); an explicit dtype is kept, except float16 on a CPU
+    (an error naming `field`); bfloat16 on a CPU without native bf16 warns once with the measured
+    slowdown."""
+    from toolkit.core import capability as C
+
+    cap = C.detect(dev)
+    if requested == "auto":
+        cal = None
+        # Only a native-bf16 CPU needs the measurement to decide; a forced record is not overruled.
+        if cap.kind == "cpu" and cap.native_bf16 and purpose != "infer" and not cap.forced:
+            from toolkit.core import calibration
+
+            cal = calibration.load(cap)
+        return C.choose_dtype(cap, purpose, cal)
+    if cap.kind == "cpu" and requested == "float16":
+        raise UserError(f"{field}: float16 is not supported on CPU (no fp16 matmul kernels there); "
+                        "use auto, float32 or bfloat16")
+    if cap.kind == "cpu" and requested == "bfloat16" and not cap.native_bf16 and field not in _warned:
+        from toolkit.core import calibration
+        from toolkit.core.progress import say
+
+        _warned.add(field)
+        rates = calibration.load(cap).matmul_flops
+        slower = rates["float32"] / rates["bfloat16"] if rates.get("bfloat16") else float("nan")
+        say(f"warning: {field}: bfloat16 on a CPU without native bf16 ({cap.isa}): bf16 measured "
+            f"{slower:.0f}x slower than fp32 on this CPU; `auto` would pick float32")
+    return requested, f"set by {field}"
+
+
+def apply_threads(dev: str) -> int:
+    """Set torch's intra-op threads to one per physical core on CPU (SMT siblings only contend);
+    returns the thread count in effect. TOOLKIT_THREADS=N sets N; an explicit OMP_NUM_THREADS is
+    left to torch, which already follows it. Several local processes (accelerate) share the cores."""
+    import torch
+
+    explicit = os.environ.get("TOOLKIT_THREADS")
+    if explicit is not None:
+        if not explicit.isdigit() or int(explicit) < 1:
+            raise UserError(f"TOOLKIT_THREADS must be a positive integer; got {explicit!r}")
+        want = int(explicit)
+    elif dev.startswith("cuda") or os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    else:
+        from toolkit.core import capability as C
+
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+        want = max(1, C.threads(C.detect(dev)) // max(1, local))
+    if torch.get_num_threads() != want:
+        torch.set_num_threads(want)
+    return want
 
 
 def torch_dtype(name: str):

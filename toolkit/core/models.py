@@ -16,6 +16,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from toolkit.core.chat_templates import ensure_chat_template
 from toolkit.core.chat_tokens import fix_chat_special_tokens, sync_special_ids
 from toolkit.core.errors import UserError
 
@@ -184,9 +185,12 @@ def hf_source(ref: ModelRef) -> str:
 
 
 def load_tokenizer(source: str):
+    """The tokenizer at `source`; a Llama-3 one without a chat template gets Meta's."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(source)
+    tok = AutoTokenizer.from_pretrained(source)
+    ensure_chat_template(tok)
+    return tok
 
 
 def load_causal_lm(source: str, dtype: str = "float32", device: str = "cpu", quantization=None):
@@ -225,11 +229,21 @@ def run_info(run: Path) -> dict:
 
 
 def run_base_source(run: Path) -> str:
-    """What `from_pretrained` gets for a run's base: run.json's `base_source`, except that the
-    embedded model is found again on this machine (its cache path differs between machines)."""
+    """What `from_pretrained` gets for a run's base: the weights its training actually read.
+
+    run.json's `base_weights` when that folder exists here (the local folder or HF cache snapshot),
+    else `base_weights_repo`, the hub repo they came from (for an Unsloth run its pre-quantized
+    `unsloth/...-bnb-4bit` repo, not the gated original), else `base_source` (runs recorded before
+    `base_weights` existed). The embedded model is found again on this machine (its cache path
+    differs between machines)."""
     info = run_info(run)
     if info.get("base_model") == EMBEDDED:
         return str(embedded_hf_dir())
+    weights = info.get("base_weights")
+    if isinstance(weights, str) and weights and Path(weights).is_dir():
+        return weights
+    if isinstance(info.get("base_weights_repo"), str) and info["base_weights_repo"]:
+        return info["base_weights_repo"]
     if not info.get("base_source"):
         raise UserError(f"{Path(run) / 'run.json'}: no base_source")
     return str(info["base_source"])

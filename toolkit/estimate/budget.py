@@ -80,7 +80,10 @@ class Budget:
 
 
 def resolve_budget(vram: str | None, gpu: str | None) -> Budget:
-    """--vram beats --gpu beats detection (nvidia-smi, else available RAM from /proc/meminfo)."""
+    """--vram beats --gpu beats detection. Detected memory follows the one rule the fine-tune's
+    `base_model: auto` and fit check use (toolkit.finetune.plan): what is free now — nvidia-smi's
+    free memory, or MemAvailable from /proc/meminfo. A named size (--vram, --gpu) is a whole,
+    empty device."""
     if vram is not None and gpu is not None:
         raise UserError("give either --vram or --gpu, not both")
     if vram is not None:
@@ -92,5 +95,6 @@ def resolve_budget(vram: str | None, gpu: str | None) -> Budget:
 
     hw = detect()
     if hw.kind == "cuda":
-        return Budget(hw.total_bytes, "cuda", f"{hw.name}, {gib(hw.total_bytes, 1)} total ({hw.source})")
+        return Budget(hw.available_bytes, "cuda",
+                      f"{hw.name}, {gib(hw.available_bytes, 1)} free of {gib(hw.total_bytes, 1)} ({hw.source})")
     return Budget(hw.available_bytes, "cpu", f"{hw.name}: {gib(hw.available_bytes, 1)} RAM available ({hw.source})")

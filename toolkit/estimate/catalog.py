@@ -102,12 +102,23 @@ _MODELS = [
     _f("Qwen/Qwen2.5-1.5B-Instruct", "qwen2", 1536, 8960, 28, 12, 2, 128, 151936, True, 1_543_714_304, True, 32768),
     _f("Qwen/Qwen2.5-3B-Instruct", "qwen2", 2048, 11008, 36, 16, 2, 128, 151936, True, 3_085_938_688, True, 32768),
     _f("Qwen/Qwen2.5-7B-Instruct", "qwen2", 3584, 18944, 28, 28, 4, 128, 152064, False, 7_615_616_512, True, 32768),
+    # Llama-2 shapes with GQA (4 KV heads), untied 32k vocab; safetensors total 1,100,048,384.
+    _f("TinyLlama/TinyLlama-1.1B-Chat-v1.0", "llama", 2048, 5632, 22, 32, 4, 64, 32000, False, 1_100_048_384, ctx=2048),
 ]
 _BASES = {  # base repo -> instruct twin with the same shapes and the same published count
     "meta-llama/Llama-3.2-1B": "meta-llama/Llama-3.2-1B-Instruct",
     "meta-llama/Llama-3.2-3B": "meta-llama/Llama-3.2-3B-Instruct",
     "meta-llama/Llama-3.1-8B": "meta-llama/Llama-3.1-8B-Instruct",
+    "HuggingFaceTB/SmolLM2-135M": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "HuggingFaceTB/SmolLM2-360M": "HuggingFaceTB/SmolLM2-360M-Instruct",
+    "HuggingFaceTB/SmolLM2-1.7B": "HuggingFaceTB/SmolLM2-1.7B-Instruct",
+    "Qwen/Qwen2.5-0.5B": "Qwen/Qwen2.5-0.5B-Instruct",
+    "Qwen/Qwen2.5-1.5B": "Qwen/Qwen2.5-1.5B-Instruct",
+    "Qwen/Qwen2.5-3B": "Qwen/Qwen2.5-3B-Instruct",
+    "Qwen/Qwen2.5-7B": "Qwen/Qwen2.5-7B-Instruct",
 }
+# Known for estimates (peers measured it) but not offered by the pick: a 2k-context Llama-2-era chat model.
+_NOT_PICKED = {"TinyLlama/TinyLlama-1.1B-Chat-v1.0"}
 
 CATALOG: dict[str, ModelFacts] = {m.name: m for m in _MODELS}
 for _base, _inst in _BASES.items():
@@ -119,7 +130,8 @@ CATALOG[EMBEDDED] = replace(
 
 # The models `pick` chooses among: one per architecture (instruct variants), smallest first;
 # `embedded` stands for SmolLM2-135M-Instruct because it needs no download.
-PICKABLE = sorted((n for n in CATALOG if n not in _BASES and n != "HuggingFaceTB/SmolLM2-135M-Instruct"),
+PICKABLE = sorted((n for n in CATALOG if n not in _BASES and n not in _NOT_PICKED
+                   and n != "HuggingFaceTB/SmolLM2-135M-Instruct"),
                   key=lambda n: CATALOG[n].param_count())
 
 

@@ -196,6 +196,45 @@ def training_activation_bytes(per_layer_bytes: int, layers: int, hidden: int, to
     return int(tokens * layers * per_layer_bytes)
 
 
+def eager_attention_bytes(heads: int, seq_len: int, act_bytes: int = 2) -> tuple[int, int]:
+    """(saved, backward extra) bytes per token of one layer's eager attention score matrices.
+
+    transformers' eager_attention_forward (models/llama/modeling_llama.py) computes
+    softmax(q k^T + mask, dtype=float32).to(q.dtype) and multiplies by v: softmax keeps its fp32
+    output for the backward and the matmul keeps the probabilities in the stream dtype,
+    heads x seq_len entries per token each. The backward of those two ops holds the fp32 incoming
+    gradient and the fp32 gradient it produces on top of the saved output (SoftmaxBackward =
+    y * (g - sum(y g))). When the stream is already fp32 the cast is a no-op, yet fitcheck's
+    eager QLoRA rows (fp32 stream, three models, seq 1024-4096, batch 1-8) show the same two
+    tensors' worth live under checkpoint recompute, so both are counted whatever the dtype.
+    SDPA / flash kernels keep only a per-head logsumexp: (0, 0)."""
+    per = heads * seq_len
+    return per * (4 + act_bytes), per * 8
+
+
+def training_peak_activation_bytes(per_layer_bytes: int, layers: int, hidden: int, tokens: int, grad_ckpt: bool,
+                                   logits_peak: int, act_bytes: int = 2, attn_backward_bytes: int = 0,
+                                   mask_bytes: int = 0) -> tuple[int, int, str]:
+    """(activations, logits, phase) at the peak of a training step: the larger of two moments.
+
+    - the loss backward: everything the forward kept (every layer's set, or with per-layer
+      checkpointing only each layer's input) plus the logits spike (`logits_peak`);
+    - a layer's backward: the logits are gone; what the forward kept, plus (with checkpointing)
+      one recomputed layer's set, the layer's attention-backward temporaries and the gradient of
+      the residual stream (2 x hidden per token).
+    Adding the two, as a plain sum of terms does, counts memory that is never live at once
+    (Korthikanti et al. 2022 and PyTorch's caching allocator frees a saved tensor right after the
+    backward node that used it). `mask_bytes` is the causal mask eager attention builds once per
+    forward (tokens x seq_len entries) and keeps until the step ends."""
+    kept = tokens * layers * (hidden * act_bytes if grad_ckpt else per_layer_bytes) + mask_bytes
+    loss_phase = kept + logits_peak
+    layer_phase = kept + tokens * (2 * hidden * act_bytes + attn_backward_bytes
+                                   + (per_layer_bytes if grad_ckpt else 0))
+    if loss_phase >= layer_phase:
+        return kept, logits_peak, "the loss backward"
+    return layer_phase, 0, "a decoder layer's backward"
+
+
 def bnb_legacy_input_bytes(hidden: int, inter: int, layers: int, tokens: int, act_bytes: int = 2) -> int:
     """Extra activations of QLoRA under older bitsandbytes, whose MatMul4Bit kept its input
     (`ctx.tensors = (A, B)`; bitsandbytes 0.50, which this toolkit runs, keeps `(None, B)`):
@@ -208,9 +247,20 @@ def bnb_legacy_input_bytes(hidden: int, inter: int, layers: int, tokens: int, ac
 def logits_bytes(tokens: int, vocab: int, act_bytes: int = 2) -> int:
     """Peak of the LM head + loss (the logits spike, tokens x vocab). transformers' causal-LM
     loss upcasts the logits to fp32 before cross-entropy (loss_utils.ForCausalLMLoss): live at
-    the log-softmax backward are the 16-bit logits, the saved fp32 log-softmax, its incoming
-    gradient and the gradient it produces: (2 + 4 + 4 + 4) bytes per vocab entry per token."""
+    the log-softmax backward are the logits as the head produced them (act_bytes; when they are
+    already fp32 the upcast is a no-op), the saved fp32 log-softmax, its incoming gradient and the
+    gradient it produces: (act_bytes + 4 + 4 + 4) bytes per vocab entry per token."""
     return tokens * vocab * (act_bytes + 12)
+
+
+def chunked_logits_bytes(tokens: int, vocab: int, chunk: int, act_bytes: int = 2) -> int:
+    """The same spike for litgpt's fine-tuning loss (litgpt/utils.py chunked_cross_entropy; the
+    model returns the head output as a list of `chunk`-token pieces, lm_head_chunk_size 128):
+    cross_entropy runs on each piece in the logits' own dtype (no fp32 upcast), so every piece's
+    logits and its saved log-softmax output stay until the backward (2 x act_bytes per entry for
+    all tokens), and the backward of one piece holds its incoming gradient and the one it
+    produces (2 x act_bytes for `chunk` tokens)."""
+    return tokens * vocab * 2 * act_bytes + min(chunk, tokens) * vocab * 2 * act_bytes
 
 
 OPTIMIZER_STATE_BYTES = {

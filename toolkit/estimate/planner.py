@@ -115,7 +115,8 @@ def _gguf_matches(m: ModelFacts, quant: str) -> bool:
 def estimate(model: str | ModelFacts, task: str = "qlora", quant: str | None = None, seq_len: int = 512,
              batch: int = 1, lora_r: int = 16, grad_ckpt: bool = True, targets: tuple[str, ...] = ALL_LINEAR,
              optimizer: str = "adamw", lora_dropout: float = 0.0, device: str = "cuda",
-             budget_bytes: int | None = None, bnb_legacy: bool = False) -> Estimate:
+             budget_bytes: int | None = None, bnb_legacy: bool = False, *, kbit_upcast: bool = False,
+             attn_impl: str = "sdpa", loss_chunk: int = 0) -> Estimate:
     """Estimate peak memory of `task` ("inference" | "lora" | "qlora" | "full") for `model`.
 
     quant: fp32/bf16/fp16, int8/nf4/nf4-dq (bitsandbytes), or a GGUF type (inference with
@@ -125,7 +126,12 @@ def estimate(model: str | ModelFacts, task: str = "qlora", quant: str | None = N
     seq_len is the context (inference) or the padded/packed sequence length (training); targets
     are the LoRA target modules (PEFT names); device "cuda" or "cpu" picks the overhead.
     bnb_legacy models the older bitsandbytes that kept each 4-bit linear's input (for comparing
-    with measurements taken with it).
+    with measurements taken with it). kbit_upcast: peft's prepare_model_for_kbit_training ran
+    (QLoRA): it casts every non-quantized weight (embeddings, norms, lm_head) to fp32, so the
+    residual stream and the logits are fp32 too (bnb's Linear4bit returns its input's dtype);
+    this toolkit's trainer does not call it. attn_impl: "sdpa" (default; flash / memory-efficient
+    kernels keep no score matrix) or "eager" (keeps heads x seq x seq scores per layer).
+    loss_chunk: tokens per chunk of a chunked LM head + loss (litgpt), 0 = whole.
     """
     m = model if isinstance(model, ModelFacts) else lookup(model)
     if task not in TASKS:
@@ -147,6 +153,9 @@ def estimate(model: str | ModelFacts, task: str = "qlora", quant: str | None = N
         raise UserError(f"unknown LoRA target(s) {', '.join(bad)} (known: {', '.join(ALL_LINEAR)})")
     if device not in ("cuda", "cpu"):
         raise UserError(f"device must be cuda or cpu, got {device!r}")
+    if attn_impl not in ("sdpa", "eager"):
+        raise UserError(f"attention must be sdpa or eager, got {attn_impl!r}")
+    upcast = kbit_upcast and task == "qlora"
 
     is_gguf = quant in GGUF_QUANTS or gguf_file_quant
     est = Estimate(m.name, task, quant, "llama.cpp" if is_gguf else "transformers", device, seq_len, batch,
@@ -154,14 +163,21 @@ def estimate(model: str | ModelFacts, task: str = "qlora", quant: str | None = N
                    m.counted_params or m.param_count(), 0, budget_bytes=budget_bytes)
     c = est.components
     c["weights"] = weights_bytes(m, quant)
+    if upcast:  # the 16-bit rest (embeddings, lm_head, norms) becomes fp32
+        c["weights"] += 2 * (m.embedding_params() + m.lm_head_params() + m.small_params())
     tokens = seq_len * batch
     if task == "inference":
         _inference_terms(est, m, quant, is_gguf, tokens)
     else:
-        _training_terms(est, m, quant, tokens, lora_r, grad_ckpt, targets, optimizer, lora_dropout)
-        if bnb_legacy and quant in ("nf4", "nf4-dq") and not grad_ckpt:
-            c["activations"] += F.bnb_legacy_input_bytes(m.hidden, m.intermediate, m.layers, tokens)
+        legacy = F.bnb_legacy_input_bytes(m.hidden, m.intermediate, m.layers, tokens) \
+            if (bnb_legacy and quant in ("nf4", "nf4-dq") and not grad_ckpt) else 0
+        _training_terms(est, m, quant, tokens, lora_r, grad_ckpt, targets, optimizer, lora_dropout,
+                        act=4 if (quant == "fp32" or upcast) else 2, attn_impl=attn_impl, loss_chunk=loss_chunk,
+                        extra_kept=legacy)
+        if legacy:
             est.notes.append("older bitsandbytes: 4-bit layers keep their inputs")
+        if upcast:
+            est.notes.append("prepare_model_for_kbit_training: embeddings, norms and lm_head in fp32")
     overhead = "llama.cpp" if (is_gguf and device == "cpu") else device
     c["framework"] = F.FRAMEWORK_OVERHEAD[overhead]
     return est
@@ -186,10 +202,10 @@ def _inference_terms(est: Estimate, m: ModelFacts, quant: str, is_gguf: bool, to
         c["dequant_buffer"] = 2 * max(a * b for a, b in m.linears().values())
 
 
-def _training_terms(est, m, quant, tokens, lora_r, grad_ckpt, targets, optimizer, lora_dropout) -> None:
+def _training_terms(est, m, quant, tokens, lora_r, grad_ckpt, targets, optimizer, lora_dropout, *, act,
+                    attn_impl="sdpa", loss_chunk=0, extra_kept=0) -> None:
     c = est.components
     task = est.task
-    act = 4 if quant == "fp32" else 2
     if task == "full":
         pbytes = F.DENSE_BYTES[quant]
         est.trainable_params = m.param_count()
@@ -205,8 +221,21 @@ def _training_terms(est, m, quant, tokens, lora_r, grad_ckpt, targets, optimizer
     per_layer = F.layer_activation_bytes(m.hidden, m.q_dim, m.kv_dim, m.intermediate,
                                          "full" if task == "full" else "lora", targets, m.linears(), lora_r or 0,
                                          lora_dropout, act, adapter_bytes=4, mask_bytes=1 if est.device == "cuda" else 4)
-    c["activations"] = F.training_activation_bytes(per_layer, m.layers, m.hidden, tokens, grad_ckpt, act)
-    c["logits"] = F.logits_bytes(tokens, m.vocab, act)
+    attn_back = mask = 0
+    if attn_impl == "eager":
+        saved, attn_back = F.eager_attention_bytes(m.heads, est.seq_len, act)
+        per_layer += saved
+        mask = tokens * est.seq_len * act
+    per_layer += extra_kept // max(1, tokens * m.layers)
+    if loss_chunk:
+        logits = F.chunked_logits_bytes(tokens, m.vocab, loss_chunk, act)
+    else:
+        logits = F.logits_bytes(tokens, m.vocab, act)
+    acts, logits, phase = F.training_peak_activation_bytes(per_layer, m.layers, m.hidden, tokens, grad_ckpt, logits,
+                                                           act, attn_back, mask)
+    c["activations"] = acts
+    c["logits"] = logits
+    est.notes.append(f"peak during {phase}")
     if quant in ("nf4", "nf4-dq", "int8"):
         # bnb dequantizes one weight at a time to the compute dtype for the matmul
         c["dequant_buffer"] = 2 * max(a * b for a, b in m.linears().values())
@@ -225,8 +254,10 @@ class Candidate:
     quant: str
     params: int
     total_bytes: int
-    fits: bool
+    fits: bool  # memory and time
     headroom_bytes: int
+    seconds: float | None = None  # the run's estimated wall time, when a time model was given
+    in_time: bool = True
 
 
 @dataclass
@@ -250,13 +281,18 @@ class Pick:
 
 def pick(task: str, budget_bytes: int, seq_len: int = 512, batch: int = 1, lora_r: int = 16,
          device: str | None = None, *, quants: tuple[str, ...] | None = None, grad_ckpt: bool = True,
-         targets: tuple[str, ...] = ALL_LINEAR, optimizer: str = "adamw", lora_dropout: float = 0.0) -> Pick:
+         targets: tuple[str, ...] = ALL_LINEAR, optimizer: str = "adamw", lora_dropout: float = 0.0,
+         seconds_of=None, time_budget_s: float | None = None) -> Pick:
     """The largest catalog model whose estimate fits in `budget_bytes` minus SAFETY_MARGIN (10%).
 
     Candidates are every pickable model (instruct variants; `embedded` stands for
     SmolLM2-135M-Instruct) x the task's quants in PICK_QUANTS. Per model the first quant that
     fits wins (bf16 before q8_0 before q4_k_m for inference); `quants` replaces that list (a
     recipe's own quant). The remaining settings are `estimate`'s. `device` None: detected.
+    seconds_of(facts, estimate) -> seconds gives a candidate's run time (toolkit.estimate.timeplan);
+    with `time_budget_s` a candidate must also finish within it. Memory rule: the estimate's total
+    (framework included) against `budget_bytes` minus the margin — the caller decides whether
+    that budget is total or free memory.
     """
     if task not in TASKS:
         raise UserError(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
@@ -274,23 +310,36 @@ def pick(task: str, budget_bytes: int, seq_len: int = 512, batch: int = 1, lora_
         for q in quants or (PICK_QUANTS_CPU if device == "cpu" else PICK_QUANTS)[task]:
             e = estimate(CATALOG[name], task, q, seq_len, batch, lora_r, grad_ckpt, targets, optimizer, lora_dropout,
                          device=device)
-            cand = Candidate(name, q, e.params, e.total_bytes, e.total_bytes <= usable, usable - e.total_bytes)
+            secs = seconds_of(CATALOG[name], e) if seconds_of is not None else None
+            in_time = time_budget_s is None or secs is None or secs <= time_budget_s
+            cand = Candidate(name, q, e.params, e.total_bytes, e.total_bytes <= usable and in_time,
+                             usable - e.total_bytes, None if secs is None else round(secs, 1), in_time)
             cands.append(cand)
             if cand.fits and chosen is None:
                 chosen = cand
         if chosen and (best is None or chosen.params >= best.params):
             best = chosen
     budget_txt = f"{gib(usable)} usable ({gib(budget_bytes)} budget minus the {SAFETY_MARGIN:.0%} safety margin)"
+    from toolkit.estimate.timeplan import fmt_duration
+
+    time_txt = f" and {fmt_duration(time_budget_s)} of time" if time_budget_s is not None else ""
     if best is None:
         smallest = min(cands, key=lambda c: c.total_bytes)
+        took = f" and would take {fmt_duration(smallest.seconds)}" if smallest.seconds is not None else ""
         return Pick(smallest.model, smallest.quant, False, smallest.headroom_bytes,
-                    f"nothing fits: the smallest, {smallest.model} {smallest.quant}, needs {gib(smallest.total_bytes)} "
-                    f"but only {budget_txt}", cands, smallest.total_bytes, budget_bytes, usable, task)
+                    f"nothing fits: the smallest, {smallest.model} {smallest.quant}, needs {gib(smallest.total_bytes)}"
+                    f"{took}, with {budget_txt}{time_txt}", cands, smallest.total_bytes, budget_bytes, usable, task)
+    took = f" and would take {fmt_duration(best.seconds)}" if best.seconds is not None else ""
+    why = (f"largest model that fits: {best.model} {task} {best.quant} needs {gib(best.total_bytes)} of {budget_txt}"
+           f"{took}{' (budget ' + fmt_duration(time_budget_s)[1:] + ')' if time_budget_s is not None else ''}")
     bigger = [c for c in cands if c.params > best.params]
-    nxt = min(bigger, key=lambda c: (c.params, c.total_bytes)) if bigger else None
-    why = f"largest model that fits: {best.model} {task} {best.quant} needs {gib(best.total_bytes)} of {budget_txt}"
-    if nxt:
-        why += f"; the next larger, {nxt.model} {nxt.quant}, needs {gib(nxt.total_bytes)}"
-    if device == "cpu" and task != "inference":
-        why += "; on CPU, time rather than memory limits training: prefer a small model for quick runs"
+    if bigger:
+        nxt = min(bigger, key=lambda c: (c.params, c.total_bytes))
+        short = nxt.model.split("/")[-1]
+        limits = []
+        if nxt.total_bytes > usable:
+            limits.append(f"needs {gib(nxt.total_bytes)}")
+        if not nxt.in_time and nxt.seconds is not None:
+            limits.append(f"would take {fmt_duration(nxt.seconds)} here")
+        why += f"; the next larger, {short} {nxt.quant}, " + (" and ".join(limits) or f"needs {gib(nxt.total_bytes)}")
     return Pick(best.model, best.quant, True, best.headroom_bytes, why, cands, best.total_bytes, budget_bytes, usable, task)

@@ -92,7 +92,7 @@ def turn_format(tokenizer) -> TurnFormat | None:
             if not (default_block.startswith(system_prefix) and default_block.endswith(system_suffix)):
                 return None
             default_system = default_block[len(system_prefix): len(default_block) - len(system_suffix)]
-    except (ValueError, TypeError):
+    except Exception:  # noqa: BLE001 - a probe's ValueError, or the template rejecting a probe (raise_exception)
         return None
     fmt = TurnFormat(system_prefix, system_suffix, user_prefix, user_suffix, assistant_prefix,
                      assistant_suffix, generation, default_system)
@@ -114,12 +114,38 @@ def _go_literal(text: str) -> str:
     return text
 
 
-def go_template(fmt: TurnFormat) -> str:
-    """The Go template equivalent of `render(fmt, ...)`. No `{{-` trim markers: the literal
-    prefixes and suffixes carry significant newlines that trimming would eat."""
+def ollama_adds_bos(tokenizer) -> str | None:
+    """The BOS string when the tokenizer adds a BOS itself (so the GGUF's `add_bos_token` is set
+    and Ollama prepends it to every prompt), else None."""
+    bos = getattr(tokenizer, "bos_token", None)
+    if not bos:
+        return None
+    ids = tokenizer("", add_special_tokens=True)["input_ids"]
+    return bos if ids[:1] == [tokenizer.bos_token_id] else None
+
+
+def go_template(fmt: TurnFormat, bos: str | None = None) -> str:
+    """The Go template equivalent of `render(fmt, ...)`, minus the leading `bos` (the BOS string
+    Ollama adds itself; keeping it would give the prompt two). No `{{-` trim markers: the literal
+    prefixes and suffixes carry significant newlines that trimming would eat.
+
+    A template that writes a system block in every conversation (Llama-3: BOS, then the system
+    header with the knowledge-cutoff and date lines even when there is no system message) gets
+    the block unconditionally; `{{ if .System }}` would drop it, header and all, whenever the
+    conversation has no system prompt. Its "Today Date" line is the export day's: the Modelfile
+    holds the template's text as rendered then."""
     g = _go_literal
+    system_prefix = fmt.system_prefix
+    parts = [fmt.system_prefix, fmt.user_prefix, fmt.assistant_prefix]
+    if bos and any(p.startswith(bos) for p in parts):
+        if fmt.default_system is None or not system_prefix.startswith(bos):
+            raise ValueError("the template writes the BOS in a block that is not always first")
+        system_prefix = system_prefix[len(bos):]
+    system_block = f"{g(system_prefix)}{{{{ .System }}}}{g(fmt.system_suffix)}"
+    if fmt.default_system is None:
+        system_block = f"{{{{ if .System }}}}{system_block}{{{{ end }}}}"
     return (
-        f"{{{{ if .System }}}}{g(fmt.system_prefix)}{{{{ .System }}}}{g(fmt.system_suffix)}{{{{ end }}}}"
+        f"{system_block}"
         f"{{{{ range .Messages }}}}"
         f'{{{{ if eq .Role "user" }}}}{g(fmt.user_prefix)}{{{{ .Content }}}}{g(fmt.user_suffix)}'
         f'{{{{ else if eq .Role "assistant" }}}}{g(fmt.assistant_prefix)}{{{{ .Content }}}}{g(fmt.assistant_suffix)}'
@@ -145,7 +171,7 @@ def modelfile_text(gguf_name: str, tokenizer, end_of_turn: str, temperature: flo
     fmt = turn_format(tokenizer)
     lines = [f"FROM ./{gguf_name}", ""]
     try:
-        template = go_template(fmt) if fmt else None
+        template = go_template(fmt, ollama_adds_bos(tokenizer)) if fmt else None
         system = _go_literal(fmt.default_system) if fmt and fmt.default_system is not None else None
     except ValueError:  # template text that cannot sit inside a Modelfile string
         fmt = template = system = None
@@ -153,7 +179,7 @@ def modelfile_text(gguf_name: str, tokenizer, end_of_turn: str, temperature: flo
         lines += ["# The chat template is not a simple per-role format; Ollama reads the one embedded in the GGUF.", ""]
     else:
         lines += [f'TEMPLATE """{template}"""', ""]
-        if system is not None:
+        if system:
             lines += [f'SYSTEM """{system}"""', ""]
     for stop in stop_tokens(tokenizer, end_of_turn, fmt):
         lines.append(f'PARAMETER stop "{stop}"')

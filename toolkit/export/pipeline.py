@@ -69,8 +69,16 @@ def _base_folder(ref) -> Path | None:
     if ref.kind == "hf_dir":
         return ref.path
     if ref.kind == "run":
-        p = Path(run_base_source(ref.path))
-        return p if p.is_dir() else None
+        source = run_base_source(ref.path)  # the weights training read (run.json `base_weights`)
+        if Path(source).is_dir():
+            return Path(source)
+        from huggingface_hub import try_to_load_from_cache
+
+        try:  # a hub repo already in the local cache: its snapshot folder has the headers
+            hit = try_to_load_from_cache(source, "config.json")
+        except ValueError:  # not a repo id
+            return None
+        return Path(hit).parent if isinstance(hit, str) else None
     return None
 
 
@@ -106,7 +114,10 @@ def resolve_source(spec: str):
     if ref.kind == "gguf":
         raise UserError(f"{spec} is already a GGUF; export takes a run folder, `embedded` or an HF folder")
     if ref.kind == "run":
+        from toolkit.core.models import run_base_source
+
         ref.adapter_dir  # the one-line "no adapter" error now, not after loading the base
+        run_base_source(ref.path)  # and a run.json that names no base weights
     return ref
 
 
@@ -115,20 +126,52 @@ def default_out_dir(ref) -> Path:
     return ref.path / "gguf" if ref.kind == "run" else Path("exports") / _name_for(ref)
 
 
-def planned_files(name: str, quants) -> dict[str, str]:
-    """quant -> GGUF file name, plus the Modelfile(s), README.md and export.json."""
+def previous_export(out: Path, name: str, force: bool = False) -> dict | None:
+    """The export.json an earlier export of the same model left in `out`, so another quant can be
+    added beside its files; None when there is none. An unreadable record, or one of another
+    model, is refused (with `force` an unreadable one is ignored and everything rewritten)."""
+    import json
+
+    path = Path(out) / "export.json"
+    if not path.is_file():
+        return None
+    try:
+        prev = json.loads(path.read_text())
+        if not isinstance(prev, dict) or not isinstance(prev.get("files"), dict):
+            raise ValueError("not an export record")
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        if force:
+            return None
+        raise UserError(f"{path}: unreadable export record ({exc}); use --force to replace it") from None
+    if prev.get("name") != name:
+        raise UserError(f"{out} holds an export of {prev.get('name')!r}, not {name!r}; choose another --out")
+    return prev
+
+
+def planned_files(name: str, quants, previous: dict | None = None) -> dict[str, str]:
+    """quant -> GGUF file name, plus the Modelfile(s), README.md and export.json.
+
+    The first quant of a folder gets `Modelfile`, later ones `Modelfile.<quant>`; a quant the
+    `previous` export already has keeps its Modelfile name."""
+    prev_mf = dict((previous or {}).get("modelfiles") or {})
+    taken = set(prev_mf.values())
     files = {q: f"{name}-{q}.gguf" for q in quants}
-    for i, q in enumerate(quants):
-        files[f"modelfile:{q}"] = "Modelfile" if i == 0 else f"Modelfile.{q}"
+    for q in quants:
+        mf = prev_mf.get(q) or ("Modelfile" if "Modelfile" not in taken else f"Modelfile.{q}")
+        taken.add(mf)
+        files[f"modelfile:{q}"] = mf
     files["readme"] = "README.md"
     files["json"] = "export.json"
     return files
 
 
-def _prepare_out_dir(out: Path, files: dict[str, str], force: bool) -> bool:
+def _prepare_out_dir(out: Path, files: dict[str, str], force: bool, previous: dict | None = None) -> bool:
     """Create `out` if needed and prove it writable; refuse to overwrite without `force`.
+    With a `previous` export in `out` its README.md and export.json are rewritten (merged), and
+    only the requested quants' GGUFs and Modelfiles count as overwriting.
     Returns whether we created it (so a failed export can remove it again)."""
-    existing = [f for f in files.values() if (out / f).exists()]
+    merged = {"readme", "json"} if previous is not None else set()
+    existing = [f for key, f in files.items() if key not in merged and (out / f).exists()]
     if existing and not force:
         raise UserError(f"{out / existing[0]} already exists (use --force to overwrite)")
     created = not out.exists()
@@ -155,11 +198,14 @@ def _ensure_end_of_turn_eos(model, tok, progress) -> None:
 
 def export_model(spec: str, quants=("q4_k_m",), out=None, force: bool = False, progress=say):
     """Merge, convert, quantize and verify `spec` (run folder, `embedded` or HF folder) into GGUF
-    files under `out`; returns the export summary dict (also written as export.json). Progress
+    files under `out`; returns this export's summary dict (export.json holds it, merged with any
+    earlier export's in the folder). Progress
     lines go to `progress` (stderr by default).
 
     Everything is built in a hidden temp folder inside `out` and renamed into place only after
     every requested quant passed verification; on any failure or Ctrl-C nothing is left behind.
+    When `out` already holds an export of the same model, the new quants are added beside it
+    (README.md and export.json list them all); existing GGUFs are replaced only with `force`.
     """
     import shutil
     import time
@@ -174,10 +220,12 @@ def export_model(spec: str, quants=("q4_k_m",), out=None, force: bool = False, p
     ref = resolve_source(spec)
     name = _name_for(ref)
     out = Path(out) if out is not None else default_out_dir(ref)
-    files = planned_files(name, quants)
+    # Another quant into a folder that has an export: its files stay, the records are merged.
+    previous = previous_export(out, name, force)
+    files = planned_files(name, quants, previous)
     steps = 6
     timings: dict[str, float] = {}
-    created = _prepare_out_dir(out, files, force)
+    created = _prepare_out_dir(out, files, force, previous)
     work = None
     t_all = time.perf_counter()
     try:
@@ -268,13 +316,14 @@ def export_model(spec: str, quants=("q4_k_m",), out=None, force: bool = False, p
         timings["total"] = time.perf_counter() - t_all
         summary = report.summary(spec, ref, name, quants, files, results, timings, notes, dtype)
         summary["out_dir"] = str(out.resolve())
+        record = report.merge(previous, summary) if previous is not None else summary
         eot = end_of_turn_token(tok)
         from toolkit.export.modelfile import modelfile_text
 
         for q in quants:
             (work / files[f"modelfile:{q}"]).write_text(modelfile_text(files[q], tok, eot))
-        (work / files["readme"]).write_text(report.readme(summary))
-        (work / files["json"]).write_text(report.to_json(summary))
+        (work / files["readme"]).write_text(report.readme(record))
+        (work / files["json"]).write_text(report.to_json(record))
         for q in quants:
             os.replace(built[q], out / files[q])
         for key in [k for k in files if k not in quants]:

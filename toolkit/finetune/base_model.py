@@ -72,24 +72,37 @@ def available_source(spec: str, timeout: float) -> str:
 
 
 def _auto_pick(recipe, announce, device: str, dtype: str) -> tuple[str, dict]:
+    """The estimator's pick for `recipe`: the largest catalog model that fits the free memory
+    (the one rule, see toolkit.finetune.plan) and finishes within model.time_budget (default 30
+    min on a CPU, none on a GPU)."""
     from toolkit.core.hardware import detect
     from toolkit.estimate.planner import pick
-    from toolkit.finetune.plan import plan_inputs
+    from toolkit.estimate.timeplan import DEFAULT_TIME_BUDGET_S, parse_duration, rates_here, time_fields
+    from toolkit.finetune.plan import plan_inputs, run_shape
 
     hw = detect()
     plan = plan_inputs(recipe, device, dtype)
+    budget_s = (parse_duration(recipe.model.time_budget, "model.time_budget") if recipe.model.time_budget
+                else DEFAULT_TIME_BUDGET_S[plan.device])
+    rates, run = rates_here(dtype), run_shape(recipe)
+
+    def seconds_of(m, e):
+        return time_fields(m, e, rates, targets=plan.targets, run=run)["train_wall_s"]
+
     p = pick(plan.task, hw.available_bytes, plan.seq_len, plan.batch, plan.lora_r, plan.device, quants=(plan.quant,),
-             grad_ckpt=plan.grad_ckpt, targets=plan.targets, optimizer=plan.optimizer, lora_dropout=plan.lora_dropout)
+             grad_ckpt=plan.grad_ckpt, targets=plan.targets, optimizer=plan.optimizer, lora_dropout=plan.lora_dropout,
+             seconds_of=seconds_of, time_budget_s=budget_s)
     info = {k: getattr(p, k) for k in ("model", "quant", "fits", "headroom_bytes", "reason")}
     announce(f"base_model auto: estimator picked {p.model} for {hw.name} ({p.reason})")
     if not p.fits:
-        raise Unavailable(f"the estimator's pick {p.model} does not fit {hw.name}")
+        raise Unavailable(f"the estimator's pick {p.model} does not fit {hw.name} in memory and time")
     return p.model, info
 
 
 def check_fits(recipe, spec: str, device: str, dtype: str) -> None:
     """Raise Unavailable when the estimator knows `spec` and says the recipe's run doesn't fit
-    this machine (the same estimate and the same usable memory as `base_model: auto`)."""
+    this machine's free memory (the same estimate and the same rule as `base_model: auto`; time
+    is not checked for a named base: the user chose it)."""
     from toolkit.core.hardware import detect
     from toolkit.core.units import gib
     from toolkit.estimate.catalog import CATALOG
@@ -140,6 +153,101 @@ def fallback(recipe, spec: str, why: str, announce=print, info: dict | None = No
 def unsloth_usable(recipe, device: str) -> bool:
     return recipe.method.unsloth and recipe.method.name in ("qlora", "lora") and device.startswith("cuda") \
         and importlib.util.find_spec("unsloth") is not None
+
+
+# Libraries Unsloth patches at import time: imported before it, they keep their unpatched code.
+UNSLOTH_PATCHES = ("trl", "transformers", "peft")
+
+
+def prepare_engine(recipe, device: str, announce=print) -> bool:
+    """Import Unsloth now when this run will use it (True), before anything imports TRL,
+    transformers or PEFT. When one of them is already imported (a notebook, a test process),
+    Unsloth's patches would apply only in part, so the run uses the transformers engine instead:
+    announced, and `method.unsloth` set false in the recipe so the run records what it used."""
+    import sys
+
+    if not unsloth_usable(recipe, device):
+        return False
+    early = [m for m in UNSLOTH_PATCHES if m in sys.modules]
+    if early and "unsloth" not in sys.modules:
+        announce(f"note: not using Unsloth: {', '.join(early)} imported before it, so its patches would not "
+                 "apply; start a fresh process (e.g. `toolkit finetune`) to train with Unsloth")
+        recipe.method.unsloth = False
+        return False
+    import unsloth  # noqa: F401  (imported for its patches)
+
+    return True
+
+
+def _load_failures() -> tuple[type[BaseException], ...]:
+    """What "the base can't be had" looks like when loading: hub errors (gated, not found, offline;
+    all OSError but the remote EntryNotFoundError), a missing or unreadable file (OSError,
+    ValueError from transformers), and RuntimeError, which Unsloth's loader raises for a gated or
+    unreachable repo."""
+    from huggingface_hub.errors import EntryNotFoundError
+
+    return OSError, RuntimeError, ValueError, EntryNotFoundError
+
+
+def load_with_fallback(choice: BaseChoice, recipe, device: str, dtype: str, announce=print, before_load=None,
+                       fallback_recipe=None):
+    """(choice, recipe, model, tokenizer, notes): load `choice`; when that fails for want of the
+    base, load the recipe's fallback_model instead, announced with the reason. `before_load()` runs
+    before each attempt (the trainer re-seeds there so both attempts start from the same RNG
+    state); `fallback_recipe()` gives the recipe the fallback model trains with (its profile)."""
+    if before_load:
+        before_load()
+    try:
+        recipe = _method_resolved(recipe, choice.spec, device, dtype, announce)
+        return (choice, recipe, *load_for_training(choice.source, recipe, device, dtype))
+    except _load_failures() as exc:
+        reason = f"loading failed: {type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+        if choice.fallback_reason:  # already the fallback: nothing else to try
+            raise UserError(f"model.fallback_model {choice.spec}: {reason}") from exc
+        fb = fallback(recipe, choice.spec, reason, announce, choice.pick)
+    if fallback_recipe:
+        recipe = fallback_recipe()
+    if before_load:
+        before_load()
+    recipe = _method_resolved(recipe, fb.spec, device, dtype, announce)
+    return (fb, recipe, *load_for_training(fb.source, recipe, device, dtype))
+
+
+def _method_resolved(recipe, spec: str, device: str, dtype: str, announce):
+    """`method.name: auto` decided for the base actually being loaded (toolkit.finetune.plan)."""
+    from toolkit.core.hardware import detect
+    from toolkit.finetune.plan import resolve_method
+
+    if recipe.method.name != "auto":
+        return recipe
+    recipe, why = resolve_method(recipe, spec, device, dtype, detect().available_bytes)
+    announce(why)
+    return recipe
+
+
+def loaded_weights(model, source: str, cache_dir: str | None = None) -> dict:
+    """Which weights were actually read, for run.json and export: `base_weights` is the local folder
+    (the HF cache snapshot for a hub id) or, when no local folder is known, the repo id;
+    `base_weights_repo` the hub repo id (Unsloth swaps in its pre-quantized `unsloth/...-bnb-4bit`
+    repo for some bases), `base_revision` the snapshot's commit."""
+    from pathlib import Path
+
+    name = getattr(getattr(model, "config", None), "_name_or_path", "") or source
+    base = getattr(model, "get_base_model", None)
+    if base is not None:  # PEFT wrapper: the inner model's config names the loaded weights
+        name = getattr(base().config, "_name_or_path", "") or name
+    if Path(name).is_dir():
+        return {"base_weights": str(Path(name).resolve()), "base_weights_repo": None, "base_revision": None}
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        hit = try_to_load_from_cache(name, "config.json", cache_dir=cache_dir)
+    except (ValueError, OSError):  # not a repo id
+        hit = None
+    if isinstance(hit, str):
+        snap = Path(hit).parent
+        return {"base_weights": str(snap), "base_weights_repo": name, "base_revision": snap.name}
+    return {"base_weights": name, "base_weights_repo": name, "base_revision": None}
 
 
 def _lora_config(recipe):

@@ -1,11 +1,15 @@
-"""Training data: JSONL (or .txt) files → chat messages → token ids with loss labels.
+"""Training data: records (JSONL, JSON, CSV, Parquet, Arrow, `hf:` datasets; see
+`toolkit.finetune.sources`) or .txt files → chat messages → token ids with loss labels.
 
-Formats, one JSON object per line (auto-detected from the first line's keys):
+Formats, one record per line or row (auto-detected from each record's keys):
   messages           {"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}]}
+  sharegpt           {"conversations": [{"from": "human", "value": ...}, {"from": "gpt", ...}]}
+                     (from: human|user, gpt|assistant, system)
   alpaca             {"instruction": ..., "input": ... (optional), "output": ...}
-  prompt_completion  {"prompt": ..., "completion": ...}
+  prompt_completion  {"prompt": ..., "completion": ...}, also prompt/response and question/answer
   text               {"text": ...}  (or a .txt file: blank-line separated documents)
 Extra keys (e.g. `meta` with the answer's key numbers) are kept alongside for the report.
+Several training sources mix by weight (`read_splits`, `mix`).
 
 Conversations are rendered with the model's own chat template. Labels are -100 everywhere
 except assistant turns (content and the end-of-turn/EOS token, so the model learns to stop);
@@ -15,7 +19,6 @@ template, so they do not depend on pad/EOS ids: padding can never mask the train
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,16 +56,43 @@ class TokenizedSplit:
         return sum(sum(1 for t in lab if t != -100) for lab in self.labels)
 
 
-def detect_format(record: dict) -> str | None:
-    if "messages" in record:
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "system": "system"}
+# (prompt key, answer key) pairs read as prompt_completion, in detection order.
+PROMPT_PAIRS = (("prompt", "completion"), ("prompt", "response"), ("question", "answer"))
+
+
+def _sharegpt_key(record: dict) -> str | None:
+    """`conversations`, or `messages` whose turns use from/value (some datasets name it so)."""
+    if isinstance(record.get("conversations"), list):
+        return "conversations"
+    msgs = record.get("messages")
+    if isinstance(msgs, list) and msgs and isinstance(msgs[0], dict) and "from" in msgs[0]:
         return "messages"
-    if "instruction" in record and "output" in record:
-        return "alpaca"
-    if "prompt" in record and "completion" in record:
-        return "prompt_completion"
-    if "text" in record:
-        return "text"
     return None
+
+
+def explain_format(record: object) -> tuple[str | None, str]:
+    """(format, why): the format `record`'s keys say it is in, and the keys that decided it."""
+    if not isinstance(record, dict):
+        return None, f"a {type(record).__name__}, not an object"
+    key = _sharegpt_key(record)
+    if key:
+        return "sharegpt", f"`{key}` is a list of {{from, value}} turns"
+    if "messages" in record:
+        return "messages", "`messages` is a list of {role, content} turns"
+    if "instruction" in record and "output" in record:
+        return "alpaca", "keys `instruction` and `output`" + (" (+ `input`)" if "input" in record else "")
+    for a, b in PROMPT_PAIRS:
+        if a in record and b in record:
+            return "prompt_completion", f"keys `{a}` and `{b}`"
+    if "text" in record:
+        return "text", "key `text` (raw text: every token trained)"
+    return None, f"keys found: {', '.join(map(str, record)) or 'none'}"
+
+
+def detect_format(record: dict) -> str | None:
+    return explain_format(record)[0]
 
 
 def _str_field(record: dict, key: str, where: str, required: bool = True) -> str:
@@ -84,11 +114,28 @@ def to_example(record: object, fmt: str, where: str, system_prompt: str = "") ->
         fmt = detect_format(record) or ""
         if not fmt:
             raise UserError(
-                f"{where}: unknown record format (keys: {', '.join(record) or 'none'}); expected messages, "
-                "instruction/output, prompt/completion or text"
+                f"{where}: unknown record format (keys: {', '.join(map(str, record)) or 'none'}); expected messages, "
+                "conversations (ShareGPT), instruction/output, prompt/completion (or prompt/response, "
+                "question/answer) or text"
             )
     used: set[str]
-    if fmt == "messages":
+    if fmt == "sharegpt":
+        key = _sharegpt_key(record) or "conversations"
+        turns = record.get(key)
+        if not isinstance(turns, list) or not turns:
+            raise UserError(f"{where}: `{key}` must be a non-empty list")
+        out = []
+        for i, t in enumerate(turns):
+            if not isinstance(t, dict) or "from" not in t:
+                raise UserError(f"{where}: {key}[{i}] must be {{\"from\": ..., \"value\": ...}}")
+            role = SHAREGPT_ROLES.get(t["from"]) if isinstance(t["from"], str) else None
+            if role is None:
+                raise UserError(f"{where}: {key}[{i}].from {t['from']!r} is not one of {', '.join(SHAREGPT_ROLES)}")
+            out.append({"role": role, "content": _str_field(t, "value", f"{where}: {key}[{i}]")})
+        if not any(m["role"] == "assistant" for m in out):
+            raise UserError(f"{where}: conversation has no gpt/assistant turn to learn from")
+        used = {key}
+    elif fmt == "messages":
         msgs = record.get("messages")
         if not isinstance(msgs, list) or not msgs:
             raise UserError(f"{where}: `messages` must be a non-empty list")
@@ -110,9 +157,10 @@ def to_example(record: object, fmt: str, where: str, system_prompt: str = "") ->
                {"role": "assistant", "content": _str_field(record, "output", where)}]
         used = {"instruction", "input", "output"}
     elif fmt == "prompt_completion":
-        out = [{"role": "user", "content": _str_field(record, "prompt", where)},
-               {"role": "assistant", "content": _str_field(record, "completion", where)}]
-        used = {"prompt", "completion"}
+        a, b = next(((a, b) for a, b in PROMPT_PAIRS if a in record and b in record), PROMPT_PAIRS[0])
+        out = [{"role": "user", "content": _str_field(record, a, where)},
+               {"role": "assistant", "content": _str_field(record, b, where)}]
+        used = {a, b}
     elif fmt == "text":
         return Example(None, _str_field(record, "text", where), where,
                        {k: v for k, v in record.items() if k != "text"})
@@ -123,32 +171,78 @@ def to_example(record: object, fmt: str, where: str, system_prompt: str = "") ->
     return Example(out, None, where, {k: v for k, v in record.items() if k not in used})
 
 
-def read_examples(path: str | Path, fmt: str = "auto", system_prompt: str = "") -> list[Example]:
-    """Read a JSONL (or .txt for raw text) file; a bad line raises UserError with file:line."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"data file not found: {path}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: cannot read: {exc}") from None
-    if path.suffix == ".txt":
+def read_examples(path: str | Path, fmt: str = "auto", system_prompt: str = "", field: str = "data",
+                  hub_timeout: float = 3.0) -> list[Example]:
+    """Read a data file (JSONL, JSON array, CSV/TSV, Parquet, Arrow; .txt = raw text) or an
+    `hf:org/name[:split]` dataset; a bad record raises UserError naming file and line (or row)."""
+    from toolkit.finetune.sources import is_hub_id, read_records
+
+    if not is_hub_id(str(path)) and Path(path).suffix == ".txt":
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"data file not found: {path}")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UserError(f"{path}: cannot read: {exc}") from None
         docs = [d.strip() for d in text.split("\n\n") if d.strip()]
         examples = [Example(None, d, f"{path}:doc{i + 1}") for i, d in enumerate(docs)]
     else:
-        examples = []
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{where}: invalid JSON: {exc.msg} (column {exc.colno})") from None
-            examples.append(to_example(record, fmt, where, system_prompt))
+        examples = [to_example(record, fmt, where, system_prompt)
+                    for where, record in read_records(path, field, hub_timeout)]
     if not examples:
         raise UserError(f"{path}: no examples (empty split)")
     return examples
+
+
+def source_path(rec, spec: str) -> str | Path:
+    """A recipe's data entry as `read_examples` takes it: `hf:` ids as they are, paths against the recipe folder."""
+    from toolkit.finetune.sources import is_hub_id
+
+    return spec if is_hub_id(spec) else rec.data_path(spec)
+
+
+def mix(sources: list[tuple[list[Example], float]], seed: int) -> list[Example]:
+    """Resample each source by its weight: every example `int(weight)` times, plus a seeded
+    draw without replacement of `frac(weight)` of them (rounded); sources are concatenated in order.
+
+    Weight 1 keeps a source exactly as it is, 2 repeats it, 0.5 keeps a random half.
+    """
+    import random
+
+    rng = random.Random(seed)
+    out: list[Example] = []
+    for examples, weight in sources:
+        whole, frac = int(weight), weight - int(weight)
+        for _ in range(whole):
+            out.extend(examples)
+        k = round(frac * len(examples))
+        if k:
+            picked = sorted(rng.sample(range(len(examples)), k))
+            out.extend(examples[i] for i in picked)
+    return out
+
+
+def train_sources(rec) -> list[tuple[str, str | Path, float]]:
+    """A recipe's training sources as (key for messages, file path or `hf:` id, weight): one for
+    `data.train: FILE`, one per entry of a `{path, weight}` list."""
+    t = rec.data.train
+    if isinstance(t, str):
+        return [("data.train", source_path(rec, t), 1.0)]
+    return [(f"data.train[{i}]", source_path(rec, e.path), e.weight) for i, e in enumerate(t)]
+
+
+def read_splits(rec) -> tuple[list[Example], list[Example]]:
+    """(training examples mixed by weight, held-out examples) of a loaded recipe; what a run
+    trains on. Bad data raises UserError here, before any model is loaded."""
+    d = rec.data
+    fmt, sysp, timeout = d.format, d.system_prompt, rec.model.hub_timeout_s
+    sources = [(read_examples(spec, fmt, sysp, where, timeout), weight) for where, spec, weight in train_sources(rec)]
+    train = mix(sources, rec.training.seed)
+    if not train:
+        raise UserError("data.train: the weights leave no training examples (raise a weight)")
+    held = read_examples(source_path(rec, d.eval), fmt, sysp, "data.eval", timeout) if d.eval else []
+    return train, held
 
 
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
@@ -227,3 +321,22 @@ def to_dataset(split: TokenizedSplit):
     from datasets import Dataset
 
     return Dataset.from_dict({"input_ids": split.input_ids, "labels": split.labels})
+
+
+def check_end_of_turn_trained(tokenizer, split: TokenizedSplit) -> None:
+    """Refuse to train unless the end-of-turn token is a trained (loss-masked-in) token of the first
+    example that was not truncated: a model never taught to emit it would never learn to stop (the
+    GGUF that "never stops"). Raw-text examples end with the EOS, which is the end-of-turn token."""
+    from toolkit.core.chat_tokens import end_of_turn_token
+
+    eot = end_of_turn_token(tokenizer)
+    eot_id = tokenizer.convert_tokens_to_ids(eot)
+    for ids, labels, ex in zip(split.input_ids, split.labels, split.examples):
+        if len(ids) < len(tokenize_example(tokenizer, ex)[0]):
+            continue  # cut before its end by max_seq_len: the next example decides
+        if any(t == eot_id and lab == eot_id for t, lab in zip(ids, labels)):
+            return
+        raise UserError(f"{ex.source}: the end-of-turn token {eot!r} is outside the loss mask, so the model "
+                        "would never learn to stop; fix the chat template or the data's assistant turns")
+    raise UserError(f"every training example is cut by data.max_seq_len before its end, so the end-of-turn "
+                    f"token {eot!r} is never trained and the model would never learn to stop")

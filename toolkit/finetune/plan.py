@@ -13,6 +13,7 @@ one allocator fragment away from an out-of-memory error.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 # transformers' TrainingArguments default `adamw_torch`: fp32 exp_avg and exp_avg_sq per weight.
 TRAINER_OPTIMIZER = "adamw"
@@ -39,13 +40,75 @@ class PlanInputs:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class RunShape:
+    """How much work a recipe's run is, for the time model (toolkit.estimate.timeplan).
+
+    Token counts come from the data files' sizes at CHARS_PER_TOKEN (no tokenizer is loaded:
+    the estimate must stay instant and the base may not be downloaded yet)."""
+
+    steps: int
+    tokens_per_step: int  # batch x grad_accum x (seq_len when packing, else the mean example)
+    eval_rounds: int  # held-out loss passes: before, every eval_steps, after
+    eval_tokens: int  # tokens per eval pass
+    generated_tokens: int  # report: base and tuned answer generation_samples questions each
+
+
+# Bytes of a JSONL data file per trained-on token: the finance train file is 233,605 bytes for
+# 52,144 tokens with the SmolLM2 tokenizer and chat markup (`toolkit finetune --dry-run`), 4.48;
+# English BPE text alone is about 4 characters a token (OpenAI's tokenizer guide).
+CHARS_PER_TOKEN = 4.5
+
+
+def _file_stats(path) -> tuple[int, int]:
+    """(examples, approximate tokens) of a JSONL file; (0, 0) when missing."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return 0, 0
+    lines = sum(1 for line in data.splitlines() if line.strip())
+    return lines, int(len(data) / CHARS_PER_TOKEN)
+
+
+def run_shape(recipe) -> RunShape:
+    """The work `recipe` asks for: optimizer steps and tokens per step, eval passes and report
+    generation (see RunShape)."""
+    import math
+
+    from toolkit.finetune.data import source_path, train_sources
+
+    d, t, e = recipe.data, recipe.training, recipe.eval
+    n_train = tok_train = 0
+    for _, src, weight in train_sources(recipe):  # a mix counts each source at its weight
+        n, tok = _file_stats(src) if isinstance(src, Path) else (0, 0)  # an hf: id is not read here
+        n_train, tok_train = n_train + round(n * weight), tok_train + round(tok * weight)
+    mean = max(1, tok_train // max(1, n_train))
+    per_seq = d.max_seq_len if d.packing else min(d.max_seq_len, mean)
+    tokens_per_step = t.batch_size * t.grad_accum * per_seq
+    if t.max_steps > 0:
+        steps = t.max_steps
+    else:
+        seqs = math.ceil(tok_train / d.max_seq_len) if d.packing else n_train
+        steps = max(1, math.ceil(t.epochs * math.ceil(seqs / (t.batch_size * t.grad_accum))))
+    eval_rounds = eval_tokens = generated = 0
+    if d.eval:
+        n_eval, tok_eval = _file_stats(source_path(recipe, d.eval))
+        if n_eval:
+            used = min(n_eval, e.eval_examples) if e.eval_examples else n_eval
+            eval_tokens = tok_eval * used // n_eval
+            eval_rounds = 2 + (int(steps) // e.eval_steps if e.eval_steps else 0)
+            if e.report:
+                generated = 2 * min(n_eval, e.generation_samples) * e.max_new_tokens
+    return RunShape(steps, tokens_per_step, eval_rounds, eval_tokens, generated)
+
+
 def plan_inputs(recipe, device: str, dtype: str) -> PlanInputs:
     """The estimator's inputs for `recipe` trained on `device` ("cuda..." or "cpu") with compute
     `dtype` (a torch dtype name, as `toolkit.core.hardware.dtype_for` returns it)."""
     from toolkit.estimate.planner import ALL_LINEAR
 
     m, lo = recipe.method, recipe.lora
-    if m.name == "qlora":
+    if m.name in ("qlora", "auto"):  # auto is planned as its memory-lean branch (see choose_method)
         # fp4 packs two weights a byte with one absmax per block, exactly like nf4.
         quant = "nf4-dq" if m.double_quant else "nf4"
     elif m.name == "full":
@@ -54,7 +117,7 @@ def plan_inputs(recipe, device: str, dtype: str) -> PlanInputs:
         quant = _DTYPE_QUANT[dtype]
     targets = ALL_LINEAR if list(lo.target_modules) == ["all-linear"] else tuple(lo.target_modules)
     return PlanInputs(
-        task=m.name, quant=quant, seq_len=recipe.data.max_seq_len, batch=recipe.training.batch_size,
+        task="qlora" if m.name == "auto" else m.name, quant=quant, seq_len=recipe.data.max_seq_len, batch=recipe.training.batch_size,
         lora_r=lo.r, grad_ckpt=recipe.training.gradient_checkpointing, targets=targets,
         optimizer=TRAINER_OPTIMIZER, lora_dropout=lo.dropout, device="cuda" if device.startswith("cuda") else "cpu",
     )
@@ -65,3 +128,47 @@ def usable_bytes(available_bytes: int) -> int:
     from toolkit.estimate.planner import SAFETY_MARGIN
 
     return int(available_bytes * (1 - SAFETY_MARGIN))
+
+
+# `method.name: auto` takes plain LoRA when its 16/32-bit base needs at most this share of the usable
+# memory: QLoRA's 4-bit weights are dequantized on every forward and backward (bitsandbytes has no
+# fused 4-bit training matmul), which costs time and buys nothing when memory is plentiful.
+AUTO_LORA_SHARE = 0.5
+
+
+def choose_method(lora_bytes: int | None, usable: int) -> tuple[str, str]:
+    """What `method.name: auto` means for a base whose LoRA run needs `lora_bytes` (None: the
+    estimator doesn't know the model) with `usable` bytes to plan on: (method, why)."""
+    from toolkit.core.units import gib
+
+    if lora_bytes is None:
+        return "qlora", "method auto: qlora (the estimator doesn't know this model; 4-bit is the safe choice)"
+    if lora_bytes <= AUTO_LORA_SHARE * usable:
+        return "lora", (f"method auto: lora (~{gib(lora_bytes, 1)} of {gib(usable, 1)} usable: memory is plentiful, "
+                        "and an unquantized base skips the 4-bit dequantization QLoRA pays every step)")
+    return "qlora", (f"method auto: qlora (plain LoRA would need ~{gib(lora_bytes, 1)} of {gib(usable, 1)} usable; "
+                     "4-bit weights leave room)")
+
+
+def resolve_method(recipe, spec: str, device: str, dtype: str, available_bytes: int):
+    """(recipe with `method.name: auto` resolved for base `spec`, why); unchanged with "" otherwise."""
+    import copy
+
+    from toolkit.core.errors import UserError
+    from toolkit.estimate.catalog import CATALOG
+    from toolkit.estimate.planner import estimate
+
+    if recipe.method.name != "auto":
+        return recipe, ""
+    lora_bytes = None
+    if spec in CATALOG:
+        kw = plan_inputs(recipe, device, dtype).as_kwargs()
+        kw.update(task="lora", quant=_DTYPE_QUANT[dtype])
+        try:
+            lora_bytes = estimate(CATALOG[spec], **kw).total_bytes
+        except UserError:
+            pass
+    method, why = choose_method(lora_bytes, usable_bytes(available_bytes))
+    out = copy.deepcopy(recipe)
+    out.method.name = method
+    return out, why

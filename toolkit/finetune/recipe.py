@@ -3,7 +3,9 @@
 YAML keys are the dataclass fields below, section by section. Unknown keys, wrong types and
 out-of-range values raise `UserError` naming the key and the file. A `cpu:` section holds the
 same sections with partial values; it is applied on top when no GPU is present, so one recipe
-serves a consumer GPU (Llama-3.2-1B, QLoRA) and a CPU box (small model, short run). `--set
+serves a consumer GPU (Llama-3.2-1B, QLoRA) and a CPU box (small model, short run). A `fallback:`
+section, alike, is applied on a GPU when the base falls back to `model.fallback_model` (a small
+model wants other settings than the big one; on a CPU the `cpu:` profile already targets it). `--set
 section.key=value` overrides come last and are coerced to the field's type.
 
 This module imports only the standard library and PyYAML: `toolkit finetune --help` stays instant.
@@ -13,14 +15,15 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from toolkit.core.errors import UserError
 
-METHODS = ("qlora", "lora", "full")
-FORMATS = ("auto", "messages", "alpaca", "prompt_completion", "text")
+METHODS = ("qlora", "lora", "full", "auto")  # auto: toolkit.finetune.plan.choose_method
+FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 
@@ -35,16 +38,22 @@ class ModelConfig:
     fallback_model: str = "embedded"
     # Seconds to wait for the HF hub before calling it unreachable.
     hub_timeout_s: float = 3.0
+    # Longest run `base_model: auto` may pick ("90s", "30m", "1.5h", "2h30m"); "" = the default
+    # (30 min on a CPU, none on a GPU; toolkit.estimate.timeplan).
+    time_budget: str = ""
 
 
 @dataclass
 class MethodConfig:
     """How the weights are trained: adapters on a 4-bit base, adapters on a full-precision base, or all weights."""
 
+    # qlora (LoRA adapters on a 4-bit base, least memory) | lora | full (all weights) | auto (plain lora where
+    # memory is plentiful: no 4-bit dequantization per step; else qlora)
     name: str = "qlora"
     quant_type: str = "nf4"  # bitsandbytes 4-bit type: nf4 | fp4
     double_quant: bool = True
-    # Compute dtype; `auto` asks toolkit.core.hardware (bf16 on CPU and Ampere+, fp16 on older GPUs).
+    # Compute dtype; `auto` asks toolkit.core.hardware.dtype_choice (bf16 on Ampere+, fp16 on older GPUs;
+    # on CPU bf16 only where native and measured faster, else fp32). float16 on a CPU is an error.
     compute_dtype: str = "auto"
     # Use Unsloth's FastLanguageModel when CUDA and unsloth are present.
     unsloth: bool = True
@@ -59,13 +68,31 @@ class LoraConfig:
 
 
 @dataclass
-class DataConfig:
-    """Training/eval files (paths relative to the recipe folder) and how to turn them into tokens."""
+class TrainSource:
+    """One training source in a mix: a file (relative to the recipe folder) or `hf:org/name[:split]`."""
 
-    train: str = "train.jsonl"
+    path: str = ""  # a data file (relative to the recipe folder) or hf:org/name[:split]
+    # How often its examples are seen: 2 = twice, 0.5 = a seeded random half (training.seed).
+    weight: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    """Training/eval files (paths relative to the recipe folder) and how to turn them into tokens.
+
+    A data file is JSONL, a JSON array, CSV/TSV, Parquet or Arrow (or .txt raw text), or a hub
+    dataset `hf:org/name[:split]`. `train` is one such source, or a list of sources mixed by weight:
+
+        train:
+          - {path: chats.jsonl, weight: 2}
+          - {path: hf:org/name:train, weight: 0.5}
+    """
+
+    # One data file or dataset, or a list of {path, weight} sources mixed by weight.
+    train: str | list[TrainSource] = "train.jsonl"
     eval: str = ""  # "" = no held-out set (no eval loss, no report comparison)
-    format: str = "auto"
-    max_seq_len: int = 512
+    format: str = "auto"  # auto (from each record's keys) | messages | sharegpt | alpaca | prompt_completion | text
+    max_seq_len: int = 512  # tokens per training sequence (the chat template included)
     overlong: str = "truncate"  # truncate | drop examples longer than max_seq_len
     packing: bool = True  # padding-free packing: no compute spent on pad tokens
     completion_only_loss: bool = True  # loss on assistant tokens only
@@ -119,8 +146,10 @@ class Recipe:
     output: OutputConfig = field(default_factory=OutputConfig)
     # Folder the recipe came from; relative data paths resolve against it. Not a YAML key.
     root: Path = field(default=Path("."), metadata={"yaml": False})
-    # Which profile was applied ("cpu" or ""); recorded in the resolved recipe. Not a YAML key.
+    # Which profile was applied ("cpu", "fallback" or ""); recorded in the resolved recipe. Not a YAML key.
     profile: str = field(default="", metadata={"yaml": False})
+    # The validated `fallback:` section, applied by `for_fallback` once a run falls back. Not a YAML key.
+    fallback_profile: dict = field(default_factory=dict, metadata={"yaml": False})
 
     def data_path(self, rel: str) -> Path:
         p = Path(rel).expanduser()
@@ -151,6 +180,19 @@ def _field_types(cls) -> dict[str, type]:
 def _coerce(value, typ, where: str):
     """Check `value` against `typ` (YAML already typed it); ints are accepted for floats."""
     origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):  # `str | list[X]`: a YAML list takes the list form
+        alts = typing.get_args(typ)
+        as_list = [a for a in alts if typing.get_origin(a) is list]
+        return _coerce(value, as_list[0] if isinstance(value, list) and as_list else
+                       next(a for a in alts if a not in as_list), where)
+    if dataclasses.is_dataclass(typ):
+        if not isinstance(value, dict):
+            raise UserError(f"{where}: expected a mapping with keys {', '.join(_field_types(typ))}, got {value!r}")
+        types_ = _field_types(typ)
+        for k in value:
+            if k not in types_:
+                raise UserError(f"{where}: unknown key `{k}` (known: {', '.join(types_)})")
+        return typ(**{k: _coerce(v, types_[k], f"{where}.{k}") for k, v in value.items()})
     if origin is list:
         (item,) = typing.get_args(typ)
         if isinstance(value, str):  # `--set lora.target_modules=q_proj,v_proj`
@@ -186,22 +228,25 @@ def _coerce(value, typ, where: str):
     raise AssertionError(f"unhandled field type {typ}")
 
 
-def _apply(recipe: Recipe, data: dict, src: str, allow_profile: bool) -> dict | None:
-    """Write the YAML mapping `data` onto `recipe`; returns the `cpu:` profile if present."""
+PROFILES = ("cpu", "fallback")
+
+
+def _apply(recipe: Recipe, data: dict, src: str, allow_profile: bool) -> dict:
+    """Write the YAML mapping `data` onto `recipe`; returns its profile sections ({"cpu": ...})."""
     if not isinstance(data, dict):
         raise UserError(f"{src}: a recipe must be a mapping of sections, got {type(data).__name__}")
-    profile = None
+    profiles = {}
     for key, value in data.items():
-        if key == "cpu" and allow_profile:
+        if key in PROFILES and allow_profile:
             if not isinstance(value, dict):
-                raise UserError(f"{src}: `cpu` must be a mapping of sections")
-            profile = value
+                raise UserError(f"{src}: `{key}` must be a mapping of sections")
+            profiles[key] = value
             continue
         if key in _TOP_SCALARS:
             setattr(recipe, key, _coerce(value, str, f"{src}: {key}"))
             continue
         if key not in _SECTION_TYPES:
-            known = ", ".join([*_TOP_SCALARS, *_SECTION_TYPES, "cpu"])
+            known = ", ".join([*_TOP_SCALARS, *_SECTION_TYPES, *PROFILES])
             raise UserError(f"{src}: unknown key `{key}` (known: {known})")
         if not isinstance(value, dict):
             raise UserError(f"{src}: `{key}` must be a mapping, got {type(value).__name__}")
@@ -211,7 +256,7 @@ def _apply(recipe: Recipe, data: dict, src: str, allow_profile: bool) -> dict | 
             if k not in types_:
                 raise UserError(f"{src}: unknown key `{key}.{k}` (known: {', '.join(types_)})")
             setattr(section, k, _coerce(v, types_[k], f"{src}: {key}.{k}"))
-    return profile
+    return profiles
 
 
 def _check_range(recipe: Recipe, src: str) -> None:
@@ -227,6 +272,13 @@ def _check_range(recipe: Recipe, src: str) -> None:
         bad("model.base_model", "is required")
     if recipe.model.hub_timeout_s <= 0:
         bad("model.hub_timeout_s", "must be > 0")
+    if recipe.model.time_budget:
+        from toolkit.estimate.timeplan import parse_duration
+
+        try:
+            parse_duration(recipe.model.time_budget, "model.time_budget")
+        except UserError as exc:
+            bad("model.time_budget", str(exc).split(": ", 1)[-1])
     choice("method.name", m.name, METHODS)
     choice("method.quant_type", m.quant_type, ("nf4", "fp4"))
     choice("method.compute_dtype", m.compute_dtype, DTYPES)
@@ -240,6 +292,12 @@ def _check_range(recipe: Recipe, src: str) -> None:
         bad("lora.target_modules", "must name at least one module (or all-linear)")
     if not d.train:
         bad("data.train", "is required")
+    if isinstance(d.train, list):
+        for i, src_ in enumerate(d.train):
+            if not src_.path:
+                bad(f"data.train[{i}].path", "is required")
+            if src_.weight <= 0:
+                bad(f"data.train[{i}].weight", f"must be > 0; got {src_.weight}")
     choice("data.format", d.format, FORMATS)
     choice("data.overlong", d.overlong, ("truncate", "drop"))
     if d.max_seq_len < 16:
@@ -325,9 +383,13 @@ def load(spec: str | Path, overrides: typing.Sequence[str] = (), gpu: bool | Non
     if data is None:
         raise UserError(f"{src}: empty recipe")
     recipe = Recipe(root=path.parent.resolve())
-    profile = _apply(recipe, data, src, allow_profile=True)
+    profiles = _apply(recipe, data, src, allow_profile=True)
     if not recipe.name:
         recipe.name = path.parent.name if path.name == "recipe.yaml" else path.stem
+    if "fallback" in profiles:
+        _apply(copy.deepcopy(recipe), profiles["fallback"], f"{src} (fallback profile)", allow_profile=False)
+        recipe.fallback_profile = profiles["fallback"]
+    profile = profiles.get("cpu")
     if profile is not None:
         # Validate the profile even where it is not applied, so a typo fails on every machine.
         _apply(copy.deepcopy(recipe), profile, f"{src} (cpu profile)", allow_profile=False)
@@ -338,6 +400,12 @@ def load(spec: str | Path, overrides: typing.Sequence[str] = (), gpu: bool | Non
         if not gpu:
             _apply(recipe, profile, f"{src} (cpu profile)", allow_profile=False)
             recipe.profile = "cpu"
+    _apply_overrides(recipe, overrides)
+    _check_range(recipe, src if not overrides else f"{src} (with --set)")
+    return recipe
+
+
+def _apply_overrides(recipe: Recipe, overrides: typing.Sequence[str]) -> None:
     for item in overrides:
         p, value = parse_override(item)
         if len(p) == 1 and p[0] in _TOP_SCALARS:
@@ -346,8 +414,21 @@ def load(spec: str | Path, overrides: typing.Sequence[str] = (), gpu: bool | Non
             raise UserError(f"--set {item}: expected section.key=value (e.g. training.max_steps=20)")
         else:
             _apply(recipe, _nest(p, value), f"--set {item}", allow_profile=False)
-    _check_range(recipe, src if not overrides else f"{src} (with --set)")
-    return recipe
+
+
+def for_fallback(recipe: Recipe, overrides: typing.Sequence[str] = ()) -> Recipe:
+    """The recipe a run trains the fallback model with: a copy with the `fallback:` profile applied,
+    then the same `--set` overrides. Unchanged when a profile is already applied (on a CPU the
+    `cpu:` profile targets the small model) or the recipe has no `fallback:` section."""
+    if recipe.profile or not recipe.fallback_profile:
+        return recipe
+    out = copy.deepcopy(recipe)
+    src = f"{recipe.name} (fallback profile)"
+    _apply(out, out.fallback_profile, src, allow_profile=False)
+    _apply_overrides(out, overrides)
+    _check_range(out, src)
+    out.profile = "fallback"
+    return out
 
 
 def dump(recipe: Recipe) -> str:

@@ -42,12 +42,43 @@ def _norm(s: str) -> str:
     return _NUM.sub("", s.lower())
 
 
-def key_score(answer: str, keys: list[str]) -> float:
-    """Fraction of `keys` (numbers or terms) present in `answer`, ignoring case, `$` and thousands commas."""
+def _alternatives(key) -> list[str]:
+    """A key is a string or a list of interchangeable strings (any one of them counts)."""
+    return [str(k) for k in key] if isinstance(key, (list, tuple)) else [str(key)]
+
+
+def _has(a: str, key) -> bool:
+    return any(_norm(k) in a for k in _alternatives(key))
+
+
+def key_score(answer: str, keys: list) -> float:
+    """Fraction of `keys` (numbers or terms; a list entry = any of its alternatives) present in
+    `answer`, ignoring case, `$` and thousands commas."""
     if not keys:
         return float("nan")
     a = _norm(answer)
-    return sum(1 for k in keys if _norm(str(k)) in a) / len(keys)
+    return sum(1 for k in keys if _has(a, k)) / len(keys)
+
+
+def is_correct(answer: str, keys: list, wrong: list | None = None) -> bool:
+    """An answer is right when every required key is present and no contradiction marker is
+    (e.g. "prices rise" for "bond prices fall when rates rise"), so saying both directions, or
+    the right term inside a wrong claim, does not count."""
+    if not keys:
+        return False
+    a = _norm(answer)
+    return all(_has(a, k) for k in keys) and not any(_has(a, w) for w in (wrong or []))
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion (95% for z=1.96); (0, 1) when n == 0."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def _autocast(model, dtype: str):
@@ -60,27 +91,49 @@ def _autocast(model, dtype: str):
 
 
 def answer_loss(model, input_ids: list[list[int]], labels: list[list[int]], dtype: str = "float32",
-                batch_size: int = 8) -> tuple[float, int]:
-    """(mean NLL per trained token, number of trained tokens) over examples, by right-padded batches."""
+                batch_size: int = 8, chunk: int = 1024) -> tuple[float, int]:
+    """(mean NLL per trained token, number of trained tokens) over examples, by right-padded batches.
+
+    The vocabulary projection runs on labelled positions only, `chunk` of them at a time: full fp32
+    logits for a batch (8 x 512 x 128k for Llama-3) would take ~2 GB next to the optimizer state."""
     import torch
     import torch.nn.functional as F
 
     dev = next(model.parameters()).device
+    decoder, head, softcap, scale = _decoder_and_head(model)
     total, count = 0.0, 0
     model.eval()
+    # Batches of similar lengths: little compute spent on padding (the sum doesn't depend on order).
+    order = sorted(range(len(input_ids)), key=lambda k: len(input_ids[k]))
     with torch.no_grad(), _autocast(model, dtype):
-        for i in range(0, len(input_ids), batch_size):
-            ids, labs = input_ids[i:i + batch_size], labels[i:i + batch_size]
+        for i in range(0, len(order), batch_size):
+            ids = [input_ids[k] for k in order[i:i + batch_size]]
+            labs = [labels[k] for k in order[i:i + batch_size]]
             n = max(len(x) for x in ids)
             x = torch.tensor([a + [0] * (n - len(a)) for a in ids], device=dev)
             y = torch.tensor([b + [-100] * (n - len(b)) for b in labs], device=dev)
             att = torch.tensor([[1] * len(a) + [0] * (n - len(a)) for a in ids], device=dev)
-            logits = model(input_ids=x, attention_mask=att).logits.float()
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), y[:, 1:].reshape(-1),
-                                   ignore_index=-100, reduction="sum")
-            total += loss.item()
-            count += int((y[:, 1:] != -100).sum())
+            hidden = decoder(input_ids=x, attention_mask=att).last_hidden_state
+            keep = y[:, 1:] != -100  # position t predicts token t+1
+            h, target = hidden[:, :-1][keep], y[:, 1:][keep]
+            for j in range(0, len(target), chunk):
+                logits = head(h[j:j + chunk]).float()
+                if scale is not None:
+                    logits = logits * scale
+                if softcap:
+                    logits = torch.tanh(logits / softcap) * softcap
+                total += F.cross_entropy(logits, target[j:j + chunk], reduction="sum").item()
+            count += len(target)
     return total / max(count, 1), count
+
+
+def _decoder_and_head(model):
+    """(decoder, LM head, final-logit softcap, logit scale) of a causal LM, PEFT-wrapped or not.
+    LoRA layers sit inside these modules, so `disable_adapter()` still gives the base."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    return (base.get_decoder(), base.get_output_embeddings(), getattr(cfg, "final_logit_softcapping", None),
+            getattr(cfg, "logit_scale", None))
 
 
 def text_perplexity(model, tok, text: str, dtype: str = "float32", max_len: int = 1024) -> float:
@@ -91,108 +144,212 @@ def text_perplexity(model, tok, text: str, dtype: str = "float32", max_len: int 
 
 def greedy_answers(model, tok, prompts: list[list[dict]], max_new_tokens: int, dtype: str = "float32",
                    batch_size: int = 16) -> list[str]:
-    """Greedy replies to chat prompts (left-padded batches; stops at EOS)."""
+    """Greedy replies to chat prompts, in the prompts' order (left-padded batches; stops at EOS).
+
+    Prompts are batched by length so that short ones do not wait behind padding."""
     import torch
 
     dev = next(model.parameters()).device
+    texts = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in prompts]
+    lengths = [len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    order = sorted(range(len(texts)), key=lambda i: lengths[i])
     old_side = tok.padding_side
     tok.padding_side = "left"
-    outs = []
+    outs: list[str] = [""] * len(texts)
+    was_training = model.training
+    model.eval()
     try:
-        for i in range(0, len(prompts), batch_size):
-            texts = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True)
-                     for m in prompts[i:i + batch_size]]
-            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(dev)
+        for i in range(0, len(order), batch_size):
+            idx = order[i:i + batch_size]
+            enc = tok([texts[j] for j in idx], return_tensors="pt", padding=True, add_special_tokens=False).to(dev)
             with torch.no_grad(), _autocast(model, dtype):
-                gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                     pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-            for row in gen[:, enc["input_ids"].shape[1]:]:
-                outs.append(tok.decode(row, skip_special_tokens=True).strip())
+                gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
+                                     top_p=None, top_k=None, pad_token_id=tok.pad_token_id,
+                                     eos_token_id=tok.eos_token_id)
+            for j, row in zip(idx, gen[:, enc["input_ids"].shape[1]:]):
+                outs[j] = tok.decode(row, skip_special_tokens=True).strip()
     finally:
         tok.padding_side = old_side
+        model.train(was_training)
     return outs
 
 
-def _side(model, tok, split, rec, dtype, prompts, keys) -> dict:
+def _side(model, tok, split, rec, dtype, questions) -> dict:
     loss, n = answer_loss(model, split.input_ids, split.labels, dtype)
-    answers = greedy_answers(model, tok, prompts, rec.eval.max_new_tokens, dtype) if prompts else []
-    scores = [key_score(a, k) for a, k in zip(answers, keys) if k]
+    answers = greedy_answers(model, tok, [q["prompt"] for q in questions], rec.eval.max_new_tokens, dtype) \
+        if questions else []
+    correct = [is_correct(a, q["keys"], q["wrong"]) for a, q in zip(answers, questions)]
+    shares = [key_score(a, q["keys"]) for a, q in zip(answers, questions)]
+    k, m = sum(correct), len(correct)
+    lo, hi = wilson_interval(k, m)
     return {
         "answer_loss": round(loss, 4), "answer_ppl": round(math.exp(loss), 3), "answer_tokens": n,
-        "generation_score": round(sum(scores) / len(scores), 4) if scores else None,
+        # Share of questions answered right (every key present, no contradiction marker), with its
+        # binomial standard error and 95% Wilson interval: on a few dozen questions a difference of
+        # one or two answers is noise, and the report has to say so.
+        "generation_score": round(k / m, 4) if m else None, "generation_correct": k,
+        "generation_se": round(math.sqrt((k / m) * (1 - k / m) / m), 4) if m else None,
+        "generation_ci95": [round(lo, 4), round(hi, 4)] if m else None,
+        "key_share": round(sum(shares) / m, 4) if m else None,
         "general_ppl": round(text_perplexity(model, tok, GENERAL_TEXT, dtype), 3),
-        "_answers": answers,
+        "_answers": answers, "_correct": correct,
     }
 
 
-def _keys_for(ex) -> list[str]:
-    meta = ex.extra.get("meta") if isinstance(ex.extra.get("meta"), dict) else {}
+def _meta(ex) -> dict:
+    return ex.extra.get("meta") if isinstance(ex.extra.get("meta"), dict) else {}
+
+
+def _keys_for(ex) -> list:
+    meta = _meta(ex)
     if meta.get("keys"):
-        return [str(k) for k in meta["keys"]]
+        return [list(map(str, k)) if isinstance(k, (list, tuple)) else str(k) for k in meta["keys"]]
     # No declared keys: the numbers in the reference answer are what must come back.
     ref = next((m["content"] for m in reversed(ex.messages) if m["role"] == "assistant"), "")
     return re.findall(r"\d[\d,]*\.?\d*%?", ref)[:3]
 
 
-def evaluate(model, tok, split, rec, dtype: str, choice=None, base_model=None) -> dict:
-    """Compare base and fine-tuned. `model` is a PeftModel (base = adapter disabled), or pass `base_model`."""
-    chats = [i for i, ex in enumerate(split.examples) if ex.messages][: rec.eval.generation_samples]
-    prompts, keys, refs = [], [], []
-    for i in chats:
-        msgs = split.examples[i].messages
-        last = max(j for j, m in enumerate(msgs) if m["role"] == "assistant")
-        prompts.append(msgs[:last])
-        refs.append(msgs[last]["content"])
-        keys.append(_keys_for(split.examples[i]))
-    tuned = _side(model, tok, split, rec, dtype, prompts, keys)
+def _questions(split, limit: int) -> list[dict]:
+    """`limit` held-out conversations that have keys to judge the answer by, taken in turn from each
+    kind (concept, calculation, ...) in file order, so a few calculations at the top of the file
+    can't crowd out the concept questions where regressions show."""
+    out = []
+    for ex in split.examples:
+        if not ex.messages or not any(m["role"] == "assistant" for m in ex.messages):
+            continue
+        keys = _keys_for(ex)
+        if not keys:
+            continue
+        last = max(j for j, m in enumerate(ex.messages) if m["role"] == "assistant")
+        meta = _meta(ex)
+        out.append({"prompt": ex.messages[:last], "question": ex.messages[last - 1]["content"] if last else "",
+                    "reference": ex.messages[last]["content"], "keys": keys,
+                    "wrong": [w for w in meta.get("wrong", []) if w],
+                    "kind": meta.get("kind") or meta.get("topic") or ""})
+    by_kind: dict[str, list[dict]] = {}
+    for q in out:
+        by_kind.setdefault(q["kind"], []).append(q)
+    queues = list(by_kind.values())
+    picked = []
+    while len(picked) < min(limit, len(out)):
+        for queue in queues:
+            if queue and len(picked) < limit:
+                picked.append(queue.pop(0))
+    return picked
+
+
+def evaluate(model, tok, split, rec, dtype: str = "auto", choice=None, base_model=None) -> dict:
+    """Compare base and fine-tuned. `model` is a PeftModel (base = adapter disabled), or pass `base_model`.
+    `dtype` "auto" is the device's evaluation choice (toolkit.core.hardware.dtype_for(dev, "eval"))."""
+    if dtype == "auto":
+        from toolkit.core import hardware
+
+        dtype = hardware.dtype_for(str(next(model.parameters()).device), "eval")
+    questions = _questions(split, rec.eval.generation_samples)
+    tuned = _side(model, tok, split, rec, dtype, questions)
     if base_model is not None:
-        base = _side(base_model, tok, split, rec, dtype, prompts, keys)
+        base = _side(base_model, tok, split, rec, dtype, questions)
     else:
         with model.disable_adapter():
-            base = _side(model, tok, split, rec, dtype, prompts, keys)
-    samples = []
-    for j in range(min(rec.eval.side_by_side, len(prompts))):
-        samples.append({"question": prompts[j][-1]["content"], "reference": refs[j], "keys": keys[j],
-                        "base": base["_answers"][j], "finetuned": tuned["_answers"][j]})
-    base.pop("_answers"), tuned.pop("_answers")
+            base = _side(model, tok, split, rec, dtype, questions)
+    per_question = []
+    for j, q in enumerate(questions):
+        per_question.append({"question": q["question"], "kind": q["kind"], "reference": q["reference"],
+                             "keys": q["keys"], "wrong": q["wrong"],
+                             "base_correct": base["_correct"][j], "finetuned_correct": tuned["_correct"][j],
+                             "base": base["_answers"][j], "finetuned": tuned["_answers"][j]})
+    samples = [{k: p[k] for k in ("question", "reference", "keys", "base", "finetuned")}
+               for p in per_question[: rec.eval.side_by_side]]
+    for side in (base, tuned):
+        side.pop("_answers"), side.pop("_correct")
     improvement = {
         "answer_loss_reduction": round(1 - tuned["answer_loss"] / base["answer_loss"], 4),
         "general_ppl_change": round(tuned["general_ppl"] / base["general_ppl"] - 1, 4),
+        "generation_fixed": sum(1 for p in per_question if p["finetuned_correct"] and not p["base_correct"]),
+        "generation_regressed": sum(1 for p in per_question if p["base_correct"] and not p["finetuned_correct"]),
     }
-    return {"base": base, "finetuned": tuned, "improvement": improvement, "samples": samples,
-            "heldout_examples": len(split.input_ids), "generation_questions": len(prompts),
+    return {"base": base, "finetuned": tuned, "improvement": improvement,
+            "regressions": [p for p in per_question if p["base_correct"] and not p["finetuned_correct"]],
+            "per_question": per_question, "samples": samples,
+            "heldout_examples": len(split.input_ids), "generation_questions": len(questions),
             "base_model": getattr(choice, "spec", None)}
 
 
+def _keys_text(keys: list) -> str:
+    return ", ".join(" or ".join(k) if isinstance(k, list) else k for k in keys)
+
+
+def _cell(text: str, limit: int = 160) -> str:
+    text = " ".join(str(text).split()).replace("|", "\\|")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _score(side: dict) -> str:
+    if side.get("generation_score") is None:
+        return "-"
+    lo, hi = side["generation_ci95"]
+    return f"{side['generation_score']:.3f} ± {side['generation_se']:.3f} (95% CI {lo:.2f}-{hi:.2f})"
+
+
 def write(run_dir: Path, rep: dict, info: dict) -> None:
-    """report.json and report.md in `run_dir`."""
+    """report.json and report.md in `run_dir`, regressions (base right, fine-tuned wrong) first."""
     run_dir = Path(run_dir)
-    (run_dir / "report.json").write_text(json.dumps(rep, indent=2) + "\n")
     b, t, imp = rep["base"], rep["finetuned"], rep["improvement"]
+    n = rep["generation_questions"]
+    regs = rep.get("regressions", [])
 
     def row(name, key, fmt="{}"):
         bv, tv = b.get(key), t.get(key)
         return f"| {name} | {fmt.format(bv) if bv is not None else '-'} | {fmt.format(tv) if tv is not None else '-'} |"
 
-    lines = [
-        f"# Fine-tune report: {info.get('recipe')}", "",
+    lines = [f"# Fine-tune report: {info.get('recipe')}", ""]
+    if n:
+        lines += [f"**Regressions: {len(regs)}** of {n} held-out questions (base right, fine-tuned wrong); "
+                  f"fixed: {imp.get('generation_fixed', 0)} (base wrong, fine-tuned right); right: base "
+                  f"{b.get('generation_correct')}/{n}, fine-tuned {t.get('generation_correct')}/{n}.", ""]
+        for r in regs:
+            lines += [f"- REGRESSION: {_cell(r['question'])}", f"  - base: {_cell(r['base'], 300)}",
+                      f"  - fine-tuned: {_cell(r['finetuned'], 300)}",
+                      f"  - needs: {_keys_text(r['keys'])}" + (f"; must not say: {_keys_text(r['wrong'])}"
+                                                                 if r.get("wrong") else "")]
+        if regs:
+            lines.append("")
+    lines += [
         f"Base model: `{info.get('base_model')}`" + (f" (fallback: {info['fallback_reason']})"
                                                      if info.get("fallback_reason") else ""),
         f"Method: {info.get('method')} · {info.get('engine')} · {info.get('device')} {info.get('compute_dtype')} · "
         f"{info.get('steps')} steps · {info.get('tokens_per_s')} tokens/s", "",
-        f"Held-out set: {rep['heldout_examples']} conversations; generation score on "
-        f"{rep['generation_questions']} greedy answers (share of key numbers/terms present).", "",
+        f"Held-out set: {rep['heldout_examples']} conversations. Generation score: share of {n} greedy "
+        "answers that are right (every key number/term present and no contradiction such as the opposite "
+        "direction), ± its binomial standard error, with the 95% Wilson interval.", "",
         "| metric | base | fine-tuned |", "|---|---|---|",
         row("answer-token loss", "answer_loss", "{:.4f}"), row("answer-token perplexity", "answer_ppl", "{:.3f}"),
-        row("generation score", "generation_score", "{:.3f}"),
+        f"| generation score | {_score(b)} | {_score(t)} |",
+        row("key terms present (share)", "key_share", "{:.3f}"),
         row("general-text perplexity (forgetting)", "general_ppl", "{:.3f}"), "",
         f"Answer-token loss reduction: **{imp['answer_loss_reduction'] * 100:.1f}%**; general-text perplexity "
-        f"change: {imp['general_ppl_change'] * 100:+.1f}%.", "", "## Samples", "",
+        f"change: {imp['general_ppl_change'] * 100:+.1f}%.", "",
     ]
+    if rep.get("per_question"):
+        lines += ["## Per question", "", "| # | kind | question | base | fine-tuned |", "|---|---|---|---|---|"]
+        for i, p in enumerate(rep["per_question"], 1):
+            mark = " **regression**" if p["base_correct"] and not p["finetuned_correct"] else ""
+            lines.append(f"| {i} | {p['kind']} | {_cell(p['question'], 110)} | "
+                         f"{'right' if p['base_correct'] else 'wrong'} | "
+                         f"{'right' if p['finetuned_correct'] else 'wrong'}{mark} |")
+        lines.append("")
+    lines += ["## Samples", ""]
     for s in rep["samples"]:
         lines += [f"**Q:** {s['question']}", "", f"- reference: {s['reference']}", f"- base: {s['base']}",
-                  f"- fine-tuned: {s['finetuned']}", f"- keys: {', '.join(s['keys'])}", ""]
-    (run_dir / "report.md").write_text("\n".join(lines))
+                  f"- fine-tuned: {s['finetuned']}", f"- keys: {_keys_text(s['keys'])}", ""]
+    _write_atomic(run_dir / "report.json", json.dumps(rep, indent=2) + "\n")
+    _write_atomic(run_dir / "report.md", "\n".join(lines))
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def plot_losses(metrics_path: Path, out_png: Path) -> None:

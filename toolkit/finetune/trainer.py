@@ -5,8 +5,11 @@
 adapter + tokenizer, run.json, the resolved recipe.yaml, metrics.jsonl, TensorBoard events,
 loss.png and the base-vs-fine-tuned report. Ctrl-C finishes the step, saves a checkpoint in the
 incomplete folder and stops; `resume=True` continues from it (same data order, optimizer,
-scheduler and RNG state, so the result equals an uninterrupted run). Any other failure leaves
-nothing in runs/ unless a checkpoint was already saved. Accelerate runs underneath, so
+scheduler and RNG state, so the result equals an uninterrupted run). The adapter and run.json are
+written as soon as training ends, before the report: a failing evaluation or report still
+finalizes the run (run.json `report_error`, report_error.txt) and the command exits 1; nothing
+after training deletes trained weights. A failure before that leaves nothing in runs/ unless a
+checkpoint was already saved. Accelerate runs underneath, so
 `accelerate launch --num_processes 2 -m toolkit finetune ...` trains on two processes (gloo
 on CPU) and the main process alone writes the run folder.
 """
@@ -78,11 +81,15 @@ def finetune(recipe_spec: str | Path, overrides: Sequence[str] = (), runs_dir: s
     rec = recipe_mod.load(recipe_spec, overrides, gpu=gpu)
     runs = Path(runs_dir if runs_dir is not None else rec.output.runs_dir)
     # Data first: bad data fails before torch is imported, any model loaded or folder made.
-    fmt, sysp = rec.data.format, rec.data.system_prompt
-    train_ex = data_mod.read_examples(rec.data_path(rec.data.train), fmt, sysp)
-    eval_ex = data_mod.read_examples(rec.data_path(rec.data.eval), fmt, sysp) if rec.data.eval else []
+    train_ex, eval_ex = data_mod.read_splits(rec)
     dev = hardware.device()
-    dtype = hardware.dtype_for(dev, "train") if rec.method.compute_dtype == "auto" else rec.method.compute_dtype
+    # Unsloth patches TRL/transformers/PEFT when it is imported, so it goes first (before accelerate too).
+    from toolkit.finetune.base_model import prepare_engine
+
+    prepare_engine(rec, dev, say)
+    # `auto` follows the measured capability (toolkit.core.capability); float16 on a CPU is refused here.
+    dtype, dtype_reason = hardware.dtype_choice(dev, "train", rec.method.compute_dtype, "method.compute_dtype")
+    n_threads = hardware.apply_threads(dev)
 
     from accelerate import PartialState
 
@@ -90,21 +97,33 @@ def finetune(recipe_spec: str | Path, overrides: Sequence[str] = (), runs_dir: s
     main = dist_state.is_main_process
     if main:
         _check_writable(runs)
-    stage = _stage_dir(runs, rec, resume) if main else None
+    stage = _stage_dir(runs, rec, resume, overrides) if main else None
     stage = Path(_broadcast(str(stage) if stage else None, dist_state))
     resume_from = _latest_checkpoint(stage) if resume else None
     ok = False
     try:
         out = _train(rec, overrides, stage, runs, dev, dtype, train_ex, eval_ex, resume_from, callbacks,
-                     dist_state)
+                     dist_state, dtype_reason=dtype_reason, threads=n_threads)
         ok = True
         return out
     finally:
-        if main and not ok and stage.exists() and _latest_checkpoint(stage) is None and not resume:
+        # A failed start leaves nothing behind; a checkpoint or trained weights are never deleted.
+        if main and not ok and stage.exists() and _latest_checkpoint(stage) is None and not resume \
+                and not _has_weights(stage):
             shutil.rmtree(stage, ignore_errors=True)
 
 
-def _stage_dir(runs: Path, rec, resume) -> Path:
+def _has_weights(stage: Path) -> bool:
+    return (stage / "adapter" / "adapter_config.json").is_file() or (stage / "model" / "config.json").is_file()
+
+
+class ReportFailed(UserError):
+    """Training finished and its weights are saved, but the evaluation/report after it failed."""
+
+    exit_code = 1
+
+
+def _stage_dir(runs: Path, rec, resume, overrides: Sequence[str] = ()) -> Path:
     if resume:
         stage = Path(resume) if isinstance(resume, (str, Path)) and not isinstance(resume, bool) else \
             _latest_incomplete(runs, rec.output.name or rec.name)
@@ -113,7 +132,8 @@ def _stage_dir(runs: Path, rec, resume) -> Path:
         if _latest_checkpoint(stage) is None:
             raise UserError(f"--resume: {stage} has no checkpoint to resume from")
         saved = (stage / "recipe.yaml").read_text() if (stage / "recipe.yaml").is_file() else ""
-        if saved and saved != recipe_mod.dump(rec):
+        # A run that fell back to the small model saved the recipe with its fallback profile applied.
+        if saved and saved not in (recipe_mod.dump(rec), recipe_mod.dump(recipe_mod.for_fallback(rec, overrides))):
             raise UserError(f"--resume: the recipe differs from the one {stage.name} started with "
                             "(pass the same recipe and --set values)")
         return stage
@@ -132,11 +152,12 @@ def _stage_dir(runs: Path, rec, resume) -> Path:
     return stage
 
 
-def _trainer_args(rec, stage: Path, dev: str, dtype: str, has_eval: bool):
+def _trainer_args(rec, stage: Path, dev: str, dtype: str, has_eval: bool, packing: bool | None = None):
     from trl import SFTConfig
 
     t, e = rec.training, rec.eval
     eval_on = has_eval and e.eval_steps > 0
+    packing = rec.data.packing if packing is None else packing
     save_steps = t.save_steps
     if e.early_stopping_patience:
         if save_steps == 0 or save_steps % e.eval_steps:
@@ -156,14 +177,14 @@ def _trainer_args(rec, stage: Path, dev: str, dtype: str, has_eval: bool):
         bf16=dtype == "bfloat16", fp16=dtype == "float16", use_cpu=not dev.startswith("cuda"),
         gradient_checkpointing=False,  # enabled on the model itself (train_model) so PEFT gets input grads
         report_to="none", disable_tqdm=True, include_num_input_tokens_seen="non_padding",
-        max_length=rec.data.max_seq_len, packing=rec.data.packing, packing_strategy="bfd",
-        padding_free=rec.data.packing, dataset_num_proc=None, remove_unused_columns=True,
+        max_length=rec.data.max_seq_len, packing=packing, packing_strategy="bfd",
+        padding_free=packing, dataset_num_proc=None, remove_unused_columns=True,
         ddp_find_unused_parameters=False, dataloader_num_workers=0,
     )
 
 
 def _train(rec, overrides, stage: Path, runs: Path, dev, dtype, train_ex, eval_ex, resume_from, extra_cbs,
-           dist_state) -> Path:
+           dist_state, dtype_reason: str = "", threads: int | None = None) -> Path:
     import torch
     from transformers import EarlyStoppingCallback, set_seed
     from transformers.trainer_callback import PrinterCallback
@@ -172,25 +193,29 @@ def _train(rec, overrides, stage: Path, runs: Path, dev, dtype, train_ex, eval_e
 
     from toolkit.finetune import data as data_mod
     from toolkit.finetune.callbacks import InterruptCallback, MetricsCallback, ProgressCallback
-    from toolkit.finetune.trl_compat import score_labelled_positions_only
-    from toolkit.finetune.base_model import fallback, load_for_training, resolve_base
+    from toolkit.finetune.trl_compat import packing_plan, score_labelled_positions_only
+    from toolkit.finetune.base_model import load_with_fallback, loaded_weights, resolve_base
 
     main = dist_state.is_main_process
     announce = say if main else quiet
     t_start = time.time()
     choice = resolve_base(rec, announce, dev, dtype)
-    set_seed(rec.training.seed)
-    try:
-        model, tok, notes = load_for_training(choice.source, rec, dev, dtype)
-    except OSError as exc:  # download refused (gated / no network mid-way): the base can't be had
-        choice = fallback(rec, choice.spec, f"loading failed: {str(exc).splitlines()[0]}", announce)
-        set_seed(rec.training.seed)
-        model, tok, notes = load_for_training(choice.source, rec, dev, dtype)
+    # The fallback (small) model trains with the recipe's fallback profile, not the big model's settings.
+    to_fallback = lambda: recipe_mod.for_fallback(rec, overrides)  # noqa: E731
+    if choice.fallback_reason:
+        rec = to_fallback()
+    choice, rec, model, tok, notes = load_with_fallback(
+        choice, rec, dev, dtype, announce, before_load=lambda: set_seed(rec.training.seed), fallback_recipe=to_fallback)
+    if main and rec.profile == "fallback":
+        (stage / "recipe.yaml").write_text(recipe_mod.dump(rec))
+        announce("recipe: fallback profile applied (settings sized for the fallback model)")
     announce(f"base {choice.spec} ({choice.source}) · {rec.method.name} · {notes['engine']} · {dev} {dtype}"
+             + (f" ({dtype_reason})" if dtype_reason else "") + (f" · {threads} threads" if threads else "")
              + (f" · {dist_state.num_processes} processes" if dist_state.num_processes > 1 else ""))
 
     d = rec.data
     train_split = data_mod.tokenize_split(tok, train_ex, d.max_seq_len, d.overlong, d.completion_only_loss, "train")
+    data_mod.check_end_of_turn_trained(tok, train_split)
     eval_split = (data_mod.tokenize_split(tok, eval_ex, d.max_seq_len, d.overlong, d.completion_only_loss, "eval")
                   if eval_ex else None)
     for name, sp in (("train", train_split), ("eval", eval_split)):
@@ -199,7 +224,13 @@ def _train(rec, overrides, stage: Path, runs: Path, dev, dtype, train_ex, eval_e
                      f"(longer than data.max_seq_len={d.max_seq_len} / nothing left to learn)")
     prep_s = time.time() - t_start
 
-    args = _trainer_args(rec, stage, dev, dtype, eval_split is not None)
+    pack = packing_plan(rec.data.packing, notes["engine"])
+    if rec.data.packing and not pack.packing:
+        announce(f"packing off: {pack.why}")
+    from toolkit.finetune import packed_attention
+    if packed_attention.wanted(dev, pack.packing, notes["engine"]):
+        packed_attention.use_on(model)  # each packed conversation attended alone (see the module)
+    args = _trainer_args(rec, stage, dev, dtype, eval_split is not None, packing=pack.packing)
     interrupt = InterruptCallback()
     cbs = [MetricsCallback(stage / "metrics.jsonl"), ProgressCallback(), interrupt, *extra_cbs]
     if main:
@@ -216,6 +247,8 @@ def _train(rec, overrides, stage: Path, runs: Path, dev, dtype, train_ex, eval_e
     # With its bar disabled the Trainer prints every log dict to stdout; our bar shows the loss and
     # metrics.jsonl keeps every log, and stdout is for the run folder alone (toolkit.core.progress).
     trainer.remove_callback(PrinterCallback)
+    if pack.hook is not None:
+        pack.hook(trainer.model, trainer)
     # TRL casts QLoRA adapter weights to bf16; keep trainable weights in fp32 instead (autocast still
     # computes in bf16): small updates are not rounded away, and a resumed run, whose checkpoint
     # loads back in fp32, trains exactly the same weights as an uninterrupted one.
@@ -243,12 +276,15 @@ def _train(rec, overrides, stage: Path, runs: Path, dev, dtype, train_ex, eval_e
 
     train_s = result.metrics.get("train_runtime", 0.0)
     tokens = trainer.state.num_input_tokens_seen
+    # The weights go to disk first: nothing after this point may lose them.
     _save_outputs(trainer, tok, stage, rec)
     info = {
         "recipe": rec.name, "recipe_dir": str(Path(rec.root).resolve()), "base_model": choice.spec, "base_source": choice.source,
+        **loaded_weights(model, choice.source),
         "requested_base_model": choice.requested, "fallback_reason": choice.fallback_reason,
-        "estimator_pick": choice.pick, "method": rec.method.name, "engine": notes["engine"],
+        "estimator_pick": choice.pick, "method": rec.method.name, "engine": notes["engine"], "packing": pack.mode,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": dev, "compute_dtype": dtype,
+        "compute_dtype_reason": dtype_reason, "threads": threads,
         "world_size": dist_state.num_processes, "profile": rec.profile, "overrides": list(overrides),
         "resumed_from": str(resume_from.name) if resume_from else None,
         "train_examples": len(train_split.input_ids), "eval_examples": len(eval_split.input_ids) if eval_split else 0,
@@ -259,27 +295,54 @@ def _train(rec, overrides, stage: Path, runs: Path, dev, dtype, train_ex, eval_e
         "tokens_per_s": round(result.metrics.get("train_tokens_per_second", tokens / max(train_s, 1e-9)), 1),
         "prep_s": round(prep_s, 1), "torch": torch.__version__,
     }
-    if rec.eval.report and eval_split is not None:
-        from toolkit.finetune import report
-        t0 = time.time()
-        announce("evaluating base vs fine-tuned on the held-out set ...")
-        rep = report.evaluate(trainer.model, tok, eval_split, rec, dtype, choice)
-        report.write(stage, rep, info)
-        info["report"] = {k: rep[k] for k in ("base", "finetuned", "improvement")}
-        info["report_s"] = round(time.time() - t0, 1)
-    from toolkit.finetune.report import plot_losses
-
-    plot_losses(stage / "metrics.jsonl", stage / "loss.png")
+    _write_json(stage / "run.json", info)
+    error = _evaluate_and_report(trainer, tok, eval_split, rec, dtype, choice, stage, info, announce)
     info["wall_s"] = round(time.time() - t_start, 1)
-    (stage / "run.json").write_text(json.dumps(info, indent=2) + "\n")
+    _write_json(stage / "run.json", info)
     # Checkpoints exist to resume; a finished run doesn't need them.
     shutil.rmtree(stage / "checkpoints", ignore_errors=True)
     (stage / "INCOMPLETE").unlink(missing_ok=True)
     final = runs / stage.name.removesuffix(INCOMPLETE_SUFFIX)
     os.replace(stage, final)
     _atomic_symlink(runs / "latest", final.name)
+    if error:
+        # The weights are trained and usable (`toolkit export` / `toolkit chat` take this folder),
+        # so the run is kept and finalized; the command still fails so scripts notice.
+        raise ReportFailed(f"evaluation/report failed after training: {error}; the trained weights are saved "
+                           f"in {final} (run.json `report_error`, traceback in report_error.txt)")
     announce(f"run saved: {final}")
     return final
+
+
+def _evaluate_and_report(trainer, tok, eval_split, rec, dtype, choice, stage: Path, info: dict, announce) -> str:
+    """Base-vs-fine-tuned report and loss plot into `stage`; returns "" or the error that stopped them
+    (also recorded as run.json `report_error`, with the traceback in report_error.txt)."""
+    from toolkit.finetune import report
+
+    try:
+        if rec.eval.report and eval_split is not None:
+            t0 = time.time()
+            announce("evaluating base vs fine-tuned on the held-out set ...")
+            rep = report.evaluate(trainer.model, tok, eval_split, rec, dtype, choice)
+            report.write(stage, rep, info)
+            info["report"] = {k: rep[k] for k in ("base", "finetuned", "improvement")}
+            info["report_s"] = round(time.time() - t0, 1)
+        report.plot_losses(stage / "metrics.jsonl", stage / "loss.png")
+    except Exception as exc:  # noqa: BLE001 - any failure here must not cost the trained weights
+        import traceback
+
+        error = (f"{type(exc).__name__}: {exc}".strip().splitlines() or [type(exc).__name__])[0]
+        info["report_error"] = error
+        (stage / "report_error.txt").write_text(traceback.format_exc())
+        announce(f"ERROR after training: {error}")
+        return error
+    return ""
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def _eval_dataset(split, limit: int):

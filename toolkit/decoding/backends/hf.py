@@ -28,6 +28,7 @@ class HFBackend:
         from toolkit.core.models import load_model
 
         dev = device or hardware.device()
+        hardware.apply_threads(dev)
         model, tok = load_model(spec, device=dev, dtype=hardware.dtype_for(dev, "infer"))
         return cls(model, tok, n_ctx)
 

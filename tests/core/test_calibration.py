@@ -1,0 +1,88 @@
+"""Calibration cache: keys, round trip, `toolkit estimate --calibrate`, a corrupt cache rebuilt
+(real measurements, ~1.5 s each on 2 cores)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, replace
+
+import pytest
+
+from toolkit.core import calibration as K
+from toolkit.core import capability as C
+
+
+def test_key_changes_with_torch_version_cpu_name_and_gpu():
+    cpu = C.Capability(kind="cpu", name="AMD EPYC", isa="avx2", physical_cores=2, logical_cpus=2)
+    keys = {K.key(cpu, "2.13.0"), K.key(cpu, "2.14.0"), K.key(replace(cpu, name="Intel Xeon"), "2.13.0"),
+            K.key(replace(cpu, physical_cores=8, logical_cpus=16), "2.13.0"),
+            K.key(C.cuda_record("Tesla T4", (7, 5)), "2.13.0")}
+    assert len(keys) == 5
+    # A forced record measures the same hardware: same key.
+    assert K.key(replace(cpu, isa="amx", native_bf16=True, forced="amx"), "2.13.0") == K.key(cpu, "2.13.0")
+
+
+def test_from_dict_rejects_what_is_not_a_record():
+    good = {"key": "k", "device": "cpu x", "matmul_flops": {"float32": 1e10, "bfloat16": 1e9},
+            "bandwidth_bytes_per_s": 1e10, "seconds": 1.0, "torch": "2.13.0"}
+    assert asdict(K.Calibration.from_dict(good)) == good
+    for bad in ({**good, "matmul_flops": {"bfloat16": 1e9}}, {**good, "bandwidth_bytes_per_s": "fast"},
+                {k: v for k, v in good.items() if k != "torch"}, {**good, "matmul_flops": [1, 2]},
+                {**good, "matmul_flops": {"float32": 0.0}}):
+        with pytest.raises(ValueError):
+            K.Calibration.from_dict(bad)
+
+
+def test_cache_round_trip_keeps_other_machines_and_rebuilds_a_corrupt_file(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TOOLKIT_CACHE", str(tmp_path))
+    path = tmp_path / K.FILE_NAME
+    cap = C.detect("cpu")
+    other = {"key": "cpu|other|4 threads|torch 0", "device": "cpu other", "matmul_flops": {"float32": 1e10},
+             "bandwidth_bytes_per_s": 1e10, "seconds": 1.0, "torch": "0"}
+    path.write_text(json.dumps({"format": K.FORMAT, "records": {other["key"]: other}}))
+
+    from toolkit.cli import main
+
+    capsys.readouterr()
+    assert main(["estimate", "--calibrate", "--json"]) == 0  # a real measurement (~1.5 s on 2 cores)
+    printed = json.loads(capsys.readouterr().out)
+    cal = K.load(cap)
+    assert asdict(cal) == printed
+    assert cal.key == K.key(cap, K.torch_version()) and cal.torch == K.torch_version()
+    assert set(cal.matmul_flops) == {"float32", "bfloat16"} and min(cal.matmul_flops.values()) > 0
+    assert cal.bandwidth_bytes_per_s > 0
+    records = json.loads(path.read_text())["records"]
+    assert records[other["key"]] == other and records[cal.key] == asdict(cal)
+    mtime = path.stat().st_mtime_ns
+    assert K.load(cap) == cal and path.stat().st_mtime_ns == mtime  # read back, not measured again
+    assert main(["estimate", "--calibrate"]) == 0
+    assert capsys.readouterr().out.startswith(f"{cal.device}: matmul GFLOP/s float32 ")
+    assert path.stat().st_mtime_ns != mtime  # --calibrate measures again
+    assert not list(tmp_path.glob(".*tmp*"))  # the atomic write left no temp file
+
+    path.write_text('{"format": 1, "records": {"cpu|AMD')  # a write cut short
+    capsys.readouterr()
+    rebuilt = K.load(cap)
+    assert rebuilt.key == cal.key and rebuilt.seconds > 0
+    assert json.loads(path.read_text())["records"][cal.key] == asdict(rebuilt)
+    assert "unreadable" in capsys.readouterr().err
+
+
+def test_invalid_entry_is_measured_again_and_an_unwritable_cache_is_no_crash(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TOOLKIT_CACHE", str(tmp_path))
+    cap = C.detect("cpu")
+    k = K.key(cap, K.torch_version())
+    bad = {"key": k, "device": "cpu", "matmul_flops": {"float32": -1.0}, "bandwidth_bytes_per_s": 1e9,
+           "seconds": 1.0, "torch": K.torch_version()}
+    path = tmp_path / K.FILE_NAME
+    path.write_text(json.dumps({"format": K.FORMAT, "records": {k: bad}}))
+    before = path.read_text()
+    # A directory where the temp file goes: the write fails even for root (chmod would not).
+    (tmp_path / f".{K.FILE_NAME}.tmp-{os.getpid()}").mkdir()
+    capsys.readouterr()
+    cal = K.load(cap)
+    assert cal.matmul_flops["float32"] > 0 and cal.key == k
+    err = capsys.readouterr().err
+    assert "invalid" in err and "not cached" in err
+    assert path.read_text() == before  # nothing half-written

@@ -1,0 +1,210 @@
+"""Capability records from /proc/cpuinfo samples, the dtype/threads decision on hand-written records
+of machines we do not have, and its bad input (float16 on a CPU, forced bf16 without native bf16)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from toolkit.core import capability as C
+from toolkit.core.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+_COMMON = ("fpu vme de pse tsc msr pae mce cx8 apic sep mtrr pge mca cmov pat pse36 clflush mmx fxsr sse sse2 ht "
+           "syscall nx pdpe1gb rdtscp lm constant_tsc rep_good nopl xtopology nonstop_tsc cpuid pni pclmulqdq "
+           "ssse3 fma cx16 pcid sse4_1 sse4_2 x2apic movbe popcnt aes xsave avx f16c rdrand hypervisor lahf_lm abm")
+
+
+def _proc(n, model, flags, physical_id, core_id, siblings, cores):
+    return (f"processor\t: {n}\nvendor_id\t: x\nmodel name\t: {model}\nphysical id\t: {physical_id}\n"
+            f"siblings\t: {siblings}\ncore id\t\t: {core_id}\ncpu cores\t: {cores}\nflags\t\t: {flags}\n"
+            "bogomips\t: 4890.80\n")
+
+
+# This machine (a 2-core AMD EPYC VM): AVX2 + FMA, no AVX-512.
+EPYC_AVX2 = "\n".join(_proc(i, "AMD EPYC", _COMMON + " sse4a misalignsse 3dnowprefetch topoext bmi1 avx2 smep bmi2 "
+                            "erms invpcid rdseed adx smap clflushopt clwb sha_ni xsaveopt xsavec vaes vpclmulqdq "
+                            "rdpid fsrm", 0, i, 2, 2) for i in range(2))
+# Sapphire Rapids (Xeon Platinum 8480+), 2 cores with SMT: processors 0/2 and 1/3 are siblings.
+SPR_FLAGS = (_COMMON + " bmi1 hle avx2 smep bmi2 erms invpcid rtm avx512f avx512dq rdseed adx smap avx512ifma "
+             "clflushopt clwb avx512cd sha_ni avx512bw avx512vl xsaveopt avx_vnni avx512_bf16 wbnoinvd avx512vbmi "
+             "umip pku ospke waitpkg avx512_vbmi2 gfni vaes vpclmulqdq avx512_vnni avx512_bitalg "
+             "avx512_vpopcntdq la57 rdpid movdiri movdir64b serialize tsxldtrk amx_bf16 avx512_fp16 amx_tile "
+             "amx_int8 flush_l1d arch_capabilities")
+SPR = "\n".join(_proc(i, "Intel(R) Xeon(R) Platinum 8480+", SPR_FLAGS, 0, i % 2, 4, 2) for i in range(4))
+# Zen 4 (EPYC 9654): AVX-512 with the BF16 extension, no AMX; two sockets, one core each.
+ZEN4_FLAGS = (_COMMON + " bmi1 avx2 smep bmi2 erms invpcid cqm rdt_a avx512f avx512dq rdseed adx smap avx512ifma "
+              "clflushopt clwb avx512cd sha_ni avx512bw avx512vl xsaveopt xsavec xgetbv1 xsaves avx512_bf16 clzero "
+              "irperf xsaveerptr rdpru wbnoinvd avx512vbmi umip pku ospke avx512_vbmi2 gfni vaes vpclmulqdq "
+              "avx512_vnni avx512_bitalg avx512_vpopcntdq la57 rdpid fsrm")
+ZEN4 = "\n".join(_proc(i, "AMD EPYC 9654 96-Core Processor", ZEN4_FLAGS, i, 0, 1, 1) for i in range(2))
+# Graviton 3 style ARM: "Features", no core ids.
+ARM = "\n".join(f"processor\t: {i}\nBogoMIPS\t: 2100.00\nFeatures\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 "
+                f"atomics fphp asimdhp cpuid asimdrdm sve bf16 i8mm\nCPU part\t: 0xd40\n" for i in range(4))
+
+
+def test_cpuinfo_samples_parse_to_isa_cores_and_bf16():
+    got = {name: C.cpu_record(text) for name, text in
+           (("epyc", EPYC_AVX2), ("spr", SPR), ("zen4", ZEN4), ("arm", ARM))}
+    assert [(r.isa, r.physical_cores, r.native_bf16, r.native_fp16) for r in got.values()] == [
+        ("avx2", 2, False, False), ("amx", 2, True, True), ("avx512_bf16", 2, True, False), ("sve", 4, True, False)]
+    assert got["epyc"].name == "AMD EPYC" and got["epyc"].flags == ("avx2", "fma")
+    assert got["spr"].flags == ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile")
+    assert got["zen4"].name == "AMD EPYC 9654 96-Core Processor"
+
+
+def test_this_machine_is_detected():
+    cap = C.detect("cpu")
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    assert cap.kind == "cpu" and cap.physical_cores >= 1 and C.threads(cap) >= 1
+    assert replace(C.detect("cpu", use_torch=False), torch_capability=cap.torch_capability) == cap
+    if text:
+        assert cap.isa == C.isa_level(C.parse_cpuinfo(text)["flags"])
+        assert cap.native_bf16 == (cap.isa in ("amx", "avx512_bf16")) or cap.isa in ("neon", "sve")
+
+
+class _Cal:
+    """The two rates choose_dtype reads from a toolkit.core.calibration.Calibration."""
+
+    def __init__(self, f32, b16):
+        self.matmul_flops = {"float32": f32, "bfloat16": b16}
+
+
+AVX2 = C.cpu_record(EPYC_AVX2)
+AVX512_BF16 = C.cpu_record(ZEN4)
+AMX = C.cpu_record(SPR)
+T4 = C.cuda_record("Tesla T4", (7, 5))
+RTX3060 = C.cuda_record("NVIDIA GeForce RTX 3060", (8, 6))
+A100 = C.cuda_record("NVIDIA A100-SXM4-40GB", (8, 0))
+
+
+@pytest.mark.parametrize("cap, train, infer", [
+    (AVX2, "float32", "float32"),
+    (AVX512_BF16, "bfloat16", "float32"),
+    (AMX, "bfloat16", "float32"),
+    (T4, "float16", "float16"),
+    (RTX3060, "bfloat16", "bfloat16"),
+    (A100, "bfloat16", "bfloat16"),
+])
+def test_dtype_choice_per_machine(cap, train, infer):
+    assert C.choose_dtype(cap, "train")[0] == train
+    assert C.choose_dtype(cap, "eval")[0] == train
+    assert C.choose_dtype(cap, "infer")[0] == infer
+
+
+def test_reasons_say_why():
+    assert C.choose_dtype(AVX2, "train")[1] == "fp32: this CPU has no native bf16 (avx2)"
+    assert "sm75" in C.choose_dtype(T4, "train")[1] and "no bf16" in C.choose_dtype(T4, "train")[1]
+    assert "llama.cpp" in C.choose_dtype(AMX, "infer")[1]
+
+
+def test_calibration_decides_between_native_bf16_and_fp32():
+    assert C.choose_dtype(AMX, "train", _Cal(100e9, 400e9)) == (
+        "bfloat16", "bf16: native bf16 (amx), matmul measured 4.0x fp32")
+    dtype, why = C.choose_dtype(AVX512_BF16, "train", _Cal(100e9, 80e9))
+    assert dtype == "float32" and "80 vs 100 GFLOP/s" in why
+    # No native bf16: fp32 whatever a calibration says.
+    assert C.choose_dtype(AVX2, "train", _Cal(1e9, 100e9))[0] == "float32"
+    with pytest.raises(ValueError):
+        C.choose_dtype(AVX2, "training")
+
+
+def test_forced_capability_overrides_flags_and_calibration():
+    forced_bf16 = C.cpu_record(EPYC_AVX2, forced="avx512_bf16")
+    assert forced_bf16.isa == "avx512_bf16" and forced_bf16.native_bf16 and forced_bf16.flags == ("avx2", "fma")
+    # The point of forcing: measure the bf16 path on a machine where it is slow, and vice versa.
+    assert C.choose_dtype(forced_bf16, "train", _Cal(100e9, 1e9))[0] == "bfloat16"
+    forced_fp32 = C.cpu_record(SPR, forced="avx2")
+    dtype, why = C.choose_dtype(forced_fp32, "train")
+    assert dtype == "float32" and "TOOLKIT_CPU_CAPABILITY=avx2" in why
+    with pytest.raises(UserError, match="TOOLKIT_CPU_CAPABILITY must be one of"):
+        C.cpu_record(EPYC_AVX2, forced="avx9000")
+
+
+def test_threads_are_physical_cores_within_the_allowed_cpus():
+    assert C.threads(C.cpu_record(SPR, logical_cpus=4)) == 2  # SMT siblings don't count
+    assert C.threads(C.cpu_record(SPR, logical_cpus=1)) == 1  # a container allowed one CPU
+    assert C.threads(replace(AVX2, physical_cores=16, logical_cpus=32)) == 16
+
+
+# --- through toolkit.core.hardware on this machine -----------------------------------------
+
+
+@pytest.fixture
+def as_avx2(monkeypatch, tmp_path):
+    """This machine seen as an AVX2-only CPU, with its own calibration cache and warning memory."""
+    from toolkit.core import hardware
+
+    monkeypatch.setenv("TOOLKIT_CPU_CAPABILITY", "avx2")
+    monkeypatch.setenv("TOOLKIT_CACHE", str(tmp_path))
+    monkeypatch.setattr(hardware, "_warned", set())
+    return hardware
+
+
+def test_hardware_dtype_choice_and_dtype_for(as_avx2, monkeypatch, tmp_path):
+    hw = as_avx2
+    assert hw.dtype_choice("cpu", "train") == ("float32", "fp32: this CPU has no native bf16 "
+                                                          "(avx2, forced by TOOLKIT_CPU_CAPABILITY=avx2)")
+    assert hw.dtype_for("cpu", "infer") == "float32"
+    assert hw.dtype_choice("cpu", "train", "float32", "method.compute_dtype") == (
+        "float32", "set by method.compute_dtype")
+    monkeypatch.setenv("TOOLKIT_CPU_CAPABILITY", "amx")
+    assert hw.dtype_for("cpu", "train") == "bfloat16"  # forced: no calibration consulted or run
+    assert not (tmp_path / "calibration.json").exists()
+
+
+def test_float16_on_cpu_is_an_error_naming_the_key(as_avx2):
+    with pytest.raises(UserError, match=r"^method\.compute_dtype: float16 is not supported on CPU"):
+        as_avx2.dtype_choice("cpu", "train", "float16", "method.compute_dtype")
+
+
+def test_forced_bf16_without_native_bf16_warns_once_with_the_measured_slowdown(as_avx2, capsys, tmp_path):
+    from toolkit.core import calibration as K
+
+    cap = C.detect("cpu")
+    k = K.key(cap, K.torch_version())
+    rec = {"key": k, "device": "cpu test", "matmul_flops": {"float32": 120e9, "bfloat16": 1e9},
+           "bandwidth_bytes_per_s": 10e9, "seconds": 1.0, "torch": K.torch_version()}
+    (tmp_path / "calibration.json").write_text(json.dumps({"format": K.FORMAT, "records": {k: rec}}))
+    assert as_avx2.dtype_choice("cpu", "train", "bfloat16", "method.compute_dtype")[0] == "bfloat16"
+    assert as_avx2.dtype_choice("cpu", "train", "bfloat16", "method.compute_dtype")[0] == "bfloat16"
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warnings) == 1
+    assert "method.compute_dtype" in warnings[0] and "bf16 measured 120x slower than fp32" in warnings[0]
+
+
+def test_cli_float16_on_cpu_exits_2_naming_the_key_and_leaves_nothing(as_avx2, monkeypatch, tmp_path, capsys):
+    from toolkit.cli import main
+
+    monkeypatch.setenv("TOOLKIT_DEVICE", "cpu")
+    runs = tmp_path / "runs"
+    argv = ["finetune", str(ROOT / "recipes" / "finance"), "--set", "method.compute_dtype=float16",
+            "--runs-dir", str(runs)]
+    assert main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "method.compute_dtype: float16 is not supported on CPU" in err[0]
+    assert not runs.exists()
+
+
+def test_apply_threads(as_avx2, monkeypatch):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+        monkeypatch.setenv("TOOLKIT_THREADS", "1")
+        assert as_avx2.apply_threads("cpu") == 1 == torch.get_num_threads()
+        monkeypatch.delenv("TOOLKIT_THREADS")
+        want = C.threads(C.detect("cpu"))
+        assert as_avx2.apply_threads("cpu") == want == torch.get_num_threads()
+        assert as_avx2.apply_threads("cpu") == want  # idempotent
+        monkeypatch.setenv("TOOLKIT_THREADS", "two")
+        with pytest.raises(UserError, match="TOOLKIT_THREADS"):
+            as_avx2.apply_threads("cpu")
+    finally:
+        torch.set_num_threads(before)

@@ -1,0 +1,104 @@
+"""Time formulas against an independent count (torch's FlopCounterMode on a tiny Llama), the
+GPU catalog, durations, and the pick under a time budget."""
+
+from __future__ import annotations
+
+import pytest
+
+from toolkit.core.errors import UserError
+from toolkit.estimate import timing as T
+from toolkit.estimate.catalog import from_hf_config
+from toolkit.estimate.planner import ALL_LINEAR, pick
+from toolkit.estimate.timeplan import fmt_duration, parse_duration
+
+CFG = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2,
+       "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 300, "tie_word_embeddings": False}
+
+
+def _torch_flops(seq: int, backward: bool) -> float:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**CFG, attn_implementation="eager"))
+    ids = torch.randint(0, 300, (1, seq))
+    with FlopCounterMode(display=False) as fc:
+        out = model(input_ids=ids, labels=ids)
+        if backward:
+            out.loss.backward()
+    return fc.get_total_flops() / seq
+
+
+def test_forward_flops_match_torch_count_at_one_token():
+    # one token: the causal context is 1 position, where torch's dense count is exact too
+    m = from_hf_config(CFG, "tiny")
+    ours = sum(T.forward_flops_per_token(m, 1).values())
+    assert ours == pytest.approx(_torch_flops(1, backward=False), rel=1e-9)
+
+
+def test_full_backward_is_twice_forward_like_torch():
+    m = from_hf_config(CFG, "tiny")
+    f = T.train_flops_per_token(m, method="full", seq_len=1)
+    assert f.total == pytest.approx(_torch_flops(1, backward=True), rel=0.02)
+    assert f.backward == 2 * f.forward and f.recompute == 0
+
+
+def test_frozen_base_backward_and_checkpoint_recompute():
+    m = from_hf_config(CFG, "tiny")
+    lora = T.train_flops_per_token(m, method="lora", seq_len=64, lora_r=8, targets=ALL_LINEAR)
+    full = T.train_flops_per_token(m, method="full", seq_len=64)
+    assert lora.total < full.total + 3 * lora.forward - 3 * full.forward + 1  # adapters add, frozen base saves
+    ck = T.train_flops_per_token(m, method="lora", seq_len=64, lora_r=8, targets=ALL_LINEAR, grad_ckpt=True)
+    head = 2 * m.vocab * m.hidden
+    assert ck.recompute == pytest.approx(ck.forward - head)  # the head is not checkpointed
+    half = T.train_flops_per_token(m, method="lora", seq_len=64, lora_r=8, targets=ALL_LINEAR, labelled_fraction=0.5)
+    assert lora.total - half.total == pytest.approx(2 * 0.5 * head)  # forward + input grad of the head
+
+
+def test_rates_arithmetic():
+    assert T.train_tokens_per_s(1e9, 100e9, 0.5) == pytest.approx(50)
+    assert T.decode_tokens_per_s(T.decode_bytes_per_token(1_000, 10, 100), 2_000, 1.0) == pytest.approx(1.0)
+    assert T.prefill_seconds(100, 1e9, 1e11, 0.5) == pytest.approx(2.0)
+    assert T.train_wall_seconds(10, 100, 50, prepare_s=1, eval_s=2, report_s=3) == pytest.approx(26)
+    with pytest.raises(ValueError):
+        T.train_tokens_per_s(0, 1, 1)
+
+
+@pytest.mark.parametrize("text,secs", [("90s", 90), ("30m", 1800), ("1.5h", 5400), ("2h30m", 9000), ("45", 45)])
+def test_parse_duration(text, secs):
+    assert parse_duration(text) == secs
+
+
+@pytest.mark.parametrize("text", ["soon", "0", "-5m", "", "0m", "5x"])
+def test_parse_duration_rejects(text):
+    with pytest.raises(UserError, match="--time-budget"):
+        parse_duration(text)
+
+
+def test_fmt_duration():
+    assert fmt_duration(40) == "~40 s" and fmt_duration(600) == "~10 min" and fmt_duration(3 * 3600) == "~3.0 h"
+
+
+def test_gpu_catalog_resolves_names():
+    from toolkit.estimate.budget import GPUS
+    from toolkit.estimate.gpus import SPECS, spec
+
+    assert set(SPECS) <= set(GPUS)
+    assert spec("rtx 4060 8gb").name == "RTX 4060 8GB" and spec("H100").tflops == 989.0
+    assert spec("RTX 2060 6GB") is None  # memory known, rates not
+    with pytest.raises(UserError, match="--gpu"):
+        spec("Voodoo 5")
+
+
+def test_pick_respects_time_budget_and_names_both_limits():
+    def secs(m, e):  # time proportional to the parameter count: 1 s per million
+        return m.param_count() / 1e6
+
+    p = pick("qlora", 64 * 1024**3, 512, 1, 16, "cuda", seconds_of=secs, time_budget_s=450)
+    assert p.fits and p.model == "HuggingFaceTB/SmolLM2-360M-Instruct"
+    assert "would take" in p.reason and "Qwen2.5-0.5B" in p.reason
+    free = pick("qlora", 64 * 1024**3, 512, 1, 16, "cuda", seconds_of=secs, time_budget_s=None)
+    assert free.model == "meta-llama/Llama-3.1-8B-Instruct"
+    none = pick("qlora", 64 * 1024**3, 512, 1, 16, "cuda", seconds_of=secs, time_budget_s=10)
+    assert not none.fits and "would take" in none.reason

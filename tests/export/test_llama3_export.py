@@ -1,0 +1,96 @@
+"""Export pieces on Meta's real Llama-3.2 tokenizer + template: the Ollama Modelfile renders what
+HF's template renders (system block included, one BOS), verify tokenizes templated text with one
+BOS, and the chat-turn check knows the template's tokens without a ChatML list."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.export.ollama_template import ollama_prompt
+from tests.export.test_pipeline import CONVERSATIONS
+
+BOS = "<|begin_of_text|>"
+
+
+@pytest.fixture(scope="module")
+def llama_tok(llama32_tokenizer_dir):
+    from toolkit.core.models import load_tokenizer
+
+    return load_tokenizer(str(llama32_tokenizer_dir))
+
+
+@pytest.fixture(scope="module")
+def embedded_tok(embedded_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(embedded_dir)
+
+
+def test_turn_format_replays_the_llama3_template(llama_tok):
+    from toolkit.export.modelfile import render, turn_format
+
+    fmt = turn_format(llama_tok)
+    assert fmt is not None and fmt.default_system == ""
+    assert fmt.system_prefix.startswith(BOS + "<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge")
+    for msgs in CONVERSATIONS:
+        for gen in (False, True):
+            want = llama_tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+            assert render(fmt, msgs, gen) == want
+
+
+def test_llama3_modelfile_renders_hf_text_system_block_included(llama_tok):
+    from toolkit.core.chat_tokens import end_of_turn_token
+    from toolkit.export.modelfile import modelfile_text, ollama_adds_bos
+
+    assert ollama_adds_bos(llama_tok) == BOS
+    text = modelfile_text("m-f16.gguf", llama_tok, end_of_turn_token(llama_tok))
+    template = text.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+    assert not template.startswith(BOS) and BOS not in template  # Ollama adds it: one BOS, not two
+    assert template.startswith("<|start_header_id|>system<|end_header_id|>")  # even without a system prompt
+    assert 'PARAMETER stop "<|eot_id|>"' in text and 'PARAMETER stop "<|start_header_id|>"' in text
+    assert "SYSTEM" not in text  # Meta's default system prompt is empty
+    for msgs in CONVERSATIONS:
+        want = llama_tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        assert ollama_prompt(text, msgs, bos=BOS) == want
+
+
+def test_chatml_modelfile_still_renders_hf_text(embedded_tok):
+    from toolkit.export.modelfile import modelfile_text, ollama_adds_bos
+
+    assert ollama_adds_bos(embedded_tok) is None
+    text = modelfile_text("m.gguf", embedded_tok, "<|im_end|>")
+    for msgs in CONVERSATIONS:
+        want = embedded_tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        assert ollama_prompt(text, msgs, bos=None) == want
+
+
+def test_ollama_template_reader_follows_ollamas_rules():
+    modelfile = ('TEMPLATE """{{ if .System }}[S]{{ .System }}{{ end }}{{ range .Messages }}'
+                 '{{ if eq .Role "user" }}[U]{{ .Content }}{{ else if eq .Role "assistant" }}[A]{{ .Content }}'
+                 '{{ end }}{{ end }}[G]"""\n\nSYSTEM """dflt"""\n')
+    assert ollama_prompt(modelfile, [{"role": "user", "content": "u"}], bos=None) == "[S]dflt[U]u[G]"
+    msgs = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]
+    assert ollama_prompt(modelfile, msgs, bos="<b>") == "<b>[S]s[U]u[A]a[G]"
+    with pytest.raises(ValueError):
+        ollama_prompt('TEMPLATE """{{- .System }}"""', [], bos=None)
+
+
+def test_text_ids_one_bos_for_templated_text(llama_tok):
+    from toolkit.export.verify import text_ids
+
+    templated = llama_tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False)
+    ids = text_ids(llama_tok, templated)
+    assert ids[0] == 128000 and ids.count(128000) == 1
+    assert text_ids(llama_tok, "Hello world") == [128000, 9906, 1917]  # plain text still gets its BOS
+
+
+def test_chat_failures_catch_leaked_template_tokens(llama_tok):
+    from toolkit.export.verify import GGUF_CHAT_FORMAT, ChatTurn, chat_failures
+
+    def turn(reply):
+        return ChatTurn("q", reply, "stop", 5, GGUF_CHAT_FORMAT)
+
+    assert chat_failures(turn("A bond is a loan."), llama_tok) == []
+    (leak,) = chat_failures(turn("A loan.<|start_header_id|>user<|end_header_id|>"), llama_tok)
+    assert "<|start_header_id|>" in leak and "<|end_header_id|>" in leak
+    assert chat_failures(turn("A loan.<|eot_id|>"), llama_tok)

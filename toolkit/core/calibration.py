@@ -1,0 +1,207 @@
+"""A short measurement of this machine (<= ~3 s), run once and cached: matmul FLOP/s per dtype at
+training-like shapes, and memory bandwidth. The dtype choice (toolkit.core.capability) and the
+planner's time model read it; `toolkit estimate --calibrate` reruns it.
+
+Cached in $TOOLKIT_CACHE/calibration.json (default ~/.cache/toolkit), one record per key
+(device name + core count + torch version), so a torch upgrade or another machine sharing the
+home folder measures again. An unreadable cache is rebuilt, never an error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from toolkit.core.capability import Capability, detect, threads
+from toolkit.core.progress import say
+
+FORMAT = 1
+FILE_NAME = "calibration.json"
+# (M, K, N) of one LoRA-era linear layer at a training step: a 2048-token batch through a
+# 576 -> 1536 MLP projection (SmolLM2-135M). A GPU needs a bigger one to leave launch overhead behind.
+CPU_SHAPE = (2048, 576, 1536)
+CUDA_SHAPE = (8192, 2048, 8192)
+# A dtype the CPU only emulates (bf16 without avx512_bf16: ~1 GFLOP/s) would take seconds at the
+# full shape: when its small probe projects one full matmul past this, the probe's rate is the
+# measurement. (A probe's rate understates a fast dtype several-fold, so the bar is generous.)
+FULL_SHAPE_LIMIT_S = 1.0
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """One machine's measured rates. `matmul_flops` maps dtype name -> FLOP/s ("float32",
+    "bfloat16"; "float16" on CUDA only: fp16 is not a CPU compute dtype here)."""
+
+    key: str
+    device: str
+    matmul_flops: dict[str, float]
+    bandwidth_bytes_per_s: float
+    seconds: float
+    torch: str
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Calibration":
+        """Strictly typed: anything else (an older format, a hand edit) raises ValueError."""
+        try:
+            flops = {str(k): float(v) for k, v in d["matmul_flops"].items()}
+            cal = cls(key=str(d["key"]), device=str(d["device"]), matmul_flops=flops,
+                      bandwidth_bytes_per_s=float(d["bandwidth_bytes_per_s"]), seconds=float(d["seconds"]),
+                      torch=str(d["torch"]))
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
+            raise ValueError(f"not a calibration record: {exc}") from exc
+        if "float32" not in flops or min(flops.values(), default=0) <= 0 or cal.bandwidth_bytes_per_s <= 0:
+            raise ValueError("not a calibration record: missing or non-positive rates")
+        return cal
+
+    def summary(self) -> str:
+        """One line for people: rates in GFLOP/s and GB/s."""
+        rates = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in self.matmul_flops.items())
+        return (f"{self.device}: matmul GFLOP/s {rates}; memory {self.bandwidth_bytes_per_s / 1e9:.1f} GB/s "
+                f"(measured in {self.seconds:.1f} s, torch {self.torch})")
+
+
+def torch_version() -> str:
+    """The installed torch's version without importing torch (that takes seconds)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("torch")
+    except PackageNotFoundError:
+        return "none"
+
+
+def key(cap: Capability, torch_ver: str) -> str:
+    """Cache key: what the numbers depend on. A forced capability (TOOLKIT_CPU_CAPABILITY) does not
+    change it: the measurement is of the real hardware."""
+    if cap.kind == "cuda":
+        return f"cuda|{cap.name}|{cap.isa}|torch {torch_ver}"
+    return f"cpu|{cap.name}|{threads(cap)} threads|torch {torch_ver}"
+
+
+def cache_path() -> Path:
+    from toolkit.core.models import cache_dir
+
+    return cache_dir() / FILE_NAME
+
+
+def _read_records(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        say(f"calibration cache {path} unreadable ({type(exc).__name__}); measuring again")
+        return {}
+    if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("records"), dict):
+        say(f"calibration cache {path} has an unknown layout; measuring again")
+        return {}
+    return data["records"]
+
+
+def _write_records(path: Path, records: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps({"format": FORMAT, "records": records}, indent=1) + "\n")
+        os.replace(tmp, path)
+    except OSError as exc:  # a read-only home costs a re-measure next time, nothing more
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        say(f"calibration not cached ({path}: {exc.strerror or exc})")
+
+
+def load(cap: Capability | None = None, refresh: bool = False) -> Calibration:
+    """This machine's calibration: from the cache, or measured (and cached) when missing, stale,
+    corrupt, or `refresh`."""
+    cap = cap or detect()
+    k = key(cap, torch_version())
+    path = cache_path()
+    records = _read_records(path)
+    if not refresh and k in records:
+        try:
+            cal = Calibration.from_dict(records[k])
+            if cal.key == k:
+                return cal
+        except ValueError:
+            pass
+        say(f"calibration cache entry for {k} is invalid; measuring again")
+    say(f"calibrating {cap.name} (matmul and memory speed, a few seconds; cached) ...")
+    cal = measure(cap)
+    records[k] = asdict(cal)
+    _write_records(path, records)
+    return cal
+
+
+def measure(cap: Capability) -> Calibration:
+    """Measure now (no cache): matmul FLOP/s per candidate dtype, best of a few reps, and memory
+    bandwidth from a large copy (bytes read + written per second). CPU runs at threads(cap)."""
+    import torch
+
+    t0 = time.perf_counter()
+    cuda = cap.kind == "cuda"
+    dev = "cuda" if cuda else "cpu"
+    dtypes = ("float32", "bfloat16", "float16") if cuda else ("float32", "bfloat16")
+    prev = torch.get_num_threads()
+    if not cuda:
+        torch.set_num_threads(threads(cap))
+    try:
+        with torch.inference_mode():
+            flops = {dt: _matmul_rate(torch, dev, getattr(torch, dt), CUDA_SHAPE if cuda else CPU_SHAPE)
+                     for dt in dtypes}
+            bw = _bandwidth(torch, dev)
+    finally:
+        torch.set_num_threads(prev)
+    return Calibration(key=key(cap, torch_version()), device=f"{cap.kind} {cap.name} ({cap.isa})",
+                       matmul_flops=flops, bandwidth_bytes_per_s=bw, seconds=round(time.perf_counter() - t0, 3),
+                       torch=torch_version())
+
+
+def _timed(torch, dev: str, fn) -> float:
+    if dev == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    if dev == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def _matmul_rate(torch, dev: str, dtype, shape: tuple[int, int, int], reps: int = 3) -> float:
+    m, k, n = shape
+    gen = torch.Generator(device=dev).manual_seed(0)
+    b = torch.randn(k, n, device=dev, generator=gen).to(dtype)
+    # Probe at 1/16 of the rows first: an emulated dtype is measured there, within budget.
+    pm = max(16, m // 16)
+    pa = torch.randn(pm, k, device=dev, generator=gen).to(dtype)
+    warm = torch.randn(16, k, device=dev, generator=gen).to(dtype)
+    _timed(torch, dev, lambda: warm @ b)  # one-off library init and kernel selection, not timed
+    first = _timed(torch, dev, lambda: pa @ b)
+    probe = first if first > 0.05 else min(first, *(_timed(torch, dev, lambda: pa @ b) for _ in range(2)))
+    probe_rate = 2 * pm * k * n / probe
+    full_flops = 2 * m * k * n
+    if full_flops / probe_rate > FULL_SHAPE_LIMIT_S:
+        return probe_rate
+    a = torch.randn(m, k, device=dev, generator=gen).to(dtype)
+    if _timed(torch, dev, lambda: a @ b) > 0.25:  # slow machine or busy cores: stay within ~3 s
+        reps = 1
+    inner = 10 if dev == "cuda" else 1  # a GPU matmul is shorter than the timer's resolution
+
+    def run():
+        for _ in range(inner):
+            a @ b
+
+    return max(full_flops * inner / _timed(torch, dev, run) for _ in range(reps))
+
+
+def _bandwidth(torch, dev: str, reps: int = 3) -> float:
+    # Larger than most last-level caches (CPU: 128 MiB; GPU: 1 GiB), pages touched before timing.
+    n = (256 if dev == "cuda" else 32) * 2**20
+    src = torch.ones(n, dtype=torch.float32, device=dev)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    nbytes = 2 * src.numel() * src.element_size()
+    return max(nbytes / _timed(torch, dev, lambda: dst.copy_(src)) for _ in range(reps))

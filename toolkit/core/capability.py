@@ -1,0 +1,206 @@
+"""What this machine can do, as one record, and the dtype decision made from it.
+
+`detect()` reads the CPU's ISA from /proc/cpuinfo (plus torch's own dispatch level when torch is
+importable) or the GPU's compute capability; `choose_dtype()` is a pure function of that record
+(and optionally of the measured `toolkit.core.calibration`), so every default can be tested with
+hand-written records for machines we do not have.
+
+TOOLKIT_CPU_CAPABILITY=avx2|avx512|avx512_bf16|amx forces the CPU record's ISA level and native
+bf16 flag, so the fp32 path can be measured on a bf16 machine and the bf16 path on an AVX2 one.
+A forced record is taken at its word: a measured calibration does not overrule it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass, replace
+
+from toolkit.core.errors import UserError
+
+PURPOSES = ("train", "eval", "infer")
+ENV_FORCE = "TOOLKIT_CPU_CAPABILITY"
+# The flags that decide CPU matmul speed per dtype (kept in the record so a run says why).
+RELEVANT_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile", "amx_fp16")
+# Forced ISA level -> native bf16. avx512 without the _bf16 extension converts bf16 to fp32 in
+# software (oneDNN), which is what makes bf16 slower than fp32 there.
+_FORCED = {"avx2": False, "avx512": False, "avx512_bf16": True, "amx": True}
+
+
+@dataclass(frozen=True)
+class Capability:
+    """One device: `kind` "cpu" or "cuda"; `isa` the CPU's vector level ("avx2", "avx512",
+    "avx512_bf16", "amx", or "default"/arch name) or, on CUDA, "sm86"-style; `forced` the
+    TOOLKIT_CPU_CAPABILITY value when the record was forced."""
+
+    kind: str
+    name: str
+    isa: str
+    flags: tuple[str, ...] = ()
+    physical_cores: int = 1
+    logical_cpus: int = 1
+    native_bf16: bool = False
+    native_fp16: bool = False
+    compute_capability: tuple[int, int] | None = None
+    torch_capability: str | None = None  # torch.backends.cpu.get_cpu_capability(), e.g. "AVX2"
+    forced: str | None = None
+
+
+def parse_cpuinfo(text: str) -> dict:
+    """Model name, flag set and physical core count from /proc/cpuinfo text.
+
+    Physical cores are the distinct (physical id, core id) pairs, so SMT siblings count once;
+    without core ids (some VMs, ARM) every listed processor counts as a core."""
+    name, flags, cores, processors = "", set(), set(), 0
+    phys = None
+    for block in text.split("\n\n"):
+        fields = {}
+        for line in block.splitlines():
+            if ":" in line:
+                k, v = line.split(":", 1)
+                fields[k.strip()] = v.strip()
+        if "processor" not in fields:
+            continue
+        processors += 1
+        name = name or fields.get("model name") or fields.get("Model") or fields.get("cpu model", "")
+        # x86 says "flags", ARM says "Features".
+        flags |= set((fields.get("flags") or fields.get("Features") or "").split())
+        phys = fields.get("physical id", "0")
+        if "core id" in fields:
+            cores.add((phys, fields["core id"]))
+    return {"name": name or "unknown CPU", "flags": flags,
+            "physical_cores": len(cores) if cores else processors}
+
+
+def isa_level(flags) -> str:
+    """The highest x86 vector level the flags show: amx > avx512_bf16 > avx512 > avx2 > default.
+    ARM: "sve"/"neon" ("bf16" in its Features means native bf16 dot products)."""
+    f = set(flags)
+    if {"amx_bf16", "amx_tile"} <= f:
+        return "amx"
+    if "avx512_bf16" in f:
+        return "avx512_bf16"
+    if "avx512f" in f:
+        return "avx512"
+    if "avx2" in f:
+        return "avx2"
+    if "sve" in f:
+        return "sve"
+    if "asimd" in f:
+        return "neon"
+    return "default"
+
+
+def cpu_record(cpuinfo: str, logical_cpus: int | None = None, torch_capability: str | None = None,
+               forced: str | None = None) -> Capability:
+    """The CPU record from /proc/cpuinfo text (pure: tests feed captured samples)."""
+    info = parse_cpuinfo(cpuinfo)
+    flags = info["flags"]
+    isa = isa_level(flags)
+    native_bf16 = isa in ("amx", "avx512_bf16") or (isa in ("neon", "sve") and "bf16" in flags)
+    native_fp16 = bool({"avx512_fp16", "amx_fp16"} & flags)
+    if forced is not None:
+        if forced not in _FORCED:
+            raise UserError(f"{ENV_FORCE} must be one of {', '.join(_FORCED)}; got {forced!r}")
+        isa, native_bf16 = forced, _FORCED[forced]
+    cores = max(1, info["physical_cores"])
+    return Capability(
+        kind="cpu", name=info["name"], isa=isa, flags=tuple(f for f in RELEVANT_FLAGS if f in flags),
+        physical_cores=cores, logical_cpus=max(1, logical_cpus or cores), native_bf16=native_bf16,
+        native_fp16=native_fp16, torch_capability=torch_capability, forced=forced,
+    )
+
+
+def cuda_record(name: str, compute_capability: tuple[int, int], host: Capability | None = None) -> Capability:
+    """A CUDA GPU's record: bf16 tensor cores from sm80 (Ampere) on, fp16 everywhere we support.
+
+    Not torch.cuda.is_bf16_supported(): by default it also counts emulated bf16 (True on a T4),
+    which runs but is far slower than fp16 there."""
+    cc = tuple(compute_capability)
+    return Capability(
+        kind="cuda", name=name, isa=f"sm{cc[0]}{cc[1]}", physical_cores=host.physical_cores if host else 1,
+        logical_cpus=host.logical_cpus if host else 1, native_bf16=cc >= (8, 0), native_fp16=True,
+        compute_capability=cc,
+    )
+
+
+def _logical_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # a container's CPU set, not the host's
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _read_cpuinfo() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def detect(dev: str | None = None, use_torch: bool = True) -> Capability:
+    """The record for `dev` ("cpu", "cuda", "cuda:N"; default: toolkit.core.hardware.device()).
+
+    `use_torch=False` skips torch's own ISA probe on a CPU (importing torch takes seconds; nothing
+    decides from that field), for callers that must stay instant. CUDA always asks torch."""
+    if dev is None:
+        from toolkit.core.hardware import device
+
+        dev = device()
+    return _detect(dev, os.environ.get(ENV_FORCE) or None, use_torch or dev.startswith("cuda"))
+
+
+@functools.lru_cache(maxsize=8)
+def _detect(dev: str, forced: str | None, use_torch: bool) -> Capability:
+    text = _read_cpuinfo()
+    torch, torch_cap = None, None
+    if use_torch:
+        try:
+            import torch
+
+            torch_cap = torch.backends.cpu.get_cpu_capability()
+        except ImportError:
+            pass
+    host = cpu_record(text, _logical_cpus(), torch_cap, forced)
+    if text == "":  # no /proc (macOS, Windows): cores from the OS, no ISA flags
+        host = replace(host, physical_cores=os.cpu_count() or 1)
+    if not dev.startswith("cuda"):
+        return host
+    index = int(dev.split(":", 1)[1]) if ":" in dev else 0
+    return cuda_record(torch.cuda.get_device_name(index), torch.cuda.get_device_capability(index), host)
+
+
+def threads(cap: Capability) -> int:
+    """Intra-op threads: one per physical core (SMT siblings share the FMA units, so more only
+    contend), never more than the CPUs this process may run on."""
+    return max(1, min(cap.physical_cores, cap.logical_cpus))
+
+
+def choose_dtype(cap: Capability, purpose: str, calibration=None) -> tuple[str, str]:
+    """(dtype name, reason) for `purpose` in {"train", "eval", "infer"} on the device `cap` describes.
+
+    CUDA: bf16 from sm80 on, else fp16. CPU inference: fp32 (greedy output must match llama.cpp's
+    f16/f32 path token for token). CPU training/evaluation: bf16 only on native bf16 (avx512_bf16,
+    amx) and, given a `toolkit.core.calibration.Calibration`, only where its bf16 matmul rate beats
+    fp32's; else fp32."""
+    if purpose not in PURPOSES:
+        raise ValueError(f"purpose must be one of {PURPOSES}, got {purpose!r}")
+    if cap.kind == "cuda":
+        cc = f"sm{cap.compute_capability[0]}{cap.compute_capability[1]}" if cap.compute_capability else "GPU"
+        if cap.native_bf16:
+            return "bfloat16", f"bf16: {cap.name} ({cc}) has bf16 tensor cores"
+        return "float16", f"fp16: {cap.name} ({cc}) has no bf16 (needs sm80+)"
+    if purpose == "infer":
+        return "float32", "fp32: CPU inference stays fp32 so greedy output matches llama.cpp"
+    forced = f", forced by {ENV_FORCE}={cap.forced}" if cap.forced else ""
+    if not cap.native_bf16:
+        return "float32", f"fp32: this CPU has no native bf16 ({cap.isa}{forced})"
+    rates = getattr(calibration, "matmul_flops", None) or {}
+    f32, b16 = rates.get("float32"), rates.get("bfloat16")
+    if cap.forced or not (f32 and b16):
+        return "bfloat16", f"bf16: native bf16 ({cap.isa}{forced})"
+    if b16 > f32:
+        return "bfloat16", f"bf16: native bf16 ({cap.isa}), matmul measured {b16 / f32:.1f}x fp32"
+    return "float32", (f"fp32: bf16 matmul measured no faster than fp32 on this CPU ({cap.isa}: "
+                       f"{b16 / 1e9:.0f} vs {f32 / 1e9:.0f} GFLOP/s)")

@@ -1,0 +1,141 @@
+"""Time beside memory: a device's rates (this machine's calibration or a named GPU's datasheet),
+the time fields of an estimate, and time budgets ("30m", "1.5h", "2h30m").
+
+The arithmetic is `toolkit.estimate.timing`'s; this module only gathers its inputs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+from toolkit.core.errors import UserError
+from toolkit.estimate import timing as T
+
+# With no --time-budget: a CPU run must finish within 30 minutes (a first run should be a quick
+# one there); a GPU run has no time limit.
+DEFAULT_TIME_BUDGET_S = {"cpu": 30 * 60, "cuda": None}
+_DUR = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
+
+
+def parse_duration(text: str, what: str = "--time-budget") -> float:
+    """Seconds in "90s", "30m", "1.5h", "2h30m" (h, m, s in that order; a bare number is seconds)."""
+    raw = str(text).strip().lower().replace(" ", "")
+    if re.fullmatch(r"-.*", raw):
+        raise UserError(f"{what}: must be positive, got {text!r}")
+    if re.fullmatch(r"\d+(\.\d+)?", raw):
+        secs = float(raw)
+    else:
+        m = _DUR.match(raw)
+        if not raw or not m or not any(m.groups()):
+            raise UserError(f"{what}: cannot read {text!r} as a duration (examples: 90s, 30m, 1.5h, 2h30m)")
+        h, mi, s = (float(g) if g else 0.0 for g in m.groups())
+        secs = h * 3600 + mi * 60 + s
+    if secs <= 0:
+        raise UserError(f"{what}: must be positive, got {text!r}")
+    return secs
+
+
+def fmt_duration(seconds: float) -> str:
+    """"~40 s", "~12 min", "~3 h" for people."""
+    if seconds < 90:
+        return f"~{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"~{seconds / 60:.0f} min"
+    return f"~{seconds / 3600:.1f} h"
+
+
+@dataclass(frozen=True)
+class Rates:
+    """What the time model needs of a device: matmul FLOP/s in the compute dtype, bandwidth."""
+
+    device: str  # cpu | cuda
+    flops: float
+    bandwidth_bytes_per_s: float
+    source: str
+
+
+def rates_for_gpu(name: str) -> Rates | None:
+    """A named GPU's datasheet rates (toolkit.estimate.gpus); None when only its memory is known."""
+    from toolkit.estimate.gpus import spec
+
+    s = spec(name)
+    if s is None:
+        return None
+    return Rates("cuda", s.flops, s.bandwidth_bytes_per_s, f"{s.name} datasheet: {s.tflops:g} TFLOPS, "
+                 f"{s.bandwidth_gbs:g} GB/s")
+
+
+def host_capability():
+    """toolkit.core.capability's record of this machine, without importing torch on a CPU:
+    capability.detect() imports torch (~2 s) only to add torch's own ISA probe, which neither the
+    calibration's cache key nor the dtype choice reads, and `toolkit estimate` must stay instant."""
+    from toolkit.core import capability
+    from toolkit.core.hardware import detect
+
+    if detect().kind == "cuda":
+        return capability.detect()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpuinfo = f.read()
+    except OSError:
+        return capability.detect("cpu")
+    return capability.cpu_record(cpuinfo, len(os.sched_getaffinity(0)), None,
+                                 os.environ.get(capability.ENV_FORCE) or None)
+
+
+def training_dtype(cap=None) -> str:
+    """The compute dtype the toolkit trains in here (capability.choose_dtype with the calibration)."""
+    from toolkit.core import calibration, capability
+
+    cap = cap or host_capability()
+    return capability.choose_dtype(cap, "train", calibration.load(cap))[0]
+
+
+def rates_here(dtype: str | None = None) -> Rates:
+    """This machine's measured rates (toolkit.core.calibration, cached; first call measures ~3 s),
+    for the training compute dtype the toolkit would choose here unless `dtype` is given."""
+    from toolkit.core import calibration
+
+    cap = host_capability()
+    cal = calibration.load(cap)
+    dtype = dtype or training_dtype(cap)
+    flops = cal.matmul_flops.get(dtype) or cal.matmul_flops["float32"]
+    kind = "cuda" if cap.kind == "cuda" else "cpu"
+    return Rates(kind, flops, cal.bandwidth_bytes_per_s, f"calibration: {dtype} {flops / 1e9:.1f} GFLOP/s, "
+                 f"{cal.bandwidth_bytes_per_s / 1e9:.1f} GB/s")
+
+
+def time_fields(m, est, rates: Rates, *, targets: tuple[str, ...], labelled_fraction: float = 1.0,
+                run=None, prompt_tokens: int | None = None) -> dict:
+    """The `time` object of an estimate: train_tokens_per_s (training tasks), train_wall_s (with a
+    RunShape `run`), decode_tokens_per_s and prefill_s (a prompt of `prompt_tokens`, default the
+    estimate's seq_len)."""
+    eff = T.TRAIN_EFFICIENCY[rates.device]
+    out: dict = {"source": rates.source}
+    seq = est.seq_len
+    fwd = sum(T.forward_flops_per_token(m, seq).values())
+    if est.task != "inference":
+        f = T.train_flops_per_token(m, method=est.task, seq_len=seq, lora_r=est.lora_r or 0, targets=targets,
+                                    grad_ckpt=bool(est.grad_ckpt), labelled_fraction=labelled_fraction)
+        tps = T.train_tokens_per_s(f.total, rates.flops, eff)
+        out["train_flops_per_token"] = f.total
+        out["train_tokens_per_s"] = round(tps, 2)
+        if run is not None:
+            decode = T.decode_tokens_per_s(T.decode_bytes_per_token(est.components["weights"], 0, 0),
+                                           rates.bandwidth_bytes_per_s)
+            eval_s = run.eval_rounds * run.eval_tokens * fwd / (rates.flops * eff)
+            report_s = run.generated_tokens / decode
+            # Preparation: reading the weights and (QLoRA) quantizing them, a few passes over the bytes.
+            prepare_s = 4 * est.components["weights"] / rates.bandwidth_bytes_per_s
+            out["train_wall_s"] = round(T.train_wall_seconds(run.steps, run.tokens_per_step, tps, prepare_s=prepare_s,
+                                                             eval_s=eval_s, report_s=report_s), 1)
+            out["steps"] = run.steps
+            out["tokens_per_step"] = run.tokens_per_step
+    kv_per_token = 2 * m.layers * m.kv_dim * (4 if est.quant == "fp32" else 2)
+    ctx = est.seq_len
+    out["decode_tokens_per_s"] = round(T.decode_tokens_per_s(
+        T.decode_bytes_per_token(est.components["weights"], kv_per_token, ctx), rates.bandwidth_bytes_per_s), 2)
+    out["prefill_s"] = round(T.prefill_seconds(prompt_tokens or ctx, fwd, rates.flops, eff), 3)
+    return out

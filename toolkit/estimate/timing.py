@@ -1,0 +1,128 @@
+"""Pure time formulas: FLOPs per token from the architecture, tokens/s from a device's throughput.
+
+Every function takes plain numbers (or a `ModelFacts` for the shapes) and the device's rates as
+arguments; nothing here measures, imports torch or reads the calibration. Sources:
+- Linear layers: 2 FLOPs per weight per token forward (one multiply-add), Kaplan et al. 2020
+  (arXiv:2001.08361, table 1) and Chinchilla's appendix F (Hoffmann et al. 2022).
+- Attention scores and the weighted sum of values: 2 x 2 x q_dim FLOPs per token per attended
+  position; a causal mask attends to (seq_len + 1) / 2 positions on average. Korthikanti et al.
+  2022 (arXiv:2205.05198) count the same two matmuls.
+- Backward: the gradient of a matmul's input costs one forward, that of its weight another
+  (Kaplan et al.: 2x forward). A frozen weight needs only the input gradient (LoRA, Hu et al. 2021;
+  QLoRA, Dettmers et al. 2023), the attention matmuls have no weights, so both operand gradients.
+- Gradient checkpointing recomputes each decoder layer's forward once (Chen et al. 2016).
+- Decode is memory-bound: every new token reads all weights once plus the KV cache
+  (Pope et al. 2022, "Efficiently Scaling Transformer Inference", section 2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Share of the device's measured matmul rate that a training step reaches, from one measurement
+# each (not fitted per row):
+# - "cpu": the finance recipe's CPU profile (`make finetune RECIPE=finance`, no overrides) on the
+#   2-core AMD EPYC (AVX2) machine, 2026-11-22 06:12 UTC: 158.2 tok/s with fp32 compute (LoRA r16
+#   on all linears, padding-free packing with per-conversation attention, LM head on labelled
+#   positions only: 23,539 of the train split's 52,144 tokens) while the calibration measured
+#   149.9 GFLOP/s fp32. train_flops_per_token for that run (seq 512, no checkpointing,
+#   labelled_fraction 0.45) = 0.558 GFLOP, so 158.2 x 0.558e9 / 149.9e9 = 0.59.
+# - "cuda": litgpt's published A10G Llama-3.2-1B wall times (config_hub/finetune/README.md) come
+#   without their token counts, and no GPU was at hand to measure; until a measured GPU run
+#   replaces it, 0.45 (the CPU share of the earlier, slower CPU path) stands in. benchmarks/
+#   bench_time.py shows it is too high there (the A10G rows imply more tokens per example than
+#   litgpt's 512 cap).
+TRAIN_EFFICIENCY = {"cpu": 0.59, "cuda": 0.45}
+# Decode reads weights at close to the measured bandwidth: llama.cpp f16 decode of the 135M model
+# on the same CPU, 69 tok/s x 270 MB = 18.6 GB/s, matches its measured copy bandwidth (DESIGN.md).
+DECODE_EFFICIENCY = 1.0
+
+
+@dataclass(frozen=True)
+class FlopsPerToken:
+    """Training FLOPs per trained token, split by where they go (sum = `total`)."""
+
+    forward: float
+    backward: float
+    recompute: float
+
+    @property
+    def total(self) -> float:
+        return self.forward + self.backward + self.recompute
+
+
+def _attn_context(seq_len: int) -> float:
+    return (seq_len + 1) / 2  # causal: token t attends to t positions
+
+
+def forward_flops_per_token(m, seq_len: int, *, lora_r: int = 0, targets: tuple[str, ...] = (),
+                            labelled_fraction: float = 1.0) -> dict[str, float]:
+    """Forward FLOPs per token of `m` (a ModelFacts) at `seq_len`, by part: "linears" (decoder
+    linears, 2 per weight), "attention" (scores + weighted values over the causal context),
+    "lm_head" (2 x vocab x hidden, on `labelled_fraction` of the positions: trainers that score
+    only labelled positions skip the rest), "adapters" (LoRA A and B on `targets`, rank `lora_r`)."""
+    ctx = _attn_context(seq_len)
+    lin = m.linears()
+    return {
+        "linears": 2.0 * m.linear_params(),
+        "attention": 2.0 * 2.0 * m.q_dim * ctx * m.layers,
+        "lm_head": 2.0 * m.vocab * m.hidden * labelled_fraction,
+        "adapters": 2.0 * m.layers * sum(lora_r * (a + b) for n, (a, b) in lin.items() if n in targets),
+    }
+
+
+def train_flops_per_token(m, *, method: str, seq_len: int, lora_r: int = 0, targets: tuple[str, ...] = (),
+                          grad_ckpt: bool = False, labelled_fraction: float = 1.0) -> FlopsPerToken:
+    """FLOPs per trained token of one optimizer step's forward + backward (+ recompute).
+
+    method "full": backward = 2 x forward everywhere. "lora"/"qlora" (frozen base): the base
+    linears and the LM head need only input gradients (1 x their forward), the attention matmuls
+    both operands (2 x), the adapters input and weight gradients (2 x). grad_ckpt adds one forward
+    of the decoder layers (not of the head, which is outside the checkpointed blocks). The same
+    number is the "model FLOPs" of an MFU figure (benchmarks/bench_train.py)."""
+    if method not in ("full", "lora", "qlora"):
+        raise ValueError(f"method must be full, lora or qlora, got {method!r}")
+    if not 0.0 < labelled_fraction <= 1.0:
+        raise ValueError(f"labelled_fraction must be in (0, 1], got {labelled_fraction!r}")
+    f = forward_flops_per_token(m, seq_len, lora_r=0 if method == "full" else lora_r,
+                                targets=() if method == "full" else targets, labelled_fraction=labelled_fraction)
+    fwd = sum(f.values())
+    if method == "full":
+        back = 2.0 * fwd
+    else:
+        back = f["linears"] + f["lm_head"] + 2.0 * f["attention"] + 2.0 * f["adapters"]
+    recompute = (f["linears"] + f["attention"] + f["adapters"]) if grad_ckpt else 0.0
+    return FlopsPerToken(fwd, back, recompute)
+
+
+def train_tokens_per_s(flops_per_token: float, device_flops: float, efficiency: float) -> float:
+    """Trained tokens per second: device FLOP/s x efficiency / FLOPs per token."""
+    if flops_per_token <= 0 or device_flops <= 0 or efficiency <= 0:
+        raise ValueError("flops_per_token, device_flops and efficiency must be positive")
+    return device_flops * efficiency / flops_per_token
+
+
+def decode_bytes_per_token(weight_bytes: int, kv_bytes_per_token: float, context: int) -> float:
+    """Bytes read to produce one token: all weights once, plus the KV cache of `context` tokens."""
+    return weight_bytes + kv_bytes_per_token * context
+
+
+def decode_tokens_per_s(bytes_per_token: float, bandwidth_bytes_per_s: float,
+                        efficiency: float = DECODE_EFFICIENCY) -> float:
+    """Single-stream decode rate, memory-bound: bandwidth x efficiency / bytes per token."""
+    if bytes_per_token <= 0 or bandwidth_bytes_per_s <= 0:
+        raise ValueError("bytes_per_token and bandwidth must be positive")
+    return bandwidth_bytes_per_s * efficiency / bytes_per_token
+
+
+def prefill_seconds(prompt_tokens: int, forward_flops_per_token: float, device_flops: float,
+                    efficiency: float) -> float:
+    """Time to process a prompt: compute-bound, forward FLOPs x tokens / (FLOP/s x efficiency)."""
+    return prompt_tokens * forward_flops_per_token / (device_flops * efficiency)
+
+
+def train_wall_seconds(steps: int, tokens_per_step: int, tokens_per_s: float, *, prepare_s: float = 0.0,
+                       eval_s: float = 0.0, report_s: float = 0.0) -> float:
+    """A run's wall time: steps x tokens per step at `tokens_per_s`, plus model preparation,
+    evaluation and the report (seconds each, as the caller estimates them)."""
+    return steps * tokens_per_step / tokens_per_s + prepare_s + eval_s + report_s
