@@ -175,7 +175,7 @@ def _trainer_args(rec, stage: Path, dev: str, dtype: str, has_eval: bool, packin
         load_best_model_at_end=bool(e.early_stopping_patience), metric_for_best_model="eval_loss",
         greater_is_better=False,
         bf16=dtype == "bfloat16", fp16=dtype == "float16", use_cpu=not dev.startswith("cuda"),
-        gradient_checkpointing=False,  # enabled on the model itself (train_model) so PEFT gets input grads
+        activation_checkpointing=False,  # enabled on the model itself (load_for_training) so PEFT gets input grads
         report_to="none", disable_tqdm=True, include_num_input_tokens_seen="non_padding",
         max_length=rec.data.max_seq_len, packing=packing, packing_strategy="bfd",
         padding_free=packing, dataset_num_proc=None, remove_unused_columns=True,
