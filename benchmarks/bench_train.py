@@ -59,7 +59,7 @@ def end_to_end(tmp: Path) -> dict:
         "loss_reduction_pct": round(100 * reduction, 1),
         "gen_score_base": b["generation_score"], "gen_score_finetuned": f["generation_score"],
         "general_ppl_base": b["general_ppl"], "general_ppl_finetuned": f["general_ppl"],
-        "ppl_change_pct": round(100 * ppl_up, 1),
+        "ppl_change_pct": round(100 * ppl_up, 2),
         "targets": "wall <= 600 s; reduction >= 25%; ppl up <= 5%; eval+report <= 60 s",
         "met": wall <= 600 and reduction >= 0.25 and ppl_up <= 0.05 and eval_s + report_s <= 60,
     }
@@ -151,7 +151,7 @@ def run() -> dict:
 
 def throughput(tmp: Path) -> list[dict]:
     from toolkit.core import calibration, capability
-    from toolkit.finetune import data, recipe
+    from toolkit.finetune import recipe
 
     cap = capability.detect("cpu")
     cal = calibration.measure(cap)

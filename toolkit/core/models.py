@@ -73,11 +73,21 @@ def gguf_to_hf_dir(gguf: Path, target: Path) -> Path:
     fix_chat_special_tokens(tok)
     sync_special_ids(model, tok)
     model.generation_config.bos_token_id = tok.bos_token_id
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+
+    return save_folder_atomically(Path(target), write)
+
+
+def save_folder_atomically(target: Path, write) -> Path:
+    """`write(tmp)` fills a temp folder beside `target`, which then replaces `target` in one rename:
+    a reader never sees a half-written model folder."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
     try:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+        write(tmp)
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)

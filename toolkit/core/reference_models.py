@@ -12,12 +12,10 @@ memory and speed, not what the model says.
 from __future__ import annotations
 
 import importlib.util
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from toolkit.core.errors import UserError
+from toolkit.core.models import save_folder_atomically
 
 # meta-llama/Llama-3.2-1B(-Instruct) config.json; `toolkit.estimate.catalog` lists the same shape.
 LLAMA32_1B = dict(
@@ -58,19 +56,6 @@ def load_llama32_tokenizer():
     return tok
 
 
-def _save_atomically(target: Path, write) -> Path:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-    try:
-        write(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
 def llama32_tokenizer_dir(target: Path | None = None) -> Path:
     """An HF tokenizer folder of `load_llama32_tokenizer()` (cached under $TOOLKIT_CACHE)."""
     from toolkit.core.models import cache_dir
@@ -78,7 +63,7 @@ def llama32_tokenizer_dir(target: Path | None = None) -> Path:
     target = Path(target) if target is not None else cache_dir() / _TOKENIZER_CACHE_NAME
     if (target / "tokenizer.json").is_file():
         return target
-    return _save_atomically(target, load_llama32_tokenizer().save_pretrained)
+    return save_folder_atomically(target, load_llama32_tokenizer().save_pretrained)
 
 
 def llama32_config(**overrides):
@@ -125,4 +110,4 @@ def tiny_llama32_dir(target: Path, seed: int = 0, **overrides) -> Path:
         model.save_pretrained(folder)
         tok.save_pretrained(folder)
 
-    return _save_atomically(Path(target), write)
+    return save_folder_atomically(Path(target), write)
