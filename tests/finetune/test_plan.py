@@ -128,7 +128,8 @@ def test_resolve_method_uses_the_lora_estimate_of_the_base():
     from toolkit.estimate.catalog import CATALOG
     from toolkit.estimate.planner import estimate
     from toolkit.finetune import recipe
-    from toolkit.finetune.plan import plan_inputs, resolve_method, usable_bytes
+    from toolkit.estimate.planner import usable_bytes
+    from toolkit.finetune.plan import plan_inputs, resolve_method
 
     rec = recipe.load(FINANCE, gpu=False)
     assert rec.method.name == "auto"

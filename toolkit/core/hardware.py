@@ -116,13 +116,7 @@ def dtype_choice(dev: str, purpose: str, requested: str = "auto", field: str = "
 
     cap = C.detect(dev)
     if requested == "auto":
-        cal = None
-        # Only a native-bf16 CPU needs the measurement to decide; a forced record is not overruled.
-        if cap.kind == "cpu" and cap.native_bf16 and purpose != "infer" and not cap.forced:
-            from toolkit.core import calibration
-
-            cal = calibration.load(cap)
-        return C.choose_dtype(cap, purpose, cal)
+        return auto_dtype(cap, purpose)
     if cap.kind == "cpu" and requested == "float16":
         raise UserError(f"{field}: float16 is not supported on CPU (no fp16 matmul kernels there); "
                         "use auto, float32 or bfloat16")
@@ -136,6 +130,19 @@ def dtype_choice(dev: str, purpose: str, requested: str = "auto", field: str = "
         say(f"warning: {field}: bfloat16 on a CPU without native bf16 ({cap.isa}): bf16 measured "
             f"{slower:.0f}x slower than fp32 on this CPU; `auto` would pick float32")
     return requested, f"set by {field}"
+
+
+def auto_dtype(cap, purpose: str) -> tuple[str, str]:
+    """(dtype name, reason) that `auto` means for the device `cap` describes: capability.choose_dtype,
+    with the calibration loaded only where it decides (a native-bf16 CPU whose record is not forced)."""
+    from toolkit.core import capability as C
+
+    cal = None
+    if cap.kind == "cpu" and cap.native_bf16 and purpose != "infer" and not cap.forced:
+        from toolkit.core import calibration
+
+        cal = calibration.load(cap)
+    return C.choose_dtype(cap, purpose, cal)
 
 
 def apply_threads(dev: str) -> int:

@@ -25,8 +25,10 @@ QUANTS_FOR_TASK = {
     "qlora": ("nf4-dq", "nf4", "int8"),
     "full": DENSE_QUANTS,
 }
-# Defaults follow toolkit.core.hardware.dtype_for: bf16 on CUDA; on CPU fp32 for inference (the
-# toolkit decodes in fp32 there) and bf16 for training.
+# Defaults without --quant: bf16 on CUDA; on CPU fp32 for inference (the toolkit decodes in fp32
+# there) and bf16 for lora/full, which is what a native-bf16 CPU trains in. A recipe's estimate
+# (`--recipe`, `base_model: auto`, `--dry-run`) uses the dtype the toolkit actually chooses here
+# (toolkit.finetune.plan.plan_inputs), fp32 on a CPU without native bf16.
 DEFAULT_QUANT = {"inference": "bf16", "lora": "bf16", "qlora": "nf4-dq", "full": "bf16"}
 DEFAULT_QUANT_CPU = {**DEFAULT_QUANT, "inference": "fp32"}
 # What `pick` tries for each model, best fidelity first.

@@ -6,7 +6,6 @@ The arithmetic is `toolkit.estimate.timing`'s; this module only gathers its inpu
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 
@@ -68,29 +67,21 @@ def rates_for_gpu(name: str) -> Rates | None:
 
 
 def host_capability():
-    """toolkit.core.capability's record of this machine, without importing torch on a CPU:
-    capability.detect() imports torch (~2 s) only to add torch's own ISA probe, which neither the
-    calibration's cache key nor the dtype choice reads, and `toolkit estimate` must stay instant."""
+    """toolkit.core.capability's record of this machine (the GPU when nvidia-smi sees one), without
+    importing torch on a CPU: torch's own ISA probe is read by neither the calibration's cache key
+    nor the dtype choice, and `toolkit estimate` must stay instant."""
     from toolkit.core import capability
     from toolkit.core.hardware import detect
 
-    if detect().kind == "cuda":
-        return capability.detect()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpuinfo = f.read()
-    except OSError:
-        return capability.detect("cpu")
-    return capability.cpu_record(cpuinfo, len(os.sched_getaffinity(0)), None,
-                                 os.environ.get(capability.ENV_FORCE) or None)
+    return capability.detect("cuda" if detect().kind == "cuda" else "cpu", use_torch=False)
 
 
 def training_dtype(cap=None) -> str:
-    """The compute dtype the toolkit trains in here (capability.choose_dtype with the calibration)."""
-    from toolkit.core import calibration, capability
+    """The compute dtype the toolkit trains in here: what `compute_dtype: auto` means
+    (toolkit.core.hardware.auto_dtype)."""
+    from toolkit.core.hardware import auto_dtype
 
-    cap = cap or host_capability()
-    return capability.choose_dtype(cap, "train", calibration.load(cap))[0]
+    return auto_dtype(cap or host_capability(), "train")[0]
 
 
 def rates_here(dtype: str | None = None) -> Rates:

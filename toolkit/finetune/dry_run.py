@@ -171,8 +171,8 @@ def _estimate(rec, spec: str, dev: str, dtype: str, labelled_fraction: float) ->
     from toolkit.core.errors import UserError
     from toolkit.core.hardware import detect
     from toolkit.estimate.catalog import CATALOG
-    from toolkit.estimate.planner import estimate
-    from toolkit.finetune.plan import plan_inputs, usable_bytes
+    from toolkit.estimate.planner import estimate, usable_bytes
+    from toolkit.finetune.plan import plan_inputs
 
     if spec not in CATALOG:
         return None

@@ -123,13 +123,6 @@ def plan_inputs(recipe, device: str, dtype: str) -> PlanInputs:
     )
 
 
-def usable_bytes(available_bytes: int) -> int:
-    """The memory a run may plan on: what is available minus the safety margin."""
-    from toolkit.estimate.planner import SAFETY_MARGIN
-
-    return int(available_bytes * (1 - SAFETY_MARGIN))
-
-
 # `method.name: auto` takes plain LoRA when its 16/32-bit base needs at most this share of the usable
 # memory: QLoRA's 4-bit weights are dequantized on every forward and backward (bitsandbytes has no
 # fused 4-bit training matmul), which costs time and buys nothing when memory is plentiful.
@@ -156,7 +149,7 @@ def resolve_method(recipe, spec: str, device: str, dtype: str, available_bytes: 
 
     from toolkit.core.errors import UserError
     from toolkit.estimate.catalog import CATALOG
-    from toolkit.estimate.planner import estimate
+    from toolkit.estimate.planner import estimate, usable_bytes
 
     if recipe.method.name != "auto":
         return recipe, ""

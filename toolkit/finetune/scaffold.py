@@ -223,7 +223,8 @@ def new_recipe(name: str, data_specs: list[str], eval_spec: str | None = None, b
     from toolkit.finetune import data as data_mod
     from toolkit.finetune import recipe as recipe_mod
     from toolkit.finetune.base_model import resolve_base
-    from toolkit.finetune.plan import plan_inputs, usable_bytes
+    from toolkit.estimate.planner import usable_bytes
+    from toolkit.finetune.plan import plan_inputs
 
     if not NAME_RE.match(name):
         raise UserError(f"recipe name {name!r}: use letters, digits, '.', '_' or '-' (up to 64)")

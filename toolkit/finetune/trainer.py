@@ -192,6 +192,7 @@ def _train(rec, overrides, stage: Path, runs: Path, dev, dtype, train_ex, eval_e
     from trl import SFTTrainer
 
     from toolkit.finetune import data as data_mod
+    from toolkit.finetune import packed_attention
     from toolkit.finetune.callbacks import InterruptCallback, MetricsCallback, ProgressCallback
     from toolkit.finetune.trl_compat import packing_plan, score_labelled_positions_only
     from toolkit.finetune.base_model import load_with_fallback, loaded_weights, resolve_base
@@ -227,7 +228,6 @@ def _train(rec, overrides, stage: Path, runs: Path, dev, dtype, train_ex, eval_e
     pack = packing_plan(rec.data.packing, notes["engine"])
     if rec.data.packing and not pack.packing:
         announce(f"packing off: {pack.why}")
-    from toolkit.finetune import packed_attention
     if packed_attention.wanted(dev, pack.packing, notes["engine"]):
         packed_attention.use_on(model)  # each packed conversation attended alone (see the module)
     args = _trainer_args(rec, stage, dev, dtype, eval_split is not None, packing=pack.packing)
