@@ -1,52 +1,80 @@
-"""The one private TRL function we lean on: fails loudly when upstream renames or removes it."""
+"""The private TRL names we lean on: fails loudly when upstream renames or removes them."""
 
 from __future__ import annotations
+
+import inspect
 
 import pytest
 
 torch = pytest.importorskip("torch")
 
 
-def test_trl_still_has_the_private_hook():
-    """If this fails, TRL renamed `trl.trainer.utils._use_triton`: find its successor and update
-    toolkit/finetune/trl_compat.py, or CPU training silently loses its labelled-positions-only LM head."""
+@pytest.mark.parametrize("name", ["PRIVATE_HOOK", "PRIVATE_KERNEL"])
+def test_trl_still_has_the_private_names(name):
+    """If this fails, TRL renamed `trl.trainer.utils._use_triton` or `._ChunkedLogProbFunction`: find the
+    successor and update toolkit/finetune/trl_compat.py, or CPU training silently loses its lean LM head."""
+    import trl.trainer.utils as trl_utils
+
+    from toolkit.finetune import trl_compat
+
+    private = getattr(trl_compat, name)
+    assert getattr(trl_utils, private, None) is not None
+    # ... and the fused LM head still looks it up, by that module-level name, on every call.
+    assert f"{private}(" in inspect.getsource(trl_utils.add_fused_lm_head) or \
+        f"{private}.apply(" in inspect.getsource(trl_utils.add_fused_lm_head)
+
+
+def test_upstream_scores_every_position_on_cpu():
+    """Upstream's own answer for the CPU is "no": that is what the wrapper changes."""
     import trl.trainer.utils as trl_utils
 
     from toolkit.finetune.trl_compat import PRIVATE_HOOK
 
-    assert callable(getattr(trl_utils, PRIVATE_HOOK, None))
-    # ... and the fused LM head still asks it, by that module-level name, which patch to take.
-    import inspect
-
-    assert f"{PRIVATE_HOOK}(" in inspect.getsource(trl_utils.add_fused_lm_head)
-    # Upstream's own answer for the CPU is "no": that is what the wrapper changes.
     assert getattr(trl_utils, PRIVATE_HOOK)(torch.device("cpu")) is False
 
 
 def test_wrapper_is_scoped_to_its_block():
     import trl.trainer.utils as trl_utils
 
-    from toolkit.finetune.trl_compat import PRIVATE_HOOK, score_labelled_positions_only
+    from toolkit.finetune.trl_compat import PRIVATE_HOOK, PRIVATE_KERNEL, lean_lm_head_on_cpu
 
-    original = getattr(trl_utils, PRIVATE_HOOK)
-    with score_labelled_positions_only("cpu"):
+    hook, kernel = getattr(trl_utils, PRIVATE_HOOK), getattr(trl_utils, PRIVATE_KERNEL)
+    with lean_lm_head_on_cpu("cpu"):
         assert getattr(trl_utils, PRIVATE_HOOK)(torch.device("cpu")) is True
-    assert getattr(trl_utils, PRIVATE_HOOK) is original
+        assert getattr(trl_utils, PRIVATE_KERNEL) is not kernel
+    assert getattr(trl_utils, PRIVATE_HOOK) is hook and getattr(trl_utils, PRIVATE_KERNEL) is kernel
     with pytest.raises(RuntimeError):
-        with score_labelled_positions_only("cpu"):
+        with lean_lm_head_on_cpu("cpu"):
             raise RuntimeError("training failed")
-    assert getattr(trl_utils, PRIVATE_HOOK) is original
-    with score_labelled_positions_only("cuda:0"):
-        assert getattr(trl_utils, PRIVATE_HOOK) is original  # CUDA: TRL decides as it always did
+    assert getattr(trl_utils, PRIVATE_HOOK) is hook and getattr(trl_utils, PRIVATE_KERNEL) is kernel
+    with lean_lm_head_on_cpu("cuda:0"):  # CUDA: TRL decides as it always did
+        assert getattr(trl_utils, PRIVATE_HOOK) is hook and getattr(trl_utils, PRIVATE_KERNEL) is kernel
 
 
-def test_missing_hook_is_announced(monkeypatch):
+@pytest.mark.parametrize("name", ["PRIVATE_HOOK", "PRIVATE_KERNEL"])
+def test_missing_name_is_announced(monkeypatch, name):
     import trl.trainer.utils as trl_utils
 
-    from toolkit.finetune.trl_compat import PRIVATE_HOOK, score_labelled_positions_only
+    from toolkit.finetune import trl_compat
 
-    monkeypatch.delattr(trl_utils, PRIVATE_HOOK)
+    monkeypatch.delattr(trl_utils, getattr(trl_compat, name))
     said = []
-    with score_labelled_positions_only("cpu", said.append):
+    with trl_compat.lean_lm_head_on_cpu("cpu", said.append):
         pass
-    assert len(said) == 1 and PRIVATE_HOOK in said[0]
+    assert len(said) == 1 and getattr(trl_compat, name) in said[0]
+
+
+def test_calls_the_lean_kernel_cannot_take_go_to_trl():
+    """Soft-capped logits (Gemma 2) are not handled by cpu_lm_head: TRL's kernel answers, unchanged."""
+    import trl.trainer.utils as trl_utils
+
+    from toolkit.finetune.trl_compat import PRIVATE_KERNEL, lean_lm_head_on_cpu
+
+    torch.manual_seed(0)
+    h, w, t = torch.randn(6, 8), torch.randn(40, 8), torch.randint(0, 40, (6,))
+    args = (h, w, None, t, 1.0, 16, 30.0, 1.0, ("log_probs", "entropy"))
+    want = getattr(trl_utils, PRIVATE_KERNEL).apply(*args)
+    with lean_lm_head_on_cpu("cpu"):
+        got = getattr(trl_utils, PRIVATE_KERNEL).apply(*args)
+    for a, b in zip(want, got):
+        assert (a is None and b is None) or torch.equal(a, b)

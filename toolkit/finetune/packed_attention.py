@@ -53,7 +53,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
                       is_causal=None, **kwargs):
     """Same contract as transformers' `sdpa_attention_forward`: (B, H, T, D) in, (B, T, H, D) out."""
     import torch
-    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     bounds = None
     if attention_mask is None and query.shape[0] == 1 and query.shape[2] == key.shape[2] > 1:
@@ -61,12 +61,12 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     if bounds is None or bounds[-1] != query.shape[2]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
-    groups = getattr(module, "num_key_value_groups", 1)
-    if groups > 1:
-        key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    # Grouped-query attention in the kernel (enable_gqa) instead of repeat_kv's copies of K and V.
+    gqa = getattr(module, "num_key_value_groups", 1) > 1
     out = torch.cat([
         torch.nn.functional.scaled_dot_product_attention(
-            query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], dropout_p=dropout, scale=scaling, is_causal=True)
+            query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], dropout_p=dropout, scale=scaling, is_causal=True,
+            enable_gqa=gqa)
         for s, e in zip(bounds, bounds[1:]) if e > s
     ], dim=2)
     return out.transpose(1, 2).contiguous(), None

@@ -194,7 +194,7 @@ def _train(rec, overrides, stage: Path, runs: Path, dev, dtype, train_ex, eval_e
     from toolkit.finetune import data as data_mod
     from toolkit.finetune import packed_attention
     from toolkit.finetune.callbacks import InterruptCallback, MetricsCallback, ProgressCallback
-    from toolkit.finetune.trl_compat import packing_plan, score_labelled_positions_only
+    from toolkit.finetune.trl_compat import lean_lm_head_on_cpu, packing_plan
     from toolkit.finetune.base_model import load_with_fallback, loaded_weights, resolve_base
 
     main = dist_state.is_main_process
@@ -257,7 +257,7 @@ def _train(rec, overrides, stage: Path, runs: Path, dev, dtype, train_ex, eval_e
             p.data = p.data.float()
     interrupt.install()
     try:
-        with score_labelled_positions_only(dev, announce):
+        with lean_lm_head_on_cpu(dev, announce):
             result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     finally:
         interrupt.uninstall()

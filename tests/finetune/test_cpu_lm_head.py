@@ -1,0 +1,108 @@
+"""cpu_lm_head.LogProbs against the reference it replaces on a CPU: TRL's ChunkedLogProbFunction."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+OUTPUTS = ("log_probs", "entropy", "is_top1")
+
+
+def _inputs(n=37, h=24, v=301, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=g, dtype=dtype) * 2
+    weight = torch.randn(v, h, generator=g, dtype=dtype)
+    targets = torch.randint(0, v, (n,), generator=g)
+    targets[:5] = (hidden[:5] @ weight.t()).argmax(-1)  # some targets are the top-1 token
+    return hidden, weight, targets
+
+
+def _run(fn, hidden, weight, targets, outputs=OUTPUTS, temperature=1.0, logit_scale=1.0, entropy_weight=0.0,
+         weight_grad=False):
+    hidden = hidden.clone().requires_grad_(True)
+    weight = weight.clone().requires_grad_(weight_grad)
+    lp, ent, _, _, top1 = fn.apply(hidden, weight, None, targets, temperature, 128, None, logit_scale, outputs)
+    loss = -lp.sum() + (entropy_weight * ent.sum() if entropy_weight else 0.0)
+    loss.backward()
+    return lp.detach(), None if ent is None else ent.detach(), top1, hidden.grad, weight.grad
+
+
+@pytest.mark.parametrize("case", [
+    dict(),
+    dict(outputs=("log_probs",)),
+    dict(temperature=0.7, logit_scale=1.3),
+    dict(entropy_weight=0.5),
+    dict(weight_grad=True),
+])
+def test_equals_trl_chunked_kernel(case):
+    from trl.kernels import ChunkedLogProbFunction
+
+    from toolkit.finetune.cpu_lm_head import log_probs_function
+
+    hidden, weight, targets = _inputs()
+    want = _run(ChunkedLogProbFunction, hidden, weight, targets, **case)
+    got = _run(log_probs_function(), hidden, weight, targets, **case)
+    for name, a, b in zip(("log_probs", "entropy", "is_top1", "hidden grad", "weight grad"), want, got):
+        if a is None:
+            assert b is None, name
+        elif a.dtype == torch.bool:
+            assert torch.equal(a, b), name
+        else:
+            # logits here reach ~50, where fp32 rounds at ~4e-6 (TRL's online sum-exp rounds too)
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=5e-5, msg=name)
+    if "is_top1" in case.get("outputs", OUTPUTS):
+        assert got[2][:5].all() and not got[2].all()
+
+
+def test_equals_float64_softmax():
+    """Independent of TRL too: log-probabilities, entropy and their gradients from float64 autograd."""
+    from toolkit.finetune.cpu_lm_head import log_probs_function
+
+    hidden, weight, targets = _inputs(seed=3)
+    got = _run(log_probs_function(), hidden, weight, targets, temperature=0.7, entropy_weight=0.5)
+    h = hidden.double().requires_grad_(True)
+    log_p = torch.log_softmax(h @ weight.double().t() / 0.7, dim=-1)
+    lp = log_p.gather(1, targets.unsqueeze(1)).squeeze(1)
+    ent = -(log_p.exp() * log_p).sum(-1)
+    (-lp.sum() + 0.5 * ent.sum()).backward()
+    torch.testing.assert_close(got[0], lp.float(), rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(got[1], ent.float(), rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(got[3], h.grad.float(), rtol=1e-4, atol=1e-4)
+
+
+def test_what_it_takes():
+    from toolkit.finetune.cpu_lm_head import MAX_LOGITS_BYTES, fits
+
+    assert fits(460, 49152, None, None, OUTPUTS)
+    assert not fits(MAX_LOGITS_BYTES // (4 * 128256) + 1, 128256, None, None, OUTPUTS)  # too large: TRL chunks
+    assert not fits(10, 100, None, 30.0, OUTPUTS)  # soft-capping
+    assert not fits(10, 100, object(), None, OUTPUTS)  # a bias
+    assert not fits(10, 100, None, None, ("log_probs", "mean_logits"))
+
+
+def test_a_tie_with_an_earlier_token_is_not_top1():
+    """TRL counts a target as top-1 only when no earlier token has the same logit."""
+    from trl.kernels import ChunkedLogProbFunction
+
+    from toolkit.finetune.cpu_lm_head import log_probs_function
+
+    hidden, weight, _ = _inputs(n=4, v=50)
+    best = (hidden @ weight.t()).argmax(-1)
+    weight = torch.cat([weight, weight[best[:2]]])  # tokens 50, 51 tie with the top-1 of rows 0, 1
+    targets = torch.tensor([50, int(best[1]), int(best[2]), 7])  # row 0 targets the later twin, row 1 the earlier
+    args = (None, targets, 1.0, 16, None, 1.0, ("log_probs", "is_top1"))
+    want = ChunkedLogProbFunction.apply(hidden, weight, *args)[4]
+    got = log_probs_function().apply(hidden, weight, *args)[4]
+    assert torch.equal(got, want) and got.tolist()[:3] == [False, True, True]
+
+
+def test_row_blocks_do_not_change_the_answer(monkeypatch):
+    from toolkit.finetune import cpu_lm_head
+
+    hidden, weight, targets = _inputs(n=50, v=301)
+    whole = _run(cpu_lm_head.log_probs_function(), hidden, weight, targets)
+    monkeypatch.setattr(cpu_lm_head, "ROW_BLOCK_BYTES", 4 * 301 * 7)  # 7 rows a block, the last one short
+    blocked = _run(cpu_lm_head.log_probs_function(), hidden, weight, targets)
+    for a, b in zip(whole, blocked):
+        assert (a is None and b is None) or torch.equal(a, b)

@@ -1,0 +1,115 @@
+"""The LM head and per-token log-probabilities of the labelled positions, lean on a CPU.
+
+TRL's SFTTrainer scores tokens with a fused, chunked kernel (`trl.kernels.ChunkedLogProbFunction`)
+built for GPUs: it never materializes the `[N, vocab]` logits, so its backward recomputes them (a
+third vocabulary-sized matmul), and on a device without Triton it folds each tile with ~15 separate
+torch passes (transform, online max/sum-exp, entropy, top-1, target gather; then again for the
+gradient). On the finance recipe's CPU profile (~460 labelled positions a step, SmolLM2's 49,152
+vocabulary, 2-core AVX2 EPYC) that costs 0.93 s a step where the two matmuls it needs cost 0.32 s.
+
+On a CPU, memory is rarely what limits the labelled positions of one micro-batch (460 x 49,152 fp32
+is 90 MB), so `LogProbs` materializes them once: one matmul, then in cache-sized row blocks the
+softmax, the target's log-probability, and the entropy and top-1 TRL logs; the probabilities it
+keeps turn into the gradient in place, so the backward is one multiply and one matmul. Same contract and outputs as TRL's function (tests/finetune/test_cpu_lm_head.py compares
+values and gradients against it); `fits` says when the logits are too large to materialize and
+TRL's chunked kernel should run instead.
+"""
+
+from __future__ import annotations
+
+MAX_LOGITS_BYTES = 512 * 2**20  # past this, TRL's chunked kernel (recomputes, never materializes) runs
+ROW_BLOCK_BYTES = 4 * 2**20
+SUPPORTED_OUTPUTS = frozenset({"log_probs", "entropy", "is_top1"})
+
+
+def fits(n_tokens: int, vocab: int, bias, final_logit_softcapping, outputs) -> bool:
+    """Whether `LogProbs` handles this call: logits of `n_tokens` x `vocab` fp32 within
+    MAX_LOGITS_BYTES, no LM-head bias or logit soft-capping (Llama, Qwen, SmolLM, Mistral have
+    neither), and only the outputs SFT asks for."""
+    return (n_tokens * vocab * 4 <= MAX_LOGITS_BYTES and bias is None and final_logit_softcapping is None
+            and set(outputs) <= SUPPORTED_OUTPUTS)
+
+
+def _autograd_function():
+    import torch
+
+    class LogProbs(torch.autograd.Function):
+        """(hidden [N, H], weight [V, H], targets [N]) -> (log p(target), entropy, None, None, is_top1),
+        TRL's `ChunkedLogProbFunction` outputs for `outputs` within SUPPORTED_OUTPUTS."""
+
+        @staticmethod
+        def forward(ctx, hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping=None,
+                    logit_scale=1.0, outputs=("log_probs",)):
+            ctx.set_materialize_grads(False)
+            dev = hidden.device.type
+            compute_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
+            scale = logit_scale / temperature
+            z = torch.mm(hidden.to(compute_dtype), weight.to(compute_dtype).t()).float()
+            if scale != 1.0:
+                z.mul_(scale)
+            n = z.shape[0]
+            target_z = z.gather(1, targets.unsqueeze(1)).squeeze(1)
+            log_z = torch.empty(n, dtype=torch.float32, device=z.device)
+            entropy = torch.empty_like(log_z) if "entropy" in outputs else None
+            is_top1 = torch.empty(n, dtype=torch.bool, device=z.device) if "is_top1" in outputs else None
+            # Row blocks of ~4 MB, in place: the logits become the probabilities the backward needs, and
+            # the only vocabulary-sized allocation is the matmul's output (fresh large allocations
+            # page-fault on every step, which cost as much as the arithmetic here).
+            rows = max(1, ROW_BLOCK_BYTES // (4 * z.shape[1]))
+            for s in range(0, n, rows):
+                zs, sl = z[s:s + rows], slice(s, s + rows)
+                peak, top = zs.max(dim=-1)  # the first maximum, as TRL's top-1 test (ties are not top-1)
+                if is_top1 is not None:
+                    is_top1[sl] = top == targets[sl]
+                zs.sub_(peak.unsqueeze(1))
+                e = torch.exp(zs)
+                sum_e = e.sum(-1)
+                if entropy is not None:  # H = log sum e - sum(e z) / sum e, z shifted by the peak
+                    entropy[sl] = sum_e.log() - torch.bmm(e.unsqueeze(1), zs.unsqueeze(2)).view(-1) / sum_e
+                zs.copy_(e.div_(sum_e.unsqueeze(1)))
+                log_z[sl] = peak + sum_e.log()
+            ctx.save_for_backward(hidden, weight, targets, z, entropy)
+            ctx.scale, ctx.compute_dtype = scale, compute_dtype
+            if is_top1 is not None:
+                ctx.mark_non_differentiable(is_top1)
+            return target_z - log_z, entropy, None, None, is_top1
+
+        @staticmethod
+        def backward(ctx, grad_log_probs, grad_entropy, *_):
+            hidden, weight, targets, p, entropy = ctx.saved_tensors
+            entropy_term = None
+            if grad_entropy is not None:
+                # d entropy / dz_j = -p_j (log p_j + entropy); xlogy keeps p_j = 0 at 0
+                entropy_term = grad_entropy.float().unsqueeze(1) * (torch.xlogy(p, p) + p * entropy.unsqueeze(1))
+            # The probabilities become the logits' gradient in place: backward runs once per forward (a
+            # second one would fail autograd's version check, not compute garbage).
+            grad = p
+            if grad_log_probs is not None:  # d log p_t / dz_j = 1[j = t] - p_j
+                g = grad_log_probs.float()
+                grad.mul_(-g.unsqueeze(1))
+                grad[torch.arange(len(targets), device=grad.device), targets] += g
+            else:
+                grad.zero_()
+            if entropy_term is not None:
+                grad.sub_(entropy_term)
+            if ctx.scale != 1.0:
+                grad.mul_(ctx.scale)
+            grad_hidden = grad_weight = None
+            if ctx.needs_input_grad[0]:
+                grad_hidden = torch.mm(grad.to(ctx.compute_dtype), weight.to(ctx.compute_dtype)).to(hidden.dtype)
+            if ctx.needs_input_grad[1]:
+                grad_weight = torch.mm(grad.t().to(ctx.compute_dtype), hidden.to(ctx.compute_dtype)).to(weight.dtype)
+            return grad_hidden, grad_weight, None, None, None, None, None, None, None
+
+    return LogProbs
+
+
+_FUNCTION = None
+
+
+def log_probs_function():
+    """The autograd Function (built on first use, so importing this module does not import torch)."""
+    global _FUNCTION
+    if _FUNCTION is None:
+        _FUNCTION = _autograd_function()
+    return _FUNCTION
