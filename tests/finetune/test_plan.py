@@ -68,8 +68,11 @@ def test_run_shape_counts_steps_and_tokens():
     r = run_shape(cpu)
     assert r.steps == cpu.training.max_steps  # max_steps wins over epochs
     assert r.tokens_per_step == cpu.training.batch_size * cpu.training.grad_accum * cpu.data.max_seq_len
-    assert r.eval_rounds == 2 + cpu.training.max_steps // cpu.eval.eval_steps and r.eval_tokens > 0
+    from toolkit.finetune.plan import in_training_evals
+
+    assert r.eval_rounds == len(in_training_evals(r.steps, cpu.eval.eval_steps, True)) and r.eval_tokens > 0
     assert r.generated_tokens == 2 * cpu.eval.generation_samples * cpu.eval.max_new_tokens
+    assert r.report_tokens > r.eval_tokens  # the report's loss runs over every held-out example, base and tuned
     gpu = recipe.load(FINANCE, gpu=True)
     g = run_shape(gpu)
     # packed: the train file's tokens (bytes / CHARS_PER_TOKEN) in seq-long rows, epochs x rows / rows per step
@@ -142,3 +145,21 @@ def test_resolve_method_uses_the_lora_estimate_of_the_base():
     assert rec.method.name == "auto"  # the loaded recipe is not changed in place
     same, why = resolve_method(recipe.load(FINANCE, gpu=True), "embedded", "cpu", "float32", GIB)
     assert same.method.name == "qlora" and why == ""
+
+
+def test_in_training_evals_leave_the_ends_to_the_report():
+    from toolkit.finetune.plan import in_training_evals
+
+    assert in_training_evals(40, 10, report_ends=False) == [0, 10, 20, 30, 40]
+    assert in_training_evals(40, 10, report_ends=True) == [10, 20, 30]  # the report measures 0 and 40
+    assert in_training_evals(42, 10, report_ends=True) == [10, 20, 30, 40]
+    assert in_training_evals(40, 0, report_ends=False) == []
+
+
+def test_report_ends_unless_early_stopping_needs_the_last_eval():
+    from toolkit.finetune.plan import report_ends
+    from toolkit.finetune.recipe import EvalConfig
+
+    assert report_ends(EvalConfig(report=True))
+    assert not report_ends(EvalConfig(report=False))
+    assert not report_ends(EvalConfig(report=True, eval_steps=5, early_stopping_patience=2))

@@ -84,8 +84,12 @@ def test_profile_evaluates_several_times_and_saves(path, profile, tokenizers):
     model = rec.model.fallback_model if profile in ("cpu", "fallback") else rec.model.base_model
     steps = optimizer_steps(rec, tokenizers(model))
     where = f"{path} ({profile} profile, {model}): {steps} optimizer steps"
-    if rec.data.eval and rec.eval.eval_steps:
-        evals = 1 + steps // rec.eval.eval_steps  # the trainer also evaluates at step 0 (eval_on_start)
+    if rec.data.eval:
+        from toolkit.finetune.plan import in_training_evals, report_ends
+
+        # the report measures the base and the fine-tuned model; the trainer the steps between
+        ends = report_ends(rec.eval)
+        evals = len(in_training_evals(steps, rec.eval.eval_steps, ends)) + 2 * ends
         assert evals >= 3, f"{where}, eval_steps {rec.eval.eval_steps}: {evals} evaluations"
     assert rec.training.save_steps and steps // rec.training.save_steps >= 1, \
         f"{where}, save_steps {rec.training.save_steps}: no checkpoint"

@@ -116,7 +116,7 @@ def time_fields(m, est, rates: Rates, *, targets: tuple[str, ...], labelled_frac
         if run is not None:
             decode = T.decode_tokens_per_s(T.decode_bytes_per_token(est.components["weights"], 0, 0),
                                            rates.bandwidth_bytes_per_s)
-            eval_s = run.eval_rounds * run.eval_tokens * fwd / (rates.flops * eff)
+            eval_s = (run.eval_rounds * run.eval_tokens + run.report_tokens) * fwd / (rates.flops * eff)
             report_s = run.generated_tokens / decode
             # Preparation: reading the weights and (QLoRA) quantizing them, a few passes over the bytes.
             prepare_s = 4 * est.components["weights"] / rates.bandwidth_bytes_per_s

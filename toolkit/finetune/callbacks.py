@@ -67,6 +67,15 @@ class MetricsCallback(TrainerCallback):
             f.write(json.dumps(row) + "\n")
 
 
+class SkipLastEval(TrainerCallback):
+    """No held-out loss at the last step: the report that follows measures it on every held-out example."""
+
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step >= state.max_steps:
+            control.should_evaluate = False
+        return control
+
+
 class InterruptCallback(TrainerCallback):
     """First Ctrl-C: finish the current step, save a checkpoint, stop. A second Ctrl-C aborts at once.
 

@@ -49,9 +49,10 @@ class RunShape:
 
     steps: int
     tokens_per_step: int  # batch x grad_accum x (seq_len when packing, else the mean example)
-    eval_rounds: int  # held-out loss passes: before, every eval_steps, after
-    eval_tokens: int  # tokens per eval pass
+    eval_rounds: int  # in-training held-out loss passes (in_training_evals)
+    eval_tokens: int  # tokens per in-training eval pass (eval_examples of them)
     generated_tokens: int  # report: base and tuned answer generation_samples questions each
+    report_tokens: int = 0  # report: base and tuned answer loss over the whole held-out set
 
 
 # Bytes of a JSONL data file per trained-on token: the finance train file is 233,605 bytes for
@@ -90,16 +91,33 @@ def run_shape(recipe) -> RunShape:
     else:
         seqs = math.ceil(tok_train / d.max_seq_len) if d.packing else n_train
         steps = max(1, math.ceil(t.epochs * math.ceil(seqs / (t.batch_size * t.grad_accum))))
-    eval_rounds = eval_tokens = generated = 0
+    eval_rounds = eval_tokens = generated = report = 0
     if d.eval:
         n_eval, tok_eval = _file_stats(source_path(recipe, d.eval))
         if n_eval:
             used = min(n_eval, e.eval_examples) if e.eval_examples else n_eval
             eval_tokens = tok_eval * used // n_eval
-            eval_rounds = 2 + (int(steps) // e.eval_steps if e.eval_steps else 0)
+            eval_rounds = len(in_training_evals(int(steps), e.eval_steps, report_ends(e)))
             if e.report:
                 generated = 2 * min(n_eval, e.generation_samples) * e.max_new_tokens
-    return RunShape(steps, tokens_per_step, eval_rounds, eval_tokens, generated)
+                report = 2 * tok_eval
+    return RunShape(steps, tokens_per_step, eval_rounds, eval_tokens, generated, report)
+
+
+def report_ends(eval_cfg) -> bool:
+    """Whether the report measures both ends of the run: the base model (step 0) and the fine-tuned
+    one (the last step), on the whole held-out set. Then the in-training eval skips those two steps
+    (they would measure the same thing on fewer examples) unless early stopping needs the last one."""
+    return bool(eval_cfg.report and not eval_cfg.early_stopping_patience)
+
+
+def in_training_evals(steps: int, eval_steps: int, report_ends: bool) -> list[int]:
+    """Optimizer steps at which the Trainer computes the held-out loss: step 0 and every `eval_steps`
+    (the last step included when it falls on one), less both ends when the report measures them."""
+    if eval_steps <= 0:
+        return []
+    at = [0, *range(eval_steps, steps + 1, eval_steps)]
+    return [s for s in at if not (report_ends and s in (0, steps))]
 
 
 def plan_inputs(recipe, device: str, dtype: str) -> PlanInputs:

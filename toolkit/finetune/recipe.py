@@ -107,6 +107,7 @@ class TrainingConfig:
     lr_scheduler: str = "cosine"
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
+    neftune_noise_alpha: float = 0.0  # NEFTune (Jain et al. 2023): noise on input embeddings while training; 0 = off
     max_grad_norm: float = 1.0
     batch_size: int = 8
     grad_accum: int = 1
@@ -118,7 +119,7 @@ class TrainingConfig:
 
 @dataclass
 class EvalConfig:
-    eval_steps: int = 0  # eval loss every N steps; 0 = only before and after training
+    eval_steps: int = 0  # held-out loss every N steps; 0 = none (the report still measures base and fine-tuned)
     eval_examples: int = 0  # held-out examples used for the in-training eval loss; 0 = all
     early_stopping_patience: int = 0  # evals without improvement before stopping; 0 = off
     report: bool = True  # base vs fine-tuned report (report.json / report.md)
@@ -311,7 +312,7 @@ def _check_range(recipe: Recipe, src: str) -> None:
     choice("training.lr_scheduler", t.lr_scheduler, SCHEDULERS)
     if not 0.0 <= t.warmup_ratio < 1.0:
         bad("training.warmup_ratio", f"must be in [0, 1); got {t.warmup_ratio}")
-    for key in ("weight_decay", "max_grad_norm"):
+    for key in ("weight_decay", "max_grad_norm", "neftune_noise_alpha"):
         if getattr(t, key) < 0:
             bad(f"training.{key}", "must be >= 0")
     for key in ("batch_size", "grad_accum", "logging_steps"):

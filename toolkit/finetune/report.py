@@ -352,8 +352,9 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def plot_losses(metrics_path: Path, out_png: Path) -> None:
-    """loss.png: train loss and eval loss against optimizer step, from metrics.jsonl."""
+def plot_losses(metrics_path: Path, out_png: Path, report: dict | None = None, last_step: int | None = None) -> None:
+    """loss.png: train loss and in-training eval loss against optimizer step, from metrics.jsonl, and
+    the report's answer loss of the base (step 0) and fine-tuned model (last step) when given."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -368,7 +369,10 @@ def plot_losses(metrics_path: Path, out_png: Path) -> None:
     if train:
         ax.plot(*zip(*train), label="train loss")
     if ev:
-        ax.plot(*zip(*ev), marker="o", label="eval loss (held-out)")
+        ax.plot(*zip(*ev), marker="o", label="eval loss (held-out, eval_examples)")
+    if report and last_step:
+        ax.plot([0, last_step], [report["base"]["answer_loss"], report["finetuned"]["answer_loss"]], "s--",
+                label="report: base -> fine-tuned (all held-out)")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (answer tokens)")
     ax.legend()

@@ -155,6 +155,8 @@ def _stage_dir(runs: Path, rec, resume, overrides: Sequence[str] = ()) -> Path:
 def _trainer_args(rec, stage: Path, dev: str, dtype: str, has_eval: bool, packing: bool | None = None):
     from trl import SFTConfig
 
+    from toolkit.finetune.plan import report_ends
+
     t, e = rec.training, rec.eval
     eval_on = has_eval and e.eval_steps > 0
     packing = rec.data.packing if packing is None else packing
@@ -167,10 +169,11 @@ def _trainer_args(rec, stage: Path, dev: str, dtype: str, has_eval: bool, packin
         per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.batch_size,
         gradient_accumulation_steps=t.grad_accum, num_train_epochs=t.epochs, max_steps=t.max_steps,
         learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_ratio,
-        weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, seed=t.seed, data_seed=t.seed,
+        weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, neftune_noise_alpha=t.neftune_noise_alpha or None, seed=t.seed, data_seed=t.seed,
         logging_steps=t.logging_steps, logging_first_step=True,
         eval_strategy="steps" if eval_on else "no", eval_steps=e.eval_steps if eval_on else None,
-        eval_on_start=eval_on,
+        # The report measures the base model on the whole held-out set: step 0 would repeat it.
+        eval_on_start=eval_on and not report_ends(e),
         save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500, save_total_limit=2,
         load_best_model_at_end=bool(e.early_stopping_patience), metric_for_best_model="eval_loss",
         greater_is_better=False,
@@ -193,7 +196,8 @@ def _train(rec, overrides, stage: Path, runs: Path, dev, dtype, train_ex, eval_e
 
     from toolkit.finetune import data as data_mod
     from toolkit.finetune import packed_attention
-    from toolkit.finetune.callbacks import InterruptCallback, MetricsCallback, ProgressCallback
+    from toolkit.finetune.callbacks import InterruptCallback, MetricsCallback, ProgressCallback, SkipLastEval
+    from toolkit.finetune.plan import report_ends
     from toolkit.finetune.trl_compat import lean_lm_head_on_cpu, packing_plan
     from toolkit.finetune.base_model import load_with_fallback, loaded_weights, resolve_base
 
@@ -233,6 +237,8 @@ def _train(rec, overrides, stage: Path, runs: Path, dev, dtype, train_ex, eval_e
     args = _trainer_args(rec, stage, dev, dtype, eval_split is not None, packing=pack.packing)
     interrupt = InterruptCallback()
     cbs = [MetricsCallback(stage / "metrics.jsonl"), ProgressCallback(), interrupt, *extra_cbs]
+    if eval_split is not None and report_ends(rec.eval):
+        cbs.append(SkipLastEval())  # the report measures the fine-tuned model on the whole held-out set
     if main:
         from torch.utils.tensorboard import SummaryWriter
 
@@ -327,7 +333,7 @@ def _evaluate_and_report(trainer, tok, eval_split, rec, dtype, choice, stage: Pa
             report.write(stage, rep, info)
             info["report"] = {k: rep[k] for k in ("base", "finetuned", "improvement")}
             info["report_s"] = round(time.time() - t0, 1)
-        report.plot_losses(stage / "metrics.jsonl", stage / "loss.png")
+        report.plot_losses(stage / "metrics.jsonl", stage / "loss.png", info.get("report"), info.get("steps"))
     except Exception as exc:  # noqa: BLE001 - any failure here must not cost the trained weights
         import traceback
 
