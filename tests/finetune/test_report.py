@@ -154,3 +154,30 @@ def test_questions_take_each_kind_in_turn():
     qs = _questions(split, 5)
     assert [q["question"] for q in qs] == ["q0", "q6", "q9", "q1", "q7"]
     assert len(_questions(split, 50)) == len(kinds)
+
+
+def test_merged_adapter_gives_the_unmerged_answers_and_is_undone(tiny):
+    """The fine-tuned side runs merged (faster); its loss and greedy answers equal the unmerged model's."""
+    import copy
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from toolkit.finetune import report
+
+    model, tok = tiny
+    torch.manual_seed(0)
+    peft = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    ids = [tok(tok.apply_chat_template(p + [{"role": "assistant", "content": "A bond is a loan."}],
+                                       tokenize=False))["input_ids"][:40] for p in _prompts()]
+    unmerged = report.answer_loss(peft, ids, ids)
+    answers = report.greedy_answers(peft, tok, _prompts(), 6)
+    with report.merged_adapter(peft):
+        assert all(m.merged for m in peft.modules() if hasattr(m, "merged_adapters"))
+        merged = report.answer_loss(peft, ids, ids)
+        assert report.greedy_answers(peft, tok, _prompts(), 6) == answers
+    assert not any(m.merged for m in peft.modules() if hasattr(m, "merged_adapters"))
+    assert merged[1] == unmerged[1] and abs(merged[0] - unmerged[0]) < 1e-4
+    with peft.disable_adapter():
+        base = report.answer_loss(peft, ids, ids)[0]
+    assert abs(base - unmerged[0]) > 1e-3  # the adapter changes the model: the check above is not vacuous

@@ -408,6 +408,26 @@ def test_answer_loss_in_chunks_equals_the_full_logits_loss(tiny_llama_dir):
         ref_base, _ = straightforward()
     assert base_loss == pytest.approx(ref_base, rel=1e-5) and abs(base_loss - loss) > 1e-4
 
+    # A shared system prompt runs once (its KV cache reused): same loss, fewer tokens through the decoder.
+    from toolkit.finetune.report import shared_prefix
+
+    system = torch.randint(0, vocab, (12,), generator=gen).tolist()
+    ids = [system + x for x in ids]
+    labels = [[-100] * 12 + y for y in labels]
+    assert shared_prefix(ids, labels) == 12
+    tokens = []
+    hook = model.get_base_model().get_input_embeddings().register_forward_hook(
+        lambda m, inp, out: tokens.append(inp[0].numel()))
+    try:
+        loss, n = answer_loss(model, ids, labels, batch_size=2, chunk=7)
+    finally:
+        hook.remove()
+    ref_loss, ref_n = straightforward()
+    assert n == ref_n and loss == pytest.approx(ref_loss, rel=1e-5)
+    assert sum(tokens) < sum(len(x) for x in ids) - 3 * 12  # the prefix once, not once per example (padding aside)
+    labels[2][5] = ids[2][5]  # a labelled token inside the prefix: nothing may be cut there
+    assert shared_prefix(ids, labels) == 0
+
 
 def test_packing_plan_per_engine():
     from toolkit.finetune.trl_compat import packing_plan

@@ -90,7 +90,10 @@ def test_profile_evaluates_several_times_and_saves(path, profile, tokenizers):
         # the report measures the base and the fine-tuned model; the trainer the steps between
         ends = report_ends(rec.eval)
         evals = len(in_training_evals(steps, rec.eval.eval_steps, ends)) + 2 * ends
-        assert evals >= 3, f"{where}, eval_steps {rec.eval.eval_steps}: {evals} evaluations"
+        # A CPU run is time-boxed (the report's two measurements are its evaluation budget); a GPU run
+        # should also show the held-out loss along the way.
+        least = 2 if profile == "cpu" else 3
+        assert evals >= least, f"{where}, eval_steps {rec.eval.eval_steps}: {evals} evaluations"
     assert rec.training.save_steps and steps // rec.training.save_steps >= 1, \
         f"{where}, save_steps {rec.training.save_steps}: no checkpoint"
 
