@@ -21,18 +21,19 @@ from dataclasses import dataclass
 
 # Share of the device's measured matmul rate that a training step reaches, from one measurement
 # each (not fitted per row):
-# - "cpu": the finance recipe's CPU profile (`make finetune RECIPE=finance`, no overrides) on the
-#   2-core AMD EPYC (AVX2) machine, 2026-11-22 06:12 UTC: 158.2 tok/s with fp32 compute (LoRA r16
-#   on all linears, padding-free packing with per-conversation attention, LM head on labelled
-#   positions only: 23,539 of the train split's 52,144 tokens) while the calibration measured
-#   149.9 GFLOP/s fp32. train_flops_per_token for that run (seq 512, no checkpointing,
-#   labelled_fraction 0.45) = 0.558 GFLOP, so 158.2 x 0.558e9 / 149.9e9 = 0.59.
+# - "cpu": the finance recipe's CPU profile (`make finetune RECIPE=finance`, no overrides, in
+#   `make bench`) on the 2-core AMD EPYC (AVX2) machine, 2026-11-22 08:58 UTC: 223.8 tok/s over the
+#   whole 40-step run with fp32 compute (LoRA r16 on all linears, padding-free packing with
+#   per-conversation attention, LM head on labelled positions only through cpu_lm_head: 25,213 of
+#   the train split's 55,519 tokens), while the calibration in the same bench measured 187.3
+#   GFLOP/s fp32. train_flops_per_token for that run (seq 512, no checkpointing, labelled_fraction
+#   0.454) = 0.5586 GFLOP, so 223.8 x 0.5586e9 / 187.3e9 = 0.67.
 # - "cuda": litgpt's published A10G Llama-3.2-1B wall times (config_hub/finetune/README.md) come
 #   without their token counts, and no GPU was at hand to measure; until a measured GPU run
 #   replaces it, 0.45 (the CPU share of the earlier, slower CPU path) stands in. benchmarks/
 #   bench_time.py shows it is too high there (the A10G rows imply more tokens per example than
 #   litgpt's 512 cap).
-TRAIN_EFFICIENCY = {"cpu": 0.59, "cuda": 0.45}
+TRAIN_EFFICIENCY = {"cpu": 0.67, "cuda": 0.45}
 # Decode reads weights at close to the measured bandwidth: llama.cpp f16 decode of the 135M model
 # on the same CPU, 69 tok/s x 270 MB = 18.6 GB/s, matches its measured copy bandwidth (DESIGN.md).
 DECODE_EFFICIENCY = 1.0
