@@ -5,7 +5,8 @@ built for GPUs: it never materializes the `[N, vocab]` logits, so its backward r
 third vocabulary-sized matmul), and on a device without Triton it folds each tile with ~15 separate
 torch passes (transform, online max/sum-exp, entropy, top-1, target gather; then again for the
 gradient). On the finance recipe's CPU profile (~460 labelled positions a step, SmolLM2's 49,152
-vocabulary, 2-core AVX2 EPYC) that costs 0.93 s a step where the two matmuls it needs cost 0.32 s.
+vocabulary, 2-core AVX2 EPYC) that costs 0.96 s a step where the two matmuls it needs cost 0.32 s
+(`benchmarks/bench_lm_head.py`; this module: 0.42 s).
 
 On a CPU, memory is rarely what limits the labelled positions of one micro-batch (460 x 49,152 fp32
 is 90 MB), so `LogProbs` materializes them once: one matmul, then in cache-sized row blocks the
