@@ -1,6 +1,5 @@
 """The run report's generation part: per-question correctness (keys present, no contradiction),
-the sampling error of the score, batched greedy answers in the prompts' order, regressions at
-the top of report.md and in report.json."""
+the sampling error of the score, regressions at the top of report.md and in report.json."""
 
 from __future__ import annotations
 
@@ -64,37 +63,7 @@ def test_finance_heldout_rules_judge_real_answers():
     assert not is_correct(tuned + " Later the price may fall.", meta["keys"], meta["wrong"])
 
 
-@pytest.fixture(scope="module")
-def tiny(tiny_llama_dir):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
-    return model, tok
-
-
-def _prompts():
-    qs = ["What is a bond?", "Explain compound interest to a child in two sentences please.", "Hi",
-          "What does APR stand for on a credit card offer, and why should I care?", "Define inflation."]
-    return [[{"role": "user", "content": q}] for q in qs]
-
-
-def test_batched_greedy_answers_keep_the_prompts_order(tiny):
-    import torch
-
-    from toolkit.finetune.report import greedy_answers
-
-    model, tok = tiny
-    batched = greedy_answers(model, tok, _prompts(), max_new_tokens=6, batch_size=3)
-    for prompt, got in zip(_prompts(), batched):  # reference: one prompt at a time, no padding
-        ids = tok.apply_chat_template(prompt, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-        with torch.no_grad():
-            out = model.generate(**ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
-        assert got == tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-    assert tok.padding_side != "left" or batched  # restored
-
-
-def test_evaluate_lists_every_question_and_write_puts_regressions_first(tiny, tmp_path):
+def test_evaluate_lists_every_question_and_write_puts_regressions_first(tiny, chat_prompts, tmp_path):
     import copy
 
     from peft import LoraConfig, get_peft_model
@@ -107,7 +76,7 @@ def test_evaluate_lists_every_question_and_write_puts_regressions_first(tiny, tm
     examples = [Example(messages=p + [{"role": "assistant", "content": "A bond is a loan."}], text=None,
                         source=f"h:{i}", extra={"meta": {"keys": [["loan", "debt"]], "wrong": ["stock"],
                                                          "kind": "concept"}})
-                for i, p in enumerate(_prompts())]
+                for i, p in enumerate(chat_prompts)]
     ids = [tok(tok.apply_chat_template(e.messages, tokenize=False))["input_ids"][:40] for e in examples]
     split = SimpleNamespace(examples=examples, input_ids=ids, labels=ids)
     rec = SimpleNamespace(eval=SimpleNamespace(generation_samples=4, max_new_tokens=5, side_by_side=2))
@@ -154,30 +123,3 @@ def test_questions_take_each_kind_in_turn():
     qs = _questions(split, 5)
     assert [q["question"] for q in qs] == ["q0", "q6", "q9", "q1", "q7"]
     assert len(_questions(split, 50)) == len(kinds)
-
-
-def test_merged_adapter_gives_the_unmerged_answers_and_is_undone(tiny):
-    """The fine-tuned side runs merged (faster); its loss and greedy answers equal the unmerged model's."""
-    import copy
-
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    from toolkit.finetune import report
-
-    model, tok = tiny
-    torch.manual_seed(0)
-    peft = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
-    ids = [tok(tok.apply_chat_template(p + [{"role": "assistant", "content": "A bond is a loan."}],
-                                       tokenize=False))["input_ids"][:40] for p in _prompts()]
-    unmerged = report.answer_loss(peft, ids, ids)
-    answers = report.greedy_answers(peft, tok, _prompts(), 6)
-    with report.merged_adapter(peft):
-        assert all(m.merged for m in peft.modules() if hasattr(m, "merged_adapters"))
-        merged = report.answer_loss(peft, ids, ids)
-        assert report.greedy_answers(peft, tok, _prompts(), 6) == answers
-    assert not any(m.merged for m in peft.modules() if hasattr(m, "merged_adapters"))
-    assert merged[1] == unmerged[1] and abs(merged[0] - unmerged[0]) < 1e-4
-    with peft.disable_adapter():
-        base = report.answer_loss(peft, ids, ids)[0]
-    assert abs(base - unmerged[0]) > 1e-3  # the adapter changes the model: the check above is not vacuous

@@ -1,0 +1,115 @@
+"""toolkit.finetune.scoring: the answer-token loss against the full-logits loss (chunked, shared
+prefix), batched greedy answers against one-at-a-time generation, the merged adapter against the unmerged one."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def test_answer_loss_in_chunks_equals_the_full_logits_loss(tiny_llama_dir):
+    """Same loss as cross entropy over the full logits, with the vocabulary projection never seeing
+    more than `chunk` positions at once; for the adapter and, with it disabled, for the base."""
+    import torch
+    import torch.nn.functional as F
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from toolkit.finetune.scoring import answer_loss
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
+                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    gen = torch.Generator().manual_seed(1)
+    vocab = model.config.vocab_size
+    ids = [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in (23, 9, 31, 17, 5)]
+    labels = [[t if (i > 3 and i % 3) else -100 for i, t in enumerate(x)] for x in ids]
+
+    def straightforward():
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for x, y in zip(ids, labels):
+                logits = model(input_ids=torch.tensor([x])).logits.float()[0, :-1]
+                target = torch.tensor(y[1:])
+                total += F.cross_entropy(logits, target, ignore_index=-100, reduction="sum").item()
+                count += int((target != -100).sum())
+        return total / count, count
+
+    seen = []
+    head = model.get_base_model().get_output_embeddings()
+    hook = head.register_forward_hook(lambda m, inp, out: seen.append(inp[0].shape))
+    try:
+        loss, n = answer_loss(model, ids, labels, batch_size=2, chunk=7)
+    finally:
+        hook.remove()
+    ref_loss, ref_n = straightforward()
+    assert n == ref_n and loss == pytest.approx(ref_loss, rel=1e-5)
+    assert seen and all(s[0] <= 7 and len(s) == 2 for s in seen) and sum(s[0] for s in seen) == n
+    with model.disable_adapter():
+        base_loss, _ = answer_loss(model, ids, labels, batch_size=3, chunk=4)
+        ref_base, _ = straightforward()
+    assert base_loss == pytest.approx(ref_base, rel=1e-5) and abs(base_loss - loss) > 1e-4
+
+    # A shared system prompt runs once (its KV cache reused): same loss, fewer tokens through the decoder.
+    from toolkit.finetune.scoring import shared_prefix
+
+    system = torch.randint(0, vocab, (12,), generator=gen).tolist()
+    ids = [system + x for x in ids]
+    labels = [[-100] * 12 + y for y in labels]
+    assert shared_prefix(ids, labels) == 12
+    tokens = []
+    hook = model.get_base_model().get_input_embeddings().register_forward_hook(
+        lambda m, inp, out: tokens.append(inp[0].numel()))
+    try:
+        loss, n = answer_loss(model, ids, labels, batch_size=2, chunk=7)
+    finally:
+        hook.remove()
+    ref_loss, ref_n = straightforward()
+    assert n == ref_n and loss == pytest.approx(ref_loss, rel=1e-5)
+    assert sum(tokens) < sum(len(x) for x in ids) - 3 * 12  # the prefix once, not once per example (padding aside)
+    labels[2][5] = ids[2][5]  # a labelled token inside the prefix: nothing may be cut there
+    assert shared_prefix(ids, labels) == 0
+
+
+def test_batched_greedy_answers_keep_the_prompts_order(tiny, chat_prompts):
+    import torch
+
+    from toolkit.finetune.scoring import greedy_answers
+
+    model, tok = tiny
+    batched = greedy_answers(model, tok, chat_prompts, max_new_tokens=6, batch_size=3)
+    for prompt, got in zip(chat_prompts, batched):  # reference: one prompt at a time, no padding
+        ids = tok.apply_chat_template(prompt, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        with torch.no_grad():
+            out = model.generate(**ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+        assert got == tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    assert tok.padding_side != "left" or batched  # restored
+
+
+def test_merged_adapter_gives_the_unmerged_answers_and_is_undone(tiny, chat_prompts):
+    """The fine-tuned side runs merged (faster); its loss and greedy answers equal the unmerged model's."""
+    import copy
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from toolkit.finetune import scoring
+
+    model, tok = tiny
+    torch.manual_seed(0)
+    peft = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    ids = [tok(tok.apply_chat_template(p + [{"role": "assistant", "content": "A bond is a loan."}],
+                                       tokenize=False))["input_ids"][:40] for p in chat_prompts]
+    unmerged = scoring.answer_loss(peft, ids, ids)
+    answers = scoring.greedy_answers(peft, tok, chat_prompts, 6)
+    with scoring.merged_adapter(peft):
+        assert all(m.merged for m in peft.modules() if hasattr(m, "merged_adapters"))
+        merged = scoring.answer_loss(peft, ids, ids)
+        assert scoring.greedy_answers(peft, tok, chat_prompts, 6) == answers
+    assert not any(m.merged for m in peft.modules() if hasattr(m, "merged_adapters"))
+    assert merged[1] == unmerged[1] and abs(merged[0] - unmerged[0]) < 1e-4
+    with peft.disable_adapter():
+        base = scoring.answer_loss(peft, ids, ids)[0]
+    assert abs(base - unmerged[0]) > 1e-3  # the adapter changes the model: the check above is not vacuous
