@@ -37,13 +37,16 @@ def test_answer_loss_in_chunks_equals_the_full_logits_loss(tiny_llama_dir):
                 count += int((target != -100).sum())
         return total / count, count
 
+    def loss_watching(module, record):
+        """answer_loss (batches of 2, chunks of 7) with `record(input)` called on each call of `module`."""
+        hook = module.register_forward_hook(lambda m, inp, out: record(inp[0]))
+        try:
+            return answer_loss(model, ids, labels, batch_size=2, chunk=7)
+        finally:
+            hook.remove()
+
     seen = []
-    head = model.get_base_model().get_output_embeddings()
-    hook = head.register_forward_hook(lambda m, inp, out: seen.append(inp[0].shape))
-    try:
-        loss, n = answer_loss(model, ids, labels, batch_size=2, chunk=7)
-    finally:
-        hook.remove()
+    loss, n = loss_watching(model.get_base_model().get_output_embeddings(), lambda x: seen.append(x.shape))
     ref_loss, ref_n = straightforward()
     assert n == ref_n and loss == pytest.approx(ref_loss, rel=1e-5)
     assert seen and all(s[0] <= 7 and len(s) == 2 for s in seen) and sum(s[0] for s in seen) == n
@@ -60,12 +63,7 @@ def test_answer_loss_in_chunks_equals_the_full_logits_loss(tiny_llama_dir):
     labels = [[-100] * 12 + y for y in labels]
     assert shared_prefix(ids, labels) == 12
     tokens = []
-    hook = model.get_base_model().get_input_embeddings().register_forward_hook(
-        lambda m, inp, out: tokens.append(inp[0].numel()))
-    try:
-        loss, n = answer_loss(model, ids, labels, batch_size=2, chunk=7)
-    finally:
-        hook.remove()
+    loss, n = loss_watching(model.get_base_model().get_input_embeddings(), lambda x: tokens.append(x.numel()))
     ref_loss, ref_n = straightforward()
     assert n == ref_n and loss == pytest.approx(ref_loss, rel=1e-5)
     assert sum(tokens) < sum(len(x) for x in ids) - 3 * 12  # the prefix once, not once per example (padding aside)
