@@ -11,9 +11,10 @@ vocabulary, 2-core AVX2 EPYC) that costs 0.96 s a step where the two matmuls it 
 On a CPU, memory is rarely what limits the labelled positions of one micro-batch (460 x 49,152 fp32
 is 90 MB), so `LogProbs` materializes them once: one matmul, then in cache-sized row blocks the
 softmax, the target's log-probability, and the entropy and top-1 TRL logs; the probabilities it
-keeps turn into the gradient in place, so the backward is one multiply and one matmul. Same contract and outputs as TRL's function (tests/finetune/test_cpu_lm_head.py compares
-values and gradients against it); `fits` says when the logits are too large to materialize and
-TRL's chunked kernel should run instead.
+keeps turn into the gradient in place, so the backward is one multiply and one matmul. Same
+contract and outputs as TRL's function (tests/finetune/test_cpu_lm_head.py compares values and
+gradients against it); `fits` says when the logits are too large to materialize and TRL's chunked
+kernel should run instead.
 """
 
 from __future__ import annotations

@@ -169,7 +169,8 @@ def _trainer_args(rec, stage: Path, dev: str, dtype: str, has_eval: bool, packin
         per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.batch_size,
         gradient_accumulation_steps=t.grad_accum, num_train_epochs=t.epochs, max_steps=t.max_steps,
         learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_ratio,
-        weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, neftune_noise_alpha=t.neftune_noise_alpha or None, seed=t.seed, data_seed=t.seed,
+        weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, seed=t.seed, data_seed=t.seed,
+        neftune_noise_alpha=t.neftune_noise_alpha or None,
         logging_steps=t.logging_steps, logging_first_step=True,
         eval_strategy="steps" if eval_on else "no", eval_steps=e.eval_steps if eval_on else None,
         # The report measures the base model on the whole held-out set: step 0 would repeat it.

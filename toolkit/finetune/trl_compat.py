@@ -10,7 +10,8 @@ module-level names on every call:
   recipe's CPU profile, AVX512-BF16 CPU).
 - `_ChunkedLogProbFunction` is the GPU-shaped chunked kernel; on a CPU, `toolkit.finetune.cpu_lm_head`
   does the same with two matmuls instead of three and a few passes instead of ~15 (0.96 -> 0.42 s a
-  step on the 2-core AVX2 EPYC, benchmarks/bench_lm_head.py). Calls it can't take (huge logits, soft-capping) still go to TRL's.
+  step on the 2-core AVX2 EPYC, benchmarks/bench_lm_head.py). Calls it can't take (huge logits,
+  soft-capping) still go to TRL's.
 The loss is the same sum over the same positions, and the logged entropy and token accuracy are the same.
 
 `tests/finetune/test_trl_compat.py` fails when TRL renames or removes either name, so an upgrade
