@@ -115,6 +115,18 @@ def config_from_controls(*values) -> DecodingConfig:
     return DecodingConfig(**{f.name: f.from_ui(v) for f, v in zip(FIELDS, values)})
 
 
+def request_config(message: str, *values) -> DecodingConfig:
+    """`config_from_controls` for one request, with an empty message refused too; anything wrong is a
+    gr.Error naming it (shown in the UI, nothing generated)."""
+    try:
+        cfg = config_from_controls(*values)
+        if not (message or "").strip():
+            raise UserError("the message is empty")
+    except (UserError, ValueError, TypeError) as exc:
+        raise gr.Error(f"Bad setting: {exc}", duration=10) from None
+    return cfg
+
+
 def controls_from_config(cfg: DecodingConfig) -> list:
     """The controls' values (in `FIELDS` order) that show `cfg`: config_from_controls' inverse."""
     return [f.to_ui(getattr(cfg, f.name)) for f in FIELDS]
@@ -149,12 +161,7 @@ def build_app(model: str = "embedded", root: str | Path = ".", n_ctx: int | None
         models.insert(0, (display_name(model), model))
 
     def respond(message, history, spec, system, preset, *controls):
-        try:
-            cfg = config_from_controls(*controls)
-            if not (message or "").strip():
-                raise UserError("the message is empty")
-        except (UserError, ValueError, TypeError) as exc:
-            raise gr.Error(f"Bad setting: {exc}", duration=10) from None
+        cfg = request_config(message, *controls)
         turns = history_to_messages(history) + [{"role": "user", "content": message}]
         with slot.lock:
             try:
@@ -204,7 +211,7 @@ def build_app(model: str = "embedded", root: str | Path = ".", n_ctx: int | None
                 api_name="chat",
             )
         with gr.Tab("Compare"):
-            compare_slots = build_tab(models, model, system, list(controls.values()), config_from_controls, n_ctx)
+            compare_slots = build_tab(models, model, system, list(controls.values()), request_config, n_ctx)
     app._toolkit_slot = slot  # tests and launch() close it
     app._toolkit_compare_slots = compare_slots
     return app

@@ -93,7 +93,7 @@ def interleave(iterables):
                 live.remove(i)
 
 
-def build_tab(models: list[tuple[str, str]], chosen: str, system, controls: list, config_from_controls,
+def build_tab(models: list[tuple[str, str]], chosen: str, system, controls: list, request_config,
               n_ctx: int | None):
     """The Compare tab (call inside a gr.Blocks): two pickers, one prompt, two streaming replies.
     `system` and `controls` are the sidebar's components, shared with the chat tab. Returns the
@@ -108,12 +108,7 @@ def build_tab(models: list[tuple[str, str]], chosen: str, system, controls: list
         from toolkit.decoding.conversation import build_prompt
         from toolkit.decoding.search import stream
 
-        try:
-            cfg = config_from_controls(*values)
-            if not (message or "").strip():
-                raise UserError("the message is empty")
-        except (UserError, ValueError, TypeError) as exc:
-            raise gr.Error(f"Bad setting: {exc}", duration=10) from None
+        cfg = request_config(message, *values)  # ui.chat.request_config: gr.Error on a bad setting
         if cfg.seed is None:  # "random" still means the same random seed on both sides
             cfg = dataclasses.replace(cfg, seed=random.randrange(2**31))
         turns = [{"role": "user", "content": message}]

@@ -66,10 +66,11 @@ def _autograd_function():
                 zs.sub_(peak.unsqueeze(1))
                 e = torch.exp(zs)
                 sum_e = e.sum(-1)
+                log_sum_e = sum_e.log()
                 if entropy is not None:  # H = log sum e - sum(e z) / sum e, z shifted by the peak
-                    entropy[sl] = sum_e.log() - torch.bmm(e.unsqueeze(1), zs.unsqueeze(2)).view(-1) / sum_e
+                    entropy[sl] = log_sum_e - torch.bmm(e.unsqueeze(1), zs.unsqueeze(2)).view(-1) / sum_e
                 zs.copy_(e.div_(sum_e.unsqueeze(1)))
-                log_z[sl] = peak + sum_e.log()
+                log_z[sl] = peak + log_sum_e
             ctx.save_for_backward(hidden, weight, targets, z, entropy)
             ctx.scale, ctx.compute_dtype = scale, compute_dtype
             if is_top1 is not None:

@@ -134,7 +134,8 @@ def greedy_answers(model, tok, prompts: list[list[dict]], max_new_tokens: int, d
 def merged_adapter(model):
     """Within the block, a PEFT LoRA model runs with the adapter merged into unquantized base weights:
     the fine-tuned model's evaluation and generation then cost what the base's do (unmerged, every
-    linear layer adds two small matmuls, a scale and an add: ~20% of a forward on the CPU). Merging
+    adapted linear layer adds two small matmuls, a scale and an add; on the finance report on the
+    2-core AVX2 CPU, 16 greedy answers took 9.4 s unmerged and 8.6 s merged). Merging
     into 4-bit weights would round the update away, so a quantized base stays unmerged. `report.evaluate`
     measures the base before this, since unmerging leaves float rounding in its weights."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else None

@@ -248,7 +248,9 @@ def _train(rec, overrides, stage: Path, runs: Path, dev, dtype, train_ex, eval_e
         cbs.append(EarlyStoppingCallback(early_stopping_patience=rec.eval.early_stopping_patience))
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=data_mod.to_dataset(train_split),
-        eval_dataset=_eval_dataset(eval_split, rec.eval.eval_examples) if eval_split else None,
+        # Only in-training evals use it: with eval_steps 0 (the report's two measurements only) TRL
+        # would tokenize and pack it for nothing.
+        eval_dataset=_eval_dataset(eval_split, rec.eval.eval_examples) if eval_split and rec.eval.eval_steps else None,
         processing_class=tok, callbacks=cbs,
     )
     # With its bar disabled the Trainer prints every log dict to stdout; our bar shows the loss and
