@@ -106,3 +106,32 @@ def test_row_blocks_do_not_change_the_answer(monkeypatch):
     blocked = _run(cpu_lm_head.log_probs_function(), hidden, weight, targets)
     for a, b in zip(whole, blocked):
         assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_logits_buffer_is_reused_and_never_shared(monkeypatch):
+    """The backward hands its logits buffer to the next forward; two forwards before their backwards
+    (or a forward under no_grad in between) each work in their own, so the answers are those of
+    separate runs."""
+    from toolkit.finetune import cpu_lm_head
+
+    monkeypatch.setattr(cpu_lm_head, "_SPARE", [])
+    fn = cpu_lm_head.log_probs_function()
+    a, b = _inputs(seed=1), _inputs(n=20, seed=2)
+    want_a, want_b = _run(fn, *a), _run(fn, *b)
+    spare = cpu_lm_head._SPARE[0]
+    got_a = _run(fn, *a)
+    assert cpu_lm_head._SPARE[0] is spare  # taken by the forward, handed back by the backward
+
+    ha, hb = a[0].clone().requires_grad_(), b[0].clone().requires_grad_()
+    lp_a = fn.apply(ha, a[1], None, a[2], 1.0, 128, None, 1.0, OUTPUTS)[0]
+    lp_b = fn.apply(hb, b[1], None, b[2], 1.0, 128, None, 1.0, OUTPUTS)[0]
+    with torch.no_grad():
+        fn.apply(b[0], b[1], None, b[2], 1.0, 128, None, 1.0, OUTPUTS)
+    (-lp_b.sum()).backward()
+    (-lp_a.sum()).backward()
+    for got, want in ((got_a, want_a), ((lp_a.detach(), ha.grad), (want_a[0], want_a[3])),
+                      ((lp_b.detach(), hb.grad), (want_b[0], want_b[3]))):
+        for x, y in zip(got, want):
+            if x is not None:
+                assert torch.equal(x, y)
+    assert len(cpu_lm_head._SPARE) == 1

@@ -170,7 +170,7 @@ def _timed(torch, dev: str, fn) -> float:
     return time.perf_counter() - t
 
 
-def _matmul_rate(torch, dev: str, dtype, shape: tuple[int, int, int], reps: int = 3) -> float:
+def _matmul_rate(torch, dev: str, dtype, shape: tuple[int, int, int], reps: int = 10) -> float:
     m, k, n = shape
     gen = torch.Generator(device=dev).manual_seed(0)
     b = torch.randn(k, n, device=dev, generator=gen).to(dtype)
@@ -186,13 +186,16 @@ def _matmul_rate(torch, dev: str, dtype, shape: tuple[int, int, int], reps: int 
     if full_flops / probe_rate > FULL_SHAPE_LIMIT_S:
         return probe_rate
     a = torch.randn(m, k, device=dev, generator=gen).to(dtype)
-    if _timed(torch, dev, lambda: a @ b) > 0.25:  # slow machine or busy cores: stay within ~3 s
+    out = a @ b
+    if _timed(torch, dev, lambda: torch.mm(a, b, out=out)) > 0.25:  # slow machine or busy cores: stay within ~3 s
         reps = 1
     inner = 10 if dev == "cuda" else 1  # a GPU matmul is shorter than the timer's resolution
 
+    # Best of 10 (a CPU matmul of this shape is ~20 ms, so one busy moment on a shared host can slow
+    # three in a row), into one output buffer: the rate of the arithmetic, not of page faults.
     def run():
         for _ in range(inner):
-            a @ b
+            torch.mm(a, b, out=out)
 
     return max(full_flops * inner / _timed(torch, dev, run) for _ in range(reps))
 

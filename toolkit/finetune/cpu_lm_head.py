@@ -46,7 +46,12 @@ def _autograd_function():
             dev = hidden.device.type
             compute_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
             scale = logit_scale / temperature
-            z = torch.mm(hidden.to(compute_dtype), weight.to(compute_dtype).t()).float()
+            h, w = hidden.to(compute_dtype), weight.to(compute_dtype)
+            if compute_dtype == torch.float32:
+                ctx.buffer = _take_buffer(hidden.shape[0] * weight.shape[0], hidden.device)
+                z = torch.mm(h, w.t(), out=ctx.buffer[:hidden.shape[0] * weight.shape[0]].view(-1, weight.shape[0]))
+            else:
+                ctx.buffer, z = None, torch.mm(h, w.t()).float()
             if scale != 1.0:
                 z.mul_(scale)
             n = z.shape[0]
@@ -68,10 +73,12 @@ def _autograd_function():
                 sum_e = e.sum(-1)
                 log_sum_e = sum_e.log()
                 if entropy is not None:  # H = log sum e - sum(e z) / sum e, z shifted by the peak
-                    entropy[sl] = log_sum_e - torch.bmm(e.unsqueeze(1), zs.unsqueeze(2)).view(-1) / sum_e
+                    entropy[sl] = log_sum_e - torch.linalg.vecdot(e, zs) / sum_e  # ~14x faster than bmm here
                 zs.copy_(e.div_(sum_e.unsqueeze(1)))
                 log_z[sl] = peak + log_sum_e
             ctx.save_for_backward(hidden, weight, targets, z, entropy)
+            if not any(ctx.needs_input_grad[:2]):  # no backward will come for this buffer
+                _give_back(ctx)
             ctx.scale, ctx.compute_dtype = scale, compute_dtype
             if is_top1 is not None:
                 ctx.mark_non_differentiable(is_top1)
@@ -102,9 +109,32 @@ def _autograd_function():
                 grad_hidden = torch.mm(grad.to(ctx.compute_dtype), weight.to(ctx.compute_dtype)).to(hidden.dtype)
             if ctx.needs_input_grad[1]:
                 grad_weight = torch.mm(grad.t().to(ctx.compute_dtype), hidden.to(ctx.compute_dtype)).to(weight.dtype)
+            _give_back(ctx)
             return grad_hidden, grad_weight, None, None, None, None, None, None, None
 
     return LogProbs
+
+
+# One logits buffer, reused from step to step: a fresh 90 MB allocation is a fresh mmap (glibc maps
+# anything over 32 MB on its own) and page-faults on every write, which made the LM head's matmul
+# run at ~110 GFLOP/s where the same matmul into a reused buffer runs at ~150 (the AVX2 EPYC). A
+# forward takes it (or allocates when it is in use or too small) and its backward hands it back, so a
+# buffer has one owner at a time: two forwards before their backwards each get their own.
+_SPARE: list = []
+
+
+def _take_buffer(numel: int, device):
+    import torch
+
+    if _SPARE and _SPARE[0].numel() >= numel and _SPARE[0].device == device:
+        return _SPARE.pop()
+    return torch.empty(numel, dtype=torch.float32, device=device)
+
+
+def _give_back(ctx) -> None:
+    buf, ctx.buffer = getattr(ctx, "buffer", None), None
+    if buf is not None and buf.device.type == "cpu":
+        _SPARE[:] = [max([buf, *_SPARE], key=lambda t: t.numel())]
 
 
 _FUNCTION = None

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from toolkit.core.errors import UserError
+from toolkit.finetune.typed_yaml import coerce, field_types
 
 METHODS = ("qlora", "lora", "full", "auto")  # auto: toolkit.finetune.plan.choose_method
 FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text")
@@ -173,62 +173,6 @@ _SECTION_TYPES = {
 _TOP_SCALARS = ("name", "description")
 
 
-def _field_types(cls) -> dict[str, type]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
-
-
-def _coerce(value, typ, where: str):
-    """Check `value` against `typ` (YAML already typed it); ints are accepted for floats."""
-    origin = typing.get_origin(typ)
-    if origin in (typing.Union, types.UnionType):  # `str | list[X]`: a YAML list takes the list form
-        alts = typing.get_args(typ)
-        as_list = [a for a in alts if typing.get_origin(a) is list]
-        return _coerce(value, as_list[0] if isinstance(value, list) and as_list else
-                       next(a for a in alts if a not in as_list), where)
-    if dataclasses.is_dataclass(typ):
-        if not isinstance(value, dict):
-            raise UserError(f"{where}: expected a mapping with keys {', '.join(_field_types(typ))}, got {value!r}")
-        types_ = _field_types(typ)
-        for k in value:
-            if k not in types_:
-                raise UserError(f"{where}: unknown key `{k}` (known: {', '.join(types_)})")
-        return typ(**{k: _coerce(v, types_[k], f"{where}.{k}") for k, v in value.items()})
-    if origin is list:
-        (item,) = typing.get_args(typ)
-        if isinstance(value, str):  # `--set lora.target_modules=q_proj,v_proj`
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, list):
-            raise UserError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
-        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-    if typ is bool:
-        if isinstance(value, bool):
-            return value
-        raise UserError(f"{where}: expected true/false, got {value!r}")
-    if typ is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise UserError(f"{where}: expected an integer, got {value!r}")
-    if typ is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads `5e-4` (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise UserError(f"{where}: expected a number, got {value!r}")
-    if typ is str:
-        if value is None:
-            return ""
-        if isinstance(value, str):
-            return value
-        raise UserError(f"{where}: expected a string, got {type(value).__name__} {value!r}")
-    raise AssertionError(f"unhandled field type {typ}")
-
-
 PROFILES = ("cpu", "fallback")
 
 
@@ -244,7 +188,7 @@ def _apply(recipe: Recipe, data: dict, src: str, allow_profile: bool) -> dict:
             profiles[key] = value
             continue
         if key in _TOP_SCALARS:
-            setattr(recipe, key, _coerce(value, str, f"{src}: {key}"))
+            setattr(recipe, key, coerce(value, str, f"{src}: {key}"))
             continue
         if key not in _SECTION_TYPES:
             known = ", ".join([*_TOP_SCALARS, *_SECTION_TYPES, *PROFILES])
@@ -252,11 +196,11 @@ def _apply(recipe: Recipe, data: dict, src: str, allow_profile: bool) -> dict:
         if not isinstance(value, dict):
             raise UserError(f"{src}: `{key}` must be a mapping, got {type(value).__name__}")
         section = getattr(recipe, key)
-        types_ = _field_types(type(section))
+        types_ = field_types(type(section))
         for k, v in value.items():
             if k not in types_:
                 raise UserError(f"{src}: unknown key `{key}.{k}` (known: {', '.join(types_)})")
-            setattr(section, k, _coerce(v, types_[k], f"{src}: {key}.{k}"))
+            setattr(section, k, coerce(v, types_[k], f"{src}: {key}.{k}"))
     return profiles
 
 

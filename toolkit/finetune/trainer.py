@@ -197,6 +197,7 @@ def _train(rec, overrides, stage: Path, runs: Path, dev, dtype, train_ex, eval_e
 
     from toolkit.finetune import data as data_mod
     from toolkit.finetune import packed_attention
+    from toolkit.finetune.fused_lora import fused_on_cpu
     from toolkit.finetune.callbacks import InterruptCallback, MetricsCallback, ProgressCallback, SkipLastEval
     from toolkit.finetune.plan import report_ends
     from toolkit.finetune.trl_compat import lean_lm_head_on_cpu, packing_plan
@@ -266,7 +267,7 @@ def _train(rec, overrides, stage: Path, runs: Path, dev, dtype, train_ex, eval_e
             p.data = p.data.float()
     interrupt.install()
     try:
-        with lean_lm_head_on_cpu(dev, announce):
+        with lean_lm_head_on_cpu(dev, announce), fused_on_cpu(trainer.model, dev, announce):
             result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     finally:
         interrupt.uninstall()

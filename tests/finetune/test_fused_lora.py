@@ -1,0 +1,116 @@
+"""fused_lora against PEFT's own LoRA forward: same loss, same gradients, and the fused path is
+the one taken for the recipes' plain LoRA (fails if PEFT renames what it reads)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+
+def _peft(tiny, **lora):
+    from peft import LoraConfig, get_peft_model
+
+    model = copy.deepcopy(tiny[0]).float()
+    cfg = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    model = get_peft_model(model, LoraConfig(**{**cfg, **lora}))
+    torch.manual_seed(0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # PEFT starts B at zero, which would hide a wrong adapter product
+            torch.nn.init.normal_(p, std=0.05)
+    return model
+
+
+def _loss_and_grads(model, ids):
+    model.zero_grad()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_same_loss_and_gradients_as_peft(tiny):
+    from toolkit.finetune.fused_lora import fused_on_cpu
+
+    model = _peft(tiny)
+    ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    calls = []  # PEFT's path calls the lora_A modules; the fused one multiplies by their weights directly
+    for name, m in model.named_modules():
+        if name.endswith("lora_A.default"):
+            m.register_forward_hook(lambda *a: calls.append(1))
+    loss_ref, grads_ref = _loss_and_grads(model, ids)
+    assert calls
+    calls.clear()
+    with fused_on_cpu(model, "cpu") as n:
+        loss, grads = _loss_and_grads(model, ids)
+    assert not calls
+    assert n == sum(1 for name, _ in model.named_modules() if name.endswith(".base_layer"))
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-6, atol=1e-6)
+    assert grads.keys() == grads_ref.keys() and len(grads) == 2 * n
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_plain_lora_takes_the_fused_path(tiny):
+    from toolkit.finetune.fused_lora import fused_on_cpu
+
+    model = _peft(tiny)
+    x = torch.randn(1, 3, model.config.hidden_size)
+    with fused_on_cpu(model, "cpu"):
+        layers = [m for m in model.modules() if hasattr(m, "fused_key")]
+        q = next(m for m in layers if m.base_layer.in_features == model.config.hidden_size)
+        assert layers and q.fused_key(x, (), {}) == "default"
+
+
+@pytest.mark.parametrize("case", ["dropout", "disabled", "merged", "extra kwargs", "dora"])
+def test_other_cases_go_to_peft(tiny, case):
+    from toolkit.finetune.fused_lora import fused_on_cpu
+
+    model = _peft(tiny, **({"lora_dropout": 0.1} if case == "dropout" else {"use_dora": True} if case == "dora" else {}))
+    model.eval()  # dropout off for the comparison; the dropout module is still there, so PEFT's path runs
+    x = torch.randn(1, 3, model.config.hidden_size)
+    with fused_on_cpu(model, "cpu"):
+        layer = next(m for m in model.modules() if hasattr(m, "fused_key"))
+        if case == "disabled":
+            layer.enable_adapters(False)
+        if case == "merged":
+            layer.merge()
+        kwargs = {"adapter_names": ["default"] * 1} if case == "extra kwargs" else {}
+        assert layer.fused_key(x, (), kwargs) is None
+        want = layer.forward(x, **kwargs)  # PEFT's path, through the subclass
+    assert torch.equal(want, layer.forward(x, **kwargs))
+
+
+def test_scoped_to_the_block(tiny):
+    from peft.tuners.lora import Linear
+
+    from toolkit.finetune.fused_lora import fused_on_cpu
+
+    model = _peft(tiny)
+    with pytest.raises(RuntimeError):
+        with fused_on_cpu(model, "cpu"):
+            assert all(type(m) is not Linear for m in model.modules())
+            raise RuntimeError("interrupted")
+    assert any(type(m) is Linear for m in model.modules())
+    assert not any(hasattr(m, "fused_key") for m in model.modules())
+    with fused_on_cpu(model, "cuda:0") as n:
+        assert n == 0
+
+
+def test_a_peft_without_what_it_reads_keeps_its_own_forward(tiny, monkeypatch):
+    from peft.tuners.lora import Linear
+
+    from toolkit.finetune.fused_lora import READS, fused_on_cpu
+
+    model = _peft(tiny)
+    layer = next(m for m in model.modules() if type(m) is Linear)
+    assert all(hasattr(layer, name) for name in READS)  # fails when PEFT renames one of them
+    monkeypatch.delattr(Linear, "lora_variant", raising=False)
+    for m in model.modules():
+        m.__dict__.pop("lora_variant", None)
+        m._modules.pop("lora_variant", None)
+    said = []
+    with fused_on_cpu(model, "cpu", said.append) as n:
+        assert n == 0 and not any(hasattr(m, "fused_key") for m in model.modules())
+    assert said and "lora_variant" in said[0]

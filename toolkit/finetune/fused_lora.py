@@ -1,0 +1,92 @@
+"""LoRA linear layers that add the adapter inside the GEMM, for CPU training.
+
+PEFT's `lora.Linear.forward` computes `result + lora_B(lora_A(x)) * scaling`: two full passes over
+the layer's output (a multiply, then an add into a fresh tensor) on top of the two matmuls, and a
+third in the backward. On a CPU those passes run at memory speed and are a fixed cost per layer:
+on the finance CPU profile (SmolLM2-135M, all-linear r 16, ~1000 tokens a step) the profile put
+~260 ms of a ~4.1 s step in them. Here the adapter's product is accumulated into the base
+output by the BLAS call itself (`addmm_` with `alpha=scaling`): the same numbers, no extra passes.
+
+Only the plain case takes the fused path: one active adapter, no dropout, no DoRA or other
+variant, no adapter bias, a plain `nn.Linear` base without hooks, one dtype. Anything else (and
+any call with extra arguments) goes to PEFT's own forward. It is a subclass of PEFT's public
+`peft.tuners.lora.Linear`, swapped in for the training block only (`fused_on_cpu`) and swapped back
+on exit, so saving, merging and the report see PEFT's class. `tests/finetune/test_fused_lora.py`
+checks values and gradients against PEFT's forward, and fails if the attributes read here change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+
+@functools.cache
+def _fused_class():
+    import torch
+    from peft.tuners.lora import Linear as LoraLinear
+
+    class FusedLoraLinear(LoraLinear):
+        def forward(self, x, *args, **kwargs):
+            key = self.fused_key(x, args, kwargs)
+            if key is None:
+                return super().forward(x, *args, **kwargs)
+            base, a, b = self.base_layer, self.lora_A[key].weight, self.lora_B[key].weight
+            x2 = x.reshape(-1, x.shape[-1])
+            out = torch.nn.functional.linear(x2, base.weight, base.bias)
+            # In place on a fresh matmul output: its backward needs only the inputs, so autograd allows it.
+            out.addmm_(torch.nn.functional.linear(x2, a), b.t(), alpha=self.scaling[key])
+            return out.view(*x.shape[:-1], out.shape[-1])
+
+        def fused_key(self, x, args, kwargs):
+            """The active adapter's name when the call can take the fused path, else None."""
+            if args or kwargs or self.disable_adapters or self.merged:
+                return None
+            active = [k for k in self.active_adapters if k in self.lora_A]
+            if len(active) != 1:
+                return None
+            key = active[0]
+            base, la, lb = self.base_layer, self.lora_A[key], self.lora_B[key]
+            if (key in self.lora_variant or type(base) is not torch.nn.Linear or base._forward_hooks
+                    or base._forward_pre_hooks or not isinstance(self.lora_dropout[key], torch.nn.Identity)
+                    or la.bias is not None or lb.bias is not None):
+                return None
+            if not (x.dtype == base.weight.dtype == la.weight.dtype == lb.weight.dtype):
+                return None
+            return key
+
+    return LoraLinear, FusedLoraLinear
+
+
+# What the fused path reads of PEFT's layer; a PEFT without one of them trains with its own forward.
+READS = ("base_layer", "lora_A", "lora_B", "scaling", "lora_dropout", "lora_variant", "active_adapters",
+         "disable_adapters", "merged")
+
+
+@contextlib.contextmanager
+def fused_on_cpu(model, device: str, announce=None):
+    """Within the block, `model`'s PEFT LoRA linear layers add their adapter inside the GEMM (see the
+    module); on exit they are PEFT's again, also after an error or Ctrl-C. Yields how many layers it
+    swapped. On CUDA it changes nothing: only the CPU was measured."""
+    if device.startswith("cuda"):
+        yield 0
+        return
+    try:
+        lora_linear, fused = _fused_class()
+    except ImportError:
+        yield 0
+        return
+    swapped = [m for m in model.modules() if type(m) is lora_linear]
+    missing = [name for name in READS if swapped and not hasattr(swapped[0], name)]
+    if missing:
+        if announce is not None:
+            announce(f"note: peft's lora.Linear has no {', '.join(missing)} in this PEFT: its own forward "
+                     "(slower on CPU, same result)")
+        swapped = []
+    for m in swapped:
+        m.__class__ = fused
+    try:
+        yield len(swapped)
+    finally:
+        for m in swapped:
+            m.__class__ = lora_linear
