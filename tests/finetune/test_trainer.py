@@ -405,3 +405,31 @@ def test_fallback_trains_with_the_fallback_profile(tmp_path, tiny_llama_dir, mon
     assert json.loads((run / "adapter" / "adapter_config.json").read_text())["r"] == 4
     assert (run / "recipe.yaml").read_text().startswith("# resolved recipe 'tiny' (profile: fallback)")
     assert info["base_weights"] == str(Path(tiny_llama_dir).resolve()) and info["packing"].startswith("padding-free")
+
+
+@pytest.mark.slow
+def test_loraplus_ratio_scales_the_b_matrices_step(tmp_path, tiny_llama_dir):
+    """LoRA B starts at zero and Adam's first step moves each weight by the learning rate times the
+    sign of its gradient: after one step |B| is lr × ratio under LoRA+, lr without."""
+    import torch
+
+    from toolkit.finetune.trainer import finetune
+
+    lr, ratio = 1e-3, 16.0
+    sets = ["training.max_steps=1", "training.warmup_ratio=0", "training.lr_scheduler=constant",
+            "eval.eval_steps=0", "eval.report=false", f"training.learning_rate={lr}",
+            f"training.loraplus_lr_ratio={ratio}"]
+    run = finetune(make_recipe(tmp_path, tiny_llama_dir), overrides=sets, runs_dir=tmp_path / "runs", gpu=False)
+    b = torch.cat([t.abs().flatten() for k, t in adapter_tensors(run).items() if "lora_B" in k])
+    assert b.max().item() == pytest.approx(lr * ratio, rel=1e-3)
+    assert json.loads((run / "run.json").read_text())["steps"] == 1
+
+
+def test_loraplus_needs_lora_adapters(tmp_path):
+    from toolkit.finetune import recipe
+
+    d = make_recipe(tmp_path, "embedded")
+    with pytest.raises(UserError, match="training.loraplus_lr_ratio"):
+        recipe.load(d, ["method.name=full", "training.loraplus_lr_ratio=16"], gpu=False)
+    with pytest.raises(UserError, match="training.loraplus_lr_ratio must be >= 0"):
+        recipe.load(d, ["training.loraplus_lr_ratio=-1"], gpu=False)

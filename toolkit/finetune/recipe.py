@@ -108,6 +108,8 @@ class TrainingConfig:
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
     neftune_noise_alpha: float = 0.0  # NEFTune (Jain et al. 2023): noise on input embeddings while training; 0 = off
+    # LoRA+ (Hayou et al. 2024): LoRA's B matrices learn this many times faster than A; 0 = plain LoRA
+    loraplus_lr_ratio: float = 0.0
     max_grad_norm: float = 1.0
     batch_size: int = 8
     grad_accum: int = 1
@@ -256,9 +258,11 @@ def _check_range(recipe: Recipe, src: str) -> None:
     choice("training.lr_scheduler", t.lr_scheduler, SCHEDULERS)
     if not 0.0 <= t.warmup_ratio < 1.0:
         bad("training.warmup_ratio", f"must be in [0, 1); got {t.warmup_ratio}")
-    for key in ("weight_decay", "max_grad_norm", "neftune_noise_alpha"):
+    for key in ("weight_decay", "max_grad_norm", "neftune_noise_alpha", "loraplus_lr_ratio"):
         if getattr(t, key) < 0:
             bad(f"training.{key}", "must be >= 0")
+    if t.loraplus_lr_ratio and m.name == "full":
+        bad("training.loraplus_lr_ratio", "applies to LoRA adapters; method.name is full")
     for key in ("batch_size", "grad_accum", "logging_steps"):
         if getattr(t, key) < 1:
             bad(f"training.{key}", f"must be >= 1; got {getattr(t, key)}")

@@ -187,6 +187,20 @@ def _trainer_args(rec, stage: Path, dev: str, dtype: str, has_eval: bool, packin
     )
 
 
+def _loraplus_optimizer(model, args, t):
+    """LoRA+ (`training.loraplus_lr_ratio` > 0): PEFT's optimizer with B's learning rate scaled by the
+    ratio, the optimizer class and settings the Trainer would pick otherwise; None leaves it to the Trainer."""
+    if not t.loraplus_lr_ratio:
+        return None
+    from peft.optimizers import create_loraplus_optimizer
+    from transformers import Trainer
+
+    cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    kwargs.pop("lr", None)
+    return create_loraplus_optimizer(model, cls, lr=t.learning_rate, loraplus_lr_ratio=t.loraplus_lr_ratio,
+                                     weight_decay=t.weight_decay, **kwargs)
+
+
 def _train(rec, overrides, stage: Path, runs: Path, dev, dtype, train_ex, eval_ex, resume_from, extra_cbs,
            dist_state, dtype_reason: str = "", threads: int | None = None) -> Path:
     import torch
@@ -252,7 +266,7 @@ def _train(rec, overrides, stage: Path, runs: Path, dev, dtype, train_ex, eval_e
         # Only in-training evals use it: with eval_steps 0 (the report's two measurements only) TRL
         # would tokenize and pack it for nothing.
         eval_dataset=_eval_dataset(eval_split, rec.eval.eval_examples) if eval_split and rec.eval.eval_steps else None,
-        processing_class=tok, callbacks=cbs,
+        processing_class=tok, callbacks=cbs, optimizers=(_loraplus_optimizer(model, args, rec.training), None),
     )
     # With its bar disabled the Trainer prints every log dict to stdout; our bar shows the loss and
     # metrics.jsonl keeps every log, and stdout is for the run folder alone (toolkit.core.progress).
