@@ -16,8 +16,9 @@
    Targets: ours >= 70% MFU; >= 1.3x the baseline when both run fp32, >= 2x where the toolkit picks
    native bf16 and the baseline runs fp32.
 
-TOOLKIT_CPU_CAPABILITY=avx2 (or avx512_bf16, amx) forces the capability record, so a machine with
-native bf16 can measure the fp32 path too; on a CPU without native bf16, forcing bf16 measures
+On a CPU with native bf16 both parts run twice: as detected (bf16), then with the capability record
+forced to AVX2 (TOOLKIT_CPU_CAPABILITY=avx2), so the fp32 path a CPU without native bf16 takes is
+measured too. On a CPU without native bf16 they run once (fp32): forcing bf16 there would time
 emulated bf16 (~100x slower), not the native path.
 
     python -m benchmarks.run train          (BENCH_TRAIN_SKIP_E2E=1 for part 2 only)
@@ -25,6 +26,7 @@ emulated bf16 (~100x slower), not the native path.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -138,19 +140,29 @@ def naive(tmp: Path) -> dict:
 
 
 def run() -> dict:
+    from toolkit.core import capability
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # On a CPU with native bf16 the toolkit trains in bf16; the issue's targets hold for CPUs
+    # without it too, so the same bench runs again with the record forced to AVX2 (fp32).
+    cap = capability.detect("cpu")
+    passes = [None] + (["avx2"] if cap.native_bf16 and not cap.forced else [])
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-train-") as d:
-        tmp = Path(d)
-        if not os.environ.get("BENCH_TRAIN_SKIP_E2E"):
-            rows.append(end_to_end(tmp))
-        rows += throughput(tmp)
+        for forced in passes:
+            tmp = Path(d) / (forced or "detected")
+            with _forced_capability(forced):
+                if not os.environ.get("BENCH_TRAIN_SKIP_E2E"):
+                    rows.append(end_to_end(tmp))
+                rows += throughput(tmp)
     return {"title": "Fine-tuning: finance recipe end to end, and training tokens/s and MFU vs a naive baseline",
             "rows": rows,
             "notes": ("CPU timings on a shared 2-core machine are noisy; ratios are measured within one run, and MFU "
                       "divides by the matmul rate the calibration measured in the same run (a 2048x576 @ 576x1536 "
                       f"matmul, best of 10). Throughput: ours and the baseline alternate {REPEATS} times, each path's "
-                      "best run is shown (all runs in runs_tokens_per_s) and MFU uses the fastest calibration.")}
+                      "best run is shown (all runs in runs_tokens_per_s) and MFU uses the fastest calibration. On a CPU with "
+                      "native bf16 the rows come twice: as detected, then forced to AVX2 (fp32; the cpu column says "
+                      "forced).")}
 
 
 def throughput(tmp: Path) -> list[dict]:
@@ -184,6 +196,23 @@ def throughput(tmp: Path) -> list[dict]:
     rows[0]["speedup_vs_naive"] = f"{speedup:.2f}x (target >= {target}x)"
     rows[0]["cpu"] = f"{cap.name} ({cap.isa}{', forced' if cap.forced else ''}), {cap.physical_cores} cores"
     return rows
+
+
+@contextlib.contextmanager
+def _forced_capability(isa: str | None):
+    """TOOLKIT_CPU_CAPABILITY=isa for the block (None: as detected), restored after."""
+    from toolkit.core import capability
+
+    before = os.environ.get(capability.ENV_FORCE)
+    if isa:
+        os.environ[capability.ENV_FORCE] = isa
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(capability.ENV_FORCE, None)
+        else:
+            os.environ[capability.ENV_FORCE] = before
 
 
 @functools.cache

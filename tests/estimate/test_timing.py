@@ -65,6 +65,25 @@ def test_rates_arithmetic():
         T.train_tokens_per_s(0, 1, 1)
 
 
+def test_efficiency_follows_the_compute_dtype():
+    # A CPU's native-bf16 path reaches a smaller share of its faster matmul rate than fp32 does.
+    assert T.train_efficiency("cpu", "float32") == T.TRAIN_EFFICIENCY["cpu"]
+    assert T.train_efficiency("cpu", "bfloat16") == T.TRAIN_EFFICIENCY["cpu bfloat16"] < T.TRAIN_EFFICIENCY["cpu"]
+    assert T.train_efficiency("cuda", "bfloat16") == T.train_efficiency("cuda", "float16") == T.TRAIN_EFFICIENCY["cuda"]
+
+
+def test_time_fields_use_the_rates_dtype():
+    from toolkit.estimate.catalog import lookup
+    from toolkit.estimate.planner import estimate
+    from toolkit.estimate.timeplan import Rates, time_fields
+
+    m = lookup("embedded")
+    est = estimate(m, "lora", "fp32", 512, 2, 16, False, ALL_LINEAR, device="cpu")
+    f32 = time_fields(m, est, Rates("cpu", 100e9, 20e9, "t"), targets=ALL_LINEAR)["train_tokens_per_s"]
+    b16 = time_fields(m, est, Rates("cpu", 100e9, 20e9, "t", "bfloat16"), targets=ALL_LINEAR)["train_tokens_per_s"]
+    assert b16 / f32 == pytest.approx(T.TRAIN_EFFICIENCY["cpu bfloat16"] / T.TRAIN_EFFICIENCY["cpu"], rel=1e-3)
+
+
 @pytest.mark.parametrize("text,secs", [("90s", 90), ("30m", 1800), ("1.5h", 5400), ("2h30m", 9000), ("45", 45)])
 def test_parse_duration(text, secs):
     assert parse_duration(text) == secs

@@ -53,6 +53,7 @@ class Rates:
     flops: float
     bandwidth_bytes_per_s: float
     source: str
+    dtype: str = "float32"  # the compute dtype `flops` was measured in (picks the efficiency)
 
 
 def rates_for_gpu(name: str) -> Rates | None:
@@ -95,7 +96,7 @@ def rates_here(dtype: str | None = None) -> Rates:
     flops = cal.matmul_flops.get(dtype) or cal.matmul_flops["float32"]
     kind = "cuda" if cap.kind == "cuda" else "cpu"
     return Rates(kind, flops, cal.bandwidth_bytes_per_s, f"calibration: {dtype} {flops / 1e9:.1f} GFLOP/s, "
-                 f"{cal.bandwidth_bytes_per_s / 1e9:.1f} GB/s")
+                 f"{cal.bandwidth_bytes_per_s / 1e9:.1f} GB/s", dtype if dtype in cal.matmul_flops else "float32")
 
 
 def time_fields(m, est, rates: Rates, *, targets: tuple[str, ...], labelled_fraction: float = 1.0,
@@ -103,7 +104,7 @@ def time_fields(m, est, rates: Rates, *, targets: tuple[str, ...], labelled_frac
     """The `time` object of an estimate: train_tokens_per_s (training tasks), train_wall_s (with a
     RunShape `run`), decode_tokens_per_s and prefill_s (a prompt of `prompt_tokens`, default the
     estimate's seq_len)."""
-    eff = T.TRAIN_EFFICIENCY[rates.device]
+    eff = T.train_efficiency(rates.device, rates.dtype)
     out: dict = {"source": rates.source}
     seq = est.seq_len
     fwd = sum(T.forward_flops_per_token(m, seq).values())

@@ -33,7 +33,13 @@ from dataclasses import dataclass
 #   replaces it, 0.45 (the CPU share of the earlier, slower CPU path) stands in. benchmarks/
 #   bench_time.py shows it is too high there (the A10G rows imply more tokens per example than
 #   litgpt's 512 cap).
-TRAIN_EFFICIENCY = {"cpu": 0.67, "cuda": 0.45}
+# - "cpu bfloat16": the same run on a 2-core AMD EPYC with AVX512-BF16 (native bf16, chosen by the
+#   capability record), the mean of the two `make bench` runs of 2026-12-02 (the shared host's speed
+#   moved ~25% between them): 283.0 tok/s over the 40-step run in bf16 with the same bench's
+#   calibration at 379.4 GFLOP/s bf16 (13:41 UTC), 210.5 tok/s at 395.1 GFLOP/s (14:09 UTC):
+#   x 0.5586e9 / rate = 0.42 and 0.30, mean 0.36. The elementwise work around the matmuls does not
+#   speed up with them.
+TRAIN_EFFICIENCY = {"cpu": 0.67, "cpu bfloat16": 0.36, "cuda": 0.45}
 # Decode reads weights at close to the measured bandwidth: llama.cpp f16 decode of the 135M model
 # on the same CPU, 69 tok/s x 270 MB = 18.6 GB/s, matches its measured copy bandwidth (DESIGN.md).
 DECODE_EFFICIENCY = 1.0
@@ -94,6 +100,13 @@ def train_flops_per_token(m, *, method: str, seq_len: int, lora_r: int = 0, targ
         back = f["linears"] + f["lm_head"] + 2.0 * f["attention"] + 2.0 * f["adapters"]
     recompute = (f["linears"] + f["attention"] + f["adapters"]) if grad_ckpt else 0.0
     return FlopsPerToken(fwd, back, recompute)
+
+
+def train_efficiency(device: str, dtype: str) -> float:
+    """TRAIN_EFFICIENCY for a device ("cpu", "cuda") training in `dtype`: a CPU's native-bf16 path
+    reaches a smaller share of its (faster) matmul rate than fp32 does, since the elementwise work
+    around the matmuls does not speed up with them; GPUs have one figure."""
+    return TRAIN_EFFICIENCY.get(f"{device} {dtype}", TRAIN_EFFICIENCY[device])
 
 
 def train_tokens_per_s(flops_per_token: float, device_flops: float, efficiency: float) -> float:

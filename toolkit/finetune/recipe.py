@@ -262,7 +262,8 @@ def _check_range(recipe: Recipe, src: str) -> None:
         if getattr(t, key) < 0:
             bad(f"training.{key}", "must be >= 0")
     if t.loraplus_lr_ratio and m.name == "full":
-        bad("training.loraplus_lr_ratio", "applies to LoRA adapters; method.name is full")
+        bad("training.loraplus_lr_ratio",
+            "applies to LoRA adapters; method.name is full (set training.loraplus_lr_ratio=0)")
     for key in ("batch_size", "grad_accum", "logging_steps"):
         if getattr(t, key) < 1:
             bad(f"training.{key}", f"must be >= 1; got {getattr(t, key)}")
