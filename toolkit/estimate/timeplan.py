@@ -93,10 +93,12 @@ def rates_here(dtype: str | None = None) -> Rates:
     cap = host_capability()
     cal = calibration.load(cap)
     dtype = dtype or training_dtype(cap)
-    flops = cal.matmul_flops.get(dtype) or cal.matmul_flops["float32"]
+    if dtype not in cal.matmul_flops:
+        dtype = "float32"
+    flops = cal.matmul_flops[dtype]
     kind = "cuda" if cap.kind == "cuda" else "cpu"
     return Rates(kind, flops, cal.bandwidth_bytes_per_s, f"calibration: {dtype} {flops / 1e9:.1f} GFLOP/s, "
-                 f"{cal.bandwidth_bytes_per_s / 1e9:.1f} GB/s", dtype if dtype in cal.matmul_flops else "float32")
+                 f"{cal.bandwidth_bytes_per_s / 1e9:.1f} GB/s", dtype)
 
 
 def time_fields(m, est, rates: Rates, *, targets: tuple[str, ...], labelled_fraction: float = 1.0,
