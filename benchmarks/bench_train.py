@@ -26,7 +26,6 @@ emulated bf16 (~100x slower), not the native path.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import os
@@ -34,6 +33,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "finance"
@@ -151,7 +151,7 @@ def run() -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-train-") as d:
         for forced in passes:
             tmp = Path(d) / (forced or "detected")
-            with _forced_capability(forced):
+            with mock.patch.dict(os.environ, {capability.ENV_FORCE: forced} if forced else {}):
                 if not os.environ.get("BENCH_TRAIN_SKIP_E2E"):
                     rows.append(end_to_end(tmp))
                 rows += throughput(tmp)
@@ -196,23 +196,6 @@ def throughput(tmp: Path) -> list[dict]:
     rows[0]["speedup_vs_naive"] = f"{speedup:.2f}x (target >= {target}x)"
     rows[0]["cpu"] = f"{cap.name} ({cap.isa}{', forced' if cap.forced else ''}), {cap.physical_cores} cores"
     return rows
-
-
-@contextlib.contextmanager
-def _forced_capability(isa: str | None):
-    """TOOLKIT_CPU_CAPABILITY=isa for the block (None: as detected), restored after."""
-    from toolkit.core import capability
-
-    before = os.environ.get(capability.ENV_FORCE)
-    if isa:
-        os.environ[capability.ENV_FORCE] = isa
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(capability.ENV_FORCE, None)
-        else:
-            os.environ[capability.ENV_FORCE] = before
 
 
 @functools.cache
