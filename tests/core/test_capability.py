@@ -96,6 +96,21 @@ def test_dtype_choice_per_machine(cap, train, infer):
     assert C.choose_dtype(cap, "infer")[0] == infer
 
 
+@pytest.mark.parametrize("cap, compute, attn", [
+    (AVX2, "float32", "float32"),
+    (AVX2, "bfloat16", "float32"),  # bf16 forced on a CPU that only emulates it
+    (AVX512_BF16, "bfloat16", "float32"),
+    (AVX512_BF16, "float32", "float32"),
+    (AMX, "bfloat16", "bfloat16"),
+    (T4, "float16", "float16"),
+    (RTX3060, "bfloat16", "bfloat16"),
+    (A100, "bfloat16", "bfloat16"),
+])
+def test_attention_dtype_per_machine(cap, compute, attn):
+    got, why = C.attention_dtype(cap, compute)
+    assert got == attn and why
+
+
 def test_reasons_say_why():
     assert C.choose_dtype(AVX2, "train")[1] == "fp32: this CPU has no native bf16 (avx2)"
     assert "sm75" in C.choose_dtype(T4, "train")[1] and "no bf16" in C.choose_dtype(T4, "train")[1]

@@ -114,13 +114,13 @@ def test_logits_buffer_is_reused_and_never_shared(monkeypatch):
     separate runs."""
     from toolkit.finetune import cpu_lm_head
 
-    monkeypatch.setattr(cpu_lm_head, "_SPARE", [])
+    monkeypatch.setattr(cpu_lm_head, "_SPARE", {})
     fn = cpu_lm_head.log_probs_function()
     a, b = _inputs(seed=1), _inputs(n=20, seed=2)
     want_a, want_b = _run(fn, *a), _run(fn, *b)
-    spare = cpu_lm_head._SPARE[0]
+    spare = cpu_lm_head._SPARE[torch.float32]
     got_a = _run(fn, *a)
-    assert cpu_lm_head._SPARE[0] is spare  # taken by the forward, handed back by the backward
+    assert cpu_lm_head._SPARE[torch.float32] is spare  # taken by the forward, handed back by the backward
 
     ha, hb = a[0].clone().requires_grad_(), b[0].clone().requires_grad_()
     lp_a = fn.apply(ha, a[1], None, a[2], 1.0, 128, None, 1.0, OUTPUTS)[0]
@@ -135,3 +135,31 @@ def test_logits_buffer_is_reused_and_never_shared(monkeypatch):
             if x is not None:
                 assert torch.equal(x, y)
     assert len(cpu_lm_head._SPARE) == 1
+
+
+def test_bf16_autocast_path(monkeypatch):
+    """The bf16 CPU recipe's path: the logits matmul in bf16 (autocast), softmax in fp32. Equal to a
+    float64 softmax over the same bf16-rounded logits; both buffers (fp32 logits, bf16 matmul output)
+    are reused by the next call, never shared with a live one."""
+    from toolkit.finetune import cpu_lm_head
+
+    monkeypatch.setattr(cpu_lm_head, "_SPARE", {})
+    fn = cpu_lm_head.log_probs_function()
+    hidden, weight, targets = _inputs(seed=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = _run(fn, hidden, weight, targets)
+    spares = dict(cpu_lm_head._SPARE)
+    assert set(spares) == {torch.float32, torch.bfloat16}
+    h = hidden.bfloat16().double().requires_grad_(True)
+    log_p = torch.log_softmax((h @ weight.bfloat16().double().t()).bfloat16().double(), dim=-1)
+    lp = log_p.gather(1, targets.unsqueeze(1)).squeeze(1)
+    (-lp.sum()).backward()
+    torch.testing.assert_close(got[0], lp.float(), rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(got[1], -(log_p.exp() * log_p).sum(-1).float(), rtol=1e-5, atol=2e-5)
+    assert got[3].dtype == torch.float32  # the hidden's dtype; its values went through a bf16 matmul
+    torch.testing.assert_close(got[3], h.grad.float(), rtol=2e-2, atol=2e-2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        again = _run(fn, hidden, weight, targets)
+    assert all(cpu_lm_head._SPARE[k] is v for k, v in spares.items())
+    for x, y in zip(got, again):
+        assert (x is None and y is None) or torch.equal(x, y)

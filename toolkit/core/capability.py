@@ -204,3 +204,17 @@ def choose_dtype(cap: Capability, purpose: str, calibration=None) -> tuple[str, 
         return "bfloat16", f"bf16: native bf16 ({cap.isa}), matmul measured {b16 / f32:.1f}x fp32"
     return "float32", (f"fp32: bf16 matmul measured no faster than fp32 on this CPU ({cap.isa}: "
                        f"{b16 / 1e9:.0f} vs {f32 / 1e9:.0f} GFLOP/s)")
+
+
+def attention_dtype(cap: Capability, compute_dtype: str) -> tuple[str, str]:
+    """(dtype, reason) packed CPU training attends in, for a run computing in `compute_dtype`.
+
+    PyTorch's CPU flash-attention kernel in bf16 is slower than in fp32 wherever it has no AMX
+    tiles to run on: measured on an AVX512-BF16 EPYC (toolkit.finetune.packed_attention), and an
+    AVX2 CPU only emulates bf16. There the attention runs in fp32 (it is ~1% of the weights' FLOPs
+    at these lengths; the matmuls keep bf16). AMX CPUs, not measured here, keep bf16; so does CUDA."""
+    if cap.kind == "cuda" or compute_dtype != "bfloat16":
+        return compute_dtype, f"attention in the compute dtype ({compute_dtype})"
+    if cap.isa == "amx":
+        return "bfloat16", "attention in bf16 (AMX)"
+    return "float32", f"attention in fp32: CPU bf16 flash attention is slower than fp32 without AMX ({cap.isa})"

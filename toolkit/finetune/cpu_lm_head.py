@@ -19,6 +19,8 @@ kernel should run instead.
 
 from __future__ import annotations
 
+import contextlib
+
 MAX_LOGITS_BYTES = 512 * 2**20  # past this, TRL's chunked kernel (recomputes, never materializes) runs
 ROW_BLOCK_BYTES = 4 * 2**20
 SUPPORTED_OUTPUTS = frozenset({"log_probs", "entropy", "is_top1"})
@@ -47,11 +49,14 @@ def _autograd_function():
             compute_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
             scale = logit_scale / temperature
             h, w = hidden.to(compute_dtype), weight.to(compute_dtype)
+            shape = (hidden.shape[0], weight.shape[0])
+            ctx.buffer = _take_buffer(shape[0] * shape[1], hidden.device)
+            z = ctx.buffer[:shape[0] * shape[1]].view(shape)
             if compute_dtype == torch.float32:
-                ctx.buffer = _take_buffer(hidden.shape[0] * weight.shape[0], hidden.device)
-                z = torch.mm(h, w.t(), out=ctx.buffer[:hidden.shape[0] * weight.shape[0]].view(-1, weight.shape[0]))
-            else:
-                ctx.buffer, z = None, torch.mm(h, w.t()).float()
+                torch.mm(h, w.t(), out=z)
+            else:  # bf16 matmul into a reused bf16 buffer, widened into the fp32 one (no fresh pages)
+                with _borrowed(shape, compute_dtype, hidden.device) as low:
+                    z.copy_(torch.mm(h, w.t(), out=low))
             if scale != 1.0:
                 z.mul_(scale)
             n = z.shape[0]
@@ -63,19 +68,21 @@ def _autograd_function():
             # the only vocabulary-sized allocation is the matmul's output (fresh large allocations
             # page-fault on every step, which cost as much as the arithmetic here).
             rows = max(1, ROW_BLOCK_BYTES // (4 * z.shape[1]))
-            for s in range(0, n, rows):
-                zs, sl = z[s:s + rows], slice(s, s + rows)
-                peak, top = zs.max(dim=-1)  # the first maximum, as TRL's top-1 test (ties are not top-1)
-                if is_top1 is not None:
-                    is_top1[sl] = top == targets[sl]
-                zs.sub_(peak.unsqueeze(1))
-                e = torch.exp(zs)
-                sum_e = e.sum(-1)
-                log_sum_e = sum_e.log()
-                if entropy is not None:  # H = log sum e - sum(e z) / sum e, z shifted by the peak
-                    entropy[sl] = log_sum_e - torch.linalg.vecdot(e, zs) / sum_e  # ~14x faster than bmm here
-                zs.copy_(e.div_(sum_e.unsqueeze(1)))
-                log_z[sl] = peak + log_sum_e
+            # fp32 throughout, under bf16 autocast too (which would run vecdot in bf16: entropy off by ~3e-3).
+            with torch.autocast(dev, enabled=False):
+                for s in range(0, n, rows):
+                    zs, sl = z[s:s + rows], slice(s, s + rows)
+                    peak, top = zs.max(dim=-1)  # the first maximum, as TRL's top-1 test (ties are not top-1)
+                    if is_top1 is not None:
+                        is_top1[sl] = top == targets[sl]
+                    zs.sub_(peak.unsqueeze(1))
+                    e = torch.exp(zs)
+                    sum_e = e.sum(-1)
+                    log_sum_e = sum_e.log()
+                    if entropy is not None:  # H = log sum e - sum(e z) / sum e, z shifted by the peak
+                        entropy[sl] = log_sum_e - torch.linalg.vecdot(e, zs) / sum_e  # ~14x faster than bmm here
+                    zs.copy_(e.div_(sum_e.unsqueeze(1)))
+                    log_z[sl] = peak + log_sum_e
             ctx.save_for_backward(hidden, weight, targets, z, entropy)
             if not any(ctx.needs_input_grad[:2]):  # no backward will come for this buffer
                 _give_back(ctx)
@@ -105,36 +112,58 @@ def _autograd_function():
             if ctx.scale != 1.0:
                 grad.mul_(ctx.scale)
             grad_hidden = grad_weight = None
-            if ctx.needs_input_grad[0]:
-                grad_hidden = torch.mm(grad.to(ctx.compute_dtype), weight.to(ctx.compute_dtype)).to(hidden.dtype)
-            if ctx.needs_input_grad[1]:
-                grad_weight = torch.mm(grad.t().to(ctx.compute_dtype), hidden.to(ctx.compute_dtype)).to(weight.dtype)
+            with contextlib.ExitStack() as stack:
+                if ctx.compute_dtype != grad.dtype and any(ctx.needs_input_grad[:2]):
+                    grad = stack.enter_context(_borrowed(grad.shape, ctx.compute_dtype, grad.device)).copy_(grad)
+                if ctx.needs_input_grad[0]:
+                    grad_hidden = torch.mm(grad, weight.to(ctx.compute_dtype)).to(hidden.dtype)
+                if ctx.needs_input_grad[1]:
+                    grad_weight = torch.mm(grad.t(), hidden.to(ctx.compute_dtype)).to(weight.dtype)
             _give_back(ctx)
             return grad_hidden, grad_weight, None, None, None, None, None, None, None
 
     return LogProbs
 
 
-# One logits buffer, reused from step to step: a fresh 90 MB allocation is a fresh mmap (glibc maps
-# anything over 32 MB on its own) and page-faults on every write, which made the LM head's matmul
-# run at ~110 GFLOP/s where the same matmul into a reused buffer runs at ~150 (the AVX2 EPYC). A
-# forward takes it (or allocates when it is in use or too small) and its backward hands it back, so a
-# buffer has one owner at a time: two forwards before their backwards each get their own.
-_SPARE: list = []
+# One logits buffer per dtype, reused from step to step: a fresh 90 MB allocation is a fresh mmap
+# (glibc maps anything over 32 MB on its own) and page-faults on every write, which made the LM
+# head's matmul run at ~110 GFLOP/s where the same matmul into a reused buffer runs at ~150 (the AVX2
+# EPYC); in bf16, fresh bf16 logits and their fp32 copy cost 167 ms a step where reused buffers cost
+# 101 (527 positions, the AVX512-BF16 EPYC). A forward takes the fp32 one (or allocates when it is
+# in use or too small) and its backward hands it back, so a buffer has one owner at a time: two
+# forwards before their backwards each get their own. The bf16 one is only borrowed within a call.
+_SPARE: dict = {}
 
 
-def _take_buffer(numel: int, device):
+def _take_buffer(numel: int, device, dtype=None):
     import torch
 
-    if _SPARE and _SPARE[0].numel() >= numel and _SPARE[0].device == device:
-        return _SPARE.pop()
-    return torch.empty(numel, dtype=torch.float32, device=device)
+    dtype = dtype or torch.float32
+    buf = _SPARE.get(dtype)
+    if buf is not None and buf.numel() >= numel and buf.device == device:
+        return _SPARE.pop(dtype)
+    return torch.empty(numel, dtype=dtype, device=device)
+
+
+def _keep(buf) -> None:
+    if buf is not None and buf.device.type == "cpu":
+        old = _SPARE.get(buf.dtype)
+        _SPARE[buf.dtype] = buf if old is None or buf.numel() >= old.numel() else old
 
 
 def _give_back(ctx) -> None:
     buf, ctx.buffer = getattr(ctx, "buffer", None), None
-    if buf is not None and buf.device.type == "cpu":
-        _SPARE[:] = [max([buf, *_SPARE], key=lambda t: t.numel())]
+    _keep(buf)
+
+
+@contextlib.contextmanager
+def _borrowed(shape, dtype, device):
+    """A spare `shape` tensor of `dtype` for the duration of the block."""
+    buf = _take_buffer(shape[0] * shape[1], device, dtype)
+    try:
+        yield buf[:shape[0] * shape[1]].view(shape)
+    finally:
+        _keep(buf)
 
 
 _FUNCTION = None

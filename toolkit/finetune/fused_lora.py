@@ -8,8 +8,11 @@ on the finance CPU profile (SmolLM2-135M, all-linear r 16, ~1000 tokens a step) 
 output by the BLAS call itself (`addmm_` with `alpha=scaling`): the same numbers, no extra passes.
 
 Only the plain case takes the fused path: one active adapter, no dropout, no DoRA or other
-variant, no adapter bias, a plain `nn.Linear` base without hooks, one dtype. Anything else (and
-any call with extra arguments) goes to PEFT's own forward. It is a subclass of PEFT's public
+variant, no adapter bias, a plain `nn.Linear` base without hooks, one dtype -- or the bf16 CPU run's
+mix: bf16 base and input, fp32 adapter (kept fp32 for its updates), under bf16 autocast. There PEFT
+casts each layer's input to fp32 and autocast casts it back, two full copies a layer forward and
+two more backward (~10% of a bf16 step in the profile); here only the adapter's r-wide weights are
+cast. Anything else (and any call with extra arguments) goes to PEFT's own forward. It is a subclass of PEFT's public
 `peft.tuners.lora.Linear`, swapped in for the training block only (`fused_on_cpu`) and swapped back
 on exit, so saving, merging and the report see PEFT's class. `tests/finetune/test_fused_lora.py`
 checks values and gradients against PEFT's forward, and fails if the attributes read here change.
@@ -32,6 +35,9 @@ def _fused_class():
             if key is None:
                 return super().forward(x, *args, **kwargs)
             base, a, b = self.base_layer, self.lora_A[key].weight, self.lora_B[key].weight
+            # Under autocast the fp32 adapter computes in the input's dtype, as PEFT's forward
+            # does after its round trip of x through fp32; the cast of these r-wide weights is cheap.
+            a, b = a.to(x.dtype), b.to(x.dtype)
             x2 = x.reshape(-1, x.shape[-1])
             out = torch.nn.functional.linear(x2, base.weight, base.bias)
             # In place on a fresh matmul output: its backward needs only the inputs, so autograd allows it.
@@ -51,7 +57,11 @@ def _fused_class():
                     or base._forward_pre_hooks or not isinstance(self.lora_dropout[key], torch.nn.Identity)
                     or la.bias is not None or lb.bias is not None):
                 return None
-            if not (x.dtype == base.weight.dtype == la.weight.dtype == lb.weight.dtype):
+            if not (x.dtype == base.weight.dtype and la.weight.dtype == lb.weight.dtype):
+                return None
+            if la.weight.dtype != x.dtype and not (
+                    la.weight.dtype == torch.float32 and torch.is_autocast_enabled(x.device.type)
+                    and torch.get_autocast_dtype(x.device.type) == x.dtype):
                 return None
             return key
 
