@@ -34,12 +34,12 @@ from dataclasses import dataclass
 #   bench_time.py shows it is too high there (the A10G rows imply more tokens per example than
 #   litgpt's 512 cap).
 # - "cpu bfloat16": the same run on a 2-core AMD EPYC with AVX512-BF16 (native bf16, chosen by the
-#   capability record), the mean of the two `make bench` runs of 2026-12-02 (the shared host's speed
-#   moved ~25% between them): 283.0 tok/s over the 40-step run in bf16 with the same bench's
-#   calibration at 379.4 GFLOP/s bf16 (13:41 UTC), 210.5 tok/s at 395.1 GFLOP/s (14:09 UTC):
-#   x 0.5586e9 / rate = 0.42 and 0.30, mean 0.36. The elementwise work around the matmuls does not
-#   speed up with them.
-TRAIN_EFFICIENCY = {"cpu": 0.67, "cpu bfloat16": 0.36, "cuda": 0.45}
+#   capability record), `make bench` of 2026-12-02 16:00 UTC, after the bf16 path's attention went
+#   to fp32 and its LoRA layers stopped round-tripping their inputs through fp32: 312.5 tok/s over
+#   the 40-step run in bf16, with the same bench's calibration at 392.3 GFLOP/s bf16:
+#   x 0.5586e9 / rate = 0.44. (Before those changes: 0.42 and 0.30 in two runs the same day.) The
+#   elementwise work and the attention around the matmuls do not speed up with them.
+TRAIN_EFFICIENCY = {"cpu": 0.67, "cpu bfloat16": 0.44, "cuda": 0.45}
 # Decode reads weights at close to the measured bandwidth: llama.cpp f16 decode of the 135M model
 # on the same CPU, 69 tok/s x 270 MB = 18.6 GB/s, matches its measured copy bandwidth (DESIGN.md).
 DECODE_EFFICIENCY = 1.0
