@@ -405,6 +405,11 @@ def test_fallback_trains_with_the_fallback_profile(tmp_path, tiny_llama_dir, mon
     assert json.loads((run / "adapter" / "adapter_config.json").read_text())["r"] == 4
     assert (run / "recipe.yaml").read_text().startswith("# resolved recipe 'tiny' (profile: fallback)")
     assert info["base_weights"] == str(Path(tiny_llama_dir).resolve()) and info["packing"].startswith("padding-free")
+    # packed CPU training records the attention dtype the capability decision picked, and why
+    from toolkit.core.capability import attention_dtype, detect
+
+    want = attention_dtype(detect("cpu"), info["compute_dtype"])
+    assert [info["packed_attention_dtype"], info["packed_attention_dtype_reason"]] == list(want)
 
 
 @pytest.mark.slow

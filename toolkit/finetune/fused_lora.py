@@ -13,8 +13,8 @@ mix: bf16 base and input, fp32 adapter (kept fp32 for its updates), under bf16 a
 casts each layer's input to fp32 and autocast casts it back, two full copies a layer forward and
 two more backward (~10% of a bf16 step in the profile); here only the adapter's r-wide weights are
 cast. Anything else (and any call with extra arguments) goes to PEFT's own forward. It is a
-subclass of PEFT's public `peft.tuners.lora.Linear`, swapped in for the training block only (`fused_on_cpu`) and swapped back
-on exit, so saving, merging and the report see PEFT's class. `tests/finetune/test_fused_lora.py`
+subclass of PEFT's public `peft.tuners.lora.Linear`, swapped in for the training block only
+(`fused_on_cpu`) and swapped back on exit, so saving, merging and the report see PEFT's class. `tests/finetune/test_fused_lora.py`
 checks values and gradients against PEFT's forward, and fails if the attributes read here change.
 """
 

@@ -248,11 +248,11 @@ def _train(rec, overrides, stage: Path, runs: Path, dev, dtype, train_ex, eval_e
     pack = packing_plan(rec.data.packing, notes["engine"])
     if rec.data.packing and not pack.packing:
         announce(f"packing off: {pack.why}")
-    attn_dtype = None
+    attn_dtype = attn_reason = None
     if packed_attention.wanted(dev, pack.packing, notes["engine"]):
         from toolkit.core.capability import attention_dtype, detect
 
-        attn_dtype = attention_dtype(detect(dev), dtype)[0]
+        attn_dtype, attn_reason = attention_dtype(detect(dev), dtype)
         packed_attention.use_on(model, attn_dtype)  # each packed conversation attended alone (see the module)
     args = _trainer_args(rec, stage, dev, dtype, eval_split is not None, packing=pack.packing)
     interrupt = InterruptCallback()
@@ -312,7 +312,8 @@ def _train(rec, overrides, stage: Path, runs: Path, dev, dtype, train_ex, eval_e
         "requested_base_model": choice.requested, "fallback_reason": choice.fallback_reason,
         "estimator_pick": choice.pick, "method": rec.method.name, "engine": notes["engine"], "packing": pack.mode,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": dev, "compute_dtype": dtype,
-        "compute_dtype_reason": dtype_reason, "packed_attention_dtype": attn_dtype, "threads": threads,
+        "compute_dtype_reason": dtype_reason, "packed_attention_dtype": attn_dtype,
+        "packed_attention_dtype_reason": attn_reason, "threads": threads,
         "world_size": dist_state.num_processes, "profile": rec.profile, "overrides": list(overrides),
         "resumed_from": str(resume_from.name) if resume_from else None,
         "train_examples": len(train_split.input_ids), "eval_examples": len(eval_split.input_ids) if eval_split else 0,
