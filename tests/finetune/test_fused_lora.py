@@ -164,3 +164,28 @@ def test_bf16_autocast_with_fp32_adapter_takes_the_fused_path_without_activation
     for name in grads:  # bf16 rounding: compare directions and sizes, not elements
         cos = torch.nn.functional.cosine_similarity(grads[name].flatten(), grads_ref[name].flatten(), dim=0)
         assert cos > 0.99 and 0.9 < grads[name].norm() / grads_ref[name].norm() < 1.1, name
+
+
+def test_adapter_rows_give_base_and_adapter_rows_in_one_batch(tiny):
+    """Under `adapter_rows`, a 0 row's logits are the base model's (adapter disabled) and a 1 row's the
+    adapter's; a layer that can't take the fused path raises instead of giving a wrong row."""
+    from toolkit.finetune.fused_lora import NotFused, adapter_rows, fused_on_cpu
+
+    model = _peft(tiny).eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        tuned = model(input_ids=ids).logits
+        with model.disable_adapter():
+            base = model(input_ids=ids).logits
+        assert (tuned - base).abs().max() > 1e-3
+        with fused_on_cpu(model, "cpu") as n, adapter_rows(model, torch.tensor([0, 1, 1, 0])) as m:
+            both = model(input_ids=ids.repeat(4, 1)).logits
+        assert m == n > 0
+    for row, ref in zip(both, (base, tuned, tuned, base)):
+        torch.testing.assert_close(row, ref[0], rtol=1e-5, atol=1e-5)
+    assert not any(hasattr(mod, "_toolkit_adapter_rows") for mod in model.modules())
+
+    dropped = _peft(tiny, lora_dropout=0.1).eval()
+    with torch.no_grad(), fused_on_cpu(dropped, "cpu"), adapter_rows(dropped, torch.tensor([0])):
+        with pytest.raises(NotFused):
+            dropped(input_ids=ids)

@@ -111,3 +111,30 @@ def test_merged_adapter_gives_the_unmerged_answers_and_is_undone(tiny, chat_prom
     with peft.disable_adapter():
         base = scoring.answer_loss(peft, ids, ids)[0]
     assert abs(base - unmerged[0]) > 1e-3  # the adapter changes the model: the check above is not vacuous
+
+
+def test_paired_greedy_answers_equal_the_two_sides_run_apart(tiny, chat_prompts):
+    """Base and fine-tuned answers from one mixed-adapter generation equal those of a pass with the
+    adapter disabled and one with it on; a merged model or a second adapter is not paired."""
+    import copy
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from toolkit.finetune import scoring
+
+    model, tok = tiny
+    torch.manual_seed(0)
+    peft = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    with peft.disable_adapter():
+        base = scoring.greedy_answers(peft, tok, chat_prompts, 8)
+    tuned = scoring.greedy_answers(peft, tok, chat_prompts, 8)
+    assert base != tuned  # the adapter changes the answers: the comparison below is not vacuous
+    assert scoring.paired_greedy_answers(peft, tok, chat_prompts, 8, batch_size=2) == (base, tuned)
+    with scoring.merged_adapter(peft):
+        assert scoring.paired_greedy_answers(peft, tok, chat_prompts, 8) is None
+    assert scoring.paired_greedy_answers(model, tok, chat_prompts, 8) is None  # no adapter at all
+    peft.add_adapter("second", LoraConfig(r=2, target_modules="all-linear"))
+    assert scoring.paired_greedy_answers(peft, tok, chat_prompts, 8) is None
+    dropped = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_dropout=0.1, target_modules="all-linear"))
+    assert scoring.paired_greedy_answers(dropped, tok, chat_prompts, 8) is None  # the fused path can't take it

@@ -16,6 +16,9 @@ cast. Anything else (and any call with extra arguments) goes to PEFT's own forwa
 subclass of PEFT's public `peft.tuners.lora.Linear`, swapped in for the training block only
 (`fused_on_cpu`) and swapped back on exit, so saving, merging and the report see PEFT's class. `tests/finetune/test_fused_lora.py`
 checks values and gradients against PEFT's forward, and fails if the attributes read here change.
+
+The report's greedy answers use the same layers with `adapter_rows`: base and fine-tuned rows in
+one batch, the adapter's product masked on the base rows.
 """
 
 from __future__ import annotations
@@ -32,7 +35,10 @@ def _fused_class():
     class FusedLoraLinear(LoraLinear):
         def forward(self, x, *args, **kwargs):
             key = self.fused_key(x, args, kwargs)
+            rows = getattr(self, ROWS, None)
             if key is None:
+                if rows is not None:
+                    raise NotFused(f"{type(self.base_layer).__name__} layer can't take the fused path")
                 return super().forward(x, *args, **kwargs)
             base, a, b = self.base_layer, self.lora_A[key].weight, self.lora_B[key].weight
             # Under autocast the fp32 adapter computes in the input's dtype, as PEFT's forward
@@ -40,8 +46,11 @@ def _fused_class():
             a, b = a.to(x.dtype), b.to(x.dtype)
             x2 = x.reshape(-1, x.shape[-1])
             out = torch.nn.functional.linear(x2, base.weight, base.bias)
+            h = torch.nn.functional.linear(x2, a)
+            if rows is not None:  # a paired batch: the adapter's product zeroed on its base rows
+                h = (h.view(len(rows), -1, h.shape[-1]) * rows.to(h.dtype).view(-1, 1, 1)).view(h.shape)
             # In place on a fresh matmul output: its backward needs only the inputs, so autograd allows it.
-            out.addmm_(torch.nn.functional.linear(x2, a), b.t(), alpha=self.scaling[key])
+            out.addmm_(h, b.t(), alpha=self.scaling[key])
             return out.view(*x.shape[:-1], out.shape[-1])
 
         def fused_key(self, x, args, kwargs):
@@ -66,6 +75,14 @@ def _fused_class():
             return key
 
     return LoraLinear, FusedLoraLinear
+
+
+# Set on each swapped layer by `adapter_rows`: a 0/1 tensor, one entry per batch row.
+ROWS = "_toolkit_adapter_rows"
+
+
+class NotFused(RuntimeError):
+    """A layer of a paired (per-row adapter) batch could not take the fused path."""
 
 
 # What the fused path reads of PEFT's layer; a PEFT without one of them trains with its own forward.
@@ -100,3 +117,22 @@ def fused_on_cpu(model, device: str, announce=None):
     finally:
         for m in swapped:
             m.__class__ = lora_linear
+
+
+@contextlib.contextmanager
+def adapter_rows(model, rows):
+    """Within the block, batch row i of `model` (inside `fused_on_cpu`) runs with its LoRA adapter
+    when rows[i] is 1 and as the base model when 0: base and fine-tuned in one batch, the adapter's
+    r-wide product masked per row (PEFT's own mixed-adapter batch indexes and copies each layer's
+    input instead, which in a CPU decode cost more than the base model's matmuls). A layer that
+    can't take the fused path raises NotFused, never a silently wrong row."""
+    _, fused = _fused_class()
+    layers = [m for m in model.modules() if type(m) is fused]
+    for m in layers:
+        setattr(m, ROWS, rows)
+    try:
+        yield len(layers)
+    finally:
+        for m in layers:
+            if hasattr(m, ROWS):
+                delattr(m, ROWS)

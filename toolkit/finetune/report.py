@@ -82,10 +82,12 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def _side(model, tok, split, rec, dtype, questions) -> dict:
+def _side(model, tok, split, rec, dtype, questions, answers: list[str] | None = None) -> dict:
+    """One side's measurements; `answers` when its greedy answers were generated already (paired)."""
     loss, n = scoring.answer_loss(model, split.input_ids, split.labels, dtype)
-    answers = scoring.greedy_answers(model, tok, [q["prompt"] for q in questions], rec.eval.max_new_tokens, dtype) \
-        if questions else []
+    if answers is None:
+        answers = scoring.greedy_answers(model, tok, [q["prompt"] for q in questions], rec.eval.max_new_tokens,
+                                         dtype) if questions else []
     correct = [is_correct(a, q["keys"], q["wrong"]) for a, q in zip(answers, questions)]
     shares = [key_score(a, q["keys"]) for a, q in zip(answers, questions)]
     k, m = sum(correct), len(correct)
@@ -154,13 +156,17 @@ def evaluate(model, tok, split, rec, dtype: str = "auto", choice=None, base_mode
 
         dtype = hardware.dtype_for(str(next(model.parameters()).device), "eval")
     questions = _questions(split, rec.eval.generation_samples)
+    prompts = [q["prompt"] for q in questions]
+    pair = None
+    if base_model is None and prompts:
+        pair = scoring.paired_greedy_answers(model, tok, prompts, rec.eval.max_new_tokens, dtype)
     if base_model is not None:
         base = _side(base_model, tok, split, rec, dtype, questions)
     else:
         with model.disable_adapter():
-            base = _side(model, tok, split, rec, dtype, questions)
+            base = _side(model, tok, split, rec, dtype, questions, pair and pair[0])
     with scoring.merged_adapter(model):
-        tuned = _side(model, tok, split, rec, dtype, questions)
+        tuned = _side(model, tok, split, rec, dtype, questions, pair and pair[1])
     per_question = []
     for j, q in enumerate(questions):
         per_question.append({"question": q["question"], "kind": q["kind"], "reference": q["reference"],
