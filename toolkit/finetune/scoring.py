@@ -135,8 +135,8 @@ def paired_greedy_answers(model, tok, prompts: list[list[dict]], max_new_tokens:
                           batch_size: int = 16) -> tuple[list[str], list[str]] | None:
     """(base answers, fine-tuned answers) from one generation on a CPU: each prompt runs twice in the
     same batch, its LoRA product masked on the base row (`fused_lora.adapter_rows`). A CPU decode of
-    a small model costs per step, not per row: on the 2-core EPYC (fp32), 72 tokens for 16 prompts
-    took 10.6 s and for 32 rows 13.6-15.5 s, so one paired pass beats two. None where this does not
+    a small model costs per step more than per row: on the 2-core EPYC, fp32, the finance report's
+    16 answers took 19.6 s paired against 12.1 + 13.4 s run apart. None where this does not
     apply (a GPU, an adapter that is merged, not plain LoRA or not the only one, a layer the fused
     path can't take): the caller then runs the two sides apart."""
     import torch
