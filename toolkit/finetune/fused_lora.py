@@ -134,5 +134,4 @@ def adapter_rows(model, rows):
         yield len(layers)
     finally:
         for m in layers:
-            if hasattr(m, ROWS):
-                delattr(m, ROWS)
+            delattr(m, ROWS)

@@ -143,16 +143,14 @@ def paired_greedy_answers(model, tok, prompts: list[list[dict]], max_new_tokens:
 
     from toolkit.finetune import fused_lora
 
-    peft_config = getattr(model, "peft_config", None)
-    active = getattr(model, "active_adapter", None)
-    if (next(model.parameters()).device.type != "cpu" or not peft_config or len(peft_config) != 1
-            or active not in peft_config or getattr(peft_config[active], "peft_type", None) != "LORA"
-            or any(getattr(m, "merged", False) for m in model.modules() if hasattr(m, "merged_adapters"))):
+    if len(getattr(model, "peft_config", None) or ()) != 1:
         return None
     both = [p for p in prompts for _ in (0, 1)]
     on = [0, 1] * len(prompts)
+    # The fused path is the one judge of the rest: it swaps nothing on a GPU or without LoRA layers,
+    # and a merged, DoRA or dropout layer raises NotFused at its first call.
     try:
-        with fused_lora.fused_on_cpu(model, "cpu") as swapped:
+        with fused_lora.fused_on_cpu(model, next(model.parameters()).device.type) as swapped:
             if not swapped:
                 return None
             answers = greedy_answers(model, tok, both, max_new_tokens, dtype, 2 * batch_size,
