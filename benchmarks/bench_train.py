@@ -1,8 +1,7 @@
 """Fine-tune benchmark.
 
 1. The finance recipe end to end with no overrides (`make finetune RECIPE=finance`'s command, in its
-   own process): the CPU
-   profile on a machine without a GPU, the embedded model when Llama-3.2-1B can't be had. Wall
+   own process): the CPU profile on a machine without a GPU, the embedded model when Llama-3.2-1B can't be had. Wall
    time including model preparation, the in-training evals and the report; the dtype the
    capability record chose and why; the held-out answer-token loss of base vs fine-tuned.
    Targets: <= 600 s wall on a 2-core CPU; loss >= 25% lower than the base model's; general-text
