@@ -1,9 +1,9 @@
 """Fine-tune benchmark.
 
 1. The finance recipe end to end with no overrides (`make finetune RECIPE=finance`'s command, in its
-   own process): the CPU profile on a machine without a GPU, the embedded model when Llama-3.2-1B can't be had. Wall
-   time including model preparation, the in-training evals and the report; the dtype the
-   capability record chose and why; the held-out answer-token loss of base vs fine-tuned.
+   own process): the CPU profile on a machine without a GPU, the embedded model when Llama-3.2-1B
+   can't be had. Wall time including model preparation, the in-training evals and the report; the
+   dtype the capability record chose and why; the held-out answer-token loss of base vs fine-tuned.
    Targets: <= 600 s wall on a 2-core CPU; loss >= 25% lower than the base model's; general-text
    perplexity up <= 5%; in-training eval + report <= 60 s.
 2. Training throughput in one run: our path (the recipe's CPU profile: TRL SFTTrainer, padding-free
