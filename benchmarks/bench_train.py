@@ -30,8 +30,6 @@ import functools
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -49,17 +47,11 @@ def end_to_end(tmp: Path) -> dict:
     """The command `make finetune RECIPE=finance` runs (`toolkit finetune recipes/finance`), in a process
     of its own as a user runs it: not after the other benchmarks in this process, whose models, thread
     pools and heap it would otherwise share. Wall time includes Python start-up and imports."""
-    log = tmp / "e2e.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
+    from benchmarks import finetune_process
+
     t0 = time.time()
-    with log.open("w") as out:
-        proc = subprocess.run([sys.executable, "-m", "toolkit", "finetune", str(RECIPE), "--runs-dir", str(tmp / "e2e")],
-                              stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+    run = finetune_process.run(RECIPE, tmp / "e2e")
     wall = time.time() - t0
-    if proc.returncode:
-        tail = log.read_text().strip().splitlines()[-5:]
-        raise RuntimeError(f"toolkit finetune {RECIPE} exited {proc.returncode}: " + " / ".join(tail))
-    run = (tmp / "e2e" / "latest").resolve()
     info = json.loads((run / "run.json").read_text())
     rep = json.loads((run / "report.json").read_text())
     b, f = rep["base"], rep["finetuned"]

@@ -24,7 +24,6 @@ import importlib.metadata
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -123,14 +122,13 @@ def measure_memory(row: dict, model_dir: str, runs: Path) -> dict:
 
 def measure_speed(row: dict, runs: Path) -> dict:
     """One engine in a fresh process (Unsloth has to be imported before TRL/transformers)."""
-    cmd = [sys.executable, "-m", "toolkit", "finetune", str(RECIPE), "--runs-dir", str(runs)]
-    for item in row["overrides"]:
-        cmd += ["--set", item]
+    from benchmarks import finetune_process
+
     t0 = time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode != 0:
-        return {**row, "error": proc.stderr.strip().splitlines()[-1:] or [f"exit {proc.returncode}"]}
-    run = Path(proc.stdout.strip().splitlines()[-1])
+    try:
+        run = finetune_process.run(RECIPE, runs, row["overrides"])
+    except RuntimeError as exc:
+        return {**row, "error": [str(exc)]}
     info = json.loads((run / "run.json").read_text())
     return {**row, "engine_used": info["engine"], "packing": info.get("packing"), "steps_done": info["steps"],
             "tokens_seen": info["tokens_seen"], "train_runtime_s": info["train_runtime_s"],
