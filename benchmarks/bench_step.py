@@ -25,11 +25,9 @@ as detected and forced to AVX2 (fp32), like bench_train.
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
-from unittest import mock
 
 # Steps 1-2 warm up (fresh pages, first calls), 3-5 are timed without the profiler, 6-9 profiled.
 STEPS, WARMUP, PLAIN = 9, 2, 3
@@ -127,18 +125,13 @@ def rows_for(p: dict, cpu: str) -> list[dict]:
 
 
 def run() -> dict:
-    from toolkit.core import capability
+    from benchmarks.bench_train import capability_passes
 
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    cap = capability.detect("cpu")
-    passes = [None] + (["avx2"] if cap.native_bf16 and not cap.forced else [])
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-step-") as d:
-        for forced in passes:
-            with mock.patch.dict(os.environ, {capability.ENV_FORCE: forced} if forced else {}):
-                now = capability.detect("cpu")
-                cpu = f"{now.name} ({now.isa}{', forced' if now.forced else ''}), {now.physical_cores} cores"
-                rows += rows_for(profile_steps(Path(d) / (forced or "detected")), cpu)
+        for name, cap in capability_passes():
+            cpu = f"{cap.name} ({cap.isa}{', forced' if cap.forced else ''}), {cap.physical_cores} cores"
+            rows += rows_for(profile_steps(Path(d) / name), cpu)
     return {"title": "Where a CPU training step's time goes (finance recipe, CPU profile, torch profiler)",
             "rows": rows,
             "notes": (f"Steps {WARMUP + PLAIN + 1}-{STEPS} of the recipe's CPU profile profiled (data, forward, backward, "
