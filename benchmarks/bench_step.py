@@ -59,7 +59,8 @@ def gemm_flops(shapes: list) -> float:
 
 
 def profile_steps(tmp: Path) -> dict:
-    """Profile steps WARMUP+1..STEPS of the recipe's CPU profile; seconds per step by part."""
+    """Seconds per step by part over steps WARMUP+PLAIN+1..STEPS of the recipe's CPU profile, and per
+    step unprofiled over the PLAIN steps before them."""
     import torch
     from transformers import TrainerCallback
 
@@ -79,7 +80,7 @@ def profile_steps(tmp: Path) -> dict:
             if state.global_step == WARMUP:
                 window.update(plain0=time.perf_counter())
             elif state.global_step == WARMUP + PLAIN:
-                window.update(t0=time.perf_counter(), plain1=time.perf_counter())
+                window.update(t0=time.perf_counter())
                 prof.start()
             elif state.global_step == STEPS:
                 prof.stop()
@@ -105,7 +106,7 @@ def profile_steps(tmp: Path) -> dict:
     calib = max(r.matmul_flops[info["compute_dtype"]] for r in rates)
     gemm_rate = flops / secs["base GEMMs"] if secs["base GEMMs"] else 0.0
     return {"dtype": info["compute_dtype"], "reason": info.get("compute_dtype_reason", ""), "steps": steps,
-            "wall": wall, "plain": (window["plain1"] - window["plain0"]) / PLAIN, "secs": secs,
+            "wall": wall, "plain": (window["t0"] - window["plain0"]) / PLAIN, "secs": secs,
             "gemm_rate": gemm_rate, "calib": calib}
 
 
@@ -125,13 +126,12 @@ def rows_for(p: dict, cpu: str) -> list[dict]:
 
 
 def run() -> dict:
-    from benchmarks.bench_train import capability_passes
+    from benchmarks.bench_train import capability_passes, cpu_label
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-step-") as d:
         for name, cap in capability_passes():
-            cpu = f"{cap.name} ({cap.isa}{', forced' if cap.forced else ''}), {cap.physical_cores} cores"
-            rows += rows_for(profile_steps(Path(d) / name), cpu)
+            rows += rows_for(profile_steps(Path(d) / name), cpu_label(cap))
     return {"title": "Where a CPU training step's time goes (finance recipe, CPU profile, torch profiler)",
             "rows": rows,
             "notes": (f"Steps {WARMUP + PLAIN + 1}-{STEPS} of the recipe's CPU profile profiled (data, forward, backward, "

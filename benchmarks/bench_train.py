@@ -142,6 +142,11 @@ def naive(tmp: Path) -> dict:
             "tokens_per_s": round(toks / secs, 1), "labelled_fraction": 1.0}
 
 
+def cpu_label(cap) -> str:
+    """The benches' cpu column: name, ISA level (and whether forced), cores."""
+    return f"{cap.name} ({cap.isa}{', forced' if cap.forced else ''}), {cap.physical_cores} cores"
+
+
 def capability_passes():
     """Yields (name, capability record) for each pass a CPU training bench makes, with the record
     forced inside the pass: as detected, then, on a CPU with native bf16, forced to AVX2. The
@@ -202,7 +207,7 @@ def throughput(tmp: Path) -> list[dict]:
     speedup = a["tokens_per_s"] / b["tokens_per_s"]
     target = 2.0 if a["dtype"] == "bfloat16" else 1.3
     rows[0]["speedup_vs_naive"] = f"{speedup:.2f}x (target >= {target}x)"
-    rows[0]["cpu"] = f"{cap.name} ({cap.isa}{', forced' if cap.forced else ''}), {cap.physical_cores} cores"
+    rows[0]["cpu"] = cpu_label(cap)
     return rows
 
 
