@@ -103,7 +103,7 @@ def profile_steps(tmp: Path) -> dict:
             flops += ev.count * gemm_flops(ev.input_shapes)
     secs["outside operators"] = max(0.0, wall - sum(secs.values()))
     # The faster of a calibration before and after: one alone can land on a slow moment of a shared host.
-    calib = max(r.matmul_flops[info["compute_dtype"]] for r in rates)
+    calib = max(r.best_flops(info["compute_dtype"]) for r in rates)
     gemm_rate = flops / secs["base GEMMs"] if secs["base GEMMs"] else 0.0
     return {"dtype": info["compute_dtype"], "reason": info.get("compute_dtype_reason", ""), "steps": steps,
             "wall": wall, "plain": (window["t0"] - window["plain0"]) / PLAIN, "secs": secs,

@@ -58,7 +58,7 @@ def cpu_rows() -> list[dict]:
             cap = host_capability()
             cal = calibration.measure(cap)
             dtype = training_dtype(cap)
-            rates = Rates("cpu", cal.matmul_flops[dtype], cal.bandwidth_bytes_per_s, f"calibration: {dtype}", dtype)
+            rates = Rates("cpu", cal.best_flops(dtype), cal.bandwidth_bytes_per_s, f"calibration: {dtype}", dtype)
             run = finetune(RECIPE, [*sets, f"training.max_steps={STEPS}", "eval.report=false", "data.eval=",
                                     "training.save_steps=0", "training.logging_steps=1"],
                            runs_dir=Path(tmp) / name.replace(" ", "_"), gpu=False)

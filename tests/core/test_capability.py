@@ -68,10 +68,11 @@ def test_this_machine_is_detected():
 
 
 class _Cal:
-    """The two rates choose_dtype reads from a toolkit.core.calibration.Calibration."""
+    """The rates choose_dtype and packed_matmuls read from a toolkit.core.calibration.Calibration."""
 
-    def __init__(self, f32, b16):
+    def __init__(self, f32, b16, packed=None):
         self.matmul_flops = {"float32": f32, "bfloat16": b16}
+        self.packed_flops = packed or {}
 
 
 AVX2 = C.cpu_record(EPYC_AVX2)
@@ -126,6 +127,28 @@ def test_calibration_decides_between_native_bf16_and_fp32():
     assert C.choose_dtype(AVX2, "train", _Cal(1e9, 100e9))[0] == "float32"
     with pytest.raises(ValueError):
         C.choose_dtype(AVX2, "training")
+
+
+def test_dtype_choice_compares_each_dtype_at_its_faster_way():
+    # fp32 pre-packed (300) beats bf16's best (250): fp32, though bf16 beats fp32's plain matmul.
+    dtype, why = C.choose_dtype(AVX512_BF16, "train", _Cal(100e9, 250e9, {"float32": 300e9, "bfloat16": 240e9}))
+    assert dtype == "float32" and "250 vs 300 GFLOP/s" in why
+    assert C.choose_dtype(AVX512_BF16, "train", _Cal(150e9, 380e9, {"float32": 190e9}))[1].endswith("2.0x fp32")
+
+
+def test_packed_matmuls_only_where_measured_faster_on_a_cpu():
+    # Measured on the 2-core EPYC (Zen 4), torch 2.13: fp32 207.6 pre-packed vs 165.9 plain; bf16 409.8 vs 393.1.
+    zen4 = _Cal(165.9e9, 393.1e9, {"float32": 207.6e9, "bfloat16": 409.8e9})
+    use, why = C.packed_matmuls(AVX512_BF16, "float32", zen4)
+    assert use and why == ("matmuls: oneDNN, frozen weights pre-packed (float32 measured 1.25x torch's matmul: "
+                           "208 vs 166 GFLOP/s)")
+    use, why = C.packed_matmuls(AVX512_BF16, "bfloat16", zen4)
+    assert not use and "1.04x, under 1.05x" in why
+    assert C.packed_matmuls(AVX2, "float32", None) == (False, "matmuls: torch's (pre-packed float32 not measured "
+                                                             "on this CPU)")
+    assert C.packed_matmuls(AMX, "bfloat16", _Cal(100e9, 400e9))[0] is False  # not measured: not used
+    for gpu in (T4, C.cuda_record("NVIDIA A100-SXM4-40GB", (8, 0))):
+        assert C.packed_matmuls(gpu, "bfloat16", zen4) == (False, "matmuls: cuBLAS")
 
 
 def test_forced_capability_overrides_flags_and_calibration():

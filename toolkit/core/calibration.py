@@ -1,5 +1,6 @@
 """A short measurement of this machine (<= ~3 s), run once and cached: matmul FLOP/s per dtype at
-training-like shapes, and memory bandwidth. The dtype choice (toolkit.core.capability) and the
+training-like shapes (on a CPU also with the weight pre-packed for oneDNN, `toolkit.core.packed_linear`),
+and memory bandwidth. The dtype choice (toolkit.core.capability) and the
 planner's time model read it; `toolkit estimate --calibrate` reruns it.
 
 Cached in $TOOLKIT_CACHE/calibration.json (default ~/.cache/toolkit), one record per key
@@ -13,13 +14,13 @@ import contextlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from toolkit.core.capability import Capability, detect, threads
 from toolkit.core.progress import say
 
-FORMAT = 1
+FORMAT = 2  # 2: packed_flops
 FILE_NAME = "calibration.json"
 # (M, K, N) of one LoRA-era linear layer at a training step: a 2048-token batch through a
 # 576 -> 1536 MLP projection (SmolLM2-135M). A GPU needs a bigger one to leave launch overhead behind.
@@ -33,8 +34,10 @@ FULL_SHAPE_LIMIT_S = 1.0
 
 @dataclass(frozen=True)
 class Calibration:
-    """One machine's measured rates. `matmul_flops` maps dtype name -> FLOP/s ("float32",
-    "bfloat16"; "float16" on CUDA only: fp16 is not a CPU compute dtype here)."""
+    """One machine's measured rates. `matmul_flops` maps dtype name -> FLOP/s of torch's matmul
+    ("float32", "bfloat16"; "float16" on CUDA only: fp16 is not a CPU compute dtype here);
+    `packed_flops` the same product with the weight pre-packed for oneDNN (CPU only; empty where
+    not measured). `best_flops` is the faster of the two: the rate a frozen layer can run at here."""
 
     key: str
     device: str
@@ -42,24 +45,33 @@ class Calibration:
     bandwidth_bytes_per_s: float
     seconds: float
     torch: str
+    packed_flops: dict[str, float] = field(default_factory=dict)
+
+    def best_flops(self, dtype: str) -> float:
+        """The faster of the plain and the pre-packed matmul rate of `dtype` (0 when unmeasured)."""
+        return max(self.matmul_flops.get(dtype, 0.0), self.packed_flops.get(dtype, 0.0))
 
     @classmethod
     def from_dict(cls, d: dict) -> "Calibration":
         """Strictly typed: anything else (an older format, a hand edit) raises ValueError."""
         try:
             flops = {str(k): float(v) for k, v in d["matmul_flops"].items()}
+            packed = {str(k): float(v) for k, v in d.get("packed_flops", {}).items()}
             cal = cls(key=str(d["key"]), device=str(d["device"]), matmul_flops=flops,
                       bandwidth_bytes_per_s=float(d["bandwidth_bytes_per_s"]), seconds=float(d["seconds"]),
-                      torch=str(d["torch"]))
+                      torch=str(d["torch"]), packed_flops=packed)
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
             raise ValueError(f"not a calibration record: {exc}") from exc
-        if "float32" not in flops or min(flops.values(), default=0) <= 0 or cal.bandwidth_bytes_per_s <= 0:
+        if ("float32" not in flops or min(flops.values(), default=0) <= 0 or cal.bandwidth_bytes_per_s <= 0
+                or min(packed.values(), default=1) <= 0):
             raise ValueError("not a calibration record: missing or non-positive rates")
         return cal
 
     def summary(self) -> str:
         """One line for people: rates in GFLOP/s and GB/s."""
-        rates = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in self.matmul_flops.items())
+        rates = ", ".join(f"{k} {v / 1e9:.1f}" + (f" ({self.packed_flops[k] / 1e9:.1f} pre-packed)"
+                                                   if k in self.packed_flops else "")
+                          for k, v in self.matmul_flops.items())
         return (f"{self.device}: matmul GFLOP/s {rates}; memory {self.bandwidth_bytes_per_s / 1e9:.1f} GB/s "
                 f"(measured in {self.seconds:.1f} s, torch {self.torch})")
 
@@ -152,12 +164,34 @@ def measure(cap: Capability) -> Calibration:
         with torch.inference_mode():
             flops = {dt: _matmul_rate(torch, dev, getattr(torch, dt), CUDA_SHAPE if cuda else CPU_SHAPE)
                      for dt in dtypes}
+            packed = {} if cuda else _packed_rates(torch, flops)
             bw = _bandwidth(torch, dev)
     finally:
         torch.set_num_threads(prev)
     return Calibration(key=key(cap, torch_version()), device=f"{cap.kind} {cap.name} ({cap.isa})",
                        matmul_flops=flops, bandwidth_bytes_per_s=bw, seconds=round(time.perf_counter() - t0, 3),
-                       torch=torch_version())
+                       torch=torch_version(), packed_flops=packed)
+
+
+def _packed_rates(torch, flops: dict[str, float]) -> dict[str, float]:
+    """The CPU shape's rate with the weight pre-packed for oneDNN, per dtype whose plain rate is not
+    an emulation's (those are left out: packing does not make them a compute dtype)."""
+    from toolkit.core import packed_linear
+
+    if not packed_linear.available():
+        return {}
+    m, k, n = CPU_SHAPE
+    gen = torch.Generator().manual_seed(0)
+    out = {}
+    for dt, plain in flops.items():
+        if 2 * m * k * n / plain > FULL_SHAPE_LIMIT_S / 4:
+            continue
+        dtype = getattr(torch, dt)
+        a = torch.randn(m, k, generator=gen).to(dtype)
+        w = packed_linear.pack(torch.randn(n, k, generator=gen).to(dtype), m)
+        packed_linear.matmul(a, w)  # kernel selection, not timed
+        out[dt] = max(2 * m * k * n / _timed(torch, "cpu", lambda: packed_linear.matmul(a, w)) for _ in range(10))
+    return out
 
 
 def _timed(torch, dev: str, fn) -> float:

@@ -196,7 +196,9 @@ def choose_dtype(cap: Capability, purpose: str, calibration=None) -> tuple[str, 
     forced = f", forced by {ENV_FORCE}={cap.forced}" if cap.forced else ""
     if not cap.native_bf16:
         return "float32", f"fp32: this CPU has no native bf16 ({cap.isa}{forced})"
-    rates = getattr(calibration, "matmul_flops", None) or {}
+    packed = getattr(calibration, "packed_flops", None) or {}
+    # Each dtype at its faster way of running a frozen layer (plain or pre-packed, see packed_matmuls).
+    rates = {k: max(v, packed.get(k, 0.0)) for k, v in (getattr(calibration, "matmul_flops", None) or {}).items()}
     f32, b16 = rates.get("float32"), rates.get("bfloat16")
     if cap.forced or not (f32 and b16):
         return "bfloat16", f"bf16: native bf16 ({cap.isa}{forced})"
@@ -218,3 +220,25 @@ def attention_dtype(cap: Capability, compute_dtype: str) -> tuple[str, str]:
     if cap.isa == "amx":
         return "bfloat16", "attention in bf16 (AMX)"
     return "float32", f"attention in fp32: CPU bf16 flash attention is slower than fp32 without AMX ({cap.isa})"
+
+
+# Pre-packing copies every frozen weight (twice when training): only worth it for a clear gain.
+PACKED_MIN_GAIN = 1.05
+
+
+def packed_matmuls(cap: Capability, dtype: str, calibration=None) -> tuple[bool, str]:
+    """(whether frozen linear layers run with oneDNN pre-packed weights, reason) for compute in
+    `dtype` on the device `cap` describes (toolkit.core.packed_linear). CPU only (CUDA's matmuls
+    need no packing), and only where a `toolkit.core.calibration.Calibration` measured the packed
+    product at least PACKED_MIN_GAIN x the plain one in that dtype."""
+    if cap.kind == "cuda":
+        return False, "matmuls: cuBLAS"
+    plain = (getattr(calibration, "matmul_flops", None) or {}).get(dtype)
+    packed = (getattr(calibration, "packed_flops", None) or {}).get(dtype)
+    if not (plain and packed):
+        return False, f"matmuls: torch's (pre-packed {dtype} not measured on this CPU)"
+    if packed >= PACKED_MIN_GAIN * plain:
+        return True, (f"matmuls: oneDNN, frozen weights pre-packed ({dtype} measured {packed / plain:.2f}x "
+                      f"torch's matmul: {packed / 1e9:.0f} vs {plain / 1e9:.0f} GFLOP/s)")
+    return False, (f"matmuls: torch's (pre-packed {dtype} measured {packed / plain:.2f}x, "
+                   f"under {PACKED_MIN_GAIN}x)")

@@ -145,6 +145,21 @@ def auto_dtype(cap, purpose: str) -> tuple[str, str]:
     return C.choose_dtype(cap, purpose, cal)
 
 
+def packed_choice(dev: str, dtype: str) -> tuple[bool, str]:
+    """(whether frozen linear layers run pre-packed for oneDNN, reason) for compute in `dtype` on
+    `dev`: capability.packed_matmuls over this machine's calibration (cached; measured once)."""
+    from toolkit.core import capability as C
+
+    cap = C.detect(dev)
+    if cap.kind == "cuda":
+        return C.packed_matmuls(cap, dtype)
+    from toolkit.core import calibration, packed_linear
+
+    if not packed_linear.available():
+        return False, "matmuls: torch's (this torch has no oneDNN packed linear)"
+    return C.packed_matmuls(cap, dtype, calibration.load(cap))
+
+
 def apply_threads(dev: str) -> int:
     """Set torch's intra-op threads to one per physical core on CPU (SMT siblings only contend);
     returns the thread count in effect. TOOLKIT_THREADS=N sets N; an explicit OMP_NUM_THREADS is

@@ -8,7 +8,8 @@ on the finance CPU profile (SmolLM2-135M, all-linear r 16, ~1000 tokens a step) 
 output by the BLAS call itself (`addmm_` with `alpha=scaling`): the same numbers, no extra passes.
 
 Only the plain case takes the fused path: one active adapter, no dropout, no DoRA or other
-variant, no adapter bias, a plain `nn.Linear` base without hooks, one dtype -- or the bf16 CPU run's
+variant, no adapter bias, a plain `nn.Linear` base without hooks (or one that
+`toolkit.core.packed_linear` packed), one dtype -- or the bf16 CPU run's
 mix: bf16 base and input, fp32 adapter (kept fp32 for its updates), under bf16 autocast. There PEFT
 casts each layer's input to fp32 and autocast casts it back, two full copies a layer forward and
 two more backward (~10% of a bf16 step in the profile); here only the adapter's r-wide weights are
@@ -32,6 +33,10 @@ def _fused_class():
     import torch
     from peft.tuners.lora import Linear as LoraLinear
 
+    from toolkit.core import packed_linear
+
+    plain = (torch.nn.Linear, packed_linear.packed_class())
+
     class FusedLoraLinear(LoraLinear):
         def forward(self, x, *args, **kwargs):
             key = self.fused_key(x, args, kwargs)
@@ -45,7 +50,7 @@ def _fused_class():
             # does after its round trip of x through fp32; the cast of these r-wide weights is cheap.
             a, b = a.to(x.dtype), b.to(x.dtype)
             x2 = x.reshape(-1, x.shape[-1])
-            out = torch.nn.functional.linear(x2, base.weight, base.bias)
+            out = packed_linear.linear(x2, base)  # pre-packed inside `packed_linears`, else F.linear
             h = torch.nn.functional.linear(x2, a)
             if rows is not None:  # a paired batch: the adapter's product zeroed on its base rows
                 h = (h.view(len(rows), -1, h.shape[-1]) * rows.to(h.dtype).view(-1, 1, 1)).view(h.shape)
@@ -62,7 +67,7 @@ def _fused_class():
                 return None
             key = active[0]
             base, la, lb = self.base_layer, self.lora_A[key], self.lora_B[key]
-            if (key in self.lora_variant or type(base) is not torch.nn.Linear or base._forward_hooks
+            if (key in self.lora_variant or type(base) not in plain or base._forward_hooks
                     or base._forward_pre_hooks or not isinstance(self.lora_dropout[key], torch.nn.Identity)
                     or la.bias is not None or lb.bias is not None):
                 return None

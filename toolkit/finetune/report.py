@@ -12,6 +12,7 @@ import math
 import re
 from pathlib import Path
 
+from toolkit.core import packed_linear
 from toolkit.finetune import scoring
 
 # Written for this project (not finance): general prose to show whether fine-tuning on finance
@@ -157,15 +158,21 @@ def evaluate(model, tok, split, rec, dtype: str = "auto", choice=None, base_mode
         dtype = hardware.dtype_for(str(next(model.parameters()).device), "eval")
     questions = _questions(split, rec.eval.generation_samples)
     prompts = [q["prompt"] for q in questions]
+    dev = str(next(model.parameters()).device)
+    # Each block packs the weights it runs with (after the merge for the fine-tuned side): frozen for
+    # its length, as packed_linear requires.
+    packed = lambda m: packed_linear.for_device(m, dev, dtype, training=False)[0]  # noqa: E731
     pair = None
     if base_model is None and prompts:
-        pair = scoring.paired_greedy_answers(model, tok, prompts, rec.eval.max_new_tokens, dtype)
+        with packed(model):
+            pair = scoring.paired_greedy_answers(model, tok, prompts, rec.eval.max_new_tokens, dtype)
     if base_model is not None:
-        base = _side(base_model, tok, split, rec, dtype, questions)
+        with packed(base_model):
+            base = _side(base_model, tok, split, rec, dtype, questions)
     else:
-        with model.disable_adapter():
+        with model.disable_adapter(), packed(model):
             base = _side(model, tok, split, rec, dtype, questions, pair and pair[0])
-    with scoring.merged_adapter(model):
+    with scoring.merged_adapter(model), packed(model):
         tuned = _side(model, tok, split, rec, dtype, questions, pair and pair[1])
     per_question = []
     for j, q in enumerate(questions):

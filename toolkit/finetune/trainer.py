@@ -210,6 +210,7 @@ def _train(rec, overrides, stage: Path, runs: Path, dev, dtype, train_ex, eval_e
     from trl import SFTTrainer
 
     from toolkit.finetune import data as data_mod
+    from toolkit.core import packed_linear
     from toolkit.finetune import packed_attention
     from toolkit.finetune.fused_lora import fused_on_cpu
     from toolkit.finetune.callbacks import InterruptCallback, MetricsCallback, ProgressCallback, SkipLastEval
@@ -283,9 +284,12 @@ def _train(rec, overrides, stage: Path, runs: Path, dev, dtype, train_ex, eval_e
     for p in trainer.model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
+    packed, matmul_reason = packed_linear.for_device(trainer.model, dev, dtype, training=True)
+    if not dev.startswith("cuda"):
+        announce(matmul_reason)
     interrupt.install()
     try:
-        with lean_lm_head_on_cpu(dev, announce), fused_on_cpu(trainer.model, dev, announce):
+        with lean_lm_head_on_cpu(dev, announce), fused_on_cpu(trainer.model, dev, announce), packed:
             result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     finally:
         interrupt.uninstall()
@@ -313,7 +317,7 @@ def _train(rec, overrides, stage: Path, runs: Path, dev, dtype, train_ex, eval_e
         "estimator_pick": choice.pick, "method": rec.method.name, "engine": notes["engine"], "packing": pack.mode,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": dev, "compute_dtype": dtype,
         "compute_dtype_reason": dtype_reason, "packed_attention_dtype": attn_dtype,
-        "packed_attention_dtype_reason": attn_reason, "threads": threads,
+        "packed_attention_dtype_reason": attn_reason, "matmuls": matmul_reason, "threads": threads,
         "world_size": dist_state.num_processes, "profile": rec.profile, "overrides": list(overrides),
         "resumed_from": str(resume_from.name) if resume_from else None,
         "train_examples": len(train_split.input_ids), "eval_examples": len(eval_split.input_ids) if eval_split else 0,

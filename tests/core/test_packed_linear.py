@@ -1,0 +1,100 @@
+"""packed_linear against F.linear: values and input gradients in fp32 and bf16, the block's
+bookkeeping (what it packs, that it always unpacks), its memory gate, and the upstream operators it
+calls (fails when PyTorch renames them)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from toolkit.core import packed_linear as P  # noqa: E402
+
+
+def test_this_torch_has_the_onednn_operators():
+    # Private to PyTorch: a rename upstream must fail here, not fall back silently in every run.
+    assert torch.backends.mkldnn.is_available()
+    assert hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    assert P.available()
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_values_and_input_gradient_match_f_linear(dtype, tol, bias):
+    gen = torch.Generator().manual_seed(0)
+    layer = torch.nn.Linear(48, 80, bias=bias).to(dtype).requires_grad_(False)
+    x = torch.randn(2, 37, 48, generator=gen).to(dtype).requires_grad_(True)
+    g = torch.randn(2, 37, 80, generator=gen).to(dtype)
+    ref = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    (gx_ref,) = torch.autograd.grad(ref, x, g)
+    with P.packed_linears(layer, dtype) as n:
+        assert n == 1 and type(layer) is P.packed_class()
+        out = layer(x)
+        (gx,) = torch.autograd.grad(out, x, g)
+    assert out.shape == ref.shape and out.dtype == dtype
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(gx, gx_ref, rtol=tol, atol=tol)
+
+
+def test_block_packs_only_frozen_plain_linears_of_the_dtype_and_always_unpacks():
+    emb = torch.nn.Embedding(50, 16)
+    head = torch.nn.Linear(16, 50, bias=False)
+    head.weight = emb.weight  # tied, as in SmolLM2
+    model = torch.nn.ModuleDict({"emb": emb, "a": torch.nn.Linear(16, 16), "trained": torch.nn.Linear(16, 16),
+                                 "b16": torch.nn.Linear(16, 16).bfloat16(), "head": head})
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith("trained"))
+    hooked = torch.nn.Linear(16, 16).requires_grad_(False)
+    hooked.register_forward_hook(lambda *a: None)
+    model["hooked"] = hooked
+    assert P.pack_bytes(model, torch.float32, backward=False) == (16 * 16 + 50 * 16) * 4
+    assert P.pack_bytes(model, torch.float32, backward=True) == 2 * (16 * 16 + 50 * 16) * 4
+    with pytest.raises(RuntimeError, match="boom"), P.packed_linears(model, torch.float32) as n:
+        assert n == 2
+        assert {k for k, m in model.items() if hasattr(m, P.PACK)} == {"a", "head"}
+        raise RuntimeError("boom")
+    assert all(type(m) is not P.packed_class() and not hasattr(m, P.PACK) for m in model.modules())
+
+
+def test_a_pack_made_for_a_weight_is_shared_by_its_tied_layers():
+    w = torch.nn.Parameter(torch.randn(8, 4), requires_grad=False)
+    a, b = torch.nn.Linear(4, 8, bias=False), torch.nn.Linear(4, 8, bias=False)
+    a.weight = b.weight = w
+    with P.packed_linears(torch.nn.ModuleList([a, b]), torch.float32):
+        assert getattr(a, P.PACK) is getattr(b, P.PACK)
+
+
+def test_backward_after_the_block_ended_still_gives_the_gradient():
+    layer = torch.nn.Linear(8, 6).requires_grad_(False)
+    x = torch.randn(5, 8, requires_grad=True)
+    with P.packed_linears(layer, torch.float32):
+        out = layer(x)
+    (gx,) = torch.autograd.grad(out.sum(), x)
+    torch.testing.assert_close(gx, layer.weight.sum(0).expand(5, 8))
+
+
+class _Cal:
+    def __init__(self, plain, packed):
+        self.matmul_flops, self.packed_flops = {"float32": plain}, {"float32": packed}
+
+
+def test_for_device_follows_the_calibration_and_the_memory(monkeypatch):
+    from toolkit.core import hardware
+
+    layer = torch.nn.Linear(64, 64).requires_grad_(False)
+    monkeypatch.setattr(hardware, "packed_choice", lambda dev, dtype: (False, "matmuls: torch's (slower)"))
+    block, why = P.for_device(layer, "cpu", "float32", training=True)
+    assert isinstance(block, contextlib.nullcontext) and why == "matmuls: torch's (slower)"
+
+    monkeypatch.setattr(hardware, "packed_choice", lambda dev, dtype: (True, "matmuls: oneDNN"))
+    block, why = P.for_device(layer, "cpu", "float32", training=True)
+    with block as n:
+        assert n == 1 and why == "matmuls: oneDNN"
+    # Packs needing more than half the available RAM: not made, and the reason says so.
+    need = P.pack_bytes(layer, torch.float32, backward=True)
+    monkeypatch.setattr(hardware, "cpu_memory",
+                        lambda: hardware.Hardware("cpu", "test", 4 * need, need, "test"))
+    block, why = P.for_device(layer, "cpu", "float32", training=True)
+    assert isinstance(block, contextlib.nullcontext) and "GiB available" in why

@@ -1,0 +1,174 @@
+"""Frozen linear layers run through oneDNN with their weights pre-packed, on a CPU.
+
+PyTorch's CPU `F.linear` in fp32 goes to the BLAS (MKL), which re-packs the weight matrix at every
+call. A frozen weight (the base model under LoRA, the base and merged models under evaluation) can be
+packed once into oneDNN's blocked layout, as inductor's freezing pass does. Measured on the 2-core
+AMD EPYC (Zen 4, AVX512-BF16), torch 2.13, fp32: 176-201 against 114-167 GFLOP/s at the finance
+recipe's training shapes (~1000 x 576 by 576 x 1536 and their input-gradient layout), and 137 against
+54 GFLOP/s for the LM head of a 32-row decode step; bf16 gains ~10%. Whether a machine gains is
+measured by its calibration (`toolkit.core.calibration`: `packed_flops`) and decided by
+`toolkit.core.capability.packed_matmuls`.
+
+The two oneDNN operators used are private to PyTorch (`torch.ops.mkldnn._reorder_linear_weight`,
+`torch.ops.mkldnn._linear_pointwise`); they are called here only, `available()` says whether this
+torch has them, and `tests/core/test_packed_linear.py` fails when upstream renames them.
+
+A layer is packed only inside `packed_linears(model)`: its class becomes `PackedLinear` (a subclass
+of `nn.Linear`: the same parameters and state dict) and back to `nn.Linear` on exit, so nothing
+outside the block (saving, merging an adapter into the weights) sees a packed layer. A pack is a copy
+of the weight (a second one, transposed, for the input gradient, made at the first backward): the
+block must not change weights, and the caller checks the memory (`pack_bytes`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+# Set on each packed layer: [weight packed for x @ W.T, for g @ W (made at the first backward)].
+PACK = "_toolkit_pack"
+DTYPES = ("float32", "bfloat16")
+
+
+def available() -> bool:
+    """Whether this torch has the oneDNN operators used here (CPU builds with mkldnn)."""
+    try:
+        import torch
+    except ImportError:
+        return False
+    ops = torch.ops.mkldnn
+    return (torch.backends.mkldnn.is_available() and hasattr(ops, "_reorder_linear_weight")
+            and hasattr(ops, "_linear_pointwise"))
+
+
+def pack(weight, rows_hint: int = 1024):
+    """`weight` (out x in) in oneDNN's layout for `x @ weight.T`; `rows_hint` is the expected row
+    count of x (it steers the blocking; measured within ~10% between 32 and 1000 rows)."""
+    import torch
+
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), rows_hint)
+
+
+def matmul(x2, packed, bias=None):
+    """`x2 @ W.T + bias` for a 2-D contiguous `x2` and `packed = pack(W)`."""
+    import torch
+
+    return torch.ops.mkldnn._linear_pointwise(x2, packed, bias, "none", [], "")
+
+
+@functools.cache
+def _function():
+    import torch
+
+    class PackedMatmul(torch.autograd.Function):
+        """y = x @ W.T + b for a frozen W: the backward gives x's gradient only (g @ W, packed too)."""
+
+        @staticmethod
+        def forward(ctx, x2, layer):
+            ctx.layer = layer
+            packs = getattr(layer, PACK)
+            with torch.autocast("cpu", enabled=False):
+                return matmul(x2, packs[0], layer.bias)
+
+        @staticmethod
+        def backward(ctx, g):
+            layer = ctx.layer
+            packs = getattr(layer, PACK, None)
+            with torch.autocast("cpu", enabled=False):
+                if packs is None:  # the block ended between forward and backward
+                    return g @ layer.weight.to(g.dtype), None
+                if packs[1] is None:
+                    packs[1] = pack(layer.weight.t(), g.shape[0])
+                return matmul(g.contiguous(), packs[1]), None
+
+    return PackedMatmul
+
+
+def linear(x, layer):
+    """`layer`'s output for `x`: through its packs when `layer` is packed and x has its dtype, else
+    `F.linear`. The fused LoRA layers call this for their base layer."""
+    import torch
+
+    packs = getattr(layer, PACK, None)
+    if packs is None or x.dtype != layer.weight.dtype:
+        return torch.nn.functional.linear(x, layer.weight, layer.bias)
+    if x.dim() == 2:
+        return _function().apply(x.contiguous(), layer)
+    out = _function().apply(x.reshape(-1, x.shape[-1]).contiguous(), layer)
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+@functools.cache
+def packed_class():
+    import torch
+
+    class PackedLinear(torch.nn.Linear):
+        """An `nn.Linear` whose frozen weight runs pre-packed (see the module)."""
+
+        def forward(self, x):
+            return linear(x, self)
+
+    return PackedLinear
+
+
+def frozen_linears(model, dtype) -> list:
+    """The layers `packed_linears` would pack: plain `nn.Linear`s (no hooks) on the CPU whose weight
+    is frozen and of `dtype` (a torch dtype)."""
+    import torch
+
+    return [m for m in model.modules()
+            if type(m) is torch.nn.Linear and not m.weight.requires_grad and m.weight.device.type == "cpu"
+            and m.weight.dtype == dtype and not m._forward_hooks and not m._forward_pre_hooks]
+
+
+def pack_bytes(model, dtype, backward: bool) -> int:
+    """Memory the packs of `model`'s frozen linears of `dtype` take: a copy of each weight, two
+    when the block trains (tied weights counted once)."""
+    seen = {id(m.weight): m.weight.numel() * m.weight.element_size() for m in frozen_linears(model, dtype)}
+    return sum(seen.values()) * (2 if backward else 1)
+
+
+@contextlib.contextmanager
+def packed_linears(model, dtype, rows_hint: int = 1024):
+    """Within the block, `model`'s frozen CPU `nn.Linear`s of `dtype` run with pre-packed weights;
+    on exit they are plain `nn.Linear`s again (also after an error) and the packs are freed. Yields
+    how many layers it packed (0 where this torch lacks the operators)."""
+    if not available():
+        yield 0
+        return
+    layers = frozen_linears(model, dtype)
+    cls = packed_class()
+    by_weight: dict = {}
+    try:
+        for m in layers:
+            # Tied weights (an LM head that is the embedding) share one pack.
+            setattr(m, PACK, by_weight.setdefault(id(m.weight), [pack(m.weight, rows_hint), None]))
+            m.__class__ = cls
+        yield len(layers)
+    finally:
+        for m in layers:
+            if type(m) is cls:
+                m.__class__ = __import__("torch").nn.Linear
+            if hasattr(m, PACK):
+                delattr(m, PACK)
+
+
+# Packs beyond this share of the RAM available would crowd out the run's own memory.
+MAX_SHARE_OF_AVAILABLE = 0.5
+
+
+def for_device(model, dev: str, dtype: str, training: bool):
+    """(context manager, reason): `packed_linears(model, dtype)` where this machine's calibration
+    says packing pays for `dtype` (toolkit.core.hardware.packed_choice) and the packs fit in half the
+    RAM available, else a block that changes nothing. The reason goes to run.json and the log."""
+    from toolkit.core import hardware
+
+    use, why = hardware.packed_choice(dev, dtype)
+    if not use:
+        return contextlib.nullcontext(0), why
+    need = pack_bytes(model, hardware.torch_dtype(dtype), backward=training)
+    free = hardware.cpu_memory().available_bytes
+    if need > MAX_SHARE_OF_AVAILABLE * free:
+        return contextlib.nullcontext(0), (f"matmuls: torch's (pre-packed weights would take {need / 2**30:.1f} "
+                                           f"of {free / 2**30:.1f} GiB available)")
+    return packed_linears(model, hardware.torch_dtype(dtype)), why
