@@ -10,6 +10,7 @@ after one warm-up, ours and the reference alternating. Greedy outputs are identi
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -34,6 +35,32 @@ def _rates(ours, theirs, repeats: int = REPEATS) -> tuple[float, int, float, int
     ra, rb = max(r for r, _ in a), max(r for r, _ in b)
     print(f"  {ra:.1f} vs {rb:.1f} tok/s ({a[-1][1]} / {b[-1][1]} tokens)", file=sys.stderr, flush=True)
     return ra, a[-1][1], rb, b[-1][1]
+
+
+def _packed_vs_plain(hf, ids, cfg) -> dict:
+    """Our greedy loop on the transformers backend with its linear layers pre-packed for oneDNN
+    (toolkit.core.packed_linear) vs torch's matmul: best of REPEATS each, alternating."""
+    import torch
+
+    from toolkit.core import packed_linear
+    from toolkit.decoding import generate
+
+    hf.close()  # unpacked, whatever from_spec chose; packed again per run below
+    packed, plain, tokens = [], [], set()
+    for i in range(REPEATS + 1):  # the first round warms up
+        for runs, block in ((plain, None), (packed, packed_linear.packed_linears(hf.model, torch.float32))):
+            with block or contextlib.nullcontext():
+                t0 = time.perf_counter()
+                out = generate(hf, ids, cfg)
+                if i:
+                    runs.append(out.new_tokens / (time.perf_counter() - t0))
+                tokens.add(tuple(out.tokens))
+    assert len(tokens) == 1, "pre-packed greedy tokens differ from torch's"
+    a, b = max(packed), max(plain)
+    print(f"  pre-packed {a:.1f} vs {b:.1f} tok/s", file=sys.stderr, flush=True)
+    return {"comparison": "transformers backend: linear layers pre-packed vs torch's matmul", "settings": "greedy",
+            "new_tokens": f"{len(next(iter(tokens)))} / {len(next(iter(tokens)))}", "ours_tok_s": round(a, 1),
+            "reference_tok_s": round(b, 1), "ratio": round(a / b, 2)}
 
 
 def _f16_gguf(hf_dir) -> str:
@@ -70,6 +97,7 @@ def run() -> dict:
     }
     hf_rates = {}
     x = torch.tensor([ids])
+    matmuls = hf.matmuls
     for name, (cfg, kw) in settings.items():
         def ref():
             torch.manual_seed(0)
@@ -81,6 +109,7 @@ def run() -> dict:
         rows.append({"comparison": "ours (transformers) vs model.generate", "settings": name,
                      "new_tokens": f"{n_ours} / {n_theirs}", "ours_tok_s": round(ours, 1),
                      "reference_tok_s": round(theirs, 1), "ratio": round(ours / theirs, 2)})
+    rows.append(_packed_vs_plain(hf, ids, settings["greedy"][0]))
     hf.close()
 
     gguf = _f16_gguf(embedded_hf_dir())
@@ -123,7 +152,10 @@ def run() -> dict:
                   f"reference alternating; prompt of {len(ids)} tokens, up to {NEW_TOKENS} new "
                   f"({NEW_TOKENS // 3} for beam), {threads} threads for torch and llama.cpp, fp32 transformers, f16 "
                   "GGUF. Greedy outputs are token-identical on all four paths; sampled lengths can differ "
-                  "(different random streams). llama.cpp has no beam search: only our loop runs it there."),
+                  "(different random streams). llama.cpp has no beam search: only our loop runs it there. "
+                  f"The transformers backend as the toolkit opens it on this CPU ({matmuls}), model.generate "
+                  "on the same model; the pre-packed row: our greedy loop with the linear layers packed for "
+                  "oneDNN against torch's matmul, alternating, packing outside the timing."),
     }
 
 

@@ -5,7 +5,8 @@ does, no report). After WARMUP steps, PLAIN steps are timed without the profiler
 profiled, from the end of one step to the end of the last, data loading and the optimizer included.
 Each operator's own time goes to one part:
 
-- base GEMMs: the frozen layers' matrix products (forward and input gradient), LoRA's add inside them
+- base GEMMs: the frozen layers' matrix products (forward and input gradient; BLAS or oneDNN with the
+  weight pre-packed, toolkit.core.packed_linear), LoRA's add inside them
   excluded; their GFLOP/s is 2MKN from the recorded shapes over their time;
 - LoRA rank-r products: every matrix product with the adapter's rank as a dimension;
 - LM head: every operator on a vocabulary-wide tensor (logits, softmax, their gradients);
@@ -25,6 +26,7 @@ as detected and forced to AVX2 (fp32), like bench_train.
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -33,6 +35,8 @@ from pathlib import Path
 STEPS, WARMUP, PLAIN = 9, 2, 3
 # The kernels; aten::matmul and aten::linear only dispatch to them (counting them too would count twice).
 GEMMS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm"}
+# oneDNN's product with a pre-packed weight (toolkit.core.packed_linear): x (..., K) by W (N, K).
+LINEARS = {"mkldnn::_linear_pointwise"}
 PARTS = ("base GEMMs", "LoRA rank-r products", "LM head", "attention", "other operators", "outside operators")
 
 
@@ -43,14 +47,18 @@ def part_of(name: str, shapes: list, rank: int, vocab: int) -> str:
         return "attention"
     if vocab in dims:
         return "LM head"
-    if name in GEMMS:
+    if name in GEMMS or name in LINEARS:
         return "LoRA rank-r products" if rank in dims else "base GEMMs"
     return "other operators"
 
 
-def gemm_flops(shapes: list) -> float:
-    """FLOPs of one matrix product from its input shapes: (M, K) @ (K, N), with addmm's
-    accumulator first when there are three; batched (B, M, K) @ (B, K, N) for bmm."""
+def gemm_flops(name: str, shapes: list) -> float:
+    """FLOPs of one matrix product from its name and input shapes: (M, K) @ (K, N), with addmm's
+    accumulator first when there are three; batched (B, M, K) @ (B, K, N) for bmm; a packed linear's
+    (..., K) by its weight (N, K)."""
+    if name in LINEARS:
+        (*rows, k), n = shapes[0], shapes[1][0]
+        return 2.0 * math.prod(rows) * k * n
     mats = [s for s in shapes if isinstance(s, (list, tuple)) and len(s) >= 2][-2:]
     if len(mats) < 2:
         return 0.0
@@ -100,7 +108,7 @@ def profile_steps(tmp: Path) -> dict:
         part = part_of(ev.key, ev.input_shapes, rec.lora.r, vocab)
         secs[part] += ev.self_cpu_time_total / 1e6
         if part == "base GEMMs":
-            flops += ev.count * gemm_flops(ev.input_shapes)
+            flops += ev.count * gemm_flops(ev.key, ev.input_shapes)
     secs["outside operators"] = max(0.0, wall - sum(secs.values()))
     # The faster of a calibration before and after: one alone can land on a slow moment of a shared host.
     calib = max(r.best_flops(info["compute_dtype"]) for r in rates)

@@ -48,6 +48,7 @@ def cpu_rows() -> list[dict]:
     import json
 
     from toolkit.core import calibration
+    from toolkit.core.capability import matmul_rate
     from toolkit.estimate.timeplan import Rates, host_capability, training_dtype
     from toolkit.finetune.trainer import finetune
 
@@ -58,7 +59,8 @@ def cpu_rows() -> list[dict]:
             cap = host_capability()
             cal = calibration.measure(cap)
             dtype = training_dtype(cap)
-            rates = Rates("cpu", cal.best_flops(dtype), cal.bandwidth_bytes_per_s, f"calibration: {dtype}", dtype)
+            rates = Rates("cpu", matmul_rate(cap, dtype, cal), cal.bandwidth_bytes_per_s, f"calibration: {dtype}",
+                          dtype)
             run = finetune(RECIPE, [*sets, f"training.max_steps={STEPS}", "eval.report=false", "data.eval=",
                                     "training.save_steps=0", "training.logging_steps=1"],
                            runs_dir=Path(tmp) / name.replace(" ", "_"), gpu=False)

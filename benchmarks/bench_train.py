@@ -144,8 +144,9 @@ def naive(tmp: Path) -> dict:
 
 
 def cpu_label(cap) -> str:
-    """The benches' cpu column: name, ISA level (and whether forced), cores."""
-    return f"{cap.name} ({cap.isa}{', forced' if cap.forced else ''}), {cap.physical_cores} cores"
+    """The benches' cpu column: name, model numbers, ISA level (and whether forced), cores."""
+    model = f" {cap.model_id}" if cap.model_id else ""
+    return f"{cap.name}{model} ({cap.isa}{', forced' if cap.forced else ''}), {cap.physical_cores} cores"
 
 
 def capability_passes():

@@ -13,12 +13,14 @@ from toolkit.core import calibration as K
 from toolkit.core import capability as C
 
 
-def test_key_changes_with_torch_version_cpu_name_and_gpu():
+def test_key_changes_with_torch_version_cpu_name_model_flags_and_gpu():
     cpu = C.Capability(kind="cpu", name="AMD EPYC", isa="avx2", physical_cores=2, logical_cpus=2)
     keys = {K.key(cpu, "2.13.0"), K.key(cpu, "2.14.0"), K.key(replace(cpu, name="Intel Xeon"), "2.13.0"),
             K.key(replace(cpu, physical_cores=8, logical_cpus=16), "2.13.0"),
-            K.key(C.cuda_record("Tesla T4", (7, 5)), "2.13.0")}
-    assert len(keys) == 5
+            K.key(C.cuda_record("Tesla T4", (7, 5)), "2.13.0"),
+            K.key(replace(cpu, model_id="family 26 model 2 stepping 1"), "2.13.0"),
+            K.key(replace(cpu, flags=("avx2", "fma")), "2.13.0")}
+    assert len(keys) == 7
     # A forced record measures the same hardware: same key.
     assert K.key(replace(cpu, isa="amx", native_bf16=True, forced="amx"), "2.13.0") == K.key(cpu, "2.13.0")
 

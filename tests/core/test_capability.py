@@ -55,6 +55,17 @@ def test_cpuinfo_samples_parse_to_isa_cores_and_bf16():
     assert got["epyc"].name == "AMD EPYC" and got["epyc"].flags == ("avx2", "fma")
     assert got["spr"].flags == ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile")
     assert got["zen4"].name == "AMD EPYC 9654 96-Core Processor"
+    assert got["arm"].model_id == "part 0xd40" and got["epyc"].model_id == ""
+
+
+def test_model_numbers_tell_apart_cpus_a_vm_names_alike():
+    # A KVM guest names Zen 4 and Zen 5 both "AMD EPYC"; fp32 matmuls measured ~2x apart on the two.
+    zen = {fam: C.cpu_record(EPYC_AVX2.replace("model name\t: AMD EPYC\n",
+                                               f"cpu family\t: {fam}\nmodel\t\t: {m}\nmodel name\t: AMD EPYC\n"
+                                               "stepping\t: 1\n"))
+           for fam, m in ((25, 17), (26, 2))}
+    assert zen[25].name == zen[26].name == "AMD EPYC"
+    assert (zen[25].model_id, zen[26].model_id) == ("family 25 model 17 stepping 1", "family 26 model 2 stepping 1")
 
 
 def test_this_machine_is_detected():
@@ -149,6 +160,10 @@ def test_packed_matmuls_only_where_measured_faster_on_a_cpu():
     assert C.packed_matmuls(AMX, "bfloat16", _Cal(100e9, 400e9))[0] is False  # not measured: not used
     for gpu in (T4, C.cuda_record("NVIDIA A100-SXM4-40GB", (8, 0))):
         assert C.packed_matmuls(gpu, "bfloat16", zen4) == (False, "matmuls: cuBLAS")
+    # The time model takes the rate of the path taken; MFU the faster of the two.
+    assert C.matmul_rate(AVX512_BF16, "float32", zen4) == 207.6e9
+    assert C.matmul_rate(AVX512_BF16, "bfloat16", zen4) == 393.1e9
+    assert C.matmul_rate(AVX2, "float32", _Cal(120e9, 1e9)) == 120e9
 
 
 def test_forced_capability_overrides_flags_and_calibration():

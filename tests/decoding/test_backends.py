@@ -46,6 +46,25 @@ def test_hf_greedy_equals_generate(hf, hf_greedy):
     assert ours.text == hf.tokenizer.decode(ref, skip_special_tokens=True)
 
 
+@pytest.mark.slow
+def test_hf_pre_packed_linears_decode_the_same_tokens(hf, hf_greedy):
+    # from_spec packs where this CPU's calibration says it pays; here both ways, whatever it said.
+    from toolkit.core import packed_linear
+    from toolkit.decoding.backends.hf import HFBackend
+
+    assert hf.matmuls.startswith("matmuls: ")
+    ids, packed_or_not = hf_greedy
+    plain = HFBackend(hf.model, hf.tokenizer)
+    hf.close()  # the module's backend: unpacks; reopened packed below
+    assert not any(hasattr(m, packed_linear.PACK) for m in hf.model.modules())
+    assert generate(plain, ids, DecodingConfig(max_new_tokens=24)).tokens == packed_or_not.tokens
+    with packed_linear.packed_linears(hf.model, torch.float32) as n:
+        if packed_linear.available():
+            assert n == sum(type(m).__name__ == "PackedLinear" for m in hf.model.modules()) > 0
+        assert generate(plain, ids, DecodingConfig(max_new_tokens=24)).tokens == packed_or_not.tokens
+    hf.pack("float32")  # as from_spec left it (packed or not, by the calibration)
+
+
 @pytest.fixture(scope="module")
 def beam_ref(hf):
     """transformers' own beam search (num_beams=4) on the embedded model."""

@@ -91,7 +91,8 @@ def key(cap: Capability, torch_ver: str) -> str:
     change it: the measurement is of the real hardware."""
     if cap.kind == "cuda":
         return f"cuda|{cap.name}|{cap.isa}|torch {torch_ver}"
-    return f"cpu|{cap.name}|{threads(cap)} threads|torch {torch_ver}"
+    # The real flags, not the (forceable) ISA level: the measurement is of the hardware.
+    return f"cpu|{cap.name}|{cap.model_id}|{' '.join(cap.flags)}|{threads(cap)} threads|torch {torch_ver}"
 
 
 def cache_path() -> Path:

@@ -44,14 +44,17 @@ class Capability:
     compute_capability: tuple[int, int] | None = None
     torch_capability: str | None = None  # torch.backends.cpu.get_cpu_capability(), e.g. "AVX2"
     forced: str | None = None
+    # The CPU's model numbers ("family 26 model 2 stepping 1" on x86): a VM often names Zen 4 and
+    # Zen 5 alike ("AMD EPYC"), and their matmul rates differ ~2x.
+    model_id: str = ""
 
 
 def parse_cpuinfo(text: str) -> dict:
-    """Model name, flag set and physical core count from /proc/cpuinfo text.
+    """Model name, model numbers, flag set and physical core count from /proc/cpuinfo text.
 
     Physical cores are the distinct (physical id, core id) pairs, so SMT siblings count once;
     without core ids (some VMs, ARM) every listed processor counts as a core."""
-    name, flags, cores, processors = "", set(), set(), 0
+    name, model_id, flags, cores, processors = "", "", set(), set(), 0
     phys = None
     for block in text.split("\n\n"):
         fields = {}
@@ -63,12 +66,16 @@ def parse_cpuinfo(text: str) -> dict:
             continue
         processors += 1
         name = name or fields.get("model name") or fields.get("Model") or fields.get("cpu model", "")
+        # x86: family / model / stepping; ARM: implementer / part / variant / revision.
+        ids = [(k, fields[k]) for k in ("cpu family", "model", "stepping", "CPU implementer", "CPU part",
+                                        "CPU variant", "CPU revision") if fields.get(k)]
+        model_id = model_id or " ".join(f"{k.removeprefix('cpu ').removeprefix('CPU ')} {v}" for k, v in ids)
         # x86 says "flags", ARM says "Features".
         flags |= set((fields.get("flags") or fields.get("Features") or "").split())
         phys = fields.get("physical id", "0")
         if "core id" in fields:
             cores.add((phys, fields["core id"]))
-    return {"name": name or "unknown CPU", "flags": flags,
+    return {"name": name or "unknown CPU", "model_id": model_id, "flags": flags,
             "physical_cores": len(cores) if cores else processors}
 
 
@@ -107,7 +114,7 @@ def cpu_record(cpuinfo: str, logical_cpus: int | None = None, torch_capability: 
     return Capability(
         kind="cpu", name=info["name"], isa=isa, flags=tuple(f for f in RELEVANT_FLAGS if f in flags),
         physical_cores=cores, logical_cpus=max(1, logical_cpus or cores), native_bf16=native_bf16,
-        native_fp16=native_fp16, torch_capability=torch_capability, forced=forced,
+        native_fp16=native_fp16, torch_capability=torch_capability, forced=forced, model_id=info["model_id"],
     )
 
 
@@ -242,3 +249,11 @@ def packed_matmuls(cap: Capability, dtype: str, calibration=None) -> tuple[bool,
                       f"torch's matmul: {packed / 1e9:.0f} vs {plain / 1e9:.0f} GFLOP/s)")
     return False, (f"matmuls: torch's (pre-packed {dtype} measured {packed / plain:.2f}x, "
                    f"under {PACKED_MIN_GAIN}x)")
+
+
+def matmul_rate(cap: Capability, dtype: str, calibration) -> float:
+    """The calibrated FLOP/s the frozen layers' matmuls run at in `dtype`: the pre-packed rate
+    where `packed_matmuls` takes that path, else torch's (0 when unmeasured). MFU divides by the
+    faster of the two instead (`Calibration.best_flops`): the machine's limit, not the path taken."""
+    use, _ = packed_matmuls(cap, dtype, calibration)
+    return (calibration.packed_flops if use else calibration.matmul_flops).get(dtype, 0.0)

@@ -95,7 +95,9 @@ def rates_here(dtype: str | None = None) -> Rates:
     dtype = dtype or training_dtype(cap)
     if dtype not in cal.matmul_flops:
         dtype = "float32"
-    flops = cal.best_flops(dtype)  # the frozen layers run pre-packed where that measured faster
+    from toolkit.core.capability import matmul_rate
+
+    flops = matmul_rate(cap, dtype, cal)  # pre-packed where that path is taken
     kind = "cuda" if cap.kind == "cuda" else "cpu"
     return Rates(kind, flops, cal.bandwidth_bytes_per_s, f"calibration: {dtype} {flops / 1e9:.1f} GFLOP/s, "
                  f"{cal.bandwidth_bytes_per_s / 1e9:.1f} GB/s", dtype)
