@@ -14,7 +14,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "finance"
-STEPS = int(os.environ.get("BENCH_TIME_STEPS", "8"))
+STEPS = int(os.environ.get("BENCH_TIME_STEPS", "16"))
+RUNS = 2  # per setting, alternating
 SETTINGS = {
     "finance (cpu profile: method auto = LoRA here)": [],
     "seq 256": ["data.max_seq_len=256"],
@@ -52,26 +53,34 @@ def cpu_rows() -> list[dict]:
     from toolkit.estimate.timeplan import Rates, host_capability, training_dtype
     from toolkit.finetune.trainer import finetune
 
-    rows = []
+    runs: dict[str, list] = {name: [] for name in SETTINGS}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, sets in SETTINGS.items():
-            # measured right before each run: on a shared machine the rate moves with the load
-            cap = host_capability()
-            cal = calibration.measure(cap)
-            dtype = training_dtype(cap)
-            rates = Rates("cpu", matmul_rate(cap, dtype, cal), cal.bandwidth_bytes_per_s, f"calibration: {dtype}",
-                          dtype)
-            run = finetune(RECIPE, [*sets, f"training.max_steps={STEPS}", "eval.report=false", "data.eval=",
-                                    "training.save_steps=0", "training.logging_steps=1"],
-                           runs_dir=Path(tmp) / name.replace(" ", "_"), gpu=False)
-            info = json.loads((run / "run.json").read_text())
-            measured = info["tokens_per_s"]
-            # The share of tokens with a label is a property of the data (the trainer scores only those).
-            predicted = _predict(sets, rates, dtype, info["trained_tokens_per_epoch"] / info["train_tokens_per_epoch"])
-            rows.append({"measure": "train tok/s (this CPU)", "setting": name, "steps": info["steps"],
-                         "calibrated GFLOP/s": round(rates.flops / 1e9, 1), "predicted tok/s": round(predicted, 1),
-                         "measured tok/s": measured, "error": f"{100 * (predicted / measured - 1):+.1f}%",
-                         "target": "+-20%"})
+        # The settings alternate, RUNS rounds: on a shared machine the load moves between runs.
+        for i in range(RUNS):
+            for name, sets in SETTINGS.items():
+                # measured right before each run, for the same reason
+                cap = host_capability()
+                cal = calibration.measure(cap)
+                dtype = training_dtype(cap)
+                run = finetune(RECIPE, [*sets, f"training.max_steps={STEPS}", "eval.report=false", "data.eval=",
+                                        "training.save_steps=0", "training.logging_steps=1"],
+                               runs_dir=Path(tmp) / f"{name.replace(' ', '_')}-{i}", gpu=False)
+                info = json.loads((run / "run.json").read_text())
+                runs[name].append((matmul_rate(cap, dtype, cal), cal.bandwidth_bytes_per_s, dtype, info))
+    rows = []
+    for name, sets in SETTINGS.items():
+        # Best of the runs on both sides, as the calibration itself is (best of 10 matmuls): other
+        # processes only ever slow a run down, and the model predicts the machine unloaded.
+        flops, bandwidth = max(r[0] for r in runs[name]), max(r[1] for r in runs[name])
+        dtype, info = runs[name][0][2], max((r[3] for r in runs[name]), key=lambda d: d["tokens_per_s"])
+        rates = Rates("cpu", flops, bandwidth, f"calibration: {dtype}", dtype)
+        measured = info["tokens_per_s"]
+        # The share of tokens with a label is a property of the data (the trainer scores only those).
+        predicted = _predict(sets, rates, dtype, info["trained_tokens_per_epoch"] / info["train_tokens_per_epoch"])
+        rows.append({"measure": "train tok/s (this CPU)", "setting": name, "steps": info["steps"],
+                     "calibrated GFLOP/s": round(rates.flops / 1e9, 1), "predicted tok/s": round(predicted, 1),
+                     "measured tok/s": measured, "runs tok/s": " / ".join(str(r[3]["tokens_per_s"]) for r in runs[name]),
+                     "error": f"{100 * (predicted / measured - 1):+.1f}%", "target": "+-20%"})
     return rows
 
 
@@ -104,9 +113,10 @@ def run() -> dict:
         "title": "toolkit estimate: time model vs measured training speed",
         "rows": rows,
         "notes": (f"CPU rows: {STEPS} optimizer steps of recipes/finance (cpu profile, embedded SmolLM2-135M) through "
-                  "toolkit.finetune.trainer.finetune, tokens/s as run.json reports it (first step included); the "
-                  "calibration (matmul rate in the training dtype) is measured right before each run because the "
-                  "machine is shared. litgpt rows: published 1xA10G wall times; a check needs the number of "
+                  "toolkit.finetune.trainer.finetune, tokens/s as run.json reports it (first step included), "
+                  f"{RUNS} runs a setting, the settings alternating; the calibration (the matmul rate of the path "
+                  "taken in the training dtype, and the memory bandwidth) is measured right before each run "
+                  "because the machine is shared, and both sides take the best of their runs. litgpt rows: published 1xA10G wall times; a check needs the number of "
                   "tokens trained, which litgpt does not publish: 'implied tokens per example' is what the "
                   "predicted rate would need (Alpaca examples are ~100-300 tokens with the Llama 3 tokenizer)."),
     }

@@ -112,16 +112,22 @@ def time_fields(m, est, rates: Rates, *, targets: tuple[str, ...], labelled_frac
     out: dict = {"source": rates.source}
     seq = est.seq_len
     fwd = sum(T.forward_flops_per_token(m, seq).values())
+    bw = rates.bandwidth_bytes_per_s
+    # A CPU's elementwise work (fwd + bwd); a forward alone does about a third of it.
+    rest = 0.0
+    if rates.device == "cpu":
+        rest = T.cpu_elementwise_bytes_per_token(m, 2 if rates.dtype == "bfloat16" else 4)
     if est.task != "inference":
         f = T.train_flops_per_token(m, method=est.task, seq_len=seq, lora_r=est.lora_r or 0, targets=targets,
                                     grad_ckpt=bool(est.grad_ckpt), labelled_fraction=labelled_fraction)
-        tps = T.train_tokens_per_s(f.total, rates.flops, eff)
+        tps = T.train_tokens_per_s(f.total, rates.flops, eff, rest, bw)
         out["train_flops_per_token"] = f.total
         out["train_tokens_per_s"] = round(tps, 2)
         if run is not None:
             decode = T.decode_tokens_per_s(T.decode_bytes_per_token(est.components["weights"], 0, 0),
                                            rates.bandwidth_bytes_per_s)
-            eval_s = (run.eval_rounds * run.eval_tokens + run.report_tokens) * fwd / (rates.flops * eff)
+            eval_s = T.prefill_seconds(run.eval_rounds * run.eval_tokens + run.report_tokens, fwd, rates.flops, eff,
+                                       rest / 3, bw)
             report_s = run.generated_tokens / decode
             # Preparation: reading the weights and (QLoRA) quantizing them, a few passes over the bytes.
             prepare_s = 4 * est.components["weights"] / rates.bandwidth_bytes_per_s
@@ -133,5 +139,5 @@ def time_fields(m, est, rates: Rates, *, targets: tuple[str, ...], labelled_frac
     ctx = est.seq_len
     out["decode_tokens_per_s"] = round(T.decode_tokens_per_s(
         T.decode_bytes_per_token(est.components["weights"], kv_per_token, ctx), rates.bandwidth_bytes_per_s), 2)
-    out["prefill_s"] = round(T.prefill_seconds(prompt_tokens or ctx, fwd, rates.flops, eff), 3)
+    out["prefill_s"] = round(T.prefill_seconds(prompt_tokens or ctx, fwd, rates.flops, eff, rest / 3, bw), 3)
     return out

@@ -19,27 +19,28 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Share of the device's measured matmul rate that a training step reaches, from one measurement
-# each (not fitted per row):
-# - "cpu": the finance recipe's CPU profile (`make finetune RECIPE=finance`, no overrides, in
-#   `make bench`) on the 2-core AMD EPYC (AVX2) machine, 2026-11-22 08:58 UTC: 223.8 tok/s over the
-#   whole 40-step run with fp32 compute (LoRA r16 on all linears, padding-free packing with
-#   per-conversation attention, LM head on labelled positions only through cpu_lm_head: 25,213 of
-#   the train split's 55,519 tokens), while the calibration in the same bench measured 187.3
-#   GFLOP/s fp32. train_flops_per_token for that run (seq 512, no checkpointing, labelled_fraction
-#   0.454) = 0.5586 GFLOP, so 223.8 x 0.5586e9 / 187.3e9 = 0.67.
+# A training step's time, per trained token: its FLOPs at the device's measured matmul rate x
+# TRAIN_EFFICIENCY, plus on a CPU the work that does not speed up with the matmuls (norms, rotary,
+# SiLU, casts, LoRA's rank-r products, the LM head's softmax, autograd): CPU_ELEMENTWISE_PASSES x
+# layers x (hidden + intermediate) elements of the compute dtype at the measured memory bandwidth.
+# - CPU: fitted to four runs of the finance recipe's CPU profile (`make finetune RECIPE=finance`,
+#   40 steps, LoRA r16 on all linears, padding-free packing, LM head on labelled positions only:
+#   0.5586 GFLOP per trained token) on two 2-core AMD EPYCs with AVX512-BF16, each run in bf16 and
+#   forced to fp32 in one `make bench`: Zen 4 (family 25), 2026-12-03 10:30 UTC, 321.7 tok/s bf16 at
+#   369.5 GFLOP/s and 220.6 tok/s fp32 at 190.8; Zen 5 (family 26), 17:18 UTC, 588.9 tok/s bf16 at
+#   910.0 and 360.5 fp32 at 453.4 (the faster of torch's and the pre-packed matmul). Per dtype, two
+#   runs give the two unknowns: bf16 0.637 and 0.734 ms a token, fp32 0.964 and 1.496 ms. The
+#   remainder doubling with the element size is what makes it memory traffic: at 40 GB/s (the Zen 5
+#   calibration's copy bandwidth; Zen 4's was not recorded and is taken as the same) it is 232 and
+#   236 passes over a token's layer activations, so one constant, 234. With one term (an efficiency
+#   alone, fitted on the Zen 4) the model read the Zen 5's bf16 run 33-47% too fast.
 # - "cuda": litgpt's published A10G Llama-3.2-1B wall times (config_hub/finetune/README.md) come
 #   without their token counts, and no GPU was at hand to measure; until a measured GPU run
-#   replaces it, 0.45 (the CPU share of the earlier, slower CPU path) stands in. benchmarks/
-#   bench_time.py shows it is too high there (the A10G rows imply more tokens per example than
-#   litgpt's 512 cap).
-# - "cpu bfloat16": the same run on a 2-core AMD EPYC with AVX512-BF16 (native bf16, chosen by the
-#   capability record), `make bench` of 2026-12-02 16:00 UTC, after the bf16 path's attention went
-#   to fp32 and its LoRA layers stopped round-tripping their inputs through fp32: 312.5 tok/s over
-#   the 40-step run in bf16, with the same bench's calibration at 392.3 GFLOP/s bf16:
-#   x 0.5586e9 / rate = 0.44. (Before those changes: 0.42 and 0.30 in two runs the same day.) The
-#   elementwise work and the attention around the matmuls do not speed up with them.
-TRAIN_EFFICIENCY = {"cpu": 0.67, "cpu bfloat16": 0.44, "cuda": 0.45}
+#   replaces it, 0.45 (the CPU share of an earlier, slower CPU path) stands in, with no second
+#   term. benchmarks/bench_time.py shows it is too high there (the A10G rows imply more tokens per
+#   example than litgpt's 512 cap).
+TRAIN_EFFICIENCY = {"cpu": 0.96, "cpu bfloat16": 0.64, "cuda": 0.45}
+CPU_ELEMENTWISE_PASSES = 234
 # Decode reads weights at close to the measured bandwidth: llama.cpp f16 decode of the 135M model
 # on the same CPU, 69 tok/s x 270 MB = 18.6 GB/s, matches its measured copy bandwidth (DESIGN.md).
 DECODE_EFFICIENCY = 1.0
@@ -109,11 +110,22 @@ def train_efficiency(device: str, dtype: str) -> float:
     return TRAIN_EFFICIENCY.get(f"{device} {dtype}", TRAIN_EFFICIENCY[device])
 
 
-def train_tokens_per_s(flops_per_token: float, device_flops: float, efficiency: float) -> float:
-    """Trained tokens per second: device FLOP/s x efficiency / FLOPs per token."""
+def cpu_elementwise_bytes_per_token(m, dtype_bytes: int) -> float:
+    """Bytes of a CPU training step's work outside the matmuls per trained token (fwd + bwd):
+    CPU_ELEMENTWISE_PASSES over the token's layer activations, `dtype_bytes` an element."""
+    return CPU_ELEMENTWISE_PASSES * m.layers * (m.hidden + m.intermediate) * dtype_bytes
+
+
+def train_tokens_per_s(flops_per_token: float, device_flops: float, efficiency: float,
+                       bytes_per_token: float = 0.0, bandwidth_bytes_per_s: float = 0.0) -> float:
+    """Trained tokens per second: one token takes FLOPs / (device FLOP/s x efficiency), plus
+    `bytes_per_token` / bandwidth where given (a CPU's elementwise work)."""
     if flops_per_token <= 0 or device_flops <= 0 or efficiency <= 0:
         raise ValueError("flops_per_token, device_flops and efficiency must be positive")
-    return device_flops * efficiency / flops_per_token
+    if bytes_per_token < 0 or (bytes_per_token and bandwidth_bytes_per_s <= 0):
+        raise ValueError("bytes_per_token needs a positive bandwidth")
+    seconds = flops_per_token / (device_flops * efficiency)
+    return 1.0 / (seconds + (bytes_per_token / bandwidth_bytes_per_s if bytes_per_token else 0.0))
 
 
 def decode_bytes_per_token(weight_bytes: int, kv_bytes_per_token: float, context: int) -> float:
@@ -130,9 +142,11 @@ def decode_tokens_per_s(bytes_per_token: float, bandwidth_bytes_per_s: float,
 
 
 def prefill_seconds(prompt_tokens: int, forward_flops_per_token: float, device_flops: float,
-                    efficiency: float) -> float:
-    """Time to process a prompt: compute-bound, forward FLOPs x tokens / (FLOP/s x efficiency)."""
-    return prompt_tokens * forward_flops_per_token / (device_flops * efficiency)
+                    efficiency: float, bytes_per_token: float = 0.0, bandwidth_bytes_per_s: float = 0.0) -> float:
+    """Time to process a prompt: forward FLOPs x tokens / (FLOP/s x efficiency), plus the tokens'
+    `bytes_per_token` at the bandwidth where given (a CPU's elementwise work)."""
+    rest = prompt_tokens * bytes_per_token / bandwidth_bytes_per_s if bytes_per_token else 0.0
+    return prompt_tokens * forward_flops_per_token / (device_flops * efficiency) + rest
 
 
 def train_wall_seconds(steps: int, tokens_per_step: int, tokens_per_s: float, *, prepare_s: float = 0.0,
