@@ -66,14 +66,15 @@ def cpu_rows() -> list[dict]:
                                         "training.save_steps=0", "training.logging_steps=1"],
                                runs_dir=Path(tmp) / f"{name.replace(' ', '_')}-{i}", gpu=False)
                 info = json.loads((run / "run.json").read_text())
-                runs[name].append((matmul_rate(cap, dtype, cal), cal.bandwidth_bytes_per_s, dtype, info))
+                runs[name].append((matmul_rate(cap, dtype, cal), cal.bandwidth_bytes_per_s, dtype, info,
+                                   cal.matmul_flops[dtype]))
     rows = []
     for name, sets in SETTINGS.items():
         # Best of the runs on both sides, as the calibration itself is (best of 10 matmuls): other
         # processes only ever slow a run down, and the model predicts the machine unloaded.
         flops, bandwidth = max(r[0] for r in runs[name]), max(r[1] for r in runs[name])
         dtype, info = runs[name][0][2], max((r[3] for r in runs[name]), key=lambda d: d["tokens_per_s"])
-        rates = Rates("cpu", flops, bandwidth, f"calibration: {dtype}", dtype)
+        rates = Rates("cpu", flops, bandwidth, f"calibration: {dtype}", dtype, max(r[4] for r in runs[name]))
         measured = info["tokens_per_s"]
         # The share of tokens with a label is a property of the data (the trainer scores only those).
         predicted = _predict(sets, rates, dtype, info["trained_tokens_per_epoch"] / info["train_tokens_per_epoch"])

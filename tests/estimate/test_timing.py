@@ -103,10 +103,18 @@ def test_time_fields_use_the_rates_dtype():
     f32 = time_fields(m, est, Rates("cpu", 100e9, 20e9, "t"), targets=ALL_LINEAR)["train_tokens_per_s"]
     b16 = time_fields(m, est, Rates("cpu", 100e9, 20e9, "t", "bfloat16"), targets=ALL_LINEAR)["train_tokens_per_s"]
     flops = T.train_flops_per_token(m, method="lora", seq_len=512, lora_r=16, targets=ALL_LINEAR).total
-    # By hand: FLOPs at the rate x efficiency, plus 234 passes over 30 x (576 + 1536) elements at 20 GB/s.
+    # By hand: FLOPs at the rate x efficiency, plus 234 passes over 30 x (576 + 1536) elements at
+    # 40 GB/s (a fixed rate: not the rates' bandwidth).
     for got, eff, nbytes in ((f32, 0.96, 4), (b16, 0.64, 2)):
-        seconds = flops / (100e9 * eff) + 234 * 30 * (576 + 1536) * nbytes / 20e9
+        seconds = flops / (100e9 * eff) + 234 * 30 * (576 + 1536) * nbytes / 40e9
         assert got == pytest.approx(1 / seconds, rel=1e-3)
+    # QLoRA's 4-bit layers are not pre-packed: they train at torch's own matmul rate.
+    qlora = estimate(m, "qlora", "nf4-dq", 512, 2, 16, False, ALL_LINEAR, device="cpu")
+    packed = Rates("cpu", 200e9, 20e9, "t", "float32", unpacked_flops=100e9)
+    assert (time_fields(m, qlora, packed, targets=ALL_LINEAR)["train_tokens_per_s"]
+            == time_fields(m, qlora, Rates("cpu", 100e9, 20e9, "t"), targets=ALL_LINEAR)["train_tokens_per_s"])
+    assert (time_fields(m, est, packed, targets=ALL_LINEAR)["train_tokens_per_s"]
+            == time_fields(m, est, Rates("cpu", 200e9, 20e9, "t"), targets=ALL_LINEAR)["train_tokens_per_s"])
 
 
 @pytest.mark.parametrize("text,secs", [("90s", 90), ("30m", 1800), ("1.5h", 5400), ("2h30m", 9000), ("45", 45)])

@@ -54,6 +54,9 @@ class Rates:
     bandwidth_bytes_per_s: float
     source: str
     dtype: str = "float32"  # the compute dtype `flops` was measured in (picks the efficiency)
+    # The rate of torch's own matmul where `flops` is that of frozen layers pre-packed for oneDNN
+    # (toolkit.core.packed_linear): QLoRA's 4-bit layers are not packed.
+    unpacked_flops: float | None = None
 
 
 def rates_for_gpu(name: str) -> Rates | None:
@@ -100,7 +103,7 @@ def rates_here(dtype: str | None = None) -> Rates:
     flops = matmul_rate(cap, dtype, cal)  # pre-packed where that path is taken
     kind = "cuda" if cap.kind == "cuda" else "cpu"
     return Rates(kind, flops, cal.bandwidth_bytes_per_s, f"calibration: {dtype} {flops / 1e9:.1f} GFLOP/s, "
-                 f"{cal.bandwidth_bytes_per_s / 1e9:.1f} GB/s", dtype)
+                 f"{cal.bandwidth_bytes_per_s / 1e9:.1f} GB/s", dtype, cal.matmul_flops[dtype])
 
 
 def time_fields(m, est, rates: Rates, *, targets: tuple[str, ...], labelled_fraction: float = 1.0,
@@ -112,7 +115,7 @@ def time_fields(m, est, rates: Rates, *, targets: tuple[str, ...], labelled_frac
     out: dict = {"source": rates.source}
     seq = est.seq_len
     fwd = sum(T.forward_flops_per_token(m, seq).values())
-    bw = rates.bandwidth_bytes_per_s
+    bw = T.CPU_ELEMENTWISE_BYTES_PER_S
     # A CPU's elementwise work (fwd + bwd); a forward alone does about a third of it.
     rest = 0.0
     if rates.device == "cpu":
@@ -120,7 +123,9 @@ def time_fields(m, est, rates: Rates, *, targets: tuple[str, ...], labelled_frac
     if est.task != "inference":
         f = T.train_flops_per_token(m, method=est.task, seq_len=seq, lora_r=est.lora_r or 0, targets=targets,
                                     grad_ckpt=bool(est.grad_ckpt), labelled_fraction=labelled_fraction)
-        tps = T.train_tokens_per_s(f.total, rates.flops, eff, rest, bw)
+        # QLoRA's 4-bit layers run torch's matmul (only plain nn.Linear layers are pre-packed).
+        train_flops = (rates.unpacked_flops or rates.flops) if est.task == "qlora" else rates.flops
+        tps = T.train_tokens_per_s(f.total, train_flops, eff, rest, bw)
         out["train_flops_per_token"] = f.total
         out["train_tokens_per_s"] = round(tps, 2)
         if run is not None:
