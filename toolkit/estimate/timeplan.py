@@ -102,8 +102,10 @@ def rates_here(dtype: str | None = None) -> Rates:
 
     flops = matmul_rate(cap, dtype, cal)  # pre-packed where that path is taken
     kind = "cuda" if cap.kind == "cuda" else "cpu"
-    return Rates(kind, flops, cal.bandwidth_bytes_per_s, f"calibration: {dtype} {flops / 1e9:.1f} GFLOP/s, "
-                 f"{cal.bandwidth_bytes_per_s / 1e9:.1f} GB/s", dtype, cal.matmul_flops[dtype])
+    unpacked = cal.matmul_flops[dtype]
+    packed = f" pre-packed ({unpacked / 1e9:.1f} not: QLoRA's 4-bit layers)" if flops != unpacked else ""
+    return Rates(kind, flops, cal.bandwidth_bytes_per_s, f"calibration: {dtype} {flops / 1e9:.1f} GFLOP/s{packed}, "
+                 f"{cal.bandwidth_bytes_per_s / 1e9:.1f} GB/s", dtype, unpacked)
 
 
 def time_fields(m, est, rates: Rates, *, targets: tuple[str, ...], labelled_fraction: float = 1.0,
