@@ -27,11 +27,13 @@ def test_key_changes_with_torch_version_cpu_name_model_flags_and_gpu():
 
 def test_from_dict_rejects_what_is_not_a_record():
     good = {"key": "k", "device": "cpu x", "matmul_flops": {"float32": 1e10, "bfloat16": 1e9},
-            "bandwidth_bytes_per_s": 1e10, "seconds": 1.0, "torch": "2.13.0", "packed_flops": {"float32": 2e10}}
+            "bandwidth_bytes_per_s": 1e10, "seconds": 1.0, "torch": "2.13.0", "packed_flops": {"float32": 2e10},
+            "attention_s": {"float32 sdpa": 0.008, "float32 bmm": 0.009}}
     assert asdict(K.Calibration.from_dict(good)) == good
     for bad in ({**good, "matmul_flops": {"bfloat16": 1e9}}, {**good, "bandwidth_bytes_per_s": "fast"},
                 {k: v for k, v in good.items() if k != "torch"}, {**good, "matmul_flops": [1, 2]},
-                {**good, "matmul_flops": {"float32": 0.0}}, {**good, "packed_flops": {"float32": -1.0}}):
+                {**good, "matmul_flops": {"float32": 0.0}}, {**good, "packed_flops": {"float32": -1.0}},
+                {**good, "attention_s": {"float32 bmm": 0.0}}):
         with pytest.raises(ValueError):
             K.Calibration.from_dict(bad)
 
@@ -59,6 +61,8 @@ def test_cache_round_trip_keeps_other_machines_and_rebuilds_a_corrupt_file(tmp_p
         assert "float32" in cal.packed_flops and min(cal.packed_flops.values()) > 0
         assert cal.best_flops("float32") == max(cal.matmul_flops["float32"], cal.packed_flops["float32"])
     assert cal.bandwidth_bytes_per_s > 0
+    # every packed-row attention kernel timed in fp32 (never emulated), forward and backward
+    assert set(cal.attention_s) >= {"float32 sdpa", "float32 bmm"} and min(cal.attention_s.values()) > 0
     records = json.loads(path.read_text())["records"]
     assert records[other["key"]] == other and records[cal.key] == asdict(cal)
     mtime = path.stat().st_mtime_ns

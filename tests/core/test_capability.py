@@ -108,19 +108,41 @@ def test_dtype_choice_per_machine(cap, train, infer):
     assert C.choose_dtype(cap, "infer")[0] == infer
 
 
-@pytest.mark.parametrize("cap, compute, attn", [
-    (AVX2, "float32", "float32"),
-    (AVX2, "bfloat16", "float32"),  # bf16 forced on a CPU that only emulates it
-    (AVX512_BF16, "bfloat16", "float32"),
-    (AVX512_BF16, "float32", "float32"),
-    (AMX, "bfloat16", "bfloat16"),
-    (T4, "float16", "float16"),
-    (RTX3060, "bfloat16", "bfloat16"),
-    (A100, "bfloat16", "bfloat16"),
+@pytest.mark.parametrize("cap, compute, kernel", [
+    (AVX2, "float32", "sdpa"),
+    (AVX2, "bfloat16", "sdpa_fp32"),  # bf16 forced on a CPU that only emulates it
+    (AVX512_BF16, "bfloat16", "sdpa_fp32"),
+    (AVX512_BF16, "float32", "sdpa"),
+    (AMX, "bfloat16", "sdpa"),
+    (T4, "float16", "sdpa"),
+    (RTX3060, "bfloat16", "sdpa"),
+    (A100, "bfloat16", "sdpa"),
 ])
-def test_attention_dtype_per_machine(cap, compute, attn):
-    got, why = C.attention_dtype(cap, compute)
-    assert got == attn and why
+def test_packed_attention_rule_per_machine_without_measurements(cap, compute, kernel):
+    got, fallback, why = C.packed_attention(cap, compute)
+    assert (got, fallback) == (kernel, kernel) and why
+
+
+def _timed(**ms):
+    cal = _Cal(100e9, 400e9)
+    cal.attention_s = {k.replace("__", " "): v / 1e3 for k, v in ms.items()}
+    return cal
+
+
+def test_packed_attention_takes_the_fastest_measured_kernel():
+    # Measured on the Zen 5 EPYC (calibration, 2026-12-04): bf16 SDPA 14.6, SDPA in fp32 7.9, bmm 3.6 ms
+    # a layer; fp32 SDPA 7.9, bmm 8.7.
+    zen5 = _timed(bfloat16__sdpa=14.6, bfloat16__sdpa_fp32=7.9, bfloat16__bmm=3.6, float32__sdpa=7.9, float32__bmm=8.7)
+    kernel, fallback, why = C.packed_attention(AVX512_BF16, "bfloat16", zen5)
+    assert (kernel, fallback) == ("bmm", "sdpa_fp32") and "2.2x" in why and "3.6 vs 7.9 ms" in why
+    assert C.packed_attention(AVX512_BF16, "float32", zen5)[:2] == ("sdpa", "sdpa")
+    # bmm needs a clear gain; the faster SDPA variant is both kernel and fallback otherwise.
+    close = _timed(bfloat16__sdpa=5.0, bfloat16__sdpa_fp32=7.9, bfloat16__bmm=4.5)
+    assert C.packed_attention(AMX, "bfloat16", close)[:2] == ("sdpa", "sdpa")
+    # Another dtype's times do not decide this one's: unmeasured bf16 falls back to the rule.
+    assert C.packed_attention(AVX512_BF16, "bfloat16", _timed(float32__sdpa=9.0, float32__bmm=1.0))[:2] == (
+        "sdpa_fp32", "sdpa_fp32")
+    assert C.packed_attention(A100, "bfloat16", zen5)[:2] == ("sdpa", "sdpa")
 
 
 def test_reasons_say_why():

@@ -405,11 +405,12 @@ def test_fallback_trains_with_the_fallback_profile(tmp_path, tiny_llama_dir, mon
     assert json.loads((run / "adapter" / "adapter_config.json").read_text())["r"] == 4
     assert (run / "recipe.yaml").read_text().startswith("# resolved recipe 'tiny' (profile: fallback)")
     assert info["base_weights"] == str(Path(tiny_llama_dir).resolve()) and info["packing"].startswith("padding-free")
-    # packed CPU training records the attention dtype the capability decision picked, and why
-    from toolkit.core.capability import attention_dtype, detect
+    # packed CPU training records the attention kernel the capability decision picked, and why
+    from toolkit.core.hardware import attention_choice
+    from toolkit.finetune.packed_attention import name
 
-    want = attention_dtype(detect("cpu"), info["compute_dtype"])
-    assert [info["packed_attention_dtype"], info["packed_attention_dtype_reason"]] == list(want)
+    kernel, fallback, why = attention_choice("cpu", info["compute_dtype"])
+    assert [info["packed_attention"], info["packed_attention_reason"]] == [name(kernel, fallback), why]
 
 
 @pytest.mark.slow

@@ -1,7 +1,8 @@
 """A short measurement of this machine (<= ~3 s), run once and cached: matmul FLOP/s per dtype at
 training-like shapes (on a CPU also with the weight pre-packed for oneDNN, `toolkit.core.packed_linear`),
-and memory bandwidth. The dtype choice (toolkit.core.capability) and the
-planner's time model read it; `toolkit estimate --calibrate` reruns it.
+memory bandwidth, and on a CPU the time of each packed-row attention kernel
+(`toolkit.core.segment_attention`). The dtype, matmul and attention choices (toolkit.core.capability)
+and the planner's time model read it; `toolkit estimate --calibrate` reruns it.
 
 Cached in $TOOLKIT_CACHE/calibration.json (default ~/.cache/toolkit), one record per key
 (device name + core count + torch version), so a torch upgrade or another machine sharing the
@@ -20,7 +21,7 @@ from pathlib import Path
 from toolkit.core.capability import Capability, detect, threads
 from toolkit.core.progress import say
 
-FORMAT = 2  # 2: packed_flops
+FORMAT = 3  # 2: packed_flops; 3: attention_s
 FILE_NAME = "calibration.json"
 # (M, K, N) of one LoRA-era linear layer at a training step: a 2048-token batch through a
 # 576 -> 1536 MLP projection (SmolLM2-135M). A GPU needs a bigger one to leave launch overhead behind.
@@ -30,6 +31,10 @@ CUDA_SHAPE = (8192, 2048, 8192)
 # full shape: when its small probe projects one full matmul past this, the probe's rate is the
 # measurement. (A probe's rate understates a fast dtype several-fold, so the bar is generous.)
 FULL_SHAPE_LIMIT_S = 1.0
+# The packed row the attention kernels are timed on: 10 conversations of 60-130 tokens (the finance
+# recipe's), 9 query / 3 KV heads of 64 (a SmolLM2-135M layer), forward and backward.
+ATTENTION_SIZES = (100, 60, 130, 80, 110, 90, 120, 70, 105, 95)
+ATTENTION_HEADS = (9, 3, 64)
 
 
 @dataclass(frozen=True)
@@ -37,7 +42,9 @@ class Calibration:
     """One machine's measured rates. `matmul_flops` maps dtype name -> FLOP/s of torch's matmul
     ("float32", "bfloat16"; "float16" on CUDA only: fp16 is not a CPU compute dtype here);
     `packed_flops` the same product with the weight pre-packed for oneDNN (CPU only; empty where
-    not measured). `best_flops` is the faster of the two: the rate a frozen layer can run at here."""
+    not measured). `best_flops` is the faster of the two: the rate a frozen layer can run at here.
+    `attention_s` maps "dtype kernel" ("bfloat16 bmm", "bfloat16 sdpa_fp32", ...) -> seconds for one
+    layer's attention over the ATTENTION_SIZES row, forward and backward (CPU only)."""
 
     key: str
     device: str
@@ -46,6 +53,7 @@ class Calibration:
     seconds: float
     torch: str
     packed_flops: dict[str, float] = field(default_factory=dict)
+    attention_s: dict[str, float] = field(default_factory=dict)
 
     def best_flops(self, dtype: str) -> float:
         """The faster of the plain and the pre-packed matmul rate of `dtype` (0 when unmeasured)."""
@@ -57,13 +65,14 @@ class Calibration:
         try:
             flops = {str(k): float(v) for k, v in d["matmul_flops"].items()}
             packed = {str(k): float(v) for k, v in d.get("packed_flops", {}).items()}
+            attention = {str(k): float(v) for k, v in d.get("attention_s", {}).items()}
             cal = cls(key=str(d["key"]), device=str(d["device"]), matmul_flops=flops,
                       bandwidth_bytes_per_s=float(d["bandwidth_bytes_per_s"]), seconds=float(d["seconds"]),
-                      torch=str(d["torch"]), packed_flops=packed)
+                      torch=str(d["torch"]), packed_flops=packed, attention_s=attention)
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
             raise ValueError(f"not a calibration record: {exc}") from exc
         if ("float32" not in flops or min(flops.values(), default=0) <= 0 or cal.bandwidth_bytes_per_s <= 0
-                or min(packed.values(), default=1) <= 0):
+                or min(packed.values(), default=1) <= 0 or min(attention.values(), default=1) <= 0):
             raise ValueError("not a calibration record: missing or non-positive rates")
         return cal
 
@@ -72,8 +81,10 @@ class Calibration:
         rates = ", ".join(f"{k} {v / 1e9:.1f}" + (f" ({self.packed_flops[k] / 1e9:.1f} pre-packed)"
                                                    if k in self.packed_flops else "")
                           for k, v in self.matmul_flops.items())
-        return (f"{self.device}: matmul GFLOP/s {rates}; memory {self.bandwidth_bytes_per_s / 1e9:.1f} GB/s "
-                f"(measured in {self.seconds:.1f} s, torch {self.torch})")
+        attention = ", ".join(f"{k} {v * 1e3:.1f}" for k, v in self.attention_s.items())
+        return (f"{self.device}: matmul GFLOP/s {rates}; memory {self.bandwidth_bytes_per_s / 1e9:.1f} GB/s"
+                + (f"; packed-row attention ms a layer: {attention}" if attention else "")
+                + f" (measured in {self.seconds:.1f} s, torch {self.torch})")
 
 
 def torch_version() -> str:
@@ -167,11 +178,41 @@ def measure(cap: Capability) -> Calibration:
                      for dt in dtypes}
             packed = {} if cuda else _packed_rates(torch, flops)
             bw = _bandwidth(torch, dev)
+        attention = {} if cuda else _attention_times(torch, flops)
     finally:
         torch.set_num_threads(prev)
     return Calibration(key=key(cap, torch_version()), device=f"{cap.kind} {cap.name} ({cap.isa})",
                        matmul_flops=flops, bandwidth_bytes_per_s=bw, seconds=round(time.perf_counter() - t0, 3),
-                       torch=torch_version(), packed_flops=packed)
+                       torch=torch_version(), packed_flops=packed, attention_s=attention)
+
+
+def _attention_times(torch, flops: dict[str, float], reps: int = 3) -> dict[str, float]:
+    """Seconds of each packed-row attention kernel on the ATTENTION_SIZES row, forward and backward,
+    best of `reps` after one untimed call, per dtype whose matmul is not an emulation's."""
+    from toolkit.core import segment_attention
+
+    m, k, n = CPU_SHAPE
+    heads, kv, d = ATTENTION_HEADS
+    rows = sum(ATTENTION_SIZES)
+    gen = torch.Generator().manual_seed(0)
+    out = {}
+    for dt, plain in flops.items():
+        if 2 * m * k * n / plain > FULL_SHAPE_LIMIT_S / 4:
+            continue
+        dtype = getattr(torch, dt)
+        q, key_, value = (torch.randn(1, h, rows, d, generator=gen).to(dtype).requires_grad_()
+                          for h in (heads, kv, kv))
+        grad = torch.randn(1, rows, heads, d, generator=gen).to(dtype)
+        for kernel in segment_attention.KERNELS:
+            if kernel == "sdpa_fp32" and dt == "float32":
+                continue
+
+            def step():
+                segment_attention.attend(q, key_, value, ATTENTION_SIZES, kernel).backward(grad)
+
+            step()
+            out[f"{dt} {kernel}"] = min(_timed(torch, "cpu", step) for _ in range(reps))
+    return out
 
 
 def _packed_rates(torch, flops: dict[str, float]) -> dict[str, float]:

@@ -215,18 +215,44 @@ def choose_dtype(cap: Capability, purpose: str, calibration=None) -> tuple[str, 
                        f"{b16 / 1e9:.0f} vs {f32 / 1e9:.0f} GFLOP/s)")
 
 
-def attention_dtype(cap: Capability, compute_dtype: str) -> tuple[str, str]:
-    """(dtype, reason) packed CPU training attends in, for a run computing in `compute_dtype`.
+# The batched-matmul attention keeps an L x L tensor a layer and pads conversations to the longest:
+# taken only for a clear gain over the fastest SDPA variant.
+BMM_ATTENTION_MIN_GAIN = 1.2
+_KERNEL_WORDS = {"sdpa": "SDPA", "sdpa_fp32": "SDPA in fp32", "bmm": "batched matmuls"}
 
-    PyTorch's CPU flash-attention kernel in bf16 is slower than in fp32 wherever it has no AMX
-    tiles to run on: measured on an AVX512-BF16 EPYC (toolkit.finetune.packed_attention), and an
-    AVX2 CPU only emulates bf16. There the attention runs in fp32 (it is ~1% of the weights' FLOPs
-    at these lengths; the matmuls keep bf16). AMX CPUs, not measured here, keep bf16; so does CUDA."""
-    if cap.kind == "cuda" or compute_dtype != "bfloat16":
-        return compute_dtype, f"attention in the compute dtype ({compute_dtype})"
-    if cap.isa == "amx":
-        return "bfloat16", "attention in bf16 (AMX)"
-    return "float32", f"attention in fp32: CPU bf16 flash attention is slower than fp32 without AMX ({cap.isa})"
+
+def packed_attention(cap: Capability, compute_dtype: str, calibration=None) -> tuple[str, str, str]:
+    """(kernel, fallback, reason): how packed CPU training attends each conversation of a row
+    (`toolkit.core.segment_attention`), computing in `compute_dtype`; `fallback` (an SDPA variant)
+    takes the rows the batched-matmul kernel would pad too much.
+
+    Given a `toolkit.core.calibration.Calibration` that timed the kernels in `compute_dtype`, the
+    fastest SDPA variant is the fallback and "bmm" is taken where it measured BMM_ATTENTION_MIN_GAIN
+    times faster than it. Unmeasured, the rule measured on the AVX512-BF16 EPYCs: PyTorch's bf16 CPU
+    flash kernel is slower than its fp32 one wherever it has no AMX tiles to run on (and an AVX2 CPU
+    only emulates bf16), so a bf16 run attends in fp32 there; AMX CPUs, not measured here, and CUDA
+    keep the compute dtype."""
+    if cap.kind == "cuda" or compute_dtype not in ("float32", "bfloat16"):
+        return "sdpa", "sdpa", f"attention: SDPA in the compute dtype ({compute_dtype})"
+    times = {k.split()[1]: v for k, v in (getattr(calibration, "attention_s", None) or {}).items()
+             if k.split()[0] == compute_dtype}
+    sdpa = {k: v for k, v in times.items() if k.startswith("sdpa")}
+    if not sdpa:
+        if compute_dtype == "float32":
+            return "sdpa", "sdpa", "attention: SDPA in fp32 (the compute dtype)"
+        if cap.isa == "amx":
+            return "sdpa", "sdpa", "attention: SDPA in bf16 (AMX)"
+        return "sdpa_fp32", "sdpa_fp32", f"attention: SDPA in fp32, CPU bf16 flash attention is slower without AMX ({cap.isa})"
+    fallback = min(sdpa, key=sdpa.get)
+    ms = lambda k: f"{times[k] * 1e3:.1f}"  # noqa: E731
+    bmm = times.get("bmm")
+    if bmm and bmm * BMM_ATTENTION_MIN_GAIN <= times[fallback]:
+        return "bmm", fallback, (f"attention: batched matmuls in {compute_dtype}, measured {times[fallback] / bmm:.1f}x "
+                                 f"{_KERNEL_WORDS[fallback]} ({ms('bmm')} vs {ms(fallback)} ms a layer); "
+                                 f"{_KERNEL_WORDS[fallback]} for rows it would pad too much")
+    others = ", ".join(f"{_KERNEL_WORDS[k]} {ms(k)}" for k in times if k != fallback)
+    return fallback, fallback, (f"attention: {_KERNEL_WORDS[fallback]}, measured fastest in {compute_dtype} "
+                                f"({ms(fallback)} ms a layer; {others})")
 
 
 # Pre-packing copies every frozen weight (twice when training): only worth it for a clear gain.

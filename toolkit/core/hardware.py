@@ -160,6 +160,19 @@ def packed_choice(dev: str, dtype: str) -> tuple[bool, str]:
     return C.packed_matmuls(cap, dtype, calibration.load(cap))
 
 
+def attention_choice(dev: str, dtype: str) -> tuple[str, str, str]:
+    """(kernel, fallback, reason) for packed training's attention computing in `dtype` on `dev`:
+    capability.packed_attention over this machine's calibration (cached; measured once)."""
+    from toolkit.core import capability as C
+
+    cap = C.detect(dev)
+    if cap.kind == "cuda":
+        return C.packed_attention(cap, dtype)
+    from toolkit.core import calibration
+
+    return C.packed_attention(cap, dtype, calibration.load(cap))
+
+
 def apply_threads(dev: str) -> int:
     """Set torch's intra-op threads to one per physical core on CPU (SMT siblings only contend);
     returns the thread count in effect. TOOLKIT_THREADS=N sets N; an explicit OMP_NUM_THREADS is

@@ -13,22 +13,18 @@ can see another conversation: `tests/finetune/test_packed_attention.py` checks t
 packed batch equals the loss on the same conversations run one by one. Anything that is not a
 packed single row (padding masks, generation with a KV cache) goes to transformers' own `sdpa`.
 
-On a CPU without AMX, PyTorch's bf16 flash-attention kernel is slower than its fp32 one (measured
-on an AVX512-BF16 EPYC, 9 query / 3 KV heads of 64, forward + backward, 2 threads: 1.33 vs 0.68 ms
-at 60 tokens, 3.59 vs 2.19 ms at 110, 5.28 vs 4.33 ms at 200), so a bf16 run can take the variant
-registered as NAME_FP32, which attends in fp32 and hands bf16 back;
-`toolkit.core.capability.attention_dtype` decides.
+Two kernels do the attending (`toolkit.core.segment_attention`): SDPA's causal kernel one
+conversation at a time, or the conversations padded into one batch and attended with batched matmuls.
+The calibration times both, and SDPA in fp32 for a bf16 run (PyTorch's bf16 CPU flash kernel is
+slower than its fp32 one without AMX); `toolkit.core.capability.packed_attention` picks the fastest,
+with an SDPA variant for rows the batched kernel would pad too much. Each (kernel, fallback) pair is
+registered under its own name (`name`).
 
 It plugs in through transformers' public registries (`AttentionInterface` and
 `AttentionMaskInterface`), under its own names; nothing upstream is patched.
 """
 
 from __future__ import annotations
-
-import contextlib
-
-NAME = "toolkit_packed_sdpa"
-NAME_FP32 = "toolkit_packed_sdpa_fp32"
 
 
 def wanted(device: str, packing: bool, engine: str) -> bool:
@@ -59,11 +55,12 @@ def segment_bounds(cu_seq_lens=None, position_ids=None) -> list[int] | None:
 
 
 def attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                      is_causal=None, upcast: bool = False, **kwargs):
+                      is_causal=None, kernel: str = "sdpa", fallback: str = "sdpa", **kwargs):
     """Same contract as transformers' `sdpa_attention_forward`: (B, H, T, D) in, (B, T, H, D) out.
-    `upcast`: attend in fp32 and return the query's dtype (packed rows only)."""
-    import torch
+    A packed row goes to `segment_attention.attend` with `kernel` and `fallback`."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from toolkit.core import segment_attention
 
     bounds = None
     if attention_mask is None and query.shape[0] == 1 and query.shape[2] == key.shape[2] > 1:
@@ -71,28 +68,8 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     if bounds is None or bounds[-1] != query.shape[2]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
-    # Grouped-query attention in the kernel (enable_gqa) instead of repeat_kv's copies of K and V.
-    gqa = getattr(module, "num_key_value_groups", 1) > 1
-    # split, not slicing: its backward is one cat of the pieces' gradients, where each slice's
-    # backward zero-fills a full-size tensor and adds it up (~10 conversations a row, 3 tensors a layer).
     sizes = [e - s for s, e in zip(bounds, bounds[1:]) if e > s]
-    dtype = query.dtype
-    upcast = upcast and dtype != torch.float32
-    if upcast:
-        query, key, value = query.float(), key.float(), value.float()
-    # bf16 autocast puts SDPA on its lower-precision list: it would cast the fp32 copies straight back.
-    with torch.autocast(query.device.type, enabled=False) if upcast else contextlib.nullcontext():
-        out = torch.cat([
-            torch.nn.functional.scaled_dot_product_attention(
-                q, k, v, dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=gqa)
-            for q, k, v in zip(query.split(sizes, dim=2), key.split(sizes, dim=2), value.split(sizes, dim=2))
-        ], dim=2)
-    return out.transpose(1, 2).to(dtype).contiguous(), None
-
-
-def attention_forward_fp32(module, query, key, value, attention_mask, **kwargs):
-    """attention_forward, attending in fp32 (see the module)."""
-    return attention_forward(module, query, key, value, attention_mask, upcast=True, **kwargs)
+    return segment_attention.attend(query, key, value, sizes, kernel, fallback, scaling, dropout), None
 
 
 def mask(*args, **kwargs):
@@ -104,22 +81,40 @@ def mask(*args, **kwargs):
     return sdpa_mask(*args, **kwargs)
 
 
-def register(attn_dtype: str | None = None) -> str:
-    """Register NAME and NAME_FP32 with transformers (idempotent); returns the name for
-    `model.set_attn_implementation`: NAME_FP32 when `attn_dtype` is "float32", else NAME."""
+def name(kernel: str = "sdpa", fallback: str = "sdpa") -> str:
+    """The registered name of `kernel` with `fallback` for rows bmm does not take."""
+    from toolkit.core.segment_attention import FALLBACKS, KERNELS
+
+    if kernel not in KERNELS or fallback not in FALLBACKS:
+        raise ValueError(f"packed attention kernel must be one of {KERNELS} (fallback {FALLBACKS}); "
+                         f"got {kernel!r}, {fallback!r}")
+    return f"toolkit_packed_{kernel}" + (f"_or_{fallback}" if kernel == "bmm" else "")
+
+
+NAME, NAME_FP32 = name("sdpa"), name("sdpa_fp32")
+
+
+def register(kernel: str = "sdpa", fallback: str = "sdpa") -> str:
+    """Register every kernel under its name with transformers (idempotent); returns `name(kernel,
+    fallback)` for `model.set_attn_implementation`."""
+    import functools
+
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    for name, forward in ((NAME, attention_forward), (NAME_FP32, attention_forward_fp32)):
-        AttentionInterface.register(name, forward)
-        AttentionMaskInterface.register(name, mask)
-    return NAME_FP32 if attn_dtype == "float32" else NAME
+    from toolkit.core.segment_attention import FALLBACKS, KERNELS
+
+    for k in KERNELS:
+        for f in FALLBACKS if k == "bmm" else FALLBACKS[:1]:
+            AttentionInterface.register(name(k, f), functools.partial(attention_forward, kernel=k, fallback=f))
+            AttentionMaskInterface.register(name(k, f), mask)
+    return name(kernel, fallback)
 
 
-def use_on(model, attn_dtype: str | None = None) -> str:
-    """Switch `model` (PEFT-wrapped or not) to the packed attention, attending in `attn_dtype`
-    ("float32" or None: the model's own dtype); returns the implementation it had."""
+def use_on(model, kernel: str = "sdpa", fallback: str = "sdpa") -> str:
+    """Switch `model` (PEFT-wrapped or not) to the packed attention with `kernel` (see `name`);
+    returns the implementation it had."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     before = base.config._attn_implementation
-    base.set_attn_implementation(register(attn_dtype))
+    base.set_attn_implementation(register(kernel, fallback))
     return before

@@ -213,6 +213,7 @@ def _train(rec, overrides, stage: Path, runs: Path, dev, dtype, train_ex, eval_e
     from toolkit.core import packed_linear
     from toolkit.finetune import packed_attention
     from toolkit.finetune.fused_lora import fused_on_cpu
+    from toolkit.finetune.fused_norm import fused_norms_on_cpu
     from toolkit.finetune.callbacks import InterruptCallback, MetricsCallback, ProgressCallback, SkipLastEval
     from toolkit.finetune.plan import report_ends
     from toolkit.finetune.trl_compat import lean_lm_head_on_cpu, packing_plan
@@ -249,12 +250,14 @@ def _train(rec, overrides, stage: Path, runs: Path, dev, dtype, train_ex, eval_e
     pack = packing_plan(rec.data.packing, notes["engine"])
     if rec.data.packing and not pack.packing:
         announce(f"packing off: {pack.why}")
-    attn_dtype = attn_reason = None
+    attn = attn_reason = None
     if packed_attention.wanted(dev, pack.packing, notes["engine"]):
-        from toolkit.core.capability import attention_dtype, detect
+        from toolkit.core.hardware import attention_choice
 
-        attn_dtype, attn_reason = attention_dtype(detect(dev), dtype)
-        packed_attention.use_on(model, attn_dtype)  # each packed conversation attended alone (see the module)
+        kernel, fallback, attn_reason = attention_choice(dev, dtype)
+        attn = packed_attention.name(kernel, fallback)
+        packed_attention.use_on(model, kernel, fallback)  # each packed conversation attended alone (see the module)
+        announce(attn_reason)
     args = _trainer_args(rec, stage, dev, dtype, eval_split is not None, packing=pack.packing)
     interrupt = InterruptCallback()
     cbs = [MetricsCallback(stage / "metrics.jsonl"), ProgressCallback(), interrupt, *extra_cbs]
@@ -289,7 +292,8 @@ def _train(rec, overrides, stage: Path, runs: Path, dev, dtype, train_ex, eval_e
         announce(matmul_reason)
     interrupt.install()
     try:
-        with lean_lm_head_on_cpu(dev, announce), fused_on_cpu(trainer.model, dev, announce), packed:
+        with (lean_lm_head_on_cpu(dev, announce), fused_on_cpu(trainer.model, dev, announce),
+              fused_norms_on_cpu(trainer.model, dev), packed):
             result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     finally:
         interrupt.uninstall()
@@ -316,8 +320,8 @@ def _train(rec, overrides, stage: Path, runs: Path, dev, dtype, train_ex, eval_e
         "requested_base_model": choice.requested, "fallback_reason": choice.fallback_reason,
         "estimator_pick": choice.pick, "method": rec.method.name, "engine": notes["engine"], "packing": pack.mode,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": dev, "compute_dtype": dtype,
-        "compute_dtype_reason": dtype_reason, "packed_attention_dtype": attn_dtype,
-        "packed_attention_dtype_reason": attn_reason, "matmuls": matmul_reason, "threads": threads,
+        "compute_dtype_reason": dtype_reason, "packed_attention": attn,
+        "packed_attention_reason": attn_reason, "matmuls": matmul_reason, "threads": threads,
         "world_size": dist_state.num_processes, "profile": rec.profile, "overrides": list(overrides),
         "resumed_from": str(resume_from.name) if resume_from else None,
         "train_examples": len(train_split.input_ids), "eval_examples": len(eval_split.input_ids) if eval_split else 0,
