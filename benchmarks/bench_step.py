@@ -10,7 +10,8 @@ Each operator's own time goes to one part:
   excluded; their GFLOP/s is 2MKN from the recorded shapes over their time;
 - LoRA rank-r products: every matrix product with the adapter's rank as a dimension;
 - LM head: every operator on a vocabulary-wide tensor (logits, softmax, their gradients);
-- attention: the scaled-dot-product kernels, forward and backward;
+- attention: the scaled-dot-product kernels, or the batched matmuls and softmax of the bmm kernel
+  (toolkit.core.segment_attention; its padding copies count as other operators), forward and backward;
 - other operators: norms, rotary, SiLU, casts, adds, the optimizer;
 - outside operators: the window's wall time no operator accounts for (Python, the autograd engine,
   collation, and the profiler's own bookkeeping: compare s_per_step with s_per_step_unprofiled).
@@ -35,6 +36,9 @@ from pathlib import Path
 STEPS, WARMUP, PLAIN = 9, 2, 3
 # The kernels; aten::matmul and aten::linear only dispatch to them (counting them too would count twice).
 GEMMS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm"}
+# In the recipe's step only the bmm attention kernel runs batched matmuls and a softmax (the LM head's
+# softmax is written out over vocabulary-wide rows): attention, not base GEMMs.
+ATTENTION_OPS = {"aten::bmm", "aten::baddbmm", "aten::_softmax"}
 # oneDNN's product with a pre-packed weight (toolkit.core.packed_linear): x (..., K) by W (N, K).
 LINEARS = {"mkldnn::_linear_pointwise"}
 PARTS = ("base GEMMs", "LoRA rank-r products", "LM head", "attention", "other operators", "outside operators")
@@ -43,10 +47,10 @@ PARTS = ("base GEMMs", "LoRA rank-r products", "LM head", "attention", "other op
 def part_of(name: str, shapes: list, rank: int, vocab: int) -> str:
     """The part an operator's own time goes to, from its name and input shapes."""
     dims = {d for s in shapes if isinstance(s, (list, tuple)) for d in s}
-    if "scaled_dot_product" in name:
-        return "attention"
     if vocab in dims:
         return "LM head"
+    if "scaled_dot_product" in name or name in ATTENTION_OPS:
+        return "attention"
     if name in GEMMS or name in LINEARS:
         return "LoRA rank-r products" if rank in dims else "base GEMMs"
     return "other operators"
@@ -113,9 +117,13 @@ def profile_steps(tmp: Path) -> dict:
     # The faster of a calibration before and after: one alone can land on a slow moment of a shared host.
     calib = max(r.best_flops(info["compute_dtype"]) for r in rates)
     gemm_rate = flops / secs["base GEMMs"] if secs["base GEMMs"] else 0.0
+    # The packed-row attention kernels as the calibration before the run timed them, in the run's dtype.
+    attention = " / ".join(f"{k.split()[1]} {v * 1e3:.1f}" for k, v in rates[0].attention_s.items()
+                           if k.split()[0] == info["compute_dtype"])
     return {"dtype": info["compute_dtype"], "reason": info.get("compute_dtype_reason", ""), "steps": steps,
             "wall": wall, "plain": (window["t0"] - window["plain0"]) / PLAIN, "secs": secs,
-            "gemm_rate": gemm_rate, "calib": calib}
+            "gemm_rate": gemm_rate, "calib": calib, "attention": info.get("packed_attention"),
+            "attention_ms": attention}
 
 
 def rows_for(p: dict, cpu: str) -> list[dict]:
@@ -129,7 +137,8 @@ def rows_for(p: dict, cpu: str) -> list[dict]:
                  "s_per_step_unprofiled": round(p["plain"], 2),
                  "base_gemms_pct_of_unprofiled_step": round(100 * p["secs"]["base GEMMs"] / p["steps"] / p["plain"], 1),
                  "calibrated_gflops": round(p["calib"] / 1e9, 1),
-                 "base_gemms_in_step_pct_of_calibrated": round(100 * p["gemm_rate"] / p["calib"], 1)})
+                 "base_gemms_in_step_pct_of_calibrated": round(100 * p["gemm_rate"] / p["calib"], 1),
+                 "attention": p["attention"], "calibrated_attention_ms_a_layer": p["attention_ms"]})
     return rows
 
 

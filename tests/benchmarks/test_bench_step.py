@@ -38,3 +38,15 @@ def test_packed_matmul_is_a_base_gemm_with_2mkn_flops():
     [name] = [k for k in events if k in bench_step.LINEARS]
     assert bench_step.part_of(name, events[name], RANK, VOCAB) == "base GEMMs"
     assert bench_step.gemm_flops(name, events[name]) == 2 * 74 * 64 * 96
+
+
+def test_bmm_attention_kernel_is_attention():
+    from toolkit.core import segment_attention
+
+    q, k, v = (torch.randn(1, h, 30, 16, requires_grad=True) for h in (4, 2, 2))
+    events = recorded(lambda: segment_attention.bmm(q, k, v, [10, 20]).sum().backward())
+    for name in ("aten::bmm", "aten::baddbmm", "aten::_softmax"):
+        assert bench_step.part_of(name, events[name], RANK, VOCAB) == "attention"
+    sdpa = recorded(lambda: segment_attention.sdpa(q, k, v, [10, 20]))
+    name = next(k for k in sdpa if "scaled_dot_product" in k)
+    assert bench_step.part_of(name, sdpa[name], RANK, VOCAB) == "attention"

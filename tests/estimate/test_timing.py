@@ -70,26 +70,25 @@ def test_rates_arithmetic():
         T.train_tokens_per_s(1e9, 1e11, 0.5, 1e9, 0)
 
 
-# The four measured runs the CPU constants come from (timing.py says where): trained tokens/s of the
-# finance recipe's 40-step CPU run at 0.5586 GFLOP a token, with that bench's calibrated matmul rate.
-FIT_RUNS = [("Zen 4", "bfloat16", 321.7, 369.5e9), ("Zen 4", "float32", 220.6, 190.8e9),
-            ("Zen 5", "bfloat16", 588.9, 910.0e9), ("Zen 5", "float32", 360.5, 453.4e9)]
+# The two measured runs the CPU passes are fitted to (timing.py says where): trained tokens/s of the
+# finance recipe's 40-step CPU run at 0.5586 GFLOP a token on the Zen 5, with that bench's calibrated
+# matmul rate. One constant for both dtypes reads them within 5%.
+FIT_RUNS = [("bfloat16", 919.8, 1039.2e9), ("float32", 504.3, 556.1e9)]
 
 
-@pytest.mark.parametrize("cpu,dtype,measured,rate", FIT_RUNS)
-def test_cpu_model_reproduces_the_runs_it_was_fitted_to(cpu, dtype, measured, rate):
+@pytest.mark.parametrize("dtype,measured,rate", FIT_RUNS)
+def test_cpu_model_reproduces_the_runs_it_was_fitted_to(dtype, measured, rate):
     from toolkit.estimate.catalog import lookup
 
     rest = T.cpu_elementwise_bytes_per_token(lookup("embedded"), 2 if dtype == "bfloat16" else 4)
     predicted = T.train_tokens_per_s(0.5586e9, rate, T.train_efficiency("cpu", dtype), rest, 40e9)
-    assert predicted == pytest.approx(measured, rel=0.02)
+    assert predicted == pytest.approx(measured, rel=0.055)
 
 
 def test_efficiency_follows_the_compute_dtype():
-    # A CPU's native-bf16 path reaches a smaller share of its faster matmul rate than fp32 does
-    # (its matmuls are small enough that the work between them counts more).
+    # Each dtype's GEMMs reach their own share of the calibrated rate inside a step (bench_step).
     assert T.train_efficiency("cpu", "float32") == T.TRAIN_EFFICIENCY["cpu"]
-    assert T.train_efficiency("cpu", "bfloat16") == T.TRAIN_EFFICIENCY["cpu bfloat16"] < T.TRAIN_EFFICIENCY["cpu"]
+    assert T.train_efficiency("cpu", "bfloat16") == T.TRAIN_EFFICIENCY["cpu bfloat16"] != T.TRAIN_EFFICIENCY["cpu"]
     assert T.train_efficiency("cuda", "bfloat16") == T.train_efficiency("cuda", "float16") == T.TRAIN_EFFICIENCY["cuda"]
 
 
@@ -103,10 +102,10 @@ def test_time_fields_use_the_rates_dtype():
     f32 = time_fields(m, est, Rates("cpu", 100e9, 20e9, "t"), targets=ALL_LINEAR)["train_tokens_per_s"]
     b16 = time_fields(m, est, Rates("cpu", 100e9, 20e9, "t", "bfloat16"), targets=ALL_LINEAR)["train_tokens_per_s"]
     flops = T.train_flops_per_token(m, method="lora", seq_len=512, lora_r=16, targets=ALL_LINEAR).total
-    # By hand: FLOPs at the rate x efficiency, plus 234 passes over 30 x (576 + 1536) elements at
+    # By hand: FLOPs at the rate x efficiency, plus 135 passes over 30 x (576 + 1536) elements at
     # 40 GB/s (a fixed rate: not the rates' bandwidth).
-    for got, eff, nbytes in ((f32, 0.96, 4), (b16, 0.64, 2)):
-        seconds = flops / (100e9 * eff) + 234 * 30 * (576 + 1536) * nbytes / 40e9
+    for got, eff, nbytes in ((f32, 0.816, 4), (b16, 0.886, 2)):
+        seconds = flops / (100e9 * eff) + 135 * 30 * (576 + 1536) * nbytes / 40e9
         assert got == pytest.approx(1 / seconds, rel=1e-3)
     # QLoRA's 4-bit layers are not pre-packed: they train at torch's own matmul rate.
     qlora = estimate(m, "qlora", "nf4-dq", 512, 2, 16, False, ALL_LINEAR, device="cpu")

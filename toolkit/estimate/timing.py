@@ -23,31 +23,27 @@ from dataclasses import dataclass
 # TRAIN_EFFICIENCY, plus on a CPU the work that does not speed up with the matmuls (norms, rotary,
 # SiLU, casts, LoRA's rank-r products, the LM head's softmax, autograd): CPU_ELEMENTWISE_PASSES x
 # layers x (hidden + intermediate) elements of the compute dtype at CPU_ELEMENTWISE_BYTES_PER_S.
-# - CPU: fitted to four runs of the finance recipe's CPU profile (`make finetune RECIPE=finance`,
-#   40 steps, LoRA r16 on all linears, padding-free packing, LM head on labelled positions only:
-#   0.5586 GFLOP per trained token) on two 2-core AMD EPYCs with AVX512-BF16, each run in bf16 and
-#   forced to fp32 in one `make bench`: Zen 4 (by its flags and speed; its family number was not
-#   recorded), 2026-12-03 10:30 UTC, 321.7 tok/s bf16 at
-#   369.5 GFLOP/s and 220.6 tok/s fp32 at 190.8; Zen 5 (family 26), 17:18 UTC, 588.9 tok/s bf16 at
-#   910.0 and 360.5 fp32 at 453.4 (the faster of torch's and the pre-packed matmul). Per dtype, two
-#   runs give the two unknowns: bf16 an efficiency of 0.637 and 0.734 ms a token besides, fp32
-#   0.964 and 1.496 ms. The
-#   remainder doubles with the element size, so it is priced in bytes: at 40 GB/s it is 232 and 236
-#   passes over a token's layer activations, so one constant, 234. It came out the same in seconds
-#   on two CPUs whose matmul rates differ 2.2x, and it does not follow the calibration's copy
-#   bandwidth, which swung between 38 and 70 GB/s from one calibration to the next on the Zen 5
-#   (minutes apart, training speed steady): so a fixed rate, not the measured bandwidth, until a
-#   machine shows otherwise. With one term (an efficiency
-#   alone, fitted on the Zen 4) the model read the Zen 5's bf16 run 33-47% too fast. Not modelled:
-#   a fixed cost per optimizer step (Python, autograd; it shows when a step holds fewer tokens, as
-#   at seq 256) and QLoRA's slower CPU layers beyond their unpacked matmul (bench_time's rows).
+# - CPU: the efficiency is the share of the calibrated rate the frozen layers' GEMMs reach inside a
+#   step, measured by `python -m benchmarks.run step` on the finance recipe's CPU profile (the Zen 5
+#   EPYC, family 26, 2026-12-04 01:37 UTC: bf16 88.6%, fp32 forced 81.6%); the passes are then
+#   fitted to the two end-to-end runs of the same `make bench` (`make finetune RECIPE=finance`, 40
+#   steps, LoRA r16 on all linears, padding-free packing, LM head on labelled positions only: 0.5586
+#   GFLOP per trained token): bf16 919.8 tok/s at 1039.2 GFLOP/s leaves 0.481 ms a token besides the
+#   matmuls, 152 passes at 40 GB/s; fp32 504.3 at 556.1 leaves 0.752 ms, 119 passes. One constant,
+#   135, reads those two runs within +-5%. An earlier fit (four runs on a Zen 4 and this Zen 5, before
+#   the batched-matmul attention and the fused RMSNorm, `docs/cpu-training.md`) found 234 passes and
+#   the same in seconds on both CPUs, so the remainder is priced in bytes at a fixed rate, not at the
+#   calibration's copy bandwidth, which swung between 38 and 70 GB/s from one calibration to the next
+#   on the Zen 5 while the training speed held. Not modelled: a fixed cost per optimizer step
+#   (Python, autograd; it shows when a step holds fewer tokens, as at seq 256) and QLoRA's slower CPU
+#   layers beyond their unpacked matmul (bench_time's rows).
 # - "cuda": litgpt's published A10G Llama-3.2-1B wall times (config_hub/finetune/README.md) come
 #   without their token counts, and no GPU was at hand to measure; until a measured GPU run
 #   replaces it, 0.45 (the CPU share of an earlier, slower CPU path) stands in, with no second
 #   term. benchmarks/bench_time.py shows it is too high there (the A10G rows imply more tokens per
 #   example than litgpt's 512 cap).
-TRAIN_EFFICIENCY = {"cpu": 0.96, "cpu bfloat16": 0.64, "cuda": 0.45}
-CPU_ELEMENTWISE_PASSES = 234
+TRAIN_EFFICIENCY = {"cpu": 0.816, "cpu bfloat16": 0.886, "cuda": 0.45}
+CPU_ELEMENTWISE_PASSES = 135
 CPU_ELEMENTWISE_BYTES_PER_S = 40e9
 # Decode reads weights at close to the measured bandwidth: llama.cpp f16 decode of the 135M model
 # on the same CPU, 69 tok/s x 270 MB = 18.6 GB/s, matches its measured copy bandwidth (DESIGN.md).
