@@ -186,19 +186,23 @@ def measure(cap: Capability) -> Calibration:
                        torch=torch_version(), packed_flops=packed, attention_s=attention)
 
 
+def _native(flops: dict[str, float]) -> list[str]:
+    """The dtypes whose measured matmul rate is not an emulation's (a full CPU_SHAPE matmul within
+    a quarter of FULL_SHAPE_LIMIT_S): the only ones worth timing further."""
+    m, k, n = CPU_SHAPE
+    return [dt for dt, rate in flops.items() if 2 * m * k * n / rate <= FULL_SHAPE_LIMIT_S / 4]
+
+
 def _attention_times(torch, flops: dict[str, float], reps: int = 3) -> dict[str, float]:
     """Seconds of each packed-row attention kernel on the ATTENTION_SIZES row, forward and backward,
     best of `reps` after one untimed call, per dtype whose matmul is not an emulation's."""
     from toolkit.core import segment_attention
 
-    m, k, n = CPU_SHAPE
     heads, kv, d = ATTENTION_HEADS
     rows = sum(ATTENTION_SIZES)
     gen = torch.Generator().manual_seed(0)
     out = {}
-    for dt, plain in flops.items():
-        if 2 * m * k * n / plain > FULL_SHAPE_LIMIT_S / 4:
-            continue
+    for dt in _native(flops):
         dtype = getattr(torch, dt)
         q, key_, value = (torch.randn(1, h, rows, d, generator=gen).to(dtype).requires_grad_()
                           for h in (heads, kv, kv))
@@ -207,7 +211,7 @@ def _attention_times(torch, flops: dict[str, float], reps: int = 3) -> dict[str,
             if kernel == "sdpa_fp32" and dt == "float32":
                 continue
 
-            def step():
+            def step(kernel=kernel):
                 segment_attention.attend(q, key_, value, ATTENTION_SIZES, kernel).backward(grad)
 
             step()
@@ -217,7 +221,7 @@ def _attention_times(torch, flops: dict[str, float], reps: int = 3) -> dict[str,
 
 def _packed_rates(torch, flops: dict[str, float]) -> dict[str, float]:
     """The CPU shape's rate with the weight pre-packed for oneDNN, per dtype whose plain rate is not
-    an emulation's (those are left out: packing does not make them a compute dtype)."""
+    an emulation's (`_native`; packing does not make an emulated dtype a compute dtype)."""
     from toolkit.core import packed_linear
 
     if not packed_linear.available():
@@ -225,9 +229,7 @@ def _packed_rates(torch, flops: dict[str, float]) -> dict[str, float]:
     m, k, n = CPU_SHAPE
     gen = torch.Generator().manual_seed(0)
     out = {}
-    for dt, plain in flops.items():
-        if 2 * m * k * n / plain > FULL_SHAPE_LIMIT_S / 4:
-            continue
+    for dt in _native(flops):
         dtype = getattr(torch, dt)
         a = torch.randn(m, k, generator=gen).to(dtype)
         w = packed_linear.pack(torch.randn(n, k, generator=gen).to(dtype), m)

@@ -109,7 +109,7 @@ def _bmm_function():
             K = _pad(k, index, n, length).reshape(n * kv, length, d)
             V = _pad(v, index, n, length).reshape(n * kv, length, d)
             causal = torch.full((length, length), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)
-            # Under autocast these would all run as asked anyway; off, so its casts cannot add passes.
+            # In the inputs' dtype (the caller's choice), whatever an enclosing autocast would cast to.
             with torch.autocast(q.device.type, enabled=False):
                 P = torch.baddbmm(causal.repeat(group, 1), Q, K.transpose(1, 2), alpha=scale).softmax(-1)
                 O = torch.bmm(P, V)
