@@ -35,7 +35,7 @@ from pathlib import Path
 # Steps 1-2 warm up (fresh pages, first calls), 3-5 are timed without the profiler, 6-9 profiled.
 STEPS, WARMUP, PLAIN = 9, 2, 3
 # The kernels; aten::matmul and aten::linear only dispatch to them (counting them too would count twice).
-GEMMS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm"}
+GEMMS = {"aten::mm", "aten::addmm", "aten::addmm_"}
 # In the recipe's step only the bmm attention kernel runs batched matmuls and a softmax (the LM head's
 # softmax is written out over vocabulary-wide rows): attention, not base GEMMs.
 ATTENTION_OPS = {"aten::bmm", "aten::baddbmm", "aten::_softmax"}
@@ -118,8 +118,8 @@ def profile_steps(tmp: Path) -> dict:
     calib = max(r.best_flops(info["compute_dtype"]) for r in rates)
     gemm_rate = flops / secs["base GEMMs"] if secs["base GEMMs"] else 0.0
     # The packed-row attention kernels as the calibration before the run timed them, in the run's dtype.
-    attention = " / ".join(f"{k.split()[1]} {v * 1e3:.1f}" for k, v in rates[0].attention_s.items()
-                           if k.split()[0] == info["compute_dtype"])
+    attention = " / ".join(f"{k} {v * 1e3:.1f}"
+                           for k, v in capability.attention_times(rates[0], info["compute_dtype"]).items())
     return {"dtype": info["compute_dtype"], "reason": info.get("compute_dtype_reason", ""), "steps": steps,
             "wall": wall, "plain": (window["t0"] - window["plain0"]) / PLAIN, "secs": secs,
             "gemm_rate": gemm_rate, "calib": calib, "attention": info.get("packed_attention"),

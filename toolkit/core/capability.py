@@ -221,6 +221,13 @@ BMM_ATTENTION_MIN_GAIN = 1.2
 _KERNEL_WORDS = {"sdpa": "SDPA", "sdpa_fp32": "SDPA in fp32", "bmm": "batched matmuls"}
 
 
+def attention_times(calibration, dtype: str) -> dict[str, float]:
+    """kernel -> seconds a layer, of the packed-row attention kernels `calibration` timed in `dtype`
+    (its `attention_s` keys are "dtype kernel"); empty when it timed none."""
+    timed = getattr(calibration, "attention_s", None) or {}
+    return {k.split()[1]: v for k, v in timed.items() if k.split()[0] == dtype}
+
+
 def packed_attention(cap: Capability, compute_dtype: str, calibration=None) -> tuple[str, str, str]:
     """(kernel, fallback, reason): how packed CPU training attends each conversation of a row
     (`toolkit.core.segment_attention`), computing in `compute_dtype`; `fallback` (an SDPA variant)
@@ -234,8 +241,7 @@ def packed_attention(cap: Capability, compute_dtype: str, calibration=None) -> t
     keep the compute dtype."""
     if cap.kind == "cuda" or compute_dtype not in ("float32", "bfloat16"):
         return "sdpa", "sdpa", f"attention: SDPA in the compute dtype ({compute_dtype})"
-    times = {k.split()[1]: v for k, v in (getattr(calibration, "attention_s", None) or {}).items()
-             if k.split()[0] == compute_dtype}
+    times = attention_times(calibration, compute_dtype)
     sdpa = {k: v for k, v in times.items() if k.startswith("sdpa")}
     if not sdpa:
         if compute_dtype == "float32":
