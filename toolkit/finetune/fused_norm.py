@@ -4,11 +4,18 @@ transformers' `LlamaRMSNorm` is seven tensor operations forward (cast to fp32, s
 multiply, cast back, weight) and about as many again in autograd's backward, each a full pass over
 the layer's activations at memory speed; a decoder layer has two, so on the finance CPU profile
 (SmolLM2-135M, ~1000 tokens a step) there are 61 a step. Here the same formula is one autograd
-function: the row norms in fp32 in one read, `x * rstd` (promoted to fp32 in the same pass), the cast
-and the weight; the backward is the closed form dx = rstd * (g - x̂ * mean(g * x̂)), g = dy * w, with
-x̂ recomputed from the saved input. Measured on the Zen 5 EPYC, 985 x 576, forward and backward:
-bf16 under autocast 0.60 against 1.00 ms, fp32 0.30 against 0.59 (tests/finetune/test_fused_norm.py
-compares values and gradients with each class's own forward).
+function: a bf16 x widened to fp32 once, the row norms of that copy, `x * rstd` in place on it, the
+cast and the weight; the backward is the closed form dx = rstd * (g - x̂ * mean(g * x̂)), g = dy * w, with
+x̂ recomputed from the saved input (tests/finetune/test_fused_norm.py compares values and gradients
+with each class's own forward).
+
+Measured on the Zen 5 EPYC, 985 x 576, forward and backward, alone in a loop: bf16 under autocast
+0.60 against 1.00 ms for transformers' forward, fp32 0.30 against 0.59 (the first version, which
+widened x inside both the norm, `dtype=`, and the product, by type promotion). Inside a training
+step, where x arrives fresh from the residual add, each widening costs several times what a loop
+over hot data shows, so this version widens once: in alternating steps of one run, 0.30 against
+0.52 ms a call forward, 0.48 against 0.50 backward (~14 ms of a ~1.07 s step); in the loop it reads
+0.76 against 0.65 (transformers' 1.68, at a slower moment of the host).
 
 Only frozen weights (LoRA and QLoRA leave the norms frozen) of the input's dtype take it; anything
 else runs the class's own forward. Like `fused_lora`, the classes are swapped in for the training
@@ -33,20 +40,27 @@ def _function():
 
         @staticmethod
         def forward(ctx, x, weight, eps):
-            rstd = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)
+            # A narrower x is widened once, for the norm and the product both: widening it inside each
+            # (vector_norm's dtype=, type promotion in x * rstd) cost 5% of a bf16 training step.
+            wide = x.float()
+            rstd = torch.linalg.vector_norm(wide, dim=-1, keepdim=True)
             rstd = rstd.pow_(2).div_(x.shape[-1]).add_(eps).rsqrt_()
             ctx.save_for_backward(x, weight, rstd)
-            # x * rstd is fp32 (type promotion) and a fresh tensor, even when x is fp32 itself.
-            return (x * rstd).to(x.dtype).mul_(weight)
+            return _times(wide, x, rstd).to(x.dtype).mul_(weight)
 
         @staticmethod
         def backward(ctx, grad):
             x, weight, rstd = ctx.saved_tensors
             # dy * w in the weight's dtype (as autograd computes it for transformers' forward), into fp32
             g = torch.mul(grad, weight, out=torch.empty(grad.shape, dtype=torch.float32, device=grad.device))
-            xhat = x * rstd
+            xhat = _times(x.float(), x, rstd)
             mean = torch.linalg.vecdot(g, xhat).unsqueeze(-1).div_(-x.shape[-1])
             return g.addcmul_(xhat, mean).mul_(rstd).to(x.dtype), None, None
+
+    def _times(wide, x, rstd):
+        """x * rstd in fp32 as a fresh tensor: in place on `wide` when it is x's widened copy (x is
+        fp32 already when `wide is x`, and must not change)."""
+        return x * rstd if wide is x else wide.mul_(rstd)
 
     return FrozenRMSNorm
 
