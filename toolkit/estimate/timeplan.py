@@ -119,15 +119,17 @@ def time_fields(m, est, rates: Rates, *, targets: tuple[str, ...], labelled_frac
     fwd = sum(T.forward_flops_per_token(m, seq).values())
     bw = T.CPU_ELEMENTWISE_BYTES_PER_S
     # A CPU's elementwise work (fwd + bwd); a forward alone does about a third of it.
-    rest = 0.0
+    rest = step_s = 0.0
     if rates.device == "cpu":
         rest = T.cpu_elementwise_bytes_per_token(m, 2 if rates.dtype == "bfloat16" else 4)
+        step_s = T.cpu_step_seconds(m)
     if est.task != "inference":
         f = T.train_flops_per_token(m, method=est.task, seq_len=seq, lora_r=est.lora_r or 0, targets=targets,
                                     grad_ckpt=bool(est.grad_ckpt), labelled_fraction=labelled_fraction)
         # QLoRA's 4-bit layers run torch's matmul (only plain nn.Linear layers are pre-packed).
         train_flops = (rates.unpacked_flops or rates.flops) if est.task == "qlora" else rates.flops
-        tps = T.train_tokens_per_s(f.total, train_flops, eff, rest, bw)
+        # A micro-batch holds batch x seq_len tokens (a packed row is filled to about that).
+        tps = T.train_tokens_per_s(f.total, train_flops, eff, rest, bw, step_s, est.batch * seq)
         out["train_flops_per_token"] = f.total
         out["train_tokens_per_s"] = round(tps, 2)
         if run is not None:

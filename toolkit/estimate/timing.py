@@ -20,30 +20,34 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # A training step's time, per trained token: its FLOPs at the device's measured matmul rate x
-# TRAIN_EFFICIENCY, plus on a CPU the work that does not speed up with the matmuls (norms, rotary,
-# SiLU, casts, LoRA's rank-r products, the LM head's softmax, autograd): CPU_ELEMENTWISE_PASSES x
-# layers x (hidden + intermediate) elements of the compute dtype at CPU_ELEMENTWISE_BYTES_PER_S.
+# TRAIN_EFFICIENCY, plus on a CPU the work that does not speed up with the matmuls: the elementwise
+# work (norms, rotary, SiLU, casts, LoRA's rank-r products, the LM head's softmax) as
+# CPU_ELEMENTWISE_PASSES x layers x (hidden + intermediate) elements of the compute dtype at
+# CPU_ELEMENTWISE_BYTES_PER_S, and a fixed cost per micro-batch whatever its tokens (Python, operator
+# dispatch, autograd, the optimizer), CPU_STEP_SECONDS_PER_LAYER x layers.
 # - CPU: the efficiency is the share of the calibrated rate the frozen layers' GEMMs reach inside a
 #   step, measured by `python -m benchmarks.run step` on the finance recipe's CPU profile (the Zen 5
-#   EPYC, family 26, 2026-12-04 01:37 UTC: bf16 88.6%, fp32 forced 81.6%); the passes are then
-#   fitted to the two end-to-end runs of the same `make bench` (`make finetune RECIPE=finance`, 40
-#   steps, LoRA r16 on all linears, padding-free packing, LM head on labelled positions only: 0.5586
-#   GFLOP per trained token): bf16 919.8 tok/s at 1039.2 GFLOP/s leaves 0.481 ms a token besides the
-#   matmuls, 152 passes at 40 GB/s; fp32 504.3 at 556.1 leaves 0.752 ms, 119 passes. One constant,
-#   135, reads those two runs within +-5%. An earlier fit (four runs on a Zen 4 and this Zen 5, before
-#   the batched-matmul attention and the fused RMSNorm, `docs/cpu-training.md`) found 234 passes and
-#   the same in seconds on both CPUs, so the remainder is priced in bytes at a fixed rate, not at the
-#   calibration's copy bandwidth, which swung between 38 and 70 GB/s from one calibration to the next
-#   on the Zen 5 while the training speed held. Not modelled: a fixed cost per optimizer step
-#   (Python, autograd; it shows when a step holds fewer tokens, as at seq 256) and QLoRA's slower CPU
-#   layers beyond their unpacked matmul (bench_time's rows).
+#   EPYC, family 26, 2026-12-04 01:37 UTC: bf16 88.6%, fp32 forced 81.6%). The two other constants
+#   are fitted to the two end-to-end runs of the same `make bench` (`make finetune RECIPE=finance`,
+#   40 steps of 2 x 512 tokens, LoRA r16 on all linears, padding-free packing, LM head on labelled
+#   positions only: 0.5586 GFLOP per trained token): bf16 919.8 tok/s at 1039.2 GFLOP/s leaves 0.481
+#   ms a token besides the matmuls, fp32 504.3 at 556.1 leaves 0.752 ms. Bytes scale with the element
+#   size and the fixed cost does not, so the two runs give both: 86 passes at 40 GB/s and 214 ms a
+#   micro-batch (7.1 ms a layer). The fixed cost, fitted on the dtype split alone, is checked on a
+#   micro-batch of half the tokens (bench_time's seq 256 row, which the passes-only model read +16%
+#   and +28% fast). An earlier fit (four runs on a Zen 4 and this Zen 5, older code,
+#   `docs/cpu-training.md`) found the remainder the same in seconds on both CPUs, so it is priced at
+#   a fixed rate, not at the calibration's copy bandwidth, which swung between 38 and 70 GB/s from one
+#   calibration to the next on the Zen 5 while the training speed held. Not modelled: QLoRA's CPU
+#   layers beyond their unpacked matmul (4-bit dequantization, PEFT's own LoRA path; bench_time's row).
 # - "cuda": litgpt's published A10G Llama-3.2-1B wall times (config_hub/finetune/README.md) come
 #   without their token counts, and no GPU was at hand to measure; until a measured GPU run
 #   replaces it, 0.45 (the CPU share of an earlier, slower CPU path) stands in, with no second
 #   term. benchmarks/bench_time.py shows it is too high there (the A10G rows imply more tokens per
 #   example than litgpt's 512 cap).
 TRAIN_EFFICIENCY = {"cpu": 0.816, "cpu bfloat16": 0.886, "cuda": 0.45}
-CPU_ELEMENTWISE_PASSES = 135
+CPU_ELEMENTWISE_PASSES = 86
+CPU_STEP_SECONDS_PER_LAYER = 0.0071
 CPU_ELEMENTWISE_BYTES_PER_S = 40e9
 # Decode reads weights at close to the measured bandwidth: llama.cpp f16 decode of the 135M model
 # on the same CPU, 69 tok/s x 270 MB = 18.6 GB/s, matches its measured copy bandwidth (DESIGN.md).
@@ -121,16 +125,26 @@ def cpu_elementwise_bytes_per_token(m, dtype_bytes: int) -> float:
     return CPU_ELEMENTWISE_PASSES * m.layers * (m.hidden + m.intermediate) * dtype_bytes
 
 
+def cpu_step_seconds(m) -> float:
+    """A CPU micro-batch's fixed cost, whatever its tokens: CPU_STEP_SECONDS_PER_LAYER x layers."""
+    return CPU_STEP_SECONDS_PER_LAYER * m.layers
+
+
 def train_tokens_per_s(flops_per_token: float, device_flops: float, efficiency: float,
-                       bytes_per_token: float = 0.0, bandwidth_bytes_per_s: float = 0.0) -> float:
+                       bytes_per_token: float = 0.0, bandwidth_bytes_per_s: float = 0.0,
+                       step_s: float = 0.0, tokens_per_step: float = 0.0) -> float:
     """Trained tokens per second: one token takes FLOPs / (device FLOP/s x efficiency), plus
-    `bytes_per_token` / bandwidth where given (a CPU's elementwise work)."""
+    `bytes_per_token` / bandwidth where given (a CPU's elementwise work), plus its share of a fixed
+    `step_s` per micro-batch of `tokens_per_step` tokens where given (a CPU's Python and autograd)."""
     if flops_per_token <= 0 or device_flops <= 0 or efficiency <= 0:
         raise ValueError("flops_per_token, device_flops and efficiency must be positive")
     if bytes_per_token < 0 or (bytes_per_token and bandwidth_bytes_per_s <= 0):
         raise ValueError("bytes_per_token needs a positive bandwidth")
+    if step_s < 0 or (step_s and tokens_per_step <= 0):
+        raise ValueError("step_s needs a positive tokens_per_step")
     seconds = flops_per_token / (device_flops * efficiency)
-    return 1.0 / (seconds + (bytes_per_token / bandwidth_bytes_per_s if bytes_per_token else 0.0))
+    seconds += bytes_per_token / bandwidth_bytes_per_s if bytes_per_token else 0.0
+    return 1.0 / (seconds + (step_s / tokens_per_step if step_s else 0.0))
 
 
 def decode_bytes_per_token(weight_bytes: int, kv_bytes_per_token: float, context: int) -> float:
