@@ -36,12 +36,14 @@ def test_fused_equals_the_class_forward(name, dtype_name):
         norm.weight.copy_(torch.rand(96, generator=g) + 0.5)
     x = (torch.randn(2, 37, 96, generator=g) * 3).to(dtype)
     grad = torch.randn(2, 37, 96, generator=g).to(dtype)
+    x0 = x.clone()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         want, want_grad = _forward_and_grad(norm, x, grad)
         with fused_norm.fused_norms_on_cpu(norm, "cpu") as n:
             assert n == 1 and type(norm).__name__ == f"Fused{name}"
             got, got_grad = _forward_and_grad(norm, x, grad)
     assert type(norm) is _norm_class(name) and got.dtype == want.dtype == dtype
+    assert torch.equal(x, x0)  # the fp32 product is computed in place only on a widened copy, never on x
     if dtype == torch.float32:
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-5)
