@@ -139,7 +139,7 @@ def test_wanted_only_for_packed_cpu_training():
 def test_names_cover_every_kernel():
     from toolkit.finetune import packed_attention as P
 
-    assert P.register("sdpa_fp32") == P.NAME_FP32 and P.register() == P.NAME
+    assert P.register("sdpa_fp32") == "toolkit_packed_sdpa_fp32" and P.register() == "toolkit_packed_sdpa"
     assert P.register("bmm", "sdpa_fp32") == "toolkit_packed_bmm_or_sdpa_fp32"
     with pytest.raises(ValueError, match="kernel must be one of"):
         P.name("flash")

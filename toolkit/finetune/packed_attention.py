@@ -91,9 +91,6 @@ def name(kernel: str = "sdpa", fallback: str = "sdpa") -> str:
     return f"toolkit_packed_{kernel}" + (f"_or_{fallback}" if kernel == "bmm" else "")
 
 
-NAME, NAME_FP32 = name("sdpa"), name("sdpa_fp32")
-
-
 def register(kernel: str = "sdpa", fallback: str = "sdpa") -> str:
     """Register every kernel under its name with transformers (idempotent); returns `name(kernel,
     fallback)` for `model.set_attn_implementation`."""
