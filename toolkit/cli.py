@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_module", None):
         parser.print_help()
         return 2
+    # Only a process started from the shell may restart itself (`allocator.relaunch` re-runs its argv).
+    args.process_entry = argv is None
     try:
         return int(args._module.run(args) or 0)
     except UserError as exc:

@@ -35,6 +35,10 @@ def run(args) -> int:
         color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
         print("\n".join(dry_run(args.recipe, args.overrides).lines(color)))
         return 0
+    if getattr(args, "process_entry", False):
+        from toolkit.core import allocator
+
+        allocator.relaunch()  # before torch allocates anything; see toolkit/core/allocator.py
     from toolkit.finetune.trainer import finetune
 
     out = finetune(args.recipe, args.overrides, runs_dir=args.runs_dir, resume=args.resume)

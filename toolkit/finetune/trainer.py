@@ -210,7 +210,7 @@ def _train(rec, overrides, stage: Path, runs: Path, dev, dtype, train_ex, eval_e
     from trl import SFTTrainer
 
     from toolkit.finetune import data as data_mod
-    from toolkit.core import packed_linear
+    from toolkit.core import allocator, packed_linear
     from toolkit.finetune import packed_attention
     from toolkit.finetune.fused_lora import fused_on_cpu
     from toolkit.finetune.fused_norm import fused_norms_on_cpu
@@ -322,6 +322,7 @@ def _train(rec, overrides, stage: Path, runs: Path, dev, dtype, train_ex, eval_e
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": dev, "compute_dtype": dtype,
         "compute_dtype_reason": dtype_reason, "packed_attention": attn,
         "packed_attention_reason": attn_reason, "matmuls": matmul_reason, "threads": threads,
+        "malloc": allocator.state(),
         "world_size": dist_state.num_processes, "profile": rec.profile, "overrides": list(overrides),
         "resumed_from": str(resume_from.name) if resume_from else None,
         "train_examples": len(train_split.input_ids), "eval_examples": len(eval_split.input_ids) if eval_split else 0,
