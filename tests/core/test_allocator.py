@@ -70,9 +70,12 @@ print(os.environ.get("GLIBC_TUNABLES", ""), churn(), allocator.state(), sep="|")
 """
 
 
+def _clean_env() -> dict:
+    return {k: v for k, v in os.environ.items() if k not in (allocator.ENV, allocator.OPT_OUT)}
+
+
 def _churn(*args):
-    env = {k: v for k, v in os.environ.items() if k not in (allocator.ENV, allocator.OPT_OUT)}
-    out = subprocess.run([sys.executable, "-c", CHURN, *args], capture_output=True, text=True, env=env, cwd=ROOT,
+    out = subprocess.run([sys.executable, "-c", CHURN, *args], capture_output=True, text=True, env=_clean_env(), cwd=ROOT,
                          check=True).stdout.strip().splitlines()[-1]
     tunables, faults, state = out.split("|")
     return tunables, int(faults), state
@@ -84,13 +87,13 @@ def test_relaunch_on_this_machine():
     plain_tunables, plain_faults, plain_state = _churn()
     assert plain_tunables == "" and plain_state.startswith("system default (")
     tunables, faults, state = _churn("relaunch")
-    env = {k: v for k, v in os.environ.items() if k not in (allocator.ENV, allocator.OPT_OUT)}
-    with mock.patch.dict(os.environ, env, clear=True):
+    with mock.patch.dict(os.environ, _clean_env(), clear=True):
         value, why = decide(allocator.detect())
     if value is None:
         assert tunables == "" and state == f"system default ({why})"
         return
     assert tunables == value and state == allocator.HUGETLB
+    assert "not started by `toolkit finetune`" in plain_state
     assert faults < plain_faults / 4, (faults, plain_faults)
 
 

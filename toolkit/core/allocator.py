@@ -97,7 +97,10 @@ def state() -> str:
     f = detect()
     if HUGETLB in f.tunables.split(":"):
         return HUGETLB
-    return f"system default ({decide(f)[1]})"
+    value, why = decide(f)
+    if value is not None:  # a library call: only the command line's entry restarts
+        why = f"not started by `toolkit finetune`, which restarts under {HUGETLB}"
+    return f"system default ({why})"
 
 
 def relaunch() -> None:
