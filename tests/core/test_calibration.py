@@ -25,6 +25,41 @@ def test_key_changes_with_torch_version_cpu_name_model_flags_and_gpu():
     assert K.key(replace(cpu, isa="amx", native_bf16=True, forced="amx"), "2.13.0") == K.key(cpu, "2.13.0")
 
 
+def test_key_changes_with_the_library_isa_caps_only():
+    cpu = C.Capability(kind="cpu", name="AMD EPYC", isa="avx512_bf16", physical_cores=2, logical_cpus=2)
+    plain = K.key(cpu, "2.13.0", K.isa_caps({"OMP_NUM_THREADS": "2", "HOME": "/root"}))
+    assert plain == K.key(cpu, "2.13.0")  # no cap set: the key caches written before caps counted still match
+    capped = {K.key(cpu, "2.13.0", K.isa_caps({name: "AVX2"})) for name in K.ISA_CAPS}
+    assert len(capped) == len(K.ISA_CAPS) and plain not in capped
+    assert K.isa_caps({"MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": ""}) \
+        == "ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2"
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="the caps name x86 ISA levels")
+def test_libraries_capped_at_avx2_calibrate_apart_and_train_in_fp32(tmp_path):
+    """With oneDNN, MKL and ATen capped at AVX2 the machine measures like an AVX2 CPU: on one with
+    AVX512-BF16 its bf16 matmuls run emulated. That calibration gets a key of its own (it would
+    otherwise be read back uncapped, and the reverse) and the dtype choice follows it."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TOOLKIT_CACHE=str(tmp_path), ONEDNN_MAX_CPU_ISA="AVX2", MKL_ENABLE_INSTRUCTIONS="AVX2",
+               ATEN_CPU_CAPABILITY="avx2")
+    env.pop(C.ENV_FORCE, None)
+    code = ("import torch, json\n"
+            "from toolkit.core import calibration as K, capability as C\n"
+            "cap = C.detect('cpu')\n"
+            "cal = K.load(cap)\n"
+            "print(json.dumps([torch.backends.cpu.get_cpu_capability(), cal.key, C.choose_dtype(cap, 'train', cal)[0]]))\n")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    torch_isa, cal_key, dtype = json.loads(out.stdout.strip().splitlines()[-1])
+    assert torch_isa == "AVX2"
+    assert cal_key.endswith("|ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2")
+    assert dtype == "float32"
+    cached = json.loads((tmp_path / K.FILE_NAME).read_text())["records"]
+    assert list(cached) == [cal_key]
+
+
 def test_from_dict_rejects_what_is_not_a_record():
     good = {"key": "k", "device": "cpu x", "matmul_flops": {"float32": 1e10, "bfloat16": 1e9},
             "bandwidth_bytes_per_s": 1e10, "seconds": 1.0, "torch": "2.13.0", "packed_flops": {"float32": 2e10},

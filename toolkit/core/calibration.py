@@ -97,13 +97,26 @@ def torch_version() -> str:
         return "none"
 
 
-def key(cap: Capability, torch_ver: str) -> str:
-    """Cache key: what the numbers depend on. A forced capability (TOOLKIT_CPU_CAPABILITY) does not
-    change it: the measurement is of the real hardware."""
+# Settings that cap the vector instructions the math libraries use. With ONEDNN_MAX_CPU_ISA=AVX2 an
+# AVX512-BF16 CPU runs fp32 matmuls at about half its rate and bf16 ones emulated, ~100x slower: a
+# calibration measured without the cap would pick bf16 there.
+ISA_CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
+
+def isa_caps(environ) -> str:
+    """The library ISA caps set in `environ`, as "NAME=value ..." ("" when none is)."""
+    return " ".join(f"{name}={environ[name]}" for name in ISA_CAPS if environ.get(name))
+
+
+def key(cap: Capability, torch_ver: str, caps: str = "") -> str:
+    """Cache key: what the numbers depend on, including the library ISA caps in effect (`isa_caps`).
+    A forced capability (TOOLKIT_CPU_CAPABILITY) does not change it: the measurement is of the real
+    hardware."""
     if cap.kind == "cuda":
         return f"cuda|{cap.name}|{cap.isa}|torch {torch_ver}"
     # The real flags, not the (forceable) ISA level: the measurement is of the hardware.
-    return f"cpu|{cap.name}|{cap.model_id}|{' '.join(cap.flags)}|{threads(cap)} threads|torch {torch_ver}"
+    return (f"cpu|{cap.name}|{cap.model_id}|{' '.join(cap.flags)}|{threads(cap)} threads|torch {torch_ver}"
+            + (f"|{caps}" if caps else ""))
 
 
 def cache_path() -> Path:
@@ -142,7 +155,7 @@ def load(cap: Capability | None = None, refresh: bool = False) -> Calibration:
     """This machine's calibration: from the cache, or measured (and cached) when missing, stale,
     corrupt, or `refresh`."""
     cap = cap or detect()
-    k = key(cap, torch_version())
+    k = key(cap, torch_version(), isa_caps(os.environ))
     path = cache_path()
     records = _read_records(path)
     if not refresh and k in records:
@@ -181,7 +194,7 @@ def measure(cap: Capability) -> Calibration:
         attention = {} if cuda else _attention_times(torch, flops)
     finally:
         torch.set_num_threads(prev)
-    return Calibration(key=key(cap, torch_version()), device=f"{cap.kind} {cap.name} ({cap.isa})",
+    return Calibration(key=key(cap, torch_version(), isa_caps(os.environ)), device=f"{cap.kind} {cap.name} ({cap.isa})",
                        matmul_flops=flops, bandwidth_bytes_per_s=bw, seconds=round(time.perf_counter() - t0, 3),
                        torch=torch_version(), packed_flops=packed, attention_s=attention)
 
