@@ -105,6 +105,11 @@ def finetune(recipe_spec: str | Path, overrides: Sequence[str] = (), runs_dir: s
         out = _train(rec, overrides, stage, runs, dev, dtype, train_ex, eval_ex, resume_from, callbacks,
                      dist_state, dtype_reason=dtype_reason, threads=n_threads)
         ok = True
+        if dist_state.num_processes > 1:
+            # Left to the interpreter's exit, gloo's worker threads can abort it ("terminate called
+            # without an active exception", SIGABRT: pytorch/pytorch#190489), failing a finished run.
+            # Only after a success, as torchtitan does: a rank that failed may leave the others in a collective.
+            dist_state.destroy_process_group()
         return out
     finally:
         # A failed start leaves nothing behind; a checkpoint or trained weights are never deleted.
