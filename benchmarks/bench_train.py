@@ -292,12 +292,10 @@ def _train_split():
 
 
 if __name__ == "__main__":
-    print(json.dumps(run(), indent=2))
-
-
-if __name__ == "__main__":  # emulated_avx2's child: both parts here, the rows to the file named
-    target = Path(sys.argv[1])
-    rows = both_parts(target.parent)
-    tmp_out = target.with_suffix(".tmp")
-    tmp_out.write_text(json.dumps(rows))
-    os.replace(tmp_out, target)
+    if len(sys.argv) > 1:  # emulated_avx2's child: both parts here, the rows to the file named
+        target = Path(sys.argv[1])
+        tmp_out = target.with_suffix(".tmp")
+        tmp_out.write_text(json.dumps(both_parts(target.parent)))
+        os.replace(tmp_out, target)
+    else:
+        print(json.dumps(run(), indent=2))

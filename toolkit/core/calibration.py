@@ -194,9 +194,10 @@ def measure(cap: Capability) -> Calibration:
         attention = {} if cuda else _attention_times(torch, flops)
     finally:
         torch.set_num_threads(prev)
-    return Calibration(key=key(cap, torch_version(), isa_caps(os.environ)), device=f"{cap.kind} {cap.name} ({cap.isa})",
-                       matmul_flops=flops, bandwidth_bytes_per_s=bw, seconds=round(time.perf_counter() - t0, 3),
-                       torch=torch_version(), packed_flops=packed, attention_s=attention)
+    return Calibration(key=key(cap, torch_version(), isa_caps(os.environ)),
+                       device=f"{cap.kind} {cap.name} ({cap.isa})", matmul_flops=flops, bandwidth_bytes_per_s=bw,
+                       seconds=round(time.perf_counter() - t0, 3), torch=torch_version(), packed_flops=packed,
+                       attention_s=attention)
 
 
 def _native(flops: dict[str, float]) -> list[str]:
