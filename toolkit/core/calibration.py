@@ -119,6 +119,11 @@ def key(cap: Capability, torch_ver: str, caps: str = "") -> str:
             + (f"|{caps}" if caps else ""))
 
 
+def current_key(cap: Capability) -> str:
+    """`key` for this process: its torch version and the ISA caps in its environment."""
+    return key(cap, torch_version(), isa_caps(os.environ))
+
+
 def cache_path() -> Path:
     from toolkit.core.models import cache_dir
 
@@ -155,7 +160,7 @@ def load(cap: Capability | None = None, refresh: bool = False) -> Calibration:
     """This machine's calibration: from the cache, or measured (and cached) when missing, stale,
     corrupt, or `refresh`."""
     cap = cap or detect()
-    k = key(cap, torch_version(), isa_caps(os.environ))
+    k = current_key(cap)
     path = cache_path()
     records = _read_records(path)
     if not refresh and k in records:
@@ -194,7 +199,7 @@ def measure(cap: Capability) -> Calibration:
         attention = {} if cuda else _attention_times(torch, flops)
     finally:
         torch.set_num_threads(prev)
-    return Calibration(key=key(cap, torch_version(), isa_caps(os.environ)),
+    return Calibration(key=current_key(cap),
                        device=f"{cap.kind} {cap.name} ({cap.isa})", matmul_flops=flops, bandwidth_bytes_per_s=bw,
                        seconds=round(time.perf_counter() - t0, 3), torch=torch_version(), packed_flops=packed,
                        attention_s=attention)
