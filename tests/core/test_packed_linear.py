@@ -98,3 +98,18 @@ def test_for_device_follows_the_calibration_and_the_memory(monkeypatch):
                         lambda: hardware.Hardware("cpu", "test", 4 * need, need, "test"))
     block, why = P.for_device(layer, "cpu", "float32", training=True)
     assert isinstance(block, contextlib.nullcontext) and "GiB available" in why
+
+
+def test_packs_are_found_by_weight_only_inside_the_block():
+    a, b = torch.nn.Linear(8, 6), torch.nn.Linear(8, 6)
+    b.weight = a.weight  # tied: one pack
+    model = torch.nn.Sequential(a, b).requires_grad_(False)
+    assert P.packs_of(a.weight) is None
+    with P.packed_linears(model, torch.float32):
+        packs = P.packs_of(a.weight)
+        assert packs is getattr(a, P.PACK) is getattr(b, P.PACK)
+        pk = P.input_grad_pack(packs, a.weight, 4)
+        assert P.input_grad_pack(packs, a.weight, 4) is pk  # made once
+        g = torch.randn(4, 6)
+        torch.testing.assert_close(P.matmul(g, pk), g @ a.weight)
+    assert P.packs_of(a.weight) is None

@@ -163,3 +163,36 @@ def test_bf16_autocast_path(monkeypatch):
     assert all(cpu_lm_head._SPARE[k] is v for k, v in spares.items())
     for x, y in zip(got, again):
         assert (x is None and y is None) or torch.equal(x, y)
+
+
+def test_fp32_runs_through_the_weights_packs_where_the_model_is_packed(monkeypatch):
+    """Where the model's frozen linears run pre-packed (an fp32 CPU run whose calibration chose
+    oneDNN), the LM head's two matmuls use the same packs: the same answers as torch's matmul, the
+    input-gradient pack made at the backward, and no logits buffer kept for a fresh output."""
+    from toolkit.core import packed_linear
+    from toolkit.finetune import cpu_lm_head
+
+    if not packed_linear.available():
+        pytest.skip("this torch lacks the oneDNN operators")
+    monkeypatch.setattr(cpu_lm_head, "_SPARE", {})
+    hidden, weight, targets = _inputs(n=45, h=32, v=509, seed=5)
+    fn = cpu_lm_head.log_probs_function()
+    want = _run(fn, hidden, weight, targets, entropy_weight=0.5)
+    assert torch.float32 in cpu_lm_head._SPARE
+    monkeypatch.setattr(cpu_lm_head, "_SPARE", {})
+    head = torch.nn.Linear(32, 509, bias=False).requires_grad_(False)
+    head.weight.copy_(weight)
+    with packed_linear.packed_linears(head, torch.float32) as n:
+        packs = packed_linear.packs_of(head.weight)
+        assert n == 1 and packs is not None and packs[1] is None
+        h = hidden.clone().requires_grad_(True)
+        lp, ent, _, _, top1 = fn.apply(h, head.weight, None, targets, 1.0, 128, None, 1.0, OUTPUTS)
+        (-lp.sum() + 0.5 * ent.sum()).backward()
+        assert packs[1] is not None  # the backward ran through the input-gradient pack
+    assert packed_linear.packs_of(head.weight) is None  # forgotten with the block
+    assert cpu_lm_head._SPARE == {}
+    for name, a, b in zip(("log_probs", "entropy", "is_top1", "hidden grad"), want, (lp, ent, top1, h.grad)):
+        if a.dtype == torch.bool:
+            assert torch.equal(a, b), name
+        else:
+            torch.testing.assert_close(b.detach(), a, rtol=1e-5, atol=5e-5, msg=name)

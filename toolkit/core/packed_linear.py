@@ -28,6 +28,9 @@ import functools
 # Set on each packed layer: [weight packed for x @ W.T, for g @ W (made at the first backward)].
 PACK = "_toolkit_pack"
 DTYPES = ("float32", "bfloat16")
+# id(weight) -> its packs while an open `packed_linears` block has it packed: for callers handed a
+# weight rather than a layer (TRL gives the CPU LM head `lm_head.weight`).
+_BY_WEIGHT: dict = {}
 
 
 def available() -> bool:
@@ -56,6 +59,18 @@ def matmul(x2, packed, bias=None):
     return torch.ops.mkldnn._linear_pointwise(x2, packed, bias, "none", [], "")
 
 
+def packs_of(weight):
+    """`weight`'s packs (see PACK) while a `packed_linears` block has it packed, else None."""
+    return _BY_WEIGHT.get(id(weight))
+
+
+def input_grad_pack(packs, weight, rows: int):
+    """The pack for `g @ weight` (made on first use and kept with the others)."""
+    if packs[1] is None:
+        packs[1] = pack(weight.t(), rows)
+    return packs[1]
+
+
 @functools.cache
 def _function():
     import torch
@@ -77,9 +92,7 @@ def _function():
             with torch.autocast("cpu", enabled=False):
                 if packs is None:  # the block ended between forward and backward
                     return g @ layer.weight.to(g.dtype), None
-                if packs[1] is None:
-                    packs[1] = pack(layer.weight.t(), g.shape[0])
-                return matmul(g.contiguous(), packs[1]), None
+                return matmul(g.contiguous(), input_grad_pack(packs, layer.weight, g.shape[0])), None
 
     return PackedMatmul
 
@@ -144,8 +157,12 @@ def packed_linears(model, dtype, rows_hint: int = 1024):
             # Tied weights (an LM head that is the embedding) share one pack.
             setattr(m, PACK, by_weight.setdefault(id(m.weight), [pack(m.weight, rows_hint), None]))
             m.__class__ = cls
+        _BY_WEIGHT.update(by_weight)
         yield len(layers)
     finally:
+        for key, packs in by_weight.items():
+            if _BY_WEIGHT.get(key) is packs:
+                del _BY_WEIGHT[key]
         for m in layers:
             if type(m) is cls:
                 m.__class__ = __import__("torch").nn.Linear
