@@ -92,7 +92,8 @@ def test_sdpa_fp32_attends_in_fp32_under_autocast():
 
 def test_bmm_fits_only_rows_it_pads_little():
     assert S.bmm_fits([256] * 4, 64) and not S.bmm_fits([257] * 4, 64)
-    assert S.bmm_fits([100, 60, 130, 80, 110, 90, 120, 70, 105, 95], 64)  # the calibration's row
+    assert S.bmm_fits([100, 60, 130, 80, 110, 90, 120, 70, 105, 95], 64)
+    assert S.bmm_fits([128] * 8, 64)  # the calibration's row
     assert not S.bmm_fits([2048], 64)  # one long conversation: SDPA keeps no L x L tensor
     assert not S.bmm_fits([300] + [20] * 9, 64)  # nine short ones padded to 300
 
@@ -110,3 +111,24 @@ def test_attend_takes_the_fallback_where_bmm_does_not_fit_or_there_is_dropout():
         dropped = S.attend(q, k, v, SIZES[:2], "bmm", dropout=0.5)
         torch.manual_seed(0)
         assert torch.equal(dropped, S.attend(q, k, v, SIZES[:2], "sdpa", dropout=0.5))
+
+
+def test_padding_counts_the_scores_bmm_adds():
+    assert S.padding([128] * 8) == 1.0
+    assert S.padding([100, 50]) == 2 * 100**2 / (100**2 + 50**2)  # 1.6
+    assert S.padding([124] * 4 + [161] * 3) == pytest.approx(1.302, abs=1e-3)  # a finance row
+
+
+def test_attend_takes_the_fallback_for_rows_padded_past_the_limit(monkeypatch):
+    import torch
+
+    sizes = [12, 6, 12]  # padding 3 * 144 / 324 = 1.33
+    q, k, v, _ = _inputs(6, 2, sizes=sizes)
+    calls = []
+    real = S.bmm
+    monkeypatch.setattr(S, "bmm", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    with torch.no_grad():
+        want = S.attend(q, k, v, sizes, "sdpa")
+        assert torch.equal(S.attend(q, k, v, sizes, "bmm", "sdpa", max_padding=1.33), want) and not calls
+        torch.testing.assert_close(S.attend(q, k, v, sizes, "bmm", "sdpa", max_padding=1.34), want)
+        assert calls == [1]

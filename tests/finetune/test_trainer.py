@@ -409,8 +409,9 @@ def test_fallback_trains_with_the_fallback_profile(tmp_path, tiny_llama_dir, mon
     from toolkit.core.hardware import attention_choice
     from toolkit.finetune.packed_attention import name
 
-    kernel, fallback, why = attention_choice("cpu", info["compute_dtype"])
-    assert [info["packed_attention"], info["packed_attention_reason"]] == [name(kernel, fallback), why]
+    choice = attention_choice("cpu", info["compute_dtype"])
+    assert [info["packed_attention"], info["packed_attention_reason"]] == [
+        name(choice.kernel, choice.fallback, choice.max_padding), choice.reason]
 
 
 @pytest.mark.slow

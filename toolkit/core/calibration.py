@@ -21,7 +21,7 @@ from pathlib import Path
 from toolkit.core.capability import Capability, detect, threads
 from toolkit.core.progress import say
 
-FORMAT = 3  # 2: packed_flops; 3: attention_s
+FORMAT = 4  # 2: packed_flops; 3: attention_s; 4: attention_s on a row of equal conversations
 FILE_NAME = "calibration.json"
 # (M, K, N) of one LoRA-era linear layer at a training step: a 2048-token batch through a
 # 576 -> 1536 MLP projection (SmolLM2-135M). A GPU needs a bigger one to leave launch overhead behind.
@@ -31,9 +31,11 @@ CUDA_SHAPE = (8192, 2048, 8192)
 # full shape: when its small probe projects one full matmul past this, the probe's rate is the
 # measurement. (A probe's rate understates a fast dtype several-fold, so the bar is generous.)
 FULL_SHAPE_LIMIT_S = 1.0
-# The packed row the attention kernels are timed on: 10 conversations of 60-130 tokens (the finance
-# recipe's), 9 query / 3 KV heads of 64 (a SmolLM2-135M layer), forward and backward.
-ATTENTION_SIZES = (100, 60, 130, 80, 110, 90, 120, 70, 105, 95)
+# The packed row the attention kernels are timed on: 8 conversations of 128 tokens, 9 query / 3 KV
+# heads of 64 (a SmolLM2-135M layer), forward and backward. Equal lengths: the batched-matmul
+# kernel's gain with no padding, which `capability.packed_attention` scales by each row's padding
+# (a row of 60-130 tokens had hidden a 1.3-1.4x fp32 gain on the finance recipe's rows).
+ATTENTION_SIZES = (128,) * 8
 ATTENTION_HEADS = (9, 3, 64)
 
 

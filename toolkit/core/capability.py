@@ -13,8 +13,10 @@ A forced record is taken at its word: a measured calibration does not overrule i
 from __future__ import annotations
 
 import functools
+import math
 import os
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 from toolkit.core.errors import UserError
 
@@ -216,9 +218,18 @@ def choose_dtype(cap: Capability, purpose: str, calibration=None) -> tuple[str, 
 
 
 # The batched-matmul attention keeps an L x L tensor a layer and pads conversations to the longest:
-# taken only for a clear gain over the fastest SDPA variant.
+# taken only for a clear gain over the fastest SDPA variant, on the calibration's row and on each row.
 BMM_ATTENTION_MIN_GAIN = 1.2
 _KERNEL_WORDS = {"sdpa": "SDPA", "sdpa_fp32": "SDPA in fp32", "bmm": "batched matmuls"}
+
+
+class AttentionChoice(NamedTuple):
+    """How packed CPU training attends (`toolkit.core.segment_attention.attend`'s arguments)."""
+
+    kernel: str
+    fallback: str  # an SDPA variant: the rows bmm does not take
+    reason: str
+    max_padding: float = math.inf  # bmm takes a row only up to this `segment_attention.padding`
 
 
 def attention_times(calibration, dtype: str) -> dict[str, float]:
@@ -228,37 +239,42 @@ def attention_times(calibration, dtype: str) -> dict[str, float]:
     return {k.split()[1]: v for k, v in timed.items() if k.split()[0] == dtype}
 
 
-def packed_attention(cap: Capability, compute_dtype: str, calibration=None) -> tuple[str, str, str]:
-    """(kernel, fallback, reason): how packed CPU training attends each conversation of a row
-    (`toolkit.core.segment_attention`), computing in `compute_dtype`; `fallback` (an SDPA variant)
-    takes the rows the batched-matmul kernel would pad too much.
+def packed_attention(cap: Capability, compute_dtype: str, calibration=None) -> AttentionChoice:
+    """How packed CPU training attends each conversation of a row (`toolkit.core.segment_attention`),
+    computing in `compute_dtype`.
 
-    Given a `toolkit.core.calibration.Calibration` that timed the kernels in `compute_dtype`, the
-    fastest SDPA variant is the fallback and "bmm" is taken where it measured BMM_ATTENTION_MIN_GAIN
-    times faster than it. Unmeasured, the rule measured on the AVX512-BF16 EPYCs: PyTorch's bf16 CPU
-    flash kernel is slower than its fp32 one wherever it has no AMX tiles to run on (and an AVX2 CPU
-    only emulates bf16), so a bf16 run attends in fp32 there; AMX CPUs, not measured here, and CUDA
-    keep the compute dtype."""
+    Given a `toolkit.core.calibration.Calibration` that timed the kernels in `compute_dtype` on a row
+    of equal conversations, the fastest SDPA variant is the fallback, and "bmm" is the kernel where
+    it measured more than BMM_ATTENTION_MIN_GAIN times faster than that: it then takes each row whose
+    padding (`segment_attention.padding`, which costs bmm time and SDPA none) leaves that margin,
+    `max_padding` = gain / BMM_ATTENTION_MIN_GAIN. Unmeasured, the rule measured on the AVX512-BF16
+    EPYCs: PyTorch's bf16 CPU flash kernel is slower than its fp32 one wherever it has no AMX tiles to
+    run on (and an AVX2 CPU only emulates bf16), so a bf16 run attends in fp32 there; AMX CPUs, not
+    measured here, and CUDA keep the compute dtype."""
     if cap.kind == "cuda" or compute_dtype not in ("float32", "bfloat16"):
-        return "sdpa", "sdpa", f"attention: SDPA in the compute dtype ({compute_dtype})"
+        return AttentionChoice("sdpa", "sdpa", f"attention: SDPA in the compute dtype ({compute_dtype})")
     times = attention_times(calibration, compute_dtype)
     sdpa = {k: v for k, v in times.items() if k.startswith("sdpa")}
     if not sdpa:
         if compute_dtype == "float32":
-            return "sdpa", "sdpa", "attention: SDPA in fp32 (the compute dtype)"
+            return AttentionChoice("sdpa", "sdpa", "attention: SDPA in fp32 (the compute dtype)")
         if cap.isa == "amx":
-            return "sdpa", "sdpa", "attention: SDPA in bf16 (AMX)"
-        return "sdpa_fp32", "sdpa_fp32", f"attention: SDPA in fp32, CPU bf16 flash attention is slower without AMX ({cap.isa})"
+            return AttentionChoice("sdpa", "sdpa", "attention: SDPA in bf16 (AMX)")
+        return AttentionChoice("sdpa_fp32", "sdpa_fp32",
+                               f"attention: SDPA in fp32, CPU bf16 flash attention is slower without AMX ({cap.isa})")
     fallback = min(sdpa, key=sdpa.get)
     ms = lambda k: f"{times[k] * 1e3:.1f}"  # noqa: E731
     bmm = times.get("bmm")
-    if bmm and bmm * BMM_ATTENTION_MIN_GAIN <= times[fallback]:
-        return "bmm", fallback, (f"attention: batched matmuls in {compute_dtype}, measured {times[fallback] / bmm:.1f}x "
-                                 f"{_KERNEL_WORDS[fallback]} ({ms('bmm')} vs {ms(fallback)} ms a layer); "
-                                 f"{_KERNEL_WORDS[fallback]} for rows it would pad too much")
+    if bmm and bmm * BMM_ATTENTION_MIN_GAIN < times[fallback]:
+        limit = times[fallback] / bmm / BMM_ATTENTION_MIN_GAIN
+        words = _KERNEL_WORDS[fallback]
+        return AttentionChoice("bmm", fallback, (
+            f"attention: batched matmuls in {compute_dtype}, measured {times[fallback] / bmm:.1f}x {words} on "
+            f"equal conversations ({ms('bmm')} vs {ms(fallback)} ms a layer), for rows padded up to {limit:.2f}x; "
+            f"{words} for the others"), round(limit, 3))
     others = ", ".join(f"{_KERNEL_WORDS[k]} {ms(k)}" for k in times if k != fallback)
-    return fallback, fallback, (f"attention: {_KERNEL_WORDS[fallback]}, measured fastest in {compute_dtype} "
-                                f"({ms(fallback)} ms a layer; {others})")
+    return AttentionChoice(fallback, fallback, (f"attention: {_KERNEL_WORDS[fallback]}, measured fastest in "
+                                                f"{compute_dtype} ({ms(fallback)} ms a layer; {others})"))
 
 
 # Pre-packing copies every frozen weight (twice when training): only worth it for a clear gain.

@@ -160,8 +160,8 @@ def packed_choice(dev: str, dtype: str) -> tuple[bool, str]:
     return C.packed_matmuls(cap, dtype, calibration.load(cap))
 
 
-def attention_choice(dev: str, dtype: str) -> tuple[str, str, str]:
-    """(kernel, fallback, reason) for packed training's attention computing in `dtype` on `dev`:
+def attention_choice(dev: str, dtype: str):
+    """The `capability.AttentionChoice` for packed training's attention computing in `dtype` on `dev`:
     capability.packed_attention over this machine's calibration (cached; measured once)."""
     from toolkit.core import capability as C
 

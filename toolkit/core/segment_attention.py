@@ -17,6 +17,14 @@ picks one:
   It keeps the probabilities (n x heads x L x L) for the backward and pads every conversation to
   the longest, so it only runs where `bmm_fits` says that costs little.
 
+Which rows bmm takes: its cost grows with the padded scores (n x max(L)^2), SDPA's with the
+conversations' own (sum of L^2), so the calibration times both on a row of equal conversations
+(no padding) and bmm takes a row only where that gain, divided by the row's `padding`, still clears
+the bar (`capability.packed_attention` gives the limit as `max_padding`). On the Zen 5, fp32, rows of
+the finance recipe (7-10 conversations of 80-161 tokens, padding 1.06-1.30): SDPA / bmm 1.01-1.44x,
+and 0.85x on a row of 60-130 tokens (padding 1.75); the gain measured on 8 x 128 tokens over the row's
+padding predicts each within ~7% (docs/cpu-training.md).
+
 Right-padding needs no mask beyond the causal one: a real query sees only keys at or before it, all
 real; the padded queries' outputs are dropped and get no gradient, so the padded keys get none.
 Both kernels take q (1, H, T, D) and k, v (1, KV, T, D) with H a multiple of KV (grouped-query
@@ -27,6 +35,7 @@ attention: query head h reads KV head h // (H / KV), as transformers' `repeat_kv
 from __future__ import annotations
 
 import functools
+import math
 
 # sdpa_fp32: sdpa on fp32 copies of bf16 inputs, the result cast back.
 KERNELS = ("sdpa", "sdpa_fp32", "bmm")
@@ -43,13 +52,20 @@ def bmm_fits(sizes, head_dim: int) -> bool:
     return len(sizes) * max(sizes) ** 2 <= BMM_MAX_SCORES_PER_QUERY_ELEMENT * sum(sizes) * head_dim
 
 
-def attend(q, k, v, sizes, kernel: str = "sdpa", fallback: str = "sdpa", scale=None, dropout: float = 0.0):
+def padding(sizes) -> float:
+    """The bmm kernel's scores for conversations of `sizes` over theirs alone: n * max(L)^2 / sum(L^2)
+    (1.0 for equal lengths)."""
+    return len(sizes) * max(sizes) ** 2 / sum(s * s for s in sizes)
+
+
+def attend(q, k, v, sizes, kernel: str = "sdpa", fallback: str = "sdpa", scale=None, dropout: float = 0.0,
+           max_padding: float = math.inf):
     """The packed row's attention with `kernel`; with `fallback` where bmm does not fit the row
-    (`bmm_fits`) or there is dropout (bmm has none)."""
+    (`bmm_fits`), would pad it more than `max_padding` (`padding`), or there is dropout (bmm has none)."""
     import torch
 
     if kernel == "bmm":
-        if dropout == 0.0 and bmm_fits(sizes, q.shape[-1]):
+        if dropout == 0.0 and bmm_fits(sizes, q.shape[-1]) and padding(sizes) <= max_padding:
             return bmm(q, k, v, sizes, scale)
         kernel = fallback
     if kernel == "sdpa_fp32" and q.dtype != torch.float32:

@@ -26,6 +26,8 @@ It plugs in through transformers' public registries (`AttentionInterface` and
 
 from __future__ import annotations
 
+import math
+
 
 def wanted(device: str, packing: bool, engine: str) -> bool:
     """Use it for padding-free packed training on a CPU with the transformers engine.
@@ -55,9 +57,10 @@ def segment_bounds(cu_seq_lens=None, position_ids=None) -> list[int] | None:
 
 
 def attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                      is_causal=None, kernel: str = "sdpa", fallback: str = "sdpa", **kwargs):
+                      is_causal=None, kernel: str = "sdpa", fallback: str = "sdpa", max_padding: float = math.inf,
+                      **kwargs):
     """Same contract as transformers' `sdpa_attention_forward`: (B, H, T, D) in, (B, T, H, D) out.
-    A packed row goes to `segment_attention.attend` with `kernel` and `fallback`."""
+    A packed row goes to `segment_attention.attend` with `kernel`, `fallback` and `max_padding`."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     from toolkit.core import segment_attention
@@ -69,7 +72,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     sizes = [e - s for s, e in zip(bounds, bounds[1:]) if e > s]
-    return segment_attention.attend(query, key, value, sizes, kernel, fallback, scaling, dropout), None
+    return segment_attention.attend(query, key, value, sizes, kernel, fallback, scaling, dropout, max_padding), None
 
 
 def mask(*args, **kwargs):
@@ -81,19 +84,22 @@ def mask(*args, **kwargs):
     return sdpa_mask(*args, **kwargs)
 
 
-def name(kernel: str = "sdpa", fallback: str = "sdpa") -> str:
-    """The registered name of `kernel` with `fallback` for rows bmm does not take."""
+def name(kernel: str = "sdpa", fallback: str = "sdpa", max_padding: float = math.inf) -> str:
+    """The registered name of `kernel` with `fallback` for rows bmm does not take (those padded past
+    `max_padding` among them)."""
     from toolkit.core.segment_attention import FALLBACKS, KERNELS
 
-    if kernel not in KERNELS or fallback not in FALLBACKS:
-        raise ValueError(f"packed attention kernel must be one of {KERNELS} (fallback {FALLBACKS}); "
-                         f"got {kernel!r}, {fallback!r}")
-    return f"toolkit_packed_{kernel}" + (f"_or_{fallback}" if kernel == "bmm" else "")
+    if kernel not in KERNELS or fallback not in FALLBACKS or not max_padding >= 1.0:
+        raise ValueError(f"packed attention kernel must be one of {KERNELS} (fallback {FALLBACKS}, max_padding "
+                         f">= 1); got {kernel!r}, {fallback!r}, {max_padding!r}")
+    if kernel != "bmm":
+        return f"toolkit_packed_{kernel}"
+    return f"toolkit_packed_bmm_or_{fallback}" + ("" if math.isinf(max_padding) else f"_past_{max_padding:g}")
 
 
-def register(kernel: str = "sdpa", fallback: str = "sdpa") -> str:
-    """Register every kernel under its name with transformers (idempotent); returns `name(kernel,
-    fallback)` for `model.set_attn_implementation`."""
+def register(kernel: str = "sdpa", fallback: str = "sdpa", max_padding: float = math.inf) -> str:
+    """Register every kernel under its name with transformers (idempotent), and `kernel` with
+    `fallback` and `max_padding`; returns its `name` for `model.set_attn_implementation`."""
     import functools
 
     from transformers import AttentionInterface
@@ -101,17 +107,19 @@ def register(kernel: str = "sdpa", fallback: str = "sdpa") -> str:
 
     from toolkit.core.segment_attention import FALLBACKS, KERNELS
 
-    for k in KERNELS:
-        for f in FALLBACKS if k == "bmm" else FALLBACKS[:1]:
-            AttentionInterface.register(name(k, f), functools.partial(attention_forward, kernel=k, fallback=f))
-            AttentionMaskInterface.register(name(k, f), mask)
-    return name(kernel, fallback)
+    chosen = (kernel, fallback, max_padding)
+    for k, f, pad in [*((k, f, math.inf) for k in KERNELS for f in (FALLBACKS if k == "bmm" else FALLBACKS[:1])),
+                      chosen]:
+        forward = functools.partial(attention_forward, kernel=k, fallback=f, max_padding=pad)
+        AttentionInterface.register(name(k, f, pad), forward)
+        AttentionMaskInterface.register(name(k, f, pad), mask)
+    return name(*chosen)
 
 
-def use_on(model, kernel: str = "sdpa", fallback: str = "sdpa") -> str:
+def use_on(model, kernel: str = "sdpa", fallback: str = "sdpa", max_padding: float = math.inf) -> str:
     """Switch `model` (PEFT-wrapped or not) to the packed attention with `kernel` (see `name`);
     returns the implementation it had."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     before = base.config._attn_implementation
-    base.set_attn_implementation(register(kernel, fallback))
+    base.set_attn_implementation(register(kernel, fallback, max_padding))
     return before

@@ -259,9 +259,10 @@ def _train(rec, overrides, stage: Path, runs: Path, dev, dtype, train_ex, eval_e
     if packed_attention.wanted(dev, pack.packing, notes["engine"]):
         from toolkit.core.hardware import attention_choice
 
-        kernel, fallback, attn_reason = attention_choice(dev, dtype)
-        attn = packed_attention.name(kernel, fallback)
-        packed_attention.use_on(model, kernel, fallback)  # each packed conversation attended alone (see the module)
+        how = attention_choice(dev, dtype)
+        attn, attn_reason = packed_attention.name(how.kernel, how.fallback, how.max_padding), how.reason
+        # each packed conversation attended alone (see the module)
+        packed_attention.use_on(model, how.kernel, how.fallback, how.max_padding)
         announce(attn_reason)
     args = _trainer_args(rec, stage, dev, dtype, eval_split is not None, packing=pack.packing)
     interrupt = InterruptCallback()
