@@ -89,7 +89,7 @@ def test_cache_round_trip_keeps_other_machines_and_rebuilds_a_corrupt_file(tmp_p
     printed = json.loads(capsys.readouterr().out)
     cal = K.load(cap)
     assert asdict(cal) == printed
-    assert cal.key == K.key(cap, K.torch_version()) and cal.torch == K.torch_version()
+    assert cal.key == K.current_key(cap) and cal.torch == K.torch_version()
     assert set(cal.matmul_flops) == {"float32", "bfloat16"} and min(cal.matmul_flops.values()) > 0
     from toolkit.core import packed_linear
 
@@ -119,7 +119,7 @@ def test_cache_round_trip_keeps_other_machines_and_rebuilds_a_corrupt_file(tmp_p
 def test_invalid_entry_is_measured_again_and_an_unwritable_cache_is_no_crash(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TOOLKIT_CACHE", str(tmp_path))
     cap = C.detect("cpu")
-    k = K.key(cap, K.torch_version())
+    k = K.current_key(cap)
     bad = {"key": k, "device": "cpu", "matmul_flops": {"float32": -1.0}, "bandwidth_bytes_per_s": 1e9,
            "seconds": 1.0, "torch": K.torch_version()}
     path = tmp_path / K.FILE_NAME
