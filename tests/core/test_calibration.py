@@ -64,12 +64,13 @@ def test_libraries_capped_at_avx2_calibrate_apart_and_train_in_fp32(tmp_path):
 def test_from_dict_rejects_what_is_not_a_record():
     good = {"key": "k", "device": "cpu x", "matmul_flops": {"float32": 1e10, "bfloat16": 1e9},
             "bandwidth_bytes_per_s": 1e10, "seconds": 1.0, "torch": "2.13.0", "packed_flops": {"float32": 2e10},
-            "attention_s": {"float32 sdpa": 0.008, "float32 bmm": 0.009}}
+            "attention_s": {"float32 sdpa": 0.008, "float32 bmm": 0.009},
+            "packed_gain": {"float32 train": 2.3, "float32 infer": 2.7}}
     assert asdict(K.Calibration.from_dict(good)) == good
     for bad in ({**good, "matmul_flops": {"bfloat16": 1e9}}, {**good, "bandwidth_bytes_per_s": "fast"},
                 {k: v for k, v in good.items() if k != "torch"}, {**good, "matmul_flops": [1, 2]},
                 {**good, "matmul_flops": {"float32": 0.0}}, {**good, "packed_flops": {"float32": -1.0}},
-                {**good, "attention_s": {"float32 bmm": 0.0}}):
+                {**good, "attention_s": {"float32 bmm": 0.0}}, {**good, "packed_gain": {"float32 train": -2.3}}):
         with pytest.raises(ValueError):
             K.Calibration.from_dict(bad)
 
@@ -96,6 +97,8 @@ def test_cache_round_trip_keeps_other_machines_and_rebuilds_a_corrupt_file(tmp_p
     if packed_linear.available():  # fp32 is never an emulation: its pre-packed rate is always measured
         assert "float32" in cal.packed_flops and min(cal.packed_flops.values()) > 0
         assert cal.best_flops("float32") == max(cal.matmul_flops["float32"], cal.packed_flops["float32"])
+        # and what packing gains in each use's own matmuls
+        assert {"float32 train", "float32 infer"} <= set(cal.packed_gain) and min(cal.packed_gain.values()) > 0
     assert cal.bandwidth_bytes_per_s > 0
     # every packed-row attention kernel timed in fp32 (never emulated), forward and backward
     assert set(cal.attention_s) >= {"float32 sdpa", "float32 bmm"} and min(cal.attention_s.values()) > 0

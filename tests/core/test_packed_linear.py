@@ -84,14 +84,17 @@ def test_for_device_follows_the_calibration_and_the_memory(monkeypatch):
     from toolkit.core import hardware
 
     layer = torch.nn.Linear(64, 64).requires_grad_(False)
-    monkeypatch.setattr(hardware, "packed_choice", lambda dev, dtype: (False, "matmuls: torch's (slower)"))
+    monkeypatch.setattr(hardware, "packed_choice", lambda dev, dtype, use: (False, "matmuls: torch's (slower)"))
     block, why = P.for_device(layer, "cpu", "float32", training=True)
     assert isinstance(block, contextlib.nullcontext) and why == "matmuls: torch's (slower)"
 
-    monkeypatch.setattr(hardware, "packed_choice", lambda dev, dtype: (True, "matmuls: oneDNN"))
+    monkeypatch.setattr(hardware, "packed_choice", lambda dev, dtype, use: (use == "train", "matmuls: oneDNN"))
     block, why = P.for_device(layer, "cpu", "float32", training=True)
     with block as n:
         assert n == 1 and why == "matmuls: oneDNN"
+    # Inference asks for its own use's measurement (here: no gain there).
+    block, _ = P.for_device(layer, "cpu", "float32", training=False)
+    assert isinstance(block, contextlib.nullcontext)
     # Packs needing more than half the available RAM: not made, and the reason says so.
     need = P.pack_bytes(layer, torch.float32, backward=True)
     monkeypatch.setattr(hardware, "cpu_memory",

@@ -1,7 +1,7 @@
 """A short measurement of this machine (<= ~3 s), run once and cached: matmul FLOP/s per dtype at
-training-like shapes (on a CPU also with the weight pre-packed for oneDNN, `toolkit.core.packed_linear`),
-memory bandwidth, and on a CPU the time of each packed-row attention kernel
-(`toolkit.core.segment_attention`). The dtype, matmul and attention choices (toolkit.core.capability)
+training-like shapes (on a CPU also with the weight pre-packed for oneDNN, `toolkit.core.packed_linear`,
+and what packing gains in a training step's and a decode step's own matmuls), memory bandwidth, and on
+a CPU the time of each packed-row attention kernel (`toolkit.core.segment_attention`). The dtype, matmul and attention choices (toolkit.core.capability)
 and the planner's time model read it; `toolkit estimate --calibrate` reruns it.
 
 Cached in $TOOLKIT_CACHE/calibration.json (default ~/.cache/toolkit), one record per key
@@ -21,7 +21,7 @@ from pathlib import Path
 from toolkit.core.capability import Capability, detect, threads
 from toolkit.core.progress import say
 
-FORMAT = 4  # 2: packed_flops; 3: attention_s; 4: attention_s on a row of equal conversations
+FORMAT = 5  # 2: packed_flops; 3: attention_s; 4: attention_s on a row of equal conversations; 5: packed_gain
 FILE_NAME = "calibration.json"
 # (M, K, N) of one LoRA-era linear layer at a training step: a 2048-token batch through a
 # 576 -> 1536 MLP projection (SmolLM2-135M). A GPU needs a bigger one to leave launch overhead behind.
@@ -37,6 +37,14 @@ FULL_SHAPE_LIMIT_S = 1.0
 # (a row of 60-130 tokens had hidden a 1.3-1.4x fp32 gain on the finance recipe's rows).
 ATTENTION_SIZES = (128,) * 8
 ATTENTION_HEADS = (9, 3, 64)
+# What packing is decided on (`capability.packed_matmuls`): torch's matmuls against the packed ones in
+# the forms a use runs, over PACKED_GAIN_WEIGHTS distinct weights of CPU_SHAPE's layer (a step reads
+# each weight once, not one weight in a loop). "train": a frozen layer's forward `x @ W.T` and input
+# gradient `g @ W` at a step's ~1000 rows; "infer": the forward of a 32-row decode step. The hot
+# 2048-row product of `packed_flops` had hidden both: on the Zen 5 it read bf16 packing 1.00x, where
+# a training step ran 7% faster packed and the report's evaluation 15% (docs/cpu-training.md).
+PACKED_GAIN_ROWS = {"train": 1024, "infer": 32}
+PACKED_GAIN_WEIGHTS = 4
 
 
 @dataclass(frozen=True)
@@ -46,7 +54,9 @@ class Calibration:
     `packed_flops` the same product with the weight pre-packed for oneDNN (CPU only; empty where
     not measured). `best_flops` is the faster of the two: the rate a frozen layer can run at here.
     `attention_s` maps "dtype kernel" ("bfloat16 bmm", "bfloat16 sdpa_fp32", ...) -> seconds for one
-    layer's attention over the ATTENTION_SIZES row, forward and backward (CPU only)."""
+    layer's attention over the ATTENTION_SIZES row, forward and backward (CPU only). `packed_gain`
+    maps "dtype use" ("float32 train", "bfloat16 infer", ...; uses in PACKED_GAIN_ROWS) -> torch's
+    time over the pre-packed time for that use's matmuls (CPU only)."""
 
     key: str
     device: str
@@ -56,6 +66,7 @@ class Calibration:
     torch: str
     packed_flops: dict[str, float] = field(default_factory=dict)
     attention_s: dict[str, float] = field(default_factory=dict)
+    packed_gain: dict[str, float] = field(default_factory=dict)
 
     def best_flops(self, dtype: str) -> float:
         """The faster of the plain and the pre-packed matmul rate of `dtype` (0 when unmeasured)."""
@@ -68,13 +79,15 @@ class Calibration:
             flops = {str(k): float(v) for k, v in d["matmul_flops"].items()}
             packed = {str(k): float(v) for k, v in d.get("packed_flops", {}).items()}
             attention = {str(k): float(v) for k, v in d.get("attention_s", {}).items()}
+            gain = {str(k): float(v) for k, v in d.get("packed_gain", {}).items()}
             cal = cls(key=str(d["key"]), device=str(d["device"]), matmul_flops=flops,
                       bandwidth_bytes_per_s=float(d["bandwidth_bytes_per_s"]), seconds=float(d["seconds"]),
-                      torch=str(d["torch"]), packed_flops=packed, attention_s=attention)
+                      torch=str(d["torch"]), packed_flops=packed, attention_s=attention, packed_gain=gain)
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
             raise ValueError(f"not a calibration record: {exc}") from exc
         if ("float32" not in flops or min(flops.values(), default=0) <= 0 or cal.bandwidth_bytes_per_s <= 0
-                or min(packed.values(), default=1) <= 0 or min(attention.values(), default=1) <= 0):
+                or min(packed.values(), default=1) <= 0 or min(attention.values(), default=1) <= 0
+                or min(gain.values(), default=1) <= 0):
             raise ValueError("not a calibration record: missing or non-positive rates")
         return cal
 
@@ -84,7 +97,9 @@ class Calibration:
                                                    if k in self.packed_flops else "")
                           for k, v in self.matmul_flops.items())
         attention = ", ".join(f"{k} {v * 1e3:.1f}" for k, v in self.attention_s.items())
+        gain = ", ".join(f"{k} {v:.2f}x" for k, v in self.packed_gain.items())
         return (f"{self.device}: matmul GFLOP/s {rates}; memory {self.bandwidth_bytes_per_s / 1e9:.1f} GB/s"
+                + (f"; pre-packing gains {gain}" if gain else "")
                 + (f"; packed-row attention ms a layer: {attention}" if attention else "")
                 + f" (measured in {self.seconds:.1f} s, torch {self.torch})")
 
@@ -197,6 +212,7 @@ def measure(cap: Capability) -> Calibration:
             flops = {dt: _matmul_rate(torch, dev, getattr(torch, dt), CUDA_SHAPE if cuda else CPU_SHAPE)
                      for dt in dtypes}
             packed = {} if cuda else _packed_rates(torch, flops)
+            gain = {} if cuda else _packed_gains(torch, flops)
             bw = _bandwidth(torch, dev)
         attention = {} if cuda else _attention_times(torch, flops)
     finally:
@@ -204,7 +220,7 @@ def measure(cap: Capability) -> Calibration:
     return Calibration(key=current_key(cap),
                        device=f"{cap.kind} {cap.name} ({cap.isa})", matmul_flops=flops, bandwidth_bytes_per_s=bw,
                        seconds=round(time.perf_counter() - t0, 3), torch=torch_version(), packed_flops=packed,
-                       attention_s=attention)
+                       attention_s=attention, packed_gain=gain)
 
 
 def _native(flops: dict[str, float]) -> list[str]:
@@ -256,6 +272,49 @@ def _packed_rates(torch, flops: dict[str, float]) -> dict[str, float]:
         w = packed_linear.pack(torch.randn(n, k, generator=gen).to(dtype), m)
         packed_linear.matmul(a, w)  # kernel selection, not timed
         out[dt] = max(2 * m * k * n / _timed(torch, "cpu", lambda: packed_linear.matmul(a, w)) for _ in range(10))
+    return out
+
+
+def _packed_gains(torch, flops: dict[str, float], reps: int = 3) -> dict[str, float]:
+    """"dtype use" -> torch's time over the pre-packed time for each PACKED_GAIN_ROWS use, per dtype
+    whose plain rate is not an emulation's. The two alternate (a shared host's slow moment then slows
+    both); best of `reps` each."""
+    from toolkit.core import packed_linear
+
+    if not packed_linear.available():
+        return {}
+    _, k, n = CPU_SHAPE
+    gen = torch.Generator().manual_seed(0)
+    linear = torch.nn.functional.linear
+    out = {}
+    for dt in _native(flops):
+        dtype = getattr(torch, dt)
+        weights = [torch.randn(n, k, generator=gen).to(dtype) for _ in range(PACKED_GAIN_WEIGHTS)]
+        for use, rows in PACKED_GAIN_ROWS.items():
+            train = use == "train"
+            x = torch.randn(rows, k, generator=gen).to(dtype)
+            g = torch.randn(rows, n, generator=gen).to(dtype) if train else None
+            packs = [(packed_linear.pack(w, rows), packed_linear.pack(w.t(), rows) if train else None)
+                     for w in weights]
+
+            def plain():
+                for w in weights:
+                    linear(x, w)
+                    if train:
+                        g @ w
+
+            def packed():
+                for p, pt in packs:
+                    packed_linear.matmul(x, p)
+                    if train:
+                        packed_linear.matmul(g, pt)
+
+            plain(), packed()  # kernel selection, not timed
+            t_plain = t_packed = float("inf")
+            for _ in range(reps):
+                t_plain = min(t_plain, _timed(torch, "cpu", plain))
+                t_packed = min(t_packed, _timed(torch, "cpu", packed))
+            out[f"{dt} {use}"] = t_plain / t_packed
     return out
 
 

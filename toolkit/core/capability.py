@@ -277,31 +277,37 @@ def packed_attention(cap: Capability, compute_dtype: str, calibration=None) -> A
                                                 f"{compute_dtype} ({ms(fallback)} ms a layer; {others})"))
 
 
-# Pre-packing copies every frozen weight (twice when training): only worth it for a clear gain.
-PACKED_MIN_GAIN = 1.05
+# Pre-packing copies every frozen weight (twice when training; `packed_linear.for_device` checks the
+# room) and reorders them once. The bar is above the measurement's spread (alternating, best of 3:
+# +-0.01 on the Zen 5), not higher: a bf16 gain read 1.03-1.14 there where the step gained 7%.
+PACKED_MIN_GAIN = 1.02
+# What a use's gain was timed on (toolkit.core.calibration.PACKED_GAIN_ROWS), for the reason line.
+PACKED_USES = {"train": "a layer's forward and input gradient", "infer": "a 32-row decode forward"}
 
 
-def packed_matmuls(cap: Capability, dtype: str, calibration=None) -> tuple[bool, str]:
+def packed_matmuls(cap: Capability, dtype: str, calibration=None, use: str = "train") -> tuple[bool, str]:
     """(whether frozen linear layers run with oneDNN pre-packed weights, reason) for compute in
-    `dtype` on the device `cap` describes (toolkit.core.packed_linear). CPU only (CUDA's matmuls
-    need no packing), and only where a `toolkit.core.calibration.Calibration` measured the packed
-    product at least PACKED_MIN_GAIN x the plain one in that dtype."""
+    `dtype` on the device `cap` describes (toolkit.core.packed_linear), for `use` ("train": a
+    training step's forward and input-gradient matmuls; "infer": decoding). CPU only (CUDA's matmuls
+    need no packing), and only where a `toolkit.core.calibration.Calibration` measured that use's
+    matmuls at least PACKED_MIN_GAIN x faster packed than through torch's matmul in that dtype."""
+    if use not in PACKED_USES:
+        raise ValueError(f"use must be one of {tuple(PACKED_USES)}, got {use!r}")
     if cap.kind == "cuda":
         return False, "matmuls: cuBLAS"
-    plain = (getattr(calibration, "matmul_flops", None) or {}).get(dtype)
-    packed = (getattr(calibration, "packed_flops", None) or {}).get(dtype)
-    if not (plain and packed):
+    gain = (getattr(calibration, "packed_gain", None) or {}).get(f"{dtype} {use}")
+    if not gain:
         return False, f"matmuls: torch's (pre-packed {dtype} not measured on this CPU)"
-    if packed >= PACKED_MIN_GAIN * plain:
-        return True, (f"matmuls: oneDNN, frozen weights pre-packed ({dtype} measured {packed / plain:.2f}x "
-                      f"torch's matmul: {packed / 1e9:.0f} vs {plain / 1e9:.0f} GFLOP/s)")
-    return False, (f"matmuls: torch's (pre-packed {dtype} measured {packed / plain:.2f}x, "
+    if gain >= PACKED_MIN_GAIN:
+        return True, (f"matmuls: oneDNN, frozen weights pre-packed ({dtype} {PACKED_USES[use]} measured "
+                      f"{gain:.2f}x torch's matmul)")
+    return False, (f"matmuls: torch's (pre-packed {dtype} {PACKED_USES[use]} measured {gain:.2f}x, "
                    f"under {PACKED_MIN_GAIN}x)")
 
 
 def matmul_rate(cap: Capability, dtype: str, calibration) -> float:
     """The calibrated FLOP/s the frozen layers' matmuls run at in `dtype`: the pre-packed rate
-    where `packed_matmuls` takes that path, else torch's (0 when unmeasured). MFU divides by the
+    where `packed_matmuls` takes that path for training, else torch's (0 when unmeasured). MFU divides by the
     faster of the two instead (`Calibration.best_flops`): the machine's limit, not the path taken."""
     use, _ = packed_matmuls(cap, dtype, calibration)
     return (calibration.packed_flops if use else calibration.matmul_flops).get(dtype, 0.0)

@@ -145,19 +145,20 @@ def auto_dtype(cap, purpose: str) -> tuple[str, str]:
     return C.choose_dtype(cap, purpose, cal)
 
 
-def packed_choice(dev: str, dtype: str) -> tuple[bool, str]:
+def packed_choice(dev: str, dtype: str, use: str = "train") -> tuple[bool, str]:
     """(whether frozen linear layers run pre-packed for oneDNN, reason) for compute in `dtype` on
-    `dev`: capability.packed_matmuls over this machine's calibration (cached; measured once)."""
+    `dev` for `use` ("train" or "infer"): capability.packed_matmuls over this machine's calibration
+    (cached; measured once)."""
     from toolkit.core import capability as C
 
     cap = C.detect(dev)
     if cap.kind == "cuda":
-        return C.packed_matmuls(cap, dtype)
+        return C.packed_matmuls(cap, dtype, use=use)
     from toolkit.core import calibration, packed_linear
 
     if not packed_linear.available():
         return False, "matmuls: torch's (this torch has no oneDNN packed linear)"
-    return C.packed_matmuls(cap, dtype, calibration.load(cap))
+    return C.packed_matmuls(cap, dtype, calibration.load(cap), use)
 
 
 def attention_choice(dev: str, dtype: str):

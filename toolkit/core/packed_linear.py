@@ -6,8 +6,8 @@ packed once into oneDNN's blocked layout, as inductor's freezing pass does. Meas
 AMD EPYC (Zen 4, AVX512-BF16), torch 2.13, fp32: 176-201 against 114-167 GFLOP/s at the finance
 recipe's training shapes (~1000 x 576 by 576 x 1536 and their input-gradient layout), and 137 against
 54 GFLOP/s for the LM head of a 32-row decode step; bf16 gains ~10%. Whether a machine gains is
-measured by its calibration (`toolkit.core.calibration`: `packed_flops`) and decided by
-`toolkit.core.capability.packed_matmuls`.
+measured by its calibration in a training step's and a decode step's own matmuls
+(`toolkit.core.calibration`: `packed_gain`) and decided by `toolkit.core.capability.packed_matmuls`.
 
 The two oneDNN operators used are private to PyTorch (`torch.ops.mkldnn._reorder_linear_weight`,
 `torch.ops.mkldnn._linear_pointwise`); they are called here only, `available()` says whether this
@@ -176,11 +176,12 @@ MAX_SHARE_OF_AVAILABLE = 0.5
 
 def for_device(model, dev: str, dtype: str, training: bool):
     """(context manager, reason): `packed_linears(model, dtype)` where this machine's calibration
-    says packing pays for `dtype` (toolkit.core.hardware.packed_choice) and the packs fit in half the
-    RAM available, else a block that changes nothing. The reason goes to run.json and the log."""
+    says packing pays for `dtype` in training or in decoding (toolkit.core.hardware.packed_choice) and
+    the packs fit in half the RAM available, else a block that changes nothing. The reason goes to
+    run.json and the log."""
     from toolkit.core import hardware
 
-    use, why = hardware.packed_choice(dev, dtype)
+    use, why = hardware.packed_choice(dev, dtype, "train" if training else "infer")
     if not use:
         return contextlib.nullcontext(0), why
     need = pack_bytes(model, hardware.torch_dtype(dtype), backward=training)
