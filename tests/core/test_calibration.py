@@ -61,6 +61,11 @@ def test_libraries_capped_at_avx2_calibrate_apart_and_train_in_fp32(tmp_path):
     assert list(cached) == [cal_key]
 
 
+def test_packing_is_timed_for_each_use_the_decision_names():
+    assert set(K.PACKED_GAIN_ROWS) == set(C.PACKED_USES)
+    assert C.PACKED_USES["infer"] == f"a {K.PACKED_GAIN_ROWS['infer']}-row decode forward"
+
+
 def test_from_dict_rejects_what_is_not_a_record():
     good = {"key": "k", "device": "cpu x", "matmul_flops": {"float32": 1e10, "bfloat16": 1e9},
             "bandwidth_bytes_per_s": 1e10, "seconds": 1.0, "torch": "2.13.0", "packed_flops": {"float32": 2e10},

@@ -1,8 +1,9 @@
 """A short measurement of this machine (<= ~3 s), run once and cached: matmul FLOP/s per dtype at
 training-like shapes (on a CPU also with the weight pre-packed for oneDNN, `toolkit.core.packed_linear`,
 and what packing gains in a training step's and a decode step's own matmuls), memory bandwidth, and on
-a CPU the time of each packed-row attention kernel (`toolkit.core.segment_attention`). The dtype, matmul and attention choices (toolkit.core.capability)
-and the planner's time model read it; `toolkit estimate --calibrate` reruns it.
+a CPU the time of each packed-row attention kernel (`toolkit.core.segment_attention`). The dtype,
+matmul and attention choices (toolkit.core.capability) and the planner's time model read it;
+`toolkit estimate --calibrate` reruns it.
 
 Cached in $TOOLKIT_CACHE/calibration.json (default ~/.cache/toolkit), one record per key
 (device name + core count + torch version), so a torch upgrade or another machine sharing the
@@ -42,7 +43,7 @@ ATTENTION_HEADS = (9, 3, 64)
 # each weight once, not one weight in a loop). "train": a frozen layer's forward `x @ W.T` and input
 # gradient `g @ W` at a step's ~1000 rows; "infer": the forward of a 32-row decode step. The hot
 # 2048-row product of `packed_flops` had hidden both: on the Zen 5 it read bf16 packing 1.00x, where
-# a training step ran 7% faster packed and the report's evaluation 15% (docs/cpu-training.md).
+# the recipe trained 8% faster packed and its report ran 18% faster (docs/cpu-training.md).
 PACKED_GAIN_ROWS = {"train": 1024, "infer": 32}
 PACKED_GAIN_WEIGHTS = 4
 
@@ -309,7 +310,8 @@ def _packed_gains(torch, flops: dict[str, float], reps: int = 3) -> dict[str, fl
                     if train:
                         packed_linear.matmul(g, pt)
 
-            plain(), packed()  # kernel selection, not timed
+            plain()  # kernel selection, not timed
+            packed()
             t_plain = t_packed = float("inf")
             for _ in range(reps):
                 t_plain = min(t_plain, _timed(torch, "cpu", plain))

@@ -279,9 +279,9 @@ def packed_attention(cap: Capability, compute_dtype: str, calibration=None) -> A
 
 # Pre-packing copies every frozen weight (twice when training; `packed_linear.for_device` checks the
 # room) and reorders them once. The bar is above the measurement's spread (alternating, best of 3:
-# +-0.01 on the Zen 5), not higher: a bf16 gain read 1.03-1.14 there where the step gained 7%.
+# +-0.01 on the Zen 5), not higher: a bf16 gain read 1.03-1.14 there where training gained 8%.
 PACKED_MIN_GAIN = 1.02
-# What a use's gain was timed on (toolkit.core.calibration.PACKED_GAIN_ROWS), for the reason line.
+# What a use's gain was timed on (toolkit.core.calibration.PACKED_GAIN_ROWS, the same keys), for the reason line.
 PACKED_USES = {"train": "a layer's forward and input gradient", "infer": "a 32-row decode forward"}
 
 
