@@ -193,6 +193,23 @@ def test_dtype_choice_compares_each_dtype_at_its_faster_way():
     assert C.choose_dtype(AVX512_BF16, "train", _Cal(150e9, 380e9, {"float32": 190e9}))[1].endswith("2.0x fp32")
 
 
+def test_forced_bf16_warning_quotes_the_measured_slowdown_or_says_it_measured_none():
+    field = "method.compute_dtype"
+    # The AVX2 EPYC of issue 11: fp32 127, bf16 1.0 GFLOP/s.
+    msg = C.forced_bf16_warning(AVX2, _Cal(127e9, 1.0e9), field)
+    assert msg == ("warning: method.compute_dtype: bfloat16 on a CPU without native bf16 (avx2): bf16 measured "
+                   "127x slower than fp32 on this CPU; `auto` would pick float32")
+    assert "2.5x slower" in C.forced_bf16_warning(AVX2, _Cal(100e9, 40e9), field)
+    # Each dtype at its faster way: fp32 pre-packed 260 against bf16's 2.6.
+    assert "100x slower" in C.forced_bf16_warning(AVX2, _Cal(220e9, 2.6e9, {"float32": 260e9}), field)
+    # The Zen 5 forced to avx2 (its bf16 native, the libraries not capped): no "0x slower".
+    forced = replace(AVX512_BF16, isa="avx2", native_bf16=False, forced="avx2")
+    msg = C.forced_bf16_warning(forced, _Cal(235e9, 928e9, {"float32": 558e9, "bfloat16": 1056e9}), field)
+    assert "no slower than fp32 on this CPU (1056 vs 558 GFLOP/s, the record forced by TOOLKIT_CPU_CAPABILITY=avx2)" in msg
+    assert "0x" not in msg and C.BF16_EMULATED_SLOWDOWN in msg
+    assert "were not measured" in C.forced_bf16_warning(AVX2, None, field)
+
+
 def test_packed_matmuls_only_where_measured_faster_for_the_use_on_a_cpu():
     # Measured on the 2-core Zen 5 EPYC, torch 2.13 (toolkit.core.calibration._packed_gains, 2026-12-04):
     # the hot 2048-row product read bf16 packing ~1.0x at moments when a step's own matmuls read 1.03-1.14x.

@@ -217,6 +217,33 @@ def choose_dtype(cap: Capability, purpose: str, calibration=None) -> tuple[str, 
                        f"{b16 / 1e9:.0f} vs {f32 / 1e9:.0f} GFLOP/s)")
 
 
+# Measured: the AVX2 EPYC (fp32 127 vs bf16 1.0 GFLOP/s in issue 11, 155.3 vs 1.2 in its calibration,
+# 2026-11-22) and the Zen 5 EPYC with its libraries capped at AVX2 (fp32 pre-packed 260 vs bf16 2.7,
+# its calibration of 2026-12-04).
+BF16_EMULATED_SLOWDOWN = "96-129x slower measured"
+
+
+def forced_bf16_warning(cap: Capability, calibration, field: str) -> str:
+    """The warning for bfloat16 set by `field` on a CPU without native bf16: the slowdown measured by
+    `calibration` (each dtype at its faster way, as `choose_dtype` compares them). Where bf16 measured
+    no slower, as on a native-bf16 CPU whose record is forced to avx2, it says so rather than
+    printing a slowdown below 1x."""
+    packed = getattr(calibration, "packed_flops", None) or {}
+    rates = {k: max(v, packed.get(k, 0.0)) for k, v in (getattr(calibration, "matmul_flops", None) or {}).items()}
+    f32, b16 = rates.get("float32", 0.0), rates.get("bfloat16", 0.0)
+    if not (f32 and b16):
+        measured = "bf16 matmuls were not measured on this CPU"
+    elif f32 / b16 >= 1.05:
+        slower = f32 / b16
+        measured = f"bf16 measured {slower:.0f}x slower than fp32 on this CPU" if slower >= 10 else \
+            f"bf16 measured {slower:.1f}x slower than fp32 on this CPU"
+    else:
+        forced = f", the record forced by {ENV_FORCE}={cap.forced}" if cap.forced else ""
+        measured = (f"bf16 measured no slower than fp32 on this CPU ({b16 / 1e9:.0f} vs {f32 / 1e9:.0f} GFLOP/s"
+                    f"{forced}), but a CPU without native bf16 emulates it ({BF16_EMULATED_SLOWDOWN})")
+    return f"warning: {field}: bfloat16 on a CPU without native bf16 ({cap.isa}): {measured}; `auto` would pick float32"
+
+
 # The batched-matmul attention keeps an L x L tensor a layer and pads conversations to the longest:
 # taken only for a clear gain over the fastest SDPA variant, on the calibration's row and on each row.
 BMM_ATTENTION_MIN_GAIN = 1.2

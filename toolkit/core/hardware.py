@@ -125,10 +125,7 @@ def dtype_choice(dev: str, purpose: str, requested: str = "auto", field: str = "
         from toolkit.core.progress import say
 
         _warned.add(field)
-        rates = calibration.load(cap).matmul_flops
-        slower = rates["float32"] / rates["bfloat16"] if rates.get("bfloat16") else float("nan")
-        say(f"warning: {field}: bfloat16 on a CPU without native bf16 ({cap.isa}): bf16 measured "
-            f"{slower:.0f}x slower than fp32 on this CPU; `auto` would pick float32")
+        say(C.forced_bf16_warning(cap, calibration.load(cap), field))
     return requested, f"set by {field}"
 
 
