@@ -1,0 +1,71 @@
+"""toolkit.core.quiet: only the listed upstream messages are dropped, and they still exist upstream."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+from toolkit.core import quiet
+
+
+def _source(package: str, relative: str) -> str:
+    """An installed package's file, read without importing the package."""
+    spec = importlib.util.find_spec(package)
+    if spec is None:
+        pytest.skip(f"{package} is not installed")
+    return (Path(next(iter(spec.submodule_search_locations))) / relative).read_text()
+
+
+def test_the_dropped_texts_are_still_what_upstream_says():
+    # Fails when an upstream rewords a message: the entry is stale and should go.
+    assert quiet.LOGGED["bitsandbytes.backends.cpu.ops"] in _source("bitsandbytes", "backends/cpu/ops.py")
+    assert "`is_gradient_checkpointing` is deprecated" in _source("transformers", "modeling_utils.py")
+    assert "is_gradient_checkpointing" in _source("trl", "models/utils.py")
+
+
+def test_install_drops_only_the_listed_log_record_and_is_idempotent():
+    name = "bitsandbytes.backends.cpu.ops"
+    logger = logging.getLogger(name)
+    before = list(logger.filters)
+    try:
+        quiet.install()
+        quiet.install()
+        assert len(logger.filters) == len(before) + 1
+
+        def passes(msg):
+            record = logger.makeRecord(name, logging.WARNING, __file__, 1, msg, ("x",), None)
+            return all(f.filter(record) for f in logger.filters)
+
+        assert not passes("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please ...")
+        assert passes("Something else went wrong: %s")
+    finally:
+        logger.filters[:] = before
+
+
+def test_install_ignores_only_the_listed_warning():
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        quiet.install()
+        warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning)
+        warnings.warn("`something_else` is deprecated", FutureWarning)
+        warnings.warn("`is_gradient_checkpointing` is deprecated", UserWarning)
+    assert [str(w.message) for w in seen] == ["`something_else` is deprecated", "`is_gradient_checkpointing` is deprecated"]
+
+
+def test_importing_peft_after_install_prints_no_kernels_message():
+    code = "from toolkit.core import quiet; {}import peft"
+    run = lambda setup: subprocess.run([sys.executable, "-c", code.format(setup)],  # noqa: E731
+                                       capture_output=True, text=True, timeout=300)
+    quieted = run("quiet.install(); ")
+    assert quieted.returncode == 0, quieted.stderr
+    assert "gemm_4bit_forward" not in quieted.stderr
+    from toolkit.core import capability
+
+    if "avx512_bf16" in capability.detect("cpu").flags:  # where bitsandbytes tries to fetch that kernel
+        assert "Failed to load CPU gemm_4bit_forward" in run("").stderr
