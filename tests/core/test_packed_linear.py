@@ -91,7 +91,7 @@ def test_for_device_follows_the_calibration_and_the_memory(monkeypatch):
     monkeypatch.setattr(hardware, "packed_choice", lambda dev, dtype, use: (use == "train", "matmuls: oneDNN"))
     block, why = P.for_device(layer, "cpu", "float32", training=True)
     with block as n:
-        assert n == 1 and why == "matmuls: oneDNN"
+        assert n == 1 and why == "matmuls: oneDNN; 1 layer"
     # Inference asks for its own use's measurement (here: no gain there).
     block, _ = P.for_device(layer, "cpu", "float32", training=False)
     assert isinstance(block, contextlib.nullcontext)
@@ -101,6 +101,22 @@ def test_for_device_follows_the_calibration_and_the_memory(monkeypatch):
                         lambda: hardware.Hardware("cpu", "test", 4 * need, need, "test"))
     block, why = P.for_device(layer, "cpu", "float32", training=True)
     assert isinstance(block, contextlib.nullcontext) and "GiB available" in why
+
+
+def test_for_device_says_which_frozen_linears_stay_unpacked(monkeypatch):
+    from toolkit.core import hardware
+
+    class Linear4bit(torch.nn.Linear):  # stands for bitsandbytes' (a subclass of nn.Linear)
+        pass
+
+    model = torch.nn.Sequential(Linear4bit(8, 8), Linear4bit(8, 8), torch.nn.Linear(8, 8)).requires_grad_(False)
+    monkeypatch.setattr(hardware, "packed_choice", lambda dev, dtype, use: (True, "matmuls: oneDNN"))
+    block, why = P.for_device(model, "cpu", "float32", training=True)
+    with block as n:
+        assert n == 1 and why == "matmuls: oneDNN; 1 layer, not the 2 Linear4bit layers"
+    block, why = P.for_device(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)).requires_grad_(False),
+                              "cpu", "float32", training=True)
+    assert why == "matmuls: oneDNN; 2 layers"
 
 
 def test_packs_are_found_by_weight_only_inside_the_block():

@@ -189,4 +189,19 @@ def for_device(model, dev: str, dtype: str, training: bool):
     if need > MAX_SHARE_OF_AVAILABLE * free:
         return contextlib.nullcontext(0), (f"matmuls: torch's (pre-packed weights would take {need / 2**30:.1f} "
                                            f"of {free / 2**30:.1f} GiB available)")
-    return packed_linears(model, hardware.torch_dtype(dtype)), why
+    return packed_linears(model, hardware.torch_dtype(dtype)), why + _coverage(model, hardware.torch_dtype(dtype))
+
+
+def _coverage(model, dtype) -> str:
+    """"; N layers" and, where frozen linears of another kind (QLoRA's 4-bit ones) stay unpacked,
+    which: so a QLoRA run's log does not read as if its base ran pre-packed."""
+    import torch
+
+    n = len(frozen_linears(model, dtype))
+    others: dict[str, int] = {}
+    for m in model.modules():
+        if (isinstance(m, torch.nn.Linear) and type(m) is not torch.nn.Linear
+                and not getattr(m.weight, "requires_grad", True)):
+            others[type(m).__name__] = others.get(type(m).__name__, 0) + 1
+    rest = ", ".join(f"{k} {name}" for name, k in sorted(others.items()))
+    return f"; {n} layer{'s' if n != 1 else ''}" + (f", not the {rest} layers" if rest else "")
