@@ -205,7 +205,8 @@ def test_forced_bf16_warning_quotes_the_measured_slowdown_or_says_it_measured_no
     # The Zen 5 forced to avx2 (its bf16 native, the libraries not capped): no "0x slower".
     forced = replace(AVX512_BF16, isa="avx2", native_bf16=False, forced="avx2")
     msg = C.forced_bf16_warning(forced, _Cal(235e9, 928e9, {"float32": 558e9, "bfloat16": 1056e9}), field)
-    assert "no slower than fp32 on this CPU (1056 vs 558 GFLOP/s, the record forced by TOOLKIT_CPU_CAPABILITY=avx2)" in msg
+    assert ("no slower than fp32 on this CPU (1056 vs 558 GFLOP/s, the record forced by "
+            "TOOLKIT_CPU_CAPABILITY=avx2)") in msg
     assert "0x" not in msg and C.BF16_EMULATED_SLOWDOWN in msg
     assert "were not measured" in C.forced_bf16_warning(AVX2, None, field)
 

@@ -56,7 +56,8 @@ def test_install_ignores_only_the_listed_warning():
         warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning)
         warnings.warn("`something_else` is deprecated", FutureWarning)
         warnings.warn("`is_gradient_checkpointing` is deprecated", UserWarning)
-    assert [str(w.message) for w in seen] == ["`something_else` is deprecated", "`is_gradient_checkpointing` is deprecated"]
+    assert [str(w.message) for w in seen] == ["`something_else` is deprecated",
+                                              "`is_gradient_checkpointing` is deprecated"]
 
 
 def test_importing_peft_after_install_prints_no_kernels_message():
