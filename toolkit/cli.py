@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-from toolkit.core import quiet
+from toolkit.core import upstream_noise
 from toolkit.core.errors import UserError
 
 # Order is the order `toolkit --help` lists them in.
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_module", None):
         parser.print_help()
         return 2
-    quiet.install()
+    upstream_noise.install()
     # Only a process started from the shell may restart itself (`allocator.relaunch` re-runs its argv).
     args.process_entry = argv is None
     try:

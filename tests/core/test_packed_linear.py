@@ -117,6 +117,26 @@ def test_for_device_says_which_frozen_linears_stay_unpacked(monkeypatch):
     block, why = P.for_device(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)).requires_grad_(False),
                               "cpu", "float32", training=True)
     assert why == "matmuls: oneDNN; 2 layers"
+    block, why = P.for_device(torch.nn.Sequential(Linear4bit(8, 8)).requires_grad_(False), "cpu", "float32",
+                              training=True)
+    assert isinstance(block, contextlib.nullcontext)
+    assert why == "matmuls: torch's (no frozen nn.Linear to pre-pack; the 1 Linear4bit layers run their own kernels)"
+
+
+def test_skipped_layers_are_neither_packed_nor_counted(monkeypatch):
+    from toolkit.core import hardware
+
+    body, head = torch.nn.Linear(8, 8), torch.nn.Linear(8, 50)
+    model = torch.nn.Sequential(body, head).requires_grad_(False)
+    assert P.frozen_linears(model, torch.float32, skip=(head,)) == [body]
+    assert P.pack_bytes(model, torch.float32, backward=False, skip=(head,)) == 8 * 8 * 4
+    with P.packed_linears(model, torch.float32, skip=(head,)) as n:
+        assert n == 1 and P.packs_of(body.weight) is not None and P.packs_of(head.weight) is None
+    monkeypatch.setattr(hardware, "packed_choice", lambda dev, dtype, use: (True, "matmuls: oneDNN"))
+    assert P.for_device(model, "cpu", "float32", training=True, skip=(head,))[1] == "matmuls: oneDNN; 1 layer"
+    # Nothing left to pack: torch's matmul, and the reason says why.
+    block, why = P.for_device(model, "cpu", "float32", training=True, skip=(body, head))
+    assert isinstance(block, contextlib.nullcontext) and why == "matmuls: torch's (no frozen nn.Linear to pre-pack)"
 
 
 def test_packs_are_found_by_weight_only_inside_the_block():

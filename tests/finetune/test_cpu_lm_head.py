@@ -196,3 +196,26 @@ def test_fp32_runs_through_the_weights_packs_where_the_model_is_packed(monkeypat
             assert torch.equal(a, b), name
         else:
             torch.testing.assert_close(b.detach(), a, rtol=1e-5, atol=5e-5, msg=name)
+
+
+def test_bf16_leaves_the_weights_packs_alone(monkeypatch):
+    """bf16 keeps torch's matmul (uses_weight_packs), so a bf16 training run need not pack the LM head:
+    packed or not, the same answers, and the input-gradient pack is never made."""
+    from toolkit.core import packed_linear
+    from toolkit.finetune import cpu_lm_head
+
+    assert cpu_lm_head.uses_weight_packs("float32") and not cpu_lm_head.uses_weight_packs("bfloat16")
+    if not packed_linear.available():
+        pytest.skip("this torch lacks the oneDNN operators")
+    hidden, weight, targets = _inputs(n=45, h=32, v=509, seed=6)
+    fn = cpu_lm_head.log_probs_function()
+    head = torch.nn.Linear(32, 509, bias=False, dtype=torch.bfloat16).requires_grad_(False)
+    head.weight.copy_(weight)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = _run(fn, hidden, head.weight, targets)
+        with packed_linear.packed_linears(head, torch.bfloat16) as n:
+            packs = packed_linear.packs_of(head.weight)
+            got = _run(fn, hidden, head.weight, targets)
+            assert n == 1 and packs[1] is None
+    for a, b in zip(want, got):
+        assert (a is None and b is None) or torch.equal(a, b)

@@ -124,32 +124,34 @@ def packed_class():
     return PackedLinear
 
 
-def frozen_linears(model, dtype) -> list:
+def frozen_linears(model, dtype, skip=()) -> list:
     """The layers `packed_linears` would pack: plain `nn.Linear`s (no hooks) on the CPU whose weight
-    is frozen and of `dtype` (a torch dtype)."""
+    is frozen and of `dtype` (a torch dtype), other than those in `skip`."""
     import torch
 
+    skipped = {id(m) for m in skip}
     return [m for m in model.modules()
             if type(m) is torch.nn.Linear and not m.weight.requires_grad and m.weight.device.type == "cpu"
-            and m.weight.dtype == dtype and not m._forward_hooks and not m._forward_pre_hooks]
+            and m.weight.dtype == dtype and not m._forward_hooks and not m._forward_pre_hooks
+            and id(m) not in skipped]
 
 
-def pack_bytes(model, dtype, backward: bool) -> int:
-    """Memory the packs of `model`'s frozen linears of `dtype` take: a copy of each weight, two
-    when the block trains (tied weights counted once)."""
-    seen = {id(m.weight): m.weight.numel() * m.weight.element_size() for m in frozen_linears(model, dtype)}
+def pack_bytes(model, dtype, backward: bool, skip=()) -> int:
+    """Memory the packs of `model`'s frozen linears of `dtype` (but `skip`) take: a copy of each
+    weight, two when the block trains (tied weights counted once)."""
+    seen = {id(m.weight): m.weight.numel() * m.weight.element_size() for m in frozen_linears(model, dtype, skip)}
     return sum(seen.values()) * (2 if backward else 1)
 
 
 @contextlib.contextmanager
-def packed_linears(model, dtype, rows_hint: int = 1024):
-    """Within the block, `model`'s frozen CPU `nn.Linear`s of `dtype` run with pre-packed weights;
-    on exit they are plain `nn.Linear`s again (also after an error) and the packs are freed. Yields
-    how many layers it packed (0 where this torch lacks the operators)."""
+def packed_linears(model, dtype, rows_hint: int = 1024, skip=()):
+    """Within the block, `model`'s frozen CPU `nn.Linear`s of `dtype` (but `skip`) run with pre-packed
+    weights; on exit they are plain `nn.Linear`s again (also after an error) and the packs are freed.
+    Yields how many layers it packed (0 where this torch lacks the operators)."""
     if not available():
         yield 0
         return
-    layers = frozen_linears(model, dtype)
+    layers = frozen_linears(model, dtype, skip)
     cls = packed_class()
     by_weight: dict = {}
     try:
@@ -174,34 +176,42 @@ def packed_linears(model, dtype, rows_hint: int = 1024):
 MAX_SHARE_OF_AVAILABLE = 0.5
 
 
-def for_device(model, dev: str, dtype: str, training: bool):
-    """(context manager, reason): `packed_linears(model, dtype)` where this machine's calibration
-    says packing pays for `dtype` in training or in decoding (toolkit.core.hardware.packed_choice) and
-    the packs fit in half the RAM available, else a block that changes nothing. The reason goes to
-    run.json and the log."""
+def for_device(model, dev: str, dtype: str, training: bool, skip=()):
+    """(context manager, reason): `packed_linears(model, dtype, skip=skip)` where this machine's
+    calibration says packing pays for `dtype` in training or in decoding
+    (toolkit.core.hardware.packed_choice), there is a layer to pack, and the packs fit in half the RAM
+    available; else a block that changes nothing. `skip`: layers whose callers would not use a pack.
+    The reason goes to run.json and the log."""
     from toolkit.core import hardware
 
     use, why = hardware.packed_choice(dev, dtype, "train" if training else "infer")
     if not use:
         return contextlib.nullcontext(0), why
-    need = pack_bytes(model, hardware.torch_dtype(dtype), backward=training)
+    tdtype = hardware.torch_dtype(dtype)
+    n, unpackable = len(frozen_linears(model, tdtype, skip)), _unpackable(model)
+    if not n:
+        return contextlib.nullcontext(0), ("matmuls: torch's (no frozen nn.Linear to pre-pack"
+                                           + (f"; the {unpackable} layers run their own kernels" if unpackable else "")
+                                           + ")")
+    need = pack_bytes(model, tdtype, backward=training, skip=skip)
     free = hardware.cpu_memory().available_bytes
     if need > MAX_SHARE_OF_AVAILABLE * free:
         return contextlib.nullcontext(0), (f"matmuls: torch's (pre-packed weights would take {need / 2**30:.1f} "
                                            f"of {free / 2**30:.1f} GiB available)")
-    return packed_linears(model, hardware.torch_dtype(dtype)), why + _coverage(model, hardware.torch_dtype(dtype))
+    # The count, and the frozen linears of another kind left unpacked: a QLoRA run's log must not
+    # read as if its 4-bit base ran pre-packed.
+    return packed_linears(model, tdtype, skip=skip), (why + f"; {n} layer{'s' if n != 1 else ''}"
+                                                      + (f", not the {unpackable} layers" if unpackable else ""))
 
 
-def _coverage(model, dtype) -> str:
-    """"; N layers" and, where frozen linears of another kind (QLoRA's 4-bit ones) stay unpacked,
-    which: so a QLoRA run's log does not read as if its base ran pre-packed."""
+def _unpackable(model) -> str:
+    """"N Name" for each kind of frozen linear layer that is not a plain `nn.Linear` (bitsandbytes'
+    Linear4bit under QLoRA), "" when there is none."""
     import torch
 
-    n = len(frozen_linears(model, dtype))
-    others: dict[str, int] = {}
+    kinds: dict[str, int] = {}
     for m in model.modules():
         if (isinstance(m, torch.nn.Linear) and type(m) is not torch.nn.Linear
                 and not getattr(m.weight, "requires_grad", True)):
-            others[type(m).__name__] = others.get(type(m).__name__, 0) + 1
-    rest = ", ".join(f"{k} {name}" for name, k in sorted(others.items()))
-    return f"; {n} layer{'s' if n != 1 else ''}" + (f", not the {rest} layers" if rest else "")
+            kinds[type(m).__name__] = kinds.get(type(m).__name__, 0) + 1
+    return ", ".join(f"{k} {name}" for name, k in sorted(kinds.items()))

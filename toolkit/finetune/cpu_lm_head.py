@@ -42,6 +42,12 @@ def fits(n_tokens: int, vocab: int, bias, final_logit_softcapping, outputs) -> b
             and set(outputs) <= SUPPORTED_OUTPUTS)
 
 
+def uses_weight_packs(dtype: str) -> bool:
+    """Whether `LogProbs` multiplies through the LM head weight's oneDNN packs when it computes in
+    `dtype` (a torch dtype's name): in fp32 only (see the module), so a bf16 run need not pack it."""
+    return dtype == "float32"
+
+
 def _autograd_function():
     import torch
 
@@ -63,7 +69,8 @@ def _autograd_function():
             # In fp32, through the weight's oneDNN packs where the model's frozen linears run packed
             # (toolkit.core.packed_linear): MKL's matmul re-packs this 49,152-row weight at every call.
             # The output is fresh (oneDNN's operator takes no `out`), so no spare buffer is kept for it.
-            packs = packed_linear.packs_of(weight) if compute_dtype == torch.float32 == weight.dtype else None
+            packs = (packed_linear.packs_of(weight) if weight.dtype == compute_dtype
+                     and uses_weight_packs(str(compute_dtype).removeprefix("torch.")) else None)
             ctx.packs = packs
             if packs is not None:
                 z = packed_linear.matmul(h, packs[0])

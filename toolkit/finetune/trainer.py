@@ -216,7 +216,7 @@ def _train(rec, overrides, stage: Path, runs: Path, dev, dtype, train_ex, eval_e
 
     from toolkit.finetune import data as data_mod
     from toolkit.core import allocator, packed_linear
-    from toolkit.finetune import packed_attention
+    from toolkit.finetune import cpu_lm_head, packed_attention
     from toolkit.finetune.fused_lora import fused_on_cpu
     from toolkit.finetune.fused_norm import fused_norms_on_cpu
     from toolkit.finetune.callbacks import InterruptCallback, MetricsCallback, ProgressCallback, SkipLastEval
@@ -293,7 +293,11 @@ def _train(rec, overrides, stage: Path, runs: Path, dev, dtype, train_ex, eval_e
     for p in trainer.model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
-    packed, matmul_reason = packed_linear.for_device(trainer.model, dev, dtype, training=True)
+    # The LM head's pack serves only cpu_lm_head's matmuls, and those only in fp32: elsewhere it would be
+    # 56 MB (SmolLM2) made for nothing.
+    head = trainer.model.get_output_embeddings()
+    skip = (head,) if head is not None and not cpu_lm_head.uses_weight_packs(dtype) else ()
+    packed, matmul_reason = packed_linear.for_device(trainer.model, dev, dtype, training=True, skip=skip)
     if not dev.startswith("cuda"):
         announce(matmul_reason)
     interrupt.install()

@@ -1,4 +1,4 @@
-"""toolkit.core.quiet: only the listed upstream messages are dropped, and they still exist upstream."""
+"""toolkit.core.upstream_noise: only the listed upstream messages are dropped, and they still exist upstream."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from toolkit.core import quiet
+from toolkit.core import upstream_noise
 
 
 def _source(package: str, relative: str) -> str:
@@ -24,7 +24,7 @@ def _source(package: str, relative: str) -> str:
 
 def test_the_dropped_texts_are_still_what_upstream_says():
     # Fails when an upstream rewords a message: the entry is stale and should go.
-    assert quiet.LOGGED["bitsandbytes.backends.cpu.ops"] in _source("bitsandbytes", "backends/cpu/ops.py")
+    assert upstream_noise.LOGGED["bitsandbytes.backends.cpu.ops"] in _source("bitsandbytes", "backends/cpu/ops.py")
     assert "`is_gradient_checkpointing` is deprecated" in _source("transformers", "modeling_utils.py")
     assert "is_gradient_checkpointing" in _source("trl", "models/utils.py")
 
@@ -33,11 +33,11 @@ def test_install_drops_only_the_listed_log_record_and_is_idempotent():
     name = "bitsandbytes.backends.cpu.ops"
     logger = logging.getLogger(name)
     before = list(logger.filters)  # an earlier test's `toolkit.cli.main` may have installed it already
-    logger.filters[:] = [f for f in before if not isinstance(f, quiet._Drop)]
+    logger.filters[:] = [f for f in before if not isinstance(f, upstream_noise._Drop)]
     try:
-        quiet.install()
-        quiet.install()
-        assert sum(isinstance(f, quiet._Drop) for f in logger.filters) == 1
+        upstream_noise.install()
+        upstream_noise.install()
+        assert sum(isinstance(f, upstream_noise._Drop) for f in logger.filters) == 1
 
         def passes(msg):
             record = logger.makeRecord(name, logging.WARNING, __file__, 1, msg, ("x",), None)
@@ -52,7 +52,7 @@ def test_install_drops_only_the_listed_log_record_and_is_idempotent():
 def test_install_ignores_only_the_listed_warning():
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        quiet.install()
+        upstream_noise.install()
         warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning)
         warnings.warn("`something_else` is deprecated", FutureWarning)
         warnings.warn("`is_gradient_checkpointing` is deprecated", UserWarning)
@@ -61,10 +61,10 @@ def test_install_ignores_only_the_listed_warning():
 
 
 def test_importing_peft_after_install_prints_no_kernels_message():
-    code = "from toolkit.core import quiet; {}import peft"
+    code = "from toolkit.core import upstream_noise; {}import peft"
     run = lambda setup: subprocess.run([sys.executable, "-c", code.format(setup)],  # noqa: E731
                                        capture_output=True, text=True, timeout=300)
-    quieted = run("quiet.install(); ")
+    quieted = run("upstream_noise.install(); ")
     assert quieted.returncode == 0, quieted.stderr
     assert "gemm_4bit_forward" not in quieted.stderr
     from toolkit.core import capability

@@ -12,7 +12,7 @@ Each entry was seen at the start of every `make finetune RECIPE=finance` on the 
   (trl/models/utils.py); nothing a user can change.
 
 Only these texts are dropped, and only from `install()` on: `toolkit.cli.main` calls it, so
-`import toolkit` changes nothing. tests/core/test_quiet.py fails when an upstream rewords one, so
+`import toolkit` changes nothing. tests/core/test_upstream_noise.py fails when an upstream rewords one, so
 a stale entry is found and removed.
 """
 
