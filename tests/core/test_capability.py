@@ -79,13 +79,13 @@ def test_this_machine_is_detected():
         assert cap.native_bf16 == (cap.isa in ("amx", "avx512_bf16")) or cap.isa in ("neon", "sve")
 
 
-class _Cal:
-    """The rates choose_dtype and packed_matmuls read from a toolkit.core.calibration.Calibration."""
+def _Cal(f32, b16, packed=None, gain=None):
+    """A toolkit.core.calibration.Calibration with the rates choose_dtype and packed_matmuls read."""
+    from toolkit.core.calibration import Calibration
 
-    def __init__(self, f32, b16, packed=None, gain=None):
-        self.matmul_flops = {"float32": f32, "bfloat16": b16}
-        self.packed_flops = packed or {}
-        self.packed_gain = gain or {}
+    return Calibration(key="test", device="cpu test", matmul_flops={"float32": f32, "bfloat16": b16},
+                       bandwidth_bytes_per_s=10e9, seconds=1.0, torch="test", packed_flops=packed or {},
+                       packed_gain=gain or {})
 
 
 AVX2 = C.cpu_record(EPYC_AVX2)
@@ -126,9 +126,7 @@ def test_packed_attention_rule_per_machine_without_measurements(cap, compute, ke
 
 
 def _timed(**ms):
-    cal = _Cal(100e9, 400e9)
-    cal.attention_s = {k.replace("__", " "): v / 1e3 for k, v in ms.items()}
-    return cal
+    return replace(_Cal(100e9, 400e9), attention_s={k.replace("__", " "): v / 1e3 for k, v in ms.items()})
 
 
 def test_packed_attention_takes_the_fastest_measured_kernel():

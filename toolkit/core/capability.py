@@ -205,21 +205,14 @@ def choose_dtype(cap: Capability, purpose: str, calibration=None) -> tuple[str, 
     forced = f", forced by {ENV_FORCE}={cap.forced}" if cap.forced else ""
     if not cap.native_bf16:
         return "float32", f"fp32: this CPU has no native bf16 ({cap.isa}{forced})"
-    rates = _best_rates(calibration)
-    f32, b16 = rates.get("float32"), rates.get("bfloat16")
+    # Each dtype at its faster way of running a frozen layer (plain or pre-packed, see packed_matmuls).
+    f32, b16 = (calibration.best_flops(d) if calibration else 0.0 for d in ("float32", "bfloat16"))
     if cap.forced or not (f32 and b16):
         return "bfloat16", f"bf16: native bf16 ({cap.isa}{forced})"
     if b16 > f32:
         return "bfloat16", f"bf16: native bf16 ({cap.isa}), matmul measured {b16 / f32:.1f}x fp32"
     return "float32", (f"fp32: bf16 matmul measured no faster than fp32 on this CPU ({cap.isa}: "
                        f"{b16 / 1e9:.0f} vs {f32 / 1e9:.0f} GFLOP/s)")
-
-
-def _best_rates(calibration) -> dict[str, float]:
-    """dtype -> its faster way of running a frozen layer (plain or pre-packed, see packed_matmuls), in
-    FLOP/s; empty without a calibration."""
-    packed = getattr(calibration, "packed_flops", None) or {}
-    return {k: max(v, packed.get(k, 0.0)) for k, v in (getattr(calibration, "matmul_flops", None) or {}).items()}
 
 
 # Measured: the AVX2 EPYC (fp32 127 vs bf16 1.0 GFLOP/s in issue 11, 155.3 vs 1.2 in its calibration,
@@ -233,8 +226,7 @@ def forced_bf16_warning(cap: Capability, calibration, field: str) -> str:
     `calibration` (each dtype at its faster way, as `choose_dtype` compares them). Where bf16 measured
     no slower, as on a native-bf16 CPU whose record is forced to avx2, it says so rather than
     printing a slowdown below 1x."""
-    rates = _best_rates(calibration)
-    f32, b16 = rates.get("float32", 0.0), rates.get("bfloat16", 0.0)
+    f32, b16 = (calibration.best_flops(d) if calibration else 0.0 for d in ("float32", "bfloat16"))
     if not (f32 and b16):
         measured = "bf16 matmuls were not measured on this CPU"
     elif f32 / b16 >= 1.05:
