@@ -264,6 +264,10 @@ def _train(rec, overrides, stage: Path, runs: Path, dev, dtype, train_ex, eval_e
         # each packed conversation attended alone (see the module)
         packed_attention.use_on(model, how.kernel, how.fallback, how.max_padding)
         announce(attn_reason)
+    sdpa_names = packed_attention.cuda_sdpa_backends(dev, pack.packing, notes["engine"])
+    if sdpa_names is not None:
+        attn_reason = "attention: SDPA without cuDNN's kernel (it re-plans for every new packed-row length)"
+        announce(attn_reason)
     args = _trainer_args(rec, stage, dev, dtype, eval_split is not None, packing=pack.packing)
     interrupt = InterruptCallback()
     cbs = [MetricsCallback(stage / "metrics.jsonl"), ProgressCallback(), interrupt, *extra_cbs]
@@ -303,7 +307,7 @@ def _train(rec, overrides, stage: Path, runs: Path, dev, dtype, train_ex, eval_e
     interrupt.install()
     try:
         with (lean_lm_head_on_cpu(dev, announce), fused_on_cpu(trainer.model, dev, announce),
-              fused_norms_on_cpu(trainer.model, dev), packed):
+              fused_norms_on_cpu(trainer.model, dev), packed, packed_attention.sdpa_backends(sdpa_names)):
             result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     finally:
         interrupt.uninstall()
