@@ -55,11 +55,11 @@ def published_rows() -> list[dict]:
         unit = 1e9 if row["unit"] == "GB" else GIB
         measured = float(row["measured_gb"]) * unit
         args = (s.pop("model"), s.pop("task"), s.pop("quant"))
-        est = estimate(*args, **s, device="cuda").allocated_bytes
+        est = estimate(*args, **s, device="cuda", loss="transformers").allocated_bytes
         r = {"id": row["id"], "measured": f"{row['measured_gb']} {row['unit']}", "estimate": f"{est / unit:.2f} {row['unit']}",
              "error": f"{100 * (est / measured - 1):+.1f}%", "status": info["status"]}
         if args[1] == "qlora" and row["id"].startswith("lit-"):
-            legacy = estimate(*args, **s, device="cuda", bnb_legacy=True).allocated_bytes
+            legacy = estimate(*args, **s, device="cuda", bnb_legacy=True, loss="transformers").allocated_bytes
             r["older bnb"] = f"{legacy / unit:.2f} ({100 * (legacy / measured - 1):+.1f}%)"
         rows.append(r)
     return rows
@@ -101,25 +101,52 @@ def cpu_training_rows() -> list[dict]:
 
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # RSS follows live tensors (see the script)
     rows = []
-    for ckpt in (True, False):
-        proc = subprocess.run([sys.executable, "-m", "benchmarks.estimate_cpu_peak", "qlora", "ckpt" if ckpt else "nockpt",
-                               "512", "2"], cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
-        if proc.returncode != 0:
-            raise RuntimeError(proc.stderr[-2000:])
-        m = json.loads(proc.stdout.strip().splitlines()[-1])
-        est = estimate("embedded", "qlora", "nf4-dq", 512, 2, 16, grad_ckpt=ckpt, device="cpu")
-        rows.append({"case": f"embedded qlora nf4-dq r16 seq 512 x 2, grad ckpt {'on' if ckpt else 'off'}",
-                     "measured peak MiB": round(m["live_peak_bytes"] / MIB),
-                     "estimate MiB": round(est.allocated_bytes / MIB),
-                     "error": f"{100 * (est.allocated_bytes / m['live_peak_bytes'] - 1):+.1f}%",
-                     "process peak MiB": round(m["rss_peak"] / MIB), "estimate + framework MiB": round(est.total_bytes / MIB),
-                     "error (process)": f"{100 * (est.total_bytes / m['rss_peak'] - 1):+.1f}%"})
+    # "trl": the loss as this toolkit's trainer computes it (the estimate's default); "transformers":
+    # the model's own loss, which the published and peer measurements used.
+    for loss in ("trl", "transformers"):
+        for ckpt in (True, False):
+            proc = subprocess.run([sys.executable, "-m", "benchmarks.estimate_cpu_peak", "qlora", "ckpt" if ckpt else "nockpt",
+                                   "512", "2", loss], cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+            if proc.returncode != 0:
+                raise RuntimeError(proc.stderr[-2000:])
+            m = json.loads(proc.stdout.strip().splitlines()[-1])
+            est = estimate("embedded", "qlora", "nf4-dq", 512, 2, 16, grad_ckpt=ckpt, device="cpu", loss=loss)
+            rows.append({"case": f"embedded qlora nf4-dq r16 seq 512 x 2, grad ckpt {'on' if ckpt else 'off'}, "
+                                 f"{loss} loss",
+                         "measured peak MiB": round(m["live_peak_bytes"] / MIB),
+                         "estimate MiB": round(est.allocated_bytes / MIB),
+                         "error": f"{100 * (est.allocated_bytes / m['live_peak_bytes'] - 1):+.1f}%",
+                         "process peak MiB": round(m["rss_peak"] / MIB), "estimate + framework MiB": round(est.total_bytes / MIB),
+                         "error (process)": f"{100 * (est.total_bytes / m['rss_peak'] - 1):+.1f}%"})
+    return rows
+
+
+def gpu_rows() -> list[dict]:
+    """The estimate (this code) against `make gpu-check`'s measured CUDA peaks (benchmarks/gpu-results.json),
+    the table behind tests/estimate/test_gpu_measured.py."""
+    from tests.estimate.test_gpu_measured import MODEL, RESULTS, _memory_rows, _plan
+    from toolkit.estimate.catalog import CATALOG
+    from toolkit.estimate.planner import estimate
+
+    gpu = json.loads(RESULTS.read_text())["taken"]["gpu"]
+    rows = []
+    for r in _memory_rows():
+        est = estimate(CATALOG[MODEL], **_plan(r)).allocated_bytes
+        full = estimate(CATALOG[MODEL], **_plan(r), loss="transformers").allocated_bytes
+        measured = r["measured_max_allocated_bytes"]
+        rows.append({"case": f"{gpu}: Llama-3.2-1B {r['method']} r16 all-linear, {r['seq_len']} x {r['batch']}, ckpt",
+                     "measured MiB": round(measured / MIB), "estimate MiB": round(est / MIB),
+                     "error": f"{100 * (est / measured - 1):+.1f}%",
+                     "with transformers' loss MiB": round(full / MIB),
+                     "error (transformers' loss)": f"{100 * (full / measured - 1):+.1f}%",
+                     "step s (median)": r["step_s_median"]})
     return rows
 
 
 def run() -> dict:
     rows = _cli_rows()
     rows += [{"measure": "cpu training step", **r} for r in cpu_training_rows()]
+    rows += [{"measure": "cuda training step (make gpu-check)", **r} for r in gpu_rows()]
     rows += [{"measure": "published peak", **r} for r in published_rows()]
     peers = peer_rows()
     within = sum(abs(float(r["error"].rstrip("%"))) <= 10 for r in peers)
@@ -133,7 +160,9 @@ def run() -> dict:
         "notes": ("CLI times are subprocess wall times (python start included), median of 5. Published peaks: "
                   "tests/data/estimate/vram_measured.csv with settings and reproduction status in reproduction.json; "
                   "'estimate' excludes the framework constant because the measurements (max_memory_allocated / "
-                  "active bytes) exclude the CUDA context. No GPU was available: no CUDA measurements of our own. "
+                  "active bytes) exclude the CUDA context. CUDA training step: `make gpu-check` on a borrowed H200 "
+                  "(benchmarks/gpu-results.json, 2026-12-04; random-weight Llama-3.2-1B through the toolkit's trainer, "
+                  "torch.cuda.max_memory_allocated) against this code's allocated_bytes. "
                   "llama.cpp buffers: the embedded SmolLM2-135M Q4_1 GGUF loaded on CPU by llama-cpp-python. "
                   "CPU training step: benchmarks/estimate_cpu_peak.py, peak RSS growth of one step with glibc's mmap "
                   "threshold fixed at 64 KiB so that RSS follows live tensors. Peer peaks: fitcheck's one-step "

@@ -2,7 +2,10 @@
 (transformers + PEFT + bitsandbytes), for comparison with `toolkit.estimate.planner` (device "cpu").
 
 Run as a script, one configuration per process:
-  MALLOC_MMAP_THRESHOLD_=65536 python -m benchmarks.estimate_cpu_peak qlora ckpt 512 2
+  MALLOC_MMAP_THRESHOLD_=65536 python -m benchmarks.estimate_cpu_peak qlora ckpt 512 2 [transformers|trl]
+The last argument is the loss: transformers' own (`model(ids, labels=ids).loss`, fp32 logits for
+every token; the default) or the toolkit trainer's (TRL's fused LM head, as SFTTrainer installs it,
+with `toolkit.finetune.trl_compat.lean_lm_head_on_cpu` as the trainer runs it; every token labelled).
 With glibc's mmap threshold fixed at 64 KiB every tensor buffer above it is its own mapping,
 returned to the OS when freed, so the process RSS follows the live tensors and its high-water
 mark (VmHWM, reset through /proc/self/clear_refs before the step) is the step's peak. Checked on
@@ -30,7 +33,7 @@ def _status(key: str) -> int:
     raise KeyError(key)
 
 
-def measure(method: str, ckpt: bool, seq: int, batch: int, rank: int = 16) -> dict:
+def measure(method: str, ckpt: bool, seq: int, batch: int, rank: int = 16, loss: str = "transformers") -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -48,6 +51,10 @@ def measure(method: str, ckpt: bool, seq: int, batch: int, rank: int = 16) -> di
     if ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+    if loss == "trl":  # before PEFT wraps it, as SFTTrainer does
+        from trl.trainer.utils import add_fused_lm_head
+
+        add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
     model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear", lora_dropout=0.0))
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -67,17 +74,25 @@ def measure(method: str, ckpt: bool, seq: int, batch: int, rank: int = 16) -> di
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS
     rss_before = _status("VmRSS")
-    out = model(input_ids=ids, labels=ids)
-    out.loss.backward()
+    if loss == "trl":
+        from toolkit.finetune.trl_compat import lean_lm_head_on_cpu
+
+        with lean_lm_head_on_cpu("cpu"):
+            out = model(input_ids=ids, labels=ids, fused_lm_head=True)
+            out.loss.backward()
+    else:
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=False)
     rss_peak = _status("VmHWM")
     peak = base + rss_peak - rss_before
-    return {"method": method, "grad_ckpt": ckpt, "seq_len": seq, "batch": batch, "lora_r": rank, "base_bytes": base,
+    return {"method": method, "grad_ckpt": ckpt, "seq_len": seq, "batch": batch, "lora_r": rank, "loss": loss,
+            "base_bytes": base,
             "live_peak_bytes": peak, "rss_before": rss_before, "rss_peak": rss_peak}
 
 
 if __name__ == "__main__":
     warnings.filterwarnings("ignore")
     m, c, s, b = sys.argv[1], sys.argv[2] == "ckpt", int(sys.argv[3]), int(sys.argv[4])
-    print(json.dumps(measure(m, c, s, b)))
+    print(json.dumps(measure(m, c, s, b, loss=sys.argv[5] if len(sys.argv) > 5 else "transformers")))

@@ -11,17 +11,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(recipe: Path, runs_dir: Path, overrides=()) -> Path:
+def run(recipe: Path, runs_dir: Path, overrides=(), timeout_s: float | None = None) -> Path:
     """Run `toolkit finetune RECIPE --runs-dir RUNS_DIR [--set KEY=VALUE ...]` and return the run
-    folder. Its output goes to RUNS_DIR.log beside the runs; a non-zero exit raises RuntimeError
-    with the exit code and the log's last lines."""
+    folder. Its output goes to RUNS_DIR.log beside the runs; a non-zero exit, or a run past
+    `timeout_s`, raises RuntimeError with the log's last lines."""
     cmd = [sys.executable, "-m", "toolkit", "finetune", str(recipe), "--runs-dir", str(runs_dir)]
     for item in overrides:
         cmd += ["--set", item]
     log = runs_dir.with_suffix(".log")
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as out:
-        proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+        try:
+            proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            tail = log.read_text().strip().splitlines()[-5:]
+            raise RuntimeError(f"toolkit finetune {recipe} still running after {timeout_s:g} s: "
+                               + " / ".join(tail)) from None
     if proc.returncode:
         tail = log.read_text().strip().splitlines()[-5:]
         raise RuntimeError(f"toolkit finetune {recipe} exited {proc.returncode}: " + " / ".join(tail))

@@ -1,20 +1,28 @@
 """`make gpu-check`: the CUDA path measured on the machine at hand, to benchmarks/gpu-results.json.
 
-1. Memory: Llama-3.2-1B (full config, random weights, Meta's tokenizer) trained by the toolkit's own
-   path (`toolkit.finetune.trainer.finetune`, the finance recipe's GPU profile, batch 1) with QLoRA
-   and with LoRA at sequence length 512 and 2048, a few steps each: the peak of
-   `torch.cuda.max_memory_allocated` during training (the weights are resident, so they are in it)
-   next to the estimator's `allocated_bytes` for the same settings (`toolkit.finetune.plan`, the
-   one recipe-to-estimator mapping).
+1. Memory and step time: Llama-3.2-1B (full config, random weights, Meta's tokenizer) trained by
+   the toolkit's own path (`toolkit.finetune.trainer.finetune`, the finance recipe's GPU profile)
+   with QLoRA and with LoRA at 512 x 1, 2048 x 1 and 512 x 8 tokens (the recipe's own), a few steps
+   each: the peak of `torch.cuda.max_memory_allocated` during training (the weights are resident,
+   so they are in it) next to the estimator's `allocated_bytes` for the same settings
+   (`toolkit.finetune.plan`, the one recipe-to-estimator mapping), and the median step time after
+   the first step (which pays CUDA's and the kernels' start-up).
 2. Speed: 20 optimizer steps of the finance recipe (GPU profile) on the same model, tokens/s, with
    the transformers+PEFT engine and, when Unsloth is installed, with Unsloth. Each engine runs in
    its own process: Unsloth must be imported before TRL/transformers.
+3. End to end: `toolkit finetune recipes/finance` as a user runs it on a GPU (the GPU profile whole:
+   3 epochs, in-training evals, the base-vs-fine-tuned report, saving), wall time and its phases.
+   With random weights the report's numbers mean nothing; its time is an upper bound (every
+   generation runs to max_new_tokens).
 
 Random weights stand in for the gated checkpoint: memory and speed depend on shapes, not values.
 
     python -m benchmarks.gpu_check             (on a CUDA machine; `make gpu-check`)
     python -m benchmarks.gpu_check --dry-run   (anywhere: plans the runs, builds each model on the
                                                 meta device, prints what it would measure, writes nothing)
+    python -m benchmarks.gpu_check --parts speed,e2e   (some of the three parts)
+
+The results file is rewritten after every part, so a check cut short keeps what it measured.
 """
 
 from __future__ import annotations
@@ -33,16 +41,18 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "finance"
 OUT = ROOT / "benchmarks" / "gpu-results.json"
 CATALOG_ID = "meta-llama/Llama-3.2-1B-Instruct"  # the estimator's entry for this shape
-MEMORY_CASES = [(method, seq) for method in ("qlora", "lora") for seq in (512, 2048)]
-MEMORY_STEPS = 3
+MEMORY_CASES = [(method, seq, batch) for method in ("qlora", "lora") for seq, batch in ((512, 1), (2048, 1), (512, 8))]
+MEMORY_STEPS = 6
 SPEED_STEPS = 20
+PARTS = ("memory", "speed", "e2e")
+RUN_TIMEOUT_S = 900  # one subprocess run; a hang must not eat a borrowed GPU's whole lease
 # Only the training loop: no held-out eval, no report, no checkpoint, every step logged.
 _QUIET = ["eval.report=false", "data.eval=", "training.save_steps=0", "training.logging_steps=1"]
 
 
-def memory_overrides(method: str, seq: int, model_dir: str) -> list[str]:
+def memory_overrides(method: str, seq: int, model_dir: str, batch: int = 1) -> list[str]:
     return [f"model.base_model={model_dir}", "model.fallback_model=", f"method.name={method}",
-            "method.unsloth=false", f"data.max_seq_len={seq}", "training.batch_size=1", "training.grad_accum=1",
+            "method.unsloth=false", f"data.max_seq_len={seq}", f"training.batch_size={batch}", "training.grad_accum=1",
             f"training.max_steps={MEMORY_STEPS}", *_QUIET]
 
 
@@ -60,10 +70,14 @@ def estimated(rec) -> dict:
     from toolkit.estimate.planner import estimate
     from toolkit.finetune.plan import plan_inputs
 
-    e = estimate(CATALOG_ID, **plan_inputs(rec, "cuda", "bfloat16").as_kwargs())
-    allocated = getattr(e, "allocated_bytes", None)
-    return {"estimated_allocated_bytes": allocated if allocated is not None else e.total_bytes,
-            "estimated_total_bytes": e.total_bytes, "estimate_components": dict(e.components)}
+    kw = plan_inputs(rec, "cuda", "bfloat16").as_kwargs()
+    e = estimate(CATALOG_ID, **kw)
+    # What the estimate would be with transformers' own loss (fp32 logits for every token) in place
+    # of SFTTrainer's fused LM head: the term the measurement tells apart.
+    full_logits = estimate(CATALOG_ID, **kw, loss="transformers")
+    return {"estimated_allocated_bytes": e.allocated_bytes, "estimated_total_bytes": e.total_bytes,
+            "estimated_allocated_bytes_transformers_loss": full_logits.allocated_bytes,
+            "estimate_components": dict(e.components)}
 
 
 def plan(model_dir: str) -> dict:
@@ -71,15 +85,20 @@ def plan(model_dir: str) -> dict:
     from toolkit.finetune import recipe as recipe_mod
 
     rows = []
-    for method, seq in MEMORY_CASES:
-        rec = recipe_mod.load(RECIPE, memory_overrides(method, seq, model_dir), gpu=True)
-        rows.append({"kind": "memory", "method": method, "seq_len": seq, "batch": 1, "steps": MEMORY_STEPS,
+    for method, seq, batch in MEMORY_CASES:
+        rec = recipe_mod.load(RECIPE, memory_overrides(method, seq, model_dir, batch), gpu=True)
+        rows.append({"kind": "memory", "method": method, "seq_len": seq, "batch": batch, "steps": MEMORY_STEPS,
                      "lora_r": rec.lora.r, "gradient_checkpointing": rec.training.gradient_checkpointing,
                      **estimated(rec)})
     for engine in engines():
         rows.append({"kind": "speed", "engine": engine, "steps": SPEED_STEPS,
                      "overrides": speed_overrides(engine, model_dir)})
-    return {"memory": [r for r in rows if r["kind"] == "memory"], "speed": [r for r in rows if r["kind"] == "speed"]}
+    rows.append({"kind": "e2e", "overrides": e2e_overrides(model_dir)})
+    return {part: [r for r in rows if r["kind"] == part] for part in PARTS}
+
+
+def e2e_overrides(model_dir: str) -> list[str]:
+    return [f"model.base_model={model_dir}", "model.fallback_model="]
 
 
 def _peak_callback():
@@ -89,15 +108,24 @@ def _peak_callback():
     class Peak(TrainerCallback):
         """Peak allocated memory over the training steps (the model is already loaded at train begin)."""
 
-        peak = 0
+        peak = reserved = 0
+
+        def __init__(self):
+            self.step_s, self.tokens, self._t = [], [], None
 
         def on_train_begin(self, args, state, control, **kw):
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+            self._t = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
             torch.cuda.synchronize()
+            now = time.perf_counter()
+            self.step_s.append(now - self._t)
+            self.tokens.append(state.num_input_tokens_seen)
+            self._t = now
             self.peak = max(self.peak, torch.cuda.max_memory_allocated())
+            self.reserved = max(self.reserved, torch.cuda.max_memory_reserved())
 
     return Peak()
 
@@ -112,27 +140,40 @@ def measure_memory(row: dict, model_dir: str, runs: Path) -> dict:
     gc.collect()  # the previous case's model and optimizer must not count here
     torch.cuda.empty_cache()
     peak = _peak_callback()
-    run = finetune(RECIPE, memory_overrides(row["method"], row["seq_len"], model_dir), runs_dir=runs,
+    run = finetune(RECIPE, memory_overrides(row["method"], row["seq_len"], model_dir, row["batch"]), runs_dir=runs,
                    callbacks=[peak], gpu=True)
     info = json.loads((run / "run.json").read_text())
     ratio = peak.peak / row["estimated_allocated_bytes"]
+    # Reserved is what the caching allocator holds (what nvidia-smi shows, less the CUDA context).
     return {**row, "measured_max_allocated_bytes": peak.peak, "measured_over_estimate": round(ratio, 3),
-            "engine": info["engine"], "steps_done": info["steps"]}
+            "measured_max_reserved_bytes": peak.reserved, "engine": info["engine"], "steps_done": info["steps"],
+            **_step_times(peak.step_s, peak.tokens)}
 
 
-def measure_speed(row: dict, runs: Path) -> dict:
-    """One engine in a fresh process (Unsloth has to be imported before TRL/transformers)."""
+def _step_times(step_s: list[float], tokens_seen: list[int]) -> dict:
+    """Median seconds and tokens of the steps after the first (which pays start-up)."""
+    import statistics
+
+    tokens = [b - a for a, b in zip([0, *tokens_seen], tokens_seen)]
+    if len(step_s) < 2:
+        return {}
+    return {"step_s_median": round(statistics.median(step_s[1:]), 4), "step_s_first": round(step_s[0], 3),
+            "tokens_per_step_median": statistics.median(tokens[1:]), "step_s_all": [round(x, 4) for x in step_s]}
+
+
+def measure_run(row: dict, runs: Path) -> dict:
+    """One `toolkit finetune` in a fresh process (Unsloth has to be imported before TRL/transformers)."""
     from benchmarks import finetune_process
 
     t0 = time.time()
     try:
-        run = finetune_process.run(RECIPE, runs, row["overrides"])
+        run = finetune_process.run(RECIPE, runs, row["overrides"], timeout_s=RUN_TIMEOUT_S)
     except RuntimeError as exc:
         return {**row, "error": [str(exc)]}
     info = json.loads((run / "run.json").read_text())
-    return {**row, "engine_used": info["engine"], "packing": info.get("packing"), "steps_done": info["steps"],
-            "tokens_seen": info["tokens_seen"], "train_runtime_s": info["train_runtime_s"],
-            "tokens_per_s": info["tokens_per_s"], "wall_s": round(time.time() - t0, 1)}
+    keys = ("engine", "packing", "compute_dtype", "steps", "tokens_seen", "train_runtime_s", "tokens_per_s",
+            "prep_s", "report_s", "wall_s", "report_error")
+    return {**row, **{k: info.get(k) for k in keys}, "process_wall_s": round(time.time() - t0, 1)}
 
 
 def environment() -> dict:
@@ -172,18 +213,47 @@ def dry_run() -> dict:
     planned = plan("<random Llama-3.2-1B folder>")
     print(f"model: Llama-3.2-1B config, random weights: {n_params:,} parameters (built on the meta device)")
     for r in planned["memory"]:
-        print(f"would measure: {r['method']} seq {r['seq_len']} batch 1, {r['steps']} steps: "
+        print(f"would measure: {r['method']} seq {r['seq_len']} batch {r['batch']}, {r['steps']} steps: "
               f"torch.cuda.max_memory_allocated vs estimated allocated {r['estimated_allocated_bytes'] / 2**30:.2f} GiB")
     for r in planned["speed"]:
         print(f"would measure: {r['steps']} steps of the finance recipe with {r['engine']}: tokens/s")
+    print("would measure: `toolkit finetune recipes/finance` end to end (GPU profile): wall time and phases")
     print(f"would write: {OUT.relative_to(ROOT)} (dry run: nothing written)")
     return {"parameters": n_params, **planned}
+
+
+def _recorded(measure, row: dict, *args) -> dict:
+    """`measure(row, *args)`, or the row with the error that stopped it: one case failing must not
+    cost the others' measurements (a borrowed GPU's time is short)."""
+    import traceback
+
+    try:
+        return measure(row, *args)
+    except Exception as exc:  # noqa: BLE001 - recorded in the results, with where it happened
+        return {**row, "error": [f"{type(exc).__name__}: {exc}", *traceback.format_exc().strip().splitlines()[-6:]]}
+
+
+def parse_parts(text: str) -> tuple[str, ...]:
+    parts = tuple(p.strip() for p in text.split(",") if p.strip())
+    bad = [p for p in parts if p not in PARTS]
+    if bad or not parts:
+        raise argparse.ArgumentTypeError(f"--parts takes a comma-separated subset of {','.join(PARTS)}; got {text!r}")
+    return parts
+
+
+def _write(out: Path, results: dict) -> None:
+    tmp_out = out.with_name(out.name + ".tmp")
+    tmp_out.write_text(json.dumps(results, indent=2) + "\n")
+    os.replace(tmp_out, out)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dry-run", action="store_true", help="plan and print the runs; needs no GPU, writes nothing")
     ap.add_argument("--out", type=Path, default=OUT, help=f"results file (default {OUT.relative_to(ROOT)})")
+    ap.add_argument("--parts", type=parse_parts, default=PARTS, help=f"which parts, in order (default {','.join(PARTS)})")
+    ap.add_argument("--work", type=Path, default=None,
+                    help="keep the model, runs and logs in this folder (default: a temporary one, deleted)")
     args = ap.parse_args(argv)
     if args.dry_run:
         dry_run()
@@ -194,21 +264,22 @@ def main(argv=None) -> int:
         print("error: gpu-check needs a CUDA GPU (use --dry-run to see the plan)", file=sys.stderr)
         return 2
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model here is local
+    results = {"taken": environment(), **{part: [] for part in args.parts}}
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
+        if args.work is not None:
+            tmp = args.work
+            Path(tmp).mkdir(parents=True, exist_ok=True)
         model_dir = build_model_dir(Path(tmp) / "llama32-1b-random")
         planned = plan(str(model_dir))
-        memory = []
-        for row in planned["memory"]:
-            memory.append(measure_memory(row, str(model_dir), Path(tmp) / "runs"))
-            print(json.dumps({k: v for k, v in memory[-1].items() if k != "estimate_components"}), flush=True)
-        speed = []
-        for row in planned["speed"]:
-            speed.append(measure_speed(row, Path(tmp) / "runs"))
-            print(json.dumps(speed[-1]), flush=True)
-    results = {"taken": environment(), "memory": memory, "speed": speed}
-    tmp_out = args.out.with_name(args.out.name + ".tmp")
-    tmp_out.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(tmp_out, args.out)
+        for part in args.parts:
+            for row in planned[part]:
+                if part == "memory":
+                    results[part].append(_recorded(measure_memory, row, str(model_dir), Path(tmp) / "runs"))
+                else:
+                    results[part].append(measure_run(row, Path(tmp) / f"runs-{part}"))
+                print(json.dumps({k: v for k, v in results[part][-1].items() if k != "estimate_components"}),
+                      flush=True)
+                _write(args.out, results)
     print(f"wrote {args.out}")
     return 0
 

@@ -22,12 +22,12 @@ def peer_rows() -> list[dict]:
         if key is None:
             continue
         # The notes: nf4 without double quant via prepare_model_for_kbit_training; fp16 LoRA; dropout 0;
-        # torch AdamW; eager or SDPA attention as recorded.
+        # torch AdamW; eager or SDPA attention as recorded; labels=input_ids, so transformers' own loss.
         quant = "nf4" if r["task"] == "qlora" else "fp16"
         e = estimate(CATALOG[key], r["task"], quant, int(r["seq_len"]), int(r["batch"]), int(r["lora_r"]),
                      r["grad_ckpt"] == "true", tuple(r["lora_targets"].split(",")), "adamw", 0.0, device="cuda",
                      kbit_upcast="prepare_model_for_kbit_training" in r["notes"],
-                     attn_impl="eager" if r["attn_impl"].startswith("eager") else "sdpa")
+                     attn_impl="eager" if r["attn_impl"].startswith("eager") else "sdpa", loss="transformers")
         measured = float(r["measured_peak_MiB"]) * MIB
         out.append({"model": key, "task": r["task"], "seq": int(r["seq_len"]), "batch": int(r["batch"]),
                     "attn": r["attn_impl"].split()[0], "measured_MiB": round(measured / MIB, 1),

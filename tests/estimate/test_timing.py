@@ -160,3 +160,20 @@ def test_pick_respects_time_budget_and_names_both_limits():
     assert free.model == "meta-llama/Llama-3.1-8B-Instruct"
     none = pick("qlora", 64 * 1024**3, 512, 1, 16, "cuda", seconds_of=secs, time_budget_s=10)
     assert not none.fits and "would take" in none.reason
+
+
+def test_gpu_step_takes_the_longer_of_host_and_device_time():
+    # device-bound: 1e9 FLOP a token at 50 GFLOP/s effective = 20 s per 1000 tokens, over a 0.4-s host floor
+    assert T.train_tokens_per_s(1e9, 100e9, 0.5, tokens_per_step=1000, host_step_s=0.4) == pytest.approx(50)
+    # host-bound: 0.02 s of GPU work under a 0.4-s host step
+    assert T.train_tokens_per_s(1e6, 100e9, 0.5, tokens_per_step=1000, host_step_s=0.4) == pytest.approx(2500)
+    with pytest.raises(ValueError):
+        T.train_tokens_per_s(1e6, 100e9, 0.5, host_step_s=0.4)
+
+
+def test_cuda_host_time_scales_with_layers_and_is_longer_for_qlora():
+    from toolkit.estimate.catalog import CATALOG
+
+    m = CATALOG["meta-llama/Llama-3.2-1B-Instruct"]
+    assert T.cuda_step_seconds(m, "qlora") == pytest.approx(0.4)
+    assert T.cuda_step_seconds(m, "lora") == pytest.approx(0.2) == T.cuda_step_seconds(m, "full")

@@ -133,8 +133,8 @@ def test_gpu_check_dry_run_plans_every_measurement_without_a_gpu():
     lines = proc.stdout.splitlines()
     assert "1,235,814,400 parameters (built on the meta device)" in lines[0]  # Llama-3.2-1B's count
     memory = [x for x in lines if x.startswith("would measure: ") and "max_memory_allocated" in x]
-    assert [x.split(" batch")[0] for x in memory] == [f"would measure: {m} seq {s}" for m in ("qlora", "lora")
-                                                      for s in (512, 2048)]
+    assert [x.split(",")[0] for x in memory] == [f"would measure: {m} seq {s} batch {b}" for m in ("qlora", "lora")
+                                                 for s, b in ((512, 1), (2048, 1), (512, 8))]
     assert any("20 steps of the finance recipe with transformers+peft: tokens/s" in x for x in lines)
     assert (out.stat().st_mtime_ns if out.exists() else None) == before  # a dry run writes nothing
     proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check"], cwd=ROOT, env=env, capture_output=True,

@@ -263,6 +263,37 @@ def chunked_logits_bytes(tokens: int, vocab: int, chunk: int, act_bytes: int = 2
     return tokens * vocab * 2 * act_bytes + min(chunk, tokens) * vocab * 2 * act_bytes
 
 
+# TRL's fused LM head (`trl.trainer.utils.add_fused_lm_head`, which SFTTrainer installs since TRL
+# 1.x): `ChunkedLogProbFunction` projects tiles of TOKEN_CHUNK_SIZE tokens (trl/kernels/chunked_logprob.py)
+# x _CHUNKED_LOGPROB_CHUNK_SIZE vocabulary rows (trl/trainer/utils.py); tests/estimate check both upstream.
+TRL_TOKEN_TILE = 4096
+TRL_VOCAB_TILE = 32768
+# This toolkit's CPU head (`toolkit.finetune.cpu_lm_head`) materializes fp32 logits up to this size,
+# else TRL's tiles run (cpu_lm_head.MAX_LOGITS_BYTES, checked equal by the tests).
+CPU_LEAN_HEAD_MAX_BYTES = 512 * 2**20
+
+
+def trl_fused_logits_bytes(tokens: int, vocab: int, hidden: int, act_bytes: int = 2) -> int:
+    """The logits spike of SFTTrainer's fused LM head + loss, which never materializes the
+    [tokens, vocab] logits. Live in its backward: the hidden states it gathered and saved
+    (act_bytes per entry), the fp32 gradient it accumulates for them and that gradient cast back
+    (4 + act_bytes), and one tile buffer of min(tokens, 4096) x min(vocab, 32768) in the compute
+    dtype that becomes the tile's logits gradient in place. On CUDA it scores only the labelled
+    positions; `tokens` is all of them, an upper bound."""
+    tile = min(tokens, TRL_TOKEN_TILE) * min(vocab, TRL_VOCAB_TILE) * act_bytes
+    return tile + tokens * hidden * (2 * act_bytes + 4)
+
+
+def cpu_lean_logits_bytes(tokens: int, vocab: int, hidden: int, act_bytes: int = 2) -> int:
+    """The same spike with this toolkit's CPU head (`toolkit.finetune.cpu_lm_head.LogProbs`): fp32
+    logits, turned into probabilities and then into their own gradient in place, plus (16-bit compute)
+    the 16-bit buffer its matmuls read and write; the hidden states' gradient besides. Past
+    CPU_LEAN_HEAD_MAX_BYTES of fp32 logits TRL's tiles run instead (`trl_fused_logits_bytes`)."""
+    if tokens * vocab * 4 > CPU_LEAN_HEAD_MAX_BYTES:
+        return trl_fused_logits_bytes(tokens, vocab, hidden, act_bytes)
+    return tokens * vocab * (4 + (act_bytes if act_bytes < 4 else 0)) + tokens * hidden * act_bytes
+
+
 OPTIMIZER_STATE_BYTES = {
     # AdamW keeps exp_avg and exp_avg_sq like the parameter (torch.optim.AdamW: zeros_like(p)).
     "adamw": None,

@@ -39,6 +39,7 @@ PICK_QUANTS_CPU = {**PICK_QUANTS, "inference": ("fp32", "q8_0", "q4_k_m")}
 # measured peaks (within 15%, docs/estimate.md) are not covered by the estimate itself.
 SAFETY_MARGIN = 0.10
 OPTIMIZERS = tuple(F.OPTIMIZER_STATE_BYTES)
+LOSSES = ("trl", "transformers")
 
 
 @dataclass
@@ -118,7 +119,7 @@ def estimate(model: str | ModelFacts, task: str = "qlora", quant: str | None = N
              batch: int = 1, lora_r: int = 16, grad_ckpt: bool = True, targets: tuple[str, ...] = ALL_LINEAR,
              optimizer: str = "adamw", lora_dropout: float = 0.0, device: str = "cuda",
              budget_bytes: int | None = None, bnb_legacy: bool = False, *, kbit_upcast: bool = False,
-             attn_impl: str = "sdpa", loss_chunk: int = 0) -> Estimate:
+             attn_impl: str = "sdpa", loss: str = "trl", loss_chunk: int = 0) -> Estimate:
     """Estimate peak memory of `task` ("inference" | "lora" | "qlora" | "full") for `model`.
 
     quant: fp32/bf16/fp16, int8/nf4/nf4-dq (bitsandbytes), or a GGUF type (inference with
@@ -133,7 +134,11 @@ def estimate(model: str | ModelFacts, task: str = "qlora", quant: str | None = N
     residual stream and the logits are fp32 too (bnb's Linear4bit returns its input's dtype);
     this toolkit's trainer does not call it. attn_impl: "sdpa" (default; flash / memory-efficient
     kernels keep no score matrix) or "eager" (keeps heads x seq x seq scores per layer).
-    loss_chunk: tokens per chunk of a chunked LM head + loss (litgpt), 0 = whole.
+    loss: how training computes the LM head + loss. "trl" (default): this toolkit's trainer, TRL's
+    SFTTrainer with its fused, tiled LM head (on CPU the toolkit's own head where its fp32 logits fit);
+    "transformers": the model's own loss, fp32 logits for every token (what `model(**batch).loss`
+    and most published measurements use). loss_chunk: tokens per chunk of litgpt's chunked LM head
+    + loss; when set it replaces `loss`.
     """
     m = model if isinstance(model, ModelFacts) else lookup(model)
     if task not in TASKS:
@@ -157,6 +162,8 @@ def estimate(model: str | ModelFacts, task: str = "qlora", quant: str | None = N
         raise UserError(f"device must be cuda or cpu, got {device!r}")
     if attn_impl not in ("sdpa", "eager"):
         raise UserError(f"attention must be sdpa or eager, got {attn_impl!r}")
+    if loss not in LOSSES:
+        raise UserError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
     upcast = kbit_upcast and task == "qlora"
 
     is_gguf = quant in GGUF_QUANTS or gguf_file_quant
@@ -174,7 +181,8 @@ def estimate(model: str | ModelFacts, task: str = "qlora", quant: str | None = N
         legacy = F.bnb_legacy_input_bytes(m.hidden, m.intermediate, m.layers, tokens) \
             if (bnb_legacy and quant in ("nf4", "nf4-dq") and not grad_ckpt) else 0
         _training_terms(est, m, quant, tokens, lora_r, grad_ckpt, targets, optimizer, lora_dropout,
-                        act=4 if (quant == "fp32" or upcast) else 2, attn_impl=attn_impl, loss_chunk=loss_chunk,
+                        act=4 if (quant == "fp32" or upcast) else 2, attn_impl=attn_impl, loss=loss,
+                        loss_chunk=loss_chunk,
                         extra_kept=legacy)
         if legacy:
             est.notes.append("older bitsandbytes: 4-bit layers keep their inputs")
@@ -205,7 +213,7 @@ def _inference_terms(est: Estimate, m: ModelFacts, quant: str, is_gguf: bool, to
 
 
 def _training_terms(est, m, quant, tokens, lora_r, grad_ckpt, targets, optimizer, lora_dropout, *, act,
-                    attn_impl="sdpa", loss_chunk=0, extra_kept=0) -> None:
+                    attn_impl="sdpa", loss="trl", loss_chunk=0, extra_kept=0) -> None:
     c = est.components
     task = est.task
     if task == "full":
@@ -231,8 +239,12 @@ def _training_terms(est, m, quant, tokens, lora_r, grad_ckpt, targets, optimizer
     per_layer += extra_kept // max(1, tokens * m.layers)
     if loss_chunk:
         logits = F.chunked_logits_bytes(tokens, m.vocab, loss_chunk, act)
-    else:
+    elif loss == "transformers":
         logits = F.logits_bytes(tokens, m.vocab, act)
+    elif est.device == "cuda":
+        logits = F.trl_fused_logits_bytes(tokens, m.vocab, m.hidden, act)
+    else:
+        logits = F.cpu_lean_logits_bytes(tokens, m.vocab, m.hidden, act)
     acts, logits, phase = F.training_peak_activation_bytes(per_layer, m.layers, m.hidden, tokens, grad_ckpt, logits,
                                                            act, attn_back, mask)
     c["activations"] = acts

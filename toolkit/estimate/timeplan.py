@@ -129,7 +129,8 @@ def time_fields(m, est, rates: Rates, *, targets: tuple[str, ...], labelled_frac
         # QLoRA's 4-bit layers run torch's matmul (only plain nn.Linear layers are pre-packed).
         train_flops = (rates.unpacked_flops or rates.flops) if est.task == "qlora" else rates.flops
         # A micro-batch holds batch x seq_len tokens (a packed row is filled to about that).
-        tps = T.train_tokens_per_s(f.total, train_flops, eff, rest, bw, step_s, est.batch * seq)
+        host_s = T.cuda_step_seconds(m, est.task) if rates.device == "cuda" else 0.0
+        tps = T.train_tokens_per_s(f.total, train_flops, eff, rest, bw, step_s, est.batch * seq, host_s)
         out["train_flops_per_token"] = f.total
         out["train_tokens_per_s"] = round(tps, 2)
         if run is not None:

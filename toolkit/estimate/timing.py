@@ -40,12 +40,20 @@ from dataclasses import dataclass
 #   a fixed rate, not at the calibration's copy bandwidth, which swung between 38 and 70 GB/s from one
 #   calibration to the next on the Zen 5 while the training speed held. Not modelled: QLoRA's CPU
 #   layers beyond their unpacked matmul (4-bit dequantization, PEFT's own LoRA path; bench_time's row).
-# - "cuda": litgpt's published A10G Llama-3.2-1B wall times (config_hub/finetune/README.md) come
-#   without their token counts, and no GPU was at hand to measure; until a measured GPU run
-#   replaces it, 0.45 (the CPU share of an earlier, slower CPU path) stands in, with no second
-#   term. benchmarks/bench_time.py shows it is too high there (the A10G rows imply more tokens per
-#   example than litgpt's 512 cap).
+# - "cuda": the matmuls' share is still unmeasured: 0.45 (the CPU share of an earlier, slower CPU
+#   path) stands in. litgpt's published A10G Llama-3.2-1B wall times come without their token counts
+#   (benchmarks/bench_time.py), and the one GPU lent so far, an H200, never waited on its matmuls:
+#   see CUDA_STEP_SECONDS_PER_LAYER.
 TRAIN_EFFICIENCY = {"cpu": 0.816, "cpu bfloat16": 0.886, "cuda": 0.45}
+# A CUDA micro-batch's host time, whatever its tokens: Python, PyTorch's dispatch and ~4,500 kernel
+# launches, which a fast GPU waits on. Measured by `make gpu-check` on the H200 lent on 2026-12-04
+# (16-core Xeon VM, torch 2.11, Llama-3.2-1B, r16 on all linears, gradient checkpointing;
+# benchmarks/gpu-results.json): median steps of 0.38 / 0.42 / 0.39 s for QLoRA and 0.20 / 0.20 /
+# 0.21 s for LoRA at 447 / 2047 / 3973 tokens, flat in the tokens; the profiler had the GPU busy
+# ~30% of a QLoRA step. Per layer of that 16-layer model; QLoRA's 4-bit layers add bitsandbytes'
+# Python autograd function and a dequantization per matmul. The step takes the longer of this and
+# the GPU's work (the two overlap). Full fine-tuning was not measured: LoRA's figure stands in.
+CUDA_STEP_SECONDS_PER_LAYER = {"qlora": 0.025, "lora": 0.0125, "full": 0.0125}
 CPU_ELEMENTWISE_PASSES = 86
 CPU_STEP_SECONDS_PER_LAYER = 0.0071
 CPU_ELEMENTWISE_BYTES_PER_S = 40e9
@@ -130,21 +138,29 @@ def cpu_step_seconds(m) -> float:
     return CPU_STEP_SECONDS_PER_LAYER * m.layers
 
 
+def cuda_step_seconds(m, method: str) -> float:
+    """A CUDA micro-batch's host time for `method` ("qlora", "lora", "full"): per layer x layers."""
+    return CUDA_STEP_SECONDS_PER_LAYER[method] * m.layers
+
+
 def train_tokens_per_s(flops_per_token: float, device_flops: float, efficiency: float,
                        bytes_per_token: float = 0.0, bandwidth_bytes_per_s: float = 0.0,
-                       step_s: float = 0.0, tokens_per_step: float = 0.0) -> float:
+                       step_s: float = 0.0, tokens_per_step: float = 0.0, host_step_s: float = 0.0) -> float:
     """Trained tokens per second: one token takes FLOPs / (device FLOP/s x efficiency), plus
     `bytes_per_token` / bandwidth where given (a CPU's elementwise work), plus its share of a fixed
-    `step_s` per micro-batch of `tokens_per_step` tokens where given (a CPU's Python and autograd)."""
+    `step_s` per micro-batch of `tokens_per_step` tokens where given (a CPU's Python and autograd).
+    `host_step_s` is a GPU's host time per micro-batch, which overlaps the device's work: a step
+    takes the longer of the two."""
     if flops_per_token <= 0 or device_flops <= 0 or efficiency <= 0:
         raise ValueError("flops_per_token, device_flops and efficiency must be positive")
     if bytes_per_token < 0 or (bytes_per_token and bandwidth_bytes_per_s <= 0):
         raise ValueError("bytes_per_token needs a positive bandwidth")
-    if step_s < 0 or (step_s and tokens_per_step <= 0):
-        raise ValueError("step_s needs a positive tokens_per_step")
+    if step_s < 0 or host_step_s < 0 or ((step_s or host_step_s) and tokens_per_step <= 0):
+        raise ValueError("step_s and host_step_s need a positive tokens_per_step")
     seconds = flops_per_token / (device_flops * efficiency)
     seconds += bytes_per_token / bandwidth_bytes_per_s if bytes_per_token else 0.0
-    return 1.0 / (seconds + (step_s / tokens_per_step if step_s else 0.0))
+    seconds += step_s / tokens_per_step if step_s else 0.0
+    return 1.0 / max(seconds, host_step_s / tokens_per_step if host_step_s else 0.0)
 
 
 def decode_bytes_per_token(weight_bytes: int, kv_bytes_per_token: float, context: int) -> float:
