@@ -15,8 +15,11 @@ QUANT ?= q4_k_m
 MODEL ?= embedded
 # Extra `key=value` recipe overrides: make finetune RECIPE=finance SET="training.max_steps=20 lora.r=8"
 SET ?=
-# On a CUDA machine the `cuda` extra (Unsloth) is part of the install; UNSLOTH=0 leaves it out.
-UNSLOTH ?= 1
+# UNSLOTH=1 adds the `cuda` extra (Unsloth) to a CUDA machine's install. Off by default: the Unsloth
+# released last (2026.10.9, with unsloth_zoo) requires transformers<=5.17, trl<=1.15 and datasets<5,
+# and this project pins 5.23 / 1.16 / 5.2, so pip cannot install both (it backtracks through older
+# Unsloths for minutes). The transformers + PEFT + bitsandbytes path is what `make gpu-check` measured.
+UNSLOTH ?= 0
 
 export GRADIO_ANALYTICS_ENABLED := False
 export HF_HUB_DISABLE_TELEMETRY := 1
@@ -30,13 +33,13 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PY_SYS) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 ifeq ($(HAS_NVIDIA),1)
-	# CUDA build of torch and the CUDA-only fast path. A failed `cuda` extra stops the install
-	# (no silent fallback to the slow path); `UNSLOTH=0 make install` opts out of it.
+	# CUDA build of torch, and with UNSLOTH=1 the CUDA-only fast path. A failed `cuda` extra stops the
+	# install (no silent fallback to the slow path).
 	$(PIP) install -q torch
 ifeq ($(UNSLOTH),0)
 	$(PIP) install -q -e ".[test]"
 else
-	$(PIP) install -q -e ".[test,cuda]" || { echo "error: the cuda extra (unsloth) did not install; fix it, or run UNSLOTH=0 make install to train without it" >&2; exit 1; }
+	$(PIP) install -q -e ".[test,cuda]" || { echo "error: the cuda extra (unsloth) did not install alongside the pinned transformers/trl/datasets; run make install without UNSLOTH=1 to train without it" >&2; exit 1; }
 endif
 else
 	# CPU build (a local wheel on the project machines); installed first so nothing pulls CUDA wheels.

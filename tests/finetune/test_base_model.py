@@ -178,9 +178,24 @@ def _make_install_commands(**env) -> str:
     return proc.stdout
 
 
-def test_make_install_on_cuda_fails_loudly_without_the_cuda_extra():
-    cuda = _make_install_commands()
+def test_make_install_on_cuda_adds_unsloth_only_when_asked_and_then_fails_loudly():
+    # Default: the pinned stack only (the released Unsloth's caps exclude our transformers/trl/datasets pins).
+    default = _make_install_commands()
+    assert '".[test,cuda]"' not in default and '-e ".[test]"' in default
+    cuda = _make_install_commands(UNSLOTH=1)
     line = next(x for x in cuda.splitlines() if "pip install" in x and ".[test" in x)
     assert '".[test,cuda]"' in line and '".[test]"' not in line and "exit 1" in line
-    opt_out = _make_install_commands(UNSLOTH=0)
-    assert '".[test,cuda]"' not in opt_out and '-e ".[test]"' in opt_out
+
+
+def test_unsloth_pin_conflict_note_matches_the_pins():
+    """The Makefile says why Unsloth is opt-in; if the pins move back under Unsloth's caps, this fails
+    and the default should be revisited."""
+    from packaging.version import Version
+
+    pins = {}
+    for dep in __import__("tomllib").loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]:
+        if "==" in dep:
+            name, ver = dep.split("==")
+            pins[name.split("[")[0]] = Version(ver)
+    assert "transformers<=5.17, trl<=1.15 and datasets<5" in (ROOT / "Makefile").read_text()
+    assert pins["transformers"] > Version("5.17") or pins["trl"] > Version("1.15") or pins["datasets"] >= Version("5")

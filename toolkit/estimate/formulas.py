@@ -318,6 +318,8 @@ def optimizer_bytes(trainable: int, optimizer: str, param_bytes: int) -> int:
 # cuda: the CUDA context + cuBLAS/cuDNN handles that nvidia-smi shows and
 # torch.cuda.max_memory_allocated does not (PyTorch "CUDA semantics" notes; ~300-600 MiB on
 # recent GPUs with lazy module loading) — 512 MiB.
-# cpu/transformers: RSS of `import torch, transformers, peft, trl` measured here, 395 MiB -> 400.
+# cpu/transformers: RSS of what the trainer imports, `import torch, transformers, peft` and `from trl
+# import SFTTrainer`, measured here (Zen 5 EPYC, 2026-12-04), 484 MiB -> 485 (`import trl` alone
+# loads its trainer lazily: 395 MiB, the constant before).
 # cpu/llama.cpp: RSS of `import llama_cpp` measured here, 40 MiB.
-FRAMEWORK_OVERHEAD = {"cuda": 512 * MIB, "cpu": 400 * MIB, "llama.cpp": 40 * MIB}
+FRAMEWORK_OVERHEAD = {"cuda": 512 * MIB, "cpu": 485 * MIB, "llama.cpp": 40 * MIB}
