@@ -18,10 +18,8 @@ made the choice, so its `toolkit` variant turned cuDNN's SDPA off process-wide i
 from __future__ import annotations
 
 import json
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 VARIANTS = ("torch", "toolkit", "segments")
@@ -30,9 +28,8 @@ STEPS = 10
 
 def one(model_dir: Path, variant: str, out: Path, method: str) -> dict:
     import torch
-    from transformers import TrainerCallback
 
-    from benchmarks.gpu_check import RECIPE, memory_overrides
+    from benchmarks.gpu_check import RECIPE, _peak_callback, _step_times, memory_overrides
     from toolkit.finetune import packed_attention as pa
 
     if variant == "torch":
@@ -48,31 +45,13 @@ def one(model_dir: Path, variant: str, out: Path, method: str) -> dict:
                                                                  reason="attention: each conversation alone (A/B)")
     from toolkit.finetune.trainer import finetune
 
-    class Steps(TrainerCallback):
-        def __init__(self):
-            self.s, self.loss, self.t = [], [], None
-
-        def on_train_begin(self, *a, **k):
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.t = time.perf_counter()
-
-        def on_step_end(self, *a, **k):
-            torch.cuda.synchronize()
-            now = time.perf_counter()
-            self.s.append(now - self.t)
-            self.t = now
-
-        def on_log(self, args, state, control, logs=None, **k):
-            if logs and "loss" in logs:
-                self.loss.append(logs["loss"])
-
-    cb = Steps()
+    cb = _peak_callback()
     ov = [o for o in memory_overrides(method, 512, str(model_dir), 8) if not o.startswith("training.max_steps")]
     finetune(RECIPE, [*ov, f"training.max_steps={STEPS}"], runs_dir=Path(f"/tmp/ab-{variant}-{method}"),
              callbacks=[cb], gpu=True)
-    r = {"variant": variant, "method": method, "step_s_median": round(statistics.median(cb.s[1:]), 4),
-         "step_s": [round(x, 3) for x in cb.s], "losses": cb.loss, "peak_alloc": torch.cuda.max_memory_allocated()}
+    times = _step_times(cb.step_s, cb.tokens)
+    r = {"variant": variant, "method": method, "step_s_median": times["step_s_median"], "step_s": times["step_s_all"],
+         "losses": cb.losses, "peak_alloc": torch.cuda.max_memory_allocated()}
     with out.open("a") as f:
         f.write(json.dumps(r) + "\n")
     return r

@@ -106,12 +106,17 @@ def _peak_callback():
     from transformers import TrainerCallback
 
     class Peak(TrainerCallback):
-        """Peak allocated memory over the training steps (the model is already loaded at train begin)."""
+        """Peak allocated memory over the training steps (the model is already loaded at train begin),
+        each step's seconds and tokens seen, and the logged losses."""
 
         peak = reserved = 0
 
         def __init__(self):
-            self.step_s, self.tokens, self._t = [], [], None
+            self.step_s, self.tokens, self.losses, self._t = [], [], [], None
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                self.losses.append(logs["loss"])
 
         def on_train_begin(self, args, state, control, **kw):
             torch.cuda.synchronize()
