@@ -16,7 +16,6 @@ on CPU) and the main process alone writes the run folder.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -24,31 +23,9 @@ from pathlib import Path
 from typing import Sequence
 
 from toolkit.finetune import recipe as recipe_mod
+from toolkit.finetune import run_folder
 from toolkit.core.errors import UserError
 from toolkit.core.progress import quiet, say
-
-INCOMPLETE_SUFFIX = ".incomplete"
-
-
-def _check_writable(runs_dir: Path) -> None:
-    try:
-        runs_dir.mkdir(parents=True, exist_ok=True)
-        probe = runs_dir / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise UserError(f"output dir {runs_dir} is not writable: {exc.strerror or exc}") from None
-
-
-def _latest_incomplete(runs_dir: Path, name: str) -> Path | None:
-    cands = [p for p in runs_dir.glob(f"{name}-*{INCOMPLETE_SUFFIX}") if p.is_dir()]
-    return max(cands, key=lambda p: p.name) if cands else None
-
-
-def _latest_checkpoint(stage: Path) -> Path | None:
-    cks = [p for p in (stage / "checkpoints").glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
-    return max(cks, key=lambda p: int(p.name.split("-")[1])) if cks else None
-
 
 def _broadcast(value, dist_state):
     """The main process's value on every process (run-folder name must agree across ranks)."""
@@ -59,14 +36,6 @@ def _broadcast(value, dist_state):
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-def _atomic_symlink(link: Path, target_name: str) -> None:
-    tmp = link.with_name(f".{link.name}.tmp-{os.getpid()}")
-    if tmp.is_symlink() or tmp.exists():
-        tmp.unlink()
-    tmp.symlink_to(target_name)
-    os.replace(tmp, link)
 
 
 def finetune(recipe_spec: str | Path, overrides: Sequence[str] = (), runs_dir: str | Path | None = None,
@@ -96,10 +65,10 @@ def finetune(recipe_spec: str | Path, overrides: Sequence[str] = (), runs_dir: s
     dist_state = PartialState(cpu=not dev.startswith("cuda"))
     main = dist_state.is_main_process
     if main:
-        _check_writable(runs)
-    stage = _stage_dir(runs, rec, resume, overrides) if main else None
+        run_folder.check_writable(runs)
+    stage = run_folder.open_stage(runs, rec, resume, overrides) if main else None
     stage = Path(_broadcast(str(stage) if stage else None, dist_state))
-    resume_from = _latest_checkpoint(stage) if resume else None
+    resume_from = run_folder.latest_checkpoint(stage) if resume else None
     ok = False
     try:
         out = _train(rec, overrides, stage, runs, dev, dtype, train_ex, eval_ex, resume_from, callbacks,
@@ -113,48 +82,15 @@ def finetune(recipe_spec: str | Path, overrides: Sequence[str] = (), runs_dir: s
         return out
     finally:
         # A failed start leaves nothing behind; a checkpoint or trained weights are never deleted.
-        if main and not ok and stage.exists() and _latest_checkpoint(stage) is None and not resume \
-                and not _has_weights(stage):
+        if main and not ok and stage.exists() and run_folder.latest_checkpoint(stage) is None and not resume \
+                and not run_folder.has_weights(stage):
             shutil.rmtree(stage, ignore_errors=True)
-
-
-def _has_weights(stage: Path) -> bool:
-    return (stage / "adapter" / "adapter_config.json").is_file() or (stage / "model" / "config.json").is_file()
 
 
 class ReportFailed(UserError):
     """Training finished and its weights are saved, but the evaluation/report after it failed."""
 
     exit_code = 1
-
-
-def _stage_dir(runs: Path, rec, resume, overrides: Sequence[str] = ()) -> Path:
-    if resume:
-        stage = Path(resume) if isinstance(resume, (str, Path)) and not isinstance(resume, bool) else \
-            _latest_incomplete(runs, rec.output.name or rec.name)
-        if stage is None or not stage.is_dir():
-            raise UserError(f"--resume: no interrupted run of {rec.name} in {runs}")
-        if _latest_checkpoint(stage) is None:
-            raise UserError(f"--resume: {stage} has no checkpoint to resume from")
-        saved = (stage / "recipe.yaml").read_text() if (stage / "recipe.yaml").is_file() else ""
-        # A run that fell back to the small model saved the recipe with its fallback profile applied.
-        if saved and saved not in (recipe_mod.dump(rec), recipe_mod.dump(recipe_mod.for_fallback(rec, overrides))):
-            raise UserError(f"--resume: the recipe differs from the one {stage.name} started with "
-                            "(pass the same recipe and --set values)")
-        return stage
-    prefix = rec.output.name or rec.name
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    stage = runs / f"{prefix}-{stamp}{INCOMPLETE_SUFFIX}"
-    n = 1
-    while stage.exists() or (runs / stage.name.removesuffix(INCOMPLETE_SUFFIX)).exists():
-        n += 1
-        stage = runs / f"{prefix}-{stamp}-{n}{INCOMPLETE_SUFFIX}"
-    stage.mkdir(parents=True)
-    (stage / "INCOMPLETE").write_text(
-        "This run has not finished. If it was interrupted it holds a checkpoint:\n"
-        f"  toolkit finetune <recipe> --resume   (or --resume {stage})\n")
-    (stage / "recipe.yaml").write_text(recipe_mod.dump(rec))
-    return stage
 
 
 def _trainer_args(rec, stage: Path, dev: str, dtype: str, has_eval: bool, packing: bool | None = None):
@@ -316,13 +252,13 @@ def _train(rec, overrides, stage: Path, runs: Path, dev, dtype, train_ex, eval_e
                 cb.tb_writer.flush()
     if interrupt.interrupted:
         dist_state.wait_for_everyone()
-        ck = _latest_checkpoint(stage)
+        ck = run_folder.latest_checkpoint(stage)
         announce(f"interrupted at step {trainer.state.global_step}: checkpoint {ck}; "
                  f"continue with `toolkit finetune {rec.root} --resume`")
         raise KeyboardInterrupt
     dist_state.wait_for_everyone()
     if not main:
-        return runs / stage.name.removesuffix(INCOMPLETE_SUFFIX)
+        return run_folder.final_path(runs, stage)
 
     train_s = result.metrics.get("train_runtime", 0.0)
     tokens = trainer.state.num_input_tokens_seen
@@ -347,16 +283,16 @@ def _train(rec, overrides, stage: Path, runs: Path, dev, dtype, train_ex, eval_e
         "tokens_per_s": round(result.metrics.get("train_tokens_per_second", tokens / max(train_s, 1e-9)), 1),
         "prep_s": round(prep_s, 1), "torch": torch.__version__,
     }
-    _write_json(stage / "run.json", info)
+    run_folder.write_json(stage / "run.json", info)
     error = _evaluate_and_report(trainer, tok, eval_split, rec, dtype, choice, stage, info, announce)
     info["wall_s"] = round(time.time() - t_start, 1)
-    _write_json(stage / "run.json", info)
+    run_folder.write_json(stage / "run.json", info)
     # Checkpoints exist to resume; a finished run doesn't need them.
     shutil.rmtree(stage / "checkpoints", ignore_errors=True)
     (stage / "INCOMPLETE").unlink(missing_ok=True)
-    final = runs / stage.name.removesuffix(INCOMPLETE_SUFFIX)
+    final = run_folder.final_path(runs, stage)
     os.replace(stage, final)
-    _atomic_symlink(runs / "latest", final.name)
+    run_folder.atomic_symlink(runs / "latest", final.name)
     if error:
         # The weights are trained and usable (`toolkit export` / `toolkit chat` take this folder),
         # so the run is kept and finalized; the command still fails so scripts notice.
@@ -389,12 +325,6 @@ def _evaluate_and_report(trainer, tok, eval_split, rec, dtype, choice, stage: Pa
         announce(f"ERROR after training: {error}")
         return error
     return ""
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def _eval_dataset(split, limit: int):

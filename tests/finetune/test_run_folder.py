@@ -1,0 +1,94 @@
+"""The run folder's life on disk: naming, finding a run to resume, renames that never leave half files."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from toolkit.core.errors import UserError
+from toolkit.finetune import recipe as recipe_mod
+from toolkit.finetune import run_folder
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def rec():
+    return recipe_mod.load(ROOT / "recipes" / "finance", gpu=False)
+
+
+def _checkpoint(stage: Path, step: int, complete: bool = True) -> Path:
+    ck = stage / "checkpoints" / f"checkpoint-{step}"
+    ck.mkdir(parents=True)
+    if complete:
+        (ck / "trainer_state.json").write_text("{}")
+    return ck
+
+
+def test_new_stages_in_the_same_second_get_distinct_names(tmp_path, rec, monkeypatch):
+    monkeypatch.setattr(run_folder.time, "strftime", lambda fmt: "20260101-000000")
+    a = run_folder.open_stage(tmp_path, rec, resume=False)
+    b = run_folder.open_stage(tmp_path, rec, resume=False)
+    assert a.name == "finance-20260101-000000.incomplete"
+    assert b.name == "finance-20260101-000000-2.incomplete"
+    # A finished run of that name counts too: its stage would otherwise be renamed onto it.
+    a.rename(run_folder.final_path(tmp_path, a))
+    b.rename(run_folder.final_path(tmp_path, b))
+    c = run_folder.open_stage(tmp_path, rec, resume=False)
+    assert c.name == "finance-20260101-000000-3.incomplete"
+    assert recipe_mod.dump(rec) == (c / "recipe.yaml").read_text() and (c / "INCOMPLETE").is_file()
+
+
+def test_latest_checkpoint_orders_steps_as_numbers_and_skips_partial_ones(tmp_path):
+    assert run_folder.latest_checkpoint(tmp_path) is None
+    _checkpoint(tmp_path, 9)
+    want = _checkpoint(tmp_path, 20)
+    _checkpoint(tmp_path, 40, complete=False)  # killed while saving: no trainer_state.json yet
+    assert run_folder.latest_checkpoint(tmp_path) == want
+
+
+def test_resume_errors_name_what_is_missing(tmp_path, rec, monkeypatch):
+    with pytest.raises(UserError, match="no interrupted run of finance"):
+        run_folder.open_stage(tmp_path, rec, resume=True)
+    stage = run_folder.open_stage(tmp_path, rec, resume=False)
+    with pytest.raises(UserError, match="has no checkpoint to resume from"):
+        run_folder.open_stage(tmp_path, rec, resume=True)
+    _checkpoint(stage, 3)
+    assert run_folder.open_stage(tmp_path, rec, resume=True) == stage
+    assert run_folder.open_stage(tmp_path, rec, resume=str(stage)) == stage
+    changed = recipe_mod.load(ROOT / "recipes" / "finance", ["training.seed=7"], gpu=False)
+    with pytest.raises(UserError, match="the recipe differs"):
+        run_folder.open_stage(tmp_path, changed, resume=True)
+
+
+def test_resumed_elsewhere_finishes_beside_latest(tmp_path):
+    stage = tmp_path / "elsewhere" / "finance-20260101-000000.incomplete"
+    assert run_folder.final_path(tmp_path / "runs", stage) == tmp_path / "runs" / "finance-20260101-000000"
+
+
+def test_symlink_and_json_are_replaced_whole(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    link = tmp_path / "latest"
+    run_folder.atomic_symlink(link, "a")
+    run_folder.atomic_symlink(link, "b")
+    assert os.readlink(link) == "b"
+    run_folder.write_json(tmp_path / "run.json", {"steps": 1})
+    run_folder.write_json(tmp_path / "run.json", {"steps": 2})
+    assert json.loads((tmp_path / "run.json").read_text()) == {"steps": 2}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "latest", "run.json"]
+
+
+def test_weights_are_recognised_for_adapters_and_full_models(tmp_path):
+    assert not run_folder.has_weights(tmp_path)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    assert run_folder.has_weights(tmp_path)
+
+
+def test_unwritable_output_dir_is_one_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(UserError, match=f"output dir {blocker / 'runs'} is not writable"):
+        run_folder.check_writable(blocker / "runs")

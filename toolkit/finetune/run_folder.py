@@ -1,0 +1,101 @@
+"""A run's folder on disk: made as `<name>-<stamp>.incomplete/`, found again for `--resume`, renamed
+when finished, with `runs/latest` pointing at the newest.
+
+Everything here writes to a temp name and renames, so an interrupted write never leaves a half
+file where a reader (resume, export, chat) would take it for a whole one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Sequence
+
+from toolkit.core.errors import UserError
+from toolkit.finetune import recipe as recipe_mod
+
+INCOMPLETE_SUFFIX = ".incomplete"
+
+
+def check_writable(runs_dir: Path) -> None:
+    """Make `runs_dir` and prove a file can be written there, before any model is loaded."""
+    try:
+        runs_dir.mkdir(parents=True, exist_ok=True)
+        probe = runs_dir / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"output dir {runs_dir} is not writable: {exc.strerror or exc}") from None
+
+
+def latest_incomplete(runs_dir: Path, name: str) -> Path | None:
+    """The newest interrupted run of recipe `name` in `runs_dir` (stamps sort by time), or None."""
+    cands = [p for p in runs_dir.glob(f"{name}-*{INCOMPLETE_SUFFIX}") if p.is_dir()]
+    return max(cands, key=lambda p: p.name) if cands else None
+
+
+def latest_checkpoint(stage: Path) -> Path | None:
+    """The highest-step complete checkpoint (one with its trainer_state.json) in a run folder, or None."""
+    cks = [p for p in (stage / "checkpoints").glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    return max(cks, key=lambda p: int(p.name.split("-")[1])) if cks else None
+
+
+def atomic_symlink(link: Path, target_name: str) -> None:
+    """Point `link` at `target_name` (relative) in one rename, replacing what was there."""
+    tmp = link.with_name(f".{link.name}.tmp-{os.getpid()}")
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    tmp.symlink_to(target_name)
+    os.replace(tmp, link)
+
+
+def has_weights(stage: Path) -> bool:
+    """Whether a run folder holds trained weights (an adapter, or a full model), which nothing may delete."""
+    return (stage / "adapter" / "adapter_config.json").is_file() or (stage / "model" / "config.json").is_file()
+
+
+def open_stage(runs: Path, rec, resume, overrides: Sequence[str] = ()) -> Path:
+    """The folder this run writes into: a new `<name>-<stamp>.incomplete/` holding the resolved
+    recipe, or with `resume` the interrupted one (True: the newest of this recipe; a path: that one),
+    refused unless it holds a checkpoint and was started with the same recipe."""
+    if resume:
+        stage = Path(resume) if isinstance(resume, (str, Path)) and not isinstance(resume, bool) else \
+            latest_incomplete(runs, rec.output.name or rec.name)
+        if stage is None or not stage.is_dir():
+            raise UserError(f"--resume: no interrupted run of {rec.name} in {runs}")
+        if latest_checkpoint(stage) is None:
+            raise UserError(f"--resume: {stage} has no checkpoint to resume from")
+        saved = (stage / "recipe.yaml").read_text() if (stage / "recipe.yaml").is_file() else ""
+        # A run that fell back to the small model saved the recipe with its fallback profile applied.
+        if saved and saved not in (recipe_mod.dump(rec), recipe_mod.dump(recipe_mod.for_fallback(rec, overrides))):
+            raise UserError(f"--resume: the recipe differs from the one {stage.name} started with "
+                            "(pass the same recipe and --set values)")
+        return stage
+    prefix = rec.output.name or rec.name
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    stage = runs / f"{prefix}-{stamp}{INCOMPLETE_SUFFIX}"
+    n = 1
+    while stage.exists() or final_path(runs, stage).exists():
+        n += 1
+        stage = runs / f"{prefix}-{stamp}-{n}{INCOMPLETE_SUFFIX}"
+    stage.mkdir(parents=True)
+    (stage / "INCOMPLETE").write_text(
+        "This run has not finished. If it was interrupted it holds a checkpoint:\n"
+        f"  toolkit finetune <recipe> --resume   (or --resume {stage})\n")
+    (stage / "recipe.yaml").write_text(recipe_mod.dump(rec))
+    return stage
+
+
+def final_path(runs: Path, stage: Path) -> Path:
+    """Where a finished run's folder goes: in `runs` (beside `runs/latest`, even for a run resumed
+    from elsewhere), named as its stage folder without the `.incomplete` suffix."""
+    return runs / stage.name.removesuffix(INCOMPLETE_SUFFIX)
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write `data` as JSON to `path` through a temp file and a rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
