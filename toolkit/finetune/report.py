@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 
 from toolkit.core import packed_linear
-from toolkit.finetune import scoring
+from toolkit.finetune import run_folder, scoring
 
 # Written for this project (not finance): general prose to show whether fine-tuning on finance
 # Q&A made the model worse at ordinary text.
@@ -264,14 +264,8 @@ def write(run_dir: Path, rep: dict, info: dict) -> None:
     for s in rep["samples"]:
         lines += [f"**Q:** {s['question']}", "", f"- reference: {s['reference']}", f"- base: {s['base']}",
                   f"- fine-tuned: {s['finetuned']}", f"- keys: {_keys_text(s['keys'])}", ""]
-    _write_atomic(run_dir / "report.json", json.dumps(rep, indent=2) + "\n")
-    _write_atomic(run_dir / "report.md", "\n".join(lines))
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    run_folder.write_json(run_dir / "report.json", rep)
+    run_folder.write_text(run_dir / "report.md", "\n".join(lines))
 
 
 def plot_losses(metrics_path: Path, out_png: Path, report: dict | None = None, last_step: int | None = None) -> None:

@@ -94,8 +94,13 @@ def final_path(runs: Path, stage: Path) -> Path:
     return runs / stage.name.removesuffix(INCOMPLETE_SUFFIX)
 
 
-def write_json(path: Path, data: dict) -> None:
-    """Write `data` as JSON to `path` through a temp file and a rename."""
+def write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temp file beside it and a rename: a reader sees the old file or the new one."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json(path: Path, data: dict) -> None:
+    """`write_text` of `data` as indented JSON."""
+    write_text(path, json.dumps(data, indent=2) + "\n")
