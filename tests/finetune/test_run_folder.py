@@ -92,3 +92,19 @@ def test_unwritable_output_dir_is_one_clear_error(tmp_path):
     blocker.write_text("")
     with pytest.raises(UserError, match=f"output dir {blocker / 'runs'} is not writable"):
         run_folder.check_writable(blocker / "runs")
+
+
+def test_finish_renames_drops_checkpoints_and_points_latest(tmp_path, rec):
+    first = run_folder.finish(tmp_path, _stage_with_checkpoint(tmp_path, rec))
+    stage = _stage_with_checkpoint(tmp_path, rec)
+    (stage / "adapter").mkdir()
+    final = run_folder.finish(tmp_path, stage)
+    assert final == run_folder.final_path(tmp_path, stage) and not stage.exists() and first.is_dir()
+    assert sorted(p.name for p in final.iterdir()) == ["adapter", "recipe.yaml"]
+    assert (tmp_path / "latest").resolve() == final.resolve()
+
+
+def _stage_with_checkpoint(runs: Path, rec) -> Path:
+    stage = run_folder.open_stage(runs, rec, resume=False)
+    _checkpoint(stage, 3)
+    return stage

@@ -1,14 +1,16 @@
 """A run's folder on disk: made as `<name>-<stamp>.incomplete/`, found again for `--resume`, renamed
 when finished, with `runs/latest` pointing at the newest.
 
-Everything here writes to a temp name and renames, so an interrupted write never leaves a half
-file where a reader (resume, export, chat) would take it for a whole one.
+The stage folder is itself the temp name of the finished run, and files written after training
+go through a temp file and a rename, so an interruption never leaves a half-written run where a
+reader (resume, export, chat) would take it for a whole one.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Sequence
@@ -92,6 +94,17 @@ def final_path(runs: Path, stage: Path) -> Path:
     """Where a finished run's folder goes: in `runs` (beside `runs/latest`, even for a run resumed
     from elsewhere), named as its stage folder without the `.incomplete` suffix."""
     return runs / stage.name.removesuffix(INCOMPLETE_SUFFIX)
+
+
+def finish(runs: Path, stage: Path) -> Path:
+    """Rename a finished stage folder to its final name and point `runs/latest` at it; returns the
+    final folder. Its checkpoints go first: they exist to resume, and a finished run doesn't need them."""
+    shutil.rmtree(stage / "checkpoints", ignore_errors=True)
+    (stage / "INCOMPLETE").unlink(missing_ok=True)
+    final = final_path(runs, stage)
+    os.replace(stage, final)
+    atomic_symlink(runs / "latest", final.name)
+    return final
 
 
 def write_text(path: Path, text: str) -> None:

@@ -16,7 +16,6 @@ on CPU) and the main process alone writes the run folder.
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from pathlib import Path
@@ -287,12 +286,7 @@ def _train(rec, overrides, stage: Path, runs: Path, dev, dtype, train_ex, eval_e
     error = _evaluate_and_report(trainer, tok, eval_split, rec, dtype, choice, stage, info, announce)
     info["wall_s"] = round(time.time() - t_start, 1)
     run_folder.write_json(stage / "run.json", info)
-    # Checkpoints exist to resume; a finished run doesn't need them.
-    shutil.rmtree(stage / "checkpoints", ignore_errors=True)
-    (stage / "INCOMPLETE").unlink(missing_ok=True)
-    final = run_folder.final_path(runs, stage)
-    os.replace(stage, final)
-    run_folder.atomic_symlink(runs / "latest", final.name)
+    final = run_folder.finish(runs, stage)
     if error:
         # The weights are trained and usable (`toolkit export` / `toolkit chat` take this folder),
         # so the run is kept and finalized; the command still fails so scripts notice.
