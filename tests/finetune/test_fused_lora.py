@@ -200,3 +200,44 @@ def test_adapter_rows_give_base_and_adapter_rows_in_one_batch(tiny):
     with torch.no_grad(), fused_on_cpu(dropped, "cpu"), adapter_rows(dropped, torch.tensor([0])):
         with pytest.raises(NotFused):
             dropped(input_ids=ids)
+
+
+def test_one_layer_backward_accumulates_the_input_gradient_in_the_gemm(tiny):
+    """A fused layer is one autograd node whose backward folds the adapter's share of x's gradient
+    into g @ W (PEFT's graph adds the two M x K gradients): same gradients, no input-sized add."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from toolkit.finetune.fused_lora import fused_on_cpu
+
+    model = _peft(tiny)
+    layer = next(m for m in model.modules() if hasattr(m, "lora_A") and m.base_layer.out_features
+                 != m.base_layer.in_features)
+    x = torch.randn(2, 7, layer.base_layer.in_features, generator=torch.Generator().manual_seed(3))
+    g = torch.randn(2, 7, layer.base_layer.out_features, generator=torch.Generator().manual_seed(4))
+
+    class Adds(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.add, torch.ops.aten.add_) and args[0].numel() >= x.numel():
+                Adds.n += 1
+            return func(*args, **(kwargs or {}))
+
+    def grads():
+        layer.zero_grad()
+        xi = x.clone().requires_grad_()
+        out = layer(xi)
+        with Adds():
+            out.backward(g)
+        return out.detach(), xi.grad, layer.lora_A["default"].weight.grad, layer.lora_B["default"].weight.grad
+
+    ref = grads()
+    assert Adds.n >= 1  # PEFT's graph: base and adapter gradients of x added
+    Adds.n = 0
+    with fused_on_cpu(model, "cpu"):
+        node = layer(x).grad_fn  # the view back to (batch, seq, out) over the 2-D product
+        assert type(node.next_functions[0][0]).__name__ == "LoraMatmulBackward"
+        got = grads()
+    assert Adds.n == 0
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

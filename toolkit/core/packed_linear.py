@@ -71,6 +71,28 @@ def input_grad_pack(packs, weight, rows: int):
     return packs[1]
 
 
+def product(x2, layer):
+    """`x2 @ W.T + b` for a 2-D contiguous `x2`, outside autograd: through `layer`'s packs where it
+    is packed and `x2` has its dtype, else torch's matmul (the weight cast to `x2`'s dtype)."""
+    import torch
+
+    packs = getattr(layer, PACK, None)
+    if packs is not None and layer.weight.dtype == x2.dtype:
+        return matmul(x2, packs[0], layer.bias)
+    bias = None if layer.bias is None else layer.bias.to(x2.dtype)
+    return torch.nn.functional.linear(x2, layer.weight.to(x2.dtype), bias)
+
+
+def input_grad(g, layer):
+    """`g @ W`, the input's gradient through `layer` for an output gradient `g` (2-D), outside
+    autograd: through the input-gradient pack where `layer` is packed (made on first use), else
+    torch's matmul. A block that ended between forward and backward has taken the packs away."""
+    packs = getattr(layer, PACK, None)
+    if packs is not None and layer.weight.dtype == g.dtype:
+        return matmul(g.contiguous(), input_grad_pack(packs, layer.weight, g.shape[0]))
+    return g @ layer.weight.to(g.dtype)
+
+
 @functools.cache
 def _function():
     import torch
@@ -81,18 +103,13 @@ def _function():
         @staticmethod
         def forward(ctx, x2, layer):
             ctx.layer = layer
-            packs = getattr(layer, PACK)
             with torch.autocast("cpu", enabled=False):
-                return matmul(x2, packs[0], layer.bias)
+                return product(x2, layer)
 
         @staticmethod
         def backward(ctx, g):
-            layer = ctx.layer
-            packs = getattr(layer, PACK, None)
             with torch.autocast("cpu", enabled=False):
-                if packs is None:  # the block ended between forward and backward
-                    return g @ layer.weight.to(g.dtype), None
-                return matmul(g.contiguous(), input_grad_pack(packs, layer.weight, g.shape[0])), None
+                return input_grad(g, ctx.layer), None
 
     return PackedMatmul
 
