@@ -43,9 +43,11 @@ def test_block_packs_only_frozen_plain_linears_of_the_dtype_and_always_unpacks()
     head = torch.nn.Linear(16, 50, bias=False)
     head.weight = emb.weight  # tied, as in SmolLM2
     model = torch.nn.ModuleDict({"emb": emb, "a": torch.nn.Linear(16, 16), "trained": torch.nn.Linear(16, 16),
+                                 "trained_bias": torch.nn.Linear(16, 16),
                                  "b16": torch.nn.Linear(16, 16).bfloat16(), "head": head})
     for name, p in model.named_parameters():
-        p.requires_grad_(name.startswith("trained"))
+        # A trained bias alone (PEFT's bias="all") keeps its layer unpacked: the packed product gives it no gradient.
+        p.requires_grad_(name.startswith("trained") and name != "trained_bias.weight")
     hooked = torch.nn.Linear(16, 16).requires_grad_(False)
     hooked.register_forward_hook(lambda *a: None)
     model["hooked"] = hooked

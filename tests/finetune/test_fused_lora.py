@@ -74,7 +74,7 @@ def test_plain_lora_takes_the_fused_path(tiny):
         assert layers and q.fused_key(x, (), {}) == "default"
 
 
-@pytest.mark.parametrize("case", ["dropout", "disabled", "merged", "extra kwargs", "dora"])
+@pytest.mark.parametrize("case", ["dropout", "disabled", "merged", "extra kwargs", "dora", "trained base bias"])
 def test_other_cases_go_to_peft(tiny, case):
     from toolkit.finetune.fused_lora import fused_on_cpu
 
@@ -87,6 +87,8 @@ def test_other_cases_go_to_peft(tiny, case):
             layer.enable_adapters(False)
         if case == "merged":
             layer.merge()
+        if case == "trained base bias":  # PEFT's bias="all": the fused node would give it no gradient
+            layer.base_layer.bias = torch.nn.Parameter(torch.zeros(layer.base_layer.out_features))
         kwargs = {"adapter_names": ["default"] * 1} if case == "extra kwargs" else {}
         assert layer.fused_key(x, (), kwargs) is None
         want = layer.forward(x, **kwargs)  # PEFT's path, through the subclass

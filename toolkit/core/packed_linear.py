@@ -143,12 +143,13 @@ def packed_class():
 
 def frozen_linears(model, dtype, skip=()) -> list:
     """The layers `packed_linears` would pack: plain `nn.Linear`s (no hooks) on the CPU whose weight
-    is frozen and of `dtype` (a torch dtype), other than those in `skip`."""
+    (and bias) is frozen and of `dtype` (a torch dtype), other than those in `skip`."""
     import torch
 
     skipped = {id(m) for m in skip}
     return [m for m in model.modules()
             if type(m) is torch.nn.Linear and not m.weight.requires_grad and m.weight.device.type == "cpu"
+            and (m.bias is None or not m.bias.requires_grad)  # PackedMatmul gives no bias gradient
             and m.weight.dtype == dtype and not m._forward_hooks and not m._forward_pre_hooks
             and id(m) not in skipped]
 

@@ -74,7 +74,8 @@ def _fused_class():
             base, la, lb = self.base_layer, self.lora_A[key], self.lora_B[key]
             if (key in self.lora_variant or type(base) not in plain or base._forward_hooks
                     or base._forward_pre_hooks or not isinstance(self.lora_dropout[key], torch.nn.Identity)
-                    or la.bias is not None or lb.bias is not None):
+                    or la.bias is not None or lb.bias is not None
+                    or (base.bias is not None and base.bias.requires_grad)):  # LoraMatmul gives no bias gradient
                 return None
             if not (x.dtype == base.weight.dtype and la.weight.dtype == lb.weight.dtype):
                 return None
