@@ -243,3 +243,24 @@ def test_one_layer_backward_accumulates_the_input_gradient_in_the_gemm(tiny):
     assert Adds.n == 0
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["all rows", "adapter rows masked"])
+def test_lora_matmul_gradients_against_autograd_of_the_same_formula(masked):
+    from toolkit.finetune.fused_lora import _lora_matmul
+
+    gen = torch.Generator().manual_seed(5)
+    base = torch.nn.Linear(6, 5).requires_grad_(False)
+    x = torch.randn(8, 6, generator=gen, requires_grad=True)
+    a = torch.randn(3, 6, generator=gen, requires_grad=True)
+    b = torch.randn(5, 3, generator=gen, requires_grad=True)
+    mask = torch.tensor([0.0, 1.0]).repeat_interleave(4).unsqueeze(1) if masked else None
+    g = torch.randn(8, 5, generator=gen)
+
+    out = _lora_matmul().apply(x, base, a, b, 0.5, mask)
+    got = (out, *torch.autograd.grad(out, (x, a, b), g))
+    h = x @ a.t() * (mask if masked else 1.0)
+    ref_out = base(x) + 0.5 * h @ b.t()
+    ref = (ref_out, *torch.autograd.grad(ref_out, (x, a, b), g))
+    for u, v in zip(got, ref):
+        torch.testing.assert_close(u, v)

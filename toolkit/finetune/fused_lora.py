@@ -52,15 +52,9 @@ def _fused_class():
                 return super().forward(x, *args, **kwargs)
             base, a, b = self.base_layer, self.lora_A[key].weight, self.lora_B[key].weight
             x2 = x.reshape(-1, x.shape[-1])
-            if rows is None:
-                out = _lora_matmul().apply(x2, base, a, b, self.scaling[key])
-                return out.view(*x.shape[:-1], out.shape[-1])
-            # A paired batch (decoding only): the adapter's product zeroed on its base rows.
-            a, b = a.to(x.dtype), b.to(x.dtype)
-            out = packed_linear.linear(x2, base)
-            h = torch.nn.functional.linear(x2, a)
-            h = (h.view(len(rows), -1, h.shape[-1]) * rows.to(h.dtype).view(-1, 1, 1)).view(h.shape)
-            out.addmm_(h, b.t(), alpha=self.scaling[key])
+            # A paired batch: the adapter's product zeroed on its base rows (one 0/1 per token).
+            mask = None if rows is None else rows.to(x.dtype).repeat_interleave(len(x2) // len(rows)).unsqueeze(1)
+            out = _lora_matmul().apply(x2, base, a, b, self.scaling[key], mask)
             return out.view(*x.shape[:-1], out.shape[-1])
 
         def fused_key(self, x, args, kwargs):
@@ -95,13 +89,13 @@ def _lora_matmul():
     from toolkit.core import packed_linear
 
     class LoraMatmul(torch.autograd.Function):
-        """(x [M, K], base layer, A [r, K], B [N, r], scaling) -> x @ W.T + bias + scaling * (x @ A.T) @ B.T,
-        one autograd node. The backward accumulates the adapter's share of x's gradient into the base
+        """(x [M, K], base layer, A [r, K], B [N, r], scaling, mask [M, 1] or None) ->
+        x @ W.T + bias + scaling * (mask * (x @ A.T)) @ B.T, one autograd node. The backward accumulates the adapter's share of x's gradient into the base
         layer's (`addmm_` on g @ W) where autograd would add two M x K gradients; A and B get theirs in
         their own dtype (fp32 under bf16 autocast)."""
 
         @staticmethod
-        def forward(ctx, x2, base, a, b, scaling):
+        def forward(ctx, x2, base, a, b, scaling, mask):
             # Under autocast the fp32 adapter computes in the input's dtype, as PEFT's forward does
             # after its round trip of x through fp32; the cast of these r-wide weights is cheap.
             a_x, b_x = a.to(x2.dtype), b.to(x2.dtype)
@@ -109,10 +103,12 @@ def _lora_matmul():
                 x2 = x2.contiguous()
                 out = packed_linear.product(x2, base)  # pre-packed inside `packed_linears`
                 h = torch.mm(x2, a_x.t())
+                if mask is not None:
+                    h.mul_(mask)
                 # Into the fresh base output: the adapter's product costs no pass of its own.
                 out.addmm_(h, b_x.t(), alpha=scaling)
             ctx.save_for_backward(x2, h, a_x, b_x)
-            ctx.base, ctx.scaling, ctx.dtypes = base, scaling, (a.dtype, b.dtype)
+            ctx.base, ctx.scaling, ctx.mask, ctx.dtypes = base, scaling, mask, (a.dtype, b.dtype)
             return out
 
         @staticmethod
@@ -123,13 +119,15 @@ def _lora_matmul():
             with torch.autocast(g.device.type, enabled=False):
                 g = g.contiguous()
                 gh = torch.mm(g, b_x).mul_(s)  # the gradient at the adapter's r-wide middle
+                if ctx.mask is not None:
+                    gh.mul_(ctx.mask)
                 if ctx.needs_input_grad[0]:
                     grad_x = packed_linear.input_grad(g, ctx.base).addmm_(gh, a_x)
                 if ctx.needs_input_grad[2]:
                     grad_a = torch.mm(gh.t(), x2).to(a_dtype)
                 if ctx.needs_input_grad[3]:
                     grad_b = torch.mm(g.t(), h).mul_(s).to(b_dtype)
-            return grad_x, None, grad_a, grad_b, None
+            return grad_x, None, grad_a, grad_b, None, None
 
     return LoraMatmul
 
