@@ -90,9 +90,10 @@ def _lora_matmul():
 
     class LoraMatmul(torch.autograd.Function):
         """(x [M, K], base layer, A [r, K], B [N, r], scaling, mask [M, 1] or None) ->
-        x @ W.T + bias + scaling * (mask * (x @ A.T)) @ B.T, one autograd node. The backward accumulates the adapter's share of x's gradient into the base
-        layer's (`addmm_` on g @ W) where autograd would add two M x K gradients; A and B get theirs in
-        their own dtype (fp32 under bf16 autocast)."""
+        x @ W.T + bias + scaling * (mask * (x @ A.T)) @ B.T, one autograd node. The backward
+        accumulates the adapter's share of x's gradient into the base layer's (`addmm_` on g @ W)
+        where autograd would add two M x K gradients; A and B get theirs in their own dtype (fp32
+        under bf16 autocast)."""
 
         @staticmethod
         def forward(ctx, x2, base, a, b, scaling, mask):
