@@ -14,13 +14,18 @@
    3 epochs, in-training evals, the base-vs-fine-tuned report, saving), wall time and its phases.
    With random weights the report's numbers mean nothing; its time is an upper bound (every
    generation runs to max_new_tokens).
+4. compute: the share of the calibrated matmul rate a compute-bound step reaches (micro-batches of
+   8k and 32k tokens); decode: seconds per decoding step, the toolkit's loop and transformers'
+   `generate` as the report runs it (benchmarks/gpu_time.py, the time model's CUDA inputs).
+5. fp16: the speed run with `method.compute_dtype=float16` (what a pre-Ampere GPU gets), QLoRA and
+   LoRA: it runs, its loss falls, and its tokens/s beside bf16's.
 
 Random weights stand in for the gated checkpoint: memory and speed depend on shapes, not values.
 
     python -m benchmarks.gpu_check             (on a CUDA machine; `make gpu-check`)
     python -m benchmarks.gpu_check --dry-run   (anywhere: plans the runs, builds each model on the
                                                 meta device, prints what it would measure, writes nothing)
-    python -m benchmarks.gpu_check --parts speed,e2e   (some of the three parts)
+    python -m benchmarks.gpu_check --parts speed,e2e   (some of the parts)
 
 The results file is rewritten after every part, so a check cut short keeps what it measured.
 """
@@ -44,7 +49,8 @@ CATALOG_ID = "meta-llama/Llama-3.2-1B-Instruct"  # the estimator's entry for thi
 MEMORY_CASES = [(method, seq, batch) for method in ("qlora", "lora") for seq, batch in ((512, 1), (2048, 1), (512, 8))]
 MEMORY_STEPS = 6
 SPEED_STEPS = 20
-PARTS = ("memory", "speed", "e2e")
+PARTS = ("memory", "speed", "e2e", "compute", "decode", "fp16")
+DEFAULT_PARTS = ("memory", "speed", "e2e")  # what `make gpu-check` runs; the rest on request
 RUN_TIMEOUT_S = 900  # one subprocess run; a hang must not eat a borrowed GPU's whole lease
 # Only the training loop: no held-out eval, no report, no checkpoint, every step logged.
 _QUIET = ["eval.report=false", "data.eval=", "training.save_steps=0", "training.logging_steps=1"]
@@ -94,6 +100,18 @@ def plan(model_dir: str) -> dict:
         rows.append({"kind": "speed", "engine": engine, "steps": SPEED_STEPS,
                      "overrides": speed_overrides(engine, model_dir)})
     rows.append({"kind": "e2e", "overrides": e2e_overrides(model_dir)})
+    from benchmarks.gpu_time import COMPUTE_CASES
+
+    for method, seq, batch in COMPUTE_CASES:
+        rec = recipe_mod.load(RECIPE, memory_overrides(method, seq, model_dir, batch), gpu=True)
+        rows.append({"kind": "compute", "method": method, "seq_len": seq, "batch": batch, "steps": MEMORY_STEPS,
+                     "lora_r": rec.lora.r, "gradient_checkpointing": rec.training.gradient_checkpointing,
+                     **estimated(rec)})
+    rows += [{"kind": "decode", "model": m} for m in ("bf16", "nf4+lora")]
+    for method in ("qlora", "lora"):
+        rows.append({"kind": "fp16", "method": method, "steps": SPEED_STEPS,
+                     "overrides": [*speed_overrides("transformers+peft", model_dir), "method.compute_dtype=float16",
+                                   f"method.name={method}"]})
     return {part: [r for r in rows if r["kind"] == part] for part in PARTS}
 
 
@@ -152,7 +170,20 @@ def measure_memory(row: dict, model_dir: str, runs: Path) -> dict:
     # Reserved is what the caching allocator holds (what nvidia-smi shows, less the CUDA context).
     return {**row, "measured_max_allocated_bytes": peak.peak, "measured_over_estimate": round(ratio, 3),
             "measured_max_reserved_bytes": peak.reserved, "engine": info["engine"], "steps_done": info["steps"],
-            **_step_times(peak.step_s, peak.tokens)}
+            **_step_times(peak.step_s, peak.tokens), "losses": [round(x, 4) for x in peak.losses],
+            "_info": {k: info[k] for k in ("method", "train_examples", "train_tokens_per_epoch",
+                                           "trained_tokens_per_epoch")}}
+
+
+def measure_compute(row: dict, model_dir: str, runs: Path, rate: float) -> dict:
+    """A memory-style run at a compute-bound size, with its share of the calibrated matmul rate."""
+    from benchmarks.gpu_time import matmul_share, model_flops_per_token
+    from toolkit.finetune import recipe as recipe_mod
+
+    out = measure_memory(row, model_dir, runs)
+    info = out.pop("_info")
+    rec = recipe_mod.load(RECIPE, memory_overrides(row["method"], row["seq_len"], model_dir, row["batch"]), gpu=True)
+    return matmul_share(out, model_flops_per_token(CATALOG_ID, rec, info), rate)
 
 
 def _step_times(step_s: list[float], tokens_seen: list[int]) -> dict:
@@ -163,7 +194,8 @@ def _step_times(step_s: list[float], tokens_seen: list[int]) -> dict:
     if len(step_s) < 2:
         return {}
     return {"step_s_median": round(statistics.median(step_s[1:]), 4), "step_s_first": round(step_s[0], 3),
-            "tokens_per_step_median": statistics.median(tokens[1:]), "step_s_all": [round(x, 4) for x in step_s]}
+            "tokens_per_step_median": statistics.median(tokens[1:]), "step_s_all": [round(x, 4) for x in step_s],
+            "tokens_all": tokens, "tokens_per_s_after_first": round(sum(tokens[1:]) / sum(step_s[1:]), 1)}
 
 
 def measure_run(row: dict, runs: Path) -> dict:
@@ -178,7 +210,10 @@ def measure_run(row: dict, runs: Path) -> dict:
     info = json.loads((run / "run.json").read_text())
     keys = ("engine", "packing", "compute_dtype", "steps", "tokens_seen", "train_runtime_s", "tokens_per_s",
             "prep_s", "report_s", "wall_s", "report_error")
-    return {**row, **{k: info.get(k) for k in keys}, "process_wall_s": round(time.time() - t0, 1)}
+    logs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    losses = [round(r["loss"], 4) for r in logs if "loss" in r]
+    return {**row, **{k: info.get(k) for k in keys}, "process_wall_s": round(time.time() - t0, 1),
+            "losses_first_last": losses[:1] + losses[-1:]}
 
 
 def environment() -> dict:
@@ -223,6 +258,13 @@ def dry_run() -> dict:
     for r in planned["speed"]:
         print(f"would measure: {r['steps']} steps of the finance recipe with {r['engine']}: tokens/s")
     print("would measure: `toolkit finetune recipes/finance` end to end (GPU profile): wall time and phases")
+    for r in planned["compute"]:
+        print(f"would measure (compute): {r['method']} seq {r['seq_len']} batch {r['batch']}, {r['steps']} steps: "
+              "median step time as a share of the calibrated bf16 matmul rate")
+    for r in planned["decode"]:
+        print(f"would measure (decode): {r['model']}: seconds per decoding step")
+    for r in planned["fp16"]:
+        print(f"would measure (fp16): {r['steps']} steps of the finance recipe, {r['method']} in float16: tokens/s, loss")
     print(f"would write: {OUT.relative_to(ROOT)} (dry run: nothing written)")
     return {"parameters": n_params, **planned}
 
@@ -256,7 +298,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dry-run", action="store_true", help="plan and print the runs; needs no GPU, writes nothing")
     ap.add_argument("--out", type=Path, default=OUT, help=f"results file (default {OUT.relative_to(ROOT)})")
-    ap.add_argument("--parts", type=parse_parts, default=PARTS, help=f"which parts, in order (default {','.join(PARTS)})")
+    ap.add_argument("--parts", type=parse_parts, default=DEFAULT_PARTS,
+                    help=f"which parts, in order, of {','.join(PARTS)} (default {','.join(DEFAULT_PARTS)})")
     ap.add_argument("--work", type=Path, default=None,
                     help="keep the model, runs and logs in this folder (default: a temporary one, deleted)")
     args = ap.parse_args(argv)
@@ -264,6 +307,8 @@ def main(argv=None) -> int:
         dry_run()
         return 0
     import torch
+
+    from benchmarks import gpu_time
 
     if not torch.cuda.is_available():
         print("error: gpu-check needs a CUDA GPU (use --dry-run to see the plan)", file=sys.stderr)
@@ -276,14 +321,24 @@ def main(argv=None) -> int:
             Path(tmp).mkdir(parents=True, exist_ok=True)
         model_dir = build_model_dir(Path(tmp) / "llama32-1b-random")
         planned = plan(str(model_dir))
+        rate = gpu_time.calibrated_flops() if "compute" in args.parts else None
         for part in args.parts:
             for row in planned[part]:
                 if part == "memory":
                     results[part].append(_recorded(measure_memory, row, str(model_dir), Path(tmp) / "runs"))
+                    results[part][-1].pop("_info", None)
+                elif part == "compute":
+                    results[part].append(_recorded(measure_compute, row, str(model_dir), Path(tmp) / "runs", rate))
+                elif part == "decode":
+                    results[part].append(_recorded(gpu_time.measure_decode, row, str(model_dir)))
                 else:
                     results[part].append(measure_run(row, Path(tmp) / f"runs-{part}"))
                 print(json.dumps({k: v for k, v in results[part][-1].items() if k != "estimate_components"}),
                       flush=True)
+                _write(args.out, results)
+            if part == "compute":
+                results["compute_summary"] = gpu_time.summarize_compute(results[part], rate)
+                print(json.dumps(results["compute_summary"]), flush=True)
                 _write(args.out, results)
     print(f"wrote {args.out}")
     return 0
