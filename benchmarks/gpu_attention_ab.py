@@ -1,18 +1,21 @@
-"""On a CUDA machine: which SDPA kernel packed QLoRA training should use (the measurement behind
-`toolkit.finetune.packed_attention.CUDA_PACKED_SDPA_BACKENDS`).
+"""On a CUDA machine: how padding-free packed training attends (the measurements behind
+`toolkit.core.capability.cuda_packed_attention` and `toolkit.finetune.packed_attention`).
 
-QLoRA on random-weight Llama-3.2-1B, the finance recipe's GPU profile at 8 x 512 packed tokens a
-step, 10 steps per variant, each variant in a fresh process, the same seed and data:
-- `torch`: torch's own SDPA choice (cuDNN's kernel on Hopper for the packed rows' block-diagonal mask);
-- `toolkit`: the trainer's choice (every SDPA backend but cuDNN's);
-- `segments`: each packed conversation attended alone with SDPA's causal kernel (the CPU path's kernel).
+1. The kernel: `segment_attention.varlen` (PyTorch's varlen flash kernel) and SDPA over the
+   block-diagonal mask, each against each conversation attended alone in fp64, outputs and
+   gradients, on a bf16 row of Llama-3.2-1B's attention shape (32 query, 8 KV heads of 64).
+2. Training: QLoRA on random-weight Llama-3.2-1B, the finance recipe's GPU profile at 8 x 512
+   packed tokens a step, 10 steps per variant, each in a fresh process, same seed and data:
+   - `masked`: SDPA over the row's block-diagonal mask without cuDNN's kernel (the trainer's choice
+     where PyTorch has no varlen kernel: forced here by hiding it);
+   - `varlen`: the trainer's choice on sm80+ with PyTorch >= 2.10.
 
     python -m benchmarks.gpu_attention_ab MODEL_DIR OUT.jsonl [qlora|lora]   (MODEL_DIR: made if missing)
 
-Prints and appends one JSON line a variant: median step time after the first, every step's time,
-the logged losses (equal across variants up to kernel rounding) and the peak allocated memory.
-The 2026-12-04 H200 run is in benchmarks/gpu-results.json ("attention"); it ran before the trainer
-made the choice, so its `toolkit` variant turned cuDNN's SDPA off process-wide instead (the same kernels).
+Appends one JSON line for the kernel check and one a variant: median step time after the first, every
+step's time, the logged losses (equal across variants up to kernel rounding) and the peak allocated memory.
+An earlier form (2026-12-04 ~11:30 UTC, benchmarks/gpu-results.json "attention") compared torch's own
+SDPA choice (cuDNN's kernel), SDPA without cuDNN, and per-conversation SDPA calls.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-VARIANTS = ("torch", "toolkit", "segments")
+VARIANTS = ("masked", "varlen")
+KERNEL_SIZES = [143, 87, 301, 64, 512, 120, 95, 230, 161, 78, 257]  # ~2,048 tokens, finance-like lengths
 STEPS = 10
 
 
@@ -30,31 +34,69 @@ def one(model_dir: Path, variant: str, out: Path, method: str) -> dict:
     import torch
 
     from benchmarks.gpu_check import RECIPE, _peak_callback, _step_times, memory_overrides
-    from toolkit.finetune import packed_attention as pa
 
-    if variant == "torch":
-        pa.cuda_sdpa_backends = lambda *a: None
-    elif variant == "segments":
-        from types import SimpleNamespace
+    if variant == "masked":
+        from toolkit.core import segment_attention
 
-        import toolkit.core.hardware as hw
-
-        pa.wanted = lambda *a: True
-        pa.cuda_sdpa_backends = lambda *a: None
-        hw.attention_choice = lambda dev, dtype: SimpleNamespace(kernel="sdpa", fallback="sdpa", max_padding=float("inf"),
-                                                                 reason="attention: each conversation alone (A/B)")
+        segment_attention.varlen_call = lambda: None  # as on a PyTorch without the kernel
     from toolkit.finetune.trainer import finetune
 
     cb = _peak_callback()
     ov = [o for o in memory_overrides(method, 512, str(model_dir), 8) if not o.startswith("training.max_steps")]
-    finetune(RECIPE, [*ov, f"training.max_steps={STEPS}"], runs_dir=Path(f"/tmp/ab-{variant}-{method}"),
-             callbacks=[cb], gpu=True)
+    run = finetune(RECIPE, [*ov, f"training.max_steps={STEPS}"], runs_dir=Path(f"/tmp/ab-{variant}-{method}"),
+                   callbacks=[cb], gpu=True)
     times = _step_times(cb.step_s, cb.tokens)
     r = {"variant": variant, "method": method, "step_s_median": times["step_s_median"], "step_s": times["step_s_all"],
-         "losses": cb.losses, "peak_alloc": torch.cuda.max_memory_allocated()}
+         "losses": cb.losses, "peak_alloc": torch.cuda.max_memory_allocated(),
+         "attention": json.loads((run / "run.json").read_text())["packed_attention_reason"]}
     with out.open("a") as f:
         f.write(json.dumps(r) + "\n")
     return r
+
+
+def kernel_check() -> dict:
+    """Max |difference| from each conversation attended alone (fp64) of varlen's and masked SDPA's
+    output and q/k/v gradients, bf16 inputs; and their forward+backward milliseconds."""
+    import time
+
+    import torch
+
+    from toolkit.core import segment_attention as S
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    rows, sizes = sum(KERNEL_SIZES), KERNEL_SIZES
+    q, k, v = (torch.randn(1, h, rows, 64, generator=g, device="cuda", dtype=torch.bfloat16).requires_grad_()
+               for h in (32, 8, 8))
+    grad = torch.randn(1, rows, 32, 64, generator=g, device="cuda", dtype=torch.bfloat16)
+    seg = torch.repeat_interleave(torch.arange(len(sizes), device="cuda"), torch.tensor(sizes, device="cuda"))
+    mask = (seg[:, None] == seg[None, :]) & torch.ones(rows, rows, dtype=torch.bool, device="cuda").tril()
+
+    def masked(a, b, c):
+        return torch.nn.functional.scaled_dot_product_attention(a, b, c, attn_mask=mask, enable_gqa=True).transpose(1, 2)
+
+    def reference(a, b, c):
+        return S.sdpa(a.double(), b.double(), c.double(), sizes)
+
+    def run(fn, inputs):
+        for t in inputs:
+            t.grad = None
+        out = fn(*inputs)
+        out.backward(grad.to(out.dtype))
+        return out.detach().double(), [t.grad.double() for t in inputs]
+
+    ref = run(reference, [t.detach().double().requires_grad_() for t in (q, k, v)])
+    out = {"sizes": sizes, "heads": [32, 8, 64]}
+    for name, fn in (("varlen", lambda a, b, c: S.varlen(a, b, c, sizes)), ("masked", masked)):
+        got = run(fn, [q, k, v])
+        out[f"{name}_max_abs_diff"] = {"out": float((got[0] - ref[0]).abs().max()),
+                                       **{f"d{n}": float((a - b).abs().max()) for n, a, b in zip("qkv", got[1], ref[1])}}
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(20):
+            run(fn, [q, k, v])
+        torch.cuda.synchronize()
+        out[f"{name}_fwd_bwd_ms"] = round((time.perf_counter() - t0) / 20 * 1e3, 3)
+    return out
 
 
 def main(argv=None) -> int:
@@ -70,6 +112,10 @@ def main(argv=None) -> int:
         from benchmarks.gpu_check import build_model_dir
 
         build_model_dir(model_dir)
+    check = {"variant": "kernel check", **kernel_check()}
+    print(json.dumps(check), flush=True)
+    with Path(out).open("a") as f:
+        f.write(json.dumps(check) + "\n")
     for v in VARIANTS:
         subprocess.run([sys.executable, "-m", "benchmarks.gpu_attention_ab", str(model_dir), str(out), method, v],
                        timeout=600)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from toolkit.core import capability as C
+from toolkit.core import segment_attention
 from toolkit.core.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -116,9 +117,6 @@ def test_dtype_choice_per_machine(cap, train, infer):
     (AVX512_BF16, "bfloat16", "sdpa_fp32"),
     (AVX512_BF16, "float32", "sdpa"),
     (AMX, "bfloat16", "sdpa"),
-    (T4, "float16", "sdpa"),
-    (RTX3060, "bfloat16", "sdpa"),
-    (A100, "bfloat16", "sdpa"),
 ])
 def test_packed_attention_rule_per_machine_without_measurements(cap, compute, kernel):
     got = C.packed_attention(cap, compute)
@@ -146,7 +144,27 @@ def test_packed_attention_takes_the_fastest_measured_kernel():
     # Another dtype's times do not decide this one's: unmeasured bf16 falls back to the rule.
     assert C.packed_attention(AVX512_BF16, "bfloat16", _timed(float32__sdpa=9.0, float32__bmm=1.0))[:2] == (
         "sdpa_fp32", "sdpa_fp32")
-    assert C.packed_attention(A100, "bfloat16", zen5)[:2] == ("sdpa", "sdpa")
+    # A CPU's timings do not decide a GPU's kernel.
+    assert C.packed_attention(A100, "bfloat16", zen5) == C.cuda_packed_attention(
+        A100, "bfloat16", segment_attention.varlen_call() is not None)
+
+
+H200 = C.cuda_record("NVIDIA H200", (9, 0))
+
+
+@pytest.mark.parametrize("cap, compute, has_varlen, kernel, words", [
+    (H200, "bfloat16", True, "varlen", "varlen flash kernel (NVIDIA H200, sm90, bfloat16)"),
+    (A100, "bfloat16", True, "varlen", "sm80"),
+    (RTX3060, "bfloat16", True, "varlen", "sm86"),
+    (RTX3060, "float16", True, "varlen", "float16"),
+    (T4, "float16", True, "masked", "Tesla T4 is sm75; PyTorch's flash kernels need sm80+"),
+    (A100, "float32", True, "masked", "the compute dtype is float32"),
+    (H200, "bfloat16", False, "masked", "no torch.nn.attention.varlen"),
+])
+def test_cuda_packed_attention_per_gpu(cap, compute, has_varlen, kernel, words):
+    got = C.cuda_packed_attention(cap, compute, has_varlen)
+    assert got.kernel == kernel and words in got.reason
+    assert got.fallback == ("sdpa" if kernel == "varlen" else "masked")
 
 
 def test_padding_limit_predicts_the_faster_kernel_per_row():

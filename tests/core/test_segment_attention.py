@@ -132,3 +132,53 @@ def test_attend_takes_the_fallback_for_rows_padded_past_the_limit(monkeypatch):
         assert torch.equal(S.attend(q, k, v, sizes, "bmm", "sdpa", max_padding=1.33), want) and not calls
         torch.testing.assert_close(S.attend(q, k, v, sizes, "bmm", "sdpa", max_padding=1.34), want)
         assert calls == [1]
+
+
+def test_varlen_call_reads_this_torchs_signature():
+    """The keywords `varlen` passes exist in this PyTorch's varlen_attn: a PyTorch that renames them
+    fails here, not on a user's GPU (the kernel itself runs only on CUDA; `make gpu-check` runs it)."""
+    import inspect
+
+    from torch.nn.attention.varlen import varlen_attn
+
+    fn, causal, takes_gqa = S.varlen_call()
+    assert fn is varlen_attn
+    params = inspect.signature(varlen_attn).parameters
+    assert {"query", "key", "value", "cu_seq_q", "cu_seq_k", "max_q", "max_k", "scale"} <= set(params)
+    assert set(causal) <= set(params) and takes_gqa == ("enable_gqa" in params)
+
+
+@pytest.mark.parametrize("takes_gqa", [True, False])
+def test_varlen_hands_the_kernel_the_row_as_it_documents(monkeypatch, takes_gqa):
+    """`varlen`'s plumbing (layout, bounds, grouped-query K/V, the causal keyword) against the
+    reference: the kernel here is varlen_attn's documented contract computed conversation by
+    conversation, since PyTorch's own runs only on CUDA."""
+    import torch
+
+    heads, kv = 6, 2
+    calls = []
+
+    def kernel(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
+        calls.append(enable_gqa)
+        assert q.shape == (sum(SIZES), heads, 16) and k.shape[1] == (kv if enable_gqa else heads)
+        assert cu_q.dtype == torch.int32 and cu_q.tolist() == [0, 13, 44, 49, 71, 72, 89] and cu_k is cu_q
+        assert max_q == max_k == 31 and window_size == (-1, 0)  # causal
+        as_rows = lambda t: t.transpose(0, 1).unsqueeze(0)  # noqa: E731 - (T, h, D) -> (1, h, T, D)
+        return _one_by_one(as_rows(q), as_rows(k), as_rows(v))[0]
+
+    monkeypatch.setattr(S, "varlen_call", lambda: (kernel, {"window_size": (-1, 0)}, takes_gqa))
+    q, k, v, grad = _inputs(heads, kv)
+    got, got_grads = _run(lambda *t: S.varlen(*t, SIZES), q, k, v, grad)
+    want, want_grads = _run(_one_by_one, q, k, v, grad)
+    assert calls == [takes_gqa] and got.shape == (1, sum(SIZES), heads, 16)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(got_grads, want_grads):  # K/V repeated for the kernel: their gradients sum back
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_attend_varlen_falls_back_off_cuda():
+    import torch
+
+    q, k, v, _ = _inputs(6, 2)
+    with torch.no_grad():
+        assert torch.equal(S.attend(q, k, v, SIZES, "varlen", "sdpa"), S.attend(q, k, v, SIZES, "sdpa"))

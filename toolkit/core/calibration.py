@@ -245,7 +245,7 @@ def _attention_times(torch, flops: dict[str, float], reps: int = 3) -> dict[str,
         q, key_, value = (torch.randn(1, h, rows, d, generator=gen).to(dtype).requires_grad_()
                           for h in (heads, kv, kv))
         grad = torch.randn(1, rows, heads, d, generator=gen).to(dtype)
-        for kernel in segment_attention.KERNELS:
+        for kernel in segment_attention.CPU_KERNELS:
             if kernel == "sdpa_fp32" and dt == "float32":
                 continue
 

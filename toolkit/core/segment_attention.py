@@ -25,6 +25,12 @@ the finance recipe (7-10 conversations of 80-161 tokens, padding 1.06-1.30): SDP
 and 0.85x on a row of 60-130 tokens (padding 1.75); the gain measured on 8 x 128 tokens over the row's
 padding predicts each within ~7% (docs/cpu-training.md).
 
+- `varlen` (CUDA only): PyTorch's variable-length flash kernel (`torch.nn.attention.varlen`), the
+  whole row in one call with the conversations' bounds, forward and backward: what flash-attn's
+  varlen kernel is to transformers' `flash_attention_2`, shipped inside PyTorch (2.10+). Without it
+  a packed row on CUDA is a block-diagonal mask over the whole micro-batch, O((batch x seq_len)^2)
+  (`toolkit.finetune.packed_attention`).
+
 Right-padding needs no mask beyond the causal one: a real query sees only keys at or before it, all
 real; the padded queries' outputs are dropped and get no gradient, so the padded keys get none.
 Both kernels take q (1, H, T, D) and k, v (1, KV, T, D) with H a multiple of KV (grouped-query
@@ -38,7 +44,8 @@ import functools
 import math
 
 # sdpa_fp32: sdpa on fp32 copies of bf16 inputs, the result cast back.
-KERNELS = ("sdpa", "sdpa_fp32", "bmm")
+CPU_KERNELS = ("sdpa", "sdpa_fp32", "bmm")  # what the CPU calibration times
+KERNELS = (*CPU_KERNELS, "varlen")
 FALLBACKS = ("sdpa", "sdpa_fp32")
 # bmm keeps n * H * L^2 probabilities a layer: allowed up to this many times the row's queries
 # (T * H * D). Uniform conversations of L tokens give L <= 4 * D: 256 tokens at head size 64; a row
@@ -64,6 +71,10 @@ def attend(q, k, v, sizes, kernel: str = "sdpa", fallback: str = "sdpa", scale=N
     (`bmm_fits`), would pad it more than `max_padding` (`padding`), or there is dropout (bmm has none)."""
     import torch
 
+    if kernel == "varlen":
+        if dropout == 0.0 and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+            return varlen(q, k, v, sizes, scale)
+        kernel = fallback
     if kernel == "bmm":
         if dropout == 0.0 and bmm_fits(sizes, q.shape[-1]) and padding(sizes) <= max_padding:
             return bmm(q, k, v, sizes, scale)
@@ -88,6 +99,53 @@ def sdpa(q, k, v, sizes, scale=None, dropout: float = 0.0):
         for a, b, c in zip(q.split(sizes, dim=2), k.split(sizes, dim=2), v.split(sizes, dim=2))
     ], dim=2)
     return out.transpose(1, 2).contiguous()
+
+
+@functools.cache
+def varlen_call():
+    """(torch's varlen_attn, its causal keyword arguments, whether it takes grouped-query K/V), or
+    None where this PyTorch has none. Its keywords changed between releases: 2.10 took
+    `is_causal=True`, later ones `window_size=(-1, 0)` and `enable_gqa`; a PyTorch with neither
+    causal form is treated as having none (tests/core/test_segment_attention.py reads the signature)."""
+    import inspect
+
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    if "window_size" in params:
+        causal = {"window_size": (-1, 0)}
+    elif "is_causal" in params:
+        causal = {"is_causal": True}
+    else:
+        return None
+    return varlen_attn, causal, "enable_gqa" in params
+
+
+def varlen(q, k, v, sizes, scale=None):
+    """The row through PyTorch's varlen flash kernel: q (1, H, T, D), k and v (1, KV, T, D) in,
+    (1, T, H, D) out. transformers' q, k, v are (1, T, h, D) projections transposed, so the kernel's
+    (T, h, D) layout is a view of them, not a copy."""
+    import itertools
+
+    import torch
+
+    call = varlen_call()
+    if call is None:
+        raise RuntimeError("this PyTorch has no torch.nn.attention.varlen.varlen_attn")
+    fn, causal, takes_gqa = call
+    heads, kv = q.shape[1], k.shape[1]
+    qt, kt, vt = (x[0].transpose(0, 1).contiguous() for x in (q, k, v))  # no copy for transformers' layout
+    extra = dict(causal)
+    if kv != heads:
+        if takes_gqa:
+            extra["enable_gqa"] = True
+        else:
+            kt, vt = kt.repeat_interleave(heads // kv, dim=1), vt.repeat_interleave(heads // kv, dim=1)
+    cu = torch.tensor([0, *itertools.accumulate(sizes)], dtype=torch.int32, device=q.device)
+    longest = max(sizes)
+    return fn(qt, kt, vt, cu, cu, longest, longest, scale=scale, **extra).unsqueeze(0)
 
 
 def bmm(q, k, v, sizes, scale=None):

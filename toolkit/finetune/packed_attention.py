@@ -7,6 +7,14 @@ whole row, O(n^2) in the row length, ~5x the work of the conversations themselve
 masked CPU kernel is slow besides. flash-attn's varlen kernel, which is what the padding-free
 format is built for, exists only on CUDA.
 
+On CUDA the same flattening makes the mask cover the whole micro-batch: measured on an H200
+(random-weight Llama-3.2-1B, LoRA, 2026-12-04), steps of 2048 x 4 packed tokens took 0.70 s and of
+2048 x 16 tokens 5.2-7.7 s, step time growing with the square of the micro-batch's tokens
+(benchmarks/gpu-results.json, "compute_masked"). There PyTorch's varlen flash kernel takes the row in
+one call with the conversations' bounds (`segment_attention.varlen`), where PyTorch has it and the GPU
+is sm80+ (`toolkit.core.capability.cuda_packed_attention`): the same steps took 0.31 s and 0.64-0.72 s
+("compute"), 8x the tokens/s at 2048 x 16. Elsewhere the mask stays.
+
 Here each conversation is attended on its own, with SDPA's causal kernel (no mask). The segment
 bounds come from the collator's `cu_seq_lens_q` (or from restarts in `position_ids`), so no token
 can see another conversation: `tests/finetune/test_packed_attention.py` checks that the loss on a
@@ -30,12 +38,9 @@ import math
 
 
 def wanted(device: str, packing: bool, engine: str) -> bool:
-    """Use it for padding-free packed training on a CPU with the transformers engine.
-
-    On CUDA, SDPA's masked kernels outrun ~10 small kernels a layer (see CUDA_PACKED_SDPA_BACKENDS for
-    the one it should avoid); Unsloth brings its own attention.
-    """
-    return packing and not device.startswith("cuda") and engine != "unsloth"
+    """Choose the packed attention (`toolkit.core.hardware.attention_choice`) for padding-free
+    packed training with the transformers engine, on a CPU or CUDA; Unsloth brings its own."""
+    return packing and engine != "unsloth"
 
 
 # SDPA backends for padding-free packed training on CUDA: every backend but cuDNN's. transformers

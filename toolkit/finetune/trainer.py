@@ -195,13 +195,16 @@ def _train(rec, overrides, stage: Path, runs: Path, dev, dtype, train_ex, eval_e
         from toolkit.core.hardware import attention_choice
 
         how = attention_choice(dev, dtype)
-        attn, attn_reason = packed_attention.name(how.kernel, how.fallback, how.max_padding), how.reason
-        # each packed conversation attended alone (see the module)
-        packed_attention.use_on(model, how.kernel, how.fallback, how.max_padding)
-        announce(attn_reason)
+        attn_reason = how.reason
+        if how.kernel != "masked":  # each packed conversation attended alone (see the module)
+            attn = packed_attention.name(how.kernel, how.fallback, how.max_padding)
+            packed_attention.use_on(model, how.kernel, how.fallback, how.max_padding)
+    # On CUDA, the masked SDPA (the "masked" choice, and the rows a packed kernel hands back) keeps off
+    # cuDNN's kernel.
     sdpa_names = packed_attention.cuda_sdpa_backends(dev, pack.packing, notes["engine"])
-    if sdpa_names is not None:
-        attn_reason = "attention: SDPA without cuDNN's kernel (it re-plans for every new packed-row length)"
+    if sdpa_names is not None and attn is None:
+        attn_reason += "; SDPA without cuDNN's kernel (it re-plans for every new packed-row length)"
+    if attn_reason:
         announce(attn_reason)
     args = _trainer_args(rec, stage, dev, dtype, eval_split is not None, packing=pack.packing)
     interrupt = InterruptCallback()
