@@ -61,6 +61,47 @@ def test_step_time_model_matches_measured_medians(row):
     assert tokens / tps == pytest.approx(row["step_s_median"], rel=0.15)
 
 
+def _results(part):
+    return json.loads(RESULTS.read_text())[part]
+
+
+@pytest.mark.parametrize("row", [r for r in _results("compute") if r["batch"] == 16],
+                         ids=lambda r: f"{r['method']}-{r['seq_len']}x{r['batch']}")
+def test_compute_bound_steps_match_the_cuda_share(row):
+    """TRAIN_EFFICIENCY["cuda"] against the compute-bound runs it was fitted to (2048 x 16 packed
+    tokens, varlen attention): the time model's tokens/s within 10% of the measured steps'."""
+    m = CATALOG[MODEL]
+    tokens = row["tokens_per_step_median"]
+    tps = T.train_tokens_per_s(row["gflop_per_token"] * 1e9, row["matmul_tflops"] * 1e12,
+                               T.train_efficiency("cuda", "bfloat16"), tokens_per_step=tokens,
+                               host_step_s=T.cuda_step_seconds(m, row["method"]))
+    assert tokens / tps > T.cuda_step_seconds(m, row["method"])  # compute-bound: the share decides
+    assert tps == pytest.approx(row["tokens_per_s_after_first"], rel=0.10)
+    assert "varlen" in row["attention"]
+
+
+def test_cuda_decode_constants_are_the_measured_steps():
+    m = CATALOG[MODEL]
+    rows = {r["model"]: {x["decoder"]: x for x in r["runs"]} for r in _results("decode")}
+    bf16, nf4 = rows["bf16"], rows["nf4+lora"]
+    for decoder, run in (("loop", bf16["toolkit loop (toolkit generate)"]),
+                         ("answers", bf16["transformers generate, batch 16"]),
+                         ("answers 4-bit", nf4["transformers generate, batch 16"])):
+        assert T.cuda_decode_step_seconds(m, decoder) == pytest.approx(run["step_ms"] / 1e3, rel=0.02), decoder
+
+
+def test_varlen_attention_trains_like_the_masked_row():
+    """The kernel check and the A/B of benchmarks/gpu_attention_ab: varlen's outputs and gradients
+    as close to fp64 as the masked SDPA's; the same losses step by step (bf16 rounding apart)."""
+    runs = {r["variant"]: r for r in _results("attention_varlen")["runs"]}
+    check = runs["kernel check"]
+    for part, diff in check["varlen_max_abs_diff"].items():
+        assert diff <= 1.05 * check["masked_max_abs_diff"][part] + 1e-3, part
+    a, b = runs["masked"]["losses"], runs["varlen"]["losses"]
+    assert len(a) == len(b) == 10 and max(abs(x - y) for x, y in zip(a, b)) < 5e-3
+    assert "varlen" in runs["varlen"]["attention"] and "mask" in runs["masked"]["attention"]
+
+
 def test_trl_tile_sizes_are_upstreams():
     from trl.kernels.chunked_logprob import TOKEN_CHUNK_SIZE
     from trl.trainer import utils as trl_utils

@@ -3,6 +3,8 @@ GPU catalog, durations, and the pick under a time budget."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from toolkit.core.errors import UserError
@@ -177,3 +179,38 @@ def test_cuda_host_time_scales_with_layers_and_is_longer_for_qlora():
     m = CATALOG["meta-llama/Llama-3.2-1B-Instruct"]
     assert T.cuda_step_seconds(m, "qlora") == pytest.approx(0.4)
     assert T.cuda_step_seconds(m, "lora") == pytest.approx(0.2) == T.cuda_step_seconds(m, "full")
+
+
+def test_decode_takes_the_longer_of_reading_the_weights_and_the_host_step():
+    # 2 GB at 4 TB/s: 0.5 ms a token, under an 11-ms host step
+    assert T.decode_tokens_per_s(2e9, 4e12, host_step_s=0.011) == pytest.approx(1 / 0.011)
+    # a 4-GB/s CPU: reading the weights (0.5 s) is the longer
+    assert T.decode_tokens_per_s(2e9, 4e9, host_step_s=0.011) == pytest.approx(2.0)
+    with pytest.raises(ValueError):
+        T.decode_tokens_per_s(2e9, 4e12, host_step_s=-1.0)
+
+
+def test_gpu_report_time_counts_batched_decoding_steps():
+    """On a GPU the report's answers cost steps (16 prompts a batch), each a host step; on a CPU
+    tokens, each a read of the weights."""
+    from toolkit.estimate.catalog import CATALOG
+    from toolkit.estimate.planner import estimate
+    from toolkit.estimate.timeplan import Rates, time_fields
+    from toolkit.finetune.plan import RunShape
+
+    m = CATALOG["meta-llama/Llama-3.2-1B-Instruct"]
+    est = estimate(m, "qlora", seq_len=512, batch=8, lora_r=16)
+    run = RunShape(steps=1, tokens_per_step=4096, eval_rounds=0, eval_tokens=0, generated_tokens=4608,
+                   report_tokens=0, report_decode_steps=384)
+    gpu = Rates("cuda", 750e12, 4.8e12, "test", "bfloat16")
+    cpu = Rates("cpu", 1e12, 20e9, "test", "bfloat16")
+    no_report = dataclasses.replace(run, generated_tokens=0, report_decode_steps=0)
+
+    def report_s(rates):
+        return (time_fields(m, est, rates, targets=("q_proj",), run=run)["train_wall_s"]
+                - time_fields(m, est, rates, targets=("q_proj",), run=no_report)["train_wall_s"])
+
+    assert report_s(gpu) == pytest.approx(384 * T.cuda_decode_step_seconds(m, "answers 4-bit"), abs=0.1)
+    assert report_s(cpu) == pytest.approx(4608 * est.components["weights"] / 20e9, abs=0.1)
+    loop = time_fields(m, est, gpu, targets=("q_proj",))["decode_tokens_per_s"]
+    assert loop == pytest.approx(1 / T.cuda_decode_step_seconds(m, "loop"), rel=1e-3)

@@ -83,6 +83,9 @@ def test_run_shape_counts_steps_and_tokens():
     rows = math.ceil(int(gpu.data_path(gpu.data.train).stat().st_size / CHARS_PER_TOKEN) / gpu.data.max_seq_len)
     per_step = gpu.training.batch_size * gpu.training.grad_accum
     assert g.steps == math.ceil(gpu.training.epochs * math.ceil(rows / per_step))
+    # the report's answers go 16 prompts a batch: 24 questions are 2 batches of 96 steps, base and tuned
+    assert (gpu.eval.generation_samples, gpu.eval.max_new_tokens) == (24, 96) and g.report_decode_steps == 2 * 2 * 96
+    assert r.report_decode_steps == 2 * math.ceil(cpu.eval.generation_samples / 16) * cpu.eval.max_new_tokens
     nopack = run_shape(recipe.load(FINANCE, ["data.packing=false"], gpu=True))
     assert nopack.tokens_per_step < g.tokens_per_step
 

@@ -134,11 +134,14 @@ def time_fields(m, est, rates: Rates, *, targets: tuple[str, ...], labelled_frac
         out["train_flops_per_token"] = f.total
         out["train_tokens_per_s"] = round(tps, 2)
         if run is not None:
-            decode = T.decode_tokens_per_s(T.decode_bytes_per_token(est.components["weights"], 0, 0),
-                                           rates.bandwidth_bytes_per_s)
             eval_s = T.prefill_seconds(run.eval_rounds * run.eval_tokens + run.report_tokens, fwd, rates.flops, eff,
                                        rest / 3, bw)
-            report_s = run.generated_tokens / decode
+            weight_s = est.components["weights"] / rates.bandwidth_bytes_per_s
+            if rates.device == "cuda":  # batched answers, each step waiting on the host
+                host = T.cuda_decode_step_seconds(m, "answers 4-bit" if est.task == "qlora" else "answers")
+                report_s = run.report_decode_steps * max(weight_s, host)
+            else:
+                report_s = run.generated_tokens * weight_s
             # Preparation: reading the weights and (QLoRA) quantizing them, a few passes over the bytes.
             prepare_s = 4 * est.components["weights"] / rates.bandwidth_bytes_per_s
             out["train_wall_s"] = round(T.train_wall_seconds(run.steps, run.tokens_per_step, tps, prepare_s=prepare_s,
@@ -147,7 +150,10 @@ def time_fields(m, est, rates: Rates, *, targets: tuple[str, ...], labelled_frac
             out["tokens_per_step"] = run.tokens_per_step
     kv_per_token = 2 * m.layers * m.kv_dim * (4 if est.quant == "fp32" else 2)
     ctx = est.seq_len
+    # On a GPU, the toolkit's own decoding loop (transformers backend) waits on the host.
+    host = T.cuda_decode_step_seconds(m, "loop") if rates.device == "cuda" else 0.0
     out["decode_tokens_per_s"] = round(T.decode_tokens_per_s(
-        T.decode_bytes_per_token(est.components["weights"], kv_per_token, ctx), rates.bandwidth_bytes_per_s), 2)
+        T.decode_bytes_per_token(est.components["weights"], kv_per_token, ctx), rates.bandwidth_bytes_per_s,
+        host_step_s=host), 2)
     out["prefill_s"] = round(T.prefill_seconds(prompt_tokens or ctx, fwd, rates.flops, eff, rest / 3, bw), 3)
     return out

@@ -40,11 +40,14 @@ from dataclasses import dataclass
 #   a fixed rate, not at the calibration's copy bandwidth, which swung between 38 and 70 GB/s from one
 #   calibration to the next on the Zen 5 while the training speed held. Not modelled: QLoRA's CPU
 #   layers beyond their unpacked matmul (4-bit dequantization, PEFT's own LoRA path; bench_time's row).
-# - "cuda": the matmuls' share is still unmeasured: 0.45 (the CPU share of an earlier, slower CPU
-#   path) stands in. litgpt's published A10G Llama-3.2-1B wall times come without their token counts
-#   (benchmarks/bench_time.py), and the one GPU lent so far, an H200, never waited on its matmuls:
-#   see CUDA_STEP_SECONDS_PER_LAYER.
-TRAIN_EFFICIENCY = {"cpu": 0.816, "cpu bfloat16": 0.886, "cuda": 0.45}
+# - "cuda": the share a compute-bound step reached on the H200 lent on 2026-12-04 (14:40 UTC, torch
+#   2.11, `python -m benchmarks.gpu_check --parts compute`): the toolkit's trainer on random-weight
+#   Llama-3.2-1B, r16 on all linears, gradient checkpointing, padding-free packing with the varlen
+#   kernel, 2048 x 16 packed tokens a micro-batch (26-32k tokens, 0.64-0.72 s a step, 1.6-3.6x the host time):
+#   LoRA 0.308, QLoRA 0.345 of the 753.5 TFLOP/s calibrated in the same process; 0.33 is their mean
+#   (benchmarks/gpu-results.json "compute"). Smaller micro-batches are host-bound: see
+#   CUDA_STEP_SECONDS_PER_LAYER.
+TRAIN_EFFICIENCY = {"cpu": 0.816, "cpu bfloat16": 0.886, "cuda": 0.33}
 # A CUDA micro-batch's host time, whatever its tokens: Python, PyTorch's dispatch and ~4,500 kernel
 # launches, which a fast GPU waits on. Measured by `make gpu-check` on the H200 lent on 2026-12-04
 # (16-core Xeon VM, torch 2.11, Llama-3.2-1B, r16 on all linears, gradient checkpointing;
@@ -60,6 +63,17 @@ CPU_ELEMENTWISE_BYTES_PER_S = 40e9
 # Decode reads weights at close to the measured bandwidth: llama.cpp f16 decode of the 135M model
 # on the same CPU, 69 tok/s x 270 MB = 18.6 GB/s, matches its measured copy bandwidth (DESIGN.md).
 DECODE_EFFICIENCY = 1.0
+# On a GPU a small model's decoding step waits on the host (Python, dispatch, a few kernels a layer),
+# not on reading the weights: seconds a step per layer, measured by `python -m benchmarks.gpu_check
+# --parts decode` on the same H200 (14:29 UTC; random-weight Llama-3.2-1B, 128 greedy steps, best of
+# 3, benchmarks/gpu-results.json "decode"); reading its 2.5 GB of bf16 weights takes 0.5 ms there.
+# - "loop": the toolkit's own loop on the transformers backend (`toolkit generate`, `toolkit chat`),
+#   bf16, one stream: 11.3 ms a step, 88 tokens/s (transformers' `generate` at batch 1: 15.4 ms);
+# - "answers": transformers' `generate` at the report's 16 prompts a batch, bf16: 12.4 ms a step;
+# - "answers 4-bit": the same on the QLoRA model the report scores (4-bit base, unmerged LoRA r16 on
+#   all linears): 39.5 ms a step (34.6 at batch 1).
+# A step takes the longer of this and reading the weights (and KV cache) at the bandwidth.
+CUDA_DECODE_SECONDS_PER_LAYER = {"loop": 0.00071, "answers": 0.00078, "answers 4-bit": 0.00247}
 
 
 @dataclass(frozen=True)
@@ -169,11 +183,18 @@ def decode_bytes_per_token(weight_bytes: int, kv_bytes_per_token: float, context
 
 
 def decode_tokens_per_s(bytes_per_token: float, bandwidth_bytes_per_s: float,
-                        efficiency: float = DECODE_EFFICIENCY) -> float:
-    """Single-stream decode rate, memory-bound: bandwidth x efficiency / bytes per token."""
-    if bytes_per_token <= 0 or bandwidth_bytes_per_s <= 0:
-        raise ValueError("bytes_per_token and bandwidth must be positive")
-    return bandwidth_bytes_per_s * efficiency / bytes_per_token
+                        efficiency: float = DECODE_EFFICIENCY, host_step_s: float = 0.0) -> float:
+    """Single-stream decode rate: one step reads `bytes_per_token` at bandwidth x efficiency, or
+    takes `host_step_s` where the host is slower (a GPU's, `cuda_decode_step_seconds`)."""
+    if bytes_per_token <= 0 or bandwidth_bytes_per_s <= 0 or host_step_s < 0:
+        raise ValueError("bytes_per_token and bandwidth must be positive, host_step_s not negative")
+    return 1.0 / max(bytes_per_token / (bandwidth_bytes_per_s * efficiency), host_step_s)
+
+
+def cuda_decode_step_seconds(m, decoder: str) -> float:
+    """A CUDA decoding step's host time for `decoder` ("loop", "answers", "answers 4-bit"; see
+    CUDA_DECODE_SECONDS_PER_LAYER): per layer x layers."""
+    return CUDA_DECODE_SECONDS_PER_LAYER[decoder] * m.layers
 
 
 def prefill_seconds(prompt_tokens: int, forward_flops_per_token: float, device_flops: float,

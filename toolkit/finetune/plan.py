@@ -53,6 +53,9 @@ class RunShape:
     eval_tokens: int  # tokens per in-training eval pass (eval_examples of them)
     generated_tokens: int  # report: base and tuned answer generation_samples questions each
     report_tokens: int = 0  # report: base and tuned answer loss over the whole held-out set
+    # report: decoding steps of those answers, batched ANSWER_BATCH prompts at a time (what a GPU,
+    # which waits on the host per step, pays for)
+    report_decode_steps: int = 0
 
 
 # Bytes of a JSONL data file per trained-on token: the finance train file is 261,817 bytes for
@@ -77,6 +80,7 @@ def run_shape(recipe) -> RunShape:
     import math
 
     from toolkit.finetune.data import source_path, train_sources
+    from toolkit.finetune.scoring import ANSWER_BATCH
 
     d, t, e = recipe.data, recipe.training, recipe.eval
     n_train = tok_train = 0
@@ -91,7 +95,7 @@ def run_shape(recipe) -> RunShape:
     else:
         seqs = math.ceil(tok_train / d.max_seq_len) if d.packing else n_train
         steps = max(1, math.ceil(t.epochs * math.ceil(seqs / (t.batch_size * t.grad_accum))))
-    eval_rounds = eval_tokens = generated = report = 0
+    eval_rounds = eval_tokens = generated = report = decode_steps = 0
     if d.eval:
         n_eval, tok_eval = _file_stats(source_path(recipe, d.eval))
         if n_eval:
@@ -99,9 +103,11 @@ def run_shape(recipe) -> RunShape:
             eval_tokens = tok_eval * used // n_eval
             eval_rounds = len(in_training_evals(int(steps), e.eval_steps, report_ends(e)))
             if e.report:
-                generated = 2 * min(n_eval, e.generation_samples) * e.max_new_tokens
+                asked = min(n_eval, e.generation_samples)
+                generated = 2 * asked * e.max_new_tokens
+                decode_steps = 2 * math.ceil(asked / ANSWER_BATCH) * e.max_new_tokens
                 report = 2 * tok_eval
-    return RunShape(steps, tokens_per_step, eval_rounds, eval_tokens, generated, report)
+    return RunShape(steps, tokens_per_step, eval_rounds, eval_tokens, generated, report, decode_steps)
 
 
 def report_ends(eval_cfg) -> bool:

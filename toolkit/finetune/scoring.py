@@ -98,8 +98,13 @@ def text_perplexity(model, tok, text: str, dtype: str = "float32", max_len: int 
     return math.exp(nll)
 
 
+# Prompts a batch of greedy answers: the report's decoding steps are (prompts / this) x max_new_tokens
+# a side (toolkit.finetune.plan.run_shape prices them).
+ANSWER_BATCH = 16
+
+
 def greedy_answers(model, tok, prompts: list[list[dict]], max_new_tokens: int, dtype: str = "float32",
-                   batch_size: int = 16, per_batch=None) -> list[str]:
+                   batch_size: int = ANSWER_BATCH, per_batch=None) -> list[str]:
     """Greedy replies to chat prompts, in the prompts' order (left-padded batches; stops at EOS).
 
     Prompts are batched by length so that short ones do not wait behind padding. `per_batch(idx)`,
@@ -132,7 +137,7 @@ def greedy_answers(model, tok, prompts: list[list[dict]], max_new_tokens: int, d
 
 
 def paired_greedy_answers(model, tok, prompts: list[list[dict]], max_new_tokens: int, dtype: str = "float32",
-                          batch_size: int = 16) -> tuple[list[str], list[str]] | None:
+                          batch_size: int = ANSWER_BATCH) -> tuple[list[str], list[str]] | None:
     """(base answers, fine-tuned answers) from one generation on a CPU: each prompt runs twice in the
     same batch, its LoRA product masked on the base row (`fused_lora.adapter_rows`). A CPU decode of
     a small model costs per step more than per row: on the 2-core EPYC, fp32, the finance report's
