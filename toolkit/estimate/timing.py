@@ -12,7 +12,8 @@ arguments; nothing here measures, imports torch or reads the calibration. Source
   QLoRA, Dettmers et al. 2023), the attention matmuls have no weights, so both operand gradients.
 - Gradient checkpointing recomputes each decoder layer's forward once (Chen et al. 2016).
 - Decode is memory-bound: every new token reads all weights once plus the KV cache
-  (Pope et al. 2022, "Efficiently Scaling Transformer Inference", section 2).
+  (Pope et al. 2022, "Efficiently Scaling Transformer Inference", section 2), unless the host is
+  slower: a small model on a fast GPU waits on Python and kernel launches (measured, below).
 """
 
 from __future__ import annotations
