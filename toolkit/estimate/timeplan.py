@@ -143,7 +143,7 @@ def time_fields(m, est, rates: Rates, *, targets: tuple[str, ...], labelled_frac
             else:
                 report_s = run.generated_tokens * weight_s
             # Preparation: reading the weights and (QLoRA) quantizing them, a few passes over the bytes.
-            prepare_s = 4 * est.components["weights"] / rates.bandwidth_bytes_per_s
+            prepare_s = 4 * weight_s
             out["train_wall_s"] = round(T.train_wall_seconds(run.steps, run.tokens_per_step, tps, prepare_s=prepare_s,
                                                              eval_s=eval_s, report_s=report_s), 1)
             out["steps"] = run.steps
