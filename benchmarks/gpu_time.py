@@ -21,7 +21,6 @@ import time
 COMPUTE_CASES = [("lora", 2048, 4), ("lora", 2048, 16), ("qlora", 2048, 16)]
 DECODE_STEPS = 128
 DECODE_REPEATS = 3
-REPORT_BATCH = 16  # toolkit.finetune.scoring.greedy_answers' batch_size
 PROMPT = [{"role": "user", "content": "Explain what a bond's yield to maturity is, and how it moves when rates rise."}]
 
 
@@ -37,13 +36,13 @@ def model_flops_per_token(catalog_id: str, rec, info: dict) -> float:
     over the mean conversation (padding-free packing keeps conversations apart), the LM head over
     the labelled share (TRL scores only labelled positions on CUDA)."""
     from toolkit.estimate import catalog, timing
+    from toolkit.finetune.plan import plan_inputs
 
-    facts = catalog.lookup(catalog_id)
-    targets = tuple(facts.linears()) if rec.lora.target_modules == ["all-linear"] else tuple(rec.lora.target_modules)
+    plan = plan_inputs(rec, "cuda", "bfloat16")  # the one recipe-to-estimator mapping
     context = info["train_tokens_per_epoch"] / max(1, info["train_examples"])
     return timing.train_flops_per_token(
-        facts, method=info["method"], seq_len=round(context), lora_r=rec.lora.r, targets=targets,
-        grad_ckpt=rec.training.gradient_checkpointing,
+        catalog.lookup(catalog_id), method=info["method"], seq_len=round(context), lora_r=plan.lora_r,
+        targets=plan.targets, grad_ckpt=plan.grad_ckpt,
         labelled_fraction=info["trained_tokens_per_epoch"] / info["train_tokens_per_epoch"]).total
 
 
@@ -143,7 +142,9 @@ def measure_decode(row: dict, model_dir: str, device: str = "cuda") -> dict:
     runs = []
     if row["model"] == "bf16":
         runs.append(_step_row("toolkit loop (toolkit generate)", _timed(_ours(model, tok)), 1))
-    for batch in (1, REPORT_BATCH):
+    from toolkit.finetune.scoring import ANSWER_BATCH
+
+    for batch in (1, ANSWER_BATCH):  # one stream, and the report's batches
         runs.append(_step_row(f"transformers generate, batch {batch}", _timed(_hf_generate(model, tok, batch)), batch))
     for r in runs:
         r["step_ms_per_layer"] = round(r["step_ms"] / layers, 4)
