@@ -5,12 +5,18 @@
    block-diagonal mask, each against each conversation attended alone in fp64, outputs and
    gradients, on a bf16 row of Llama-3.2-1B's attention shape (32 query, 8 KV heads of 64).
 2. Training: QLoRA on random-weight Llama-3.2-1B, the finance recipe's GPU profile at 8 x 512
-   packed tokens a step, 10 steps per variant, each in a fresh process, same seed and data:
+   packed tokens a step, 16 steps per variant, each in a fresh process, same seed and data:
    - `masked`: SDPA over the row's block-diagonal mask without cuDNN's kernel (the trainer's choice
      where PyTorch has no varlen kernel: forced here by hiding it);
-   - `varlen`: the trainer's choice on sm80+ with PyTorch >= 2.10.
+   - `varlen`: the trainer's choice on sm80+ with PyTorch >= 2.10; every layer reads the row's
+     bounds back to the host and sends them to the GPU again (two waits for the GPU a layer);
+   - `varlen_once`, a trial: as `varlen`, the bounds read and sent once a forward (a one-entry cache
+     keyed by the collator's tensor and its version). Not measured yet: no GPU was lent when it was
+     written (2026-12-04 evening). The trial before it, the collator's GPU tensor passed straight to
+     the kernel, read slower than `varlen` (gpu-results.json, "attention_varlen_device_bounds_trial").
 
-    python -m benchmarks.gpu_attention_ab MODEL_DIR OUT.jsonl [qlora|lora]   (MODEL_DIR: made if missing)
+    python -m benchmarks.gpu_attention_ab MODEL_DIR OUT.jsonl [qlora|lora] [VARIANT,VARIANT,...]
+    (MODEL_DIR: made if missing; variants in the order given, repeats allowed; default masked,varlen)
 
 Appends one JSON line for the kernel check and one a variant: median step time after the first, every
 step's time, the logged losses (equal across variants up to kernel rounding) and the peak allocated memory.
@@ -25,9 +31,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-VARIANTS = ("masked", "varlen")
+VARIANTS = ("masked", "varlen", "varlen_once")
+DEFAULT_VARIANTS = ("masked", "varlen")
 KERNEL_SIZES = [143, 87, 301, 64, 512, 120, 95, 230, 161, 78, 257]  # ~2,048 tokens, finance-like lengths
-STEPS = 10
+STEPS = 16
 
 
 def one(model_dir: Path, variant: str, out: Path, method: str) -> dict:
@@ -39,6 +46,8 @@ def one(model_dir: Path, variant: str, out: Path, method: str) -> dict:
         from toolkit.core import segment_attention
 
         segment_attention.varlen_call = lambda: None  # as on a PyTorch without the kernel
+    if variant == "varlen_once":
+        _read_bounds_once()
     from toolkit.finetune.trainer import finetune
 
     cb = _peak_callback()
@@ -52,6 +61,26 @@ def one(model_dir: Path, variant: str, out: Path, method: str) -> dict:
     with out.open("a") as f:
         f.write(json.dumps(r) + "\n")
     return r
+
+
+def _read_bounds_once() -> None:
+    """The `varlen_once` trial: the row's bounds read from the collator's tensor once a forward and
+    its device copy made once (transformers hands every layer the same tensor)."""
+    import functools
+
+    from toolkit.core import segment_attention
+    from toolkit.finetune import packed_attention
+
+    read, last = packed_attention.segment_bounds, [None, -1, None]
+
+    def once(cu_seq_lens=None, position_ids=None):
+        key = cu_seq_lens if cu_seq_lens is not None else position_ids
+        if key is None or last[0] is not key or last[1] != key._version:
+            last[:] = [key, getattr(key, "_version", -1), read(cu_seq_lens, position_ids)]
+        return last[2]
+
+    packed_attention.segment_bounds = once
+    segment_attention._cumulative = functools.lru_cache(maxsize=4)(segment_attention._cumulative)
 
 
 def kernel_check() -> dict:
@@ -101,13 +130,14 @@ def kernel_check() -> dict:
 
 def main(argv=None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if len(args) == 4 and args[3] in VARIANTS:  # the child process of one variant
+    if len(args) == 5 and args[4] == "--child" and args[3] in VARIANTS:  # the process of one variant
         print(json.dumps(one(Path(args[0]), args[3], Path(args[1]), args[2])))
         return 0
-    if len(args) not in (2, 3):
+    variants = args[3].split(",") if len(args) == 4 else DEFAULT_VARIANTS
+    if len(args) not in (2, 3, 4) or not set(variants) <= set(VARIANTS):
         print(__doc__, file=sys.stderr)
         return 2
-    model_dir, out, method = Path(args[0]), Path(args[1]), args[2] if len(args) == 3 else "qlora"
+    model_dir, out, method = Path(args[0]), Path(args[1]), args[2] if len(args) >= 3 else "qlora"
     if not (model_dir / "config.json").is_file():
         from benchmarks.gpu_check import build_model_dir
 
@@ -116,9 +146,9 @@ def main(argv=None) -> int:
     print(json.dumps(check), flush=True)
     with Path(out).open("a") as f:
         f.write(json.dumps(check) + "\n")
-    for v in VARIANTS:
-        subprocess.run([sys.executable, "-m", "benchmarks.gpu_attention_ab", str(model_dir), str(out), method, v],
-                       timeout=600)
+    for v in variants:
+        subprocess.run([sys.executable, "-m", "benchmarks.gpu_attention_ab", str(model_dir), str(out), method, v,
+                        "--child"], timeout=600)
     return 0
 
 

@@ -127,8 +127,6 @@ def varlen(q, k, v, sizes, scale=None):
     """The row through PyTorch's varlen flash kernel: q (1, H, T, D), k and v (1, KV, T, D) in,
     (1, T, H, D) out. transformers' q, k, v are (1, T, h, D) projections transposed, so the kernel's
     (T, h, D) layout is a view of them, not a copy."""
-    import itertools
-
     import torch
 
     call = varlen_call()
@@ -143,9 +141,19 @@ def varlen(q, k, v, sizes, scale=None):
             extra["enable_gqa"] = True
         else:
             kt, vt = kt.repeat_interleave(heads // kv, dim=1), vt.repeat_interleave(heads // kv, dim=1)
-    cu = torch.tensor([0, *itertools.accumulate(sizes)], dtype=torch.int32, device=q.device)
+    cu = _cumulative(tuple(sizes), q.device)
     longest = max(sizes)
     return fn(qt, kt, vt, cu, cu, longest, longest, scale=scale, **extra).unsqueeze(0)
+
+
+def _cumulative(sizes: tuple[int, ...], device):
+    """The kernel's int32 conversation starts on `device` (made in every layer; a trial that makes
+    them once a forward is benchmarks/gpu_attention_ab.py's `varlen_once`)."""
+    import itertools
+
+    import torch
+
+    return torch.tensor([0, *itertools.accumulate(sizes)], dtype=torch.int32, device=device)
 
 
 def bmm(q, k, v, sizes, scale=None):
