@@ -264,3 +264,77 @@ def test_lora_matmul_gradients_against_autograd_of_the_same_formula(masked):
     ref = (ref_out, *torch.autograd.grad(ref_out, (x, a, b), g))
     for u, v in zip(got, ref):
         torch.testing.assert_close(u, v)
+
+
+@pytest.fixture(scope="module")
+def tiny_qlora(tiny_llama_dir):
+    """The tiny model as QLoRA loads it (nf4, double quant, fp32 compute), r 4 on all linears."""
+    pytest.importorskip("bitsandbytes")
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=quant, device_map="cpu")
+    cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    model = get_peft_model(model, cfg)
+    torch.manual_seed(0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    return model
+
+
+def test_qlora_takes_the_fused_path_with_peft_and_bitsandbytes_numbers(tiny_qlora):
+    """QLoRA's 4-bit layers, fused: the same loss and gradients as PEFT's forward over bitsandbytes'
+    (both dequantize the same nf4 weights), no call of bitsandbytes' 4-bit matmul; paired base and
+    adapter rows for the report; and where bitsandbytes would run its CPU inference kernel, its path."""
+    import bitsandbytes as bnb
+    from peft.tuners.lora.bnb import Linear4bit
+
+    from toolkit.finetune.base_model import keep_4bit_weights_trainable
+    from toolkit.finetune.fused_lora import NotFused, adapter_rows, fused_on_cpu
+
+    model = tiny_qlora.train()  # as the trainer runs it
+    keep_4bit_weights_trainable(model)
+    layers = [m for m in model.modules() if type(m) is Linear4bit]
+    assert layers and all(type(m.base_layer) is bnb.nn.Linear4bit for m in layers)
+    ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    calls = []
+    real = bnb.matmul_4bit
+    bnb.matmul_4bit = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        loss_ref, grads_ref = _loss_and_grads(model, ids)
+        assert len(calls) == len(layers)
+        model.eval()
+        with torch.no_grad():
+            tuned = model(input_ids=ids[:1]).logits
+            with model.disable_adapter():
+                base = model(input_ids=ids[:1]).logits
+        calls.clear()
+        with fused_on_cpu(model, "cpu") as n:
+            model.train()
+            loss, grads = _loss_and_grads(model, ids)
+            model.eval()
+            with torch.no_grad(), adapter_rows(model, torch.tensor([1, 0])):
+                both = model(input_ids=ids[:1].repeat(2, 1)).logits
+            assert n == len(layers) and not calls
+            for m in layers:  # as bitsandbytes sets it on an AVX512-BF16 CPU
+                m.base_layer.support_avx512bf16_for_cpu = True
+            with torch.no_grad(), adapter_rows(model, torch.tensor([0])), pytest.raises(NotFused):
+                model(input_ids=ids[:1])
+            assert not calls
+            with torch.no_grad():  # last: bitsandbytes repacks the weights for its kernel for good
+                model(input_ids=ids[:1])
+            assert len(calls) == len(layers)
+    finally:
+        bnb.matmul_4bit = real
+        keep_4bit_weights_trainable(model)
+    assert all(type(m) is Linear4bit for m in layers)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-5)
+    assert grads.keys() == grads_ref.keys() and len(grads) == 2 * n
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert (tuned - base).abs().max() > 1e-3
+    torch.testing.assert_close(both[0], tuned[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(both[1], base[0], rtol=1e-5, atol=1e-5)
