@@ -122,7 +122,7 @@ def test_for_device_says_which_frozen_linears_stay_unpacked(monkeypatch):
     block, why = P.for_device(torch.nn.Sequential(Linear4bit(8, 8)).requires_grad_(False), "cpu", "float32",
                               training=True)
     assert isinstance(block, contextlib.nullcontext)
-    assert why == "matmuls: torch's (no frozen nn.Linear to pre-pack; the 1 Linear4bit layers run their own kernels)"
+    assert why == "matmuls: torch's (no frozen nn.Linear to pre-pack; the 1 Linear4bit layers are dequantized for each product)"
 
 
 def test_skipped_layers_are_neither_packed_nor_counted(monkeypatch):

@@ -209,7 +209,7 @@ def for_device(model, dev: str, dtype: str, training: bool, skip=()):
     n, unpackable = len(frozen_linears(model, tdtype, skip)), _unpackable(model)
     if not n:
         return contextlib.nullcontext(0), ("matmuls: torch's (no frozen nn.Linear to pre-pack"
-                                           + (f"; the {unpackable} layers run their own kernels" if unpackable else "")
+                                           + (f"; the {unpackable} layers are dequantized for each product" if unpackable else "")
                                            + ")")
     need = pack_bytes(model, tdtype, backward=training, skip=skip)
     free = hardware.cpu_memory().available_bytes

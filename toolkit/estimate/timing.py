@@ -40,7 +40,8 @@ from dataclasses import dataclass
 #   `docs/cpu-training.md`) found the remainder the same in seconds on both CPUs, so it is priced at
 #   a fixed rate, not at the calibration's copy bandwidth, which swung between 38 and 70 GB/s from one
 #   calibration to the next on the Zen 5 while the training speed held. Not modelled: QLoRA's CPU
-#   layers beyond their unpacked matmul (4-bit dequantization, PEFT's own LoRA path; bench_time's row).
+#   layers beyond their unpacked matmul (the 4-bit dequantization before each product, ~48 ms of a
+#   ~1.3-s step in a profile on the Zen 5; bench_time's row).
 # - "cuda": the share a compute-bound step reached on the H200 lent on 2026-12-04 (14:40 UTC, torch
 #   2.11, `python -m benchmarks.gpu_check --parts compute`): the toolkit's trainer on random-weight
 #   Llama-3.2-1B, r16 on all linears, gradient checkpointing, padding-free packing with the varlen
