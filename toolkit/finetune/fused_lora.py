@@ -14,7 +14,7 @@ profile on the Zen 5 EPYC, steady tokens/s, three pairs (docs/cpu-training.md): 
 
 Only the plain case takes the fused path: one active adapter, no dropout, no DoRA or other
 variant, no adapter bias, a plain `nn.Linear` base without hooks (or one that
-`toolkit.core.packed_linear` packed), one dtype -- or the bf16 CPU run's
+`toolkit.core.packed_linear` packed, or bitsandbytes' 4-bit one: below), one dtype -- or the bf16 CPU run's
 mix: bf16 base and input, fp32 adapter (kept fp32 for its updates), under bf16 autocast. There PEFT
 casts each layer's input to fp32 and autocast casts it back, two full copies a layer forward and
 two more backward (~10% of a bf16 step in the profile); here only the adapter's r-wide weights are
