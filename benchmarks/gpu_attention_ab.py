@@ -14,6 +14,10 @@
      keyed by the collator's tensor and its version). Not measured yet: no GPU was lent when it was
      written (2026-12-04 evening). The trial before it, the collator's GPU tensor passed straight to
      the kernel, read slower than `varlen` (gpu-results.json, "attention_varlen_device_bounds_trial").
+   - `varlen_fused_lora`, a trial: as `varlen`, with the LoRA layers (QLoRA's 4-bit ones included)
+     through `toolkit.finetune.fused_lora` as on a CPU: one autograd node a layer, the adapter added
+     inside the base product. A QLoRA step at this size waits on the host (~25 ms a layer), and this
+     takes PEFT's and bitsandbytes' Python and a few kernels out of each layer. Not measured yet.
 
     python -m benchmarks.gpu_attention_ab MODEL_DIR OUT.jsonl [qlora|lora] [VARIANT,VARIANT,...]
     (MODEL_DIR: made if missing; variants in the order given, repeats allowed; default masked,varlen)
@@ -31,7 +35,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-VARIANTS = ("masked", "varlen", "varlen_once")
+VARIANTS = ("masked", "varlen", "varlen_once", "varlen_fused_lora")
 DEFAULT_VARIANTS = ("masked", "varlen")
 KERNEL_SIZES = [143, 87, 301, 64, 512, 120, 95, 230, 161, 78, 257]  # ~2,048 tokens, finance-like lengths
 STEPS = 16
@@ -48,6 +52,10 @@ def one(model_dir: Path, variant: str, out: Path, method: str) -> dict:
         segment_attention.varlen_call = lambda: None  # as on a PyTorch without the kernel
     if variant == "varlen_once":
         _read_bounds_once()
+    if variant == "varlen_fused_lora":
+        from toolkit.finetune import fused_lora
+
+        fused_lora.wanted = lambda device: True
     from toolkit.finetune.trainer import finetune
 
     cb = _peak_callback()

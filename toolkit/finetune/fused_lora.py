@@ -220,12 +220,18 @@ READS = ("base_layer", "lora_A", "lora_B", "scaling", "lora_dropout", "lora_vari
          "disable_adapters", "merged")
 
 
+def wanted(device: str) -> bool:
+    """Whether LoRA layers on `device` take the fused path: on a CPU, where it was measured. On CUDA
+    PEFT's layers stay (a trial is ready in benchmarks/gpu_attention_ab.py, `varlen_fused_lora`)."""
+    return not device.startswith("cuda")
+
+
 @contextlib.contextmanager
 def fused_on_cpu(model, device: str, announce=None):
     """Within the block, `model`'s PEFT LoRA linear layers add their adapter inside the GEMM (see the
     module); on exit they are PEFT's again, also after an error or Ctrl-C. Yields how many layers it
-    swapped. On CUDA it changes nothing: only the CPU was measured."""
-    if device.startswith("cuda"):
+    swapped. Only where `wanted(device)`."""
+    if not wanted(device):
         yield 0
         return
     try:
