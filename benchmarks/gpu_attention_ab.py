@@ -11,13 +11,15 @@
    - `varlen`: the trainer's choice on sm80+ with PyTorch >= 2.10; every layer reads the row's
      bounds back to the host and sends them to the GPU again (two waits for the GPU a layer);
    - `varlen_once`, a trial: as `varlen`, the bounds read and sent once a forward (a one-entry cache
-     keyed by the collator's tensor and its version). Not measured yet: no GPU was lent when it was
-     written (2026-12-04 evening). The trial before it, the collator's GPU tensor passed straight to
-     the kernel, read slower than `varlen` (gpu-results.json, "attention_varlen_device_bounds_trial").
+     keyed by the collator's tensor and its version). QLoRA, 2026-12-04 16:44 UTC: median steps 0.314 /
+     0.323 s against varlen's 0.346 / 0.296, no difference beyond the spread (gpu-results.json,
+     "attention_trials_evening"). The trial before it, the collator's GPU tensor passed straight to
+     the kernel, read slower than `varlen` ("attention_varlen_device_bounds_trial").
    - `varlen_fused_lora`, a trial: as `varlen`, with the LoRA layers (QLoRA's 4-bit ones included)
      through `toolkit.finetune.fused_lora` as on a CPU: one autograd node a layer, the adapter added
-     inside the base product. A QLoRA step at this size waits on the host (~25 ms a layer), and this
-     takes PEFT's and bitsandbytes' Python and a few kernels out of each layer. Not measured yet.
+     inside the base product. 16:44-16:56 UTC, alternating with varlen: QLoRA 0.281 / 0.286 / 0.327 /
+     0.332 s against 0.346 / 0.296 / 0.368 / 0.313 (-7.5% on the means); LoRA 0.300 / 0.334 against
+     0.343 / 0.261 (no gain), its peak 5.3% lower.
 
     python -m benchmarks.gpu_attention_ab MODEL_DIR OUT.jsonl [qlora|lora] [VARIANT,VARIANT,...]
     (MODEL_DIR: made if missing; variants in the order given, repeats allowed; default masked,varlen)

@@ -170,6 +170,7 @@ def measure_memory(row: dict, model_dir: str, runs: Path) -> dict:
     # Reserved is what the caching allocator holds (what nvidia-smi shows, less the CUDA context).
     return {**row, "measured_max_allocated_bytes": peak.peak, "measured_over_estimate": round(ratio, 3),
             "measured_max_reserved_bytes": peak.reserved, "engine": info["engine"], "steps_done": info["steps"],
+            "attention": info.get("packed_attention_reason"),
             **_step_times(peak.step_s, peak.tokens), "losses": [round(x, 4) for x in peak.losses],
             "_info": {k: info[k] for k in ("method", "train_examples", "train_tokens_per_epoch",
                                            "trained_tokens_per_epoch")}}
