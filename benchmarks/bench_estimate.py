@@ -122,8 +122,9 @@ def cpu_training_rows() -> list[dict]:
 
 
 def gpu_rows() -> list[dict]:
-    """The estimate (this code) against `make gpu-check`'s measured CUDA peaks (benchmarks/gpu-results.json),
-    the table behind tests/estimate/test_gpu_measured.py."""
+    """The estimate (this code) against `make gpu-check`'s measured CUDA peaks (benchmarks/gpu-results.json:
+    the trainer's varlen attention and, before it, the block-diagonal mask), the table behind
+    tests/estimate/test_gpu_measured.py."""
     from tests.estimate.test_gpu_measured import MODEL, RESULTS, _memory_rows, _plan
     from toolkit.estimate.catalog import CATALOG
     from toolkit.estimate.planner import estimate
@@ -134,7 +135,9 @@ def gpu_rows() -> list[dict]:
         est = estimate(CATALOG[MODEL], **_plan(r)).allocated_bytes
         full = estimate(CATALOG[MODEL], **_plan(r), loss="transformers").allocated_bytes
         measured = r["measured_max_allocated_bytes"]
-        rows.append({"case": f"{gpu}: Llama-3.2-1B {r['method']} r16 all-linear, {r['seq_len']} x {r['batch']}, ckpt",
+        attention = "varlen" if r["set"] == "memory" else "mask"
+        rows.append({"case": f"{gpu}: Llama-3.2-1B {r['method']} r16 all-linear, {r['seq_len']} x {r['batch']}, ckpt, "
+                             f"{attention}",
                      "measured MiB": round(measured / MIB), "estimate MiB": round(est / MIB),
                      "error": f"{100 * (est / measured - 1):+.1f}%",
                      "with transformers' loss MiB": round(full / MIB),

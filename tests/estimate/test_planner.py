@@ -285,3 +285,38 @@ def test_eager_attention_keeps_scores_and_kbit_upcast_makes_fp32_rest():
     assert up.components["logits"] == 2048 * m.vocab * 16  # fp32 logits: no 16-bit copy, 4 + 12 bytes
     saved, back = F.eager_attention_bytes(32, 2048, 2)
     assert (saved, back) == (32 * 2048 * 6, 32 * 2048 * 8)
+
+
+def test_peft_4bit_layers_keep_16bit_inputs_only_under_cuda_autocast(tiny_llama_dir, monkeypatch):
+    """The estimate's QLoRA-on-CUDA term (`planner._training_terms`, `uncast`) rests on PEFT's 4-bit
+    LoRA layer skipping its cast to the fp32 adapter when `torch.is_autocast_enabled()` (CUDA's state)
+    is True. Run on the CPU under CPU autocast, with that call answering CPU's state as CUDA's would:
+    the adapters get the 16-bit input itself. Fails if PEFT changes the branch."""
+    import torch
+
+    pytest.importorskip("bitsandbytes")
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=quant, device_map="cpu",
+                                                 dtype=torch.bfloat16)
+    for module in model.modules():  # bitsandbytes' training path, not its CPU inference kernel
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0)).train()
+
+    def adapter_input_dtypes():
+        seen = set()
+        hooks = [m.register_forward_pre_hook(lambda mod, args: seen.add(args[0].dtype))
+                 for name, m in model.named_modules() if name.endswith("lora_A.default")]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(input_ids=torch.randint(0, 100, (1, 16)))
+        for h in hooks:
+            h.remove()
+        return seen
+
+    assert adapter_input_dtypes() == {torch.float32}  # outside CUDA autocast: cast to the adapter's dtype
+    cpu_state = torch.is_autocast_enabled
+    monkeypatch.setattr(torch, "is_autocast_enabled", lambda *a: cpu_state(*a) if a else cpu_state("cpu"))
+    assert adapter_input_dtypes() == {torch.bfloat16}

@@ -227,15 +227,26 @@ def _training_terms(est, m, quant, tokens, lora_r, grad_ckpt, targets, optimizer
         c["lora_adapter"] = 4 * est.trainable_params
         c["gradients"] = 4 * est.trainable_params
         c["optimizer"] = F.optimizer_bytes(est.trainable_params, optimizer, 4)
+    # PEFT's 4-bit LoRA layer casts its input to the fp32 adapter's dtype only outside CUDA autocast
+    # (`torch.is_autocast_enabled()`, peft/tuners/lora/bnb.py), and the trainer computes under bf16/fp16
+    # autocast: on CUDA the 4-bit layers keep their 16-bit inputs, shared between q/k/v and gate/up.
+    # litgpt (loss_chunk) has LoRA layers of its own.
+    uncast = task == "qlora" and est.device == "cuda" and act == 2 and not loss_chunk
     # CUDA's fused dropout keeps a bool mask; CPU dropout multiplies by a mask of the input dtype
     per_layer = F.layer_activation_bytes(m.hidden, m.q_dim, m.kv_dim, m.intermediate,
                                          "full" if task == "full" else "lora", targets, m.linears(), lora_r or 0,
-                                         lora_dropout, act, adapter_bytes=4, mask_bytes=1 if est.device == "cuda" else 4)
+                                         lora_dropout, act, adapter_bytes=act if uncast else 4,
+                                         mask_bytes=1 if est.device == "cuda" else 4)
     attn_back = mask = 0
     if attn_impl == "eager":
         saved, attn_back = F.eager_attention_bytes(m.heads, est.seq_len, act)
         per_layer += saved
         mask = tokens * est.seq_len * act
+    if uncast:
+        # What that layer's backward holds beyond the saved set: one MLP-width gradient in flight
+        # (benchmarks/cuda_autocast_peak.py: 14.6 KB a token over the saved set at i = 8192, i x 2 = 16.4).
+        attn_back += m.intermediate * act
+        est.notes.append("PEFT's 4-bit layers keep their 16-bit inputs under CUDA autocast")
     per_layer += extra_kept // max(1, tokens * m.layers)
     if loss_chunk:
         logits = F.chunked_logits_bytes(tokens, m.vocab, loss_chunk, act)

@@ -51,14 +51,18 @@ from dataclasses import dataclass
 #   CUDA_STEP_SECONDS_PER_LAYER.
 TRAIN_EFFICIENCY = {"cpu": 0.816, "cpu bfloat16": 0.886, "cuda": 0.33}
 # A CUDA micro-batch's host time, whatever its tokens: Python, PyTorch's dispatch and ~4,500 kernel
-# launches, which a fast GPU waits on. Measured by `make gpu-check` on the H200 lent on 2026-12-04
-# (16-core Xeon VM, torch 2.11, Llama-3.2-1B, r16 on all linears, gradient checkpointing;
-# benchmarks/gpu-results.json): median steps of 0.38 / 0.42 / 0.39 s for QLoRA and 0.20 / 0.20 /
-# 0.21 s for LoRA at 447 / 2047 / 3973 tokens, flat in the tokens; the profiler had the GPU busy
-# ~30% of a QLoRA step. Per layer of that 16-layer model; QLoRA's 4-bit layers add bitsandbytes'
-# Python autograd function and a dequantization per matmul. The step takes the longer of this and
-# the GPU's work (the two overlap). Full fine-tuning was not measured: LoRA's figure stands in.
-CUDA_STEP_SECONDS_PER_LAYER = {"qlora": 0.025, "lora": 0.0125, "full": 0.0125}
+# launches, which a fast GPU waits on. Measured on the H200 machines lent on 2026-12-04 (16-core Xeon
+# VMs, torch 2.11, Llama-3.2-1B, r16 on all linears, gradient checkpointing; benchmarks/gpu-results.json),
+# flat in the tokens (447-3985 a step), the profiler having the GPU busy ~30% of a QLoRA step. Fitted
+# to the trainer's path on sm80+ (the varlen attention kernel, "memory" and the attention trials):
+# median steps of 0.285-0.387 s for QLoRA (nine runs, median 0.346) and 0.260-0.343 s for LoRA (five
+# runs, median 0.298). With the block-diagonal mask ("memory_masked", the path a pre-Ampere GPU takes,
+# measured five hours earlier) they read 0.38-0.42 s and 0.20-0.21 s: QLoRA's two paths alike in the
+# same session, LoRA's never compared in one session. Per layer of that 16-layer model; QLoRA's 4-bit
+# layers add bitsandbytes' Python autograd function and a dequantization per matmul. The step takes
+# the longer of this and the GPU's work (the two overlap). Full fine-tuning was not measured: LoRA's
+# figure stands in.
+CUDA_STEP_SECONDS_PER_LAYER = {"qlora": 0.021, "lora": 0.018, "full": 0.018}
 CPU_ELEMENTWISE_PASSES = 86
 CPU_STEP_SECONDS_PER_LAYER = 0.0071
 CPU_ELEMENTWISE_BYTES_PER_S = 40e9
