@@ -267,7 +267,7 @@ def test_training_peak_is_the_larger_phase_not_the_sum():
     acts, logits, phase = F.training_peak_activation_bytes(50, 4, 8, 100, True, logits_peak=10_000, act_bytes=2)
     assert (acts, logits, phase) == (kept, 10_000, "the loss backward")
     acts, logits, phase = F.training_peak_activation_bytes(500, 4, 8, 100, True, logits_peak=10, act_bytes=2,
-                                                           attn_backward_bytes=30)
+                                                           backward_bytes=30)
     assert (acts, logits) == (kept + 100 * (2 * 8 * 2 + 30 + 500), 0) and "layer" in phase
     # without checkpointing every layer's set is kept through the loss
     acts, logits, _ = F.training_peak_activation_bytes(50, 4, 8, 100, False, logits_peak=10_000)

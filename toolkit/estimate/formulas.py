@@ -213,22 +213,23 @@ def eager_attention_bytes(heads: int, seq_len: int, act_bytes: int = 2) -> tuple
 
 
 def training_peak_activation_bytes(per_layer_bytes: int, layers: int, hidden: int, tokens: int, grad_ckpt: bool,
-                                   logits_peak: int, act_bytes: int = 2, attn_backward_bytes: int = 0,
+                                   logits_peak: int, act_bytes: int = 2, backward_bytes: int = 0,
                                    mask_bytes: int = 0) -> tuple[int, int, str]:
     """(activations, logits, phase) at the peak of a training step: the larger of two moments.
 
     - the loss backward: everything the forward kept (every layer's set, or with per-layer
       checkpointing only each layer's input) plus the logits spike (`logits_peak`);
     - a layer's backward: the logits are gone; what the forward kept, plus (with checkpointing)
-      one recomputed layer's set, the layer's attention-backward temporaries and the gradient of
-      the residual stream (2 x hidden per token).
+      one recomputed layer's set, the layer's backward temporaries per token (`backward_bytes`:
+      eager attention's, an MLP-width gradient in flight) and the gradient of the residual stream
+      (2 x hidden per token).
     Adding the two, as a plain sum of terms does, counts memory that is never live at once
     (Korthikanti et al. 2022 and PyTorch's caching allocator frees a saved tensor right after the
     backward node that used it). `mask_bytes` is the causal mask eager attention builds once per
     forward (tokens x seq_len entries) and keeps until the step ends."""
     kept = tokens * layers * (hidden * act_bytes if grad_ckpt else per_layer_bytes) + mask_bytes
     loss_phase = kept + logits_peak
-    layer_phase = kept + tokens * (2 * hidden * act_bytes + attn_backward_bytes
+    layer_phase = kept + tokens * (2 * hidden * act_bytes + backward_bytes
                                    + (per_layer_bytes if grad_ckpt else 0))
     if loss_phase >= layer_phase:
         return kept, logits_peak, "the loss backward"

@@ -237,15 +237,15 @@ def _training_terms(est, m, quant, tokens, lora_r, grad_ckpt, targets, optimizer
                                          "full" if task == "full" else "lora", targets, m.linears(), lora_r or 0,
                                          lora_dropout, act, adapter_bytes=act if uncast else 4,
                                          mask_bytes=1 if est.device == "cuda" else 4)
-    attn_back = mask = 0
+    backward = mask = 0
     if attn_impl == "eager":
-        saved, attn_back = F.eager_attention_bytes(m.heads, est.seq_len, act)
+        saved, backward = F.eager_attention_bytes(m.heads, est.seq_len, act)
         per_layer += saved
         mask = tokens * est.seq_len * act
     if uncast:
         # What that layer's backward holds beyond the saved set: one MLP-width gradient in flight
         # (benchmarks/cuda_autocast_peak.py: 14.6 KB a token over the saved set at i = 8192, i x 2 = 16.4).
-        attn_back += m.intermediate * act
+        backward += m.intermediate * act
         est.notes.append("PEFT's 4-bit layers keep their 16-bit inputs under CUDA autocast")
     per_layer += extra_kept // max(1, tokens * m.layers)
     if loss_chunk:
@@ -257,7 +257,7 @@ def _training_terms(est, m, quant, tokens, lora_r, grad_ckpt, targets, optimizer
     else:
         logits = F.cpu_lean_logits_bytes(tokens, m.vocab, m.hidden, act)
     acts, logits, phase = F.training_peak_activation_bytes(per_layer, m.layers, m.hidden, tokens, grad_ckpt, logits,
-                                                           act, attn_back, mask)
+                                                           act, backward, mask)
     c["activations"] = acts
     c["logits"] = logits
     est.notes.append(f"peak during {phase}")
