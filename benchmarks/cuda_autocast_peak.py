@@ -31,6 +31,8 @@ def build(layers: int, method: str):
     from peft import LoraConfig, get_peft_model
     from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
+    from toolkit.finetune.base_model import keep_4bit_weights_trainable
+
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=2000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=layers,
                       num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True,
@@ -42,9 +44,7 @@ def build(layers: int, method: str):
             model = LlamaForCausalLM.from_pretrained(d, dtype=torch.bfloat16, quantization_config=BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                 bnb_4bit_compute_dtype=torch.bfloat16))
-        for module in model.modules():  # the training path, not bitsandbytes' CPU inference kernel
-            if hasattr(module, "support_avx512bf16_for_cpu"):
-                module.support_avx512bf16_for_cpu = False
+        keep_4bit_weights_trainable(model)  # the training path, not bitsandbytes' CPU inference kernel
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
     model = get_peft_model(model, LoraConfig(r=16, target_modules=ALL_LINEAR, lora_dropout=0.0))

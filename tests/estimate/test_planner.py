@@ -301,9 +301,9 @@ def test_peft_4bit_layers_keep_16bit_inputs_only_under_cuda_autocast(tiny_llama_
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=quant, device_map="cpu",
                                                  dtype=torch.bfloat16)
-    for module in model.modules():  # bitsandbytes' training path, not its CPU inference kernel
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
+    from toolkit.finetune.base_model import keep_4bit_weights_trainable
+
+    keep_4bit_weights_trainable(model)  # bitsandbytes' training path, not its CPU inference kernel
     model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0)).train()
 
     def adapter_input_dtypes():
