@@ -210,11 +210,16 @@ def measure_run(row: dict, runs: Path) -> dict:
         return {**row, "error": [str(exc)]}
     info = json.loads((run / "run.json").read_text())
     keys = ("engine", "packing", "compute_dtype", "steps", "tokens_seen", "train_runtime_s", "tokens_per_s",
-            "prep_s", "report_s", "wall_s", "report_error")
+            "prep_s", "report_s", "wall_s", "report_error", "packed_attention_reason")
     logs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     losses = [round(r["loss"], 4) for r in logs if "loss" in r]
+    rep = info.get("report") or {}
+    # The run's phases: in-training evals (inside train_runtime_s) and the report's parts.
+    phases = {"in_training_evals_s": [r["eval_runtime"] for r in logs if "eval_runtime" in r],
+              "report_base_s": (rep.get("base") or {}).get("seconds"),
+              "report_finetuned_s": (rep.get("finetuned") or {}).get("seconds"), "report_s": rep.get("seconds")}
     return {**row, **{k: info.get(k) for k in keys}, "process_wall_s": round(time.time() - t0, 1),
-            "losses_first_last": losses[:1] + losses[-1:]}
+            "losses_first_last": losses[:1] + losses[-1:], "phases": phases}
 
 
 def environment() -> dict:

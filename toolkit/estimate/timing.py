@@ -75,11 +75,18 @@ DECODE_EFFICIENCY = 1.0
 # 3, benchmarks/gpu-results.json "decode"); reading its 2.5 GB of bf16 weights takes 0.5 ms there.
 # - "loop": the toolkit's own loop on the transformers backend (`toolkit generate`, `toolkit chat`),
 #   bf16, one stream: 11.3 ms a step, 88 tokens/s (transformers' `generate` at batch 1: 15.4 ms);
-# - "answers": transformers' `generate` at the report's 16 prompts a batch, bf16: 12.4 ms a step;
-# - "answers 4-bit": the same on the QLoRA model the report scores (4-bit base, unmerged LoRA r16 on
-#   all linears): 39.5 ms a step (34.6 at batch 1).
+# - "answers": transformers' `generate` at the report's 16 prompts a batch, bf16: 12.4 ms a step
+#   (16 copies of one prompt: no padding, so no mask to build);
+# - the QLoRA report's own call (`scoring.greedy_answers` on its 24 questions, left-padded batches of
+#   16, the model as the trainer loads it; `benchmarks/gpu_report_answers.py`, 18:14 UTC, the second
+#   call of each, "report_answers"): "answers 4-bit base" the base side (adapter off), 37.7 ms a step;
+#   "answers 4-bit" the fine-tuned side (4-bit base, unmerged LoRA r16 on all linears), 59.6 and
+#   64.1 ms. (`generate` on one unpadded prompt read 39.5 ms with the adapter on.) The first call
+#   read 141.5 ms a step there: cuDNN's attention planned each new KV length, which
+#   `toolkit.core.sdpa_backends` now keeps the report from.
 # A step takes the longer of this and reading the weights (and KV cache) at the bandwidth.
-CUDA_DECODE_SECONDS_PER_LAYER = {"loop": 0.00071, "answers": 0.00078, "answers 4-bit": 0.00247}
+CUDA_DECODE_SECONDS_PER_LAYER = {"loop": 0.00071, "answers": 0.00078, "answers 4-bit base": 0.00236,
+                                 "answers 4-bit": 0.00387}
 
 
 @dataclass(frozen=True)
@@ -198,8 +205,8 @@ def decode_tokens_per_s(bytes_per_token: float, bandwidth_bytes_per_s: float,
 
 
 def cuda_decode_step_seconds(m, decoder: str) -> float:
-    """A CUDA decoding step's host time for `decoder` ("loop", "answers", "answers 4-bit"; see
-    CUDA_DECODE_SECONDS_PER_LAYER): per layer x layers."""
+    """A CUDA decoding step's host time for `decoder` ("loop", "answers", "answers 4-bit base",
+    "answers 4-bit"; see CUDA_DECODE_SECONDS_PER_LAYER): per layer x layers."""
     return CUDA_DECODE_SECONDS_PER_LAYER[decoder] * m.layers
 
 

@@ -43,38 +43,6 @@ def wanted(device: str, packing: bool, engine: str) -> bool:
     return packing and engine != "unsloth"
 
 
-# SDPA backends for padding-free packed training on CUDA: every backend but cuDNN's. transformers
-# turns a packed row into a block-diagonal mask, so SDPA takes a masked kernel, and on Hopper PyTorch
-# prefers cuDNN's; cuDNN builds an execution plan for each new shape, and a packed row's length
-# changes every step. Measured on an H200 (torch 2.11, QLoRA Llama-3.2-1B, 8 x 512 packed tokens a
-# step, 10 steps, 2026-12-04): steps 2-10 took 10.3 s with cuDNN (median 0.62 s, three steps of
-# 1.7-2.6 s), 3.6 s without it (median 0.40 s, none over 0.46 s); the first step 7.4 s against 1.5 s;
-# the losses agreed to 1e-4. Per-conversation SDPA (this module's kernel) read 3.0 s a step there:
-# ~10 small kernels a layer, and the GPU waits on Python. (Same symptom: meta-pytorch/torchtune#1652.)
-CUDA_PACKED_SDPA_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
-
-
-def cuda_sdpa_backends(device: str, packing: bool, engine: str) -> tuple[str, ...] | None:
-    """The SDPA backends (`torch.nn.attention.SDPBackend` names) packed training on `device` keeps
-    to, or None for torch's own choice: CUDA_PACKED_SDPA_BACKENDS for padding-free packing with the
-    transformers engine on CUDA (Unsloth brings its own attention)."""
-    if packing and device.startswith("cuda") and engine != "unsloth":
-        return CUDA_PACKED_SDPA_BACKENDS
-    return None
-
-
-def sdpa_backends(names: tuple[str, ...] | None):
-    """A context in which SDPA uses only the backends `names` (None: no change). Scoped to the
-    training loop, so generation and anything after it keep torch's choice."""
-    import contextlib
-
-    if names is None:
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel([getattr(SDPBackend, n) for n in names])
-
-
 def segment_bounds(cu_seq_lens=None, position_ids=None) -> list[int] | None:
     """[0, end_1, end_2, ..., n] for a packed row, or None when the row is not packed.
 

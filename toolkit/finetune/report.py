@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
 from pathlib import Path
 
 from toolkit.core import packed_linear
@@ -85,10 +86,18 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
 
 def _side(model, tok, split, rec, dtype, questions, answers: list[str] | None = None) -> dict:
     """One side's measurements; `answers` when its greedy answers were generated already (paired)."""
+    seconds = {}
+    t0 = time.perf_counter()
     loss, n = scoring.answer_loss(model, split.input_ids, split.labels, dtype)
+    seconds["answer_loss"] = round(time.perf_counter() - t0, 2)
     if answers is None:
+        t0 = time.perf_counter()
         answers = scoring.greedy_answers(model, tok, [q["prompt"] for q in questions], rec.eval.max_new_tokens,
                                          dtype) if questions else []
+        seconds["answers"] = round(time.perf_counter() - t0, 2)
+    t0 = time.perf_counter()
+    general_ppl = round(scoring.text_perplexity(model, tok, GENERAL_TEXT, dtype), 3)
+    seconds["general_ppl"] = round(time.perf_counter() - t0, 2)
     correct = [is_correct(a, q["keys"], q["wrong"]) for a, q in zip(answers, questions)]
     shares = [key_score(a, q["keys"]) for a, q in zip(answers, questions)]
     k, m = sum(correct), len(correct)
@@ -102,7 +111,9 @@ def _side(model, tok, split, rec, dtype, questions, answers: list[str] | None = 
         "generation_se": round(math.sqrt((k / m) * (1 - k / m) / m), 4) if m else None,
         "generation_ci95": [round(lo, 4), round(hi, 4)] if m else None,
         "key_share": round(sum(shares) / m, 4) if m else None,
-        "general_ppl": round(scoring.text_perplexity(model, tok, GENERAL_TEXT, dtype), 3),
+        "general_ppl": general_ppl,
+        # Where the report's time goes (a GPU waits on the host per batch and per decoding step).
+        "seconds": seconds,
         "_answers": answers, "_correct": correct,
     }
 
@@ -163,9 +174,11 @@ def evaluate(model, tok, split, rec, dtype: str = "auto", choice=None, base_mode
     # its length, as packed_linear requires.
     packed = lambda m: packed_linear.for_device(m, dev, dtype, training=False)[0]  # noqa: E731
     pair = None
+    t_start = time.perf_counter()
     if base_model is None and prompts:
         with packed(model):
             pair = scoring.paired_greedy_answers(model, tok, prompts, rec.eval.max_new_tokens, dtype)
+    paired_s = round(time.perf_counter() - t_start, 2)
     if base_model is not None:
         with packed(base_model):
             base = _side(base_model, tok, split, rec, dtype, questions)
@@ -194,6 +207,9 @@ def evaluate(model, tok, split, rec, dtype: str = "auto", choice=None, base_mode
             "regressions": [p for p in per_question if p["base_correct"] and not p["finetuned_correct"]],
             "per_question": per_question, "samples": samples,
             "heldout_examples": len(split.input_ids), "generation_questions": len(questions),
+            # The paired answers (both sides in one generation, where that applies) and the whole.
+            "seconds": {"paired_answers": paired_s if pair else None,
+                        "total": round(time.perf_counter() - t_start, 2)},
             "base_model": getattr(choice, "spec", None)}
 
 

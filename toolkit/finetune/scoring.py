@@ -7,6 +7,8 @@ from __future__ import annotations
 import contextlib
 import math
 
+from toolkit.core import sdpa_backends
+
 
 def _autocast(model, dtype: str):
     import torch
@@ -37,7 +39,7 @@ def answer_loss(model, input_ids: list[list[int]], labels: list[list[int]], dtyp
     shared = shared_prefix(input_ids, labels)
     # Batches of similar lengths: little compute spent on padding (the sum doesn't depend on order).
     order = sorted(range(len(input_ids)), key=lambda k: len(input_ids[k]))
-    with torch.no_grad(), _autocast(model, dtype):
+    with torch.no_grad(), _autocast(model, dtype), sdpa_backends.on_device_of(model):
         prefix = decoder(input_ids=torch.tensor([input_ids[0][:shared]], device=dev), use_cache=True
                          ).past_key_values if shared else None
         for i in range(0, len(order), batch_size):
@@ -124,7 +126,8 @@ def greedy_answers(model, tok, prompts: list[list[dict]], max_new_tokens: int, d
         for i in range(0, len(order), batch_size):
             idx = order[i:i + batch_size]
             enc = tok([texts[j] for j in idx], return_tensors="pt", padding=True, add_special_tokens=False).to(dev)
-            with torch.no_grad(), _autocast(model, dtype), (per_batch(idx) if per_batch else contextlib.nullcontext()):
+            with (torch.no_grad(), _autocast(model, dtype), sdpa_backends.on_device_of(model),
+                  per_batch(idx) if per_batch else contextlib.nullcontext()):
                 gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
                                      top_p=None, top_k=None, pad_token_id=tok.pad_token_id,
                                      eos_token_id=tok.eos_token_id)

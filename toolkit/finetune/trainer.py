@@ -150,7 +150,7 @@ def _train(rec, overrides, stage: Path, runs: Path, dev, dtype, train_ex, eval_e
     from trl import SFTTrainer
 
     from toolkit.finetune import data as data_mod
-    from toolkit.core import allocator, packed_linear
+    from toolkit.core import allocator, packed_linear, sdpa_backends
     from toolkit.finetune import cpu_lm_head, packed_attention
     from toolkit.finetune.fused_lora import fused_on_cpu
     from toolkit.finetune.fused_norm import fused_norms_on_cpu
@@ -199,10 +199,9 @@ def _train(rec, overrides, stage: Path, runs: Path, dev, dtype, train_ex, eval_e
         if how.kernel != "masked":  # each packed conversation attended alone (see the module)
             attn = packed_attention.name(how.kernel, how.fallback, how.max_padding)
             packed_attention.use_on(model, how.kernel, how.fallback, how.max_padding)
-    # On CUDA, the masked SDPA (the "masked" choice, and the rows a packed kernel hands back) keeps off
-    # cuDNN's kernel.
-    sdpa_names = packed_attention.cuda_sdpa_backends(dev, pack.packing, notes["engine"])
-    if sdpa_names is not None and attn is None:
+    # On CUDA, SDPA (the masked packed rows, padded batches, the evals) keeps off cuDNN's kernel.
+    sdpa_names = sdpa_backends.for_device(dev, notes["engine"])
+    if sdpa_names is not None and attn is None and attn_reason:
         attn_reason += "; SDPA without cuDNN's kernel (it re-plans for every new packed-row length)"
     if attn_reason:
         announce(attn_reason)
@@ -245,7 +244,7 @@ def _train(rec, overrides, stage: Path, runs: Path, dev, dtype, train_ex, eval_e
     interrupt.install()
     try:
         with (lean_lm_head_on_cpu(dev, announce), fused_on_cpu(trainer.model, dev, announce),
-              fused_norms_on_cpu(trainer.model, dev), packed, packed_attention.sdpa_backends(sdpa_names)):
+              fused_norms_on_cpu(trainer.model, dev), packed, sdpa_backends.kept_to(sdpa_names)):
             result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     finally:
         interrupt.uninstall()
@@ -310,7 +309,7 @@ def _evaluate_and_report(trainer, tok, eval_split, rec, dtype, choice, stage: Pa
             announce("evaluating base vs fine-tuned on the held-out set ...")
             rep = report.evaluate(trainer.model, tok, eval_split, rec, dtype, choice)
             report.write(stage, rep, info)
-            info["report"] = {k: rep[k] for k in ("base", "finetuned", "improvement")}
+            info["report"] = {k: rep[k] for k in ("base", "finetuned", "improvement", "seconds")}
             info["report_s"] = round(time.time() - t0, 1)
         report.plot_losses(stage / "metrics.jsonl", stage / "loss.png", info.get("report"), info.get("steps"))
     except Exception as exc:  # noqa: BLE001 - any failure here must not cost the trained weights

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from toolkit.core import sdpa_backends
+
 
 class HFBackend:
     """Next-token logits from a transformers model, rows kept in one batched KV cache."""
@@ -27,6 +29,7 @@ class HFBackend:
         limit = getattr(model.config, "max_position_embeddings", None) or 2048
         self.n_ctx = min(n_ctx, limit) if n_ctx else limit
         self.device = next(model.parameters()).device
+        self._sdpa = sdpa_backends.for_device(self.device.type)
         self.cache = None
 
     @classmethod
@@ -69,7 +72,10 @@ class HFBackend:
     # --- logits -----------------------------------------------------------------------------
     @torch.inference_mode()
     def _forward(self, ids: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=ids.to(self.device), past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        # Every step's KV length is new: on CUDA, SDPA keeps off cuDNN's kernel, which plans per shape.
+        with sdpa_backends.kept_to(self._sdpa):
+            out = self.model(input_ids=ids.to(self.device), past_key_values=self.cache, use_cache=True,
+                             logits_to_keep=1)
         self.cache = out.past_key_values
         # The search loop runs on the CPU: one small copy per step (it syncs for the token id anyway).
         return out.logits[:, -1, :].float().cpu()
