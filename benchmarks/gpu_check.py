@@ -217,7 +217,7 @@ def measure_run(row: dict, runs: Path) -> dict:
     # The run's phases: in-training evals (inside train_runtime_s) and the report's parts.
     phases = {"in_training_evals_s": [r["eval_runtime"] for r in logs if "eval_runtime" in r],
               "report_base_s": (rep.get("base") or {}).get("seconds"),
-              "report_finetuned_s": (rep.get("finetuned") or {}).get("seconds"), "report_s": rep.get("seconds")}
+              "report_finetuned_s": (rep.get("finetuned") or {}).get("seconds"), "report_whole_s": rep.get("seconds")}
     return {**row, **{k: info.get(k) for k in keys}, "process_wall_s": round(time.time() - t0, 1),
             "losses_first_last": losses[:1] + losses[-1:], "phases": phases}
 
