@@ -29,12 +29,11 @@ def main(argv=None) -> int:
     import torch
 
     from benchmarks.gpu_check import RECIPE, e2e_overrides
+    from toolkit.core import sdpa_backends
     from toolkit.finetune import data as data_mod
     from toolkit.finetune import recipe as recipe_mod
     from toolkit.finetune import report, scoring
     from toolkit.finetune.base_model import load_for_training
-
-    from toolkit.core import sdpa_backends
 
     args = list(argv or sys.argv[1:])
     model_dir, out, dev, variant = (args + ["cuda", "toolkit"][len(args) - 2:])[:4]
@@ -77,7 +76,6 @@ def main(argv=None) -> int:
                "ms_per_step": round(1e3 * s / max(1, sum(lengths)), 1)}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    t0 = time.perf_counter()
     for _ in range(2):
         t1 = time.perf_counter()
         scoring.answer_loss(model, split.input_ids, split.labels, "bfloat16")
