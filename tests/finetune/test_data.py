@@ -92,6 +92,12 @@ def test_extra_keys_kept(tmp_path):
     ('{"messages": []}', "`messages` must be a non-empty list"),
     ('{"messages": [{"role": "robot", "content": "x"}]}', "role 'robot'"),
     ('{"messages": [{"role": "user", "content": "x"}]}', "no assistant message"),
+    ('{"messages": [{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}]}',
+     "messages[0] is an assistant message with no user message before it"),
+    # A system message first doesn't make the answer's question appear.
+    ('{"messages": [{"role": "system", "content": "s"}, {"role": "assistant", "content": "x"}, '
+     '{"role": "user", "content": "y"}, {"role": "assistant", "content": "z"}]}',
+     "messages[1] is an assistant message with no user message before it"),
     ('{"prompt": "x", "completion": ""}', "`completion` is empty"),
     ('{"prompt": "x", "completion": 3}', "`completion` must be a string"),
     ("[1, 2]", "expected a JSON object"),
@@ -172,6 +178,10 @@ def test_prompt_pairs_map_to_prompt_completion(tmp_path, record, why):
     ('{"conversations": [{"from": "human", "value": "x"}]}', "no gpt/assistant turn"),
     ('{"conversations": [{"from": "human"}, {"from": "gpt", "value": "y"}]}', "conversations[0]: `value` is empty"),
     ('{"conversations": []}', "`conversations` must be a non-empty list"),
+    ('{"conversations": [{"from": "gpt", "value": "x"}, {"from": "human", "value": "y"}]}',
+     "conversations[0] is a gpt/assistant turn with no human/user turn before it"),
+    ('{"messages": [{"from": "system", "value": "s"}, {"from": "gpt", "value": "x"}]}',
+     "messages[1] is a gpt/assistant turn with no human/user turn before it"),
     ('{"question": "x"}', "keys: question"),
 ])
 def test_bad_sharegpt_line_reports_file_and_line(tmp_path, bad, needle):
@@ -291,3 +301,54 @@ def test_bad_source_in_a_mix_names_its_entry(tmp_path, monkeypatch):
     (tmp_path / "recipe.yaml").write_text("data:\n  train:\n    - {path: a.jsonl}\n    - {path: 'hf:org/missing'}\n")
     with pytest.raises(UserError, match=r"^data.train\[1\]: hf:org/missing can't be loaded offline"):
         data.read_splits(recipe.load(tmp_path))
+
+
+@pytest.mark.parametrize("system_prompt", ["", "You help."])
+def test_answer_first_is_refused_whatever_the_system_prompt(tmp_path, system_prompt):
+    """data.system_prompt puts a system message before an answer-first conversation: still refused,
+    as a UserError naming the line, not the chat template's error once tokenizing."""
+    answer_first = {"messages": [{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}]}
+    p = jsonl(tmp_path / "d.jsonl", [CHAT, answer_first])
+    with pytest.raises(UserError, match=rf"^{p}:2: messages\[0\] is an assistant message"):
+        data.read_examples(p, system_prompt=system_prompt)
+
+
+def _recipe_with_heldout(tmp_path, held: list):
+    from toolkit.finetune import recipe
+
+    jsonl(tmp_path / "train.jsonl", [CHAT])
+    jsonl(tmp_path / "heldout.jsonl", held)
+    (tmp_path / "recipe.yaml").write_text("data:\n  train: train.jsonl\n  eval: heldout.jsonl\n")
+    return recipe.load(tmp_path, gpu=True)
+
+
+@pytest.mark.parametrize("meta, needle", [
+    ({"wrong": 5}, "meta.wrong must be a list of strings or numbers"),
+    ({"keys": "4"}, "meta.keys must be a list of strings or numbers"),
+    ({"keys": ["4", {"n": 4}]}, "meta.keys[1] must be a non-empty string or a number"),
+    ({"keys": [[]]}, "meta.keys[0] must be a non-empty string or a number, or a non-empty list of them"),
+    ({"wrong": [["5", True]]}, "meta.wrong[0] must be"),
+    ({"wrong": [""]}, "meta.wrong[0] must be"),
+    ({"kind": ["concept"]}, "meta.kind must be a string"),
+    ("keys: 4", "`meta` must be an object"),
+])
+def test_bad_heldout_meta_is_refused_when_read(tmp_path, meta, needle):
+    """The report judges answers by the held-out `meta`, after training: a malformed one must fail
+    when the data is read, naming the file, line and field."""
+    rec = _recipe_with_heldout(tmp_path, [{**CHAT, "meta": {"keys": ["4"]}}, {**CHAT, "meta": meta}])
+    with pytest.raises(UserError) as exc:
+        data.read_splits(rec)
+    assert str(exc.value).startswith(f"{tmp_path / 'heldout.jsonl'}:2: {needle}")
+
+
+def test_good_heldout_meta_reaches_the_report(tmp_path):
+    from types import SimpleNamespace
+
+    from toolkit.finetune.report import _questions
+
+    held = [{**CHAT, "meta": {"keys": ["4", ["four", 4]], "wrong": [5, ["five"]], "kind": "calc"}},
+            {**CHAT, "meta": {"keys": None, "wrong": None, "topic": None}}, {**CHAT, "meta": None}, CHAT]
+    _, examples = data.read_splits(_recipe_with_heldout(tmp_path, held))
+    qs = _questions(SimpleNamespace(examples=examples), 10)
+    assert qs[0]["keys"] == ["4", ["four", "4"]] and len(qs) == 4  # the rest: numbers of the reference
+    assert qs[0]["wrong"] == [5, ["five"]] and all(q["wrong"] == [] for q in qs[1:])

@@ -85,6 +85,10 @@ def test_mask_pieces_groups_runs():
     ("", ["data.max_seq_len=8"], "data.max_seq_len must be >= 16"),
     ("", ["data.eval=broken.jsonl"], "broken.jsonl:1: invalid JSON"),
     ("", ["data.train=hf:org/x"], "data.train: hf:org/x can't be loaded offline"),
+    ("", ["lora.target_modules=foo"], "lora.target_modules has unknown module 'foo'"),
+    ("", ["training.seed=-1"], "training.seed must be in [0, 2**32)"),
+    ("", ["data.eval=badmeta.jsonl"], "badmeta.jsonl:1: meta.wrong must be a list"),
+    ("", ["data.train=answer_first.jsonl"], "answer_first.jsonl:1: messages[0] is an assistant message"),
 ])
 def test_bad_recipe_fails_like_a_real_run(tmp_path, monkeypatch, extra, overrides, needle):
     from toolkit.finetune.trainer import finetune
@@ -93,6 +97,8 @@ def test_bad_recipe_fails_like_a_real_run(tmp_path, monkeypatch, extra, override
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     rec = make_recipe(tmp_path / "r", extra)
     (rec / "broken.jsonl").write_text("{oops\n")
+    (rec / "badmeta.jsonl").write_text(json.dumps({**CHAT, "meta": {"wrong": 5}}) + "\n")
+    (rec / "answer_first.jsonl").write_text(json.dumps({"messages": CHAT["messages"][2:]}) + "\n")
     with pytest.raises(UserError) as real:
         finetune(rec, overrides, runs_dir=tmp_path / "runs")
     with pytest.raises(UserError) as dry:
@@ -112,3 +118,13 @@ def test_cli_dry_run_plain_text_when_not_a_tty(tmp_path, capsys, embedded_dir, m
     assert "\x1b" not in out and not os.path.exists(tmp_path / "runs")
     assert main(["finetune", str(tmp_path / "nope"), "--dry-run"]) == 2
     assert capsys.readouterr().err.startswith("error: recipe not found")
+
+
+def test_dry_run_says_why_the_estimator_gave_no_estimate():
+    from toolkit.finetune.dry_run import DryRun
+
+    d = DryRun("", "embedded", "", [], "cpu", "float32", "", [], 128, "x:1", no_estimate="the estimator refused this "
+               "run (unknown LoRA target(s) foo)")
+    assert "embedded: the estimator refused this run (unknown LoRA target(s) foo); no memory estimate" in d.lines()
+    assert "embedded: not in the estimator's catalog; no memory estimate" in DryRun(
+        "", "embedded", "", [], "cpu", "float32", "", [], 128, "x:1").lines()

@@ -151,6 +151,28 @@ def test_resolve_method_uses_the_lora_estimate_of_the_base():
     assert same.method.name == "qlora" and why == ""
 
 
+def test_an_estimator_refusal_is_reported_as_such(monkeypatch):
+    """When the estimator refuses a run of a model it knows, `method: auto` and the dry run say
+    what it refused, not that the model is unknown."""
+    from toolkit.core.errors import UserError
+    from toolkit.core.units import GIB
+    from toolkit.estimate import planner
+    from toolkit.finetune import dry_run
+    from toolkit.finetune.plan import resolve_method
+
+    def refuse(*a, **k):
+        raise UserError("unknown LoRA target(s) foo")
+
+    monkeypatch.setattr(planner, "estimate", refuse)
+    rec = recipe.load(FINANCE, gpu=False)
+    out, why = resolve_method(rec, "embedded", "cpu", "float32", 64 * GIB)
+    assert out.method.name == "qlora" and "doesn't know" not in why
+    assert "no estimate for embedded: unknown LoRA target(s) foo" in why
+    est, no_estimate = dry_run._estimate(rec, "embedded", "cpu", "float32", 1.0)
+    assert est is None and "unknown LoRA target(s) foo" in no_estimate
+    assert dry_run._estimate(rec, "not-a-catalog-model", "cpu", "float32", 1.0) == (None, "")
+
+
 def test_in_training_evals_leave_the_ends_to_the_report():
     from toolkit.finetune.plan import in_training_evals
 

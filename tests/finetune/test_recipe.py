@@ -65,6 +65,13 @@ def test_dump_roundtrip(tmp_path):
     ("training:\n  learning_rate: 3\n", "training.learning_rate must be in (0, 1)"),
     ("eval:\n  early_stopping_patience: 2\n", "eval.early_stopping_patience needs"),
     ("cpu:\n  training:\n    max_stepz: 3\n", "unknown key `training.max_stepz`"),
+    ("lora:\n  target_modules: [q_proj, foo]\n", "lora.target_modules has unknown module 'foo' (known: all-linear, "),
+    ("lora:\n  target_modules: [all-linear, q_proj]\n", "lora.target_modules all-linear stands alone"),
+    ("training:\n  seed: -1\n", "training.seed must be in [0, 2**32); got -1"),
+    ("training:\n  seed: 4294967296\n", "training.seed must be in [0, 2**32)"),
+    ("lora:\n  r: 16\n  r: 8\n", "recipe.yaml:3: duplicate key `lora.r` (first given on line 2)"),
+    ("cpu:\n  training:\n    seed: 1\n    seed: 2\n", ":4: duplicate key `cpu.training.seed`"),
+    ("data:\n  train: [{path: a.jsonl, path: b.jsonl}]\n", "duplicate key `data.train[0].path`"),
     ("- a\n- b\n", "must be a mapping"),
     ("model: 3\n", "`model` must be a mapping"),
 ])
@@ -111,6 +118,9 @@ def test_overrides_coerce_types(tmp_path):
     ("max_steps", "expected section.key=value"),
     ("a.b.c=1", "expected section.key=value"),
     ("training.max_steps=0", "training.max_steps must be > 0"),
+    ("lora.target_modules=foo", "lora.target_modules has unknown module 'foo'"),
+    ("training.seed=-1", "training.seed must be in [0, 2**32); got -1"),
+    ("data.train=[{path: a.jsonl, path: b.jsonl}]", "duplicate key `data.train[0].path`"),
 ])
 def test_bad_overrides(tmp_path, item, needle):
     p = write(tmp_path, "name: x\n")
@@ -124,3 +134,41 @@ def test_data_paths_resolve_against_recipe_folder(tmp_path):
     p = write(tmp_path / "sub", "data:\n  train: d.jsonl\n")
     r = recipe.load(tmp_path / "sub", gpu=True)
     assert r.data_path(r.data.train) == (tmp_path / "sub" / "d.jsonl").resolve()
+
+
+def test_seed_and_targets_at_their_limits_load(tmp_path):
+    p = write(tmp_path, "training:\n  seed: 0\nlora:\n  target_modules: [all-linear]\n")
+    assert recipe.load(p, gpu=True).training.seed == 0
+    r = recipe.load(p, ["training.seed=4294967295", "lora.target_modules=q_proj,k_proj,v_proj,o_proj,gate_proj,"
+                        "up_proj,down_proj"], gpu=True)
+    assert r.training.seed == 2**32 - 1 and len(r.lora.target_modules) == 7
+
+
+BASE_LR_SHADOWED = "training:\n  learning_rate: -2.0e-4\ncpu:\n  training:\n    learning_rate: 1.0e-4\n"
+CPU_LR_BAD = "training:\n  learning_rate: 1.0e-4\ncpu:\n  training:\n    learning_rate: -2.0e-4\n"
+FALLBACK_LR_BAD = "training:\n  learning_rate: 1.0e-4\nfallback:\n  training:\n    learning_rate: 2\n"
+# Cross-field: each profile's values are checked with the base they are applied on.
+CPU_PATIENCE_BAD = ("data:\n  eval: h.jsonl\neval:\n  eval_steps: 5\n  early_stopping_patience: 2\n"
+                    "cpu:\n  eval:\n    eval_steps: 0\n")
+
+
+@pytest.mark.parametrize("gpu", [True, False], ids=["gpu", "cpu"])
+@pytest.mark.parametrize("text, where, needle", [
+    (BASE_LR_SHADOWED, "", "training.learning_rate must be in (0, 1); got -0.0002"),
+    (CPU_LR_BAD, " (cpu profile)", "training.learning_rate must be in (0, 1); got -0.0002"),
+    (FALLBACK_LR_BAD, " (fallback profile)", "training.learning_rate must be in (0, 1); got 2.0"),
+    (CPU_PATIENCE_BAD, " (cpu profile)", "eval.early_stopping_patience needs"),
+], ids=["base-shadowed-by-cpu", "cpu", "fallback", "cpu-cross-field"])
+def test_every_profile_is_range_checked_on_every_machine(tmp_path, gpu, text, where, needle):
+    p = write(tmp_path, text)
+    with pytest.raises(UserError) as exc:
+        recipe.load(p, gpu=gpu)
+    assert str(exc.value).startswith(f"{p}{where}: {needle}")
+
+
+def test_fallback_profile_with_set_values_names_the_file(tmp_path):
+    p = write(tmp_path, "method:\n  name: lora\nfallback:\n  method:\n    name: full\n")
+    rec = recipe.load(p, ["training.loraplus_lr_ratio=4"], gpu=True)
+    with pytest.raises(UserError) as exc:
+        recipe.for_fallback(rec, ["training.loraplus_lr_ratio=4"])
+    assert str(exc.value).startswith(f"{p} (fallback profile, with --set): training.loraplus_lr_ratio applies")

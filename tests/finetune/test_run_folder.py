@@ -62,6 +62,14 @@ def test_resume_errors_name_what_is_missing(tmp_path, rec, monkeypatch):
         run_folder.open_stage(tmp_path, changed, resume=True)
 
 
+def test_resume_from_a_missing_folder_names_it(tmp_path, rec):
+    gone = tmp_path / "nonexistent"
+    with pytest.raises(UserError) as exc:
+        run_folder.open_stage(tmp_path / "runs", rec, resume=str(gone))
+    assert str(exc.value).startswith(f"--resume {gone}: no such run folder")
+    assert not (tmp_path / "runs").exists()
+
+
 def test_resumed_elsewhere_finishes_beside_latest(tmp_path):
     stage = tmp_path / "elsewhere" / "finance-20260101-000000.incomplete"
     assert run_folder.final_path(tmp_path / "runs", stage) == tmp_path / "runs" / "finance-20260101-000000"

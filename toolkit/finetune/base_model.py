@@ -115,7 +115,9 @@ def check_fits(recipe, spec: str, device: str, dtype: str) -> None:
     try:
         e = estimate(CATALOG[spec], **plan.as_kwargs())
     except UserError:
-        return  # a setting the estimator cannot express (e.g. unusual LoRA targets): try loading it
+        # The recipe reader already refuses what the estimator would (LoRA targets included), so this
+        # is a setting it cannot express: the fit is unknown, not failed; try loading it.
+        return
     hw = detect()
     usable = usable_bytes(hw.available_bytes)
     if e.total_bytes > usable:

@@ -106,6 +106,17 @@ def _str_field(record: dict, key: str, where: str, required: bool = True) -> str
     return value
 
 
+def _check_user_first(messages: list[dict], where: str, key: str, answer: str, question: str) -> None:
+    """Refuse a conversation whose first turn after its system messages is the assistant's: that
+    answer has no question (the loss mask has no prompt to start from, and chat templates that
+    require alternating turns refuse it). Leading system messages don't count, or the same record
+    would pass or fail depending on whether data.system_prompt adds one."""
+    i = next((i for i, m in enumerate(messages) if m["role"] != "system"), None)
+    if i is not None and messages[i]["role"] == "assistant":
+        raise UserError(f"{where}: {key}[{i}] is {answer} with no {question} before it; a conversation "
+                        "starts with the user (after any system message)")
+
+
 def to_example(record: object, fmt: str, where: str, system_prompt: str = "") -> Example:
     """Convert one parsed record into an Example, or raise UserError naming `where` (file:line)."""
     if not isinstance(record, dict):
@@ -134,6 +145,7 @@ def to_example(record: object, fmt: str, where: str, system_prompt: str = "") ->
             out.append({"role": role, "content": _str_field(t, "value", f"{where}: {key}[{i}]")})
         if not any(m["role"] == "assistant" for m in out):
             raise UserError(f"{where}: conversation has no gpt/assistant turn to learn from")
+        _check_user_first(out, where, key, "a gpt/assistant turn", "human/user turn")
         used = {key}
     elif fmt == "messages":
         msgs = record.get("messages")
@@ -148,6 +160,7 @@ def to_example(record: object, fmt: str, where: str, system_prompt: str = "") ->
             out.append({"role": m["role"], "content": _str_field(m, "content", f"{where}: messages[{i}]")})
         if not any(m["role"] == "assistant" for m in out):
             raise UserError(f"{where}: conversation has no assistant message to learn from")
+        _check_user_first(out, where, "messages", "an assistant message", "user message")
         used = {"messages"}
     elif fmt == "alpaca":
         instr = _str_field(record, "instruction", where)
@@ -193,6 +206,41 @@ def read_examples(path: str | Path, fmt: str = "auto", system_prompt: str = "", 
     if not examples:
         raise UserError(f"{path}: no examples (empty split)")
     return examples
+
+
+def _meta_scalar(value) -> bool:
+    return (isinstance(value, str) and bool(value.strip())) or \
+        (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def check_report_meta(examples: list[Example]) -> None:
+    """Held-out `meta` is what the report judges answers by (toolkit.finetune.report): `keys` (all
+    must appear) and `wrong` (none may) are lists whose entries are a string or number, or a list
+    of alternatives; `kind` / `topic` name the question's group. The report runs after training,
+    so a malformed one is refused here, naming the record and the field, before any model loads."""
+    for ex in examples:
+        meta = ex.extra.get("meta")
+        if meta is None:
+            continue
+        if not isinstance(meta, dict):
+            raise UserError(f"{ex.source}: `meta` must be an object (keys, wrong, kind), got "
+                            f"{type(meta).__name__} {meta!r}")
+        for name in ("keys", "wrong"):
+            entries = meta.get(name)
+            if entries is None:
+                continue
+            if not isinstance(entries, list):
+                raise UserError(f"{ex.source}: meta.{name} must be a list of strings or numbers (an entry may "
+                                f"be a list of alternatives), got {type(entries).__name__} {entries!r}")
+            for i, entry in enumerate(entries):
+                alts = entry if isinstance(entry, list) else [entry]
+                if not alts or not all(_meta_scalar(a) for a in alts):
+                    raise UserError(f"{ex.source}: meta.{name}[{i}] must be a non-empty string or a number, "
+                                    f"or a non-empty list of them; got {entry!r}")
+        for name in ("kind", "topic"):
+            if meta.get(name) is not None and not isinstance(meta[name], str):
+                raise UserError(f"{ex.source}: meta.{name} must be a string, got "
+                                f"{type(meta[name]).__name__} {meta[name]!r}")
 
 
 def source_path(rec, spec: str) -> str | Path:
@@ -242,6 +290,7 @@ def read_splits(rec) -> tuple[list[Example], list[Example]]:
     if not train:
         raise UserError("data.train: the weights leave no training examples (raise a weight)")
     held = read_examples(source_path(rec, d.eval), fmt, sysp, "data.eval", timeout) if d.eval else []
+    check_report_meta(held)
     return train, held
 
 

@@ -51,7 +51,8 @@ class DryRun:
     example_ids: list[int] = field(repr=False, default_factory=list)
     example_labels: list[int] = field(repr=False, default_factory=list)
     example_pieces: list[tuple[str, bool]] = field(default_factory=list)  # (text, trained)
-    estimate: dict | None = None  # the planner's Estimate.to_dict(), None for a model it doesn't know
+    estimate: dict | None = None  # the planner's Estimate.to_dict(), None when there is none
+    no_estimate: str = ""  # why there is none ("" = the model isn't in the catalog)
 
     def lines(self, color: bool = False) -> list[str]:
         from toolkit.core.units import gib
@@ -69,7 +70,8 @@ class DryRun:
                 render_pieces(self.example_pieces, color), "", "== estimate (planner)"]
         e = self.estimate
         if e is None:
-            out.append(f"{self.base}: not in the estimator's catalog; no memory estimate")
+            why = self.no_estimate or "not in the estimator's catalog"
+            out.append(f"{self.base}: {why}; no memory estimate")
         else:
             parts = ", ".join(f"{k} {gib(v)}" for k, v in e["components"].items())
             out.append(f"peak memory ~{gib(e['total_bytes'])} ({parts})")
@@ -154,9 +156,10 @@ def dry_run(recipe_spec, overrides: Sequence[str] = (), gpu: bool | None = None)
         held = data_mod.tokenize_split(tok, eval_ex, d.max_seq_len, d.overlong, d.completion_only_loss, "eval")
         stats.append(_stats("held-out", len(eval_ex), held))
     ids, labels = train.input_ids[0], train.labels[0]
+    est, no_estimate = _estimate(rec, choice.spec, dev, dtype, train.n_trained / max(1, train.n_tokens))
     return DryRun(recipe_mod.dump(rec), choice.spec, choice.fallback_reason, said, dev, dtype, dtype_reason, stats,
                   d.max_seq_len, _relative(train.examples[0].source), ids, labels, mask_pieces(tok, ids, labels),
-                  _estimate(rec, choice.spec, dev, dtype, train.n_trained / max(1, train.n_tokens)))
+                  est, no_estimate)
 
 
 def _relative(source: str) -> str:
@@ -167,7 +170,8 @@ def _relative(source: str) -> str:
     return source[len(here):] if source.startswith(here) else source
 
 
-def _estimate(rec, spec: str, dev: str, dtype: str, labelled_fraction: float) -> dict | None:
+def _estimate(rec, spec: str, dev: str, dtype: str, labelled_fraction: float) -> tuple[dict | None, str]:
+    """(the planner's estimate of this run, "") or (None, why there is none; "" = not in the catalog)."""
     from toolkit.core.errors import UserError
     from toolkit.core.hardware import detect
     from toolkit.estimate.catalog import CATALOG
@@ -175,15 +179,16 @@ def _estimate(rec, spec: str, dev: str, dtype: str, labelled_fraction: float) ->
     from toolkit.finetune.plan import plan_inputs
 
     if spec not in CATALOG:
-        return None
+        return None, ""
     try:
         e = estimate(CATALOG[spec], **plan_inputs(rec, dev, dtype).as_kwargs(),
                      budget_bytes=usable_bytes(detect().available_bytes))
-    except UserError:
-        return None  # a setting the estimator cannot express; the run itself will still try
+    except UserError as exc:
+        # The model is in the catalog: what the estimator refused, not "not in the catalog".
+        return None, f"the estimator refused this run ({exc})"
     out = e.to_dict()
     out["time"] = run_time(rec, CATALOG[spec], e, dtype, labelled_fraction)
-    return out
+    return out, ""
 
 
 def run_time(rec, facts, est, dtype: str, labelled_fraction: float = 1.0) -> dict | str:

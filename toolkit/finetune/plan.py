@@ -153,13 +153,15 @@ def plan_inputs(recipe, device: str, dtype: str) -> PlanInputs:
 AUTO_LORA_SHARE = 0.5
 
 
-def choose_method(lora_bytes: int | None, usable: int) -> tuple[str, str]:
-    """What `method.name: auto` means for a base whose LoRA run needs `lora_bytes` (None: the
-    estimator doesn't know the model) with `usable` bytes to plan on: (method, why)."""
+def choose_method(lora_bytes: int | None, usable: int, no_estimate: str = "") -> tuple[str, str]:
+    """What `method.name: auto` means for a base whose LoRA run needs `lora_bytes` (None: no
+    estimate, for the reason `no_estimate`, by default that the estimator doesn't know the model)
+    with `usable` bytes to plan on: (method, why)."""
     from toolkit.core.units import gib
 
     if lora_bytes is None:
-        return "qlora", "method auto: qlora (the estimator doesn't know this model; 4-bit is the safe choice)"
+        why = no_estimate or "the estimator doesn't know this model"
+        return "qlora", f"method auto: qlora ({why}; 4-bit is the safe choice)"
     if lora_bytes <= AUTO_LORA_SHARE * usable:
         return "lora", (f"method auto: lora (~{gib(lora_bytes, 1)} of {gib(usable, 1)} usable: memory is plentiful, "
                         "and an unquantized base skips the 4-bit dequantization QLoRA pays every step)")
@@ -177,15 +179,16 @@ def resolve_method(recipe, spec: str, device: str, dtype: str, available_bytes: 
 
     if recipe.method.name != "auto":
         return recipe, ""
-    lora_bytes = None
+    lora_bytes, no_estimate = None, ""
     if spec in CATALOG:
         kw = plan_inputs(recipe, device, dtype).as_kwargs()
         kw.update(task="lora", quant=_DTYPE_QUANT[dtype])
         try:
             lora_bytes = estimate(CATALOG[spec], **kw).total_bytes
-        except UserError:
-            pass
-    method, why = choose_method(lora_bytes, usable_bytes(available_bytes))
+        except UserError as exc:
+            # The model is known; say what the estimator refused rather than that it isn't.
+            no_estimate = f"no estimate for {spec}: {exc}"
+    method, why = choose_method(lora_bytes, usable_bytes(available_bytes), no_estimate)
     out = copy.deepcopy(recipe)
     out.method.name = method
     return out, why

@@ -1,11 +1,12 @@
 """Fine-tune recipes: `recipes/<name>/recipe.yaml` mapped onto validated dataclasses.
 
-YAML keys are the dataclass fields below, section by section. Unknown keys, wrong types and
-out-of-range values raise `UserError` naming the key and the file. A `cpu:` section holds the
-same sections with partial values; it is applied on top when no GPU is present, so one recipe
-serves a consumer GPU (Llama-3.2-1B, QLoRA) and a CPU box (small model, short run). A `fallback:`
-section, alike, is applied on a GPU when the base falls back to `model.fallback_model` (a small
-model wants other settings than the big one; on a CPU the `cpu:` profile already targets it). `--set
+YAML keys are the dataclass fields below, section by section. Unknown keys, keys given twice, wrong
+types and out-of-range values raise `UserError` naming the key and the file (and the profile), on
+every machine whichever profile it applies. A `cpu:` section holds the same sections with partial
+values; it is applied on top when no GPU is present, so one recipe serves a consumer GPU
+(Llama-3.2-1B, QLoRA) and a CPU box (small model, short run). A `fallback:` section, alike, is
+applied on a GPU when the base falls back to `model.fallback_model` (a small model wants other
+settings than the big one; on a CPU the `cpu:` profile already targets it). `--set
 section.key=value` overrides come last and are coerced to the field's type.
 
 This module imports only the standard library and PyYAML: `toolkit finetune --help` stays instant.
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from toolkit.core.errors import UserError
-from toolkit.finetune.typed_yaml import coerce, field_types
+from toolkit.finetune.typed_yaml import coerce, field_types, load_yaml
 
 METHODS = ("qlora", "lora", "full", "auto")  # auto: toolkit.finetune.plan.choose_method
 FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text")
@@ -153,6 +154,8 @@ class Recipe:
     profile: str = field(default="", metadata={"yaml": False})
     # The validated `fallback:` section, applied by `for_fallback` once a run falls back. Not a YAML key.
     fallback_profile: dict = field(default_factory=dict, metadata={"yaml": False})
+    # The recipe file, for errors found after loading (the fallback profile with --set). Not a YAML key.
+    source: str = field(default="", metadata={"yaml": False})
 
     def data_path(self, rel: str) -> Path:
         p = Path(rel).expanduser()
@@ -237,6 +240,7 @@ def _check_range(recipe: Recipe, src: str) -> None:
         bad("lora.dropout", f"must be in [0, 1); got {lo.dropout}")
     if not lo.target_modules:
         bad("lora.target_modules", "must name at least one module (or all-linear)")
+    _check_targets(lo.target_modules, bad)
     if not d.train:
         bad("data.train", "is required")
     if isinstance(d.train, list):
@@ -270,6 +274,8 @@ def _check_range(recipe: Recipe, src: str) -> None:
     for key in ("save_steps",):
         if getattr(t, key) < 0:
             bad(f"training.{key}", "must be >= 0")
+    if not 0 <= t.seed < 2**32:  # numpy's seed range; anything else fails only once training starts
+        bad("training.seed", f"must be in [0, 2**32); got {t.seed}")
     for key in ("eval_steps", "eval_examples", "early_stopping_patience", "generation_samples", "side_by_side"):
         if getattr(e, key) < 0:
             bad(f"eval.{key}", "must be >= 0")
@@ -277,6 +283,21 @@ def _check_range(recipe: Recipe, src: str) -> None:
         bad("eval.max_new_tokens", "must be >= 1")
     if e.early_stopping_patience and not (e.eval_steps and d.eval):
         bad("eval.early_stopping_patience", "needs eval.eval_steps > 0 and a data.eval file")
+
+
+def _check_targets(targets: list[str], bad) -> None:
+    """LoRA targets are the estimator's names (toolkit.estimate.planner.ALL_LINEAR) or `all-linear`:
+    the planner sizes every run from them, and PEFT would refuse an unknown name only once the model
+    is loaded (and the loader would take that for an unavailable base and fall back)."""
+    from toolkit.estimate.planner import ALL_LINEAR
+
+    if "all-linear" in targets and len(targets) > 1:
+        bad("lora.target_modules", f"all-linear stands alone (it already means {', '.join(ALL_LINEAR)}); "
+            f"got {', '.join(targets)}")
+    unknown = [t for t in targets if t != "all-linear" and t not in ALL_LINEAR]
+    if unknown:
+        bad("lora.target_modules", f"has unknown module {', '.join(map(repr, unknown))} "
+            f"(known: all-linear, {', '.join(ALL_LINEAR)})")
 
 
 def parse_override(item: str) -> tuple[list[str], object]:
@@ -290,7 +311,7 @@ def parse_override(item: str) -> tuple[list[str], object]:
     if not path:
         raise UserError(f"--set {item!r}: empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw, f"--set {item}", ".".join(path)) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return path, value
@@ -322,7 +343,7 @@ def load(spec: str | Path, overrides: typing.Sequence[str] = (), gpu: bool | Non
     path = recipe_file(spec)
     src = str(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml(path.read_text(), src)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{src}:{mark.line + 1}" if mark is not None else src
@@ -332,17 +353,22 @@ def load(spec: str | Path, overrides: typing.Sequence[str] = (), gpu: bool | Non
         raise UserError(f"{src}: cannot read: {exc.strerror}") from None
     if data is None:
         raise UserError(f"{src}: empty recipe")
-    recipe = Recipe(root=path.parent.resolve())
+    recipe = Recipe(root=path.parent.resolve(), source=src)
     profiles = _apply(recipe, data, src, allow_profile=True)
     if not recipe.name:
         recipe.name = path.parent.name if path.name == "recipe.yaml" else path.stem
+    # Every profile is checked (keys, types, then ranges) on every machine, and so is the base a GPU
+    # trains with: a bad value must not pass on the machine whose profile happens to shadow it.
+    variants = {name: copy.deepcopy(recipe) for name in PROFILES if name in profiles}
+    for name, variant in variants.items():
+        _apply(variant, profiles[name], f"{src} ({name} profile)", allow_profile=False)
+    _check_range(recipe, src)
+    for name, variant in variants.items():
+        _check_range(variant, f"{src} ({name} profile)")
     if "fallback" in profiles:
-        _apply(copy.deepcopy(recipe), profiles["fallback"], f"{src} (fallback profile)", allow_profile=False)
         recipe.fallback_profile = profiles["fallback"]
     profile = profiles.get("cpu")
     if profile is not None:
-        # Validate the profile even where it is not applied, so a typo fails on every machine.
-        _apply(copy.deepcopy(recipe), profile, f"{src} (cpu profile)", allow_profile=False)
         if gpu is None:
             from toolkit.core.hardware import detect
 
@@ -373,7 +399,8 @@ def for_fallback(recipe: Recipe, overrides: typing.Sequence[str] = ()) -> Recipe
     if recipe.profile or not recipe.fallback_profile:
         return recipe
     out = copy.deepcopy(recipe)
-    src = f"{recipe.name} (fallback profile)"
+    # load() checked the profile alone; what can still fail here is its mix with the --set values.
+    src = f"{recipe.source or recipe.name} (fallback profile" + (", with --set)" if overrides else ")")
     _apply(out, out.fallback_profile, src, allow_profile=False)
     _apply_overrides(out, overrides)
     _check_range(out, src)

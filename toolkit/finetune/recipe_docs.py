@@ -22,7 +22,8 @@ _UNCOMMENTED = {
     "lora.r": "Adapter rank: trainable capacity (and adapter size) grows with it.",
     "lora.alpha": "Adapter scale numerator: the update is scaled by alpha / r.",
     "lora.dropout": "Dropout on the adapter input during training.",
-    "lora.target_modules": "Linear layers that get adapters: [all-linear] or PEFT names like q_proj, v_proj.",
+    "lora.target_modules": "Linear layers that get adapters: [all-linear] or some of q_proj, k_proj, v_proj, o_proj, "
+                           "gate_proj, up_proj, down_proj.",
     "training.epochs": "Passes over the (mixed) training examples; ignored when max_steps > 0.",
     "training.learning_rate": "Peak learning rate (AdamW).",
     "training.lr_scheduler": "linear | cosine | constant | constant_with_warmup.",
@@ -33,7 +34,7 @@ _UNCOMMENTED = {
     "training.grad_accum": "Steps whose gradients add up before one optimizer update (effective batch = batch_size x this).",
     "training.gradient_checkpointing": "Recompute activations in the backward: less memory, ~30% more time.",
     "training.logging_steps": "Log loss and learning rate every N optimizer steps.",
-    "training.seed": "Seed for data order, mixing, dropout and LoRA init: same seed, same run.",
+    "training.seed": "Seed for data order, mixing, dropout and LoRA init: same seed, same run (0 to 2**32 - 1).",
     "eval.max_new_tokens": "Longest answer generated per held-out question (greedy) for the report.",
     "eval.side_by_side": "Held-out questions shown base vs fine-tuned in report.md.",
     "output.runs_dir": "Where run folders go (relative to the current directory).",

@@ -146,7 +146,8 @@ def _questions(split, limit: int) -> list[dict]:
         meta = _meta(ex)
         out.append({"prompt": ex.messages[:last], "question": ex.messages[last - 1]["content"] if last else "",
                     "reference": ex.messages[last]["content"], "keys": keys,
-                    "wrong": [w for w in meta.get("wrong", []) if w],
+                    # shape checked when the data was read (data.check_report_meta); null = none
+                    "wrong": [w for w in meta.get("wrong") or [] if w],
                     "kind": meta.get("kind") or meta.get("topic") or ""})
     by_kind: dict[str, list[dict]] = {}
     for q in out:

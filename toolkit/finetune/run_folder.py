@@ -63,10 +63,17 @@ def open_stage(runs: Path, rec, resume, overrides: Sequence[str] = ()) -> Path:
     recipe, or with `resume` the interrupted one (True: the newest of this recipe; a path: that one),
     refused unless it holds a checkpoint and was started with the same recipe."""
     if resume:
-        stage = Path(resume) if isinstance(resume, (str, Path)) and not isinstance(resume, bool) else \
-            latest_incomplete(runs, rec.output.name or rec.name)
-        if stage is None or not stage.is_dir():
-            raise UserError(f"--resume: no interrupted run of {rec.name} in {runs}")
+        prefix = rec.output.name or rec.name
+        if isinstance(resume, (str, Path)) and not isinstance(resume, bool):
+            stage = Path(resume).expanduser()
+            if not stage.is_dir():
+                raise UserError(f"--resume {resume}: no such run folder (give an interrupted run's "
+                                f"{prefix}-<stamp>{INCOMPLETE_SUFFIX} folder, or --resume alone for the "
+                                f"newest in {runs})")
+        else:
+            stage = latest_incomplete(runs, prefix)
+            if stage is None:
+                raise UserError(f"--resume: no interrupted run of {prefix} in {runs}")
         if latest_checkpoint(stage) is None:
             raise UserError(f"--resume: {stage} has no checkpoint to resume from")
         saved = (stage / "recipe.yaml").read_text() if (stage / "recipe.yaml").is_file() else ""

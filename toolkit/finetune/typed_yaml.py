@@ -1,6 +1,7 @@
 """YAML values checked against dataclass field types: the one coercion the recipe reader uses for
 the file, its profiles and `--set` overrides. Errors name the key (`where`) and what was expected.
-Standard library only, so `toolkit finetune --help` stays instant."""
+`load_yaml` is the reader itself: YAML with no key given twice in one mapping.
+Standard library only at import (PyYAML is imported when used), so `toolkit finetune --help` stays instant."""
 
 from __future__ import annotations
 
@@ -9,6 +10,49 @@ import types
 import typing
 
 from toolkit.core.errors import UserError
+
+
+def load_yaml(text: str, src: str, root: str = ""):
+    """`yaml.safe_load(text)`, but a key given twice in one mapping raises UserError naming `src`, the
+    line and the key: PyYAML keeps the last value silently, so `lora: {r: 16, r: 8}` would train with
+    r=8 while the file reads r=16 to whoever looks first. `root` prefixes the key named (the
+    `section.key` of a `--set` value). Malformed YAML raises yaml.YAMLError."""
+    import yaml
+
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _refuse_duplicate_keys(node, src, root, set())
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _refuse_duplicate_keys(node, src: str, path: str, seen: set[int]) -> None:
+    import yaml
+
+    if id(node) in seen:  # an alias (*name) revisits its anchor's node, possibly recursively
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _refuse_duplicate_keys(item, src, f"{path}[{i}]", seen)
+    elif isinstance(node, yaml.MappingNode):
+        first: dict[tuple[str, str], int] = {}
+        for key, value in node.value:
+            if not isinstance(key, yaml.ScalarNode) or key.tag == "tag:yaml.org,2002:merge":
+                # `<<: *base` merges are meant to be overridden; complex keys are not recipe keys
+                _refuse_duplicate_keys(value, src, path, seen)
+                continue
+            dotted = f"{path}.{key.value}" if path else key.value
+            line = key.start_mark.line + 1
+            if (key.tag, key.value) in first:
+                raise UserError(f"{src}:{line}: duplicate key `{dotted}` (first given on line "
+                                f"{first[key.tag, key.value]}); remove one")
+            first[key.tag, key.value] = line
+            _refuse_duplicate_keys(value, src, dotted, seen)
 
 
 def field_types(cls) -> dict[str, type]:
