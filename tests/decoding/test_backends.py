@@ -197,7 +197,7 @@ def test_terminal_chat_session(embedded_f16_gguf, capsys, monkeypatch):
     assert main(["chat", "--model", str(embedded_f16_gguf), "--max-new-tokens", "16"]) == 0
     captured = capsys.readouterr()
     assert captured.out.count("Paris") == 2  # the answer, then the regenerated one
-    assert "error: temperature must be >= 0" in captured.err
+    assert "error: temperature must be 0 (greedy) or at least" in captured.err
     assert "(max_new_tokens = 8)" in captured.err and "[8 tokens" in captured.err
 
 

@@ -56,6 +56,19 @@ def test_top_p_matches_transformers(p):
         _same(T.top_p(x, p), TopPLogitsWarper(p)(IDS, x.clone()))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_top_p_keeps_the_same_tied_tokens_as_transformers(dtype):
+    """Ties at the cut are common in half-precision logits: the same tokens must stay as in
+    transformers, not merely as many."""
+    tied = torch.tensor([[2.0, 1.0, 1.0, 1.0, 0.0], [0.5, 0.5, 0.5, 0.5, 0.5]])
+    coarse = (_logits(20) * 2).round() / 2  # many ties at every level
+    for x in (tied, coarse):
+        x = x.to(dtype)
+        ids = torch.zeros(len(x), 1, dtype=torch.long)
+        for p in (0.3, 0.5, 0.7, 0.9):
+            assert torch.equal(torch.isfinite(T.top_p(x, p)), torch.isfinite(TopPLogitsWarper(p)(ids, x.clone())))
+
+
 @pytest.mark.parametrize("p", [0.01, 0.1, 0.5, 0.95])
 def test_min_p_matches_transformers(p):
     x = _logits(3)
@@ -100,7 +113,8 @@ def test_sampler_draws_from_the_distribution():
     ("top_p", 1.5, "top_p"), ("top_k", -1, "top_k"), ("top_k", 2.5, "top_k"), ("min_p", 1.2, "min_p"),
     ("num_beams", 0, "num_beams"), ("repetition_penalty", 0, "repetition_penalty"),
     ("max_new_tokens", 0, "max_new_tokens"), ("seed", -3, "seed"), ("stop", ("",), "stop"),
-    ("temperature", float("nan"), "temperature"),
+    ("temperature", float("nan"), "temperature"), ("temperature", 1e-40, "temperature"),
+    ("seed", 2**64, "seed"),
 ])
 def test_config_rejects_bad_values(field, value, words):
     with pytest.raises(UserError, match=words):
@@ -117,6 +131,8 @@ def test_config_from_dict_and_presets():
     with pytest.raises(UserError, match="unknown preset"):
         preset("wild")
     assert DecodingConfig(strategy="sample", temperature=0).effective_strategy == "greedy"
+    assert DecodingConfig(strategy="beam", num_beams=1).effective_strategy == "greedy"
+    assert DecodingConfig(seed=2**64 - 1, temperature=1e-6).seed == 2**64 - 1  # the limits themselves are valid
     assert DecodingConfig(stop="END").stop == ("END",)
 
 
@@ -161,13 +177,43 @@ def test_sampling_is_seeded(tiny):
     assert a.tokens == b.tokens and a.tokens != c.tokens
 
 
+def _new_tokens(ref: torch.Tensor, prompt: list[int], eos_ids) -> list[int]:
+    """generate()'s new tokens up to its first EOS (kept, as ours keeps it); the padding after it dropped."""
+    out = ref[0, len(prompt):].tolist()
+    end = next((i for i, t in enumerate(out) if t in eos_ids), None)
+    return out if end is None else out[:end + 1]
+
+
 def test_beam_matches_generate_on_tiny_model(tiny):
     prompt = tiny.encode("The quick brown fox")
     for lp in (1.0, 0.0, 2.0):
         ours = generate(tiny, prompt, DecodingConfig(strategy="beam", num_beams=3, max_new_tokens=10, length_penalty=lp))
         ref = tiny.model.generate(torch.tensor([prompt]), do_sample=False, num_beams=3, max_new_tokens=10,
                                   length_penalty=lp)
-        assert ours.tokens == ref[0, len(prompt):].tolist()[: ours.new_tokens]
+        assert ours.tokens == _new_tokens(ref, prompt, tiny.eos_ids)
+
+
+def test_one_beam_with_a_repetition_penalty_equals_generates_greedy(tiny):
+    """transformers runs one beam as greedy search, its penalty on the logits: so does ours."""
+    prompt = tiny.encode("The quick brown fox")
+    ours = generate(tiny, prompt, DecodingConfig(strategy="beam", num_beams=1, max_new_tokens=16,
+                                                 repetition_penalty=1.3))
+    ref = tiny.model.generate(torch.tensor([prompt]), do_sample=False, num_beams=1, max_new_tokens=16,
+                              repetition_penalty=1.3)
+    assert ours.tokens == _new_tokens(ref, prompt, tiny.eos_ids)
+
+
+def test_top_k_shortcut_keeps_tokens_tied_with_the_kth():
+    from toolkit.decoding.search import _sample_token
+
+    x = torch.tensor([3.0, 2.0, 2.0, 1.0, 0.0])
+    cfg = DecodingConfig(strategy="sample", top_k=2)
+    full = T.probs(T.prepare_logits(x, torch.empty(0, dtype=torch.long), top_k_=2))
+    g = torch.Generator().manual_seed(0)
+    counts = torch.bincount(torch.tensor([_sample_token(x, torch.empty(0, dtype=torch.long), cfg, g)
+                                          for _ in range(3000)]), minlength=5)
+    assert counts[2] > 0 and counts[3] == counts[4] == 0
+    torch.testing.assert_close(counts.float() / 3000, full, atol=0.03, rtol=0)
 
 
 def test_top_k_shortcut_samples_the_same_distribution():

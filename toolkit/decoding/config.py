@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, fields
 from toolkit.core.errors import UserError
 
 STRATEGIES = ("greedy", "sample", "beam")
+MIN_TEMPERATURE = 1e-6
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,9 @@ class DecodingConfig:
             object.__setattr__(self, "stop", tuple(self.stop))
         checks = [
             (self.strategy in STRATEGIES, f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}"),
-            (_num(self.temperature) and self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
+            # Below 1e-6 the logits / temperature overflow to inf and the probabilities to NaN.
+            (_num(self.temperature) and (self.temperature == 0 or self.temperature >= MIN_TEMPERATURE),
+             f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got {self.temperature}"),
             (_int(self.top_k) and self.top_k >= 0, f"top_k must be an integer >= 0 (0 = off), got {self.top_k}"),
             (_num(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
             (_num(self.min_p) and 0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
@@ -56,7 +59,8 @@ class DecodingConfig:
             (_int(self.max_new_tokens) and self.max_new_tokens >= 1,
              f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens}"),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
-            (self.seed is None or (_int(self.seed) and self.seed >= 0), f"seed must be an integer >= 0, got {self.seed}"),
+            (self.seed is None or (_int(self.seed) and 0 <= self.seed < 2**64),  # torch.Generator's range
+             f"seed must be an integer in [0, 2**64), got {self.seed}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -64,8 +68,10 @@ class DecodingConfig:
 
     @property
     def effective_strategy(self) -> str:
-        """Sampling at temperature 0 is greedy (as in llama.cpp and the OpenAI API)."""
-        if self.strategy == "sample" and self.temperature == 0:
+        """Sampling at temperature 0 is greedy (as in llama.cpp and the OpenAI API), and so is a beam
+        search of one beam (as in transformers, whose repetition penalty then acts on the logits,
+        not on the log-probabilities a beam search scores)."""
+        if (self.strategy == "sample" and self.temperature == 0) or (self.strategy == "beam" and self.num_beams == 1):
             return "greedy"
         return self.strategy
 

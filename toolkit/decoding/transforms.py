@@ -46,15 +46,16 @@ def top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
 def top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     """Nucleus filtering: keep the most likely tokens until their probability mass reaches p.
 
-    A token survives when the mass of the tokens strictly more likely than it is still < p,
-    so the token that crosses p is kept and the top token always is."""
+    A token is dropped when the tokens less likely than it, itself included, hold at most 1 - p of
+    the mass, so the token that crosses p is kept and the top token always is. Written as
+    transformers' TopPLogitsWarper computes it (ascending sort, cumulative sum): among tokens tied at
+    the cut, which ones stay depends on the sort, and this keeps the same ones."""
     if p >= 1.0:
         return logits
-    sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-    probs = torch.softmax(sorted_logits, dim=-1)
-    mass_before = torch.cumsum(probs, dim=-1) - probs
-    drop_sorted = mass_before >= p
-    drop_sorted[..., 0] = False
+    sorted_logits, order = torch.sort(logits, descending=False, dim=-1)
+    mass_up_to = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    drop_sorted = mass_up_to <= 1 - p
+    drop_sorted[..., -1:] = False
     drop = drop_sorted.scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, NEG_INF)
 
