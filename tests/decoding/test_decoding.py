@@ -208,7 +208,7 @@ def test_top_k_shortcut_keeps_tokens_tied_with_the_kth():
 
     x = torch.tensor([3.0, 2.0, 2.0, 1.0, 0.0])
     cfg = DecodingConfig(strategy="sample", top_k=2)
-    full = T.probs(T.prepare_logits(x, torch.empty(0, dtype=torch.long), top_k_=2))
+    full = torch.softmax(TopKLogitsWarper(2)(IDS[:1], x[None].clone())[0], -1)  # [.576, .212, .212, 0, 0]
     g = torch.Generator().manual_seed(0)
     counts = torch.bincount(torch.tensor([_sample_token(x, torch.empty(0, dtype=torch.long), cfg, g)
                                           for _ in range(3000)]), minlength=5)

@@ -25,6 +25,9 @@ def test_table_covers_exactly_the_config_fields():
         assert f.control.kind in ("radio", "slider", "number", "textbox")
         if f.control.kind == "slider":
             assert f.control.minimum <= f.to_ui(f.default) <= f.control.maximum, f.name
+            # no slider position is a value DecodingConfig refuses (temperature: 0, then 0.05 >= 1e-6)
+            for v in (f.control.minimum, f.control.minimum + f.control.step, f.control.maximum):
+                DecodingConfig(**{f.name: f.from_ui(v)})
         # every default survives the trip through its UI control
         assert f.from_ui(f.to_ui(f.default)) == f.default, f.name
 

@@ -46,9 +46,10 @@ class DecodingConfig:
             object.__setattr__(self, "stop", tuple(self.stop))
         checks = [
             (self.strategy in STRATEGIES, f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}"),
-            # Below 1e-6 the logits / temperature overflow to inf and the probabilities to NaN.
+            # Near 1e-38 logits / temperature overflow float32 and every probability is NaN; at 1e-6 a
+            # draw is already the argmax unless two logits are within ~1e-4, so this floor loses nothing.
             (_num(self.temperature) and (self.temperature == 0 or self.temperature >= MIN_TEMPERATURE),
-             f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got {self.temperature}"),
+             f"temperature must be 0 (greedy) or at least 1e-6, got {self.temperature}"),
             (_int(self.top_k) and self.top_k >= 0, f"top_k must be an integer >= 0 (0 = off), got {self.top_k}"),
             (_num(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
             (_num(self.min_p) and 0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),

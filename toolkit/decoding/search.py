@@ -8,6 +8,7 @@ KV cache of one or more rows (sequences) and offers:
     fork(n)                                 row 0 becomes n identical rows (beam search start)
     reorder(rows)                           new row i = old row rows[i] (beam search bookkeeping)
     decode(ids) -> str, eos_ids, n_ctx
+    reserve(cells)                          optional: KV room for all rows together (llama.cpp's shared cache)
 
 Everything else, the choice of token, lives here, so both backends decode identically.
 """
@@ -98,6 +99,9 @@ def beam_search(backend: Backend, prompt_ids: list[int], cfg: DecodingConfig) ->
     """
     n = cfg.num_beams
     budget = _budget(backend, prompt_ids, cfg)
+    reserve = getattr(backend, "reserve", None)  # a KV cache shared by the rows (llama.cpp) grows n cells a step
+    if reserve is not None:
+        reserve(len(prompt_ids) + n * budget)
     keep = max(2, 1 + len(backend.eos_ids)) * n
     lp = cfg.length_penalty
     logits = backend.prefill(list(prompt_ids)).float().unsqueeze(0).expand(n, -1)

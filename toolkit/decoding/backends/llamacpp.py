@@ -32,15 +32,15 @@ class LlamaCppBackend:
             # Start from the Llama object's own settings (threads, flash attention off, ...) so
             # our numbers match its create_completion on the same file.
             base = self.llm.context_params
-            params = type(base).from_buffer_copy(base)
-            params.n_ctx = n_ctx
-            params.n_batch = params.n_ubatch = n_batch
-            params.n_seq_max = 2 * MAX_ROWS  # rows plus room to copy them during reorder
-            params.kv_unified = True
-            self.ctx = _internals.LlamaContext(model=self.llm._model, params=params, verbose=False)
+            self._params = type(base).from_buffer_copy(base)
+            self._params.n_batch = self._params.n_ubatch = n_batch
+            self._params.n_seq_max = 2 * MAX_ROWS  # rows plus room to copy them during reorder
+            self._params.kv_unified = True
+            self.ctx, self.kv_cells = None, 0
+            self._new_context(n_ctx)
             self.batch = _internals.LlamaBatch(n_tokens=n_batch, embd=0, n_seq_max=1, verbose=False)
         except Exception:
-            self.llm.close()
+            self.close()
             raise
         self.n_ctx = n_ctx
         self.n_batch = n_batch
@@ -91,6 +91,24 @@ class LlamaCppBackend:
         rc = self._lib.llama_decode(self.ctx.ctx, b)
         if rc != 0:
             raise RuntimeError(f"llama_decode failed with status {rc} (context full?)")
+
+    def _new_context(self, cells: int) -> None:
+        from llama_cpp import _internals
+
+        if self.ctx is not None:
+            self.ctx.close()
+            self.ctx = None
+        self._params.n_ctx = cells
+        self.ctx = _internals.LlamaContext(model=self.llm._model, params=self._params, verbose=False)
+        self.kv_cells = cells
+
+    def reserve(self, cells: int) -> None:
+        """Room for `cells` KV entries across all rows before the next prefill. The unified cache
+        holds n_ctx cells shared by every row; a beam search adds one cell per beam and step, so
+        it can need more than one row's window: the context is rebuilt larger, only when asked."""
+        if cells > self.kv_cells:
+            self._new_context(cells)
+            self.rows, self.n_past = [0], 0
 
     def _logits(self, n: int) -> torch.Tensor:
         ptr = self._lib.llama_get_logits(self.ctx.ctx)
