@@ -137,7 +137,12 @@ def _control(f, value) -> gr.components.Component:
     if c.kind == "radio":
         return gr.Radio(list(f.choices), value=value, label=c.label)
     if c.kind == "slider":
-        return gr.Slider(c.minimum, c.maximum, value=value, step=c.step, label=c.label)
+        # The slider spans the useful range, the config allows more (--temperature 2.5, --top-k 500):
+        # a CLI value outside it widens it, else Gradio would refuse the control's own value.
+        lo, hi = c.minimum, c.maximum
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            lo, hi = min(lo, value), max(hi, value)
+        return gr.Slider(lo, hi, value=value, step=c.step, label=c.label)
     if c.kind == "number":
         return gr.Number(value=value, label=c.label, precision=0 if f.type is int else None)
     if c.kind == "textbox":

@@ -181,3 +181,14 @@ def test_pick_with_a_gpu_and_a_tight_time_budget_names_the_time_limit(capsys):
     assert code == 0
     why = next(line for line in out.splitlines() if line.startswith("Why:"))
     assert "would take" in why and "Time: budget 2 min" in out
+
+
+def test_seq_len_past_the_models_context_window_is_warned(capsys):
+    code, out, err = _run(capsys, "--model", "embedded", "--seq-len", "100000")
+    assert code == 0 and "seq 100000" in out
+    assert err == ("warning: --seq-len 100000 is past embedded's context window (8192 tokens); the estimate is "
+                   "for a length the model was not trained for\n")
+    code, out, err = _run(capsys, "--model", "embedded", "--seq-len", "100000", "--json")
+    assert code == 0 and json.loads(out)["warnings"] == [err.removeprefix("warning: ").strip()]
+    code, out, err = _run(capsys, "--model", "embedded", "--seq-len", "8192", "--json")
+    assert code == 0 and err == "" and json.loads(out)["warnings"] == []

@@ -93,3 +93,20 @@ def test_serve_port_in_use(embedded_f16_gguf, capsys):
         assert main(["serve", str(embedded_f16_gguf), "--port", str(port)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"cannot listen on 127.0.0.1:{port}" in err[0]
+
+
+@pytest.mark.parametrize("flags, line", [
+    (["--threads", "-2"], "error: --threads -2: must be >= 1 (leave it out for half the cores)"),
+    (["--threads", "0"], "error: --threads 0: must be >= 1 (leave it out for half the cores)"),
+    (["--n-ctx", "-5"], "error: --n-ctx -5: must be a whole number >= 0 (0 = the model's own context window)"),
+    (["--port", "99999"], "error: --port 99999: must be 1-65535"),
+])
+def test_serve_bad_numbers_name_the_flag(tmp_path, capsys, monkeypatch, flags, line):
+    """Refused before the GGUF is read or a server starts (ModelSettings said it as a pydantic traceback)."""
+    from toolkit.export import verify
+
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    monkeypatch.setattr(verify, "gguf_metadata", lambda p: pytest.fail("the GGUF was read"))
+    assert main(["serve", str(gguf), *flags]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [line]

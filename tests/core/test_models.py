@@ -88,3 +88,106 @@ def test_every_capability_reads_specs_the_same_way(tmp_path):
             call(missing)
         messages.add(str(exc.value))
     assert messages == {f"model not found: {missing} (no such file or folder)"}
+
+
+# ---------------------------------------------------------------- loading: bad input is one line
+
+
+def _tiny_run(tmp_path, base_dir):
+    """A run folder with a real LoRA adapter on `base_dir` (as toolkit.finetune.trainer writes it)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    run = tmp_path / "run"
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), LoraConfig(r=2, target_modules=["q_proj"]))
+    model.save_pretrained(run / "adapter")
+    (run / "run.json").write_text(json.dumps({"base_model": str(base_dir), "base_source": str(base_dir)}))
+    return run
+
+
+def _refuse_loading(monkeypatch):
+    """Any base load fails the test: a damaged adapter is caught before the base is read."""
+    from toolkit.core import models
+
+    def refuse(*a, **k):
+        raise AssertionError("the base was loaded")
+
+    monkeypatch.setattr(models, "load_causal_lm", refuse)
+
+
+@pytest.mark.parametrize("damage, file, needle", [
+    (lambda a: (a / "adapter_config.json").write_text("{broken"), "adapter_config.json", "not valid JSON"),
+    (lambda a: (a / "adapter_config.json").write_text("[1]"), "adapter_config.json", "expected a JSON object"),
+    (lambda a: (a / "adapter_model.safetensors").write_bytes(b""), "adapter_model.safetensors",
+     "not a readable safetensors file"),
+    (lambda a: (a / "adapter_model.safetensors").write_bytes((a / "adapter_model.safetensors").read_bytes()[:-64]),
+     "adapter_model.safetensors", "not a readable safetensors file"),
+    (lambda a: (a / "adapter_model.safetensors").unlink(), "adapter_model.safetensors", "missing"),
+], ids=["config-not-json", "config-not-object", "weights-empty", "weights-cut-short", "weights-missing"])
+def test_damaged_adapter_is_one_line_naming_the_file(tmp_path, tiny_llama_dir, monkeypatch, damage, file, needle):
+    from toolkit.core.models import load_model
+
+    run = _tiny_run(tmp_path, tiny_llama_dir)
+    load_model(str(run))  # whole, it loads
+    damage(run / "adapter")
+    _refuse_loading(monkeypatch)
+    with pytest.raises(UserError) as exc:
+        load_model(str(run))
+    msg = str(exc.value)
+    assert msg.startswith(f"{run / 'adapter' / file}: ") and needle in msg and "\n" not in msg, msg
+
+
+def test_unknown_hub_id_offline_is_one_line(monkeypatch):
+    """The words finetune uses for a base it can't have, not transformers' OSError."""
+    from huggingface_hub import constants
+
+    from toolkit.core.models import load_model
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(UserError) as exc:
+        load_model("nosuch-org/nosuch-model")
+    assert str(exc.value) == "nosuch-org/nosuch-model: offline (HF_HUB_OFFLINE is set) and not in the local HF cache"
+
+
+def test_a_folder_transformers_refuses_is_one_line(tmp_path):
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text("{not json")
+    from toolkit.core.models import load_model
+
+    with pytest.raises(UserError) as exc:
+        load_model(str(folder))
+    assert str(exc.value).startswith(f"{folder}: ") and "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize("cache", ["file", "file/sub"])
+def test_toolkit_cache_that_is_a_file_is_named(tmp_path, monkeypatch, cache):
+    """The embedded model's folder can't be cached: said before the ~30 s conversion, naming TOOLKIT_CACHE."""
+    from toolkit.core import models
+
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setenv("TOOLKIT_CACHE", str(tmp_path / cache))
+    monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained",
+                        lambda *a, **k: pytest.fail("converted before the cache folder was checked"))
+    with pytest.raises(UserError) as exc:
+        models.embedded_hf_dir()
+    msg = str(exc.value)
+    assert f"TOOLKIT_CACHE is {tmp_path / cache}" in msg and str(tmp_path / cache) in msg and "\n" not in msg
+    with pytest.raises(UserError, match="TOOLKIT_CACHE"):  # any other folder saved there
+        models.save_folder_atomically(tmp_path / cache / "x", lambda tmp: None)
+
+
+def test_run_whose_adapter_config_is_no_object_still_resolves(tmp_path):
+    run = _run(tmp_path, run_json=False)
+    (run / "adapter" / "adapter_config.json").write_text("[1]")
+    assert resolve(str(run)).base is None  # loading it names the file (above), resolving never fails on it
+
+
+def test_adapter_config_peft_does_not_know_is_one_line(tmp_path, tiny_llama_dir):
+    from toolkit.core.models import load_model
+
+    run = _tiny_run(tmp_path, tiny_llama_dir)
+    (run / "adapter" / "adapter_config.json").write_text(json.dumps({"peft_type": "NOSUCH"}))
+    with pytest.raises(UserError) as exc:
+        load_model(str(run))
+    assert str(exc.value) == f"{run / 'adapter'}: PEFT cannot load this adapter (KeyError: 'NOSUCH')"

@@ -239,3 +239,114 @@ def test_hf_backend_steps_inside_the_devices_sdpa_choice(tiny_llama_dir, monkeyp
     finally:
         hook.remove()
     assert len(seen) >= 6 and not any(seen) and got == want
+
+
+# ---------------------------------------------------------------- bad model files and --n-ctx
+
+
+def _cut(src, dst, n: int):
+    with open(src, "rb") as f:
+        dst.write_bytes(f.read(n))
+    return dst
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def test_gguf_that_is_no_gguf_is_one_line(tmp_path, capsys):
+    """estimate's reader, not llama.cpp's "Failed to load model from file" traceback."""
+    from toolkit.cli import main
+
+    fake = tmp_path / "fake.gguf"
+    fake.write_text("hello, not a model\n")
+    assert main(["generate", "-m", str(fake), "-p", "hi"]) == 2
+    assert _one_error_line(capsys) == f"error: {fake}: not a GGUF file (no GGUF magic)"
+    assert main(["chat", "-m", str(fake)]) == 2
+    assert "no GGUF magic" in _one_error_line(capsys)
+
+
+@pytest.mark.slow
+def test_cut_gguf_is_one_line(embedded_f16_gguf, tmp_path):
+    from toolkit.core.errors import UserError
+    from toolkit.decoding.backends import load
+    from toolkit.estimate.gguf_header import read_header
+
+    header_cut = _cut(embedded_f16_gguf, tmp_path / "head.gguf", 1 << 20)  # inside the vocabulary
+    with pytest.raises(UserError, match=f"^{header_cut}: truncated GGUF header$"):
+        load(str(header_cut))
+    size = embedded_f16_gguf.stat().st_size
+    header_and_a_little = size - read_header(embedded_f16_gguf).tensor_bytes + 4096
+    data_cut = _cut(embedded_f16_gguf, tmp_path / "data.gguf", header_and_a_little)
+    with pytest.raises(UserError, match=f"^{data_cut}: truncated GGUF \\(its tensors take"):
+        load(str(data_cut))
+
+
+@pytest.mark.parametrize("spec", ["embedded", "model.gguf"])
+def test_negative_n_ctx_is_refused_before_loading(spec, tmp_path, capsys, monkeypatch):
+    from toolkit.cli import main
+    from toolkit.core import models
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "model.gguf").write_text("never read")
+    monkeypatch.setattr(models, "resolve", lambda s: pytest.fail("the model was looked at"))
+    for cmd in (["generate", "-p", "hi"], ["chat"], ["chat", "--ui"]):
+        assert main([*cmd, "-m", spec, "--n-ctx", "-5"]) == 2
+        assert _one_error_line(capsys) == "error: --n-ctx -5: must be a whole number >= 0 (0 = the model's own " \
+                                          "context window)"
+
+
+def test_n_ctx_0_is_the_models_own_window_for_hf(tiny_llama_dir):
+    from toolkit.decoding.backends import load
+
+    # the config's max_position_embeddings
+    assert load(str(tiny_llama_dir), n_ctx=0).n_ctx == 2048 == load(str(tiny_llama_dir)).n_ctx
+    assert load(str(tiny_llama_dir), n_ctx=100).n_ctx == 100
+
+
+@pytest.mark.slow
+def test_n_ctx_0_is_the_models_own_window_for_gguf(embedded_f16_gguf):
+    """llama.cpp's meaning of 0 (the GGUF's context_length), no longer a silent 2048."""
+    from toolkit.decoding.backends import load
+
+    with load(str(embedded_f16_gguf), n_ctx=0) as own, load(str(embedded_f16_gguf)) as default:
+        assert (own.n_ctx, own.kv_cells, default.n_ctx) == (8192, 8192, 2048)
+        ids = own.encode("Hello")
+        assert generate(own, ids, DecodingConfig(max_new_tokens=3)).new_tokens == 3
+
+
+def test_unknown_hub_id_offline_is_one_line(capsys, monkeypatch):
+    """As finetune says it for a base it can't have, not transformers' OSError traceback."""
+    from huggingface_hub import constants
+
+    from toolkit.cli import main
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert main(["generate", "-m", "nosuch-org/nosuch-model", "-p", "hi"]) == 2
+    assert _one_error_line(capsys) == ("error: nosuch-org/nosuch-model: offline (HF_HUB_OFFLINE is set) and not in "
+                                       "the local HF cache")
+
+
+@pytest.mark.slow
+def test_llamacpp_kv_room_it_cannot_get_is_one_line(embedded_f16_gguf, monkeypatch):
+    """No memory for the beams' cache: said as such, and the backend keeps its window and still decodes."""
+    from llama_cpp import _internals
+
+    from toolkit.core.errors import UserError
+    from toolkit.decoding.backends.llamacpp import LlamaCppBackend
+
+    real = _internals.LlamaContext
+
+    def small_only(*, model, params, verbose):
+        if params.n_ctx > 1000:
+            raise ValueError("Failed to create llama_context")
+        return real(model=model, params=params, verbose=verbose)
+
+    with LlamaCppBackend(str(embedded_f16_gguf), n_ctx=256) as small:
+        ids = small.encode("Once upon a time")
+        monkeypatch.setattr(_internals, "LlamaContext", small_only)
+        with pytest.raises(UserError, match="^no memory for a KV cache of .* lower --num-beams or --max-new-tokens$"):
+            generate(small, ids, DecodingConfig(strategy="beam", num_beams=8, max_new_tokens=200))
+        assert small.kv_cells == 256 and generate(small, ids, DecodingConfig(max_new_tokens=4)).new_tokens == 4

@@ -430,3 +430,26 @@ def test_stdout_holds_results_only(monkeypatch, capsys):
     assert main(["export", "embedded", "--quant", "q8_0", "--json"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 1 and json.loads(out[0]) == summary
+
+
+@pytest.mark.parametrize("damage, file", [
+    (lambda a: (a / "adapter_config.json").write_text("{broken"), "adapter_config.json"),
+    (lambda a: (a / "adapter_model.safetensors").write_bytes(b""), "adapter_model.safetensors"),
+], ids=["config-not-json", "weights-empty"])
+def test_cli_damaged_adapter_is_one_line_and_writes_nothing(tmp_path, tiny_llama_dir, capsys, damage, file):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    run = tmp_path / "runs" / "finance-20260101-000000"
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
+                   LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(run / "adapter")
+    (run / "run.json").write_text(json.dumps({"recipe": "finance", "base_model": str(tiny_llama_dir),
+                                              "base_source": str(tiny_llama_dir)}))
+    damage(run / "adapter")
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    capsys.readouterr()
+    assert main(["export", str(run), "--quant", "q8_0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()  # the step lines, then one error line
+    assert err[-1].startswith(f"error: {run / 'adapter' / file}: ") and not any("error" in e for e in err[:-1]), err
+    after = sorted(p.relative_to(run) for p in run.rglob("*"))
+    assert after == before or set(after) - set(before) == {Path("gguf")} and not any((run / "gguf").iterdir())

@@ -197,3 +197,23 @@ def test_browser_types_and_sees_streamed_answer(app_url, tmp_path):
             browser.close()
     assert shot.stat().st_size > 10_000
     print(f"screenshot: {shot}")
+
+
+def test_cli_values_past_a_sliders_range_widen_it(tmp_path):
+    """Valid for the config, outside the slider's useful range: the slider starts there, and Gradio
+    accepts its own value (it refused: 'Value 2.5 is greater than maximum value 2.')."""
+    import gradio as gr
+
+    from ui.chat import build_app
+
+    cfg = DecodingConfig(temperature=2.5, top_k=500, repetition_penalty=3.0, length_penalty=-1.0, num_beams=16)
+    app = build_app("embedded", root=tmp_path, initial=cfg)
+    sliders = {b.label: b for b in app.blocks.values() if isinstance(b, gr.Slider)}
+    by_field = {f.name: sliders[f.control.label] for f in FIELDS if f.control.kind == "slider"}
+    for name in ("temperature", "top_k", "repetition_penalty", "length_penalty"):
+        s, value = by_field[name], getattr(cfg, name)
+        assert s.value == value and s.minimum <= value <= s.maximum
+        assert s.preprocess(value) == value
+    # in range: the table's range is kept
+    assert (by_field["num_beams"].minimum, by_field["num_beams"].maximum) == (1, 16)
+    assert (by_field["temperature"].minimum, by_field["top_k"].maximum) == (0, 500)

@@ -23,7 +23,9 @@ from toolkit.decoding.flags import add_decoding_arguments, config_from_args
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", "-m", default="embedded", help="embedded | HF id | folder | run folder | .gguf")
     parser.add_argument("--system", help="system prompt")
-    parser.add_argument("--n-ctx", type=int, default=None, help="context window (default: the model's; 2048 for GGUF)")
+    parser.add_argument("--n-ctx", type=int, default=None,
+                        help="context window in tokens (default: the model's own, 2048 for a GGUF; 0 = the model's "
+                             "own for a GGUF too)")
     parser.add_argument("--ui", action="store_true", help="serve the Gradio web chat instead")
     parser.add_argument("--host", default="127.0.0.1", help="web UI address (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=7860, help="web UI port (default 7860)")
@@ -31,12 +33,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from toolkit.decoding.backends import check_n_ctx
+
     cfg = config_from_args(args)
+    check_n_ctx(args.n_ctx)
     if args.ui:
+        from toolkit.commands.serve import check_port_free
         from toolkit.core.models import resolve
+
+        # One-line errors now, not a Gradio traceback or a broken page once the server starts.
+        check_port_free(args.host, args.port)
+        resolve(args.model)
         from ui.chat import launch
 
-        resolve(args.model)  # a bad --model is a one-line error, not a broken page
         print(f"chat UI on http://{args.host}:{args.port}  (Ctrl-C to stop)", file=sys.stderr)
         launch(args.model, host=args.host, port=args.port, n_ctx=args.n_ctx, block=True, initial=cfg)
         return 0

@@ -24,6 +24,7 @@ Examples:
 from __future__ import annotations
 
 import json
+import sys
 
 from toolkit.core.errors import UserError
 from toolkit.core.units import gib
@@ -107,11 +108,15 @@ def _one_model(args) -> int:
                      _targets(s["targets"], facts), s["optimizer"], s["lora_dropout"], device=device,
                      budget_bytes=bud.bytes if bud else None)
     tm = _time(args, facts, est, device, s)
+    warnings = _context_warnings(args, facts, s["seq_len"])
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
     if args.json:
         d = est.to_dict()
         if bud:
             d["budget_source"] = bud.source
         d["time"] = tm
+        d["warnings"] = warnings
         print(json.dumps(d))
         return 0
     head = [est.task, est.quant, f"{est.backend} on {est.device}", f"seq {est.seq_len} x batch {est.batch}"]
@@ -142,6 +147,17 @@ def _one_model(args) -> int:
         verdict = "fits" if est.fits else "does NOT fit"
         print(f"  budget {gib(bud.bytes)} ({bud.source}): {verdict}, headroom {gib(bud.bytes - est.total_bytes)}")
     return 0
+
+
+def _context_warnings(args, facts, seq_len: int) -> list[str]:
+    """The sequence is longer than the model's context window: the figures are still the arithmetic
+    for that length, but no run of it would work as trained (positions it never saw), so say so."""
+    limit = facts.max_context
+    if not limit or seq_len <= limit:
+        return []
+    what = f"--seq-len {seq_len}" if not args.recipe else f"--recipe {args.recipe}'s sequence length {seq_len}"
+    return [f"{what} is past {facts.name}'s context window ({limit} tokens); the estimate is for a length "
+            "the model was not trained for"]
 
 
 def _pick(args) -> int:

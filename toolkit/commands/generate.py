@@ -24,7 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", "-p", required=True, help="the user message (or raw text with --raw); - reads stdin")
     parser.add_argument("--system", help="system prompt (chat template only)")
     parser.add_argument("--raw", action="store_true", help="no chat template: continue the prompt text")
-    parser.add_argument("--n-ctx", type=int, default=None, help="context window (default: the model's; 2048 for GGUF)")
+    parser.add_argument("--n-ctx", type=int, default=None,
+                        help="context window in tokens (default: the model's own, 2048 for a GGUF; 0 = the model's "
+                             "own for a GGUF too)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     add_decoding_arguments(parser)
 

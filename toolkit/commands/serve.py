@@ -16,17 +16,21 @@ def add_arguments(parser) -> None:
     parser.add_argument("gguf", metavar="GGUF", help="the .gguf file to serve (e.g. from `toolkit export`)")
     parser.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
-    parser.add_argument("--n-ctx", type=int, default=4096, help="context window in tokens (default 4096)")
+    parser.add_argument("--n-ctx", type=int, default=4096,
+                        help="context window in tokens (default 4096; 0 = the model's own)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: half the cores)")
     parser.add_argument("--api-key", default=None, help="require this bearer token from clients")
 
 
 def check_port_free(host: str, port: int) -> None:
-    """UserError when `host:port` cannot be bound (in use, or not an address of this machine)."""
+    """UserError when `host:port` cannot be bound (a port outside 1-65535 or in use, a host that
+    is not an address of this machine): checked before a model loads, not by the server after."""
     import socket
 
     from toolkit.core.errors import UserError
 
+    if not 0 < port < 65536:
+        raise UserError(f"--port {port}: must be 1-65535")
     try:
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -38,13 +42,16 @@ def check_port_free(host: str, port: int) -> None:
 def run(args) -> int:
     from toolkit.core.errors import UserError
     from toolkit.core.progress import say
+    from toolkit.decoding.backends import check_n_ctx
     from toolkit.export.convert import gguf_file
 
     path = gguf_file(args.gguf)
     if path.suffix != ".gguf":
         raise UserError(f"{args.gguf}: not a .gguf file (export a run first: toolkit export RUN)")
-    if not 0 < args.port < 65536:
-        raise UserError(f"--port {args.port}: must be 1-65535")
+    # ModelSettings would refuse these too, but as a pydantic traceback.
+    check_n_ctx(args.n_ctx)
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads {args.threads}: must be >= 1 (leave it out for half the cores)")
     check_port_free(args.host, args.port)
 
     from toolkit.export.verify import GGUF_CHAT_FORMAT, gguf_metadata, llama_threads

@@ -13,6 +13,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +59,7 @@ def gguf_to_hf_dir(gguf: Path, target: Path) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     gguf = Path(gguf)
+    make_parent(Path(target))  # a bad TOOLKIT_CACHE is said before the ~30 s conversion, not after
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -84,8 +86,11 @@ def gguf_to_hf_dir(gguf: Path, target: Path) -> Path:
 def save_folder_atomically(target: Path, write) -> Path:
     """`write(tmp)` fills a temp folder beside `target`, which then replaces `target` in one rename:
     a reader never sees a half-written model folder."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    make_parent(target)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    except OSError as exc:
+        raise UserError(f"cannot write to {target.parent}: {exc.strerror or exc}{_cache_hint(target)}") from None
     try:
         write(tmp)
         if target.exists():
@@ -94,6 +99,23 @@ def save_folder_atomically(target: Path, write) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def make_parent(target: Path) -> None:
+    """Create `target`'s folder, or a one-line error naming it (and TOOLKIT_CACHE when it lies there)."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        why = "a file is in the way" if isinstance(exc, (FileExistsError, NotADirectoryError)) else exc.strerror
+        raise UserError(f"cannot create the folder {target.parent}: {why or exc}{_cache_hint(target)}") from None
+
+
+def _cache_hint(path: Path) -> str:
+    """What to change when `path` lies under the cache folder: the user set (or can set) TOOLKIT_CACHE."""
+    cache = cache_dir()
+    if path == cache or cache in path.parents:
+        return f" (TOOLKIT_CACHE is {cache}: point it at a writable folder)"
+    return ""
 
 
 @dataclass(frozen=True)
@@ -170,9 +192,10 @@ def _run_base(run: Path) -> str | None:
                       "base_model_name_or_path"), (run / "adapter_config.json", "base_model_name_or_path")):
         if cand.is_file():
             try:
-                base = json.loads(cand.read_text()).get(key)
+                data = json.loads(cand.read_text())
             except (OSError, UnicodeDecodeError, ValueError):
                 continue
+            base = data.get(key) if isinstance(data, dict) else None
             if isinstance(base, str) and base:
                 return base
     return None
@@ -269,14 +292,77 @@ def load_model(spec: str, device: str = "cpu", dtype: str = "float32", merge: bo
     ref = resolve(spec)
     if ref.kind != "run":
         source = hf_source(ref)
-        return load_causal_lm(source, dtype, device).eval(), load_tokenizer(source)
+        with _loading(spec, source):
+            return load_causal_lm(source, dtype, device).eval(), load_tokenizer(source)
     from peft import PeftModel
 
     adapter = ref.adapter_dir
+    check_adapter(adapter)  # before the base: a damaged adapter fails in a second, not after the load
     base_source = run_base_source(ref.path)
-    model = load_causal_lm(base_source, dtype, device)
-    model = PeftModel.from_pretrained(model, adapter)
+    with _loading(f"{spec}: base {base_source}", base_source):
+        model = load_causal_lm(base_source, dtype, device)
+    try:
+        model = PeftModel.from_pretrained(model, adapter)
+    except (ValueError, TypeError, KeyError) as exc:  # valid JSON and safetensors, but not an adapter PEFT knows
+        why = f"{type(exc).__name__}: {_first_line(exc)}"
+        raise UserError(f"{adapter}: PEFT cannot load this adapter ({why})") from None
     if merge:
         model = model.merge_and_unload()
     tok_dir = adapter if (adapter / "tokenizer_config.json").is_file() else base_source
-    return model.eval(), load_tokenizer(str(tok_dir))
+    with _loading(f"{spec}: tokenizer {tok_dir}", str(tok_dir)):
+        return model.eval(), load_tokenizer(str(tok_dir))
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+@contextmanager
+def _loading(name: str, source: str):
+    """transformers' OSError (a hub id offline or unknown, a gated repo, a folder without weights)
+    while loading from `source` as one line starting with `name`; a hub id offline and not cached
+    in the words finetune uses for its base."""
+    try:
+        yield
+    except OSError as exc:
+        from huggingface_hub import constants
+
+        why = _first_line(exc)
+        if constants.HF_HUB_OFFLINE and not Path(source).exists() and not _in_hf_cache(source):
+            why = "offline (HF_HUB_OFFLINE is set) and not in the local HF cache"
+        raise UserError(f"{name}: {why}") from None
+
+
+def _in_hf_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except ValueError:  # not a repo id
+        return False
+
+
+def check_adapter(adapter: Path) -> None:
+    """A one-line error naming the file when a run's LoRA adapter can't be read: its config not a
+    JSON object, its weights missing or not a whole safetensors file (headers checked, no weights read)."""
+    import json
+
+    config = adapter / "adapter_config.json"
+    try:
+        data = json.loads(config.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise UserError(f"{config}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{config}: expected a JSON object")
+    weights = adapter / "adapter_model.safetensors"
+    if not weights.is_file():
+        if (adapter / "adapter_model.bin").is_file():
+            return  # older PEFT's pickle: nothing to check without loading it
+        raise UserError(f"{weights}: missing (the run folder's adapter has no weights; did training save?)")
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(weights), "pt"):
+            pass
+    except (OSError, SafetensorError) as exc:
+        raise UserError(f"{weights}: not a readable safetensors file ({_first_line(exc)})") from None

@@ -9,15 +9,28 @@ adapter) through transformers (`hf.HFBackend`). Both expose the interface descri
 from __future__ import annotations
 
 
+GGUF_N_CTX = 2048  # a GGUF's window when none is asked for: its own may be 128k, a 16 GiB KV cache
+
+
+def check_n_ctx(n_ctx: int | None) -> None:
+    """The --n-ctx rule of generate, chat and serve: None = the default, 0 = the model's own window
+    (its config's max_position_embeddings, a GGUF's context_length: llama.cpp's meaning of 0)."""
+    from toolkit.core.errors import UserError
+
+    if n_ctx is not None and (isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 0):
+        raise UserError(f"--n-ctx {n_ctx}: must be a whole number >= 0 (0 = the model's own context window)")
+
+
 def load(spec: str, n_ctx: int | None = None):
     """Open a backend for model `spec`; close it with `.close()` (or use it as a context manager)."""
     from toolkit.core.models import resolve
 
+    check_n_ctx(n_ctx)
     ref = resolve(spec)
     if ref.kind == "gguf":
         from toolkit.decoding.backends.llamacpp import LlamaCppBackend
 
-        return LlamaCppBackend(str(ref.path), n_ctx=n_ctx or 2048)
+        return LlamaCppBackend(str(ref.path), n_ctx=GGUF_N_CTX if n_ctx is None else n_ctx)
     from toolkit.decoding.backends.hf import HFBackend
 
     return HFBackend.from_spec(spec, n_ctx=n_ctx)

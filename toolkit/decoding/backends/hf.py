@@ -19,6 +19,9 @@ class HFBackend:
     name = "transformers"
 
     def __init__(self, model, tokenizer, n_ctx: int | None = None):
+        from toolkit.decoding.backends import check_n_ctx
+
+        check_n_ctx(n_ctx)
         self.model, self.tokenizer = model, tokenizer
         self.matmuls = "matmuls: the model's own"
         self._packed = None  # the packed_linears block this backend holds open until close()

@@ -8,6 +8,8 @@ copy), and one `llama_decode` call runs all rows' new tokens as one batch.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -24,10 +26,30 @@ class LlamaCppBackend:
         import llama_cpp
         from llama_cpp import _internals
 
+        from toolkit.core.errors import UserError
+        from toolkit.decoding.backends import check_n_ctx
+        from toolkit.estimate.gguf_header import read_header
+
+        check_n_ctx(n_ctx)
+        # estimate's reader: a foreign or cut-off file is "no GGUF magic" / "truncated GGUF header"
+        # here as there, where llama.cpp says only "Failed to load model from file".
+        header = read_header(gguf_path)
+        size = Path(gguf_path).stat().st_size
+        if size < header.tensor_bytes:
+            raise UserError(f"{gguf_path}: truncated GGUF (its tensors take {header.tensor_bytes} bytes, "
+                            f"the file has {size})")
         self._lib = llama_cpp
+        self.llm = None
         # The Llama object gives us the model, tokenizer and metadata; its own context stays
         # minimal because decoding runs in the multi-sequence context built below.
-        self.llm = llama_cpp.Llama(model_path=gguf_path, n_ctx=64, n_batch=64, n_threads=n_threads, verbose=False)
+        try:
+            self.llm = llama_cpp.Llama(model_path=gguf_path, n_ctx=64, n_batch=64, n_threads=n_threads,
+                                       verbose=False)
+        except ValueError:  # the header read fine: an architecture or tensor type this llama.cpp lacks
+            raise UserError(f"{gguf_path}: llama.cpp cannot load this GGUF (an architecture or tensor type "
+                            "this llama-cpp-python does not support?)") from None
+        if n_ctx == 0:
+            n_ctx = self.llm._model.n_ctx_train()  # llama.cpp's meaning of 0
         try:
             # Start from the Llama object's own settings (threads, flash attention off, ...) so
             # our numbers match its create_completion on the same file.
@@ -106,9 +128,18 @@ class LlamaCppBackend:
         """Room for `cells` KV entries across all rows before the next prefill. The unified cache
         holds n_ctx cells shared by every row; a beam search adds one cell per beam and step, so
         it can need more than one row's window: the context is rebuilt larger, only when asked."""
-        if cells > self.kv_cells:
+        if cells <= self.kv_cells:
+            return
+        old = self.kv_cells
+        self.rows, self.n_past = [0], 0
+        try:
             self._new_context(cells)
-            self.rows, self.n_past = [0], 0
+        except ValueError:  # llama-cpp-python's "Failed to create llama_context": no memory for it
+            from toolkit.core.errors import UserError
+
+            self._new_context(old)
+            raise UserError(f"no memory for a KV cache of {cells} tokens (the prompt plus each beam's new "
+                            "tokens); lower --num-beams or --max-new-tokens") from None
 
     def _logits(self, n: int) -> torch.Tensor:
         ptr = self._lib.llama_get_logits(self.ctx.ctx)
@@ -165,8 +196,10 @@ class LlamaCppBackend:
 
     def close(self) -> None:
         ctx, self.ctx = getattr(self, "ctx", None), None
+        batch, self.batch = getattr(self, "batch", None), None
+        if batch is not None:
+            batch.close()
         if ctx is not None:
-            self.batch.close()
             ctx.close()
         if getattr(self, "llm", None) is not None:
             self.llm.close()
