@@ -79,9 +79,10 @@ def _sample_token(logits: torch.Tensor, history: torch.Tensor, cfg: DecodingConf
     x = T.temperature(T.repetition_penalty(logits, history, cfg.repetition_penalty), cfg.temperature)
     idx = None
     if 0 < cfg.top_k < x.numel():
+        top, idx = torch.topk(x, cfg.top_k)
+        ties = int((x >= top[-1]).sum())
         # T.top_k keeps every token tied with the k-th: so must the shortcut, or a tied one is never drawn
-        kth = torch.topk(x, cfg.top_k).values[-1]
-        x, idx = torch.topk(x, int((x >= kth).sum()))
+        x, idx = (top, idx) if ties == cfg.top_k else torch.topk(x, ties)
     x = T.min_p(T.top_p(x, cfg.top_p), cfg.min_p)
     choice = int(T.sample(T.probs(x), gen))
     return int(idx[choice]) if idx is not None else choice
