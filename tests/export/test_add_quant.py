@@ -76,6 +76,28 @@ def test_previous_export_of_another_model_or_unreadable_is_refused(tmp_path):
     assert previous_export(tmp_path / "missing", "m") is None
 
 
+def test_previous_export_of_another_model_with_the_same_folder_name_is_refused(tmp_path):
+    """exports/<folder name>/ is shared by every folder called `final`: the record's source_id
+    tells them apart (a record from before it existed is taken by its name, as before)."""
+    from toolkit.core.models import resolve
+    from toolkit.export.pipeline import previous_export
+    from toolkit.export.report import source_id
+
+    a, b = tmp_path / "m1" / "final", tmp_path / "m2" / "final"
+    for d in (a, b):
+        d.mkdir(parents=True)
+        (d / "config.json").write_text("{}")
+    ida, idb = source_id(resolve(str(a))), source_id(resolve(str(b)))
+    assert ida != idb and ida == source_id(resolve(str(tmp_path / "m1" / ".." / "m1" / "final")))
+    assert source_id(resolve("embedded")) == "embedded"
+    out = _folder(tmp_path, {**_record("final"), "source_id": ida})
+    with pytest.raises(UserError, match=f"holds an export of {ida}, not of {idb}.*choose another --out"):
+        previous_export(out, "final", source=idb)
+    assert previous_export(out, "final", source=ida)["source_id"] == ida
+    (out / "export.json").write_text(json.dumps(_record("final")))
+    assert previous_export(out, "final", source=idb) is not None
+
+
 def test_merge_lists_every_quant_and_replaces_a_reexported_one():
     from toolkit.export.report import merge
 

@@ -13,6 +13,8 @@ Exit status: 0 done, 2 bad input, 1 verification failed (nothing written).
 
 from __future__ import annotations
 
+import contextlib
+
 from toolkit.export.convert import QUANT_TYPES, check_quant
 
 DEFAULT_QUANT = "q4_k_m"
@@ -44,7 +46,8 @@ def run(args) -> int:
 
     quants = quant_list(args.quant)
     try:
-        summary = export_model(args.run, quants, out=args.out, force=args.force)
+        with _exit_on_termination():
+            summary = export_model(args.run, quants, out=args.out, force=args.force)
     except ExportFailed as exc:
         print(f"error: {exc} (nothing was written)", file=sys.stderr)
         return 1
@@ -56,3 +59,21 @@ def run(args) -> int:
     print(f"done in {summary['seconds']['total']:.1f} s: {', '.join(summary['quants'])} verified; "
           f"Modelfile and README.md beside them in {summary['out_dir']}")
     return 0
+
+
+@contextlib.contextmanager
+def _exit_on_termination():
+    """SIGTERM / SIGHUP (`timeout`, `docker stop`, a closed terminal) end the export as Ctrl-C does:
+    through the pipeline's cleanup, which a signal's default action skips, leaving ~1 GB of temp
+    files (the merged model, the f16 GGUF) in the output folder."""
+    import signal
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

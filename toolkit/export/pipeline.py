@@ -126,10 +126,11 @@ def default_out_dir(ref) -> Path:
     return ref.path / "gguf" if ref.kind == "run" else Path("exports") / _name_for(ref)
 
 
-def previous_export(out: Path, name: str, force: bool = False) -> dict | None:
+def previous_export(out: Path, name: str, force: bool = False, source: str | None = None) -> dict | None:
     """The export.json an earlier export of the same model left in `out`, so another quant can be
     added beside its files; None when there is none. An unreadable record, or one of another
-    model, is refused (with `force` an unreadable one is ignored and everything rewritten)."""
+    model (another name, or another `source`, `report.source_id`, where the record has one), is
+    refused (with `force` an unreadable one is ignored and everything rewritten)."""
     import json
 
     path = Path(out) / "export.json"
@@ -145,6 +146,9 @@ def previous_export(out: Path, name: str, force: bool = False) -> dict | None:
         raise UserError(f"{path}: unreadable export record ({exc}); use --force to replace it") from None
     if prev.get("name") != name:
         raise UserError(f"{out} holds an export of {prev.get('name')!r}, not {name!r}; choose another --out")
+    if source is not None and prev.get("source_id") not in (None, source):
+        raise UserError(f"{out} holds an export of {prev['source_id']}, not of {source} (same folder name); "
+                        "choose another --out")
     return prev
 
 
@@ -221,7 +225,7 @@ def export_model(spec: str, quants=("q4_k_m",), out=None, force: bool = False, p
     name = _name_for(ref)
     out = Path(out) if out is not None else default_out_dir(ref)
     # Another quant into a folder that has an export: its files stay, the records are merged.
-    previous = previous_export(out, name, force)
+    previous = previous_export(out, name, force, report.source_id(ref))
     files = planned_files(name, quants, previous)
     steps = 6
     timings: dict[str, float] = {}

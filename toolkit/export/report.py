@@ -15,6 +15,13 @@ def _version(dist: str) -> str:
         return "not installed"
 
 
+def source_id(ref) -> str:
+    """Which model an export is of, whatever the spec's spelling: the resolved folder (a run, an HF
+    folder), else the spec (`embedded`, a hub id). Folder names repeat (`final`, `checkpoint-500`),
+    so exports/<name>/ alone cannot tell two models apart."""
+    return str(ref.path.resolve()) if ref.path is not None else ref.spec
+
+
 def summary(spec, ref, name, quants, files, results, timings, notes, merge_dtype) -> dict:
     """Everything the README and export.json say, as one dict."""
     run = {}
@@ -27,6 +34,7 @@ def summary(spec, ref, name, quants, files, results, timings, notes, merge_dtype
     return {
         "source": spec,
         "source_kind": ref.kind,
+        "source_id": source_id(ref),
         "name": name,
         "run": run,
         "merge_dtype": merge_dtype,
