@@ -153,9 +153,40 @@ def test_ctrl_c_checkpoint_then_resume_equals_straight_run(tmp_path, tiny_llama_
     final_a = [x for x in loss(straight) if x is not None][-1]
     final_b = [x for x in loss(resumed) if x is not None][-1]
     assert final_a == pytest.approx(final_b, rel=1e-5)
+    # run.json's mean loss covers every step, not only the resumed session's (logged to 4 digits)
+    straight_info = json.loads((straight / "run.json").read_text())
+    assert info["train_loss"] == pytest.approx(straight_info["train_loss"], abs=2e-4)
 
     with pytest.raises(UserError, match="no interrupted run"):
         finetune(rec, sets, runs_dir=runs, resume=True, gpu=False)
+
+
+def test_a_failure_saving_the_run_names_where_the_weights_are(tmp_path, tiny_llama_dir, monkeypatch):
+    """A full disk while run.json is written: one line naming the folder that holds the adapter."""
+    from toolkit.finetune import run_folder
+    from toolkit.finetune.trainer import finetune
+
+    def full(path, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(run_folder, "write_json", full)
+    rec = make_recipe(tmp_path, tiny_llama_dir, extra="")
+    with pytest.raises(UserError, match=r"saving the run failed after training .*No space left.*trained weights are in"):
+        finetune(rec, ["training.max_steps=2", "eval.report=false", "data.eval="], runs_dir=tmp_path / "runs", gpu=False)
+    (stage,) = list((tmp_path / "runs").iterdir())
+    assert (stage / "adapter" / "adapter_config.json").is_file()
+
+
+def test_ctrl_c_in_the_last_step_finishes_the_run(tmp_path, tiny_llama_dir):
+    """Nothing is left to train, and a resume from the last checkpoint would train past max_steps."""
+    from toolkit.finetune.trainer import finetune
+
+    rec = make_recipe(tmp_path, tiny_llama_dir, extra="")
+    runs = tmp_path / "runs"
+    run = finetune(rec, ["training.max_steps=3", "eval.report=false", "data.eval="], runs_dir=runs, gpu=False,
+                   callbacks=[sigint_at_step(3)])
+    assert not run.name.endswith(".incomplete") and json.loads((run / "run.json").read_text())["steps"] == 3
+    assert (runs / "latest").resolve() == run.resolve()
 
 
 def _env():

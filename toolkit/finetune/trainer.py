@@ -150,14 +150,14 @@ def _train(rec, overrides, stage: Path, runs: Path, dev, dtype, train_ex, eval_e
     from trl import SFTTrainer
 
     from toolkit.finetune import data as data_mod
-    from toolkit.core import allocator, packed_linear, sdpa_backends
+    from toolkit.core import packed_linear, sdpa_backends
     from toolkit.finetune import cpu_lm_head, packed_attention
     from toolkit.finetune.fused_lora import fused_on_cpu
     from toolkit.finetune.fused_norm import fused_norms_on_cpu
     from toolkit.finetune.callbacks import InterruptCallback, MetricsCallback, ProgressCallback, SkipLastEval
     from toolkit.finetune.plan import report_ends
     from toolkit.finetune.trl_compat import lean_lm_head_on_cpu, packing_plan
-    from toolkit.finetune.base_model import load_with_fallback, loaded_weights, resolve_base
+    from toolkit.finetune.base_model import load_with_fallback, resolve_base
 
     main = dist_state.is_main_process
     announce = say if main else quiet
@@ -251,7 +251,9 @@ def _train(rec, overrides, stage: Path, runs: Path, dev, dtype, train_ex, eval_e
         for cb in cbs:
             if isinstance(cb, TensorBoardCallback) and cb.tb_writer is not None:
                 cb.tb_writer.flush()
-    if interrupt.interrupted:
+    # A Ctrl-C during the last step stops nothing: the run is whole, and a resume from its last
+    # checkpoint would train one step past max_steps.
+    if interrupt.interrupted and trainer.state.global_step < trainer.state.max_steps:
         dist_state.wait_for_everyone()
         ck = run_folder.latest_checkpoint(stage)
         announce(f"interrupted at step {trainer.state.global_step}: checkpoint {ck}; "
@@ -265,6 +267,45 @@ def _train(rec, overrides, stage: Path, runs: Path, dev, dtype, train_ex, eval_e
     tokens = trainer.state.num_input_tokens_seen
     # The weights go to disk first: nothing after this point may lose them.
     _save_outputs(trainer, tok, stage, rec)
+    try:
+        return _finalize(trainer, tok, result, rec, overrides, stage, runs, dev, dtype, dtype_reason, threads, choice,
+                         model, notes, pack, attn, attn_reason, matmul_reason, dist_state, resume_from, train_split,
+                         eval_split, train_s, tokens, prep_s, t_start, announce)
+    except ReportFailed:
+        raise
+    except (OSError, UserError) as exc:  # a full disk, a folder in the way: the adapter is on disk already
+        where = stage if stage.exists() else run_folder.final_path(runs, stage)
+        raise UserError(f"saving the run failed after training ({exc}); the trained weights are in {where}") from None
+
+
+def _resumed_totals(trainer, result, resume_from, tokens: int, train_s: float) -> tuple[float, float]:
+    """(mean training loss over every step, tokens/s of this session). After a resume the Trainer's
+    own figures cover this session's steps only for the loss, and all steps' tokens over this
+    session's time for the rate; the loss is taken instead from the logged windows of every step
+    (each log is its window's mean, rounded to 4 digits), the tokens less those at the checkpoint."""
+    import json
+
+    rate = result.metrics.get("train_tokens_per_second", tokens / max(train_s, 1e-9))
+    if not resume_from:
+        return result.training_loss, rate
+    state = json.loads((Path(resume_from) / "trainer_state.json").read_text())
+    rate = (tokens - state.get("num_input_tokens_seen", 0)) / max(train_s, 1e-9)
+    logs = [h for h in trainer.state.log_history if "loss" in h and "step" in h]
+    total, last = 0.0, 0
+    for h in logs:
+        total, last = total + h["loss"] * (h["step"] - last), h["step"]
+    return (total / last if last == trainer.state.global_step else result.training_loss), rate
+
+
+def _finalize(trainer, tok, result, rec, overrides, stage, runs, dev, dtype, dtype_reason, threads, choice, model, notes,
+              pack, attn, attn_reason, matmul_reason, dist_state, resume_from, train_split, eval_split, train_s,
+              tokens, prep_s, t_start, announce) -> Path:
+    import torch
+
+    from toolkit.core import allocator
+    from toolkit.finetune.base_model import loaded_weights
+
+    train_loss, rate = _resumed_totals(trainer, result, resume_from, tokens, train_s)
     info = {
         "recipe": rec.name, "recipe_dir": str(Path(rec.root).resolve()), "base_model": choice.spec, "base_source": choice.source,
         **loaded_weights(model, choice.source),
@@ -279,9 +320,8 @@ def _train(rec, overrides, stage: Path, runs: Path, dev, dtype, train_ex, eval_e
         "train_examples": len(train_split.input_ids), "eval_examples": len(eval_split.input_ids) if eval_split else 0,
         "truncated": train_split.n_truncated, "dropped": train_split.n_dropped,
         "train_tokens_per_epoch": train_split.n_tokens, "trained_tokens_per_epoch": train_split.n_trained,
-        "steps": trainer.state.global_step, "epochs": trainer.state.epoch, "train_loss": result.training_loss,
-        "train_runtime_s": round(train_s, 1), "tokens_seen": tokens,
-        "tokens_per_s": round(result.metrics.get("train_tokens_per_second", tokens / max(train_s, 1e-9)), 1),
+        "steps": trainer.state.global_step, "epochs": trainer.state.epoch, "train_loss": train_loss,
+        "train_runtime_s": round(train_s, 1), "tokens_seen": tokens, "tokens_per_s": round(rate, 1),
         "prep_s": round(prep_s, 1), "torch": torch.__version__,
     }
     run_folder.write_json(stage / "run.json", info)
