@@ -374,8 +374,9 @@ def test_report_failure_keeps_the_trained_run_and_exits_nonzero(tmp_path, tiny_l
 
 
 @pytest.mark.slow
-def test_interrupt_after_training_keeps_the_weights(tmp_path, tiny_llama_dir, monkeypatch):
-    """Ctrl-C during the report, with no checkpoint saved (save_steps 0): the adapter stays."""
+def test_interrupt_after_training_keeps_the_weights(tmp_path, tiny_llama_dir, monkeypatch, capsys):
+    """Ctrl-C during the report, with no checkpoint saved (save_steps 0): the adapter stays, and the
+    message says where."""
     from toolkit.finetune import report
     from toolkit.finetune.trainer import finetune
 
@@ -391,6 +392,7 @@ def test_interrupt_after_training_keeps_the_weights(tmp_path, tiny_llama_dir, mo
     assert stage.name.endswith(".incomplete") and not list(stage.glob("checkpoints/checkpoint-*"))
     assert (stage / "adapter" / "adapter_model.safetensors").is_file()
     assert json.loads((stage / "run.json").read_text())["steps"] == 1
+    assert f"the trained weights are saved in {stage}" in capsys.readouterr().err
 
 
 def test_packing_plan_per_engine():

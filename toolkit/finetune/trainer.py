@@ -325,7 +325,12 @@ def _finalize(trainer, tok, result, rec, overrides, stage, runs, dev, dtype, dty
         "prep_s": round(prep_s, 1), "torch": torch.__version__,
     }
     run_folder.write_json(stage / "run.json", info)
-    error = _evaluate_and_report(trainer, tok, eval_split, rec, dtype, choice, stage, info, announce)
+    try:
+        error = _evaluate_and_report(trainer, tok, eval_split, rec, dtype, choice, stage, info, announce)
+    except KeyboardInterrupt:
+        announce(f"interrupted after training: the trained weights are saved in {stage} "
+                 "(`toolkit export` / `toolkit chat` take that folder)")
+        raise
     info["wall_s"] = round(time.time() - t_start, 1)
     run_folder.write_json(stage / "run.json", info)
     final = run_folder.finish(runs, stage)
