@@ -150,14 +150,14 @@ def _train(rec, overrides, stage: Path, runs: Path, dev, dtype, train_ex, eval_e
     from trl import SFTTrainer
 
     from toolkit.finetune import data as data_mod
-    from toolkit.core import packed_linear, sdpa_backends
+    from toolkit.core import allocator, packed_linear, sdpa_backends
     from toolkit.finetune import cpu_lm_head, packed_attention
     from toolkit.finetune.fused_lora import fused_on_cpu
     from toolkit.finetune.fused_norm import fused_norms_on_cpu
     from toolkit.finetune.callbacks import InterruptCallback, MetricsCallback, ProgressCallback, SkipLastEval
     from toolkit.finetune.plan import report_ends
     from toolkit.finetune.trl_compat import lean_lm_head_on_cpu, packing_plan
-    from toolkit.finetune.base_model import load_with_fallback, resolve_base
+    from toolkit.finetune.base_model import load_with_fallback, loaded_weights, resolve_base
 
     main = dist_state.is_main_process
     announce = say if main else quiet
@@ -268,9 +268,42 @@ def _train(rec, overrides, stage: Path, runs: Path, dev, dtype, train_ex, eval_e
     # The weights go to disk first: nothing after this point may lose them.
     _save_outputs(trainer, tok, stage, rec)
     try:
-        return _finalize(trainer, tok, result, rec, overrides, stage, runs, dev, dtype, dtype_reason, threads, choice,
-                         model, notes, pack, attn, attn_reason, matmul_reason, dist_state, resume_from, train_split,
-                         eval_split, train_s, tokens, prep_s, t_start, announce)
+        train_loss, rate = _resumed_totals(trainer, result, resume_from, tokens, train_s)
+        info = {
+            "recipe": rec.name, "recipe_dir": str(Path(rec.root).resolve()), "base_model": choice.spec, "base_source": choice.source,
+            **loaded_weights(model, choice.source),
+            "requested_base_model": choice.requested, "fallback_reason": choice.fallback_reason,
+            "estimator_pick": choice.pick, "method": rec.method.name, "engine": notes["engine"], "packing": pack.mode,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": dev, "compute_dtype": dtype,
+            "compute_dtype_reason": dtype_reason, "packed_attention": attn,
+            "packed_attention_reason": attn_reason, "matmuls": matmul_reason, "threads": threads,
+            "malloc": allocator.state(),
+            "world_size": dist_state.num_processes, "profile": rec.profile, "overrides": list(overrides),
+            "resumed_from": str(resume_from.name) if resume_from else None,
+            "train_examples": len(train_split.input_ids), "eval_examples": len(eval_split.input_ids) if eval_split else 0,
+            "truncated": train_split.n_truncated, "dropped": train_split.n_dropped,
+            "train_tokens_per_epoch": train_split.n_tokens, "trained_tokens_per_epoch": train_split.n_trained,
+            "steps": trainer.state.global_step, "epochs": trainer.state.epoch, "train_loss": train_loss,
+            "train_runtime_s": round(train_s, 1), "tokens_seen": tokens, "tokens_per_s": round(rate, 1),
+            "prep_s": round(prep_s, 1), "torch": torch.__version__,
+        }
+        run_folder.write_json(stage / "run.json", info)
+        try:
+            error = _evaluate_and_report(trainer, tok, eval_split, rec, dtype, choice, stage, info, announce)
+        except KeyboardInterrupt:
+            announce(f"interrupted after training: the trained weights are saved in {stage} "
+                     "(`toolkit export` / `toolkit chat` take that folder)")
+            raise
+        info["wall_s"] = round(time.time() - t_start, 1)
+        run_folder.write_json(stage / "run.json", info)
+        final = run_folder.finish(runs, stage)
+        if error:
+            # The weights are trained and usable (`toolkit export` / `toolkit chat` take this folder),
+            # so the run is kept and finalized; the command still fails so scripts notice.
+            raise ReportFailed(f"evaluation/report failed after training: {error}; the trained weights are saved "
+                               f"in {final} (run.json `report_error`, traceback in report_error.txt)")
+        announce(f"run saved: {final}")
+        return final
     except ReportFailed:
         raise
     except (OSError, UserError) as exc:  # a full disk, a folder in the way: the adapter is on disk already
@@ -295,52 +328,6 @@ def _resumed_totals(trainer, result, resume_from, tokens: int, train_s: float) -
     for h in logs:
         total, last = total + h["loss"] * (h["step"] - last), h["step"]
     return (total / last if last == trainer.state.global_step else result.training_loss), rate
-
-
-def _finalize(trainer, tok, result, rec, overrides, stage, runs, dev, dtype, dtype_reason, threads, choice, model, notes,
-              pack, attn, attn_reason, matmul_reason, dist_state, resume_from, train_split, eval_split, train_s,
-              tokens, prep_s, t_start, announce) -> Path:
-    import torch
-
-    from toolkit.core import allocator
-    from toolkit.finetune.base_model import loaded_weights
-
-    train_loss, rate = _resumed_totals(trainer, result, resume_from, tokens, train_s)
-    info = {
-        "recipe": rec.name, "recipe_dir": str(Path(rec.root).resolve()), "base_model": choice.spec, "base_source": choice.source,
-        **loaded_weights(model, choice.source),
-        "requested_base_model": choice.requested, "fallback_reason": choice.fallback_reason,
-        "estimator_pick": choice.pick, "method": rec.method.name, "engine": notes["engine"], "packing": pack.mode,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": dev, "compute_dtype": dtype,
-        "compute_dtype_reason": dtype_reason, "packed_attention": attn,
-        "packed_attention_reason": attn_reason, "matmuls": matmul_reason, "threads": threads,
-        "malloc": allocator.state(),
-        "world_size": dist_state.num_processes, "profile": rec.profile, "overrides": list(overrides),
-        "resumed_from": str(resume_from.name) if resume_from else None,
-        "train_examples": len(train_split.input_ids), "eval_examples": len(eval_split.input_ids) if eval_split else 0,
-        "truncated": train_split.n_truncated, "dropped": train_split.n_dropped,
-        "train_tokens_per_epoch": train_split.n_tokens, "trained_tokens_per_epoch": train_split.n_trained,
-        "steps": trainer.state.global_step, "epochs": trainer.state.epoch, "train_loss": train_loss,
-        "train_runtime_s": round(train_s, 1), "tokens_seen": tokens, "tokens_per_s": round(rate, 1),
-        "prep_s": round(prep_s, 1), "torch": torch.__version__,
-    }
-    run_folder.write_json(stage / "run.json", info)
-    try:
-        error = _evaluate_and_report(trainer, tok, eval_split, rec, dtype, choice, stage, info, announce)
-    except KeyboardInterrupt:
-        announce(f"interrupted after training: the trained weights are saved in {stage} "
-                 "(`toolkit export` / `toolkit chat` take that folder)")
-        raise
-    info["wall_s"] = round(time.time() - t_start, 1)
-    run_folder.write_json(stage / "run.json", info)
-    final = run_folder.finish(runs, stage)
-    if error:
-        # The weights are trained and usable (`toolkit export` / `toolkit chat` take this folder),
-        # so the run is kept and finalized; the command still fails so scripts notice.
-        raise ReportFailed(f"evaluation/report failed after training: {error}; the trained weights are saved "
-                           f"in {final} (run.json `report_error`, traceback in report_error.txt)")
-    announce(f"run saved: {final}")
-    return final
 
 
 def _evaluate_and_report(trainer, tok, eval_split, rec, dtype, choice, stage: Path, info: dict, announce) -> str:
