@@ -247,17 +247,22 @@ def load_causal_lm(source: str, dtype: str = "float32", device: str = "cpu", qua
 
 def run_info(run: Path) -> dict:
     """The `run.json` of a fine-tune run folder (written by toolkit.finetune.trainer)."""
-    import json
-
     info = Path(run) / "run.json"
     if not info.is_file():
         raise UserError(f"{run}: not a run folder (no run.json)")
+    return _json_object(info)
+
+
+def _json_object(path: Path) -> dict:
+    """The JSON object in `path`, or a one-line error naming the file."""
+    import json
+
     try:
-        data = json.loads(info.read_text())
+        data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise UserError(f"{info}: not valid JSON ({exc})") from None
+        raise UserError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(data, dict):
-        raise UserError(f"{info}: expected a JSON object")
+        raise UserError(f"{path}: expected a JSON object")
     return data
 
 
@@ -345,15 +350,7 @@ def _in_hf_cache(repo_id: str) -> bool:
 def check_adapter(adapter: Path) -> None:
     """A one-line error naming the file when a run's LoRA adapter can't be read: its config not a
     JSON object, its weights missing or not a whole safetensors file (headers checked, no weights read)."""
-    import json
-
-    config = adapter / "adapter_config.json"
-    try:
-        data = json.loads(config.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise UserError(f"{config}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{config}: expected a JSON object")
+    _json_object(adapter / "adapter_config.json")
     weights = adapter / "adapter_model.safetensors"
     if not weights.is_file():
         if (adapter / "adapter_model.bin").is_file():
