@@ -72,6 +72,23 @@ def _publish(tmp: Path, final: Path) -> None:
     os.replace(tmp, final)
 
 
+# Runs the converter module as `python -m` would, after asking Linux to SIGKILL it when its parent
+# dies: an export killed outright (kill -9, the OOM killer) must not leave the converter holding
+# the whole model in RAM and writing GBs into a work folder the next export removes. The parent's
+# pid is checked after the request, in case it died before it.
+_CONVERTER_BOOTSTRAP = """\
+import os, runpy, signal, sys
+parent = int(sys.argv.pop(1))
+if sys.platform.startswith("linux"):
+    import ctypes
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:
+        sys.exit(1)
+sys.argv[0] = "convert_hf_to_gguf"
+runpy.run_module("convert_hf_to_gguf", run_name="__main__", alter_sys=True)
+"""
+
+
 def hf_to_gguf(hf_dir, out_path, outtype: str = "f16", model_name: str | None = None) -> Path:
     """Convert an HF model folder to a GGUF file with llama.cpp's official converter.
 
@@ -88,7 +105,8 @@ def hf_to_gguf(hf_dir, out_path, outtype: str = "f16", model_name: str | None = 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_sibling(out_path)
     try:
-        cmd = [sys.executable, "-m", "convert_hf_to_gguf", str(hf_dir), "--outfile", str(tmp), "--outtype", outtype]
+        cmd = [sys.executable, "-c", _CONVERTER_BOOTSTRAP, str(os.getpid()), str(hf_dir), "--outfile", str(tmp),
+               "--outtype", outtype]
         if model_name:
             cmd += ["--model-name", model_name]  # else general.name comes from the (temp) folder name
         proc = subprocess.run(cmd, capture_output=True, text=True)

@@ -3,6 +3,10 @@
 Loads the run (or `embedded`, or an HF folder) with its LoRA adapter merged, saves the merged HF
 folder, converts and quantizes it with llama.cpp (`convert`), verifies every file (`verify`) and
 only then renames the GGUFs, Modelfiles, README and export.json into place.
+
+The work folder carries an owner record, so that the next export into the same folder can remove
+what a killed export (SIGKILL, the OOM killer, power loss) left, without touching the work
+folder of an export that is still running there (`work_dirs`).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from pathlib import Path
 from toolkit.core.errors import UserError
 from toolkit.core.progress import say
 from toolkit.core.units import MIB, gib
+from toolkit.export import work_dirs
 from toolkit.export.convert import QUANT_TYPES, check_quant, hf_to_gguf, quantize_with_log
 
 # Approximate bits per weight of each output type, for the free-disk check (K-quants that fall
@@ -207,7 +212,8 @@ def export_model(spec: str, quants=("q4_k_m",), out=None, force: bool = False, p
     lines go to `progress` (stderr by default).
 
     Everything is built in a hidden temp folder inside `out` and renamed into place only after
-    every requested quant passed verification; on any failure or Ctrl-C nothing is left behind.
+    every requested quant passed verification; on any failure or Ctrl-C nothing is left behind,
+    and what an export killed outright left is removed by the next one into `out`.
     When `out` already holds an export of the same model, the new quants are added beside it
     (README.md and export.json list them all); existing GGUFs are replaced only with `force`.
     """
@@ -230,6 +236,8 @@ def export_model(spec: str, quants=("q4_k_m",), out=None, force: bool = False, p
     steps = 6
     timings: dict[str, float] = {}
     created = _prepare_out_dir(out, files, force, previous)
+    if not created:  # before the disk check, which then counts what this frees
+        work_dirs.sweep_stale(out, progress)
     work = None
     t_all = time.perf_counter()
     try:
@@ -264,7 +272,7 @@ def export_model(spec: str, quants=("q4_k_m",), out=None, force: bool = False, p
         progress(f"[2/{steps}] saving the merged HF folder ({n_params / 1e6:.1f}M params; "
                  f"disk: need ~{gib(needed)}, {gib(free, 1)} free)")
         t = time.perf_counter()
-        work = Path(tempfile.mkdtemp(prefix=f".{name}.export-", dir=out))
+        work = work_dirs.create(out, name)
         hf_dir = work / "hf"
         model.save_pretrained(hf_dir)
         tok.save_pretrained(hf_dir)
