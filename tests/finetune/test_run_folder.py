@@ -48,6 +48,17 @@ def test_latest_checkpoint_orders_steps_as_numbers_and_skips_partial_ones(tmp_pa
     assert run_folder.latest_checkpoint(tmp_path) == want
 
 
+def test_training_done_reads_the_checkpoint_state(tmp_path):
+    """A run of steps ends at the recipe's max_steps; a run of epochs at the count the Trainer recorded."""
+    ck = _checkpoint(tmp_path, 6)
+    (ck / "trainer_state.json").write_text(json.dumps({"global_step": 6, "max_steps": 8}))
+    assert run_folder.training_done(ck, 6) and not run_folder.training_done(ck, 7)
+    assert not run_folder.training_done(ck, -1)  # epochs: 6 of the 8 steps they make
+    (ck / "trainer_state.json").write_text(json.dumps({"global_step": 8, "max_steps": 8}))
+    assert run_folder.training_done(ck, -1)
+    assert not run_folder.training_done(_checkpoint(tmp_path / "other", 3), -1)  # no state recorded: resume
+
+
 def test_resume_errors_name_what_is_missing(tmp_path, rec, monkeypatch):
     with pytest.raises(UserError, match="no interrupted run of finance"):
         run_folder.open_stage(tmp_path, rec, resume=True)

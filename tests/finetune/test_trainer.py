@@ -395,6 +395,72 @@ def test_interrupt_after_training_keeps_the_weights(tmp_path, tiny_llama_dir, mo
     assert f"the trained weights are saved in {stage}" in capsys.readouterr().err
 
 
+def interrupt_report_once(monkeypatch):
+    """Ctrl-C while loss.png is drawn, the report's last part, in the first run only."""
+    from toolkit.finetune import report
+
+    draw = report.plot_losses
+    calls = []
+
+    def plot_losses(*a, **kw):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return draw(*a, **kw)
+
+    monkeypatch.setattr(report, "plot_losses", plot_losses)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method, weights", [("qlora", "adapter/adapter_model.safetensors"),
+                                             ("full", "model/model.safetensors")])
+def test_resume_after_training_ended_makes_only_the_report(tmp_path, tiny_llama_dir, monkeypatch, capsys, method,
+                                                            weights):
+    """Ctrl-C in the report after the checkpoint at max_steps was saved: --resume trains no step past
+    max_steps; it takes the checkpoint's weights and finishes the run as an uninterrupted one would."""
+    import torch
+    from safetensors.torch import load_file
+
+    from toolkit.finetune.trainer import finetune
+
+    interrupt_report_once(monkeypatch)
+    rec = make_recipe(tmp_path, tiny_llama_dir)
+    report = method == "qlora"  # one report shows the loaded weights are measured; the full run checks weights only
+    sets = ["training.max_steps=3", "training.save_steps=3", "eval.eval_steps=0", f"method.name={method}",
+            f"eval.report={str(report).lower()}"]
+    runs = tmp_path / "runs"
+    with pytest.raises(KeyboardInterrupt):
+        finetune(rec, sets, runs_dir=runs, gpu=False)
+    (stage,) = list(runs.iterdir())
+    assert stage.name.endswith(".incomplete")
+    assert [p.name for p in (stage / "checkpoints").glob("checkpoint-*")] == ["checkpoint-3"]
+    trained = load_file(str(stage / "checkpoints" / "checkpoint-3" / Path(weights).name))
+    saved = load_file(str(stage / weights))  # what the interrupted run saved before its report
+    assert saved.keys() == trained.keys() and all(torch.equal(saved[k], trained[k]) for k in saved)
+    before = json.loads((stage / "run.json").read_text())
+    first_report = json.loads((stage / "report.json").read_text()) if report else None
+    capsys.readouterr()
+
+    run = finetune(rec, sets, runs_dir=runs, resume=True, gpu=False)
+    err = capsys.readouterr().err
+    assert run.name == stage.name.removesuffix(".incomplete") and not stage.exists()
+    assert (runs / "latest").resolve() == run.resolve() and not (run / "checkpoints").exists()
+    info = json.loads((run / "run.json").read_text())
+    assert info["steps"] == 3 and info["resumed_from"] == "checkpoint-3"
+    assert [line for line in err.splitlines() if "already" in line] == [
+        "resume: training already finished at step 3 (checkpoint-3): only the report is made"]
+    for key in ("epochs", "train_loss", "tokens_seen", "train_runtime_s", "tokens_per_s"):
+        assert info[key] == before[key], key
+    assert max(json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()) == 3
+    final = load_file(str(run / weights))
+    assert final.keys() == trained.keys() and all(torch.equal(final[k], trained[k]) for k in final)
+    if report:  # the report measured the trained weights, not the fresh adapter
+        rep = json.loads((run / "report.json").read_text())
+        assert rep["finetuned"]["answer_loss"] == pytest.approx(first_report["finetuned"]["answer_loss"], rel=1e-6)
+        assert rep["finetuned"]["answer_loss"] != pytest.approx(rep["base"]["answer_loss"], rel=1e-6)
+        assert (run / "loss.png").is_file()
+
+
 def test_packing_plan_per_engine():
     from toolkit.finetune.trl_compat import packing_plan
 

@@ -44,6 +44,33 @@ def latest_checkpoint(stage: Path) -> Path | None:
     return max(cks, key=lambda p: int(p.name.split("-")[1])) if cks else None
 
 
+def training_done(checkpoint: Path, max_steps: int) -> bool:
+    """Whether `checkpoint` already ends its run's training: its step reached `max_steps` (the recipe's,
+    when > 0) or, for a run of epochs, the step count the Trainer worked out and recorded in it."""
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    limit = max_steps if max_steps > 0 else state.get("max_steps", 0)
+    return limit > 0 and state.get("global_step", 0) >= limit
+
+
+def load_weights(model, checkpoint: Path) -> None:
+    """A checkpoint's trained weights into `model`: an adapter through PEFT's own loader, else the full
+    model's safetensors (one file or shards)."""
+    from peft import PeftModel, load_peft_weights, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    if isinstance(model, PeftModel):
+        weights = load_peft_weights(str(checkpoint))
+        unexpected = set_peft_model_state_dict(model, weights, adapter_name=model.active_adapter).unexpected_keys
+    else:
+        files = sorted(checkpoint.glob("model*.safetensors"))
+        if not files:
+            raise UserError(f"--resume: {checkpoint} holds no model weights (model*.safetensors)")
+        unexpected = [k for f in files for k in model.load_state_dict(load_file(str(f)), strict=False).unexpected_keys]
+    if unexpected:  # untrained weights kept silently would be reported as the fine-tuned model
+        raise UserError(f"--resume: {checkpoint} does not fit the model "
+                        f"(unexpected weights: {', '.join(unexpected[:3])})")
+
+
 def atomic_symlink(link: Path, target_name: str) -> None:
     """Point `link` at `target_name` (relative) in one rename, replacing what was there."""
     tmp = link.with_name(f".{link.name}.tmp-{os.getpid()}")
@@ -124,3 +151,8 @@ def write_text(path: Path, text: str) -> None:
 def write_json(path: Path, data: dict) -> None:
     """`write_text` of `data` as indented JSON."""
     write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def read_json(path: Path) -> dict:
+    """A JSON file as `write_json` wrote it, or {} when there is none."""
+    return json.loads(path.read_text()) if path.is_file() else {}

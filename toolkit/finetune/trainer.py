@@ -42,7 +42,8 @@ def finetune(recipe_spec: str | Path, overrides: Sequence[str] = (), runs_dir: s
     """Fine-tune per the recipe (+ `section.key=value` overrides); returns the finished run folder.
 
     `resume=True` continues the newest interrupted run of this recipe, or `resume=<path>` a given
-    incomplete run folder. `callbacks` are extra transformers TrainerCallbacks.
+    incomplete run folder; one whose training had ended (interrupted in the report) makes only its
+    report. `callbacks` are extra transformers TrainerCallbacks.
     """
     from toolkit.finetune import data as data_mod
     from toolkit.core import hardware
@@ -241,16 +242,23 @@ def _train(rec, overrides, stage: Path, runs: Path, dev, dtype, train_ex, eval_e
     packed, matmul_reason = packed_linear.for_device(trainer.model, dev, dtype, training=True, skip=skip)
     if not dev.startswith("cuda"):
         announce(matmul_reason)
-    interrupt.install()
-    try:
-        with (lean_lm_head_on_cpu(dev, announce), fused_on_cpu(trainer.model, dev, announce),
-              fused_norms_on_cpu(trainer.model, dev), packed, sdpa_backends.kept_to(sdpa_names)):
-            result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    finally:
-        interrupt.uninstall()
-        for cb in cbs:
-            if isinstance(cb, TensorBoardCallback) and cb.tb_writer is not None:
-                cb.tb_writer.flush()
+    # The report was interrupted after the last checkpoint: from it the Trainer would train a step past max_steps.
+    done = resume_from is not None and run_folder.training_done(resume_from, args.max_steps)
+    if done:
+        result = _trained_already(trainer, resume_from, stage)
+        announce(f"resume: training already finished at step {result.global_step} ({resume_from.name}): "
+                 "only the report is made")
+    else:
+        interrupt.install()
+        try:
+            with (lean_lm_head_on_cpu(dev, announce), fused_on_cpu(trainer.model, dev, announce),
+                  fused_norms_on_cpu(trainer.model, dev), packed, sdpa_backends.kept_to(sdpa_names)):
+                result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        finally:
+            interrupt.uninstall()
+            for cb in cbs:
+                if isinstance(cb, TensorBoardCallback) and cb.tb_writer is not None:
+                    cb.tb_writer.flush()
     # A Ctrl-C during the last step stops nothing: the run is whole, and a resume from its last
     # checkpoint would train one step past max_steps.
     if interrupt.interrupted and trainer.state.global_step < trainer.state.max_steps:
@@ -268,7 +276,7 @@ def _train(rec, overrides, stage: Path, runs: Path, dev, dtype, train_ex, eval_e
     # The weights go to disk first: nothing after this point may lose them.
     _save_outputs(trainer, tok, stage, rec)
     try:
-        train_loss, rate = _resumed_totals(trainer, result, resume_from, tokens, train_s)
+        train_loss, rate = _resumed_totals(trainer, result, None if done else resume_from, tokens, train_s)
         info = {
             "recipe": rec.name, "recipe_dir": str(Path(rec.root).resolve()), "base_model": choice.spec, "base_source": choice.source,
             **loaded_weights(model, choice.source),
@@ -323,11 +331,35 @@ def _resumed_totals(trainer, result, resume_from, tokens: int, train_s: float) -
         return result.training_loss, rate
     state = json.loads((Path(resume_from) / "trainer_state.json").read_text())
     rate = (tokens - state.get("num_input_tokens_seen", 0)) / max(train_s, 1e-9)
-    logs = [h for h in trainer.state.log_history if "loss" in h and "step" in h]
+    loss, last = _logged_loss(trainer.state.log_history)
+    return (loss if last == trainer.state.global_step else result.training_loss), rate
+
+
+def _logged_loss(log_history) -> tuple[float | None, int]:
+    """(mean training loss over the steps the logged windows cover, the last step logged)."""
     total, last = 0.0, 0
-    for h in logs:
-        total, last = total + h["loss"] * (h["step"] - last), h["step"]
-    return (total / last if last == trainer.state.global_step else result.training_loss), rate
+    for h in log_history:
+        if "loss" in h and "step" in h:
+            total, last = total + h["loss"] * (h["step"] - last), h["step"]
+    return (total / last if last else None), last
+
+
+def _trained_already(trainer, ck: Path, stage: Path):
+    """Resume from a checkpoint that ends the training without training: its state and weights (the best
+    checkpoint's under load_best_model_at_end, as the Trainer ends) into `trainer`; returns a
+    TrainOutput for the session that trained them."""
+    from transformers import TrainerState
+    from transformers.trainer_utils import TrainOutput
+
+    trainer.state = state = TrainerState.load_from_json(str(ck / "trainer_state.json"))
+    best = state.best_model_checkpoint if trainer.args.load_best_model_at_end else None
+    run_folder.load_weights(trainer.model, Path(best) if best and Path(best).is_dir() else ck)
+    # That session wrote run.json just before its report: its time, rate and exact mean loss.
+    prior = run_folder.read_json(stage / "run.json")
+    prior = prior if prior.get("steps") == state.global_step else {}
+    loss = prior.get("train_loss", _logged_loss(state.log_history)[0])
+    return TrainOutput(state.global_step, loss, {"train_runtime": prior.get("train_runtime_s", 0.0),
+                                                 "train_tokens_per_second": prior.get("tokens_per_s", 0.0)})
 
 
 def _evaluate_and_report(trainer, tok, eval_split, rec, dtype, choice, stage: Path, info: dict, announce) -> str:
