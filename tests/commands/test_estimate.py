@@ -56,7 +56,9 @@ def test_model_form_json_fields(capsys):
     d = json.loads(out)
     assert d["model"] == "embedded" and d["task"] == "lora" and d["quant"] == "bf16" and d["fits"] is True
     assert d["total_bytes"] == sum(d["components"].values())
-    assert d["budget_bytes"] == 16 * 1024**3 and d["headroom_bytes"] == d["budget_bytes"] - d["total_bytes"]
+    # the pick's rule: the budget minus the 10% safety margin
+    assert d["budget_bytes"] == 16 * 1024**3 and d["usable_bytes"] == int(0.9 * d["budget_bytes"])
+    assert d["headroom_bytes"] == d["usable_bytes"] - d["total_bytes"]
 
 
 def test_model_form_gguf_file(capsys):
@@ -91,6 +93,10 @@ def test_grad_ckpt_flags(capsys):
     (["--model", "embedded", "--task", "lora", "--quant", "q4_k_m"], "does not go with --task lora"),
     (["--model", "embedded", "--optimizer", "sgd"], "--optimizer must be one of"),
     (["--quant", "nf4"], "--quant needs --model"),
+    (["--model", ""], "--model is empty"),
+    (["--gpu", ""], "--gpu is empty"),
+    (["--recipe", "recipes/finance", "--seq-len", "4096"], "--seq-len does not go with --recipe"),
+    (["--recipe", "recipes/finance", "--model", "embedded", "--no-grad-ckpt"], "--grad-ckpt/--no-grad-ckpt does not"),
 ])
 def test_bad_input_is_one_line_exit_2(capsys, argv, needle):
     code, out, err = _run(capsys, *argv)
@@ -192,3 +198,62 @@ def test_seq_len_past_the_models_context_window_is_warned(capsys):
     assert code == 0 and json.loads(out)["warnings"] == [err.removeprefix("warning: ").strip()]
     code, out, err = _run(capsys, "--model", "embedded", "--seq-len", "8192", "--json")
     assert code == 0 and err == "" and json.loads(out)["warnings"] == []
+
+
+def test_pick_skips_models_whose_context_window_the_seq_len_is_past(capsys):
+    # 7.2 GiB usable at 16k tokens: SmolLM2-1.7B (8k context) fits the memory but can't take the sequence
+    from toolkit.estimate.catalog import CATALOG
+
+    code, out, err = _run(capsys, "--vram", "8GB", "--seq-len", "16384", "--json")
+    assert code == 0
+    d = json.loads(out)
+    assert d["fits"] and CATALOG[d["model"]].max_context >= 16384
+    short = [c for c in d["candidates"] if CATALOG[c["model"]].max_context < 16384]
+    assert short and not any(c["fits"] for c in short) and any(c["headroom_bytes"] > 0 for c in short)
+    assert d["warnings"] == [err.removeprefix("warning: ").strip()]
+    assert err.startswith("warning: --seq-len 16384 is past the context windows of embedded, ") and "(8192 tokens)" in err
+    assert "the pick skips them" in err and "has a context window of 8192 tokens" in d["reason"]
+    code, out, err = _run(capsys, "--vram", "8GB", "--seq-len", "16384")
+    assert "SmolLM2-1.7B-Instruct nf4-dq" not in next(line for line in out.splitlines() if line.startswith("Pick:"))
+    assert "past the context windows" in err
+    code, out, err = _run(capsys, "--vram", "80GB", "--seq-len", "200000", "--task", "inference", "--json")
+    d = json.loads(out)
+    assert not d["fits"] and "no model takes 200000 tokens" in d["reason"] and len(d["warnings"]) == 3
+    code, out, err = _run(capsys, "--vram", "8GB", "--json")
+    assert json.loads(out)["warnings"] == [] and err == ""
+
+
+def test_model_form_and_pick_agree_on_fit_and_headroom(capsys):
+    # Qwen2.5-7B QLoRA at 2048 tokens needs ~7.3 GiB: inside 8 GiB, outside the 7.2 GiB the margin leaves
+    args = ("--gpu", "RTX 4060 8GB", "--seq-len", "2048", "--json")
+    pick = json.loads(_run(capsys, *args)[1])
+    row = next(c for c in pick["candidates"] if c["model"] == "Qwen/Qwen2.5-7B-Instruct")
+    one = json.loads(_run(capsys, "--model", "Qwen/Qwen2.5-7B-Instruct", *args)[1])
+    assert one["total_bytes"] == row["total_bytes"] < one["budget_bytes"]
+    assert (one["fits"], one["headroom_bytes"], one["usable_bytes"]) == (False, row["headroom_bytes"], pick["usable_bytes"])
+    code, out, _ = _run(capsys, "--model", "Qwen/Qwen2.5-7B-Instruct", *args[:-1])
+    line = out.splitlines()[-1]
+    assert code == 0 and "7.20 GiB usable after the 10% safety margin: does NOT fit, headroom -0." in line
+    assert "left of the whole budget, with no margin" in line
+
+
+def test_pick_with_a_recipe_shows_the_recipes_settings(capsys):
+    code, out, _ = _run(capsys, "--recipe", "recipes/finance", "--gpu", "RTX 4060 8GB")
+    assert code == 0 and "Task: qlora, seq 512 x batch 8, LoRA r16" in out  # the recipe's GPU batch, not --batch's
+    d = json.loads(_run(capsys, "--recipe", "recipes/finance", "--gpu", "RTX 4060 8GB", "--json")[1])
+    assert (d["seq_len"], d["batch"], d["lora_r"]) == (512, 8, 16)
+
+
+def test_a_time_budget_that_cannot_apply_is_warned_not_claimed(capsys):
+    code, out, err = _run(capsys, "--vram", "8GB", "--time-budget", "5m")
+    assert code == 0 and "budget 5 min" not in out and "Time:" not in out
+    assert err == "warning: --time-budget 5m is not applied: no speed is known for --vram 8GB\n"
+    d = json.loads(_run(capsys, "--vram", "8GB", "--time-budget", "5m", "--json")[1])
+    assert d["time_budget_s"] is None and d["warnings"] == [err.removeprefix("warning: ").strip()]
+    code, out, err = _run(capsys, "--model", "embedded", "--time-budget", "5m")
+    assert code == 0 and "--time-budget 5m is not applied" in err
+
+
+def test_list_gpus_json(capsys):
+    code, out, _ = _run(capsys, "--list-gpus", "--json")
+    assert code == 0 and json.loads(out)["RTX 3090 24GB"] == 24 * 1024**3

@@ -36,6 +36,20 @@ def test_gpu_names_are_forgiving_about_spelling():
     assert all(name.endswith(f"{gib}GB") for name, gib in GPUS.items())
 
 
+@pytest.mark.parametrize("name,expected", [
+    ("RTX 3090", "RTX 3090 24GB"), ("GeForce RTX 3090", "RTX 3090 24GB"), ("RTX 4070 Ti", "RTX 4070 Ti 12GB"),
+    ("RTX 2080", "RTX 2080 8GB"), ("rtx 4060", "RTX 4060 8GB"), ("RTX 4080", "RTX 4080 16GB"),
+])
+def test_a_gpu_of_one_size_is_not_confused_with_its_ti_or_super(name, expected):
+    assert gpu_bytes(name)[0] == expected
+
+
+@pytest.mark.parametrize("name", ["RTX 3080", "RTX 4060 Ti", "NVIDIA GeForce RTX 4060 Ti", "A100"])
+def test_a_gpu_of_several_sizes_asks_for_the_size(name):
+    with pytest.raises(UserError, match="several sizes"):
+        gpu_bytes(name)
+
+
 def test_resolve_budget_sources():
     assert resolve_budget("8GB", None).device == "cuda"
     assert resolve_budget(None, "T4").bytes == 16 * GIB

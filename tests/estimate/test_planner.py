@@ -246,6 +246,20 @@ def test_pick_on_cpu_budget_names_time_when_given_a_time_model():
     assert all(c.seconds <= 1800 for c in timed.candidates if c.fits)
 
 
+def test_pick_skips_a_model_whose_context_window_is_too_short():
+    from toolkit.estimate.planner import past_context
+
+    p = pick("qlora", 8 * GIB, seq_len=16384, device="cuda")  # memory alone: SmolLM2-1.7B (8k context)
+    assert p.fits and past_context(CATALOG[p.model], 16384) is None
+    for c in p.candidates:
+        assert c.in_context == (CATALOG[c.model].max_context >= 16384)
+        assert not (c.fits and not c.in_context)
+    # where every model's window is too short: nothing fits, and the reason says why
+    none = pick("inference", 1024 * GIB, seq_len=200_000, device="cuda")
+    assert not none.fits and "no model takes 200000 tokens" in none.reason
+    assert past_context(CATALOG["embedded"], 8192) is None and past_context(CATALOG["embedded"], 8193) == 8192
+
+
 def test_bad_estimate_inputs():
     with pytest.raises(UserError, match="--task"):
         estimate("embedded", "train")

@@ -217,3 +217,25 @@ def test_gpu_report_time_counts_batched_decoding_steps():
     assert report_s(cpu) == pytest.approx(4608 * est.components["weights"] / 20e9, abs=0.1)
     loop = time_fields(m, est, gpu, targets=("q_proj",))["decode_tokens_per_s"]
     assert loop == pytest.approx(1 / T.cuda_decode_step_seconds(m, "loop"), rel=1e-3)
+
+
+def test_cpu_inference_is_timed_at_the_fp32_rate_it_answers_in(monkeypatch):
+    """A native-bf16 CPU trains in bf16 but answers in fp32 (capability.choose_dtype): an
+    inference estimate prices its prefill at the fp32 rate, a training one at bf16's."""
+    from toolkit.cli import main
+    from toolkit.core import calibration, capability as C
+    from toolkit.estimate import timeplan
+
+    cal = calibration.Calibration(key="test", device="cpu test", matmul_flops={"float32": 200e9, "bfloat16": 800e9},
+                                  bandwidth_bytes_per_s=20e9, seconds=1.0, torch="test")
+    cap = C.Capability(kind="cpu", name="test", isa="avx512_bf16", native_bf16=True, physical_cores=2)
+    monkeypatch.setattr(timeplan, "host_capability", lambda: cap)
+    monkeypatch.setattr(calibration, "load", lambda c: cal)
+    assert timeplan.rates_here(purpose="infer").flops == 200e9
+    assert timeplan.rates_here().flops == 800e9
+    seen = []
+    real = timeplan.time_fields
+    monkeypatch.setattr(timeplan, "time_fields", lambda m, est, rates, **kw: seen.append(rates) or real(m, est, rates, **kw))
+    for task in ("inference", "lora"):
+        assert main(["estimate", "--model", "embedded", "--task", task, "--json"]) == 0
+    assert [(r.dtype, r.flops) for r in seen] == [("float32", 200e9), ("bfloat16", 800e9)]

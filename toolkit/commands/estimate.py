@@ -4,11 +4,13 @@ Without --model: detects the GPU (nvidia-smi: free memory) or, on CPU, the avail
 takes --vram SIZE / --gpu NAME — and prints every catalog model x quant for the task with its
 estimate, headroom and run time, then the pick: the largest model that fits with a 10% safety
 margin AND trains within --time-budget (default 30 min on a CPU, none on a GPU; the run timed is
---recipe's, else the finance recipe's tokens at the flags' settings).
+--recipe's, else the finance recipe's tokens at the flags' settings) AND whose context window
+takes --seq-len (the models skipped for that are named in a warning).
 
 With --model (catalog id, `embedded`, an HF folder, a .gguf file or a run folder): prints the breakdown
 (weights, KV cache, activations, logits, gradients, optimizer, LoRA adapter, overhead) and the
-time: training tokens/s, the recipe's wall time with --recipe, decode tokens/s, prefill.
+time: training tokens/s, the recipe's wall time with --recipe, decode tokens/s, prefill; with a
+budget, whether it fits with the same 10% margin; a --seq-len past the model's context is warned about.
 Speeds come from this machine's calibration or, with --gpu, the GPU's datasheet.
 
 Examples:
@@ -35,23 +37,24 @@ _TASKS = ("inference", "lora", "qlora", "full")
 def add_arguments(p) -> None:
     # Values are validated in run() so that every mistake is one `error:` line with exit 2.
     p.add_argument("--model", help="catalog id (org optional), `embedded`, HF folder or .gguf file")
-    p.add_argument("--task", default="qlora", help=f"one of {', '.join(_TASKS)} (default qlora)")
+    p.add_argument("--task", help=f"one of {', '.join(_TASKS)} (default qlora)")
     p.add_argument("--quant", help="fp32/bf16/fp16, int8/nf4/nf4-dq (bitsandbytes), or a GGUF type "
                    "(f16, q8_0, q6_k, q5_k_m, q4_k_m, q4_0, ...: llama.cpp inference)")
-    p.add_argument("--seq-len", default="512", help="tokens per sequence / context length (default 512)")
-    p.add_argument("--batch", default="1", help="sequences per step (default 1)")
-    p.add_argument("--lora-r", default="16", help="LoRA rank (default 16)")
-    p.add_argument("--target-modules", default="all-linear",
+    p.add_argument("--seq-len", help="tokens per sequence / context length (default 512)")
+    p.add_argument("--batch", help="sequences per step (default 1)")
+    p.add_argument("--lora-r", help="LoRA rank (default 16)")
+    p.add_argument("--target-modules",
                    help="LoRA targets: all-linear (default) or a comma list, e.g. q_proj,k_proj,v_proj,o_proj")
     p.add_argument("--recipe", help="a recipe folder or YAML: its method, quant, seq, batch, rank, targets, "
-                   "checkpointing and steps set the estimate (and the run whose time is budgeted)")
+                   "checkpointing and steps set the estimate (and the run whose time is budgeted); "
+                   "only --quant may change them")
     p.add_argument("--time-budget", help="longest training run the pick may choose: 90s, 30m, 1.5h, 2h30m "
                    "(default 30m on a CPU, none on a GPU)")
     ck = p.add_mutually_exclusive_group()
-    ck.add_argument("--grad-ckpt", dest="grad_ckpt", action="store_true", default=True,
+    ck.add_argument("--grad-ckpt", dest="grad_ckpt", action="store_true", default=None,
                     help="gradient checkpointing on (default)")
     ck.add_argument("--no-grad-ckpt", dest="grad_ckpt", action="store_false", help="gradient checkpointing off")
-    p.add_argument("--optimizer", default="adamw", help="adamw (default), adamw-8bit, paged-adamw, paged-adamw-8bit")
+    p.add_argument("--optimizer", help="adamw (default), adamw-8bit, paged-adamw, paged-adamw-8bit")
     p.add_argument("--vram", help="memory budget, e.g. 8GB, 7.5GiB, 7680MiB (GB = GiB)")
     p.add_argument("--gpu", help='budget from a GPU name, e.g. "RTX 3060 12GB" (see --list-gpus)')
     p.add_argument("--list-gpus", action="store_true", help="print the known GPUs and exit")
@@ -70,18 +73,37 @@ def run(args) -> int:
         print(json.dumps(asdict(cal)) if args.json else cal.summary())
         return 0
     if args.list_gpus:
-        for name, gib in B.GPUS.items():
-            print(f"{name:<26} {gib:>3} GiB")
+        if args.json:
+            print(json.dumps({name: size * B.GIB for name, size in B.GPUS.items()}))
+            return 0
+        for name, size in B.GPUS.items():
+            print(f"{name:<26} {size:>3} GiB")
         return 0
+    _fill_defaults(args)
     if args.task not in _TASKS:
         raise UserError(f"--task must be one of {', '.join(_TASKS)}, got {args.task!r}")
     if args.time_budget is not None:
         from toolkit.estimate.timeplan import parse_duration
 
         parse_duration(args.time_budget, "--time-budget")
-    if args.model:
+    if args.model is not None:
         return _one_model(args)
     return _pick(args)
+
+
+# Flags a recipe sets (--quant aside, which may override the recipe's) and their defaults without one.
+_DEFAULTS = {"task": ("--task", "qlora"), "seq_len": ("--seq-len", "512"), "batch": ("--batch", "1"),
+             "lora_r": ("--lora-r", "16"), "target_modules": ("--target-modules", "all-linear"),
+             "optimizer": ("--optimizer", "adamw"), "grad_ckpt": ("--grad-ckpt/--no-grad-ckpt", True)}
+
+
+def _fill_defaults(args) -> None:
+    """The defaults of the flags a recipe sets; given with --recipe they would be ignored: an error."""
+    for key, (flag, default) in _DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, default)
+        elif args.recipe:
+            raise UserError(f"{flag} does not go with --recipe: the recipe sets it (edit the recipe, or drop --recipe)")
 
 
 def _budget_if_any(args):
@@ -104,17 +126,20 @@ def _one_model(args) -> int:
 
     facts = lookup(args.model)
     s = _settings(args, device)
+    # the same rule as the pick and the fine-tune's fit check: the budget minus the safety margin
+    usable = E.usable_bytes(bud.bytes) if bud else None
     est = E.estimate(facts, s["task"], s["quant"], s["seq_len"], s["batch"], s["lora_r"], s["grad_ckpt"],
                      _targets(s["targets"], facts), s["optimizer"], s["lora_dropout"], device=device,
-                     budget_bytes=bud.bytes if bud else None)
+                     budget_bytes=usable)
     tm = _time(args, facts, est, device, s)
-    warnings = _context_warnings(args, facts, s["seq_len"])
-    for w in warnings:
-        print(f"warning: {w}", file=sys.stderr)
+    warnings = _context_warnings(args, [facts], s["seq_len"])
+    if args.time_budget is not None:
+        warnings.append(f"--time-budget {args.time_budget} is not applied: it limits the pick (without --model)")
+    _warn(warnings)
     if args.json:
         d = est.to_dict()
         if bud:
-            d["budget_source"] = bud.source
+            d.update(budget_bytes=bud.bytes, usable_bytes=usable, budget_source=bud.source)
         d["time"] = tm
         d["warnings"] = warnings
         print(json.dumps(d))
@@ -145,24 +170,45 @@ def _one_model(args) -> int:
         print(f"  note: {note}")
     if bud:
         verdict = "fits" if est.fits else "does NOT fit"
-        print(f"  budget {gib(bud.bytes)} ({bud.source}): {verdict}, headroom {gib(bud.bytes - est.total_bytes)}")
+        whole = ""
+        if not est.fits and est.total_bytes <= bud.bytes:
+            whole = f" ({gib(bud.bytes - est.total_bytes)} left of the whole budget, with no margin)"
+        print(f"  budget {gib(bud.bytes)} ({bud.source}), {gib(usable)} usable after the {E.SAFETY_MARGIN:.0%} "
+              f"safety margin: {verdict}, headroom {gib(usable - est.total_bytes)}{whole}")
     return 0
 
 
-def _context_warnings(args, facts, seq_len: int) -> list[str]:
-    """The sequence is longer than the model's context window: the figures are still the arithmetic
-    for that length, but no run of it would work as trained (positions it never saw), so say so."""
-    limit = facts.max_context
-    if not limit or seq_len <= limit:
-        return []
+def _warn(warnings: list[str]) -> None:
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
+
+
+def _context_warnings(args, models, seq_len: int, picking: bool = False) -> list[str]:
+    """The sequence is longer than a model's context window (planner.past_context, the one check):
+    the --model form's figures are still the arithmetic for that length, but no run of it would work
+    as trained (positions it never saw), so say so; the pick skips such a model, and says which."""
+    from toolkit.estimate.planner import past_context
+
+    by_limit: dict[int, list[str]] = {}
+    for m in models:
+        limit = past_context(m, seq_len)
+        if limit:
+            by_limit.setdefault(limit, []).append(m.name)
     what = f"--seq-len {seq_len}" if not args.recipe else f"--recipe {args.recipe}'s sequence length {seq_len}"
-    return [f"{what} is past {facts.name}'s context window ({limit} tokens); the estimate is for a length "
-            "the model was not trained for"]
+    out = []
+    for limit, names in by_limit.items():
+        whose = (f"{names[0]}'s context window" if len(names) == 1
+                 else f"the context windows of {', '.join(names[:-1])} and {names[-1]}")
+        then = (f"the pick skips {'it' if len(names) == 1 else 'them'}" if picking
+                else "the estimate is for a length the model was not trained for")
+        out.append(f"{what} is past {whose} ({limit} tokens); {then}")
+    return out
 
 
 def _pick(args) -> int:
     from toolkit.estimate import budget as B
     from toolkit.estimate import planner as E
+    from toolkit.estimate.catalog import CATALOG
     if args.quant and not args.recipe:
         raise UserError("--quant needs --model (without it, the pick tries the task's usual quants)")
     bud = B.resolve_budget(args.vram, args.gpu)
@@ -181,16 +227,24 @@ def _pick(args) -> int:
 
         def seconds_of(m, e):
             return time_fields(m, e, rates, targets=_targets(targets, m), run=run)["train_wall_s"]
+    warnings = []
+    if seconds_of is None:
+        limit = None  # nothing is timed: no time budget can be applied
+        if args.time_budget is not None:
+            why = ("the pick times training runs, not inference" if s["task"] == "inference"
+                   else f"no speed is known for {bud.source}" if rates is None else "there is no run to time (give --recipe)")
+            warnings.append(f"--time-budget {args.time_budget} is not applied: {why}")
     p = E.pick(s["task"], bud.bytes, s["seq_len"], s["batch"], s["lora_r"], device=bud.device, quants=quants,
                grad_ckpt=s["grad_ckpt"], targets=_targets(s["targets"], None), optimizer=s["optimizer"],
                lora_dropout=s["lora_dropout"], seconds_of=seconds_of, time_budget_s=limit)
-    args.task = s["task"]
+    models = [CATALOG[name] for name in dict.fromkeys(c.model for c in p.candidates)]
+    warnings = _context_warnings(args, models, s["seq_len"], picking=True) + warnings
+    _warn(warnings)
     if args.json:
         d = p.to_dict()
-        d["budget_source"] = bud.source
-        d["device"] = bud.device
-        d["time_budget_s"] = limit
-        d["time_source"] = rates.source if rates else None
+        d.update(budget_source=bud.source, device=bud.device, time_budget_s=limit,
+                 time_source=rates.source if rates else None, seq_len=s["seq_len"], batch=s["batch"],
+                 lora_r=s["lora_r"] if s["task"] in ("lora", "qlora") else None, warnings=warnings)
         print(json.dumps(d))
         return 0
     print(f"Budget: {gib(bud.bytes)} — {bud.source}")
@@ -199,8 +253,8 @@ def _pick(args) -> int:
 
         print(f"Time: {('budget ' + fmt_duration(limit)[1:]) if limit else 'no budget'}"
               + (f" for {s['run_name']}" if s.get("run_name") else "") + (f" — {rates.source}" if rates else ""))
-    print(f"Task: {args.task}, seq {args.seq_len} x batch {args.batch}"
-          + (f", LoRA r{args.lora_r}" if args.task in ("lora", "qlora") else ""))
+    print(f"Task: {s['task']}, seq {s['seq_len']} x batch {s['batch']}"
+          + (f", LoRA r{s['lora_r']}" if s["task"] in ("lora", "qlora") else ""))
     print(f"{'model':<38} {'quant':<7} {'params':>7} {'estimate':>11} {'fits':>5} {'headroom':>11} {'run time':>9}")
     from toolkit.estimate.timeplan import fmt_duration
 
@@ -213,7 +267,6 @@ def _pick(args) -> int:
     print(f"Pick: {p.model} ({p.quant})" if p.fits else "Pick: none fits")
     print(f"Why: {p.reason}")
     return 0
-
 
 
 def _settings(args, device: str) -> dict:
@@ -303,7 +356,7 @@ def _rates(args, device: str):
         return rates_for_gpu(args.gpu)
     if args.vram is not None:
         return None  # a bare size says nothing about speed
-    return rates_here()
+    return rates_here(purpose="infer" if args.task == "inference" else "train")
 
 
 def _time_budget(args, device: str):

@@ -54,20 +54,28 @@ def _norm(name: str) -> str:
 _BY_NORM = {_norm(k): k for k in GPUS}
 
 
+def _model(key: str) -> str:
+    """A table name without its memory size: "RTX 3090 24GB" -> "rtx3090"."""
+    return _norm(re.sub(r"\s*\d+GB$", "", key))
+
+
 def gpu_bytes(name: str) -> tuple[str, int]:
-    """(canonical name, bytes) for a GPU in the table; close names are suggested otherwise."""
+    """(canonical name, bytes) for a GPU in the table, with or without its size when the model
+    comes in one size ("RTX 3090", not "RTX 3060": 8 or 12 GB); close names are suggested otherwise."""
     key = _BY_NORM.get(_norm(name))
     if key:
         return key, GPUS[key] * GIB
     n = _norm(name)
-    sized = [k for k in GPUS if _norm(k).startswith(n)] if n else []
+    sized = [k for k in GPUS if _model(k) == n] if n else []
     if len(sized) > 1:
         raise UserError(f"--gpu {name!r} comes in several sizes: {', '.join(sized)} (add the size)")
     if len(sized) == 1:
         return sized[0], GPUS[sized[0]] * GIB
+    if not n:
+        raise UserError(f"--gpu is empty (a name such as \"RTX 3060 12GB\", see `toolkit estimate --list-gpus`)")
     close = difflib.get_close_matches(n, list(_BY_NORM), n=3, cutoff=0.5)
-    hint = ", ".join(_BY_NORM[c] for c in close) if close else "see `toolkit estimate --list-gpus`"
-    raise UserError(f"--gpu: unknown GPU {name!r}; did you mean: {hint} (or pass --vram SIZE)")
+    hint = f"did you mean: {', '.join(_BY_NORM[c] for c in close)}" if close else "see `toolkit estimate --list-gpus`"
+    raise UserError(f"--gpu: unknown GPU {name!r}; {hint} (or pass --vram SIZE)")
 
 
 @dataclass(frozen=True)

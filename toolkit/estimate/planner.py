@@ -268,6 +268,13 @@ def _training_terms(est, m, quant, tokens, lora_r, grad_ckpt, targets, optimizer
         est.notes.append(f"LoRA targets: {', '.join(targets)}")
 
 
+def past_context(m: ModelFacts, seq_len: int) -> int | None:
+    """`m`'s context window when `seq_len` tokens are past it, else None (within it, or unknown).
+    The one check behind `toolkit estimate`'s warning and `pick`'s skipping a model."""
+    limit = m.max_context
+    return limit if limit and seq_len > limit else None
+
+
 def usable_bytes(budget_bytes: int) -> int:
     """The part of a memory budget a plan may use: the budget minus SAFETY_MARGIN."""
     return int(budget_bytes * (1 - SAFETY_MARGIN))
@@ -283,6 +290,7 @@ class Candidate:
     headroom_bytes: int
     seconds: float | None = None  # the run's estimated wall time, when a time model was given
     in_time: bool = True
+    in_context: bool = True  # the sequence length is within the model's context window
 
 
 @dataclass
@@ -317,12 +325,14 @@ def pick(task: str, budget_bytes: int, seq_len: int = 512, batch: int = 1, lora_
     seconds_of(facts, estimate) -> seconds gives a candidate's run time (toolkit.estimate.timeplan);
     with `time_budget_s` a candidate must also finish within it. Memory rule: the estimate's total
     (framework included) against `budget_bytes` minus the margin — the caller decides whether
-    that budget is total or free memory.
+    that budget is total or free memory. A model whose context window `seq_len` is past
+    (`past_context`) is skipped: it was not trained for sequences that long.
     """
     if task not in TASKS:
         raise UserError(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
     if budget_bytes is None or int(budget_bytes) <= 0:
         raise UserError(f"memory budget must be positive, got {budget_bytes!r}")
+    seq_len = _positive("--seq-len", seq_len)
     if device is None:
         from toolkit.core.hardware import detect
 
@@ -332,13 +342,14 @@ def pick(task: str, budget_bytes: int, seq_len: int = 512, batch: int = 1, lora_
     best: Candidate | None = None
     for name in PICKABLE:
         chosen = None
+        in_context = past_context(CATALOG[name], seq_len) is None
         for q in quants or (PICK_QUANTS_CPU if device == "cpu" else PICK_QUANTS)[task]:
             e = estimate(CATALOG[name], task, q, seq_len, batch, lora_r, grad_ckpt, targets, optimizer, lora_dropout,
                          device=device)
             secs = seconds_of(CATALOG[name], e) if seconds_of is not None else None
             in_time = time_budget_s is None or secs is None or secs <= time_budget_s
-            cand = Candidate(name, q, e.params, e.total_bytes, e.total_bytes <= usable and in_time,
-                             usable - e.total_bytes, None if secs is None else round(secs, 1), in_time)
+            cand = Candidate(name, q, e.params, e.total_bytes, e.total_bytes <= usable and in_time and in_context,
+                             usable - e.total_bytes, None if secs is None else round(secs, 1), in_time, in_context)
             cands.append(cand)
             if cand.fits and chosen is None:
                 chosen = cand
@@ -349,11 +360,18 @@ def pick(task: str, budget_bytes: int, seq_len: int = 512, batch: int = 1, lora_
 
     time_txt = f" and {fmt_duration(time_budget_s)} of time" if time_budget_s is not None else ""
     if best is None:
-        smallest = min(cands, key=lambda c: c.total_bytes)
+        # the smallest among the models that take the sequence, when any does
+        pool = [c for c in cands if c.in_context] or cands
+        smallest = min(pool, key=lambda c: c.total_bytes)
         took = f" and would take {fmt_duration(smallest.seconds)}" if smallest.seconds is not None else ""
+        none_takes = ""
+        if not smallest.in_context:
+            longest = max(CATALOG[c.model].max_context for c in cands)
+            none_takes = f" no model takes {seq_len} tokens (the longest context window is {longest});"
         return Pick(smallest.model, smallest.quant, False, smallest.headroom_bytes,
-                    f"nothing fits: the smallest, {smallest.model} {smallest.quant}, needs {gib(smallest.total_bytes)}"
-                    f"{took}, with {budget_txt}{time_txt}", cands, smallest.total_bytes, budget_bytes, usable, task)
+                    f"nothing fits:{none_takes} the smallest, {smallest.model} {smallest.quant}, needs "
+                    f"{gib(smallest.total_bytes)}{took}, with {budget_txt}{time_txt}", cands, smallest.total_bytes,
+                    budget_bytes, usable, task)
     took = f" and would take {fmt_duration(best.seconds)}" if best.seconds is not None else ""
     why = (f"largest model that fits: {best.model} {task} {best.quant} needs {gib(best.total_bytes)} of {budget_txt}"
            f"{took}{' (budget ' + fmt_duration(time_budget_s)[1:] + ')' if time_budget_s is not None else ''}")
@@ -366,5 +384,7 @@ def pick(task: str, budget_bytes: int, seq_len: int = 512, batch: int = 1, lora_
             limits.append(f"needs {gib(nxt.total_bytes)}")
         if not nxt.in_time and nxt.seconds is not None:
             limits.append(f"would take {fmt_duration(nxt.seconds)} here")
+        if not nxt.in_context:
+            limits.append(f"has a context window of {CATALOG[nxt.model].max_context} tokens")
         why += f"; the next larger, {short} {nxt.quant}, " + (" and ".join(limits) or f"needs {gib(nxt.total_bytes)}")
     return Pick(best.model, best.quant, True, best.headroom_bytes, why, cands, best.total_bytes, budget_bytes, usable, task)

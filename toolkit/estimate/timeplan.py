@@ -88,14 +88,16 @@ def training_dtype(cap=None) -> str:
     return auto_dtype(cap or host_capability(), "train")[0]
 
 
-def rates_here(dtype: str | None = None) -> Rates:
+def rates_here(dtype: str | None = None, purpose: str = "train") -> Rates:
     """This machine's measured rates (toolkit.core.calibration, cached; first call measures ~3 s),
-    for the training compute dtype the toolkit would choose here unless `dtype` is given."""
+    for the compute dtype the toolkit would choose here for `purpose` ("train", "infer": a CPU
+    answers in fp32 whatever it trains in) unless `dtype` is given."""
     from toolkit.core import calibration
+    from toolkit.core.hardware import auto_dtype
 
     cap = host_capability()
     cal = calibration.load(cap)
-    dtype = dtype or training_dtype(cap)
+    dtype = dtype or auto_dtype(cap, purpose)[0]
     if dtype not in cal.matmul_flops:
         dtype = "float32"
     from toolkit.core.capability import matmul_rate
@@ -103,7 +105,8 @@ def rates_here(dtype: str | None = None) -> Rates:
     flops = matmul_rate(cap, dtype, cal)  # pre-packed where that path is taken
     kind = "cuda" if cap.kind == "cuda" else "cpu"
     unpacked = cal.matmul_flops[dtype]
-    packed = f" pre-packed ({unpacked / 1e9:.1f} not: QLoRA's 4-bit layers)" if flops != unpacked else ""
+    why = ": QLoRA's 4-bit layers" if purpose == "train" else ""
+    packed = f" pre-packed ({unpacked / 1e9:.1f} not{why})" if flops != unpacked else ""
     return Rates(kind, flops, cal.bandwidth_bytes_per_s, f"calibration: {dtype} {flops / 1e9:.1f} GFLOP/s{packed}, "
                  f"{cal.bandwidth_bytes_per_s / 1e9:.1f} GB/s", dtype, unpacked)
 
