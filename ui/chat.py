@@ -7,7 +7,8 @@ A ChatInterface (streaming, stop, retry = regenerate, undo) with one control per
 prompt and a model picker (embedded model, each run in runs/, each exported GGUF). One model is
 loaded at a time and a lock serialises decoding on it; the queue keeps concurrent requests
 waiting instead of failing. Each reply is followed by a small stats line (tokens, tokens/s)
-kept out of the prompt of later turns.
+kept out of the prompt of later turns; an error (a bad setting, a message too long for the context
+window) is such a note too, in place of the reply, and the failed message is not sent again.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from toolkit.decoding.fields import FIELDS  # noqa: E402
 # Plain text: headless browsers without emoji fonts show emoji as boxes.
 STATS_PREFIX = "stats: "
 TRIM_PREFIX = "trimmed: "
+ERROR_PREFIX = "error: "
 DEFAULTS = DecodingConfig()
 
 
@@ -94,7 +96,9 @@ def _text(content) -> str:
 
 
 def history_to_messages(history: list[dict]) -> list[dict]:
-    """Chat history as role/content strings, without the stats / trim notes this UI adds."""
+    """Chat history (ending with the new message) as role/content strings, without the stats /
+    trim / error notes this UI adds, and without earlier user messages that got no answer (an error,
+    or stopped before a word): as in the terminal chat, a failed turn is not sent again."""
     out = []
     for msg in history:
         meta = msg.get("metadata") or {}
@@ -102,6 +106,8 @@ def history_to_messages(history: list[dict]) -> list[dict]:
             continue
         text = _text(msg.get("content"))
         if msg.get("role") in ("user", "assistant") and text:
+            if msg["role"] == "user" and out and out[-1]["role"] == "user":
+                out.pop()
             out.append({"role": msg["role"], "content": text})
     return out
 
@@ -166,14 +172,19 @@ def build_app(model: str = "embedded", root: str | Path = ".", n_ctx: int | None
         models.insert(0, (display_name(model), model))
 
     def respond(message, history, spec, system, preset, *controls):
-        cfg = request_config(message, *controls)
-        turns = history_to_messages(history) + [{"role": "user", "content": message}]
+        turns = history_to_messages([*history, {"role": "user", "content": message}])
         with slot.lock:
             try:
+                cfg = request_config(message, *controls)
                 backend = slot.get(spec)
                 prompt = build_prompt(backend, turns, system, cfg.max_new_tokens)
-            except UserError as exc:
-                raise gr.Error(str(exc), duration=10) from None
+            except (UserError, gr.Error) as exc:
+                # Raised, gr.Error leaves Gradio 6's chat textbox disabled until the page is reloaded:
+                # the error becomes a note in the chat (and a toast) instead.
+                text = exc.message if isinstance(exc, gr.Error) else str(exc)
+                gr.Warning(text)
+                yield [gr.ChatMessage(content="", metadata={"title": f"{ERROR_PREFIX}{text}"})]
+                return
             notes = []
             if prompt.dropped_turns:
                 note = (f"{TRIM_PREFIX}{prompt.dropped_turns} earlier message(s) left out to fit the "
@@ -210,7 +221,9 @@ def build_app(model: str = "embedded", root: str | Path = ".", n_ctx: int | None
                 respond,
                 additional_inputs=[picker, system, preset, *controls.values()],
                 chatbot=gr.Chatbot(label="chat", height="70vh"),
-                textbox=gr.Textbox(placeholder="Type a message…", submit_btn=True, stop_btn=True),
+                # elem_id: the placeholder, which tests could find it by, is gone after the first turn
+                textbox=gr.Textbox(placeholder="Type a message…", submit_btn=True, stop_btn=True,
+                                   elem_id="chat-input"),
                 title="toolkit chat",
                 fill_height=True,
                 api_name="chat",

@@ -1,9 +1,12 @@
 """`toolkit chat --ui`: a bad --port / --host, a port in use or a bad --n-ctx is one line with exit 2,
-said before the model or Gradio is touched (serve's checks, reused)."""
+said before the model or Gradio is touched (serve's checks, reused). The terminal chat: turns piped
+in through a small context window, the in-chat commands, Ctrl-D."""
 
 from __future__ import annotations
 
+import io
 import socket
+import sys
 
 import pytest
 
@@ -43,3 +46,80 @@ def test_ui_port_in_use(nothing_loads, capsys):
         port = s.getsockname()[1]
         assert main(["chat", "--ui", "--port", str(port)]) == 2
     assert _line(capsys).startswith(f"error: cannot listen on 127.0.0.1:{port}: ")
+
+
+def _chat(monkeypatch, capsys, lines: str, *flags: str) -> tuple[int, str, str]:
+    """Run the terminal chat with `lines` piped in; (exit code, stdout, stderr)."""
+    monkeypatch.setattr("sys.stdin", io.StringIO(lines))
+    rc = main(["chat", *flags])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_small_window_long_conversation(embedded_f16_gguf, monkeypatch, capsys):
+    """--n-ctx 256 with the default 256 new tokens chats (every message was refused: no room left for
+    the prompt); old turns go with a notice, the system prompt stays, nothing runs past the window,
+    and a message longer than the window is one error line, the chat going on."""
+    from toolkit.decoding import conversation, search
+
+    sent, used = [], []
+    build, stream = conversation.build_prompt, search.stream
+
+    def spy_build(*a, **k):
+        prompt = build(*a, **k)
+        sent.append(prompt.messages)
+        return prompt
+
+    def spy_stream(backend, ids, cfg):
+        s = stream(backend, ids, cfg)
+        used.append((len(ids), s))
+        return s
+
+    monkeypatch.setattr(conversation, "build_prompt", spy_build)
+    monkeypatch.setattr(search, "stream", spy_stream)
+    colours = "Remember these colours: " + "red, green, blue, " * 12
+    turns = ["Hi, I am Bob.", "word " * 400, colours, colours, "What is my name?"]
+    rc, out, err = _chat(monkeypatch, capsys, "\n".join(turns) + "\n", "-m", str(embedded_f16_gguf),
+                         "--n-ctx", "256", "--system", "Be brief.")
+    assert rc == 0 and "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: the message is too long: ")
+    assert "earlier message(s) dropped to fit the 256-token context window" in err
+    assert len(used) == 4 and err.count(" tok/s, ") == 4
+    assert all(n + s.result.new_tokens <= 256 for n, s in used)
+    assert all(m[0] == {"role": "system", "content": "Be brief."} for m in sent)
+    assert not any("word word" in msg["content"] for m in sent[2:] for msg in m)  # the failed turn is gone
+
+
+class _NoModel:
+    name = "none"
+
+    def close(self):
+        pass
+
+
+def test_commands_help_and_ctrl_d_in_a_terminal(monkeypatch, capsys):
+    """/help lists the commands, an unknown one says them too; Ctrl-D exits 0 and ends the
+    'you> ' line, so the shell's prompt does not land after it."""
+    import builtins
+
+    from toolkit.decoding import backends
+
+    monkeypatch.setattr(backends, "load", lambda *a, **k: _NoModel())
+    monkeypatch.setattr("sys.stdin", type("Tty", (io.StringIO,), {"isatty": lambda self: True})())
+    typed = iter(["/help", "/nope"])
+
+    def fake_input(prompt=""):
+        sys.stdout.write(prompt)
+        try:
+            return next(typed)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr(builtins, "input", fake_input)
+    assert main(["chat"]) == 0
+    out, err = capsys.readouterr()
+    assert out == "you> you> you> \n"
+    commands = "/quit, /reset, /system TEXT, /set key=value, /preset NAME, /retry, /help"
+    assert f"commands: {commands}" in err.splitlines()
+    assert f"error: unknown command /nope (commands: {commands})" in err.splitlines()

@@ -79,16 +79,20 @@ def test_eight_concurrent_requests_all_answered(app_url, gguf_spec):
 
 @pytest.mark.slow
 def test_bad_settings_are_a_message_not_a_crash(app_url, gguf_spec):
+    """An error is a note in place of the reply, not a raised gr.Error: that one left the browser's
+    chat textbox disabled for good (test_browser_types_and_sees_streamed_answer)."""
     from gradio_client import Client
-    from gradio_client.exceptions import AppError
 
     client = Client(app_url, verbose=False)
     controls = list(CONTROLS)
     controls[_at("max_new_tokens")] = 0
-    with pytest.raises(AppError, match="max_new_tokens must be an integer >= 1"):
-        client.predict("Hello", gguf_spec, *controls, api_name="/chat")
-    with pytest.raises(AppError, match="model not found"):
-        client.predict("Hello", "no/such/model/x", *CONTROLS, api_name="/chat")
+    for message, spec, values, error in [
+        ("Hello", gguf_spec, controls, "error: Bad setting: max_new_tokens must be an integer >= 1"),
+        ("Hello", "no/such/model/x", CONTROLS, "error: model not found"),
+        ("word " * 1200, gguf_spec, CONTROLS, "error: the message is too long: "),
+    ]:
+        answer, note = _reply_text(client.predict(message, spec, *values, api_name="/chat"))
+        assert answer == "" and note.startswith(error), note
     answer, _ = _reply_text(client.predict("Say hello.", gguf_spec, *CONTROLS, api_name="/chat"))
     assert answer.strip()  # still serving
 
@@ -148,7 +152,33 @@ def test_history_and_trimming(tiny_llama_dir):
     assert trimmed.messages[1]["content"] == "second question"
     with pytest.raises(UserError, match="too long"):
         build_prompt(HFBackend(backend.model, backend.tokenizer, n_ctx=40), turns, None, max_new_tokens=10)
+    # max_new_tokens past the window keeps half of it for the prompt (it refused every message)
+    assert len(build_prompt(short, turns[-1:], None, max_new_tokens=1000).ids) <= 50
     assert list_models(tiny_llama_dir)[0] == ("embedded (SmolLM2-135M-Instruct)", "embedded")
+
+
+def test_unanswered_messages_are_not_sent_again():
+    """A message that got an error note (or was stopped before a word) has no answer: like the
+    terminal chat, the next turn's prompt leaves it out (it was sent again, and an over-long one
+    then pushed every earlier turn out of the window)."""
+    from ui.chat import history_to_messages
+
+    history = [
+        {"role": "user", "content": "Hi, I am Bob."},
+        {"role": "assistant", "content": "Hello Bob!"},
+        {"role": "user", "content": "word " * 2000},
+        {"role": "assistant", "content": "", "metadata": {"title": "error: the message is too long: ..."}},
+        {"role": "user", "content": "Hello?"},
+        {"role": "user", "content": "What is my name?"},
+        {"role": "assistant", "content": "Bob."},
+        {"role": "user", "content": "stopped before a word"},
+        {"role": "user", "content": "And now?"},
+    ]
+    assert history_to_messages(history) == [
+        {"role": "user", "content": "Hi, I am Bob."}, {"role": "assistant", "content": "Hello Bob!"},
+        {"role": "user", "content": "What is my name?"}, {"role": "assistant", "content": "Bob."},
+        {"role": "user", "content": "And now?"},
+    ]
 
 
 def test_model_picker_lists_runs_and_ggufs(tmp_path):
@@ -186,12 +216,17 @@ def test_browser_types_and_sees_streamed_answer(app_url, tmp_path):
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             page.goto(app_url)
-            box = page.get_by_placeholder("Type a message…")
+            box = page.locator("#chat-input textarea")
             box.fill("What is the capital of France?")
             box.press("Enter")
             bot = page.locator(".message.bot").first
             expect(bot).to_contain_text("Paris", timeout=60_000)
             expect(page.get_by_text("tok/s")).to_be_visible(timeout=60_000)
+            # An error is shown in the chat and the textbox takes the next message (it stayed disabled).
+            box.fill("word " * 1200)
+            box.press("Enter")
+            expect(page.get_by_text("error: the message is too long").first).to_be_visible(timeout=60_000)
+            expect(box).to_be_enabled(timeout=10_000)
             page.screenshot(path=str(shot), full_page=True)
         finally:
             browser.close()

@@ -5,9 +5,9 @@
 
 In the terminal, lines starting with / are commands: /reset (forget the conversation),
 /system TEXT, /set key=value (a decoding setting: /set temperature=0.7, /set stop=A|B,
-/set seed=none), /preset NAME, /retry (regenerate the last answer), /quit. Long conversations
-are trimmed to the context window from the oldest turns, with a notice. The web UI binds
-127.0.0.1 unless --host is given.
+/set seed=none), /preset NAME, /retry (regenerate the last answer), /help, /quit (or Ctrl-D).
+Long conversations are trimmed to the context window from the oldest turns, with a notice. The web
+UI binds 127.0.0.1 unless --host is given.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ import sys
 from toolkit.core.errors import UserError
 from toolkit.decoding.fields import field_named
 from toolkit.decoding.flags import add_decoding_arguments, config_from_args
+
+COMMANDS = "/quit, /reset, /system TEXT, /set key=value, /preset NAME, /retry, /help"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,13 +64,14 @@ def _terminal(args: argparse.Namespace, cfg) -> int:
     system = args.system
     history: list[dict] = []
     interactive = sys.stdin.isatty()
-    print(f"chatting with {args.model} ({backend.name}); /quit to leave, /reset, /system, /set k=v, /preset, /retry",
-          file=sys.stderr)
+    print(f"chatting with {args.model} ({backend.name}); commands: {COMMANDS}", file=sys.stderr)
     try:
         while True:
             try:
                 line = input("you> " if interactive else "")
             except EOFError:
+                if interactive:  # Ctrl-D: the shell's prompt goes on a line of its own
+                    print()
                 break
             line = line.strip()
             if not line:
@@ -78,6 +81,9 @@ def _terminal(args: argparse.Namespace, cfg) -> int:
                 try:
                     if cmd in ("/quit", "/exit"):
                         break
+                    elif cmd == "/help":
+                        print(f"commands: {COMMANDS}", file=sys.stderr)
+                        continue
                     elif cmd == "/reset":
                         history.clear()
                         print("(conversation cleared)", file=sys.stderr)
@@ -103,7 +109,7 @@ def _terminal(args: argparse.Namespace, cfg) -> int:
                             raise UserError("nothing to regenerate yet")
                         history.pop()
                     else:
-                        raise UserError(f"unknown command {cmd}")
+                        raise UserError(f"unknown command {cmd} (commands: {COMMANDS})")
                 except UserError as exc:
                     print(f"error: {exc}", file=sys.stderr)
                     continue
