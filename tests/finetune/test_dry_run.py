@@ -128,3 +128,23 @@ def test_dry_run_says_why_the_estimator_gave_no_estimate():
     assert "embedded: the estimator refused this run (unknown LoRA target(s) foo); no memory estimate" in d.lines()
     assert "embedded: not in the estimator's catalog; no memory estimate" in DryRun(
         "", "embedded", "", [], "cpu", "float32", "", [], 128, "x:1").lines()
+
+
+def test_a_max_seq_len_past_the_models_window_is_warned(tmp_path, tiny_llama_dir, monkeypatch):
+    """The base's window comes from its own config (tiny: 2048 positions); the same warning is
+    what `finetune` announces before training."""
+    from toolkit.finetune.base_model import BaseChoice, context_warning
+
+    _no_model_loads(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    rec = make_recipe(tmp_path / "r")
+    base = f"training.max_steps=1,model.base_model={tiny_llama_dir}".split(",")
+    long = dry_run(rec, base + ["data.max_seq_len=4096"])
+    warning = (f"warning: data.max_seq_len=4096 is past {tiny_llama_dir}'s context window (2048 tokens): "
+               "positions past 2048 were never trained; set data.max_seq_len to at most 2048")
+    assert warning in long.announcements and warning in long.lines()
+    assert not [s for s in dry_run(rec, base + ["data.max_seq_len=2048"]).announcements if "context window" in s]
+    # A catalog base: its window from the catalog, no config read.
+    assert "(8192 tokens)" in context_warning(BaseChoice("embedded", "embedded", "embedded"), 8193)
+    assert context_warning(BaseChoice("embedded", "embedded", "embedded"), 8192) is None
+    assert context_warning(BaseChoice("org/not-cached", "org/not-cached", "org/not-cached"), 10**6) is None

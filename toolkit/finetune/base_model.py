@@ -125,6 +125,25 @@ def check_fits(recipe, spec: str, device: str, dtype: str) -> None:
                           f"{gib(hw.available_bytes, 1)} available on {hw.name}")
 
 
+def context_warning(choice: BaseChoice, max_seq_len: int) -> str | None:
+    """A warning when `data.max_seq_len` is past the base model's context window (the estimator's
+    `past_context`, its facts from the catalog or the model's own config), else None. Positions
+    past the window were never trained and RoPE is not rescaled here, so long rows train on
+    positions the model can't read."""
+    from toolkit.estimate.catalog import lookup
+    from toolkit.estimate.planner import past_context
+
+    for spec in (choice.spec, choice.source):
+        try:
+            window = past_context(lookup(spec), max_seq_len)
+        except UserError:
+            continue  # a hub id outside the catalog: nothing local to read its window from
+        return None if window is None else (
+            f"warning: data.max_seq_len={max_seq_len} is past {choice.spec}'s context window ({window} tokens): "
+            f"positions past {window} were never trained; set data.max_seq_len to at most {window}")
+    return None
+
+
 def resolve_base(recipe, announce=print, device: str = "cpu", dtype: str = "float32") -> BaseChoice:
     """Resolve `model.base_model` (auto, offline and fallback handling) to a loadable source for
     a run on `device` in compute `dtype`."""

@@ -131,7 +131,7 @@ def dry_run(recipe_spec, overrides: Sequence[str] = (), gpu: bool | None = None)
     from toolkit.core.models import load_tokenizer
     from toolkit.finetune import data as data_mod
     from toolkit.finetune import recipe as recipe_mod
-    from toolkit.finetune.base_model import resolve_base
+    from toolkit.finetune.base_model import context_warning, resolve_base
 
     # The same order as finetune(): recipe, data, device; any UserError surfaces before a model.
     rec = recipe_mod.load(recipe_spec, overrides, gpu=gpu)
@@ -147,6 +147,8 @@ def dry_run(recipe_spec, overrides: Sequence[str] = (), gpu: bool | None = None)
     rec, why = resolve_method(rec, choice.spec, dev, dtype, hardware.detect().available_bytes)
     if why:
         said.append(why)
+    if (warning := context_warning(choice, rec.data.max_seq_len)):
+        said.append(warning)
     tok = load_tokenizer(choice.source)
     fix_chat_special_tokens(tok)
     d = rec.data

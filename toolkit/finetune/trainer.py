@@ -158,7 +158,7 @@ def _train(rec, overrides, stage: Path, runs: Path, dev, dtype, train_ex, eval_e
     from toolkit.finetune.callbacks import InterruptCallback, MetricsCallback, ProgressCallback, SkipLastEval
     from toolkit.finetune.plan import report_ends
     from toolkit.finetune.trl_compat import lean_lm_head_on_cpu, packing_plan
-    from toolkit.finetune.base_model import load_with_fallback, loaded_weights, resolve_base
+    from toolkit.finetune.base_model import context_warning, load_with_fallback, loaded_weights, resolve_base
 
     main = dist_state.is_main_process
     announce = say if main else quiet
@@ -178,6 +178,8 @@ def _train(rec, overrides, stage: Path, runs: Path, dev, dtype, train_ex, eval_e
              + (f" · {dist_state.num_processes} processes" if dist_state.num_processes > 1 else ""))
 
     d = rec.data
+    if (warning := context_warning(choice, d.max_seq_len)):
+        announce(warning)
     train_split = data_mod.tokenize_split(tok, train_ex, d.max_seq_len, d.overlong, d.completion_only_loss, "train")
     data_mod.check_end_of_turn_trained(tok, train_split)
     eval_split = (data_mod.tokenize_split(tok, eval_ex, d.max_seq_len, d.overlong, d.completion_only_loss, "eval")
