@@ -16,8 +16,9 @@ def _run(capsys, *argv):
 
 
 def test_new_prints_what_it_found(tmp_path, capsys, embedded_dir):
-    src = tmp_path / "qa.csv"
-    src.write_text("question,answer\n" + "".join(f"What is {i} times 2?,It is {2 * i}.\n" for i in range(30)))
+    src = tmp_path / "qa.csv"  # as Excel saves "CSV UTF-8": a BOM, CRLF line ends
+    src.write_text("\ufeffquestion,answer\r\n" + "".join(f"What is {i} times 2?,It is {2 * i}.\r\n" for i in range(30)),
+                   encoding="utf-8", newline="")
     code, out, err = _run(capsys, "qa", "--data", str(src), "--dir", str(tmp_path / "recipes"))
     assert code == 0, err
     assert "format: prompt_completion (keys `question` and `answer`)" in out
@@ -38,6 +39,8 @@ def _bad_cases(tmp_path):
     odd.write_text(json.dumps({"query": "x", "reply": "y"}) + "\n")
     good = tmp_path / "good.jsonl"
     good.write_text("".join(json.dumps({"prompt": f"p{i}", "completion": "c"}) + "\n" for i in range(5)))
+    latin1 = tmp_path / "latin1.csv"
+    latin1.write_bytes(b"question,answer\nCaf\xe9?,Yes.\n")
     (tmp_path / "recipes" / "taken").mkdir(parents=True)
     return [
         (["e", "--data", str(empty)], f"--data {empty}: the file is empty"),
@@ -48,6 +51,7 @@ def _bad_cases(tmp_path):
         (["taken", "--data", str(good)], "recipe taken already exists"),
         (["bad/name", "--data", str(good)], "recipe name 'bad/name'"),
         (["ev", "--data", str(good), "--eval", str(empty)], f"--eval {empty}: the file is empty"),
+        (["l", "--data", str(latin1)], f"{latin1}:2: not UTF-8 (byte 0xe9); save the file as UTF-8"),
     ]
 
 

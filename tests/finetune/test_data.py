@@ -101,6 +101,17 @@ def test_extra_keys_kept(tmp_path):
     ('{"prompt": "x", "completion": ""}', "`completion` is empty"),
     ('{"prompt": "x", "completion": 3}', "`completion` must be a string"),
     ("[1, 2]", "expected a JSON object"),
+    ('{"messages": [{"role": "user", "content": "x", "name": "bob"}, {"role": "assistant", "content": "y"}]}',
+     "messages[0] has key(s) name; a message has only role and content"),
+    ('{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}}]}]}',
+     'messages[0].content[0]: only text parts {"type": "text", "text": ...} can be trained'),
+    ('{"messages": [{"role": "tool", "content": "x"}]}', "messages[0].role 'tool' is not one of system, user"),
+    ('{"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "x"}, '
+     '{"role": "assistant", "content": "y"}], "system": "t"}', "both a `system` key and a system message"),
+    ('{"instruction": "x", "output": "y", "history": [["a", "b"]]}', "alpaca `history` is not read"),
+    ('{"prompt": [{"role": "system", "content": "s"}], "completion": [{"role": "assistant", "content": "y"}]}',
+     "`prompt` has no user message"),
+    ('{"prompt": [{"role": "user", "content": "x"}], "completion": []}', "`completion` must be a non-empty list"),
 ])
 def test_bad_line_reports_file_and_line(tmp_path, bad, needle):
     p = jsonl(tmp_path / "d.jsonl", [CHAT, "", bad])
@@ -174,7 +185,7 @@ def test_prompt_pairs_map_to_prompt_completion(tmp_path, record, why):
 
 
 @pytest.mark.parametrize("bad, needle", [
-    ('{"conversations": [{"from": "bot", "value": "x"}]}', "conversations[0].from 'bot' is not one of"),
+    ('{"conversations": [{"from": "narrator", "value": "x"}]}', "conversations[0].from 'narrator' is not one of"),
     ('{"conversations": [{"from": "human", "value": "x"}]}', "no gpt/assistant turn"),
     ('{"conversations": [{"from": "human"}, {"from": "gpt", "value": "y"}]}', "conversations[0]: `value` is empty"),
     ('{"conversations": []}', "`conversations` must be a non-empty list"),
@@ -189,6 +200,82 @@ def test_bad_sharegpt_line_reports_file_and_line(tmp_path, bad, needle):
     with pytest.raises(UserError) as exc:
         data.read_examples(p)
     assert f"{p}:2:" in str(exc.value) and needle in str(exc.value)
+
+
+U, A = ({"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "It is 4."})
+
+
+@pytest.mark.parametrize("record", [
+    # TRL's conversational prompt-completion.
+    {"prompt": [{"role": "system", "content": "Be brief."}, U], "completion": [A]},
+    # Role names as other tools and datasets spell them; Unsloth's standardized ShareGPT is role/content.
+    {"conversations": [{"from": "System", "value": "Be brief."}, {"from": "Human", "value": "What is 2+2?"},
+                       {"from": "bot", "value": "It is 4."}]},
+    {"conversations": [{"role": "system", "content": "Be brief."}, U, {"role": "model", "content": "It is 4."}]},
+    # OpenAI-style content parts.
+    {"messages": [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+                  {"role": "user", "content": [{"type": "text", "text": "What is "}, {"type": "text", "text": "2+2?"}]},
+                  A]},
+    # A `system` column beside the turns (LLaMA-Factory's sharegpt and alpaca, Axolotl's alpaca_w_system).
+    {"conversations": [{"from": "human", "value": "What is 2+2?"}, {"from": "gpt", "value": "It is 4."}],
+     "system": "Be brief."},
+    {"instruction": "What is 2+2?", "output": "It is 4.", "system": "Be brief."},
+])
+def test_what_other_tools_accept_reads_as_the_same_conversation(tmp_path, tok, record):
+    (ex,) = data.read_examples(jsonl(tmp_path / "d.jsonl", [record]), system_prompt="Not this one.")
+    assert ex.messages == EXPECTED and ex.extra == {}
+    ids, labels = data.tokenize_example(tok, ex)
+    assert trained_text(tok, ids, labels).strip() == "It is 4.<|im_end|>"
+
+
+def test_conversational_prompt_completion_trains_the_completion_only(tmp_path, tok):
+    """As TRL does: an assistant turn inside `prompt` is context, and `completion` must answer."""
+    earlier = {"role": "assistant", "content": "Earlier answer."}
+    record = {"prompt": [U, earlier, {"role": "user", "content": "And 3+3?"}],
+              "completion": [{"role": "assistant", "content": "Six."}]}
+    (ex,) = data.read_examples(jsonl(tmp_path / "d.jsonl", [record]))
+    assert [m["content"] for m in ex.messages] == ["What is 2+2?", "Earlier answer.", "And 3+3?", "Six."]
+    ids, labels = data.tokenize_example(tok, ex)
+    assert trained_text(tok, ids, labels).strip() == "Six.<|im_end|>"
+    # The same turns as `messages` train both answers.
+    (both,) = data.read_examples(jsonl(tmp_path / "m.jsonl", [{"messages": ex.messages}]))
+    assert "Earlier answer." in trained_text(tok, *data.tokenize_example(tok, both))
+    with pytest.raises(UserError, match=r"d2.jsonl:1: `completion` has no assistant message to learn from"):
+        data.read_examples(jsonl(tmp_path / "d2.jsonl", [{"prompt": [U, earlier], "completion": [U]}]))
+
+
+def test_bom_crlf_and_missing_last_newline_read_as_plain_utf8(tmp_path):
+    """Windows tools write a UTF-8 BOM and CRLF; neither may change what is read. Other encodings
+    are refused naming the line."""
+    bom = "\ufeff".encode()
+    (tmp_path / "d.jsonl").write_bytes(bom + (json.dumps(CHAT) + "\r\n\r\n" + json.dumps(CHAT)).encode())
+    (tmp_path / "d.json").write_bytes(bom + json.dumps([CHAT]).encode())
+    (tmp_path / "d.csv").write_bytes(bom + b"question,answer\r\nWhat is 2+2?,It is 4.\r\n")
+    (tmp_path / "d.txt").write_bytes(bom + b"First document.\r\n \r\nSecond\r\nline.\r\n")
+    assert [e.messages for e in data.read_examples(tmp_path / "d.jsonl")] == [CHAT["messages"]] * 2
+    assert [e.source for e in data.read_examples(tmp_path / "d.jsonl")] == [f"{tmp_path / 'd.jsonl'}:{i}" for i in (1, 3)]
+    assert [e.messages for e in data.read_examples(tmp_path / "d.json")] == [CHAT["messages"]]
+    assert [e.messages for e in data.read_examples(tmp_path / "d.csv")] == [EXPECTED[1:]]
+    assert [e.text for e in data.read_examples(tmp_path / "d.txt")] == ["First document.", "Second\nline."]
+    (tmp_path / "d.jsonl").write_bytes(json.dumps(CHAT).encode() + b'\n{"prompt": "caf\xe9", "completion": "x"}\n')
+    with pytest.raises(UserError, match=rf"^{tmp_path / 'd.jsonl'}:2: not UTF-8 \(byte 0xe9\); save the file as UTF-8$"):
+        data.read_examples(tmp_path / "d.jsonl")
+
+
+def test_line_separators_inside_json_strings_stay_in_their_line(tmp_path):
+    """JSON leaves U+2028/U+2029/U+0085 unescaped (ensure_ascii=False, as `recipe new` writes):
+    they are inside a string, not line ends, and line numbers count only real lines."""
+    odd = {"messages": [{"role": "user", "content": "a\u2028b\u2029c"}, {"role": "assistant", "content": "d\x85e"}]}
+    p = tmp_path / "d.jsonl"
+    p.write_text(json.dumps(odd, ensure_ascii=False) + "\n{bad\n", encoding="utf-8")
+    with pytest.raises(UserError, match=rf"^{p}:2: invalid JSON"):
+        data.read_examples(p)
+    p.write_text(json.dumps(odd, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert data.read_examples(p)[0].messages == odd["messages"]
+    c = tmp_path / "d.csv"
+    c.write_text('question,answer\n"a\u2028b",c\nq,\n', encoding="utf-8")
+    with pytest.raises(UserError, match=rf"^{c}:3: `answer` is empty"):
+        data.read_examples(c)
 
 
 def test_csv_columns_and_bad_row_line(tmp_path):

@@ -155,6 +155,21 @@ def test_new_recipe_writes_commented_recipe_that_loads(tmp_path, embedded_dir):
     assert f"min {lo}, median {med}, max {hi}" in text and "truncated at max_seq_len" in text
 
 
+def test_written_split_reads_back_as_the_source_read(tmp_path, embedded_dir):
+    """train.jsonl / heldout.jsonl keep non-ASCII text as it is (ensure_ascii=False), U+2028 and
+    U+0085 included: the run must read the very conversations `recipe new` read."""
+    src = tmp_path / "chats.jsonl"
+    src.write_text("".join(json.dumps({"prompt": f"Line\u2028sep {i}?", "completion": f"Yes\x85 {i}."}) + "\n"
+                           for i in range(12)))
+    found = scaffold.new_recipe("seps", [str(src)], recipes_dir=tmp_path / "r")
+    assert found.fmt == "prompt_completion"
+    from toolkit.finetune.data import read_splits
+
+    train, held = read_splits(recipe.load(found.folder))
+    src_msgs = [e.messages for e in scaffold.load_source(str(src), "--data")[0]]
+    assert sorted(map(json.dumps, [e.messages for e in train + held])) == sorted(map(json.dumps, src_msgs))
+
+
 def test_new_recipe_with_eval_references_the_sources(tmp_path, embedded_dir):
     (tmp_path / "data").mkdir()
     src = sharegpt_file(tmp_path / "data" / "chats.jsonl", n=12)

@@ -4,11 +4,13 @@
 Formats, one record per line or row (auto-detected from each record's keys):
   messages           {"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}]}
   sharegpt           {"conversations": [{"from": "human", "value": ...}, {"from": "gpt", ...}]}
-                     (from: human|user, gpt|assistant, system)
   alpaca             {"instruction": ..., "input": ... (optional), "output": ...}
-  prompt_completion  {"prompt": ..., "completion": ...}, also prompt/response and question/answer
+  prompt_completion  {"prompt": ..., "completion": ...} (strings, or TRL's lists of messages), also
+                     prompt/response and question/answer
   text               {"text": ...}  (or a .txt file: blank-line separated documents)
-Extra keys (e.g. `meta` with the answer's key numbers) are kept alongside for the report.
+Turns are {role, content} or {from, value}; roles as in ROLES; content a string or text parts. A
+`system` key (LLaMA-Factory, Axolotl) is the system message. Extra keys (e.g. `meta` with the
+answer's key numbers) are kept alongside for the report.
 Several training sources mix by weight (`read_splits`, `mix`).
 
 Conversations are rendered with the model's own chat template. Labels are -100 everywhere
@@ -24,7 +26,9 @@ from pathlib import Path
 
 from toolkit.core.errors import UserError
 
-ROLES = ("system", "user", "assistant")
+# Role names as datasets spell them (ShareGPT's human/gpt, bot, Gemini's model), matched lowercased.
+ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
+         "bot": "assistant", "model": "assistant"}
 
 
 @dataclass
@@ -35,6 +39,9 @@ class Example:
     text: str | None  # raw text (format `text`)
     source: str  # "file:line"
     extra: dict = field(default_factory=dict)
+    # Only assistant turns from the last `trained_turns` messages are trained (0 = all): TRL's
+    # conversational prompt/completion trains the completion, not assistant turns in the prompt.
+    trained_turns: int = 0
 
 
 @dataclass
@@ -56,8 +63,6 @@ class TokenizedSplit:
         return sum(sum(1 for t in lab if t != -100) for lab in self.labels)
 
 
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "system": "system"}
 # (prompt key, answer key) pairs read as prompt_completion, in detection order.
 PROMPT_PAIRS = (("prompt", "completion"), ("prompt", "response"), ("question", "answer"))
 
@@ -78,7 +83,9 @@ def explain_format(record: object) -> tuple[str | None, str]:
         return None, f"a {type(record).__name__}, not an object"
     key = _sharegpt_key(record)
     if key:
-        return "sharegpt", f"`{key}` is a list of {{from, value}} turns"
+        turns = record[key]
+        style = "{role, content}" if turns and isinstance(turns[0], dict) and "role" in turns[0] else "{from, value}"
+        return "sharegpt", f"`{key}` is a list of {style} turns"
     if "messages" in record:
         return "messages", "`messages` is a list of {role, content} turns"
     if "instruction" in record and "output" in record:
@@ -117,6 +124,37 @@ def _check_user_first(messages: list[dict], where: str, key: str, answer: str, q
                         "starts with the user (after any system message)")
 
 
+def _content(turn: dict, key: str, at: str) -> str:
+    """A turn's text; content parts are joined as the chat templates that take parts join them."""
+    parts = turn.get(key)
+    for j, part in enumerate(parts if isinstance(parts, list) else []):
+        if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+            raise UserError(f"{at}.{key}[{j}]: only text parts {{\"type\": \"text\", \"text\": ...}} can be "
+                            f"trained, got {part!r:.60}")
+    return _str_field({key: "".join(p["text"] for p in parts)} if isinstance(parts, list) else turn, key, at)
+
+
+def _turns(record: dict, key: str, where: str) -> list[dict]:
+    """`record[key]` as messages; ShareGPT's {from, value} turns may carry extra keys, as its dumps do."""
+    turns = record.get(key)
+    if not isinstance(turns, list) or not turns:
+        raise UserError(f"{where}: `{key}` must be a non-empty list")
+    out = []
+    for i, t in enumerate(turns):
+        at = f"{where}: {key}[{i}]"
+        rk, ck = ("from", "value") if isinstance(t, dict) and "from" in t else ("role", "content")
+        if not isinstance(t, dict) or rk not in t:
+            raise UserError(f'{at} must be {{"role": ..., "content": ...}} or {{"from": ..., "value": ...}}')
+        if rk == "role" and set(t) - {"role", "content"}:
+            raise UserError(f"{at} has key(s) {', '.join(sorted(map(str, set(t) - {'role', 'content'})))}; "
+                            "a message has only role and content")
+        role = ROLES.get(t[rk].lower()) if isinstance(t[rk], str) else None
+        if role is None:
+            raise UserError(f"{at}.{rk} {t[rk]!r} is not one of {', '.join(ROLES)}")
+        out.append({"role": role, "content": _content(t, ck, at)})
+    return out
+
+
 def to_example(record: object, fmt: str, where: str, system_prompt: str = "") -> Example:
     """Convert one parsed record into an Example, or raise UserError naming `where` (file:line)."""
     if not isinstance(record, dict):
@@ -129,76 +167,69 @@ def to_example(record: object, fmt: str, where: str, system_prompt: str = "") ->
                 "conversations (ShareGPT), instruction/output, prompt/completion (or prompt/response, "
                 "question/answer) or text"
             )
-    used: set[str]
-    if fmt == "sharegpt":
-        key = _sharegpt_key(record) or "conversations"
-        turns = record.get(key)
-        if not isinstance(turns, list) or not turns:
-            raise UserError(f"{where}: `{key}` must be a non-empty list")
-        out = []
-        for i, t in enumerate(turns):
-            if not isinstance(t, dict) or "from" not in t:
-                raise UserError(f"{where}: {key}[{i}] must be {{\"from\": ..., \"value\": ...}}")
-            role = SHAREGPT_ROLES.get(t["from"]) if isinstance(t["from"], str) else None
-            if role is None:
-                raise UserError(f"{where}: {key}[{i}].from {t['from']!r} is not one of {', '.join(SHAREGPT_ROLES)}")
-            out.append({"role": role, "content": _str_field(t, "value", f"{where}: {key}[{i}]")})
-        if not any(m["role"] == "assistant" for m in out):
-            raise UserError(f"{where}: conversation has no gpt/assistant turn to learn from")
-        _check_user_first(out, where, key, "a gpt/assistant turn", "human/user turn")
+    trained_turns = 0
+    if fmt == "text":
+        return Example(None, _str_field(record, "text", where), where,
+                       {k: v for k, v in record.items() if k != "text"})
+    nouns = ("a gpt/assistant turn", "human/user turn") if fmt == "sharegpt" else ("an assistant message", "user message")
+    if fmt in ("sharegpt", "messages"):
+        key = (_sharegpt_key(record) or "conversations") if fmt == "sharegpt" else "messages"
+        out = _turns(record, key, where)
+        _check_user_first(out, where, key, *nouns)
         used = {key}
-    elif fmt == "messages":
-        msgs = record.get("messages")
-        if not isinstance(msgs, list) or not msgs:
-            raise UserError(f"{where}: `messages` must be a non-empty list")
-        out = []
-        for i, m in enumerate(msgs):
-            if not isinstance(m, dict) or set(m) - {"role", "content"} or "role" not in m:
-                raise UserError(f"{where}: messages[{i}] must be {{\"role\": ..., \"content\": ...}}")
-            if m["role"] not in ROLES:
-                raise UserError(f"{where}: messages[{i}].role {m['role']!r} is not one of {', '.join(ROLES)}")
-            out.append({"role": m["role"], "content": _str_field(m, "content", f"{where}: messages[{i}]")})
-        if not any(m["role"] == "assistant" for m in out):
-            raise UserError(f"{where}: conversation has no assistant message to learn from")
-        _check_user_first(out, where, "messages", "an assistant message", "user message")
-        used = {"messages"}
     elif fmt == "alpaca":
         instr = _str_field(record, "instruction", where)
         extra_input = _str_field(record, "input", where, required=False)
         prompt = f"{instr}\n\n{extra_input}" if extra_input.strip() else instr
+        if record.get("history"):  # LLaMA-Factory's earlier rounds: ignored, the answer would lose its context
+            raise UserError(f"{where}: alpaca `history` is not read; write multi-turn conversations as `messages`")
         out = [{"role": "user", "content": prompt},
                {"role": "assistant", "content": _str_field(record, "output", where)}]
-        used = {"instruction", "input", "output"}
+        used = {"instruction", "input", "output", "history"}
     elif fmt == "prompt_completion":
         a, b = next(((a, b) for a, b in PROMPT_PAIRS if a in record and b in record), PROMPT_PAIRS[0])
-        out = [{"role": "user", "content": _str_field(record, a, where)},
-               {"role": "assistant", "content": _str_field(record, b, where)}]
+        if isinstance(record.get(a), list) and isinstance(record.get(b), list):  # TRL's conversational form
+            out = _turns(record, a, where)
+            _check_user_first(out, where, a, *nouns)
+            if not any(m["role"] == "user" for m in out):
+                raise UserError(f"{where}: `{a}` has no user message")
+            completion = _turns(record, b, where)
+            if not any(m["role"] == "assistant" for m in completion):
+                raise UserError(f"{where}: `{b}` has no assistant message to learn from")
+            out += completion
+            trained_turns = len(completion)
+        else:
+            out = [{"role": "user", "content": _str_field(record, a, where)},
+                   {"role": "assistant", "content": _str_field(record, b, where)}]
         used = {a, b}
-    elif fmt == "text":
-        return Example(None, _str_field(record, "text", where), where,
-                       {k: v for k, v in record.items() if k != "text"})
     else:
         raise UserError(f"{where}: unknown format {fmt!r}")
+    if not any(m["role"] == "assistant" for m in out):
+        raise UserError(f"{where}: conversation has no {nouns[0].split(' ', 1)[1]} to learn from")
+    if "system" in record:  # a column beside the turns; ignoring it would train without the system prompt
+        system, used = _str_field(record, "system", where, required=False), used | {"system"}
+        if system.strip():
+            if out[0]["role"] == "system":
+                raise UserError(f"{where}: both a `system` key and a system message; keep one")
+            out.insert(0, {"role": "system", "content": system})
     if system_prompt and out[0]["role"] != "system":
         out.insert(0, {"role": "system", "content": system_prompt})
-    return Example(out, None, where, {k: v for k, v in record.items() if k not in used})
+    return Example(out, None, where, {k: v for k, v in record.items() if k not in used}, trained_turns)
 
 
 def read_examples(path: str | Path, fmt: str = "auto", system_prompt: str = "", field: str = "data",
                   hub_timeout: float = 3.0) -> list[Example]:
     """Read a data file (JSONL, JSON array, CSV/TSV, Parquet, Arrow; .txt = raw text) or an
     `hf:org/name[:split]` dataset; a bad record raises UserError naming file and line (or row)."""
-    from toolkit.finetune.sources import is_hub_id, read_records
+    import re
+
+    from toolkit.finetune.sources import is_hub_id, read_records, read_text
 
     if not is_hub_id(str(path)) and Path(path).suffix == ".txt":
         path = Path(path)
         if not path.is_file():
             raise UserError(f"data file not found: {path}")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise UserError(f"{path}: cannot read: {exc}") from None
-        docs = [d.strip() for d in text.split("\n\n") if d.strip()]
+        docs = [d.strip() for d in re.split(r"\n\s*\n", read_text(path)) if d.strip()]  # spaces look blank too
         examples = [Example(None, d, f"{path}:doc{i + 1}") for i, d in enumerate(docs)]
     else:
         examples = [to_example(record, fmt, where, system_prompt)
@@ -298,16 +329,18 @@ def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False)
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
-def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """Rendered conversation and the character spans of each assistant turn (content + end-of-turn).
+def assistant_spans(tokenizer, messages: list[dict], trained_turns: int = 0) -> tuple[str, list[tuple[int, int]]]:
+    """Rendered conversation and the character spans of each assistant turn (content + end-of-turn),
+    of the last `trained_turns` messages only when that is > 0.
 
     A turn's span runs from the end of the prompt rendered with the generation prompt to the end
     of the conversation rendered through that turn; the template must render prefixes as prefixes.
     """
     full = render(tokenizer, messages)
     spans = []
+    first = len(messages) - trained_turns if trained_turns else 0
     for i, m in enumerate(messages):
-        if m["role"] != "assistant":
+        if m["role"] != "assistant" or i < first:
             continue
         start = len(render(tokenizer, messages[:i], add_generation_prompt=True))
         end = len(render(tokenizer, messages[: i + 1]))
@@ -324,7 +357,7 @@ def tokenize_example(tokenizer, ex: Example, completion_only: bool = True) -> tu
     if ex.messages is None:
         ids = tokenizer(ex.text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         return ids, list(ids)
-    text, spans = assistant_spans(tokenizer, ex.messages)
+    text, spans = assistant_spans(tokenizer, ex.messages, ex.trained_turns)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = enc["input_ids"]
     if not completion_only:

@@ -96,6 +96,7 @@ def load_source(spec: str, flag: str) -> tuple[list, str, str]:
             raise UserError(f"{flag} {spec}: the file is empty")
         if p.suffix == ".txt":
             return data.read_examples(p, "text"), "text", ".txt file: blank-line separated documents"
+        spec = str(p)
     records = sources.read_records(spec, flag)
     if not records:
         raise UserError(f"{flag} {spec}: no records (empty)")

@@ -15,6 +15,7 @@ record can be reported exactly; turning records into conversations is `toolkit.f
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 
@@ -51,7 +52,7 @@ def read_records(spec: str | Path, field: str = "data", hub_timeout: float = 3.0
         return _table_records(path, _read_parquet)
     if suffix == ".arrow":
         return _table_records(path, _read_arrow)
-    text = _read_text(path)
+    text = read_text(path)
     if suffix == ".json" and text.lstrip().startswith("["):
         try:
             items = json.loads(text)
@@ -59,7 +60,9 @@ def read_records(spec: str | Path, field: str = "data", hub_timeout: float = 3.0
             raise UserError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg} (column {exc.colno})") from None
         return [(f"{path}: record {i}", rec) for i, rec in enumerate(items, 1)]
     out = []
-    for lineno, line in enumerate(text.splitlines(), 1):
+    # Only "\n" ends a line: splitlines() would also split inside strings at the U+2028, U+2029 and
+    # U+0085 that JSON leaves unescaped (json.dumps(..., ensure_ascii=False), as recipe new writes).
+    for lineno, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         where = f"{path}:{lineno}"
@@ -70,16 +73,22 @@ def read_records(spec: str | Path, field: str = "data", hub_timeout: float = 3.0
     return out
 
 
-def _read_text(path: Path) -> str:
+def read_text(path: Path) -> str:
+    """The file's text, every line ending made LF. A UTF-8 BOM (Notepad, Excel's "CSV UTF-8") is
+    dropped; other encodings are refused naming the line of the first byte that isn't UTF-8."""
     try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
+        raw = path.read_bytes()
+    except OSError as exc:
         raise UserError(f"{path}: cannot read: {exc}") from None
+    try:
+        return raw.decode("utf-8-sig").replace("\r\n", "\n").replace("\r", "\n")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise UserError(f"{path}:{line}: not UTF-8 (byte 0x{raw[exc.start]:02x}); save the file as UTF-8") from None
 
 
 def _csv_records(path: Path, delimiter: str) -> list[tuple[str, object]]:
-    text = _read_text(path)
-    reader = csv.DictReader(text.splitlines(keepends=True), delimiter=delimiter)
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""), delimiter=delimiter)
     out = []
     try:
         for row in reader:
