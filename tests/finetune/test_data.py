@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from toolkit.finetune import data
+from toolkit.finetune import data, formats
 from toolkit.core.errors import UserError
 
 
@@ -36,7 +36,7 @@ def trained_text(tok, ids, labels):
 ])
 def test_formats_become_conversations_with_assistant_only_loss(tmp_path, tok, record, fmt):
     ex = data.read_examples(jsonl(tmp_path / "d.jsonl", [record]))
-    assert data.detect_format(record) == fmt
+    assert formats.detect_format(record) == fmt
     assert ex[0].messages[-1] == {"role": "assistant", "content": "It is 4."}
     ids, labels = data.tokenize_example(tok, ex[0])
     # Exactly the answer and its end-of-turn token are trained: the model learns to stop.
@@ -164,7 +164,7 @@ EXPECTED = [{"role": "system", "content": "Be brief."}, {"role": "user", "conten
                   {"from": "gpt", "value": "It is 4."}]},
 ])
 def test_sharegpt_becomes_messages_with_assistant_only_loss(tmp_path, tok, record):
-    fmt, why = data.explain_format(record)
+    fmt, why = formats.explain_format(record)
     assert fmt == "sharegpt" and "from, value" in why
     (ex,) = data.read_examples(jsonl(tmp_path / "d.jsonl", [{**record, "id": 7}]))
     assert ex.messages == EXPECTED and ex.extra == {"id": 7}
@@ -178,7 +178,7 @@ def test_sharegpt_becomes_messages_with_assistant_only_loss(tmp_path, tok, recor
     ({"instruction": "What is 2+2?", "input": "", "output": "It is 4."}, "`instruction` and `output` (+ `input`)"),
 ])
 def test_prompt_pairs_map_to_prompt_completion(tmp_path, record, why):
-    fmt, got_why = data.explain_format(record)
+    fmt, got_why = formats.explain_format(record)
     assert got_why == f"keys {why}" and fmt in ("prompt_completion", "alpaca")
     (ex,) = data.read_examples(jsonl(tmp_path / "d.jsonl", [record]))
     assert ex.messages == EXPECTED[1:]

@@ -1,6 +1,6 @@
 """`toolkit recipe new`: a commented recipe for your own data, sized for this machine.
 
-`new_recipe` reads the data (any format `toolkit.finetune.data` knows, detected from the first
+`new_recipe` reads the data (any format `toolkit.finetune.formats` knows, detected from the first
 record's keys), holds out a seeded tenth of the conversations when no eval file is given,
 tokenizes everything with the chosen base's tokenizer, lets the memory planner choose
 max_seq_len / batch / gradient checkpointing, and writes `recipes/NAME/recipe.yaml` with every
@@ -86,7 +86,7 @@ def length_stats(lengths: list[int]) -> tuple[int, int, int]:
 
 def load_source(spec: str, flag: str) -> tuple[list, str, str]:
     """(examples, format, why) of one --data/--eval source; bad input → one-line UserError."""
-    from toolkit.finetune import data, sources
+    from toolkit.finetune import data, formats, sources
 
     if not sources.is_hub_id(spec):
         p = Path(spec).expanduser()
@@ -101,11 +101,11 @@ def load_source(spec: str, flag: str) -> tuple[list, str, str]:
     if not records:
         raise UserError(f"{flag} {spec}: no records (empty)")
     where, first = records[0]
-    fmt, why = data.explain_format(first)
+    fmt, why = formats.explain_format(first)
     if fmt is None:
         raise UserError(f"{where}: unknown data format ({why}); expected messages, conversations (ShareGPT), "
                         "instruction/output, prompt/completion, prompt/response, question/answer or text")
-    return [data.to_example(rec, fmt, w) for w, rec in records], fmt, why
+    return [formats.to_example(rec, fmt, w) for w, rec in records], fmt, why
 
 
 def _group_key(ex) -> str:

@@ -1,7 +1,7 @@
 """Where training records come from: JSONL/JSON files, local tables (CSV, Parquet, Arrow) and HF hub datasets.
 
 Each reader returns `(where, record)` pairs, `where` naming the file and line (or row) so a bad
-record can be reported exactly; turning records into conversations is `toolkit.finetune.data`'s job.
+record can be reported exactly; turning records into conversations is `toolkit.finetune.formats`' job.
 
   train.jsonl                one JSON object per line ("file:LINE")
   train.json                 a JSON array of objects ("file: record N")
