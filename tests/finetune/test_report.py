@@ -1,5 +1,6 @@
-"""The run report's generation part: per-question correctness (keys present, no contradiction),
-the sampling error of the score, regressions at the top of report.md and in report.json."""
+"""The run report: per-question correctness (keys present, no contradiction), the sampling error of
+the score, regressions at the top of report.md and in report.json, and its losses, perplexities and
+percentages against an independent computation."""
 
 from __future__ import annotations
 
@@ -129,3 +130,92 @@ def test_questions_take_each_kind_in_turn():
     qs = _questions(split, 5)
     assert [q["question"] for q in qs] == ["q0", "q6", "q9", "q1", "q7"]
     assert len(_questions(split, 50)) == len(kinds)
+
+
+def test_evaluate_numbers_match_an_independent_computation(tiny, chat_prompts, tmp_path):
+    """Both sides' numbers against transformers' own loss with the toolkit's assistant-token labels: the
+    answer loss is the mean over all answer tokens together (as the training loss), not the mean of the
+    conversations' means; the general-text perplexity is HF's over the text as its tokenizer encodes it;
+    the reduction and change, and report.md's percentages, follow from those numbers."""
+    import copy
+    import re
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from toolkit.finetune import data, report
+
+    model, tok = tiny
+    torch.manual_seed(0)
+    peft = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    replies = ["A loan.", "Money you earn also earns money, year after year, so savings grow faster and faster.",
+               "Hello!", "Annual percentage rate: the yearly cost of the credit.", "Prices rise."]
+    examples = [data.Example(p + [{"role": "assistant", "content": a}], None, f"h:{i}", {"meta": {"keys": ["loan"]}})
+                for i, (p, a) in enumerate(zip(chat_prompts, replies))]
+    # The two longest conversations are cut inside their answers: the kept starts are scored, as in training.
+    split = data.tokenize_split(tok, examples, 52)
+    assert split.n_truncated == 2 and len(split.input_ids) == 5
+    rec = SimpleNamespace(eval=SimpleNamespace(generation_samples=2, max_new_tokens=3, side_by_side=1))
+    rep = report.evaluate(peft, tok, split, rec, "float32")
+
+    def independent():
+        total, count, means = 0.0, 0, []
+        with torch.no_grad():
+            for x, y in zip(split.input_ids, split.labels):
+                mean = peft(input_ids=torch.tensor([x]), labels=torch.tensor([y])).loss.item()
+                n = sum(t != -100 for t in y[1:])
+                total, count = total + mean * n, count + n
+                means.append(mean)
+            text = torch.tensor([tok(report.GENERAL_TEXT)["input_ids"]])
+            ppl = math.exp(peft(input_ids=text, labels=text).loss.item())
+        return total / count, count, sum(means) / len(means), ppl
+
+    with peft.disable_adapter():
+        base = independent()
+    tuned = independent()
+    assert abs(tuned[2] - tuned[0]) > 1e-3  # the two means differ here, so the loss check tells them apart
+    for side, (loss, n, per_conversation, ppl) in (("base", base), ("finetuned", tuned)):
+        got = rep[side]
+        assert got["answer_tokens"] == n and got["answer_loss"] == pytest.approx(loss, abs=1e-4)
+        assert got["answer_ppl"] == pytest.approx(math.exp(loss), rel=1e-4)
+        assert got["general_ppl"] == pytest.approx(ppl, rel=1e-5)
+    imp = rep["improvement"]
+    assert imp["answer_loss_reduction"] == pytest.approx(1 - tuned[0] / base[0], abs=2e-4)
+    assert imp["general_ppl_change"] == pytest.approx(tuned[3] / base[3] - 1, abs=2e-4)
+    report.write(tmp_path, rep, {"recipe": "t"})
+    md = (tmp_path / "report.md").read_text()
+    assert f"Held-out set: 5 conversations, {base[1]} answer tokens." in md and "token-weighted" in md
+    reduction, change = re.search(r"loss reduction: \*\*(-?[\d.]+)%\*\*; general-text perplexity change: ([+-][\d.]+)%",
+                                  md).groups()
+    assert float(reduction) == pytest.approx(100 * (1 - tuned[0] / base[0]), abs=0.06)
+    assert float(change) == pytest.approx(100 * (tuned[3] / base[3] - 1), abs=0.06)
+
+
+def test_a_full_fine_tunes_report_loads_its_base_again(tiny, tiny_llama_dir, chat_prompts):
+    """After a full fine-tune there is no adapter to switch off: the base side is the model loaded
+    again from the run's source, and reads as the untouched model does."""
+    import copy
+
+    import torch
+
+    from toolkit.core.errors import UserError
+    from toolkit.finetune import data, report
+
+    model, tok = tiny
+    full = copy.deepcopy(model)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in full.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    examples = [data.Example(p + [{"role": "assistant", "content": "A loan."}], None, f"h:{i}", {"meta": {"keys": ["loan"]}})
+                for i, p in enumerate(chat_prompts)]
+    split = data.tokenize_split(tok, examples, 64)
+    rec = SimpleNamespace(eval=SimpleNamespace(generation_samples=2, max_new_tokens=3, side_by_side=1))
+    rep = report.evaluate(full, tok, split, rec, "float32", SimpleNamespace(source=str(tiny_llama_dir)))
+    ref = report.evaluate(full, tok, split, rec, "float32", base_model=model)
+    for side in ("base", "finetuned"):
+        for key in ("answer_loss", "general_ppl", "answer_tokens"):
+            assert rep[side][key] == ref[side][key], (side, key)
+    assert rep["base"]["answer_loss"] != rep["finetuned"]["answer_loss"]
+    with pytest.raises(UserError, match="full fine-tune needs the base model"):
+        report.evaluate(full, tok, split, rec, "float32")

@@ -1,5 +1,6 @@
 """toolkit.finetune.scoring: the answer-token loss against the full-logits loss (chunked, shared
-prefix), batched greedy answers against one-at-a-time generation, the merged adapter against the unmerged one."""
+prefix), batched greedy answers against one-at-a-time generation, the merged adapter against the unmerged one,
+a text's perplexity against transformers' own loss."""
 
 from __future__ import annotations
 
@@ -162,3 +163,23 @@ def test_scoring_runs_attention_inside_the_devices_sdpa_choice(tiny, chat_prompt
         hook.remove()
     assert seen and not any(seen)
     assert loss[1] == want_loss[1] and loss[0] == pytest.approx(want_loss[0], rel=1e-5) and answers == want_answers
+
+
+def test_text_perplexity_scores_the_text_after_the_tokenizers_bos(tiny_llama32_dir):
+    """exp of transformers' own mean loss over the text as its tokenizer encodes it: Llama-3's begins
+    with `<|begin_of_text|>`, which every conversation it sees begins with too."""
+    import math
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from toolkit.finetune.report import GENERAL_TEXT
+    from toolkit.finetune.scoring import text_perplexity
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama32_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama32_dir)
+    ids = torch.tensor([tok(GENERAL_TEXT)["input_ids"]])
+    assert ids[0, 0] == tok.bos_token_id
+    with torch.no_grad():
+        want = math.exp(model(input_ids=ids, labels=ids).loss.item())
+    assert text_perplexity(model, tok, GENERAL_TEXT) == pytest.approx(want, rel=1e-5)

@@ -161,8 +161,24 @@ def _questions(split, limit: int) -> list[dict]:
     return picked
 
 
+def _base_as_loaded(model, tok, choice, dev: str):
+    """The base model for a full fine-tune's report: training changed its own weights, so there is
+    no adapter to switch off; it is loaded again from where the run loaded it, in the trained
+    model's dtype, with the same special-token ids."""
+    from toolkit.core.chat_tokens import sync_special_ids
+    from toolkit.core.errors import UserError
+    from toolkit.core.models import load_causal_lm
+
+    if choice is None:
+        raise UserError("the report of a full fine-tune needs the base model it started from")
+    base = load_causal_lm(choice.source, str(next(model.parameters()).dtype).removeprefix("torch."), dev)
+    sync_special_ids(base, tok)
+    return base.eval()
+
+
 def evaluate(model, tok, split, rec, dtype: str = "auto", choice=None, base_model=None) -> dict:
-    """Compare base and fine-tuned. `model` is a PeftModel (base = adapter disabled), or pass `base_model`.
+    """Compare base and fine-tuned. `model` is a PeftModel (base = adapter disabled), or pass `base_model`;
+    after a full fine-tune the base is loaded again from `choice.source`.
     `dtype` "auto" is the device's evaluation choice (toolkit.core.hardware.dtype_for(dev, "eval"))."""
     if dtype == "auto":
         from toolkit.core import hardware
@@ -171,6 +187,8 @@ def evaluate(model, tok, split, rec, dtype: str = "auto", choice=None, base_mode
     questions = _questions(split, rec.eval.generation_samples)
     prompts = [q["prompt"] for q in questions]
     dev = str(next(model.parameters()).device)
+    if base_model is None and not hasattr(model, "disable_adapter"):
+        base_model = _base_as_loaded(model, tok, choice, dev)
     # Each block packs the weights it runs with (after the merge for the fine-tuned side): frozen for
     # its length, as packed_linear requires.
     packed = lambda m: packed_linear.for_device(m, dev, dtype, training=False)[0]  # noqa: E731
@@ -258,7 +276,9 @@ def write(run_dir: Path, rep: dict, info: dict) -> None:
                                                      if info.get("fallback_reason") else ""),
         f"Method: {info.get('method')} · {info.get('engine')} · {info.get('device')} {info.get('compute_dtype')} · "
         f"{info.get('steps')} steps · {info.get('tokens_per_s')} tokens/s", "",
-        f"Held-out set: {rep['heldout_examples']} conversations. Generation score: share of {n} greedy "
+        f"Held-out set: {rep['heldout_examples']} conversations, {b.get('answer_tokens')} answer tokens. Answer-token "
+        "loss: mean NLL over those tokens all together (token-weighted, as the training loss); perplexity: exp of "
+        f"that mean, over a fixed English text for the general-text one. Generation score: share of {n} greedy "
         "answers that are right (every key number/term present and no contradiction such as the opposite "
         "direction), ± its binomial standard error, with the 95% Wilson interval.", "",
         "| metric | base | fine-tuned |", "|---|---|---|",

@@ -95,7 +95,11 @@ def _decoder_and_head(model):
 
 
 def text_perplexity(model, tok, text: str, dtype: str = "float32", max_len: int = 1024) -> float:
-    ids = tok(text, add_special_tokens=False)["input_ids"][:max_len]
+    """exp of the token-weighted mean NLL over `text`'s first `max_len` tokens, each predicted from
+    those before it (the first from the BOS, where the tokenizer adds one)."""
+    # With the tokenizer's own special tokens: Llama-3 and Gemma always get their BOS (their chat
+    # templates write it), and without it the perplexity measured is that of an input they never see.
+    ids = tok(text)["input_ids"][:max_len]
     nll, _ = answer_loss(model, [ids], [ids], dtype, batch_size=1)
     return math.exp(nll)
 
