@@ -62,6 +62,50 @@ def test_date_defaults_to_today_like_metas_template(llama32_tok):
     assert f"\nToday Date: {before}\n\n" in got or f"\nToday Date: {after}\n\n" in got
 
 
+MULTI_TURN = [
+    [{"role": "user", "content": "u1"}, {"role": "assistant", "content": " a1\n"}, {"role": "user", "content": "u2"}],
+    [{"role": "system", "content": " Be brief.\n"}, {"role": "user", "content": "u1"},
+     {"role": "assistant", "content": "a1"}, {"role": "user", "content": "u2"}, {"role": "assistant", "content": "a2"}],
+]
+
+
+def metas_template() -> str:
+    """Meta's own Llama-3.2 Instruct template, tool parts included (TRL ships a verbatim copy)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("trl")
+    path = Path(spec.origin).parent / "chat_templates" / "llama3_2.jinja" if spec and spec.origin else None
+    if path is None or not path.is_file():
+        pytest.skip("TRL's copy of Meta's Llama-3.2 chat template is not installed")
+    return path.read_text()
+
+
+def test_renders_like_metas_own_template_multi_turn(llama32_tok):
+    meta = metas_template()
+    for msgs in MULTI_TURN:
+        for gen in (False, True):
+            for date in ({}, {"date_string": "23 July 2024"}):
+                ours = llama32_tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen, **date)
+                assert ours == llama32_tok.apply_chat_template(msgs, chat_template=meta, tokenize=False,
+                                                               add_generation_prompt=gen, **date)
+
+
+def test_llama_cpp_renders_the_training_prompt_date_included(llama32_tok):
+    """llama-cpp-python's formatter (the GGUF chat handler, `toolkit serve`, the llama.cpp backend)
+    gives the template `strftime_now` as transformers does: both write the day they render on, not
+    the template's "26 Jul 2024" fallback, so HF and llama.cpp serve the same prompt, in the form
+    training rendered (with its own day's date)."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    for template in (llama32_tok.chat_template, metas_template()):
+        fmt = Jinja2ChatFormatter(template, eos_token="<|eot_id|>", bos_token="<|begin_of_text|>")
+        for msgs in MULTI_TURN:
+            want = llama32_tok.apply_chat_template(msgs, chat_template=template, tokenize=False,
+                                                   add_generation_prompt=True)
+            assert fmt(messages=msgs).prompt == want and "26 Jul 2024" not in want
+
+
 def test_tokenized_template_has_exactly_one_bos(llama32_tok):
     text = llama32_tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
                                            add_generation_prompt=True, date_string="26 Jul 2024")

@@ -1,8 +1,11 @@
 """Export pieces on Meta's real Llama-3.2 tokenizer + template: the Ollama Modelfile renders what
-HF's template renders (system block included, one BOS), verify tokenizes templated text with one
-BOS, and the chat-turn check knows the template's tokens without a ChatML list."""
+HF's template renders (system block included, one BOS) and stops where llama.cpp does, the
+converted GGUF tokenizes like HF, verify tokenizes templated text with one BOS, and the chat-turn
+check knows the template's tokens without a ChatML list."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 
@@ -17,6 +20,23 @@ def llama_tok(llama32_tokenizer_dir):
     from toolkit.core.models import load_tokenizer
 
     return load_tokenizer(str(llama32_tokenizer_dir))
+
+
+@pytest.fixture(scope="module")
+def llama32_gguf(tiny_llama32_dir, tmp_path_factory):
+    """The tiny Llama-3.2 through the official converter, as an export converts it."""
+    from toolkit.export.convert import hf_to_gguf
+
+    return hf_to_gguf(tiny_llama32_dir, tmp_path_factory.mktemp("llama32-gguf") / "tiny-f16.gguf")
+
+
+@pytest.fixture(scope="module")
+def gguf_vocab(llama32_gguf):
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(llama32_gguf), vocab_only=True, verbose=False)
+    yield llm
+    llm.close()
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +72,57 @@ def test_llama3_modelfile_renders_hf_text_system_block_included(llama_tok):
     for msgs in CONVERSATIONS:
         want = llama_tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         assert ollama_prompt(text, msgs, bos=BOS) == want
+
+
+def test_modelfile_from_metas_own_template_renders_hf_text(llama_tok):
+    """The main recipe's base (Llama-3.2-1B-Instruct) ships Meta's template, tool branches and all."""
+    from tests.core.test_chat_templates import metas_template
+    from toolkit.export.modelfile import modelfile_text
+
+    tok = copy.deepcopy(llama_tok)
+    tok.chat_template = metas_template()
+    text = modelfile_text("m-f16.gguf", tok, "<|eot_id|>")
+    for msgs in CONVERSATIONS:
+        want = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        assert ollama_prompt(text, msgs, bos=BOS) == want
+
+
+def test_modelfile_stops_wherever_llama_cpp_ends_generation(gguf_vocab, llama_tok):
+    """Ollama's Go engine stops only on the GGUF's EOS id (<|eot_id|>): the Modelfile's stops must
+    cover the other tokens llama.cpp (and Meta's generation_config) end generation on."""
+    import llama_cpp
+
+    from toolkit.export.modelfile import modelfile_text
+
+    model = gguf_vocab._model
+    eog = {model.token_get_text(i) for i in range(gguf_vocab.n_vocab())
+           if llama_cpp.llama_vocab_is_eog(model.vocab, i)}
+    assert eog == {"<|eot_id|>", "<|eom_id|>", "<|end_of_text|>"}
+    text = modelfile_text("m-f16.gguf", llama_tok, "<|eot_id|>")
+    stops = {line.split('"')[1] for line in text.splitlines() if line.startswith("PARAMETER stop ")}
+    assert eog <= stops and "<|start_header_id|>" in stops
+
+
+TRICKY = ["Hello world", "  leading spaces", "   three", "trailing   ", "    ", "\tTab\tand\nnewline\n\n\n",
+          "a\r\nb\rc", "1234567", "12345678901 3.14159 1,000,000 $1,157.63 2026-11-22", "I'm can't you've we'll THEY'RE",
+          "héllo wörld café naïve — “quotes” …", "日本語のテキスト 中文 한국어", "emoji 🤖🚀👍🏽 ❤️", "\u00a0nbsp\u200bzw",
+          "ﬁ ligature Ａ fullwidth", "def f(x):\n    return x**2  # sq\n\nif __name__ == '__main__':\n\tprint(f(3))",
+          "x = {'a': [1, 2, 3]}; y=a!=b&&c||d"]
+
+
+def test_gguf_tokenizes_like_hf(gguf_vocab, llama_tok):
+    from toolkit.export.verify import gguf_text_ids, text_ids
+
+    meta = gguf_vocab.metadata
+    assert (meta["tokenizer.ggml.pre"], meta["tokenizer.ggml.add_bos_token"]) == ("llama-bpe", "true")
+    assert (gguf_vocab.token_bos(), gguf_vocab.token_eos(), gguf_vocab._model.token_eot()) == (128000, 128009, 128009)
+    for text in TRICKY:
+        ids = text_ids(llama_tok, text)
+        assert gguf_text_ids(gguf_vocab, text) == ids, text
+        assert gguf_vocab.detokenize(ids[1:]).decode("utf-8") == llama_tok.decode(ids[1:]) == text
+    for msgs in CONVERSATIONS:
+        templated = llama_tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        assert gguf_text_ids(gguf_vocab, templated) == text_ids(llama_tok, templated)
 
 
 def test_chatml_modelfile_still_renders_hf_text(embedded_tok):

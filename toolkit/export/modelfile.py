@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from toolkit.core.chat_tokens import special_tokens
+
 _S, _U, _A, _U2, _A2 = "SYSTEM_7f3a", "USER_7f3a", "ASSISTANT_7f3a", "USER2_7f3a", "ASSISTANT2_7f3a"
 
 
@@ -153,16 +155,27 @@ def go_template(fmt: TurnFormat, bos: str | None = None) -> str:
     )
 
 
+# Tokens llama.cpp ends generation on by name (llama-vocab.cpp's end-of-generation list, chat
+# ones). Ollama's Go engine stops only on the GGUF's tokenizer.ggml.eos_token_id(s), which the
+# official converter writes as the one end-of-turn id: without these stops, a Llama-3 model that
+# emits <|end_of_text|> or <|eom_id|> would run on under Ollama where llama.cpp and Meta's
+# generation_config.json stop.
+_LLAMA_CPP_EOG_NAMES = ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|im_end|>", "<|endoftext|>",
+                        "<|end|>", "<end_of_turn>", "<EOT>")
+
+
 def stop_tokens(tokenizer, end_of_turn: str, fmt: TurnFormat | None) -> list[str]:
-    """Strings that end a reply: the end-of-turn token, plus the special token that opens a
-    new turn (a model that starts a new turn has run on)."""
+    """Strings that end a reply: the end-of-turn token, the special token that opens a new turn
+    (a model that starts a new turn has run on), and the vocabulary's other special tokens
+    llama.cpp ends generation on."""
     stops = [end_of_turn]
+    specials = set(special_tokens(tokenizer)) | set(getattr(tokenizer, "added_tokens_encoder", {}))
     if fmt is not None:
-        specials = set(tokenizer.all_special_tokens) | set(getattr(tokenizer, "added_tokens_encoder", {}))
         for tok in sorted(specials, key=len, reverse=True):
             if tok and fmt.user_prefix.startswith(tok) and tok not in stops:
                 stops.append(tok)
                 break
+    stops += [t for t in _LLAMA_CPP_EOG_NAMES if t in specials and t not in stops]
     return stops
 
 
