@@ -103,6 +103,16 @@ def test_modelfile_stops_wherever_llama_cpp_ends_generation(gguf_vocab, llama_to
     assert eog <= stops and "<|start_header_id|>" in stops
 
 
+def test_llama_cpp_backend_ends_where_llama_cpp_does(llama32_gguf, llama_tok):
+    """The toolkit's llama.cpp backend (generate --gguf, chat, the UI) stops on every end-of-generation
+    token, not only the GGUF's single EOS id: Meta's Llama-3.2 ends on <|end_of_text|> and <|eom_id|> too."""
+    from toolkit.decoding.backends.llamacpp import LlamaCppBackend
+
+    with LlamaCppBackend(str(llama32_gguf), n_ctx=64) as backend:
+        ends = {llama_tok.convert_ids_to_tokens(i) for i in backend.eos_ids}
+    assert ends == {"<|eot_id|>", "<|eom_id|>", "<|end_of_text|>"}
+
+
 TRICKY = ["Hello world", "  leading spaces", "   three", "trailing   ", "    ", "\tTab\tand\nnewline\n\n\n",
           "a\r\nb\rc", "1234567", "12345678901 3.14159 1,000,000 $1,157.63 2026-11-22", "I'm can't you've we'll THEY'RE",
           "héllo wörld café naïve — “quotes” …", "日本語のテキスト 中文 한국어", "emoji 🤖🚀👍🏽 ❤️", "\u00a0nbsp\u200bzw",
