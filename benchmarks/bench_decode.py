@@ -2,7 +2,8 @@
 
 1. transformers backend + our search loop vs `model.generate` at the same settings (goal >= 1.0x);
 2. llama.cpp backend + our loop vs llama-cpp-python's `create_completion`, same f16 GGUF (>= 0.9x);
-3. llama.cpp backend vs transformers backend (ratio).
+3. llama.cpp backend vs transformers backend (ratio);
+4. a chat's next turn: the prompt's prefix kept in the KV cache from the last turn vs prefilled whole.
 
 tokens/s = new tokens / wall time of the whole call (prefill included), best of several runs
 after one warm-up, ours and the reference alternating. Greedy outputs are identical on both sides, so token counts match.
@@ -37,6 +38,50 @@ def _rates(ours, theirs, repeats: int = REPEATS) -> tuple[float, int, float, int
     return ra, a[-1][1], rb, b[-1][1]
 
 
+HISTORY = [  # a chat some turns in: the next turn's prompt repeats all of it
+    {"role": "user", "content": "I have $5,000 in savings. Should I pay off my credit card first or invest?"},
+    {"role": "assistant", "content": "Pay off the card first in most cases. A card charging 22% a year costs you "
+     "more than a broad index fund is likely to earn, and paying it down is a guaranteed return. Keep a small "
+     "emergency fund, say one month of expenses, so a surprise bill does not go back on the card. Once the "
+     "balance is gone, invest what you were paying each month."},
+    {"role": "user", "content": "The card is at 19.9% and the balance is $3,200. How long at $400 a month?"},
+    {"role": "assistant", "content": "At 19.9% the monthly rate is about 1.66%. The first month's interest is "
+     "about $53, so $347 goes to the balance. Repeating that, the balance is paid off in 9 months, with about "
+     "$250 of interest in all. Paying $500 a month instead cuts it to 7 months and about $200 of interest."},
+    {"role": "user", "content": "And if I invest the remaining $1,800 at 7% a year for ten years?"},
+]
+
+
+def _next_turn(backend, name: str) -> dict:
+    """The next turn of a chat: after the last turn's answer, the new prompt's prefill with the
+    conversation's KV kept (`toolkit.decoding.backends.reusable_prefix`) vs prefilled whole, best
+    of REPEATS alternating; rates are the new prompt's tokens over the prefill's time."""
+    from toolkit.decoding import DecodingConfig, generate
+
+    turn1 = backend.chat_ids(HISTORY)
+    reply = backend.decode(generate(backend, turn1, DecodingConfig(max_new_tokens=NEW_TOKENS)).tokens)
+    turn2 = backend.chat_ids(HISTORY + [{"role": "assistant", "content": reply},
+                                        {"role": "user", "content": "Is that before or after taxes?"}])
+    kept, whole = [], []
+    for i in range(REPEATS + 1):  # the first round warms up
+        backend.reset()
+        backend.prefill(turn1 + backend.encode(reply))  # the cache as the last turn's answer left it
+        t0 = time.perf_counter()
+        backend.prefill(turn2)
+        t1 = time.perf_counter()
+        backend.reset()
+        backend.prefill(turn2)
+        t2 = time.perf_counter()
+        if i:
+            kept.append(t1 - t0)
+            whole.append(t2 - t1)
+    a, b = len(turn2) / min(kept), len(turn2) / min(whole)
+    print(f"  next turn ({name}): {min(kept) * 1e3:.1f} vs {min(whole) * 1e3:.1f} ms", file=sys.stderr, flush=True)
+    return {"comparison": f"ours ({name}): chat's next turn, prompt prefix kept vs prefilled whole",
+            "settings": f"prompt {len(turn2)} tokens, {len(turn1)} from before the reply",
+            "new_tokens": "prefill", "ours_tok_s": round(a, 1), "reference_tok_s": round(b, 1), "ratio": round(a / b, 2)}
+
+
 def _packed_vs_plain(hf, ids, cfg) -> dict:
     """Our greedy loop on the transformers backend with its linear layers pre-packed for oneDNN
     (toolkit.core.packed_linear) vs torch's matmul: best of REPEATS each, alternating."""
@@ -50,6 +95,7 @@ def _packed_vs_plain(hf, ids, cfg) -> dict:
     for i in range(REPEATS + 1):  # the first round warms up
         for runs, block in ((plain, None), (packed, packed_linear.packed_linears(hf.model, torch.float32))):
             with block or contextlib.nullcontext():
+                hf.reset()  # the other side's KV must not be kept
                 t0 = time.perf_counter()
                 out = generate(hf, ids, cfg)
                 if i:
@@ -104,11 +150,13 @@ def run() -> dict:
             out = hf.model.generate(x, max_new_tokens=cfg.max_new_tokens, **kw)
             return out.shape[1] - len(ids)
 
-        ours, n_ours, theirs, n_theirs = _rates(lambda: generate(hf, ids, cfg).new_tokens, ref)
+        # reset(): no prompt-prefix reuse between runs, as model.generate has none
+        ours, n_ours, theirs, n_theirs = _rates(lambda: (hf.reset(), generate(hf, ids, cfg))[1].new_tokens, ref)
         hf_rates[name] = ours
         rows.append({"comparison": "ours (transformers) vs model.generate", "settings": name,
                      "new_tokens": f"{n_ours} / {n_theirs}", "ours_tok_s": round(ours, 1),
                      "reference_tok_s": round(theirs, 1), "ratio": round(ours / theirs, 2)})
+    rows.append(_next_turn(hf, "transformers"))
     rows.append(_packed_vs_plain(hf, ids, settings["greedy"][0]))
     hf.close()
 
@@ -118,6 +166,7 @@ def run() -> dict:
     try:
         for name, (cfg, _) in settings.items():
             def mine():
+                backend.reset()
                 return generate(backend, ids, cfg).new_tokens
 
             if name == "greedy":
@@ -142,6 +191,7 @@ def run() -> dict:
             rows.append({"comparison": "ours: llama.cpp vs transformers backend", "settings": name,
                          "new_tokens": n_ours, "ours_tok_s": round(ours, 1),
                          "reference_tok_s": round(hf_rates[name], 1), "ratio": round(ours / hf_rates[name], 2)})
+        rows.append(_next_turn(backend, "llama.cpp"))
     finally:
         backend.close()
         llm.close()
@@ -155,7 +205,10 @@ def run() -> dict:
                   "(different random streams). llama.cpp has no beam search: only our loop runs it there. "
                   f"The transformers backend as the toolkit opens it on this CPU ({matmuls}), model.generate "
                   "on the same model; the pre-packed row: our greedy loop with the linear layers packed for "
-                  "oneDNN against torch's matmul, alternating, packing outside the timing."),
+                  "oneDNN against torch's matmul, alternating, packing outside the timing. Every run above prefills "
+                  "its whole prompt (no prefix kept between runs); the next-turn rows time the prefill alone, in "
+                  "prompt tokens per second: the cache holds the last turn's prompt and answer, and the new "
+                  "prompt repeats them (the answer re-tokenized from its text, as the chat sends it)."),
     }
 
 

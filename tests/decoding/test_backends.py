@@ -350,3 +350,36 @@ def test_llamacpp_kv_room_it_cannot_get_is_one_line(embedded_f16_gguf, monkeypat
         with pytest.raises(UserError, match="^no memory for a KV cache of .* lower --num-beams or --max-new-tokens$"):
             generate(small, ids, DecodingConfig(strategy="beam", num_beams=8, max_new_tokens=200))
         assert small.kv_cells == 256 and generate(small, ids, DecodingConfig(max_new_tokens=4)).new_tokens == 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which", ["hf", "gguf"])
+def test_next_turn_runs_only_past_the_prefix_it_kept(which, request):
+    """A chat's next turn repeats the conversation so far: the backend keeps the KV of the prefix its
+    last call left and runs only the rest. The logits and greedy answer equal a prefill from scratch."""
+    backend = request.getfixturevalue(which)
+    cfg = DecodingConfig(max_new_tokens=12)
+    turn1 = backend.chat_ids(MESSAGES)
+    first = generate(backend, turn1, cfg)
+    reply = backend.decode(first.tokens)
+    turn2 = backend.chat_ids(MESSAGES + [{"role": "assistant", "content": reply},
+                                         {"role": "user", "content": "Which is sweetest?"}])
+    run = []
+    forward = backend._forward if which == "hf" else backend._decode
+    spy = (lambda ids: run.append(ids.shape[1]) or forward(ids)) if which == "hf" else \
+        (lambda tokens, *a: run.append(len(tokens)) or forward(tokens, *a))
+    setattr(backend, "_forward" if which == "hf" else "_decode", spy)
+    try:
+        kept = backend.prefill(turn2)
+        assert sum(run) < len(turn2) - len(turn1)  # the first turn and most of the reply were kept
+        answer = generate(backend, turn2, cfg).tokens  # the same prompt again: all but its last token kept
+        backend.reset()
+        run.clear()
+        whole = backend.prefill(turn2)
+        assert sum(run) == len(turn2)
+        backend.reset()
+        fresh = generate(backend, turn2, cfg).tokens
+    finally:
+        delattr(backend, "_forward" if which == "hf" else "_decode")
+    assert torch.allclose(kept, whole, atol=2e-3 if which == "hf" else 5e-2)
+    assert answer == fresh

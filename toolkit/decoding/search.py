@@ -3,7 +3,7 @@
 A backend (`toolkit.decoding.backends.hf.HFBackend`, `toolkit.decoding.backends.llamacpp.LlamaCppBackend`) keeps a
 KV cache of one or more rows (sequences) and offers:
 
-    prefill(ids) -> logits [vocab]         reset, run the prompt, next-token logits of row 0
+    prefill(ids) -> logits [vocab]         one row: the prompt (past the prefix its KV holds), next-token logits
     step(tokens) -> logits [rows, vocab]   append tokens[i] to row i, next-token logits per row
     fork(n)                                 row 0 becomes n identical rows (beam search start)
     reorder(rows)                           new row i = old row rows[i] (beam search bookkeeping)

@@ -4,6 +4,8 @@
 (`llamacpp.LlamaCppBackend`), everything else (embedded, HF id or folder, run folder with a LoRA
 adapter) through transformers (`hf.HFBackend`). Both expose the interface described in
 `toolkit.decoding.search`, plus `chat_ids(messages)` (the model's chat template) and `encode`.
+A prefill keeps the KV of the prompt's prefix that the previous call left in row 0
+(`reusable_prefix`); `reset()` drops it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,20 @@ def check_n_ctx(n_ctx: int | None) -> None:
 
     if n_ctx is not None and (isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 0):
         raise UserError(f"--n-ctx {n_ctx}: must be a whole number >= 0 (0 = the model's own context window)")
+
+
+def reusable_prefix(cached: list[int], ids: list[int]) -> int:
+    """How many leading tokens of the prompt `ids` a backend can keep in its KV cache from `cached`
+    (the tokens whose KV it holds): their common prefix, short of the last prompt token, whose
+    logits the prefill must compute. A chat's next turn repeats the conversation so far, so only
+    the new part is run, as llama.cpp's server and Ollama do; where a reply re-tokenizes
+    differently, reuse stops at the first differing token."""
+    n = 0
+    for a, b in zip(cached, ids[:-1]):
+        if a != b:
+            break
+        n += 1
+    return n
 
 
 def load(spec: str, n_ctx: int | None = None):

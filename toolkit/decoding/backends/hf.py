@@ -34,6 +34,7 @@ class HFBackend:
         self.device = next(model.parameters()).device
         self._sdpa = sdpa_backends.for_device(self.device.type)
         self.cache = None
+        self.cached: list[int] = []  # the tokens whose KV `cache` holds in its one row
 
     @classmethod
     def from_spec(cls, spec: str, n_ctx: int | None = None, device: str | None = None) -> "HFBackend":
@@ -86,20 +87,40 @@ class HFBackend:
     def prefill(self, ids: list[int]) -> torch.Tensor:
         from transformers import DynamicCache
 
-        self.cache = DynamicCache(config=self.model.config)
-        return self._forward(torch.tensor([ids], dtype=torch.long))[0]
+        from toolkit.decoding.backends import reusable_prefix
+
+        keep = reusable_prefix(self.cached, ids) if self.cache is not None else 0
+        drop = self.cache.get_seq_length() - keep if keep else 0
+        try:
+            if drop > 0:
+                self.cache.crop(-drop)  # negative: tokens to remove, in transformers 4 and 5 alike
+        except ValueError:  # a sliding-window layer past its window can't give back what it dropped
+            keep = 0
+        if not keep:
+            self.cache = DynamicCache(config=self.model.config)
+        logits = self._forward(torch.tensor([ids[keep:]], dtype=torch.long))[0]
+        self.cached = list(ids)
+        return logits
+
+    def reset(self) -> None:
+        """Forget the cached prompt: the next prefill runs its prompt whole."""
+        self.cache, self.cached = None, []
 
     def step(self, tokens: list[int]) -> torch.Tensor:
-        return self._forward(torch.tensor(tokens, dtype=torch.long)[:, None])
+        logits = self._forward(torch.tensor(tokens, dtype=torch.long)[:, None])
+        if self.cached:
+            self.cached.append(tokens[0])
+        return logits
 
     def fork(self, n: int) -> None:
+        self.cached = []  # the cache's rows become n: no single row to keep
         self.cache.batch_repeat_interleave(n)
 
     def reorder(self, rows: list[int]) -> None:
         self.cache.reorder_cache(torch.tensor(rows, dtype=torch.long, device=self.device))
 
     def close(self) -> None:
-        self.cache = None
+        self.cache, self.cached = None, []
         if self._packed is not None:
             block, self._packed = self._packed, None
             block.__exit__(None, None, None)

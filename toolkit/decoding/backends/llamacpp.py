@@ -70,6 +70,7 @@ class LlamaCppBackend:
         self.eos_ids = _end_of_generation_ids(self.llm)
         self.rows: list[int] = [0]  # llama.cpp sequence id of each row
         self.n_past = 0
+        self.cached: list[int] = []  # the tokens whose KV sequence 0 holds, for the next prefill
         self._formatter = None
 
     # --- text -------------------------------------------------------------------------------
@@ -117,6 +118,7 @@ class LlamaCppBackend:
             self.ctx.close()
             self.ctx = None
         self._params.n_ctx = cells
+        self.cached = []
         self.ctx = _internals.LlamaContext(model=self.llm._model, params=self._params, verbose=False)
         self.kv_cells = cells
 
@@ -146,21 +148,33 @@ class LlamaCppBackend:
             from toolkit.core.errors import UserError
 
             raise UserError(f"the prompt has {len(ids)} tokens, the context window holds {self.n_ctx}")
-        self._lib.llama_memory_clear(self.ctx.memory, True)
-        self.rows, self.n_past = [0], 0
-        for start in range(0, len(ids), self.n_batch):
+        from toolkit.decoding.backends import reusable_prefix
+
+        keep = reusable_prefix(self.cached, ids) if self.rows == [0] else 0
+        # A cache that can't drop a tail (a recurrent model's) says no: then it runs the whole prompt.
+        if not (keep and self._lib.llama_memory_seq_rm(self.ctx.memory, 0, keep, -1)):
+            keep = 0
+            self._lib.llama_memory_clear(self.ctx.memory, True)
+        self.rows, self.n_past, self.cached = [0], keep, []
+        for start in range(keep, len(ids), self.n_batch):
             chunk = ids[start:start + self.n_batch]
             last = start + len(chunk) == len(ids)
             self._decode(chunk, list(range(start, start + len(chunk))), [0] * len(chunk),
                          [last and i == len(chunk) - 1 for i in range(len(chunk))])
-        self.n_past = len(ids)
+        self.n_past, self.cached = len(ids), list(ids)
         return self._logits(1)[0]
+
+    def reset(self) -> None:
+        """Forget the cached prompt: the next prefill runs its prompt whole."""
+        self.cached = []
 
     def step(self, tokens: list[int]) -> torch.Tensor:
         if len(tokens) != len(self.rows):
             raise ValueError(f"{len(tokens)} tokens for {len(self.rows)} rows")
         self._decode(tokens, [self.n_past] * len(tokens), self.rows, [True] * len(tokens))
         self.n_past += 1
+        if self.rows == [0]:
+            self.cached.append(tokens[0])
         return self._logits(len(tokens))
 
     def _free_seq(self, used: set[int]) -> int:
@@ -169,6 +183,7 @@ class LlamaCppBackend:
     def fork(self, n: int) -> None:
         if n > MAX_ROWS:
             raise ValueError(f"at most {MAX_ROWS} rows")
+        self.cached = []  # the rows move off sequence 0
         used = set(self.rows)
         for _ in range(n - len(self.rows)):
             s = self._free_seq(used)
