@@ -4,7 +4,8 @@
 A ChatInterface (streaming, stop, retry = regenerate, undo) with one control per decoding field
 (generated from `toolkit.decoding.fields.FIELDS`, in its order, which is also the order of the
 /chat API's inputs after message, model, system prompt and preset), the presets, a system
-prompt and a model picker (embedded model, each run in runs/, each exported GGUF). One model is
+prompt (filled with the one a fine-tuned model was trained with, and following the picker until
+the user writes their own) and a model picker (embedded model, each run in runs/, each exported GGUF). One model is
 loaded at a time and a lock serialises decoding on it; the queue keeps concurrent requests
 waiting instead of failing. Each reply is followed by a small stats line (tokens, tokens/s)
 kept out of the prompt of later turns; an error (a bad setting, a message too long for the context
@@ -112,6 +113,24 @@ def history_to_messages(history: list[dict]) -> list[dict]:
     return out
 
 
+def trained_system(spec: str) -> str:
+    """The system prompt `spec` was fine-tuned with ("" for none, or a typed-in spec that is no
+    model: loading it says why)."""
+    from toolkit.core.models import default_system_prompt
+
+    try:
+        return default_system_prompt(spec)
+    except UserError:
+        return ""
+
+
+def follow_model(spec: str, current: str, shown: str) -> tuple[str, str]:
+    """(system box, `shown`) after the picker changes to `spec`: the box shows the new model's
+    trained prompt unless it holds one the user wrote (neither empty nor the prompt shown last)."""
+    new = trained_system(spec)
+    return (new if current in ("", shown) else current), new
+
+
 def config_from_controls(*values) -> DecodingConfig:
     """The config from the decoding controls' values, in `FIELDS` order (seed -1 = random, stop
     one string per line); UserError names the bad field."""
@@ -157,9 +176,10 @@ def _control(f, value) -> gr.components.Component:
 
 
 def build_app(model: str = "embedded", root: str | Path = ".", n_ctx: int | None = None,
-              initial: DecodingConfig | None = None) -> gr.Blocks:
-    """The chat app; `model` is preselected (added to the picker if it is not listed) and the
-    controls start at `initial` (the CLI's decoding flags)."""
+              initial: DecodingConfig | None = None, system: str | None = None) -> gr.Blocks:
+    """The chat app; `model` is preselected (added to the picker if it is not listed), the
+    controls start at `initial` (the CLI's decoding flags) and the system prompt at `system`
+    (None: the one `model` was trained with)."""
     init = initial or DEFAULTS
     from toolkit.decoding.conversation import build_prompt
     from toolkit.decoding.search import stream
@@ -212,10 +232,13 @@ def build_app(model: str = "embedded", root: str | Path = ".", n_ctx: int | None
         with gr.Sidebar(open=True, width=340):
             gr.Markdown("### Model and decoding")
             picker = gr.Dropdown(models, value=model, label="Model", allow_custom_value=True)
-            system = gr.Textbox(label="System prompt", lines=2, placeholder="(the model's default)")
+            shown = gr.State(trained_system(model))
+            system = gr.Textbox(shown.value if system is None else system, label="System prompt", lines=2,
+                                placeholder="(the model's default)")
             preset = gr.Dropdown(list(PRESETS), value=None, label="Preset (fills the controls)")
             controls = {f.name: _control(f, v) for f, v in zip(FIELDS, controls_from_config(init))}
         preset.change(apply_preset, preset, [controls[f.name] for f in filled])
+        picker.change(follow_model, [picker, system, shown], [system, shown])
         with gr.Tab("Chat"):
             gr.ChatInterface(
                 respond,
@@ -242,9 +265,10 @@ def close_models(app) -> None:
 
 
 def launch(model: str = "embedded", host: str = "127.0.0.1", port: int = 7860, n_ctx: int | None = None,
-           block: bool = True, root: str | Path = ".", initial: DecodingConfig | None = None):
+           block: bool = True, root: str | Path = ".", initial: DecodingConfig | None = None,
+           system: str | None = None):
     """Build and serve the app. The queue answers concurrent requests in turn (up to 64 waiting)."""
-    app = build_app(model, root=root, n_ctx=n_ctx, initial=initial)
+    app = build_app(model, root=root, n_ctx=n_ctx, initial=initial, system=system)
     app.queue(default_concurrency_limit=1, max_size=64)
     app.launch(server_name=host, server_port=port, prevent_thread_lock=not block, show_error=True, quiet=not block)
     return app

@@ -5,6 +5,7 @@ in through a small context window, the in-chat commands, Ctrl-D."""
 from __future__ import annotations
 
 import io
+import json
 import socket
 import sys
 
@@ -123,3 +124,51 @@ def test_commands_help_and_ctrl_d_in_a_terminal(monkeypatch, capsys):
     commands = "/quit, /reset, /system TEXT, /set key=value, /preset NAME, /retry, /help"
     assert f"commands: {commands}" in err.splitlines()
     assert f"error: unknown command /nope (commands: {commands})" in err.splitlines()
+
+
+FINBOT = "You are FinBot, a terse finance tutor."
+
+
+@pytest.fixture
+def finbot_run(tmp_path, tiny_llama_dir):
+    """A run folder as the trainer writes it (LoRA adapter, run.json, resolved recipe.yaml) on the
+    tiny model, fine-tuned with data.system_prompt."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    run = tmp_path / "runs" / "finbot-20260101-000000"
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), LoraConfig(r=2, target_modules=["q_proj"]))
+    model.save_pretrained(run / "adapter")
+    (run / "run.json").write_text(json.dumps({"base_model": str(tiny_llama_dir), "base_source": str(tiny_llama_dir)}))
+    (run / "recipe.yaml").write_text(f"model:\n  base_model: embedded\ndata:\n  system_prompt: {FINBOT}\n")
+    return run
+
+
+def test_run_folder_chats_with_the_system_prompt_it_was_trained_with(finbot_run, monkeypatch, capsys):
+    """chat and generate on a run default to its recipe's data.system_prompt (said once on stderr);
+    --system replaces it, /system alone clears it (back to the template's own default)."""
+    from toolkit.decoding import search
+
+    prompts = []
+    stream = search.stream
+
+    def spy(backend, ids, cfg):
+        prompts.append(backend.tokenizer.decode(ids))
+        return stream(backend, ids, cfg)
+
+    monkeypatch.setattr(search, "stream", spy)
+    trained = f"<|im_start|>system\n{FINBOT}<|im_end|>\n<|im_start|>user\nHi<|im_end|>"
+    announce = "system prompt: the one the run was trained with (recipe data.system_prompt)"
+    flags = ["-m", str(finbot_run), "--max-new-tokens", "1"]
+
+    rc, _, err = _chat(monkeypatch, capsys, "Hi\n/system\nHi\n", *flags)
+    assert rc == 0 and err.splitlines().count(announce) == 1
+    assert len(prompts) == 2 and trained in prompts[0]
+    assert FINBOT not in prompts[1] and "(system prompt cleared)" in err
+
+    rc, _, err = _chat(monkeypatch, capsys, "Hi\n", *flags, "--system", "Be brief.")
+    assert rc == 0 and announce not in err
+    assert FINBOT not in prompts[2] and "<|im_start|>system\nBe brief.<|im_end|>" in prompts[2]
+
+    assert main(["generate", *flags, "-p", "Hi"]) == 0
+    assert trained in prompts[3] and announce in capsys.readouterr().err.splitlines()

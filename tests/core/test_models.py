@@ -191,3 +191,39 @@ def test_adapter_config_peft_does_not_know_is_one_line(tmp_path, tiny_llama_dir)
     with pytest.raises(UserError) as exc:
         load_model(str(run))
     assert str(exc.value) == f"{run / 'adapter'}: PEFT cannot load this adapter (KeyError: 'NOSUCH')"
+
+
+# ---------------------------------------------------------------- the system prompt a model was trained with
+
+
+def test_default_system_prompt_of_a_run_folder(tmp_path):
+    """A run serves by default with its resolved recipe's data.system_prompt; one without (no recipe,
+    no key, a recipe the reader refuses) has none, and neither has anything but a run or export."""
+    from toolkit.core.models import default_system_prompt
+
+    run = _run(tmp_path)
+    assert default_system_prompt(str(run)) == ""  # no recipe.yaml (an adapter copied by hand)
+    (run / "recipe.yaml").write_text("model:\n  base_model: embedded\ndata:\n  train: d/train.jsonl\n")
+    assert default_system_prompt(str(run)) == ""
+    (run / "recipe.yaml").write_text("model:\n  base_model: embedded\ndata:\n  train: d/train.jsonl\n"
+                                     "  system_prompt: 'You are FinBot: answer in one sentence.'\n")
+    assert default_system_prompt(str(run)) == "You are FinBot: answer in one sentence."
+    (run / "recipe.yaml").write_text("data:\n  system_prompt: x\n  nosuch_key: 1\n")
+    assert default_system_prompt(str(run)) == ""
+    assert default_system_prompt("embedded") == "" and default_system_prompt("org/name") == ""
+
+
+def test_default_system_prompt_of_an_exported_gguf(tmp_path):
+    """export.json beside a GGUF records it, for that export's own files only."""
+    from toolkit.core.models import default_system_prompt
+
+    out = tmp_path / "gguf"
+    out.mkdir()
+    for name in ("m-q8_0.gguf", "other.gguf"):
+        (out / name).write_bytes(b"GGUF....")
+    assert default_system_prompt(str(out / "m-q8_0.gguf")) == ""  # no export.json
+    (out / "export.json").write_text(json.dumps({"files": {"q8_0": "m-q8_0.gguf"}, "system_prompt": "Be FinBot."}))
+    assert default_system_prompt(str(out / "m-q8_0.gguf")) == "Be FinBot."
+    assert default_system_prompt(str(out / "other.gguf")) == ""  # copied in, not exported here
+    (out / "export.json").write_text("{broken")
+    assert default_system_prompt(str(out / "m-q8_0.gguf")) == ""

@@ -150,6 +150,60 @@ def test_modelfile_without_expressible_template_claims_none(embedded_tok):
     assert "TEMPLATE" not in text and 'PARAMETER stop "<|im_end|>"' in text
 
 
+TRAINED = "You are FinBot: answer finance questions in one sentence."
+
+
+@pytest.mark.parametrize("tok_fixture, bos", [("embedded_tok", None), ("llama32_tokenizer_dir", "<|begin_of_text|>")],
+                         ids=["chatml-with-default-system", "llama3-system-block-always"])
+def test_modelfile_system_is_the_trained_prompt_and_renders_hf_text(request, tok_fixture, bos):
+    """A fine-tune's system prompt is the Modelfile's SYSTEM: Ollama's prompt for a conversation
+    without one equals HF's with that system message, and a request's own system message still wins."""
+    from tests.export.ollama_template import modelfile_parts, ollama_prompt
+    from toolkit.core.chat_tokens import end_of_turn_token
+    from toolkit.core.models import load_tokenizer
+    from toolkit.export.modelfile import modelfile_text
+
+    tok = request.getfixturevalue(tok_fixture)
+    tok = load_tokenizer(str(tok)) if isinstance(tok, Path) else tok
+    text = modelfile_text("m.gguf", tok, end_of_turn_token(tok), system=TRAINED)
+    assert text.count("SYSTEM") == 1 and modelfile_parts(text)[1] == TRAINED
+    for msgs in CONVERSATIONS:
+        own = [{"role": "system", "content": TRAINED}] if msgs[0]["role"] != "system" else []
+        want = tok.apply_chat_template(own + msgs, tokenize=False, add_generation_prompt=True)
+        assert ollama_prompt(text, msgs, bos=bos) == want
+
+
+def test_modelfile_keeps_the_template_default_when_the_prompt_cannot_be_written(embedded_tok):
+    from toolkit.export.modelfile import modelfile_text
+
+    text = modelfile_text("m.gguf", embedded_tok, "<|im_end|>", system='Say """hi"""')
+    assert 'Say """hi' not in text and "cannot sit in a Modelfile string" in text
+    assert 'SYSTEM """You are a helpful AI assistant named SmolLM' in text
+
+
+def test_export_record_has_the_runs_system_prompt(tmp_path):
+    """export.json records the recipe's data.system_prompt, and chat/generate on the exported GGUF
+    read it back from there."""
+    from toolkit.core.models import default_system_prompt, resolve
+    from toolkit.export import report
+
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    (run / "adapter" / "adapter_config.json").write_text("{}")
+    (run / "run.json").write_text(json.dumps({"recipe": "finbot", "base_model": "embedded"}))
+    (run / "recipe.yaml").write_text(f"data:\n  system_prompt: '{TRAINED}'\n")
+    files = {"q8_0": "run-q8_0.gguf", "modelfile:q8_0": "Modelfile"}
+    summary = report.summary(str(run), resolve(str(run)), "run", ["q8_0"], files, [], {}, {}, "float32")
+    assert summary["system_prompt"] == TRAINED
+    (run / "gguf").mkdir()
+    (run / "gguf" / "run-q8_0.gguf").write_bytes(b"GGUF....")
+    (run / "gguf" / "export.json").write_text(report.to_json(summary))
+    assert json.loads((run / "gguf" / "export.json").read_text())["system_prompt"] == TRAINED
+    assert default_system_prompt(str(run / "gguf" / "run-q8_0.gguf")) == TRAINED
+    plain = report.summary("embedded", resolve("embedded"), "e", ["q8_0"], files, [], {}, {}, "float32")
+    assert plain["system_prompt"] == ""
+
+
 # ---------------------------------------------------------------- bad input via the CLI
 
 def _one_error_line(capsys) -> str:
@@ -471,7 +525,7 @@ def _lora_run(tmp_path: Path, embedded_dir: Path) -> Path:
     # A resolved recipe as the trainer writes it; no recipe_dir in run.json, so the data is found
     # beside it in the run folder.
     (run / "recipe.yaml").write_text("model:\n  base_model: embedded\ndata:\n  train: data/train.jsonl\n"
-                                     "  eval: data/heldout.jsonl\n  format: messages\n")
+                                     f"  eval: data/heldout.jsonl\n  format: messages\n  system_prompt: '{TRAINED}'\n")
     return run
 
 
@@ -503,6 +557,7 @@ def test_export_lora_run_f16_and_q8_0(tmp_path, embedded_dir, embedded_f16_gguf,
     readme = (out / "README.md").read_text()
     assert "finance" in readme and f"{f16['ppl_gguf']:.3f}" in readme and "lora" in readme
     assert (out / "Modelfile").read_text().startswith("FROM ./finance-20260101-000000-q8_0.gguf")
+    assert summary["system_prompt"] == TRAINED and f'SYSTEM """{TRAINED}"""' in (out / "Modelfile.f16").read_text()
 
     # The adapter is in the GGUF: the round trip above matched it to the merged model, and its
     # logits are clearly not the base model's (llama.cpp on the base's own f16 GGUF).

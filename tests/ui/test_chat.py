@@ -252,3 +252,37 @@ def test_cli_values_past_a_sliders_range_widen_it(tmp_path):
     # in range: the table's range is kept
     assert (by_field["num_beams"].minimum, by_field["num_beams"].maximum) == (1, 16)
     assert (by_field["temperature"].minimum, by_field["top_k"].maximum) == (0, 500)
+
+
+def test_system_box_starts_with_the_trained_prompt_and_follows_the_picker(tmp_path, monkeypatch, capsys, free_port):
+    """A run fine-tuned with data.system_prompt opens with it in the system box (--system wins), and
+    `toolkit chat --ui` says so; picking another model swaps it unless the user wrote their own."""
+    import gradio as gr
+
+    import ui.chat
+    from toolkit.cli import main
+    from ui.chat import build_app, follow_model
+
+    run = tmp_path / "runs" / "finbot-20260101-000000"
+    run.mkdir(parents=True)
+    (run / "run.json").write_text('{"base_model": "embedded"}')
+    (run / "recipe.yaml").write_text("data:\n  system_prompt: You are FinBot.\n")
+
+    def box(app):
+        return next(b for b in app.blocks.values() if isinstance(b, gr.Textbox) and b.label == "System prompt")
+
+    assert box(build_app(str(run), root=tmp_path)).value == "You are FinBot."
+    assert box(build_app(str(run), root=tmp_path, system="Mine.")).value == "Mine."
+    assert box(build_app("embedded", root=tmp_path)).value == ""
+    assert follow_model("embedded", "You are FinBot.", "You are FinBot.") == ("", "")
+    assert follow_model(str(run), "", "") == ("You are FinBot.", "You are FinBot.")
+    assert follow_model("embedded", "Mine.", "You are FinBot.") == ("Mine.", "")
+    assert follow_model(str(tmp_path / "nosuch"), "", "") == ("", "")
+
+    launched = {}
+    monkeypatch.setattr(ui.chat, "launch", lambda model, **kw: launched.update(kw, model=model))
+    assert main(["chat", "--ui", "-m", str(run), "--port", str(free_port())]) == 0
+    assert launched["model"] == str(run) and launched["system"] == "You are FinBot."
+    assert "system prompt: the one the run was trained with (recipe data.system_prompt)" in capsys.readouterr().err
+    assert main(["chat", "--ui", "-m", str(run), "--port", str(free_port()), "--system", "Mine."]) == 0
+    assert launched["system"] == "Mine."

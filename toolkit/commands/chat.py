@@ -3,8 +3,12 @@
   toolkit chat --model embedded                 terminal chat
   toolkit chat --ui --model runs/latest         web chat on http://127.0.0.1:7860
 
-In the terminal, lines starting with / are commands: /reset (forget the conversation),
-/system TEXT, /set key=value (a decoding setting: /set temperature=0.7, /set stop=A|B,
+A fine-tuned model (a run folder, or a GGUF it was exported to) chats with the system prompt it
+was trained with (the recipe's data.system_prompt) unless --system is given (--system "": the chat
+template's own default).
+
+In the terminal, lines starting with / are commands: /reset (forget the conversation), /system TEXT
+(/system alone clears it), /set key=value (a decoding setting: /set temperature=0.7, /set stop=A|B,
 /set seed=none), /preset NAME, /retry (regenerate the last answer), /help, /quit (or Ctrl-D).
 Long conversations are trimmed to the context window from the oldest turns, with a notice. The web
 UI binds 127.0.0.1 unless --host is given.
@@ -24,7 +28,8 @@ COMMANDS = "/quit, /reset, /system TEXT, /set key=value, /preset NAME, /retry, /
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", "-m", default="embedded", help="embedded | HF id | folder | run folder | .gguf")
-    parser.add_argument("--system", help="system prompt")
+    parser.add_argument("--system", help="system prompt (default: the one a fine-tuned model was trained with; "
+                                          "\"\": the template's own)")
     parser.add_argument("--n-ctx", type=int, default=None,
                         help="context window in tokens (default: the model's own, 2048 for a GGUF; 0 = the model's "
                              "own for a GGUF too)")
@@ -46,12 +51,29 @@ def run(args: argparse.Namespace) -> int:
         # One-line errors now, not a Gradio traceback or a broken page once the server starts.
         check_port_free(args.host, args.port)
         resolve(args.model)
+        system = system_prompt_for(args.model, args.system)
         from ui.chat import launch
 
         print(f"chat UI on http://{args.host}:{args.port}  (Ctrl-C to stop)", file=sys.stderr)
-        launch(args.model, host=args.host, port=args.port, n_ctx=args.n_ctx, block=True, initial=cfg)
+        launch(args.model, host=args.host, port=args.port, n_ctx=args.n_ctx, block=True, initial=cfg,
+               system=system or "")
         return 0
     return _terminal(args, cfg)
+
+
+def system_prompt_for(spec: str, given: str | None) -> str | None:
+    """`given` (--system; "" leaves it to the chat template), else the system prompt `spec` was
+    fine-tuned with, said once on stderr: a model answers as trained only with the prompt it was
+    trained with."""
+    if given is not None:
+        return given
+    from toolkit.core.models import default_system_prompt, resolve
+
+    trained = default_system_prompt(spec)
+    if trained:
+        where = "recipe data.system_prompt" if resolve(spec).kind == "run" else "export.json system_prompt"
+        print(f"system prompt: the one the run was trained with ({where})", file=sys.stderr)
+    return trained or None
 
 
 def _terminal(args: argparse.Namespace, cfg) -> int:
@@ -61,10 +83,10 @@ def _terminal(args: argparse.Namespace, cfg) -> int:
     from toolkit.decoding.search import stream
 
     backend = load(args.model, n_ctx=args.n_ctx)
-    system = args.system
     history: list[dict] = []
     interactive = sys.stdin.isatty()
     print(f"chatting with {args.model} ({backend.name}); commands: {COMMANDS}", file=sys.stderr)
+    system = system_prompt_for(args.model, args.system)
     try:
         while True:
             try:

@@ -5,8 +5,10 @@
   toolkit generate --model exports/x/model-q8_0.gguf --prompt "..." --strategy beam --num-beams 4 --json
 
 MODEL is `embedded`, an HF id or folder, a run folder (base + LoRA adapter), or a .gguf (run by
-llama.cpp). The chat template is applied unless --raw. Text streams to stdout as it is decoded;
---json prints one object instead (text, tokens, new_tokens, tokens_per_s, ...).
+llama.cpp). The chat template is applied unless --raw, with the system prompt a fine-tuned model
+was trained with (the recipe's data.system_prompt) unless --system is given (--system "": the chat
+template's own default). Text streams to stdout as it is decoded; --json prints one object
+instead (text, tokens, new_tokens, tokens_per_s, ...).
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from toolkit.decoding.flags import add_decoding_arguments, config_from_args
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", "-m", default="embedded", help="embedded | HF id | folder | run folder | .gguf")
     parser.add_argument("--prompt", "-p", required=True, help="the user message (or raw text with --raw); - reads stdin")
-    parser.add_argument("--system", help="system prompt (chat template only)")
+    parser.add_argument("--system", help="system prompt (chat template only; default: the one a fine-tuned model "
+                                          "was trained with; \"\": the template's own)")
     parser.add_argument("--raw", action="store_true", help="no chat template: continue the prompt text")
     parser.add_argument("--n-ctx", type=int, default=None,
                         help="context window in tokens (default: the model's own, 2048 for a GGUF; 0 = the model's "
@@ -38,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--prompt is empty")
     if args.raw and args.system:
         raise UserError("--system needs the chat template; drop --raw")
+    from toolkit.commands.chat import system_prompt_for
     from toolkit.decoding.backends import load
     from toolkit.decoding.conversation import build_prompt
     from toolkit.decoding.search import stream
@@ -47,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
         if args.raw:
             ids = backend.encode(prompt)
         else:
-            ids = build_prompt(backend, [{"role": "user", "content": prompt}], args.system, cfg.max_new_tokens).ids
+            system = system_prompt_for(args.model, args.system)
+            ids = build_prompt(backend, [{"role": "user", "content": prompt}], system, cfg.max_new_tokens).ids
         s = stream(backend, ids, cfg)
         for piece in s:
             if not args.json:

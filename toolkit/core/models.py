@@ -266,6 +266,41 @@ def _json_object(path: Path) -> dict:
     return data
 
 
+def default_system_prompt(spec: str) -> str:
+    """The system prompt `spec` was fine-tuned with, for inference to default to (the model learned
+    its answers after it): a run folder's resolved recipe `data.system_prompt`, or the
+    `system_prompt` export.json records beside one of its GGUFs. "" for anything else (a hub id,
+    `embedded`, a plain folder or GGUF): those keep their chat template's own default."""
+    ref = resolve(spec)
+    if ref.kind == "run":
+        return _recipe_system_prompt(ref.path / "recipe.yaml")
+    record = ref.path.parent / "export.json" if ref.kind == "gguf" else None
+    if record is None or not record.is_file():
+        return ""
+    try:
+        data = _json_object(record)
+    except UserError:
+        return ""
+    files = data.get("files")
+    # Only the export's own GGUFs: a file merely copied into the folder was not trained with it.
+    if not isinstance(files, dict) or ref.path.name not in files.values():
+        return ""
+    value = data.get("system_prompt")
+    return value if isinstance(value, str) else ""
+
+
+def _recipe_system_prompt(path: Path) -> str:
+    if not path.is_file():
+        return ""
+    from toolkit.finetune import recipe as recipe_mod
+
+    try:
+        # Resolved at training time: no `cpu:` profile is left, and gpu=True skips probing the hardware.
+        return recipe_mod.load(path, gpu=True).data.system_prompt
+    except UserError:  # a hand-edited or older recipe: chatting must not fail on it
+        return ""
+
+
 def run_base_source(run: Path) -> str:
     """What `from_pretrained` gets for a run's base: the weights its training actually read.
 

@@ -179,21 +179,27 @@ def stop_tokens(tokenizer, end_of_turn: str, fmt: TurnFormat | None) -> list[str
     return stops
 
 
-def modelfile_text(gguf_name: str, tokenizer, end_of_turn: str, temperature: float | None = None) -> str:
-    """The Ollama Modelfile for `gguf_name` (a file beside it)."""
+def modelfile_text(gguf_name: str, tokenizer, end_of_turn: str, temperature: float | None = None,
+                   system: str | None = None) -> str:
+    """The Ollama Modelfile for `gguf_name` (a file beside it). `system`, the prompt the model was
+    fine-tuned with, becomes its SYSTEM in place of the template's default."""
     fmt = turn_format(tokenizer)
     lines = [f"FROM ./{gguf_name}", ""]
     try:
         template = go_template(fmt, ollama_adds_bos(tokenizer)) if fmt else None
-        system = _go_literal(fmt.default_system) if fmt and fmt.default_system is not None else None
+        default = _go_literal(fmt.default_system) if fmt and fmt.default_system is not None else None
     except ValueError:  # template text that cannot sit inside a Modelfile string
-        fmt = template = system = None
+        fmt = template = default = None
     if template is None:
         lines += ["# The chat template is not a simple per-role format; Ollama reads the one embedded in the GGUF.", ""]
     else:
         lines += [f'TEMPLATE """{template}"""', ""]
-        if system:
-            lines += [f'SYSTEM """{system}"""', ""]
+    if system and ('"""' in system or system.endswith('"')):  # would close the triple-quoted string early
+        lines += ["# The fine-tune's system prompt cannot sit in a Modelfile string; give it with /set system.", ""]
+        system = None
+    if system or default:
+        # Without a TEMPLATE too: Ollama hands SYSTEM to the GGUF's own template as the system message.
+        lines += [f'SYSTEM """{system or default}"""', ""]
     for stop in stop_tokens(tokenizer, end_of_turn, fmt):
         lines.append(f'PARAMETER stop "{stop}"')
     if temperature is not None:

@@ -333,7 +333,8 @@ def export_model(spec: str, quants=("q4_k_m",), out=None, force: bool = False, p
         from toolkit.export.modelfile import modelfile_text
 
         for q in quants:
-            (work / files[f"modelfile:{q}"]).write_text(modelfile_text(files[q], tok, eot))
+            (work / files[f"modelfile:{q}"]).write_text(modelfile_text(files[q], tok, eot,
+                                                                      system=summary["system_prompt"]))
         (work / files["readme"]).write_text(report.readme(record))
         (work / files["json"]).write_text(report.to_json(record))
         for q in quants:

@@ -24,6 +24,8 @@ def source_id(ref) -> str:
 
 def summary(spec, ref, name, quants, files, results, timings, notes, merge_dtype) -> dict:
     """Everything the README and export.json say, as one dict."""
+    from toolkit.core.models import default_system_prompt
+
     run = {}
     if ref.kind == "run":
         from toolkit.core.models import run_info
@@ -37,6 +39,8 @@ def summary(spec, ref, name, quants, files, results, timings, notes, merge_dtype
         "source_id": source_id(ref),
         "name": name,
         "run": run,
+        # What chat/generate on the GGUF and the Modelfile's SYSTEM default to, as training did.
+        "system_prompt": default_system_prompt(spec),
         "merge_dtype": merge_dtype,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "quants": list(quants),
@@ -88,6 +92,9 @@ def readme(s: dict) -> str:
             f"- Base model: `{run.get('base_model')}` (loaded from `{run.get('base_source')}`)",
             f"- LoRA adapter merged into the unquantized base weights in {s['merge_dtype']}",
         ]
+        if s.get("system_prompt"):
+            lines.append(f"- Trained with the system prompt {s['system_prompt']!r} (recipe `data.system_prompt`); "
+                         "the Modelfile's SYSTEM and `toolkit chat` on the GGUF use it")
     else:
         lines.append(f"- Source: `{s['source']}` ({s['source_kind']}), no adapter")
     lines += [
