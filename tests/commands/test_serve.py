@@ -110,3 +110,41 @@ def test_serve_bad_numbers_name_the_flag(tmp_path, capsys, monkeypatch, flags, l
     monkeypatch.setattr(verify, "gguf_metadata", lambda p: pytest.fail("the GGUF was read"))
     assert main(["serve", str(gguf), *flags]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [line]
+
+
+def test_serves_the_trained_system_prompt_where_a_request_has_none(embedded_f16_gguf, tmp_path, monkeypatch):
+    """An exported GGUF whose export.json records the system prompt it was fine-tuned with: requests
+    without a system message get it, rendered by the GGUF's own template; a request's own wins."""
+    import json
+
+    import uvicorn
+    from llama_cpp import Llama
+    from llama_cpp.server import app as server_app
+
+    from toolkit.commands import serve
+    from toolkit.decoding.backends.llamacpp import LlamaCppBackend
+
+    gguf = tmp_path / "m-f16.gguf"
+    gguf.symlink_to(embedded_f16_gguf)
+    (tmp_path / "export.json").write_text(json.dumps({"files": {"f16": gguf.name}, "system_prompt": "Answer in French."}))
+    seen = {}
+    monkeypatch.setattr(server_app, "create_app", lambda **kw: seen.update(kw))
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **kw: None)
+    port = socket.socket()
+    port.bind(("127.0.0.1", 0))
+    free = port.getsockname()[1]
+    port.close()
+    assert main(["serve", str(gguf), "--port", str(free), "--n-ctx", "512"]) == 0
+    (settings,) = seen["model_settings"]
+    assert settings.chat_format == serve.TRAINED_SYSTEM_FORMAT
+
+    own = [{"role": "system", "content": "Be brief."}] + QUESTION
+    with LlamaCppBackend(str(embedded_f16_gguf), n_ctx=512) as ours:
+        expected = [len(ours.chat_ids([{"role": "system", "content": "Answer in French."}] + QUESTION)),
+                    len(ours.chat_ids(own))]
+    llm = Llama(str(embedded_f16_gguf), chat_format=settings.chat_format, n_ctx=512, verbose=False)
+    try:
+        got = [llm.create_chat_completion(messages=m, max_tokens=1)["usage"]["prompt_tokens"] for m in (QUESTION, own)]
+    finally:
+        llm.close()
+    assert got == expected

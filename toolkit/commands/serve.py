@@ -39,6 +39,34 @@ def check_port_free(host: str, port: int) -> None:
         raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
+TRAINED_SYSTEM_FORMAT = "toolkit-trained-system"
+
+
+def with_system_prompt(system: str) -> str:
+    """Register a llama-cpp-python chat handler that renders the GGUF's own chat template (as its
+    `chat_template.default` does) with `system` first where a request has no system message: the
+    model is served with the system prompt it was fine-tuned with, as `toolkit chat` does.
+    Returns the chat format name to serve with."""
+    from llama_cpp import llama_chat_format as F
+
+    rendered = {}
+
+    def handler(**kw):
+        llama = kw["llama"]
+        if "inner" not in rendered:
+            text = lambda i: llama.detokenize([i], special=True).decode("utf-8", errors="replace") if i >= 0 else ""  # noqa: E731
+            rendered["inner"] = F.Jinja2ChatFormatter(
+                template=llama.metadata["tokenizer.chat_template"], eos_token=text(llama.token_eos()),
+                bos_token=text(llama.token_bos()), stop_token_ids=[llama.token_eos()]).to_chat_handler()
+        if not any(m.get("role") == "system" for m in kw["messages"]):
+            kw["messages"] = [{"role": "system", "content": system}, *kw["messages"]]
+        return rendered["inner"](**kw)
+
+    F.LlamaChatCompletionHandlerRegistry().register_chat_completion_handler(TRAINED_SYSTEM_FORMAT, handler,
+                                                                            overwrite=True)
+    return TRAINED_SYSTEM_FORMAT
+
+
 def run(args) -> int:
     from toolkit.core.errors import UserError
     from toolkit.core.progress import say
@@ -63,6 +91,14 @@ def run(args) -> int:
     chat_format = GGUF_CHAT_FORMAT if meta["chat_template"] else None
     if chat_format is None:
         say("warning: the GGUF has no chat template; llama-cpp-python will guess a chat format")
+    else:
+        from toolkit.core.models import default_system_prompt
+
+        system = default_system_prompt(str(path))
+        if system:
+            chat_format = with_system_prompt(system)
+            say("system prompt: the one the model was trained with (export.json system_prompt), "
+                "for requests that send none")
 
     import uvicorn
     from llama_cpp.server.app import create_app
