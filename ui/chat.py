@@ -124,11 +124,16 @@ def trained_system(spec: str) -> str:
         return ""
 
 
+def system_for(spec: str, box: str, shown: str) -> str:
+    """The system prompt `spec` runs with: the box's text where the user wrote one (neither empty
+    nor the trained prompt last shown there), else `spec`'s own trained prompt."""
+    return trained_system(spec) if box in ("", shown) else box
+
+
 def follow_model(spec: str, current: str, shown: str) -> tuple[str, str]:
     """(system box, `shown`) after the picker changes to `spec`: the box shows the new model's
-    trained prompt unless it holds one the user wrote (neither empty nor the prompt shown last)."""
-    new = trained_system(spec)
-    return (new if current in ("", shown) else current), new
+    trained prompt unless it holds one the user wrote."""
+    return system_for(spec, current, shown), trained_system(spec)
 
 
 def config_from_controls(*values) -> DecodingConfig:
@@ -252,7 +257,8 @@ def build_app(model: str = "embedded", root: str | Path = ".", n_ctx: int | None
                 api_name="chat",
             )
         with gr.Tab("Compare"):
-            compare_slots = build_tab(models, model, system, list(controls.values()), request_config, n_ctx)
+            compare_slots = build_tab(models, model, (system, shown), list(controls.values()), request_config,
+                                      n_ctx)
     app._toolkit_slot = slot  # tests and launch() close it
     app._toolkit_compare_slots = compare_slots
     return app

@@ -96,15 +96,16 @@ def interleave(iterables):
 def build_tab(models: list[tuple[str, str]], chosen: str, system, controls: list, request_config,
               n_ctx: int | None):
     """The Compare tab (call inside a gr.Blocks): two pickers, one prompt, two streaming replies.
-    `system` and `controls` are the sidebar's components, shared with the chat tab. Returns the
-    two model slots (closed by the app's owner)."""
-    from ui.chat import ModelSlot
+    `system` (the sidebar's system box and the trained prompt it last showed) and `controls` are
+    shared with the chat tab: a prompt the user wrote goes to both models, else each runs with the
+    one it was trained with (`ui.chat.system_for`). Returns the two model slots (closed by the app's owner)."""
+    from ui.chat import ModelSlot, system_for
 
     slots = (ModelSlot(n_ctx), ModelSlot(n_ctx))
     lock = threading.Lock()  # one comparison at a time: both slots are in use during one
     left, right = default_pair([s for _, s in models], chosen)
 
-    def compare(message, spec_a, spec_b, system_prompt, *values):
+    def compare(message, spec_a, spec_b, system_prompt, shown, *values):
         from toolkit.decoding.conversation import build_prompt
         from toolkit.decoding.search import stream
 
@@ -115,7 +116,8 @@ def build_tab(models: list[tuple[str, str]], chosen: str, system, controls: list
         with lock:
             try:
                 backends = [slot.get(spec) for slot, spec in zip(slots, (spec_a, spec_b))]
-                prompts = [build_prompt(b, turns, system_prompt, cfg.max_new_tokens) for b in backends]
+                prompts = [build_prompt(b, turns, system_for(spec, system_prompt, shown), cfg.max_new_tokens)
+                           for b, spec in zip(backends, (spec_a, spec_b))]
             except UserError as exc:
                 raise gr.Error(str(exc), duration=10) from None
             streams = [stream(b, p.ids, cfg) for b, p in zip(backends, prompts)]
@@ -142,7 +144,7 @@ def build_tab(models: list[tuple[str, str]], chosen: str, system, controls: list
         with gr.Column():
             out_b = gr.Textbox(label="Right reply", lines=14, max_lines=30, interactive=False)
             stats_b = gr.Markdown()
-    inputs = [prompt, pick_a, pick_b, system, *controls]
+    inputs = [prompt, pick_a, pick_b, *system, *controls]
     outputs = [out_a, out_b, stats_a, stats_b]
     go.click(compare, inputs, outputs, api_name="compare")
     prompt.submit(compare, inputs, outputs, api_visibility="private")

@@ -170,3 +170,17 @@ def test_browser_compare_tab_streams_both(app_url, specs, tmp_path):
 
         shutil.copyfile(shot, Path(__file__).resolve().parents[2] / "docs" / "compare.png")
     print(f"screenshot: {shot}")
+
+
+def test_each_side_runs_with_its_own_trained_prompt_unless_one_was_written(monkeypatch):
+    """The sidebar's system box is shared: a prompt the user wrote goes to both models; the trained
+    prompt it shows for the chat's model must not be sent to a model trained without it."""
+    import ui.chat as C
+
+    monkeypatch.setattr(C, "trained_system", {"run": "Be a tutor.", "base": ""}.get)
+    assert C.system_for("run", "", "") == "Be a tutor."
+    assert C.system_for("base", "Be a tutor.", "Be a tutor.") == ""  # the box shows the run's prompt
+    assert C.system_for("run", "Be a tutor.", "Be a tutor.") == "Be a tutor."
+    assert [C.system_for(s, "Mine.", "Be a tutor.") for s in ("run", "base")] == ["Mine.", "Mine."]
+    assert C.follow_model("base", "Be a tutor.", "Be a tutor.") == ("", "")
+    assert C.follow_model("run", "Mine.", "") == ("Mine.", "Be a tutor.")
