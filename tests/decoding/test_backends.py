@@ -383,3 +383,25 @@ def test_next_turn_runs_only_past_the_prefix_it_kept(which, request):
         delattr(backend, "_forward" if which == "hf" else "_decode")
     assert torch.allclose(kept, whole, atol=2e-3 if which == "hf" else 5e-2)
     assert answer == fresh
+
+
+@pytest.mark.slow
+def test_a_forward_stopped_midway_keeps_nothing(hf, monkeypatch):
+    """Ctrl-C (or the UI's stop) inside a forward leaves some layers a token longer than others: the
+    next prefill must not keep any of that cache."""
+    ids = hf.chat_ids(MESSAGES)
+    hf.prefill(ids)
+    layers = hf.model.model.layers
+    real = layers[1].forward
+
+    def stop(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(layers[1], "forward", stop)
+    with pytest.raises(KeyboardInterrupt):
+        hf.step([ids[-1]])
+    monkeypatch.setattr(layers[1], "forward", real)
+    assert hf.cached == [] and hf.cache is None
+    again = hf.prefill(ids)
+    hf.reset()
+    assert torch.allclose(again, hf.prefill(ids), atol=1e-4)

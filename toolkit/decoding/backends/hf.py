@@ -77,9 +77,13 @@ class HFBackend:
     @torch.inference_mode()
     def _forward(self, ids: torch.Tensor) -> torch.Tensor:
         # Every step's KV length is new: on CUDA, SDPA keeps off cuDNN's kernel, which plans per shape.
-        with sdpa_backends.kept_to(self._sdpa):
-            out = self.model(input_ids=ids.to(self.device), past_key_values=self.cache, use_cache=True,
-                             logits_to_keep=1)
+        try:
+            with sdpa_backends.kept_to(self._sdpa):
+                out = self.model(input_ids=ids.to(self.device), past_key_values=self.cache, use_cache=True,
+                                 logits_to_keep=1)
+        except BaseException:  # stopped mid-forward (Ctrl-C, the UI's stop): some layers hold one more token
+            self.cache, self.cached = None, []
+            raise
         self.cache = out.past_key_values
         # The search loop runs on the CPU: one small copy per step (it syncs for the token id anyway).
         return out.logits[:, -1, :].float().cpu()

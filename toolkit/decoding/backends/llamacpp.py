@@ -171,10 +171,12 @@ class LlamaCppBackend:
     def step(self, tokens: list[int]) -> torch.Tensor:
         if len(tokens) != len(self.rows):
             raise ValueError(f"{len(tokens)} tokens for {len(self.rows)} rows")
+        cached, self.cached = self.cached, []  # unknown if the decode is stopped midway
         self._decode(tokens, [self.n_past] * len(tokens), self.rows, [True] * len(tokens))
         self.n_past += 1
         if self.rows == [0]:
-            self.cached.append(tokens[0])
+            cached.append(tokens[0])
+            self.cached = cached
         return self._logits(len(tokens))
 
     def _free_seq(self, used: set[int]) -> int:
