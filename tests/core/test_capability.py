@@ -95,6 +95,8 @@ AMX = C.cpu_record(SPR)
 T4 = C.cuda_record("Tesla T4", (7, 5))
 RTX3060 = C.cuda_record("NVIDIA GeForce RTX 3060", (8, 6))
 A100 = C.cuda_record("NVIDIA A100-SXM4-40GB", (8, 0))
+GTX1080TI = C.cuda_record("NVIDIA GeForce GTX 1080 Ti", (6, 1))
+P100 = C.cuda_record("Tesla P100-PCIE-16GB", (6, 0))
 
 
 @pytest.mark.parametrize("cap, train, infer", [
@@ -104,6 +106,8 @@ A100 = C.cuda_record("NVIDIA A100-SXM4-40GB", (8, 0))
     (T4, "float16", "float16"),
     (RTX3060, "bfloat16", "bfloat16"),
     (A100, "bfloat16", "bfloat16"),
+    (GTX1080TI, "float32", "float32"),  # fp16 at 1/64 of fp32 there
+    (P100, "float16", "float16"),
 ])
 def test_dtype_choice_per_machine(cap, train, infer):
     assert C.choose_dtype(cap, "train")[0] == train
@@ -188,6 +192,7 @@ def test_padding_limit_predicts_the_faster_kernel_per_row():
 def test_reasons_say_why():
     assert C.choose_dtype(AVX2, "train")[1] == "fp32: this CPU has no native bf16 (avx2)"
     assert "sm75" in C.choose_dtype(T4, "train")[1] and "no bf16" in C.choose_dtype(T4, "train")[1]
+    assert C.choose_dtype(GTX1080TI, "train")[1].startswith("fp32: NVIDIA GeForce GTX 1080 Ti (sm61) has no bf16")
     assert "llama.cpp" in C.choose_dtype(AMX, "infer")[1]
 
 

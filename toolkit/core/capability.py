@@ -120,15 +120,23 @@ def cpu_record(cpuinfo: str, logical_cpus: int | None = None, torch_capability: 
     )
 
 
+# Pascal's consumer chips (sm61: GTX 10xx) run fp16 arithmetic at 1/64 of their fp32 rate; sm60
+# (P100) and sm62 (Jetson TX2) at 2x, as every GPU since Volta does (NVIDIA CUDA C++ Programming
+# Guide, "Arithmetic Instructions" throughput table).
+SLOW_FP16 = ((6, 1),)
+
+
 def cuda_record(name: str, compute_capability: tuple[int, int], host: Capability | None = None) -> Capability:
-    """A CUDA GPU's record: bf16 tensor cores from sm80 (Ampere) on, fp16 everywhere we support.
+    """A CUDA GPU's record: bf16 tensor cores from sm80 (Ampere) on, fast fp16 from sm60 on except
+    Pascal's consumer chips (`SLOW_FP16`).
 
     Not torch.cuda.is_bf16_supported(): by default it also counts emulated bf16 (True on a T4),
     which runs but is far slower than fp16 there."""
     cc = tuple(compute_capability)
     return Capability(
         kind="cuda", name=name, isa=f"sm{cc[0]}{cc[1]}", physical_cores=host.physical_cores if host else 1,
-        logical_cpus=host.logical_cpus if host else 1, native_bf16=cc >= (8, 0), native_fp16=True,
+        logical_cpus=host.logical_cpus if host else 1, native_bf16=cc >= (8, 0),
+        native_fp16=cc >= (6, 0) and cc not in SLOW_FP16,
         compute_capability=cc,
     )
 
@@ -189,7 +197,7 @@ def threads(cap: Capability) -> int:
 def choose_dtype(cap: Capability, purpose: str, calibration=None) -> tuple[str, str]:
     """(dtype name, reason) for `purpose` in {"train", "eval", "infer"} on the device `cap` describes.
 
-    CUDA: bf16 from sm80 on, else fp16. CPU inference: fp32 (greedy output must match llama.cpp's
+    CUDA: bf16 from sm80 on, else fp16 where it is fast (not Pascal's consumer sm61: fp32). CPU inference: fp32 (greedy output must match llama.cpp's
     f16/f32 path token for token). CPU training/evaluation: bf16 only on native bf16 (avx512_bf16,
     amx) and, given a `toolkit.core.calibration.Calibration`, only where its bf16 matmul rate beats
     fp32's; else fp32."""
@@ -199,7 +207,9 @@ def choose_dtype(cap: Capability, purpose: str, calibration=None) -> tuple[str, 
         cc = f"sm{cap.compute_capability[0]}{cap.compute_capability[1]}" if cap.compute_capability else "GPU"
         if cap.native_bf16:
             return "bfloat16", f"bf16: {cap.name} ({cc}) has bf16 tensor cores"
-        return "float16", f"fp16: {cap.name} ({cc}) has no bf16 (needs sm80+)"
+        if cap.native_fp16:
+            return "float16", f"fp16: {cap.name} ({cc}) has no bf16 (needs sm80+)"
+        return "float32", f"fp32: {cap.name} ({cc}) has no bf16 and runs fp16 at a small fraction of fp32's rate"
     if purpose == "infer":
         return "float32", "fp32: CPU inference stays fp32 so greedy output matches llama.cpp"
     forced = f", forced by {ENV_FORCE}={cap.forced}" if cap.forced else ""

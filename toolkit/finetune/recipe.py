@@ -53,8 +53,9 @@ class MethodConfig:
     name: str = "qlora"
     quant_type: str = "nf4"  # bitsandbytes 4-bit type: nf4 | fp4
     double_quant: bool = True
-    # Compute dtype; `auto` asks toolkit.core.hardware.dtype_choice (bf16 on Ampere+, fp16 on older GPUs;
-    # on CPU bf16 only where native and measured faster, else fp32). float16 on a CPU is an error.
+    # Compute dtype; `auto` asks toolkit.core.hardware.dtype_choice (bf16 on Ampere+, fp16 on older GPUs,
+    # fp32 on Pascal's sm61; on CPU bf16 only where native and measured faster, else fp32). float16 on a
+    # CPU is an error.
     compute_dtype: str = "auto"
     # Use Unsloth's FastLanguageModel when CUDA and unsloth are present.
     unsloth: bool = True
