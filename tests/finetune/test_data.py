@@ -439,3 +439,12 @@ def test_good_heldout_meta_reaches_the_report(tmp_path):
     qs = _questions(SimpleNamespace(examples=examples), 10)
     assert qs[0]["keys"] == ["4", ["four", "4"]] and len(qs) == 4  # the rest: numbers of the reference
     assert qs[0]["wrong"] == [5, ["five"]] and all(q["wrong"] == [] for q in qs[1:])
+
+
+def test_a_json_array_named_jsonl_reads_as_the_array(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text(json.dumps([CHAT, CHAT], indent=2))
+    assert [e.messages for e in data.read_examples(p)] == [CHAT["messages"]] * 2
+    p.write_text('[{"messages": [}]\n')
+    with pytest.raises(UserError, match=r"d.jsonl:1: invalid JSON"):
+        data.read_examples(p)

@@ -148,3 +148,16 @@ def test_a_max_seq_len_past_the_models_window_is_warned(tmp_path, tiny_llama_dir
     assert "(8192 tokens)" in context_warning(BaseChoice("embedded", "embedded", "embedded"), 8193)
     assert context_warning(BaseChoice("embedded", "embedded", "embedded"), 8192) is None
     assert context_warning(BaseChoice("org/not-cached", "org/not-cached", "org/not-cached"), 10**6) is None
+
+
+def test_held_out_questions_asked_in_training_are_warned(tmp_path, embedded_dir, monkeypatch):
+    """A held-out conversation asking what a training one asks measures recall: said before a run."""
+    _no_model_loads(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    rec = make_recipe(tmp_path / "r")
+    assert not [s for s in dry_run(rec).announcements if "held-out" in s]
+    (rec / "heldout.jsonl").write_text(json.dumps({"prompt": "Q", "completion": "A"}) + "\n"
+                                       + json.dumps({"prompt": "What is 2+2?", "completion": "Four."}) + "\n")
+    (warning,) = [s for s in dry_run(rec).announcements if "held-out" in s]
+    assert warning.startswith("warning: 1 of 2 held-out examples ask what a training example asks")
+    assert f"{rec / 'heldout.jsonl'}:2 and {rec / 'train.jsonl'}:1" in warning

@@ -144,6 +144,20 @@ def read_splits(rec) -> tuple[list[Example], list[Example]]:
     return train, held
 
 
+def held_out_leak(train: list[Example], held: list[Example]) -> str | None:
+    """A warning when held-out examples ask what training examples ask (the same first user turn,
+    or text): the report would measure recall of trained answers, not what the model learned."""
+    seen: dict[str, str] = {}
+    for ex in train:
+        seen.setdefault(ex.prompt_key, ex.source)
+    hits = [(h.source, seen[h.prompt_key]) for h in held if h.prompt_key in seen]
+    if not hits:
+        return None
+    return (f"warning: {len(hits)} of {len(held)} held-out examples ask what a training example asks (the same "
+            f"first user turn), e.g. {hits[0][0]} and {hits[0][1]}: the report would measure recall of trained "
+            "answers; hold out other questions")
+
+
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 

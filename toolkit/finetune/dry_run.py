@@ -136,9 +136,9 @@ def dry_run(recipe_spec, overrides: Sequence[str] = (), gpu: bool | None = None)
     # The same order as finetune(): recipe, data, device; any UserError surfaces before a model.
     rec = recipe_mod.load(recipe_spec, overrides, gpu=gpu)
     train_ex, eval_ex = data_mod.read_splits(rec)
+    said: list[str] = [leak] if (leak := data_mod.held_out_leak(train_ex, eval_ex)) else []
     dev = hardware.device()
     dtype, dtype_reason = hardware.dtype_choice(dev, "train", rec.method.compute_dtype, "method.compute_dtype")
-    said: list[str] = []
     choice = resolve_base(rec, announce=said.append, device=dev, dtype=dtype)
     if choice.fallback_reason:
         rec = recipe_mod.for_fallback(rec, overrides)

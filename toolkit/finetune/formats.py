@@ -35,6 +35,16 @@ class Example:
     # conversational prompt/completion trains the completion, not assistant turns in the prompt.
     trained_turns: int = 0
 
+    @property
+    def prompt_key(self) -> str:
+        """The first user turn (or the text): examples sharing it ask the same thing, so a split
+        keeps them on one side."""
+        import json
+
+        if self.messages is None:
+            return self.text or ""
+        return next((m["content"] for m in self.messages if m["role"] == "user"), json.dumps(self.messages))
+
 
 # (prompt key, answer key) pairs read as prompt_completion, in detection order.
 PROMPT_PAIRS = (("prompt", "completion"), ("prompt", "response"), ("question", "answer"))

@@ -108,20 +108,13 @@ def load_source(spec: str, flag: str) -> tuple[list, str, str]:
     return [formats.to_example(rec, fmt, w) for w, rec in records], fmt, why
 
 
-def _group_key(ex) -> str:
-    """Conversations with the same first user turn (or text) stay on one side of the split."""
-    if ex.messages is None:
-        return ex.text or ""
-    return next((m["content"] for m in ex.messages if m["role"] == "user"), json.dumps(ex.messages))
-
-
 def split_heldout(examples: list, seed: int, fraction: float = HELDOUT_FRACTION,
                   max_heldout: int = MAX_HELDOUT) -> tuple[list, list]:
     """(train, held out): whole conversation groups, shuffled with `seed`, until about `fraction`
     (1 to `max_heldout`) of the examples are held out. Original order is kept within each side."""
     groups: dict[str, list[int]] = {}
     for i, ex in enumerate(examples):
-        groups.setdefault(_group_key(ex), []).append(i)
+        groups.setdefault(ex.prompt_key, []).append(i)  # same prompt, same side
     if len(groups) < 2:
         raise UserError(f"--data: {len(examples)} example(s) with {len(groups)} distinct prompt(s): need at least "
                         "2 to hold one out (or pass --eval FILE)")

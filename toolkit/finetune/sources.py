@@ -53,7 +53,8 @@ def read_records(spec: str | Path, field: str = "data", hub_timeout: float = 3.0
     if suffix == ".arrow":
         return _table_records(path, _read_arrow)
     text = read_text(path)
-    if suffix == ".json" and text.lstrip().startswith("["):
+    # A JSON array whatever the file is named (a .jsonl that holds one), as HF datasets' json loader reads it.
+    if text.lstrip().startswith("["):
         try:
             items = json.loads(text)
         except json.JSONDecodeError as exc:

@@ -51,6 +51,8 @@ def finetune(recipe_spec: str | Path, overrides: Sequence[str] = (), runs_dir: s
     runs = Path(runs_dir if runs_dir is not None else rec.output.runs_dir)
     # Data first: bad data fails before torch is imported, any model loaded or folder made.
     train_ex, eval_ex = data_mod.read_splits(rec)
+    if (leak := data_mod.held_out_leak(train_ex, eval_ex)):
+        say(leak)
     dev = hardware.device()
     # Unsloth patches TRL/transformers/PEFT when it is imported, so it goes first (before accelerate too).
     from toolkit.finetune.base_model import prepare_engine
