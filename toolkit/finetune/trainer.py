@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Sequence
 
 from toolkit.finetune import recipe as recipe_mod
-from toolkit.finetune import run_folder
+from toolkit.finetune import resume, run_folder
 from toolkit.core.errors import UserError
 from toolkit.core.progress import quiet, say
 
@@ -249,7 +249,7 @@ def _train(rec, overrides, stage: Path, runs: Path, dev, dtype, train_ex, eval_e
     # The report was interrupted after the last checkpoint: from it the Trainer would train a step past max_steps.
     done = resume_from is not None and run_folder.training_done(resume_from, args.max_steps)
     if done:
-        result = _trained_already(trainer, resume_from, stage)
+        result = resume.trained_already(trainer, resume_from, stage)
         announce(f"resume: training already finished at step {result.global_step} ({resume_from.name}): "
                  "only the report is made")
     else:
@@ -280,7 +280,7 @@ def _train(rec, overrides, stage: Path, runs: Path, dev, dtype, train_ex, eval_e
     # The weights go to disk first: nothing after this point may lose them.
     _save_outputs(trainer, tok, stage, rec)
     try:
-        train_loss, rate = _resumed_totals(trainer, result, None if done else resume_from, tokens, train_s)
+        train_loss, rate = resume.totals(trainer, result, None if done else resume_from, tokens, train_s)
         info = {
             "recipe": rec.name, "recipe_dir": str(Path(rec.root).resolve()), "base_model": choice.spec, "base_source": choice.source,
             **loaded_weights(model, choice.source),
@@ -321,49 +321,6 @@ def _train(rec, overrides, stage: Path, runs: Path, dev, dtype, train_ex, eval_e
     except (OSError, UserError) as exc:  # a full disk, a folder in the way: the adapter is on disk already
         where = stage if stage.exists() else run_folder.final_path(runs, stage)
         raise UserError(f"saving the run failed after training ({exc}); the trained weights are in {where}") from None
-
-
-def _resumed_totals(trainer, result, resume_from, tokens: int, train_s: float) -> tuple[float, float]:
-    """(mean training loss over every step, tokens/s of this session). After a resume the Trainer's
-    own figures cover this session's steps only for the loss, and all steps' tokens over this
-    session's time for the rate; the loss is taken instead from the logged windows of every step
-    (each log is its window's mean, rounded to 4 digits), the tokens less those at the checkpoint."""
-    import json
-
-    rate = result.metrics.get("train_tokens_per_second", tokens / max(train_s, 1e-9))
-    if not resume_from:
-        return result.training_loss, rate
-    state = json.loads((Path(resume_from) / "trainer_state.json").read_text())
-    rate = (tokens - state.get("num_input_tokens_seen", 0)) / max(train_s, 1e-9)
-    loss, last = _logged_loss(trainer.state.log_history)
-    return (loss if last == trainer.state.global_step else result.training_loss), rate
-
-
-def _logged_loss(log_history) -> tuple[float | None, int]:
-    """(mean training loss over the steps the logged windows cover, the last step logged)."""
-    total, last = 0.0, 0
-    for h in log_history:
-        if "loss" in h and "step" in h:
-            total, last = total + h["loss"] * (h["step"] - last), h["step"]
-    return (total / last if last else None), last
-
-
-def _trained_already(trainer, ck: Path, stage: Path):
-    """Resume from a checkpoint that ends the training without training: its state and weights (the best
-    checkpoint's under load_best_model_at_end, as the Trainer ends) into `trainer`; returns a
-    TrainOutput for the session that trained them."""
-    from transformers import TrainerState
-    from transformers.trainer_utils import TrainOutput
-
-    trainer.state = state = TrainerState.load_from_json(str(ck / "trainer_state.json"))
-    best = state.best_model_checkpoint if trainer.args.load_best_model_at_end else None
-    run_folder.load_weights(trainer.model, Path(best) if best and Path(best).is_dir() else ck)
-    # That session wrote run.json just before its report: its time, rate and exact mean loss.
-    prior = run_folder.read_json(stage / "run.json")
-    prior = prior if prior.get("steps") == state.global_step else {}
-    loss = prior.get("train_loss", _logged_loss(state.log_history)[0])
-    return TrainOutput(state.global_step, loss, {"train_runtime": prior.get("train_runtime_s", 0.0),
-                                                 "train_tokens_per_second": prior.get("tokens_per_s", 0.0)})
 
 
 def _evaluate_and_report(trainer, tok, eval_split, rec, dtype, choice, stage: Path, info: dict, announce) -> str:
