@@ -36,7 +36,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _utf8_when_redirected() -> None:
+    """A redirected stdout in UTF-8, as Python 3.15 makes it by default: in the locale's encoding
+    (Windows: cp1252, cp932; a C locale: ASCII) printing "—" or a model's text raises UnicodeEncodeError."""
+    out = sys.stdout
+    if out is not None and hasattr(out, "reconfigure") and not out.closed and not out.isatty():
+        out.reconfigure(encoding="utf-8")
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the process's own streams, not a caller's
+        _utf8_when_redirected()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "_module", None):

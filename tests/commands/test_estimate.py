@@ -257,3 +257,14 @@ def test_a_time_budget_that_cannot_apply_is_warned_not_claimed(capsys):
 def test_list_gpus_json(capsys):
     code, out, _ = _run(capsys, "--list-gpus", "--json")
     assert code == 0 and json.loads(out)["RTX 3090 24GB"] == 24 * 1024**3
+
+
+def test_redirected_output_is_utf8_whatever_the_locale():
+    """`toolkit estimate > plan.txt` prints "—" and "·": in the locale's encoding (a C locale's
+    ASCII; Windows' cp932) that raised UnicodeEncodeError, in --help already."""
+    from tests.ascii_locale import run_toolkit
+
+    proc = run_toolkit("estimate", "--vram", "8GB", "--task", "inference")
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    assert "Budget: 8.00 GiB — --vram 8GB" in proc.stdout.decode("utf-8")
+    assert "—" in run_toolkit("estimate", "--help").stdout.decode("utf-8")

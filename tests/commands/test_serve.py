@@ -95,6 +95,39 @@ def test_serve_port_in_use(embedded_f16_gguf, capsys):
     assert len(err) == 1 and f"cannot listen on 127.0.0.1:{port}" in err[0]
 
 
+
+def test_port_in_use_is_found_on_windows(monkeypatch):
+    """On Windows SO_REUSEADDR lets a socket bind a port that another one listens on, so a check
+    made with it passes, and the server fails only after the model has loaded."""
+    from toolkit.commands.serve import check_port_free
+    from toolkit.core.errors import UserError
+
+    class WindowsSocket(socket.socket):
+        reuse = False
+
+        def setsockopt(self, level, option, value):
+            if (level, option) == (socket.SOL_SOCKET, socket.SO_REUSEADDR):
+                self.reuse = bool(value)
+            super().setsockopt(level, option, value)
+
+        def bind(self, address):
+            if not self.reuse:  # with it, Windows binds whatever else listens there
+                super().bind(address)
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with monkeypatch.context() as m:  # os.name undone before pytest makes a Path of its own
+            m.setattr(socket, "socket", WindowsSocket)
+            m.setattr(os, "name", "nt")
+            try:
+                check_port_free("127.0.0.1", port)
+                error = ""
+            except UserError as exc:
+                error = str(exc)
+    assert f"cannot listen on 127.0.0.1:{port}" in error
+
 @pytest.mark.parametrize("flags, line", [
     (["--threads", "-2"], "error: --threads -2: must be >= 1 (leave it out for half the cores)"),
     (["--threads", "0"], "error: --threads 0: must be >= 1 (leave it out for half the cores)"),

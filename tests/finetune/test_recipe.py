@@ -172,3 +172,18 @@ def test_fallback_profile_with_set_values_names_the_file(tmp_path):
     with pytest.raises(UserError) as exc:
         recipe.for_fallback(rec, ["training.loraplus_lr_ratio=4"])
     assert str(exc.value).startswith(f"{p} (fallback profile, with --set): training.loraplus_lr_ratio applies")
+
+
+def test_recipe_is_read_as_utf8_whatever_the_locale(tmp_path):
+    """`recipe new` writes UTF-8; read in the locale's encoding (Windows: cp1252) a system prompt
+    in French would reach the model as "rÃ©ponds"."""
+    from tests.ascii_locale import run_python
+
+    prompt = "Tu es un conseiller financier — réponds en français."
+    text = (ROOT / "recipes/finance/recipe.yaml").read_text(encoding="utf-8")
+    text = text.replace("  format: messages\n", f"  format: messages\n  system_prompt: \"{prompt}\"\n")
+    (tmp_path / "recipe.yaml").write_text(text, encoding="utf-8")
+    proc = run_python("import sys\nfrom toolkit.finetune import recipe\n"
+                      "print(ascii(recipe.load(sys.argv[1], gpu=True).data.system_prompt))", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    assert proc.stdout.decode().strip() == ascii(prompt)

@@ -219,3 +219,22 @@ def test_a_full_fine_tunes_report_loads_its_base_again(tiny, tiny_llama_dir, cha
     assert rep["base"]["answer_loss"] != rep["finetuned"]["answer_loss"]
     with pytest.raises(UserError, match="full fine-tune needs the base model"):
         report.evaluate(full, tok, split, rec, "float32")
+
+
+def test_a_report_error_is_recorded_whatever_the_locale(tmp_path):
+    """The traceback of a failed report may hold the user's text (here a key of their data): written
+    in the locale's encoding (Windows: cp1252) it raised in the handler that keeps the trained run."""
+    from tests.ascii_locale import run_python
+
+    proc = run_python(
+        "import sys, types\nfrom pathlib import Path\nfrom toolkit.finetune import report, trainer\n"
+        "def boom(*a, **k):\n    raise KeyError('donn\\u00e9es \\u2014 cl\\u00e9 absente')\n"
+        "report.evaluate = boom\nrec = types.SimpleNamespace(eval=types.SimpleNamespace(report=True))\n"
+        "info = {}\n"
+        "model = types.SimpleNamespace(model=None)\n"
+        "error = trainer._evaluate_and_report(model, None, [], rec, 'float32', None, Path(sys.argv[1]), info,"
+        " lambda msg: None)\n"
+        "print(ascii(error), ascii(info['report_error']))", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    assert "donn\\xe9es" in proc.stdout.decode()
+    assert "KeyError: 'données — clé absente'" in (tmp_path / "report_error.txt").read_text(encoding="utf-8")

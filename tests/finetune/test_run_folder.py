@@ -127,3 +127,54 @@ def _stage_with_checkpoint(runs: Path, rec) -> Path:
     stage = run_folder.open_stage(runs, rec, resume=False)
     _checkpoint(stage, 3)
     return stage
+
+
+def test_a_run_finishes_where_no_symlink_can_be_made(tmp_path, rec, monkeypatch, capsys):
+    """Windows makes symbolic links only in Developer Mode or as admin: the run is finished and
+    whole without `runs/latest`, and an older `latest` no longer claims to be the newest."""
+    first = run_folder.finish(tmp_path, _stage_with_checkpoint(tmp_path, rec))
+
+    def refused(self, target, target_is_directory=False):
+        raise OSError(1314, "A required privilege is not held by the client")
+
+    monkeypatch.setattr(Path, "symlink_to", refused)
+    final = run_folder.finish(tmp_path, _stage_with_checkpoint(tmp_path, rec))
+    assert final.is_dir() and first.is_dir() and not (tmp_path / "latest").is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([first.name, final.name])
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'latest'} not updated" in err and str(final) in err
+
+
+def test_latest_is_a_folder_link_replaced_as_windows_allows(tmp_path, rec, monkeypatch):
+    """Windows (Developer Mode) enters a link to a folder only if it was made as one, and renames
+    nothing onto an existing folder link."""
+    kinds = []
+    symlink_to, replace = Path.symlink_to, os.replace
+
+    def recording(self, target, target_is_directory=False):
+        kinds.append(target_is_directory)
+        symlink_to(self, target, target_is_directory)
+
+    def windows_replace(src, dst):
+        if Path(dst).is_symlink():
+            raise PermissionError(5, "Access is denied")
+        replace(src, dst)
+
+    monkeypatch.setattr(Path, "symlink_to", recording)
+    monkeypatch.setattr(os, "replace", windows_replace)
+    run_folder.finish(tmp_path, _stage_with_checkpoint(tmp_path, rec))
+    final = run_folder.finish(tmp_path, _stage_with_checkpoint(tmp_path, rec))
+    assert (tmp_path / "latest").resolve() == final.resolve() and kinds and all(kinds)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".latest")]
+
+
+def test_run_files_are_utf8_whatever_the_locale(tmp_path):
+    """report.md holds "±" and the user's own text: in the locale's encoding (Windows: cp1252) it
+    would be mangled, or not written at all."""
+    from tests.ascii_locale import run_python
+
+    text = "0.42 ± 0.01 · café 利息\n"
+    proc = run_python("import sys\nfrom pathlib import Path\nfrom toolkit.finetune import run_folder\n"
+                      f"run_folder.write_text(Path(sys.argv[1]), {ascii(text)})", str(tmp_path / "r.md"))
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    assert (tmp_path / "r.md").read_text(encoding="utf-8") == text

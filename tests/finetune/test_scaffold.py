@@ -215,3 +215,17 @@ def test_cpu_run_is_sized_to_the_time_budget(tmp_path, embedded_dir):
         assert rec.training.max_steps >= 1 and wall(rec) <= budget or rec.training.max_steps == 1
         assert any(line.startswith(f"max_steps {rec.training.max_steps}: all ") for line in found.lines())
     assert any(line.startswith("time: ~") for line in found.lines())
+
+
+def test_data_on_another_drive_is_referenced_by_its_absolute_path(tmp_path, monkeypatch):
+    """Windows has no relative path from C:\\recipes to D:\\data: os.path.relpath raises ValueError."""
+    import os
+
+    def other_drive(path, start=None):
+        raise ValueError("path is on mount 'D:', start on mount 'C:'")
+
+    monkeypatch.setattr(os.path, "relpath", other_drive)
+    src = sharegpt_file(tmp_path / "chats.jsonl", n=2)
+    folder = tmp_path / "recipes" / "mine"
+    ref = scaffold._rel(str(src), folder)
+    assert ref == str(src.resolve()) and recipe.Recipe(root=folder).data_path(ref) == src.resolve()

@@ -71,7 +71,9 @@ def _exit_on_termination():
     def stop(signum, frame):
         raise SystemExit(128 + signum)
 
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    # Windows has no SIGHUP: `signal.SIGHUP` itself raises there.
+    sigs = [getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
+    previous = {sig: signal.signal(sig, stop) for sig in sigs}
     try:
         yield
     finally:

@@ -25,6 +25,7 @@ def add_arguments(parser) -> None:
 def check_port_free(host: str, port: int) -> None:
     """UserError when `host:port` cannot be bound (a port outside 1-65535 or in use, a host that
     is not an address of this machine): checked before a model loads, not by the server after."""
+    import os
     import socket
 
     from toolkit.core.errors import UserError
@@ -33,7 +34,10 @@ def check_port_free(host: str, port: int) -> None:
         raise UserError(f"--port {port}: must be 1-65535")
     try:
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            # POSIX: a port a stopped server left in TIME_WAIT is free, as uvicorn finds it. Windows:
+            # the option would let this socket bind a port another one listens on.
+            if os.name != "nt":
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind((host, port))
     except OSError as exc:
         raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None

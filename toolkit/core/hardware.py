@@ -1,7 +1,7 @@
 """The one place that decides device, dtype and how much memory there is.
 
 Detection never imports torch unless asked to: `toolkit estimate` must stay instant, so GPU
-memory comes from `nvidia-smi` and CPU memory from /proc/meminfo (or psutil-free fallbacks).
+memory comes from `nvidia-smi` and CPU memory from /proc/meminfo (psutil where there is none).
 Training and decoding call `device()` / `dtype_for()` / `dtype_choice()` / `apply_threads()`, which
 do use torch; what the device can do is toolkit.core.capability, how fast it is toolkit.core.calibration.
 """
@@ -57,9 +57,11 @@ def cpu_memory() -> Hardware:
                     avail = int(value.split()[0]) * 1024
     except OSError:
         pass
-    if total is None:
-        pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
-        total = pages * size
+    if total is None:  # no /proc (macOS, Windows): Windows has no os.sysconf, which knows no free RAM anyway
+        import psutil  # installed with accelerate
+
+        mem = psutil.virtual_memory()
+        return Hardware("cpu", f"CPU ({os.cpu_count()} cores)", mem.total, mem.available, "psutil")
     return Hardware("cpu", f"CPU ({os.cpu_count()} cores)", total, avail or total, "/proc/meminfo")
 
 

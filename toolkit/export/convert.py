@@ -109,7 +109,10 @@ def hf_to_gguf(hf_dir, out_path, outtype: str = "f16", model_name: str | None = 
                "--outtype", outtype]
         if model_name:
             cmd += ["--model-name", model_name]  # else general.name comes from the (temp) folder name
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        # Its output in UTF-8 both ways, not the locale's encoding: the progress bars' "█" is in no
+        # code page, and a child in a C locale writes UTF-8 (PEP 540) to a parent reading ASCII.
+        proc = subprocess.run(cmd, capture_output=True, encoding="utf-8", errors="replace",
+                              env={**os.environ, "PYTHONIOENCODING": "utf-8"})
         if proc.returncode != 0:
             tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
             raise RuntimeError(f"convert_hf_to_gguf failed (exit {proc.returncode}):\n{tail}")

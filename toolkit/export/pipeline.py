@@ -332,10 +332,11 @@ def export_model(spec: str, quants=("q4_k_m",), out=None, force: bool = False, p
         eot = end_of_turn_token(tok)
         from toolkit.export.modelfile import modelfile_text
 
+        # UTF-8, not the locale's encoding (Windows: cp1252): a chat template's or system prompt's text, "—".
         for q in quants:
-            (work / files[f"modelfile:{q}"]).write_text(modelfile_text(files[q], tok, eot,
-                                                                      system=summary["system_prompt"]))
-        (work / files["readme"]).write_text(report.readme(record))
+            text = modelfile_text(files[q], tok, eot, system=summary["system_prompt"])
+            (work / files[f"modelfile:{q}"]).write_text(text, encoding="utf-8")
+        (work / files["readme"]).write_text(report.readme(record), encoding="utf-8")
         (work / files["json"]).write_text(report.to_json(record))
         for q in quants:
             os.replace(built[q], out / files[q])

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from toolkit.core.errors import UserError
+from toolkit.finetune.sources import read_text
 from toolkit.finetune.typed_yaml import coerce, field_types, load_yaml
 
 METHODS = ("qlora", "lora", "full", "auto")  # auto: toolkit.finetune.plan.choose_method
@@ -344,14 +345,12 @@ def load(spec: str | Path, overrides: typing.Sequence[str] = (), gpu: bool | Non
     path = recipe_file(spec)
     src = str(path)
     try:
-        data = load_yaml(path.read_text(), src)
+        data = load_yaml(read_text(path), src)  # UTF-8 as `recipe new` writes it, not the locale's (cp1252)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{src}:{mark.line + 1}" if mark is not None else src
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise UserError(f"{where}: bad YAML: {problem}") from None
-    except OSError as exc:
-        raise UserError(f"{src}: cannot read: {exc.strerror}") from None
     if data is None:
         raise UserError(f"{src}: empty recipe")
     recipe = Recipe(root=path.parent.resolve(), source=src)

@@ -72,12 +72,35 @@ def load_weights(model, checkpoint: Path) -> None:
 
 
 def atomic_symlink(link: Path, target_name: str) -> None:
-    """Point `link` at `target_name` (relative) in one rename, replacing what was there."""
+    """Point `link` at the folder `target_name` (relative) in one rename, replacing what was there."""
     tmp = link.with_name(f".{link.name}.tmp-{os.getpid()}")
     if tmp.is_symlink() or tmp.exists():
         tmp.unlink()
-    tmp.symlink_to(target_name)
-    os.replace(tmp, link)
+    tmp.symlink_to(target_name, target_is_directory=True)  # Windows can't enter a file link to a folder
+    try:
+        os.replace(tmp, link)
+    except OSError:
+        tmp.unlink()
+        raise
+
+
+def point_latest(runs: Path, target_name: str) -> None:
+    """`runs/latest` -> `target_name`, or a note where no link can be made: the run is whole without it.
+    Windows makes links only in Developer Mode or as admin, and renames nothing onto a folder's link,
+    so after a failure the old link goes (it would name an older run) and one more try follows."""
+    link = runs / "latest"
+    try:
+        atomic_symlink(link, target_name)
+    except OSError:
+        try:
+            if link.is_symlink():
+                link.unlink()
+            atomic_symlink(link, target_name)
+        except OSError as exc:
+            from toolkit.core.progress import say
+
+            say(f"note: {link} not updated (no symbolic link: {exc.strerror or exc}); "
+                f"the finished run is {runs / target_name}")
 
 
 def has_weights(stage: Path) -> bool:
@@ -137,14 +160,14 @@ def finish(runs: Path, stage: Path) -> Path:
     (stage / "INCOMPLETE").unlink(missing_ok=True)
     final = final_path(runs, stage)
     os.replace(stage, final)
-    atomic_symlink(runs / "latest", final.name)
+    point_latest(runs, final.name)
     return final
 
 
 def write_text(path: Path, text: str) -> None:
     """Write `text` to `path` through a temp file beside it and a rename: a reader sees the old file or the new one."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+    tmp.write_text(text, encoding="utf-8")  # not the locale's: Windows' cp1252 lacks most of Unicode
     os.replace(tmp, path)
 
 

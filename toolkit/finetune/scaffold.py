@@ -204,7 +204,13 @@ def _write_jsonl(path: Path, examples: list) -> None:
 def _rel(spec: str, folder: Path) -> str:
     from toolkit.finetune.sources import is_hub_id
 
-    return spec if is_hub_id(spec) else os.path.relpath(Path(spec).expanduser().resolve(), folder.resolve())
+    if is_hub_id(spec):
+        return spec
+    path = Path(spec).expanduser().resolve()
+    try:
+        return os.path.relpath(path, folder.resolve())
+    except ValueError:  # Windows: on another drive than the recipe, so there is no relative path
+        return str(path)
 
 
 def new_recipe(name: str, data_specs: list[str], eval_spec: str | None = None, base: str | None = None,

@@ -342,7 +342,7 @@ def _evaluate_and_report(trainer, tok, eval_split, rec, dtype, choice, stage: Pa
 
         error = (f"{type(exc).__name__}: {exc}".strip().splitlines() or [type(exc).__name__])[0]
         info["report_error"] = error
-        (stage / "report_error.txt").write_text(traceback.format_exc())
+        (stage / "report_error.txt").write_text(traceback.format_exc(), encoding="utf-8")
         announce(f"ERROR after training: {error}")
         return error
     return ""

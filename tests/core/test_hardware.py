@@ -1,0 +1,33 @@
+"""Memory detection where there is no /proc: macOS and Windows."""
+
+from __future__ import annotations
+
+import os
+
+from toolkit.core import hardware
+
+
+def test_cpu_memory_without_proc_asks_the_os(monkeypatch):
+    """Windows has no /proc/meminfo and no os.sysconf; macOS has sysconf, but nothing there says
+    how much RAM is free, and `estimate` and `base_model: auto` fit models into what is free."""
+    import psutil
+
+    def no_proc(path, *args, **kwargs):
+        raise FileNotFoundError(2, "No such file or directory", path)
+
+    monkeypatch.setattr(hardware, "open", no_proc, raising=False)
+    monkeypatch.delattr(os, "sysconf", raising=False)
+    hw = hardware.cpu_memory()
+    assert hw.kind == "cpu" and hw.source == "psutil"
+    assert hw.total_bytes == psutil.virtual_memory().total and 0 < hw.available_bytes <= hw.total_bytes
+
+
+def test_a_mac_trains_on_the_cpu(monkeypatch):
+    """Apple Silicon has MPS and no CUDA: the device is "cpu" (the Trainer gets use_cpu, so it does
+    not move the model to MPS behind the dtype and kernel choices made for the CPU)."""
+    import torch
+
+    monkeypatch.delenv("TOOLKIT_DEVICE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert hardware.device() == "cpu"
