@@ -306,25 +306,32 @@ def test_interrupt_after_conversion_leaves_no_partial_gguf(tmp_path, tiny_llama_
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
-@pytest.mark.parametrize("sig, code", [("SIGINT", 130), ("SIGTERM", 143)])
-def test_a_stop_during_conversion_leaves_nothing(tmp_path, tiny_llama_dir, sig, code):
-    """Ctrl-C, and SIGTERM (timeout, docker stop), whose default action would skip the cleanup."""
+def _signal_while_converting(model_dir, out: Path, sig) -> subprocess.Popen:
+    """`toolkit export` of `model_dir` into `out` in a subprocess, sent `sig` while the converter runs."""
     import os
-    import signal
     import sys
 
     root = Path(__file__).resolve().parents[2]
-    out = tmp_path / "out"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "toolkit", "export", str(tiny_llama_dir), "--quant", "q8_0", "--out", str(out)],
+        [sys.executable, "-m", "toolkit", "export", str(model_dir), "--quant", "q8_0", "--out", str(out)],
         cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True,
     )
     for line in proc.stderr:  # progress lines are on stderr
         if line.startswith("[3/6]"):  # the converter subprocess is running now
             time.sleep(0.5)
-            proc.send_signal(getattr(signal, sig))
+            proc.send_signal(sig)
             break
+    return proc
+
+
+@pytest.mark.parametrize("sig, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_a_stop_during_conversion_leaves_nothing(tmp_path, tiny_llama_dir, sig, code):
+    """Ctrl-C, and SIGTERM (timeout, docker stop), whose default action would skip the cleanup."""
+    import signal
+
+    out = tmp_path / "out"
+    proc = _signal_while_converting(tiny_llama_dir, out, getattr(signal, sig))
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == code and (sig != "SIGINT" or "interrupted" in err)
     assert not out.exists()
@@ -448,25 +455,13 @@ def _processes_mentioning(text: str) -> list[int]:
 def test_the_next_export_removes_what_a_killed_one_left(tmp_path, tiny_llama_dir):
     """SIGKILL (kill -9, the OOM killer) runs no cleanup at all: the work folder stays, and the
     next export into the same folder removes it before it starts."""
-    import os
     import signal
-    import sys
 
     from toolkit.export.pipeline import export_model
     from toolkit.export.work_dirs import OWNER_FILE
 
-    root = Path(__file__).resolve().parents[2]
     out = tmp_path / "out"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "toolkit", "export", str(tiny_llama_dir), "--quant", "q8_0", "--out", str(out)],
-        cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True,
-    )
-    for line in proc.stderr:
-        if line.startswith("[3/6]"):  # the converter subprocess is running now
-            time.sleep(0.5)
-            proc.send_signal(signal.SIGKILL)
-            break
+    proc = _signal_while_converting(tiny_llama_dir, out, signal.SIGKILL)
     proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL
     left = [p for p in out.iterdir() if ".export-" in p.name]
