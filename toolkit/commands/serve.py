@@ -58,10 +58,9 @@ def with_system_prompt(system: str) -> str:
     def handler(**kw):
         llama = kw["llama"]
         if "inner" not in rendered:
-            text = lambda i: llama.detokenize([i], special=True).decode("utf-8", errors="replace") if i >= 0 else ""  # noqa: E731
-            rendered["inner"] = F.Jinja2ChatFormatter(
-                template=llama.metadata["tokenizer.chat_template"], eos_token=text(llama.token_eos()),
-                bos_token=text(llama.token_bos()), stop_token_ids=[llama.token_eos()]).to_chat_handler()
+            from toolkit.decoding.backends import gguf_chat_formatter
+
+            rendered["inner"] = gguf_chat_formatter(llama).to_chat_handler()
         if not any(m.get("role") == "system" for m in kw["messages"]):
             kw["messages"] = [{"role": "system", "content": system}, *kw["messages"]]
         return rendered["inner"](**kw)

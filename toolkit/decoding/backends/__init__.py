@@ -37,6 +37,22 @@ def reusable_prefix(cached: list[int], ids: list[int]) -> int:
     return n
 
 
+def gguf_chat_formatter(llm):
+    """llama-cpp-python's formatter for the chat template embedded in the GGUF `llm` holds, with its
+    BOS / EOS texts, as its own `chat_template.default` builds it (the backend's prompts and
+    `toolkit serve`'s handler render alike). UserError when the GGUF has no template."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    template = llm.metadata.get("tokenizer.chat_template")
+    if not template:
+        from toolkit.core.errors import UserError
+
+        raise UserError("this GGUF has no chat template embedded (tokenizer.chat_template); use --raw")
+    text = lambda i: llm._model.token_get_text(i) if i is not None and i >= 0 else ""  # noqa: E731
+    eos = llm.token_eos()
+    return Jinja2ChatFormatter(template, eos_token=text(eos), bos_token=text(llm.token_bos()), stop_token_ids=[eos])
+
+
 def load(spec: str, n_ctx: int | None = None):
     """Open a backend for model `spec`; close it with `.close()` (or use it as a context manager)."""
     from toolkit.core.models import resolve

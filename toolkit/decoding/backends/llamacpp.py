@@ -80,17 +80,9 @@ class LlamaCppBackend:
     def chat_ids(self, messages: list[dict]) -> list[int]:
         """Render `messages` with the chat template embedded in the GGUF, then tokenize."""
         if self._formatter is None:
-            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+            from toolkit.decoding.backends import gguf_chat_formatter
 
-            template = self.llm.metadata.get("tokenizer.chat_template")
-            if not template:
-                from toolkit.core.errors import UserError
-
-                raise UserError("this GGUF has no chat template embedded (tokenizer.chat_template); use --raw")
-            vocab = self.llm._model
-            tok = lambda i: vocab.token_get_text(i) if i is not None and i >= 0 else ""  # noqa: E731
-            self._formatter = Jinja2ChatFormatter(template, eos_token=tok(self.llm.token_eos()),
-                                                  bos_token=tok(self.llm.token_bos()))
+            self._formatter = gguf_chat_formatter(self.llm)
         prompt = self._formatter(messages=messages).prompt
         return self.encode(prompt)
 
