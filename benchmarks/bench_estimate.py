@@ -102,17 +102,21 @@ def cpu_training_rows() -> list[dict]:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # RSS follows live tensors (see the script)
     rows = []
     # "trl": the loss as this toolkit's trainer computes it (the estimate's default); "transformers":
-    # the model's own loss, which the published and peer measurements used.
-    for loss in ("trl", "transformers"):
+    # the model's own loss, which the published and peer measurements used. fp32: the compute of a
+    # CPU without native bf16 (and of a GTX 10xx), whatever this CPU would choose.
+    cases = [(loss, "bf16") for loss in ("trl", "transformers")] + [("trl", "fp32")]
+    for loss, compute in cases:
         for ckpt in (True, False):
             proc = subprocess.run([sys.executable, "-m", "benchmarks.estimate_cpu_peak", "qlora", "ckpt" if ckpt else "nockpt",
-                                   "512", "2", loss], cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+                                   "512", "2", loss, compute], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                                  env=env)
             if proc.returncode != 0:
                 raise RuntimeError(proc.stderr[-2000:])
             m = json.loads(proc.stdout.strip().splitlines()[-1])
-            est = estimate("embedded", "qlora", "nf4-dq", 512, 2, 16, grad_ckpt=ckpt, device="cpu", loss=loss)
+            est = estimate("embedded", "qlora", "nf4-dq", 512, 2, 16, grad_ckpt=ckpt, device="cpu", loss=loss,
+                           compute=compute)
             rows.append({"case": f"embedded qlora nf4-dq r16 seq 512 x 2, grad ckpt {'on' if ckpt else 'off'}, "
-                                 f"{loss} loss",
+                                 f"{loss} loss, {compute} compute",
                          "measured peak MiB": round(m["live_peak_bytes"] / MIB),
                          "estimate MiB": round(est.allocated_bytes / MIB),
                          "error": f"{100 * (est.allocated_bytes / m['live_peak_bytes'] - 1):+.1f}%",

@@ -2,8 +2,9 @@
 (transformers + PEFT + bitsandbytes), for comparison with `toolkit.estimate.planner` (device "cpu").
 
 Run as a script, one configuration per process:
-  MALLOC_MMAP_THRESHOLD_=65536 python -m benchmarks.estimate_cpu_peak qlora ckpt 512 2 [transformers|trl]
-The last argument is the loss: transformers' own (`model(ids, labels=ids).loss`, fp32 logits for
+  MALLOC_MMAP_THRESHOLD_=65536 python -m benchmarks.estimate_cpu_peak qlora ckpt 512 2 [transformers|trl] [bf16|fp32]
+The last argument is the compute dtype (bf16 by default; fp32 is what a CPU without native bf16, or a
+GTX 10xx, trains in). The one before it is the loss: transformers' own (`model(ids, labels=ids).loss`, fp32 logits for
 every token; the default) or the toolkit trainer's (TRL's fused LM head, as SFTTrainer installs it,
 with `toolkit.finetune.trl_compat.lean_lm_head_on_cpu` as the trainer runs it; every token labelled).
 With glibc's mmap threshold fixed at 64 KiB every tensor buffer above it is its own mapping,
@@ -33,7 +34,8 @@ def _status(key: str) -> int:
     raise KeyError(key)
 
 
-def measure(method: str, ckpt: bool, seq: int, batch: int, rank: int = 16, loss: str = "transformers") -> dict:
+def measure(method: str, ckpt: bool, seq: int, batch: int, rank: int = 16, loss: str = "transformers",
+            compute: str = "bf16") -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -41,13 +43,14 @@ def measure(method: str, ckpt: bool, seq: int, batch: int, rank: int = 16, loss:
     from toolkit.core.models import embedded_hf_dir
 
     src = str(embedded_hf_dir())
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[compute]
     if method == "qlora":
         q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.bfloat16)
+                               bnb_4bit_compute_dtype=dtype)
         model = AutoModelForCausalLM.from_pretrained(src, quantization_config=q, device_map={"": "cpu"},
-                                                     dtype=torch.bfloat16)
+                                                     dtype=dtype)
     else:
-        model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype)
     if ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -60,13 +63,18 @@ def measure(method: str, ckpt: bool, seq: int, batch: int, rank: int = 16, loss:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def resident() -> int:
-        """Bytes of parameters, buffers and bnb quant states."""
+        """Bytes of parameters, buffers and bnb quant states, each read once: a weight loaded in the
+        file's own dtype (fp32 here) stays a view of the memory-mapped safetensors file, whose pages
+        join the RSS only when first read, and the step would count them again as its own."""
         tensors = list(model.parameters()) + list(model.buffers())
         for mod in model.modules():
             qs = getattr(getattr(mod, "weight", None), "quant_state", None)
             if qs is not None:
                 tensors += [qs.absmax, qs.code] + ([qs.state2.absmax, qs.state2.code] if qs.nested else [])
-        return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage() for t in tensors}
+        for st in storages.values():
+            torch.tensor([], dtype=torch.uint8).set_(st).sum()  # every page read
+        return sum(st.nbytes() for st in storages.values())
 
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
     base = resident()
@@ -87,7 +95,7 @@ def measure(method: str, ckpt: bool, seq: int, batch: int, rank: int = 16, loss:
     opt.zero_grad(set_to_none=False)
     rss_peak = _status("VmHWM")
     peak = base + rss_peak - rss_before
-    return {"method": method, "grad_ckpt": ckpt, "seq_len": seq, "batch": batch, "lora_r": rank, "loss": loss,
+    return {"method": method, "grad_ckpt": ckpt, "seq_len": seq, "batch": batch, "lora_r": rank, "loss": loss, "compute": compute,
             "base_bytes": base,
             "live_peak_bytes": peak, "rss_before": rss_before, "rss_peak": rss_peak}
 
@@ -95,4 +103,5 @@ def measure(method: str, ckpt: bool, seq: int, batch: int, rank: int = 16, loss:
 if __name__ == "__main__":
     warnings.filterwarnings("ignore")
     m, c, s, b = sys.argv[1], sys.argv[2] == "ckpt", int(sys.argv[3]), int(sys.argv[4])
-    print(json.dumps(measure(m, c, s, b, loss=sys.argv[5] if len(sys.argv) > 5 else "transformers")))
+    print(json.dumps(measure(m, c, s, b, loss=sys.argv[5] if len(sys.argv) > 5 else "transformers",
+                             compute=sys.argv[6] if len(sys.argv) > 6 else "bf16")))

@@ -268,3 +268,37 @@ def test_redirected_output_is_utf8_whatever_the_locale():
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")
     assert "Budget: 8.00 GiB — --vram 8GB" in proc.stdout.decode("utf-8")
     assert "—" in run_toolkit("estimate", "--help").stdout.decode("utf-8")
+
+
+def test_a_gtx_10xx_is_estimated_in_the_fp32_it_trains_in(capsys):
+    """A GTX 1080 Ti runs fp16 at 1/64 of fp32, so the toolkit trains there in fp32
+    (capability.choose_dtype): the estimate holds QLoRA's unquantized weights and activations in
+    fp32, times it at the card's fp32 rate, and says why; an RTX 3060 stays bf16."""
+    args = ("--model", "meta-llama/Llama-3.2-1B-Instruct", "--task", "qlora", "--seq-len", "1024", "--json")
+    _, out, _ = _run(capsys, *args, "--gpu", "GTX 1080 Ti")
+    pascal = json.loads(out)
+    _, out, _ = _run(capsys, *args, "--gpu", "RTX 3060 12GB")
+    ampere = json.loads(out)
+    assert pascal["compute_dtype"] == "fp32" and "sm61" in pascal["compute_reason"]
+    assert ampere["compute_dtype"] == "bf16"
+    assert pascal["components"]["weights"] > ampere["components"]["weights"]
+    assert pascal["components"]["activations"] > ampere["components"]["activations"]
+    assert "11.3 TFLOPS fp32" in pascal["time"]["source"]
+    code, out, _ = _run(capsys, "--gpu", "GTX 1080 Ti", "--task", "lora", "--json")
+    assert code == 0 and {c["quant"] for c in json.loads(out)["candidates"]} == {"fp32"}
+    _, out, _ = _run(capsys, "--model", "embedded", "--task", "qlora", "--gpu", "GTX 1080 Ti")
+    assert "compute fp32" in out and "note: fp32: GTX 1080 Ti 11GB (sm61)" in out
+
+
+def test_a_cpu_without_native_bf16_is_estimated_in_fp32(capsys, monkeypatch):
+    """The dense tasks' default quant is the dtype the toolkit computes in on this machine: an AVX2
+    record (forced) trains in fp32, so `--task lora` estimates an fp32 base, as the trainer loads it."""
+    monkeypatch.setenv("TOOLKIT_CPU_CAPABILITY", "avx2")
+    code, out, _ = _run(capsys, "--model", "embedded", "--task", "lora", "--json")
+    d = json.loads(out)
+    assert code == 0 and d["quant"] == "fp32" and d["compute_dtype"] == "fp32" and "no native bf16" in d["compute_reason"]
+    code, out, _ = _run(capsys, "--model", "embedded", "--task", "qlora", "--json")
+    assert json.loads(out)["compute_dtype"] == "fp32"
+    monkeypatch.setenv("TOOLKIT_CPU_CAPABILITY", "avx512_bf16")
+    code, out, _ = _run(capsys, "--model", "embedded", "--task", "lora", "--json")
+    assert json.loads(out)["quant"] == "bf16"

@@ -334,3 +334,60 @@ def test_peft_4bit_layers_keep_16bit_inputs_only_under_cuda_autocast(tiny_llama_
     cpu_state = torch.is_autocast_enabled
     monkeypatch.setattr(torch, "is_autocast_enabled", lambda *a: cpu_state(*a) if a else cpu_state("cpu"))
     assert adapter_input_dtypes() == {torch.bfloat16}
+
+
+def test_fp32_compute_holds_qloras_unquantized_weights_and_activations_in_fp32():
+    """QLoRA on a CPU without native bf16 or a GTX 10xx computes in fp32: the base loads its
+    embeddings, norms and lm_head in fp32 (bnb_4bit_compute_dtype and dtype float32) and every
+    activation is fp32, the same bytes as prepare_model_for_kbit_training's upcast."""
+    m = CATALOG["meta-llama/Llama-3.2-1B-Instruct"]
+    b16 = estimate(m, "qlora", "nf4-dq", 1024, 2, 16, True, device="cuda", compute="bf16")
+    f32 = estimate(m, "qlora", "nf4-dq", 1024, 2, 16, True, device="cuda", compute="fp32")
+    up = estimate(m, "qlora", "nf4-dq", 1024, 2, 16, True, device="cuda", kbit_upcast=True)
+    assert f32.components["weights"] - b16.components["weights"] == 2 * (m.embedding_params() + m.lm_head_params()
+                                                                           + m.small_params())
+    assert f32.components == up.components
+    assert f32.components["activations"] > b16.components["activations"]
+    assert "fp32 compute" in " ".join(f32.notes) and "fp32 compute" not in " ".join(b16.notes)
+    assert estimate(m, "qlora", "nf4-dq", 1024, 2, 16, True, device="cuda").components == b16.components
+    with pytest.raises(UserError, match="compute dtype"):
+        estimate(m, "qlora", compute="int8")
+
+
+def test_compute_dtype_is_the_dense_tasks_default_quant_and_the_picks():
+    assert estimate("embedded", "lora", device="cpu", compute="fp32").quant == "fp32"
+    assert estimate("embedded", "full", device="cuda", compute="fp16").quant == "fp16"
+    assert estimate("embedded", "inference", device="cuda", compute="fp32").quant == "fp32"
+    assert estimate("embedded", "lora", device="cpu").quant == "bf16"  # no compute given: as before
+    assert estimate("embedded", "inference", device="cpu").quant == "fp32"
+    p = pick("lora", 11 * GIB, 512, 1, 16, "cuda", compute="fp32")
+    assert {c.quant for c in p.candidates} == {"fp32"}
+    p = pick("inference", 11 * GIB, 512, 1, device="cuda", compute="fp16")
+    assert {c.quant for c in p.candidates} == {"fp16", "q8_0", "q4_k_m"}
+
+
+def test_cpu_head_keeps_its_logits_buffers_through_the_layers_backward(monkeypatch):
+    """The CPU LM head hands its logits buffers (fp32, and in bf16 the matmul's bf16 one) to the next
+    step, so they are allocated while the decoder layers run their backward:
+    `formulas.cpu_lean_retained_bytes` is what `cpu_lm_head._SPARE` holds after a step, and the
+    estimate's peak on a CPU is that phase."""
+    torch = pytest.importorskip("torch")
+    from toolkit.finetune import cpu_lm_head
+
+    n, v, h = 53, 311, 16
+    for dtype, act in ((torch.float32, 4), (torch.bfloat16, 2)):
+        monkeypatch.setattr(cpu_lm_head, "_SPARE", {})
+        fn = cpu_lm_head.log_probs_function()
+        hidden = torch.randn(n, h, requires_grad=True)
+        weight, targets = torch.randn(v, h), torch.randint(0, v, (n,))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            lp = fn.apply(hidden, weight, None, targets, 1.0, 128, None, 1.0, ("log_probs",))[0]
+        (-lp.sum()).backward()
+        kept = sum(b.untyped_storage().nbytes() for b in cpu_lm_head._SPARE.values())
+        assert kept == F.cpu_lean_retained_bytes(n, v, act), dtype
+    assert F.cpu_lean_retained_bytes(200_000, 128256, 2) == 0  # past the head's limit TRL's tiles run
+
+    e = estimate("embedded", "qlora", "nf4-dq", 512, 2, 16, True, device="cpu", compute="bf16")
+    m = CATALOG["embedded"]
+    assert e.components["logits"] == F.cpu_lean_retained_bytes(1024, m.vocab, 2)
+    assert "peak during a decoder layer's backward" in e.notes

@@ -239,3 +239,35 @@ def test_cpu_inference_is_timed_at_the_fp32_rate_it_answers_in(monkeypatch):
     for task in ("inference", "lora"):
         assert main(["estimate", "--model", "embedded", "--task", task, "--json"]) == 0
     assert [(r.dtype, r.flops) for r in seen] == [("float32", 200e9), ("bfloat16", 800e9)]
+
+
+def test_every_gpu_has_a_compute_capability_and_the_dtype_follows_it():
+    """The dtype an estimate computes in for a named GPU is `capability.choose_dtype`'s (the one
+    decision the trainer makes): fp32 on Pascal's consumer cards, fp16 before Ampere, bf16 after."""
+    from toolkit.estimate.budget import GPUS
+    from toolkit.estimate.gpus import capability, compute_capability
+    from toolkit.estimate.timeplan import VRAM_ONLY_DTYPE, device_dtype
+
+    for name in GPUS:
+        assert compute_capability(name)  # KeyError names a GPU the table lacks
+    want = {"GTX 1060 6GB": "float32", "GTX 1080 Ti": "float32", "P100": "float16", "V100 32GB": "float16",
+            "GTX 1660 6GB": "float16", "T4": "float16", "RTX 3060 12GB": "bfloat16", "RTX 5090": "bfloat16",
+            "A100 80GB": "bfloat16"}
+    for name, dtype in want.items():
+        assert device_dtype(name, None)[0] == dtype, name
+        assert device_dtype(name, None, "infer")[0] == dtype, name
+    assert capability("gtx 1080 ti").compute_capability == (6, 1)
+    assert "fp16 at a small fraction" in device_dtype("GTX 1070", None)[1]
+    assert device_dtype(None, "8GB") == VRAM_ONLY_DTYPE
+
+
+def test_named_gpu_rates_follow_the_compute_dtype():
+    from toolkit.estimate.gpus import SPECS
+    from toolkit.estimate.timeplan import rates_for_gpu
+
+    assert all(0 < s.fp32_tflops for s in SPECS.values())
+    r = rates_for_gpu("GTX 1080 Ti", "float32")
+    assert r.flops == 11.3e12 and r.dtype == "float32" and "11.3 TFLOPS fp32" in r.source
+    assert rates_for_gpu("GTX 1080 Ti", "float16").flops == pytest.approx(11.3e12 / 64)
+    assert rates_for_gpu("T4", "float16").flops == 65e12 and rates_for_gpu("T4", "float32").flops == 8.1e12
+    assert rates_for_gpu("RTX 2060 6GB", "float16") is None  # memory known, rates not

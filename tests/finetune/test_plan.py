@@ -52,7 +52,8 @@ def test_pick_and_fit_check_agree(monkeypatch):
         machine = hardware.Hardware("cpu", "test box", gib * 2**30, gib * 2**30, "test")
         monkeypatch.setattr(hardware, "detect", lambda use_torch=False, m=machine: m)
         chosen = pick(p.task, machine.available_bytes, p.seq_len, p.batch, p.lora_r, p.device, quants=(p.quant,),
-                      grad_ckpt=p.grad_ckpt, targets=p.targets, optimizer=p.optimizer, lora_dropout=p.lora_dropout)
+                      grad_ckpt=p.grad_ckpt, targets=p.targets, optimizer=p.optimizer, lora_dropout=p.lora_dropout,
+                      compute=p.compute)
         for cand in chosen.candidates:
             try:
                 check_fits(rec, cand.model, "cpu", "float32")

@@ -130,7 +130,7 @@ def _one_model(args) -> int:
     usable = E.usable_bytes(bud.bytes) if bud else None
     est = E.estimate(facts, s["task"], s["quant"], s["seq_len"], s["batch"], s["lora_r"], s["grad_ckpt"],
                      _targets(s["targets"], facts), s["optimizer"], s["lora_dropout"], device=device,
-                     budget_bytes=usable)
+                     budget_bytes=usable, compute=s["compute"])
     tm = _time(args, facts, est, device, s)
     warnings = _context_warnings(args, [facts], s["seq_len"])
     if args.time_budget is not None:
@@ -142,9 +142,13 @@ def _one_model(args) -> int:
             d.update(budget_bytes=bud.bytes, usable_bytes=usable, budget_source=bud.source)
         d["time"] = tm
         d["warnings"] = warnings
+        d.update(_compute_fields(est, s))
         print(json.dumps(d))
         return 0
     head = [est.task, est.quant, f"{est.backend} on {est.device}", f"seq {est.seq_len} x batch {est.batch}"]
+    compute = _compute_fields(est, s)
+    if compute["compute_dtype"]:
+        head.append(f"compute {compute['compute_dtype']}")
     if est.lora_r:
         head.append(f"LoRA r{est.lora_r}")
     if est.grad_ckpt is not None:
@@ -166,7 +170,7 @@ def _one_model(args) -> int:
             parts.append(f"recipe run {fmt_duration(tm['train_wall_s'])} ({tm['steps']} steps)")
         parts += [f"decode {tm['decode_tokens_per_s']:.0f} tok/s", f"prefill {tm['prefill_s']:.2f} s"]
         print(f"  {'time':<15} " + " · ".join(parts) + f"  [{tm['source']}]")
-    for note in est.notes:
+    for note in est.notes + ([compute["compute_reason"]] if compute["compute_reason"] else []):
         print(f"  note: {note}")
     if bud:
         verdict = "fits" if est.fits else "does NOT fit"
@@ -176,6 +180,15 @@ def _one_model(args) -> int:
         print(f"  budget {gib(bud.bytes)} ({bud.source}), {gib(usable)} usable after the {E.SAFETY_MARGIN:.0%} "
               f"safety margin: {verdict}, headroom {gib(usable - est.total_bytes)}{whole}")
     return 0
+
+
+def _compute_fields(est, s: dict) -> dict:
+    """The dtype transformers computes in, and why; None for llama.cpp, which picks its own."""
+    from toolkit.finetune.plan import DTYPE_QUANT
+
+    if est.backend != "transformers":
+        return {"compute_dtype": None, "compute_reason": None}
+    return {"compute_dtype": DTYPE_QUANT[s["dtype"]], "compute_reason": s["dtype_reason"]}
 
 
 def _warn(warnings: list[str]) -> None:
@@ -216,7 +229,7 @@ def _pick(args) -> int:
     quants = (s["quant"],) if args.recipe else None
     rates, run, limit = None, None, None
     if s["task"] != "inference":
-        rates = _rates(args, bud.device)
+        rates = _rates(args, s)
         run = s["run"]
         limit = _time_budget(args, bud.device)
     seconds_of = None
@@ -236,13 +249,14 @@ def _pick(args) -> int:
             warnings.append(f"--time-budget {args.time_budget} is not applied: {why}")
     p = E.pick(s["task"], bud.bytes, s["seq_len"], s["batch"], s["lora_r"], device=bud.device, quants=quants,
                grad_ckpt=s["grad_ckpt"], targets=_targets(s["targets"], None), optimizer=s["optimizer"],
-               lora_dropout=s["lora_dropout"], seconds_of=seconds_of, time_budget_s=limit)
+               lora_dropout=s["lora_dropout"], seconds_of=seconds_of, time_budget_s=limit, compute=s["compute"])
     models = [CATALOG[name] for name in dict.fromkeys(c.model for c in p.candidates)]
     warnings = _context_warnings(args, models, s["seq_len"], picking=True) + warnings
     _warn(warnings)
     if args.json:
         d = p.to_dict()
-        d.update(budget_source=bud.source, device=bud.device, time_budget_s=limit,
+        d.update(budget_source=bud.source, device=bud.device, time_budget_s=limit, compute_dtype=s["compute"],
+                 compute_reason=s["dtype_reason"],
                  time_source=rates.source if rates else None, seq_len=s["seq_len"], batch=s["batch"],
                  lora_r=s["lora_r"] if s["task"] in ("lora", "qlora") else None, warnings=warnings)
         print(json.dumps(d))
@@ -254,7 +268,7 @@ def _pick(args) -> int:
         print(f"Time: {('budget ' + fmt_duration(limit)[1:]) if limit else 'no budget'}"
               + (f" for {s['run_name']}" if s.get("run_name") else "") + (f" — {rates.source}" if rates else ""))
     print(f"Task: {s['task']}, seq {s['seq_len']} x batch {s['batch']}"
-          + (f", LoRA r{s['lora_r']}" if s["task"] in ("lora", "qlora") else ""))
+          + (f", LoRA r{s['lora_r']}" if s["task"] in ("lora", "qlora") else "") + f"; compute {s['compute']} ({s['dtype_reason']})")
     print(f"{'model':<38} {'quant':<7} {'params':>7} {'estimate':>11} {'fits':>5} {'headroom':>11} {'run time':>9}")
     from toolkit.estimate.timeplan import fmt_duration
 
@@ -278,26 +292,34 @@ def _settings(args, device: str) -> dict:
     from toolkit.estimate import planner as E
     from toolkit.finetune.plan import PlanInputs
 
+    from toolkit.estimate.timeplan import device_dtype
+    from toolkit.finetune.plan import DTYPE_QUANT
+
+    # The dtype the toolkit would compute in on that device: fp32 on a GTX 10xx or a CPU without
+    # native bf16 changes the activations' size, QLoRA's unquantized weights and the matmul rate.
+    dtype, why = device_dtype(args.gpu, args.vram, "infer" if args.task == "inference" and not args.recipe else "train")
     if args.recipe:
-        plan, run = _recipe_plan(args.recipe, "--recipe", device)
+        plan, run, forced = _recipe_plan(args.recipe, "--recipe", device, dtype)
         s = plan.as_kwargs()
         if args.quant:
             s["quant"] = args.quant
-        s.update(run=run, run_name=f"the {args.recipe} recipe's run")
+        s.update(run=run, run_name=f"the {args.recipe} recipe's run", dtype=forced or dtype,
+                 dtype_reason=f"the recipe's method.compute_dtype: {forced}" if forced else why)
         return s
     s = PlanInputs(task=args.task, quant=args.quant, seq_len=E._positive("--seq-len", args.seq_len),
                    batch=E._positive("--batch", args.batch), lora_r=E._positive("--lora-r", args.lora_r),
                    grad_ckpt=args.grad_ckpt, targets=_parse_targets(args.target_modules),
-                   optimizer=args.optimizer, lora_dropout=0.0, device=device).as_kwargs()
+                   optimizer=args.optimizer, lora_dropout=0.0, device=device,
+                   compute=DTYPE_QUANT[dtype]).as_kwargs()
     ref = Path(__file__).resolve().parents[2] / "recipes" / "finance"
     run = None
     if (ref / "recipe.yaml").is_file() and args.task != "inference":
         try:
-            _, run = _recipe_plan(str(ref), "reference recipe", device)
+            _, run, _ = _recipe_plan(str(ref), "reference recipe", device, dtype)
             run = _rescale(run, s["seq_len"], s["batch"])
         except UserError:
             run = None
-    s.update(run=run, run_name="the finance recipe's work" if run else "")
+    s.update(run=run, run_name="the finance recipe's work" if run else "", dtype=dtype, dtype_reason=why)
     return s
 
 
@@ -311,8 +333,9 @@ def _rescale(run, seq_len: int, batch: int):
     return replace(run, steps=max(1, math.ceil(total / per_step)), tokens_per_step=per_step)
 
 
-def _recipe_plan(path: str, flag: str, device: str):
-    from toolkit.estimate.timeplan import training_dtype
+def _recipe_plan(path: str, flag: str, device: str, dtype: str):
+    """(plan inputs, run shape, the recipe's own compute dtype or None) of the recipe at `path`
+    computing in `dtype` unless the recipe sets one."""
     from toolkit.finetune import recipe as R
     from toolkit.finetune.plan import plan_inputs, run_shape
 
@@ -320,10 +343,8 @@ def _recipe_plan(path: str, flag: str, device: str):
         rec = R.load(path, gpu=device == "cuda")
     except UserError as exc:
         raise UserError(f"{flag} {path}: {exc}") from None
-    dtype = "bfloat16" if device == "cuda" else training_dtype()
-    if rec.method.compute_dtype not in ("auto", "", None):
-        dtype = rec.method.compute_dtype
-    return plan_inputs(rec, device, dtype), run_shape(rec)
+    forced = rec.method.compute_dtype if rec.method.compute_dtype not in ("auto", "", None) else None
+    return plan_inputs(rec, device, forced or dtype), run_shape(rec), forced
 
 
 def _parse_targets(text: str) -> tuple[str, ...]:
@@ -349,14 +370,14 @@ def _targets(targets, facts) -> tuple[str, ...]:
     return tuple(targets)
 
 
-def _rates(args, device: str):
+def _rates(args, s: dict):
     from toolkit.estimate.timeplan import rates_for_gpu, rates_here
 
     if args.gpu is not None:
-        return rates_for_gpu(args.gpu)
+        return rates_for_gpu(args.gpu, s["dtype"])
     if args.vram is not None:
         return None  # a bare size says nothing about speed
-    return rates_here(purpose="infer" if args.task == "inference" else "train")
+    return rates_here(s["dtype"])
 
 
 def _time_budget(args, device: str):
@@ -371,7 +392,7 @@ def _time(args, facts, est, device: str, s: dict):
     """The estimate's `time` object, or None when the device's rates are unknown (--vram)."""
     from toolkit.estimate.timeplan import time_fields
 
-    rates = _rates(args, device)
+    rates = _rates(args, s)
     if rates is None:
         return None
     return time_fields(facts, est, rates, targets=_targets(s["targets"], facts),

@@ -33,7 +33,7 @@ def parse_size(text: str, what: str = "--vram") -> int:
 
 # Memory of common consumer / cloud GPUs in GiB (vendor spec sheets).
 GPUS: dict[str, int] = {
-    "GTX 1660 6GB": 6, "RTX 2060 6GB": 6, "RTX 2060 12GB": 12, "RTX 2070 8GB": 8, "RTX 2080 8GB": 8,
+    "GTX 1060 6GB": 6, "GTX 1070 8GB": 8, "GTX 1080 8GB": 8, "GTX 1080 Ti 11GB": 11, "GTX 1660 6GB": 6, "RTX 2060 6GB": 6, "RTX 2060 12GB": 12, "RTX 2070 8GB": 8, "RTX 2080 8GB": 8,
     "RTX 2080 Ti 11GB": 11, "RTX 3050 8GB": 8, "RTX 3060 8GB": 8, "RTX 3060 12GB": 12,
     "RTX 3060 Ti 8GB": 8, "RTX 3070 8GB": 8, "RTX 3070 Ti 8GB": 8, "RTX 3080 10GB": 10,
     "RTX 3080 12GB": 12, "RTX 3080 Ti 12GB": 12, "RTX 3090 24GB": 24, "RTX 3090 Ti 24GB": 24,
@@ -41,8 +41,8 @@ GPUS: dict[str, int] = {
     "RTX 4070 Super 12GB": 12, "RTX 4070 Ti 12GB": 12, "RTX 4070 Ti Super 16GB": 16,
     "RTX 4080 16GB": 16, "RTX 4080 Super 16GB": 16, "RTX 4090 24GB": 24, "RTX 5060 Ti 16GB": 16,
     "RTX 5070 12GB": 12, "RTX 5070 Ti 16GB": 16, "RTX 5080 16GB": 16, "RTX 5090 32GB": 32,
-    "RTX A4000 16GB": 16, "RTX A6000 48GB": 48, "T4 16GB": 16, "A10G 24GB": 24, "L4 24GB": 24,
-    "A100 40GB": 40, "A100 80GB": 80, "H100 80GB": 80,
+    "RTX A4000 16GB": 16, "RTX A6000 48GB": 48, "P100 16GB": 16, "V100 16GB": 16, "V100 32GB": 32,
+    "T4 16GB": 16, "A10G 24GB": 24, "L4 24GB": 24, "A100 40GB": 40, "A100 80GB": 80, "H100 80GB": 80,
 }
 
 

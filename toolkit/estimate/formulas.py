@@ -214,15 +214,16 @@ def eager_attention_bytes(heads: int, seq_len: int, act_bytes: int = 2) -> tuple
 
 def training_peak_activation_bytes(per_layer_bytes: int, layers: int, hidden: int, tokens: int, grad_ckpt: bool,
                                    logits_peak: int, act_bytes: int = 2, backward_bytes: int = 0,
-                                   mask_bytes: int = 0) -> tuple[int, int, str]:
+                                   mask_bytes: int = 0, retained_bytes: int = 0) -> tuple[int, int, str]:
     """(activations, logits, phase) at the peak of a training step: the larger of two moments.
 
     - the loss backward: everything the forward kept (every layer's set, or with per-layer
       checkpointing only each layer's input) plus the logits spike (`logits_peak`);
-    - a layer's backward: the logits are gone; what the forward kept, plus (with checkpointing)
-      one recomputed layer's set, the layer's backward temporaries per token (`backward_bytes`:
-      eager attention's, an MLP-width gradient in flight) and the gradient of the residual stream
-      (2 x hidden per token).
+    - a layer's backward: the logits are gone, except what the LM head keeps for the next step
+      (`retained_bytes`, `cpu_lean_retained_bytes`); what the forward kept, plus (with
+      checkpointing) one recomputed layer's set, the layer's backward temporaries per token
+      (`backward_bytes`: eager attention's, an MLP-width gradient in flight) and the gradient of
+      the residual stream (2 x hidden per token).
     Adding the two, as a plain sum of terms does, counts memory that is never live at once
     (Korthikanti et al. 2022 and PyTorch's caching allocator frees a saved tensor right after the
     backward node that used it). `mask_bytes` is the causal mask eager attention builds once per
@@ -231,9 +232,9 @@ def training_peak_activation_bytes(per_layer_bytes: int, layers: int, hidden: in
     loss_phase = kept + logits_peak
     layer_phase = kept + tokens * (2 * hidden * act_bytes + backward_bytes
                                    + (per_layer_bytes if grad_ckpt else 0))
-    if loss_phase >= layer_phase:
+    if loss_phase >= layer_phase + retained_bytes:
         return kept, logits_peak, "the loss backward"
-    return layer_phase, 0, "a decoder layer's backward"
+    return layer_phase, retained_bytes, "a decoder layer's backward"
 
 
 def bnb_legacy_input_bytes(hidden: int, inter: int, layers: int, tokens: int, act_bytes: int = 2) -> int:
@@ -292,7 +293,16 @@ def cpu_lean_logits_bytes(tokens: int, vocab: int, hidden: int, act_bytes: int =
     CPU_LEAN_HEAD_MAX_BYTES of fp32 logits TRL's tiles run instead (`trl_fused_logits_bytes`)."""
     if tokens * vocab * 4 > CPU_LEAN_HEAD_MAX_BYTES:
         return trl_fused_logits_bytes(tokens, vocab, hidden, act_bytes)
-    return tokens * vocab * (4 + (act_bytes if act_bytes < 4 else 0)) + tokens * hidden * act_bytes
+    return cpu_lean_retained_bytes(tokens, vocab, act_bytes) + tokens * hidden * act_bytes
+
+
+def cpu_lean_retained_bytes(tokens: int, vocab: int, act_bytes: int = 2) -> int:
+    """What the CPU head keeps after its backward for the next step (`cpu_lm_head._SPARE`: the fp32
+    logits buffer and, in 16-bit compute, the 16-bit one; a fresh one page-faults every step), so
+    it is still allocated while the decoder layers run their backward. 0 where TRL's tiles run."""
+    if tokens * vocab * 4 > CPU_LEAN_HEAD_MAX_BYTES:
+        return 0
+    return tokens * vocab * (4 + (act_bytes if act_bytes < 4 else 0))
 
 
 OPTIMIZER_STATE_BYTES = {

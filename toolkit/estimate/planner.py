@@ -25,15 +25,27 @@ QUANTS_FOR_TASK = {
     "qlora": ("nf4-dq", "nf4", "int8"),
     "full": DENSE_QUANTS,
 }
-# Defaults without --quant: bf16 on CUDA; on CPU fp32 for inference (the toolkit decodes in fp32
-# there) and bf16 for lora/full, which is what a native-bf16 CPU trains in. A recipe's estimate
-# (`--recipe`, `base_model: auto`, `--dry-run`) uses the dtype the toolkit actually chooses here
-# (toolkit.finetune.plan.plan_inputs), fp32 on a CPU without native bf16.
+# Defaults without --quant: the compute dtype the toolkit would choose on the device
+# (`compute`: toolkit.estimate.timeplan.device_dtype, the one decision), else bf16 on CUDA and, on
+# a CPU, fp32 for inference (the toolkit decodes in fp32 there) and bf16 for lora/full.
 DEFAULT_QUANT = {"inference": "bf16", "lora": "bf16", "qlora": "nf4-dq", "full": "bf16"}
-DEFAULT_QUANT_CPU = {**DEFAULT_QUANT, "inference": "fp32"}
-# What `pick` tries for each model, best fidelity first.
+# What `pick` tries for each model, best fidelity first ("bf16" stands for the compute dtype).
 PICK_QUANTS = {"inference": ("bf16", "q8_0", "q4_k_m"), "lora": ("bf16",), "qlora": ("nf4-dq",), "full": ("bf16",)}
-PICK_QUANTS_CPU = {**PICK_QUANTS, "inference": ("fp32", "q8_0", "q4_k_m")}
+
+
+def default_quants(device: str, compute: str | None = None, table: dict | None = None) -> dict:
+    """DEFAULT_QUANT (or `table`, e.g. PICK_QUANTS) with its 16-bit entries in the `compute` dtype;
+    without one, fp32 for CPU inference."""
+    table = table or DEFAULT_QUANT
+    if compute is None:
+        return {**table, "inference": _swap(table["inference"], "fp32")} if device == "cpu" else dict(table)
+    return {task: _swap(q, compute) for task, q in table.items()}
+
+
+def _swap(quants, compute: str):
+    if isinstance(quants, tuple):
+        return tuple(compute if q == "bf16" else q for q in quants)
+    return compute if quants == "bf16" else quants
 # Share of the budget kept free by `pick`: the caching allocator's fragmentation (reserved minus
 # allocated is typically 5-10% in PyTorch training) and the spread of our estimates against
 # measured peaks (within 15%, docs/estimate.md) are not covered by the estimate itself.
@@ -119,7 +131,7 @@ def estimate(model: str | ModelFacts, task: str = "qlora", quant: str | None = N
              batch: int = 1, lora_r: int = 16, grad_ckpt: bool = True, targets: tuple[str, ...] = ALL_LINEAR,
              optimizer: str = "adamw", lora_dropout: float = 0.0, device: str = "cuda",
              budget_bytes: int | None = None, bnb_legacy: bool = False, *, kbit_upcast: bool = False,
-             attn_impl: str = "sdpa", loss: str = "trl", loss_chunk: int = 0) -> Estimate:
+             attn_impl: str = "sdpa", loss: str = "trl", loss_chunk: int = 0, compute: str | None = None) -> Estimate:
     """Estimate peak memory of `task` ("inference" | "lora" | "qlora" | "full") for `model`.
 
     quant: fp32/bf16/fp16, int8/nf4/nf4-dq (bitsandbytes), or a GGUF type (inference with
@@ -139,6 +151,11 @@ def estimate(model: str | ModelFacts, task: str = "qlora", quant: str | None = N
     "transformers": the model's own loss, fp32 logits for every token (what `model(**batch).loss`
     and most published measurements use). loss_chunk: tokens per chunk of litgpt's chunked LM head
     + loss; when set it replaces `loss`.
+    compute: the dtype the toolkit computes in on the device (fp32/bf16/fp16, as
+    `toolkit.core.capability.choose_dtype` decides: fp32 on a CPU without native bf16 or a GTX 10xx).
+    It is the default quant of the dense tasks; a QLoRA base computing in fp32 holds its
+    non-quantized weights (embeddings, norms, lm_head) and its activations in fp32. None: bf16 on
+    CUDA; on a CPU fp32 for inference, bf16 for training.
     """
     m = model if isinstance(model, ModelFacts) else lookup(model)
     if task not in TASKS:
@@ -146,8 +163,10 @@ def estimate(model: str | ModelFacts, task: str = "qlora", quant: str | None = N
     seq_len, batch = _positive("--seq-len", seq_len), _positive("--batch", batch)
     if task in ("lora", "qlora"):
         lora_r = _positive("--lora-r", lora_r)
+    if compute is not None and compute not in DENSE_QUANTS:
+        raise UserError(f"compute dtype must be one of {', '.join(DENSE_QUANTS)}, got {compute!r}")
     if quant is None:
-        defaults = DEFAULT_QUANT_CPU if device == "cpu" else DEFAULT_QUANT
+        defaults = default_quants(device, compute)
         quant = m.gguf.file_type.lower().replace("mostly_", "") if (m.gguf and task == "inference") else defaults[task]
     quant = quant.lower()
     gguf_file_quant = m.gguf is not None and _gguf_matches(m, quant)
@@ -164,7 +183,9 @@ def estimate(model: str | ModelFacts, task: str = "qlora", quant: str | None = N
         raise UserError(f"attention must be sdpa or eager, got {attn_impl!r}")
     if loss not in LOSSES:
         raise UserError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
-    upcast = kbit_upcast and task == "qlora"
+    # A 4-bit base computing in fp32 holds what is not quantized in fp32, as
+    # prepare_model_for_kbit_training leaves it: the same bytes.
+    upcast = (kbit_upcast or compute == "fp32") and task == "qlora"
 
     is_gguf = quant in GGUF_QUANTS or gguf_file_quant
     est = Estimate(m.name, task, quant, "llama.cpp" if is_gguf else "transformers", device, seq_len, batch,
@@ -187,7 +208,8 @@ def estimate(model: str | ModelFacts, task: str = "qlora", quant: str | None = N
         if legacy:
             est.notes.append("older bitsandbytes: 4-bit layers keep their inputs")
         if upcast:
-            est.notes.append("prepare_model_for_kbit_training: embeddings, norms and lm_head in fp32")
+            est.notes.append("prepare_model_for_kbit_training: embeddings, norms and lm_head in fp32" if kbit_upcast
+                             else "fp32 compute: embeddings, norms, lm_head and activations in fp32")
     overhead = "llama.cpp" if (is_gguf and device == "cpu") else device
     c["framework"] = F.FRAMEWORK_OVERHEAD[overhead]
     return est
@@ -248,6 +270,7 @@ def _training_terms(est, m, quant, tokens, lora_r, grad_ckpt, targets, optimizer
         backward += m.intermediate * act
         est.notes.append("PEFT's 4-bit layers keep their 16-bit inputs under CUDA autocast")
     per_layer += extra_kept // max(1, tokens * m.layers)
+    retained = 0
     if loss_chunk:
         logits = F.chunked_logits_bytes(tokens, m.vocab, loss_chunk, act)
     elif loss == "transformers":
@@ -256,8 +279,9 @@ def _training_terms(est, m, quant, tokens, lora_r, grad_ckpt, targets, optimizer
         logits = F.trl_fused_logits_bytes(tokens, m.vocab, m.hidden, act)
     else:
         logits = F.cpu_lean_logits_bytes(tokens, m.vocab, m.hidden, act)
+        retained = F.cpu_lean_retained_bytes(tokens, m.vocab, act)
     acts, logits, phase = F.training_peak_activation_bytes(per_layer, m.layers, m.hidden, tokens, grad_ckpt, logits,
-                                                           act, backward, mask)
+                                                           act, backward, mask, retained)
     c["activations"] = acts
     c["logits"] = logits
     est.notes.append(f"peak during {phase}")
@@ -315,13 +339,13 @@ class Pick:
 def pick(task: str, budget_bytes: int, seq_len: int = 512, batch: int = 1, lora_r: int = 16,
          device: str | None = None, *, quants: tuple[str, ...] | None = None, grad_ckpt: bool = True,
          targets: tuple[str, ...] = ALL_LINEAR, optimizer: str = "adamw", lora_dropout: float = 0.0,
-         seconds_of=None, time_budget_s: float | None = None) -> Pick:
+         seconds_of=None, time_budget_s: float | None = None, compute: str | None = None) -> Pick:
     """The largest catalog model whose estimate fits in `budget_bytes` minus SAFETY_MARGIN (10%).
 
     Candidates are every pickable model (instruct variants; `embedded` stands for
     SmolLM2-135M-Instruct) x the task's quants in PICK_QUANTS. Per model the first quant that
-    fits wins (bf16 before q8_0 before q4_k_m for inference); `quants` replaces that list (a
-    recipe's own quant). The remaining settings are `estimate`'s. `device` None: detected.
+    fits wins (bf16 before q8_0 before q4_k_m for inference, bf16 being the `compute` dtype);
+    `quants` replaces that list (a recipe's own quant). The remaining settings are `estimate`'s. `device` None: detected.
     seconds_of(facts, estimate) -> seconds gives a candidate's run time (toolkit.estimate.timeplan);
     with `time_budget_s` a candidate must also finish within it. Memory rule: the estimate's total
     (framework included) against `budget_bytes` minus the margin — the caller decides whether
@@ -343,9 +367,9 @@ def pick(task: str, budget_bytes: int, seq_len: int = 512, batch: int = 1, lora_
     for name in PICKABLE:
         chosen = None
         in_context = past_context(CATALOG[name], seq_len) is None
-        for q in quants or (PICK_QUANTS_CPU if device == "cpu" else PICK_QUANTS)[task]:
+        for q in quants or default_quants(device, compute, PICK_QUANTS)[task]:
             e = estimate(CATALOG[name], task, q, seq_len, batch, lora_r, grad_ckpt, targets, optimizer, lora_dropout,
-                         device=device)
+                         device=device, compute=compute)
             secs = seconds_of(CATALOG[name], e) if seconds_of is not None else None
             in_time = time_budget_s is None or secs is None or secs <= time_budget_s
             cand = Candidate(name, q, e.params, e.total_bytes, e.total_bytes <= usable and in_time and in_context,

@@ -59,15 +59,37 @@ class Rates:
     unpacked_flops: float | None = None
 
 
-def rates_for_gpu(name: str) -> Rates | None:
-    """A named GPU's datasheet rates (toolkit.estimate.gpus); None when only its memory is known."""
+def rates_for_gpu(name: str, dtype: str = "bfloat16") -> Rates | None:
+    """A named GPU's datasheet rates (toolkit.estimate.gpus) computing in `dtype`; None when only its
+    memory is known."""
     from toolkit.estimate.gpus import spec
 
     s = spec(name)
     if s is None:
         return None
-    return Rates("cuda", s.flops, s.bandwidth_bytes_per_s, f"{s.name} datasheet: {s.tflops:g} TFLOPS, "
-                 f"{s.bandwidth_gbs:g} GB/s")
+    flops = s.flops_in(dtype)
+    kind = "fp32" if dtype == "float32" else "16-bit"
+    return Rates("cuda", flops, s.bandwidth_bytes_per_s, f"{s.name} datasheet: {flops / 1e12:.3g} TFLOPS {kind}, "
+                 f"{s.bandwidth_gbs:g} GB/s", dtype)
+
+
+# A bare --vram size names no GPU: the estimate assumes one from sm80 on (bf16), as most are now.
+VRAM_ONLY_DTYPE = ("bfloat16", "bf16 assumed: --vram names no GPU (a GTX 10xx computes in fp32: give --gpu)")
+
+
+def device_dtype(gpu: str | None, vram: str | None, purpose: str = "train") -> tuple[str, str]:
+    """(torch dtype name, reason) the toolkit computes in on the estimate's device for `purpose`
+    ("train", "infer"): `toolkit.core.capability.choose_dtype` of the named GPU's record
+    (`--gpu`), of this machine (neither flag), or VRAM_ONLY_DTYPE for a bare `--vram` size."""
+    from toolkit.core.hardware import auto_dtype
+
+    if gpu is not None:
+        from toolkit.estimate.gpus import capability
+
+        return auto_dtype(capability(gpu), purpose)
+    if vram is not None:
+        return VRAM_ONLY_DTYPE
+    return auto_dtype(host_capability(), purpose)
 
 
 def host_capability():

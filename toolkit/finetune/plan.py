@@ -18,7 +18,7 @@ from pathlib import Path
 # transformers' TrainingArguments default `adamw_torch`: fp32 exp_avg and exp_avg_sq per weight.
 TRAINER_OPTIMIZER = "adamw"
 # The dtype the base weights are held in, as the estimator names it.
-_DTYPE_QUANT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+DTYPE_QUANT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,7 @@ class PlanInputs:
     optimizer: str
     lora_dropout: float
     device: str  # cuda | cpu
+    compute: str = "bf16"  # the compute dtype, as the estimator names it (fp32 on a CPU without native bf16)
 
     def as_kwargs(self) -> dict:
         return asdict(self)
@@ -138,12 +139,13 @@ def plan_inputs(recipe, device: str, dtype: str) -> PlanInputs:
     elif m.name == "full":
         quant = "fp32"  # fp32 master weights; autocast supplies the low-precision compute
     else:
-        quant = _DTYPE_QUANT[dtype]
+        quant = DTYPE_QUANT[dtype]
     targets = ALL_LINEAR if list(lo.target_modules) == ["all-linear"] else tuple(lo.target_modules)
     return PlanInputs(
         task="qlora" if m.name == "auto" else m.name, quant=quant, seq_len=recipe.data.max_seq_len, batch=recipe.training.batch_size,
         lora_r=lo.r, grad_ckpt=recipe.training.gradient_checkpointing, targets=targets,
         optimizer=TRAINER_OPTIMIZER, lora_dropout=lo.dropout, device="cuda" if device.startswith("cuda") else "cpu",
+        compute=DTYPE_QUANT[dtype],
     )
 
 
@@ -182,7 +184,7 @@ def resolve_method(recipe, spec: str, device: str, dtype: str, available_bytes: 
     lora_bytes, no_estimate = None, ""
     if spec in CATALOG:
         kw = plan_inputs(recipe, device, dtype).as_kwargs()
-        kw.update(task="lora", quant=_DTYPE_QUANT[dtype])
+        kw.update(task="lora", quant=DTYPE_QUANT[dtype])
         try:
             lora_bytes = estimate(CATALOG[spec], **kw).total_bytes
         except UserError as exc:
