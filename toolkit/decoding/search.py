@@ -4,6 +4,7 @@ A backend (`toolkit.decoding.backends.hf.HFBackend`, `toolkit.decoding.backends.
 KV cache of one or more rows (sequences) and offers:
 
     prefill(ids) -> logits [vocab]         one row: the prompt (past the prefix its KV holds), next-token logits
+                                            (after a fork, the row sharing the longest prefix with ids is kept)
     step(tokens) -> logits [rows, vocab]   append tokens[i] to row i, next-token logits per row
     fork(n)                                 row 0 becomes n identical rows (beam search start)
     reorder(rows)                           new row i = old row rows[i] (beam search bookkeeping)

@@ -34,7 +34,10 @@ class HFBackend:
         self.device = next(model.parameters()).device
         self._sdpa = sdpa_backends.for_device(self.device.type)
         self.cache = None
-        self.cached: list[int] = []  # the tokens whose KV `cache` holds in its one row
+        # The tokens whose KV `cache` holds in its one row; after `fork`, the prompt all its rows
+        # share, each row's own tokens past it in `_beams` (None while the cache has one row).
+        self.cached: list[int] = []
+        self._beams: list[list[int]] | None = None
 
     @classmethod
     def from_spec(cls, spec: str, n_ctx: int | None = None, device: str | None = None) -> "HFBackend":
@@ -82,7 +85,7 @@ class HFBackend:
                 out = self.model(input_ids=ids.to(self.device), past_key_values=self.cache, use_cache=True,
                                  logits_to_keep=1)
         except BaseException:  # stopped mid-forward (Ctrl-C, the UI's stop): some layers hold one more token
-            self.cache, self.cached = None, []
+            self.reset()
             raise
         self.cache = out.past_key_values
         # The search loop runs on the CPU: one small copy per step (it syncs for the token id anyway).
@@ -93,12 +96,23 @@ class HFBackend:
 
         from toolkit.decoding.backends import reusable_prefix
 
-        keep = reusable_prefix(self.cached, ids) if self.cache is not None else 0
-        drop = self.cache.get_seq_length() - keep if keep else 0
+        keep, row, beams = 0, 0, self._beams
+        if self.cache is not None and beams is not None:
+            # after a beam search: the row sharing the most with `ids` (at least the prompt, which all hold)
+            prefixes = [reusable_prefix(self.cached + b, ids) for b in beams]
+            keep = max(prefixes)
+            row = prefixes.index(keep)
+        elif self.cache is not None:
+            keep = reusable_prefix(self.cached, ids)
+        self.cached, self._beams = [], None  # unknown until the forward below is done
         try:
+            if keep and beams is not None:  # back to one row
+                self.cache.batch_select_indices(torch.tensor([row], dtype=torch.long, device=self.device))
+            drop = self.cache.get_seq_length() - keep if keep else 0
             if drop > 0:
                 self.cache.crop(-drop)  # negative: tokens to remove, in transformers 4 and 5 alike
-        except ValueError:  # a sliding-window layer past its window can't give back what it dropped
+        except (ValueError, RuntimeError):  # a sliding-window layer past its window can't give back what it
+            # dropped (transformers 5.x says so with a RuntimeError)
             keep = 0
         if not keep:
             self.cache = DynamicCache(config=self.model.config)
@@ -108,23 +122,28 @@ class HFBackend:
 
     def reset(self) -> None:
         """Forget the cached prompt: the next prefill runs its prompt whole."""
-        self.cache, self.cached = None, []
+        self.cache, self.cached, self._beams = None, [], None
 
     def step(self, tokens: list[int]) -> torch.Tensor:
         logits = self._forward(torch.tensor(tokens, dtype=torch.long)[:, None])
-        if self.cached:
+        if self._beams is not None:
+            self._beams = [b + [t] for b, t in zip(self._beams, tokens)]
+        elif self.cached:
             self.cached.append(tokens[0])
         return logits
 
     def fork(self, n: int) -> None:
-        self.cached = []  # the cache's rows become n: no single row to keep
+        # n rows, each the prompt (`cached`) then its own tokens: the next prefill keeps the longest
         self.cache.batch_repeat_interleave(n)
+        self._beams = [[] for _ in range(n)] if self.cached else None
 
     def reorder(self, rows: list[int]) -> None:
         self.cache.reorder_cache(torch.tensor(rows, dtype=torch.long, device=self.device))
+        if self._beams is not None:
+            self._beams = [self._beams[r] for r in rows]  # shared lists: `step` builds new ones
 
     def close(self) -> None:
-        self.cache, self.cached = None, []
+        self.reset()
         if self._packed is not None:
             block, self._packed = self._packed, None
             block.__exit__(None, None, None)

@@ -70,7 +70,10 @@ class LlamaCppBackend:
         self.eos_ids = _end_of_generation_ids(self.llm)
         self.rows: list[int] = [0]  # llama.cpp sequence id of each row
         self.n_past = 0
-        self.cached: list[int] = []  # the tokens whose KV sequence 0 holds, for the next prefill
+        # The tokens whose KV sequence 0 holds, for the next prefill; after `fork`, the prompt all
+        # rows share, each row's own tokens past it in `_beams` (None while there is one row).
+        self.cached: list[int] = []
+        self._beams: list[list[int]] | None = None
         self._formatter = None
 
     # --- text -------------------------------------------------------------------------------
@@ -110,7 +113,7 @@ class LlamaCppBackend:
             self.ctx.close()
             self.ctx = None
         self._params.n_ctx = cells
-        self.cached = []
+        self.cached, self._beams = [], None
         self.ctx = _internals.LlamaContext(model=self.llm._model, params=self._params, verbose=False)
         self.kv_cells = cells
 
@@ -142,12 +145,22 @@ class LlamaCppBackend:
             raise UserError(f"the prompt has {len(ids)} tokens, the context window holds {self.n_ctx}")
         from toolkit.decoding.backends import reusable_prefix
 
-        keep = reusable_prefix(self.cached, ids) if self.rows == [0] else 0
+        keep, row, beams = 0, 0, self._beams
+        if beams is not None:
+            # after a beam search: the row sharing the most with `ids` (at least the prompt, which all hold)
+            prefixes = [reusable_prefix(self.cached + b, ids) for b in beams]
+            keep = max(prefixes)
+            row = prefixes.index(keep)
+        elif self.rows == [0]:
+            keep = reusable_prefix(self.cached, ids)
+        self.cached, self._beams = [], None  # unknown until the decode below is done
+        if keep and beams is not None:
+            self._one_row(self.rows[row])
         # A cache that can't drop a tail (a recurrent model's) says no: then it runs the whole prompt.
         if not (keep and self._lib.llama_memory_seq_rm(self.ctx.memory, 0, keep, -1)):
             keep = 0
             self._lib.llama_memory_clear(self.ctx.memory, True)
-        self.rows, self.n_past, self.cached = [0], keep, []
+        self.rows, self.n_past = [0], keep
         for start in range(keep, len(ids), self.n_batch):
             chunk = ids[start:start + self.n_batch]
             last = start + len(chunk) == len(ids)
@@ -156,17 +169,29 @@ class LlamaCppBackend:
         self.n_past, self.cached = len(ids), list(ids)
         return self._logits(1)[0]
 
+    def _one_row(self, seq: int) -> None:
+        """Sequence `seq` becomes sequence 0, the only one (the rows of a beam search collapse)."""
+        if seq != 0:  # `reorder` may have moved every row off sequence 0, or left another row there
+            self._lib.llama_memory_seq_rm(self.ctx.memory, 0, -1, -1)
+            self._lib.llama_memory_seq_cp(self.ctx.memory, seq, 0, -1, -1)
+        for s in set(self.rows) - {0}:
+            self._lib.llama_memory_seq_rm(self.ctx.memory, s, -1, -1)
+        self.rows = [0]
+
     def reset(self) -> None:
         """Forget the cached prompt: the next prefill runs its prompt whole."""
-        self.cached = []
+        self.cached, self._beams = [], None
 
     def step(self, tokens: list[int]) -> torch.Tensor:
         if len(tokens) != len(self.rows):
             raise ValueError(f"{len(tokens)} tokens for {len(self.rows)} rows")
-        cached, self.cached = self.cached, []  # unknown if the decode is stopped midway
+        cached, beams = self.cached, self._beams
+        self.cached, self._beams = [], None  # unknown if the decode is stopped midway
         self._decode(tokens, [self.n_past] * len(tokens), self.rows, [True] * len(tokens))
         self.n_past += 1
-        if self.rows == [0]:
+        if beams is not None:
+            self.cached, self._beams = cached, [b + [t] for b, t in zip(beams, tokens)]
+        elif self.rows == [0]:
             cached.append(tokens[0])
             self.cached = cached
         return self._logits(len(tokens))
@@ -177,7 +202,8 @@ class LlamaCppBackend:
     def fork(self, n: int) -> None:
         if n > MAX_ROWS:
             raise ValueError(f"at most {MAX_ROWS} rows")
-        self.cached = []  # the rows move off sequence 0
+        # n rows, each the prompt (`cached`) then its own tokens: the next prefill keeps the longest
+        self._beams = [[] for _ in range(n)] if self.cached and self.rows == [0] else None
         used = set(self.rows)
         for _ in range(n - len(self.rows)):
             s = self._free_seq(used)
@@ -198,6 +224,8 @@ class LlamaCppBackend:
         for s in set(old) - set(new):
             self._lib.llama_memory_seq_rm(self.ctx.memory, s, -1, -1)
         self.rows = list(new)
+        if self._beams is not None:
+            self._beams = [self._beams[r] for r in rows]  # shared lists: `step` builds new ones
 
     def close(self) -> None:
         ctx, self.ctx = getattr(self, "ctx", None), None
