@@ -10,7 +10,7 @@ import copy
 import pytest
 
 from tests.export.ollama_template import ollama_prompt
-from tests.export.test_pipeline import CONVERSATIONS
+from tests.export.test_pipeline import CONVERSATIONS, eog_texts_by_llama_cpp, modelfile_stops
 
 BOS = "<|begin_of_text|>"
 
@@ -87,20 +87,19 @@ def test_modelfile_from_metas_own_template_renders_hf_text(llama_tok):
         assert ollama_prompt(text, msgs, bos=BOS) == want
 
 
-def test_modelfile_stops_wherever_llama_cpp_ends_generation(gguf_vocab, llama_tok):
-    """Ollama's Go engine stops only on the GGUF's EOS id (<|eot_id|>): the Modelfile's stops must
-    cover the other tokens llama.cpp (and Meta's generation_config) end generation on."""
-    import llama_cpp
-
+def test_modelfile_stops_wherever_llama_cpp_ends_generation(llama32_gguf, gguf_vocab, llama_tok):
+    """Ollama's Go engine stops only on the GGUF's EOS id (<|eot_id|>): the Modelfile's stops, read
+    from the GGUF as the export reads them, are the end-of-turn token, the new-turn opener and every
+    token llama.cpp (and Meta's generation_config) end generation on, none of them twice."""
     from toolkit.export.modelfile import modelfile_text
+    from toolkit.export.pipeline import gguf_eog_texts
 
-    model = gguf_vocab._model
-    eog = {model.token_get_text(i) for i in range(gguf_vocab.n_vocab())
-           if llama_cpp.llama_vocab_is_eog(model.vocab, i)}
+    eog = eog_texts_by_llama_cpp(gguf_vocab)
     assert eog == {"<|eot_id|>", "<|eom_id|>", "<|end_of_text|>"}
-    text = modelfile_text("m-f16.gguf", llama_tok, "<|eot_id|>")
-    stops = {line.split('"')[1] for line in text.splitlines() if line.startswith("PARAMETER stop ")}
-    assert eog <= stops and "<|start_header_id|>" in stops
+    text = modelfile_text("m-f16.gguf", llama_tok, "<|eot_id|>", eog=gguf_eog_texts(llama32_gguf, "m-f16.gguf"))
+    stops = modelfile_stops(text)
+    assert stops[:2] == ["<|eot_id|>", "<|start_header_id|>"] and len(stops) == len(set(stops))
+    assert set(stops) == {"<|eot_id|>", "<|start_header_id|>"} | eog
 
 
 def test_llama_cpp_backend_ends_where_llama_cpp_does(llama32_gguf, llama_tok):

@@ -181,6 +181,76 @@ def test_modelfile_keeps_the_template_default_when_the_prompt_cannot_be_written(
     assert 'SYSTEM """You are a helpful AI assistant named SmolLM' in text
 
 
+def eog_texts_by_llama_cpp(llm) -> set[str]:
+    """What llama.cpp itself marks end-of-generation in `llm`'s vocabulary, asked directly."""
+    import llama_cpp
+
+    model = llm._model
+    return {model.token_get_text(i) for i in range(llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(model.vocab, i)}
+
+
+def modelfile_stops(modelfile: str) -> list[str]:
+    """The Modelfile's `PARAMETER stop` strings, in order."""
+    return [line.split('"', 1)[1][:-1] for line in modelfile.splitlines() if line.startswith("PARAMETER stop ")]
+
+
+def test_stop_tokens_are_the_given_end_of_generation_texts(embedded_tok):
+    """The stops after the end-of-turn token and the new-turn opener are the GGUF's end-of-generation
+    texts the caller passes, whatever they are called, in their order, each once; a name from
+    no fixed list (</s>, <|my_end|>) included."""
+    from toolkit.export.modelfile import stop_tokens, turn_format
+
+    fmt = turn_format(embedded_tok)
+    eog = ["</s>", "<|im_end|>", "<|my_end|>", "<|endoftext|>", "</s>"]
+    assert stop_tokens(embedded_tok, "<|im_end|>", fmt, eog) == [
+        "<|im_end|>", "<|im_start|>", "</s>", "<|my_end|>", "<|endoftext|>"]
+    assert stop_tokens(embedded_tok, "<|im_end|>", None, ["<|my_end|>"]) == ["<|im_end|>", "<|my_end|>"]
+    # Not from the tokenizer: a special token of the vocabulary that the GGUF does not end on is no stop.
+    assert stop_tokens(embedded_tok, "<|im_end|>", fmt) == ["<|im_end|>", "<|im_start|>"]
+
+
+def test_modelfile_leaves_out_stops_it_cannot_write(embedded_tok):
+    """Ollama's Modelfile parser has no escapes and drops non-printable runes: a stop holding a
+    quote, a newline, a tab or an invisible character would come back as another string."""
+    from toolkit.export.modelfile import modelfile_text
+
+    eog = ["<|my_end|>", 'say "end"', "line\nbreak", "a\tb", "zero\u200bwidth", "", "back\\slash"]
+    text = modelfile_text("m.gguf", embedded_tok, "<|im_end|>", eog=eog)
+    assert modelfile_stops(text) == ["<|im_end|>", "<|im_start|>", "<|my_end|>", "back\\slash"]
+    (note,) = [line for line in text.splitlines() if line.startswith("# Not stops")]
+    assert "'say \"end\"'" in note and "'line\\nbreak'" in note and "'zero\\u200bwidth'" in note
+
+
+def test_modelfile_stops_are_the_ggufs_end_of_generation_tokens(embedded_tok, embedded_f16_gguf):
+    """SmolLM2: what the export reads from its GGUF (`gguf_eog_texts`) is what llama.cpp ends on."""
+    from llama_cpp import Llama
+
+    from toolkit.export.modelfile import modelfile_text
+    from toolkit.export.pipeline import gguf_eog_texts
+
+    llm = Llama(model_path=str(embedded_f16_gguf), vocab_only=True, verbose=False)
+    try:
+        eog = eog_texts_by_llama_cpp(llm)
+    finally:
+        llm.close()
+    assert {"<|im_end|>", "<|endoftext|>"} <= eog
+    stops = modelfile_stops(modelfile_text("m.gguf", embedded_tok, "<|im_end|>",
+                                           eog=gguf_eog_texts(embedded_f16_gguf, "m.gguf")))
+    assert stops[:2] == ["<|im_end|>", "<|im_start|>"] and len(stops) == len(set(stops))
+    assert set(stops) == {"<|im_end|>", "<|im_start|>"} | eog
+
+
+def test_unreadable_gguf_is_one_line_export_failure(tmp_path):
+    from toolkit.export.pipeline import ExportFailed, gguf_eog_texts
+
+    bad = tmp_path / "m-q8_0.gguf.tmp"
+    bad.write_bytes(b"GGUF" + bytes(12))
+    with pytest.raises(ExportFailed) as exc:
+        gguf_eog_texts(bad, "m-q8_0.gguf")
+    msg = str(exc.value)
+    assert msg.startswith("m-q8_0.gguf: llama.cpp cannot read") and "\n" not in msg
+
+
 def test_export_record_has_the_runs_system_prompt(tmp_path):
     """export.json records the recipe's data.system_prompt, and chat/generate on the exported GGUF
     read it back from there."""
@@ -553,6 +623,18 @@ def test_export_lora_run_f16_and_q8_0(tmp_path, embedded_dir, embedded_f16_gguf,
     assert "finance" in readme and f"{f16['ppl_gguf']:.3f}" in readme and "lora" in readme
     assert (out / "Modelfile").read_text().startswith("FROM ./finance-20260101-000000-q8_0.gguf")
     assert summary["system_prompt"] == TRAINED and f'SYSTEM """{TRAINED}"""' in (out / "Modelfile.f16").read_text()
+    # Each Modelfile stops where llama.cpp ends generation in its own GGUF, asked of llama.cpp here.
+    from llama_cpp import Llama
+
+    for modelfile, gguf in (("Modelfile", "q8_0"), ("Modelfile.f16", "f16")):
+        llm = Llama(model_path=str(out / f"finance-20260101-000000-{gguf}.gguf"), vocab_only=True, verbose=False)
+        try:
+            eog = eog_texts_by_llama_cpp(llm)
+        finally:
+            llm.close()
+        stops = modelfile_stops((out / modelfile).read_text())
+        assert {"<|im_end|>", "<|endoftext|>"} <= eog and stops[:2] == ["<|im_end|>", "<|im_start|>"]
+        assert set(stops) == {"<|im_end|>", "<|im_start|>"} | eog and len(stops) == len(set(stops))
 
     # The adapter is in the GGUF: the round trip above matched it to the merged model, and its
     # logits are clearly not the base model's (llama.cpp on the base's own f16 GGUF).

@@ -6,11 +6,13 @@ template with sentinel messages and read off each role's prefix and suffix, the 
 system prompt and the generation prompt (`TurnFormat`). `render()` replays a TurnFormat in
 Python exactly as the Go template does, and `turn_format()` only returns a format whose replay
 equals `apply_chat_template` on several conversations, so the Modelfile says the same thing
-as the template or is not claimed at all.
+as the template or is not claimed at all. The stops are read from the exported GGUF, not from a
+list of token names: the tokens llama.cpp ends generation on there (`stop_tokens`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from toolkit.core.chat_tokens import special_tokens
@@ -155,34 +157,46 @@ def go_template(fmt: TurnFormat, bos: str | None = None) -> str:
     )
 
 
-# Tokens llama.cpp ends generation on by name (llama-vocab.cpp's end-of-generation list, chat
-# ones). Ollama's Go engine stops only on the GGUF's tokenizer.ggml.eos_token_id(s), which the
-# official converter writes as the one end-of-turn id: without these stops, a Llama-3 model that
-# emits <|end_of_text|> or <|eom_id|> would run on under Ollama where llama.cpp and Meta's
-# generation_config.json stop.
-_LLAMA_CPP_EOG_NAMES = ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|im_end|>", "<|endoftext|>",
-                        "<|end|>", "<end_of_turn>", "<EOT>")
+def _fits_stop_line(text: str) -> bool:
+    """Whether `PARAMETER stop "<text>"` reads back as `text` in Ollama (parser/parser.go, ParseFile).
+    Its parser has no escapes: the value is the line with one pair of outer quotes removed, so a
+    backslash is taken literally and kept, but nothing can stand for a quote (and a leading '""'
+    opens a triple-quoted string). It drops the runes Go's strconv.IsPrint rejects, which are
+    Python's non-printables (control, format and non-ASCII space characters), so a stop holding
+    one, or a newline or tab, would come back as another string; an empty stop would end every
+    reply at once. Such a token is left out rather than written as a stop that never matches."""
+    return bool(text) and '"' not in text and text.isprintable()
 
 
-def stop_tokens(tokenizer, end_of_turn: str, fmt: TurnFormat | None) -> list[str]:
-    """Strings that end a reply: the end-of-turn token, the special token that opens a new turn
-    (a model that starts a new turn has run on), and the vocabulary's other special tokens
-    llama.cpp ends generation on."""
+def _stop_candidates(tokenizer, end_of_turn: str, fmt: TurnFormat | None, eog: Iterable[str]) -> list[str]:
     stops = [end_of_turn]
-    specials = set(special_tokens(tokenizer)) | set(getattr(tokenizer, "added_tokens_encoder", {}))
     if fmt is not None:
+        specials = set(special_tokens(tokenizer)) | set(getattr(tokenizer, "added_tokens_encoder", {}))
         for tok in sorted(specials, key=len, reverse=True):
-            if tok and fmt.user_prefix.startswith(tok) and tok not in stops:
+            if tok and tok != end_of_turn and fmt.user_prefix.startswith(tok):
                 stops.append(tok)
                 break
-    stops += [t for t in _LLAMA_CPP_EOG_NAMES if t in specials and t not in stops]
-    return stops
+    return list(dict.fromkeys(t for t in [*stops, *eog] if t))
+
+
+def stop_tokens(tokenizer, end_of_turn: str, fmt: TurnFormat | None, eog: Iterable[str] = ()) -> list[str]:
+    """Strings that end a reply, in this order, each once: the end-of-turn token, the special
+    token that opens a new turn (a model that starts a new turn has run on), then `eog`, the
+    texts of the tokens the exported GGUF's vocabulary ends generation on
+    (`toolkit.decoding.backends.end_of_generation_tokens`, in id order). Ollama's Go engine stops
+    only on the GGUF's tokenizer.ggml.eos_token_id, which the converter writes as the one
+    end-of-turn id: without the others a Llama-3 model that emits <|end_of_text|> or <|eom_id|>
+    would run on under Ollama where llama.cpp (and the toolkit's llama.cpp backend) stop.
+    Strings a Modelfile cannot hold verbatim are left out (`_fits_stop_line`)."""
+    return [t for t in _stop_candidates(tokenizer, end_of_turn, fmt, eog) if _fits_stop_line(t)]
 
 
 def modelfile_text(gguf_name: str, tokenizer, end_of_turn: str, temperature: float | None = None,
-                   system: str | None = None) -> str:
+                   system: str | None = None, eog: Iterable[str] = ()) -> str:
     """The Ollama Modelfile for `gguf_name` (a file beside it). `system`, the prompt the model was
-    fine-tuned with, becomes its SYSTEM in place of the template's default."""
+    fine-tuned with, becomes its SYSTEM in place of the template's default. `eog`: the texts of
+    that GGUF's end-of-generation tokens, which become stops (`stop_tokens`); the caller reads
+    them from the GGUF, so that Ollama stops where llama.cpp does."""
     fmt = turn_format(tokenizer)
     lines = [f"FROM ./{gguf_name}", ""]
     try:
@@ -200,7 +214,11 @@ def modelfile_text(gguf_name: str, tokenizer, end_of_turn: str, temperature: flo
     if system or default:
         # Without a TEMPLATE too: Ollama hands SYSTEM to the GGUF's own template as the system message.
         lines += [f'SYSTEM """{system or default}"""', ""]
-    for stop in stop_tokens(tokenizer, end_of_turn, fmt):
+    eog = list(eog)
+    unwritable = [t for t in _stop_candidates(tokenizer, end_of_turn, fmt, eog) if not _fits_stop_line(t)]
+    if unwritable:  # repr(): a comment ends at the first newline
+        lines.append(f"# Not stops here (a Modelfile string cannot hold them): {', '.join(map(repr, unwritable))}")
+    for stop in stop_tokens(tokenizer, end_of_turn, fmt, eog):
         lines.append(f'PARAMETER stop "{stop}"')
     if temperature is not None:
         lines.append(f"PARAMETER temperature {temperature}")

@@ -248,8 +248,8 @@ class LlamaCppBackend:
 def _end_of_generation_ids(llm) -> frozenset[int]:
     """Every token llama.cpp ends generation on (`llama_vocab_is_eog`, as its create_completion
     checks): EOS and end-of-turn, and for Llama-3 also <|end_of_text|> and <|eom_id|>, which the
-    GGUF's single eos id leaves out. ~13 ms for a 49k vocabulary, once per open."""
-    import llama_cpp
+    GGUF's single eos id leaves out. ~13 ms for a 49k vocabulary, once per open. The same set an
+    export writes as its Modelfile's stops (`end_of_generation_tokens`)."""
+    from toolkit.decoding.backends import end_of_generation_tokens
 
-    vocab = llama_cpp.llama_model_get_vocab(llm._model.model)
-    return frozenset(i for i in range(llama_cpp.llama_vocab_n_tokens(vocab)) if llama_cpp.llama_vocab_is_eog(vocab, i))
+    return frozenset(end_of_generation_tokens(llm))
