@@ -10,7 +10,7 @@ import copy
 import pytest
 
 from tests.export.ollama_template import ollama_prompt
-from tests.export.test_pipeline import CONVERSATIONS, eog_texts_by_llama_cpp, modelfile_stops
+from tests.export.test_modelfile import CONVERSATIONS, eog_texts_by_llama_cpp, modelfile_stops
 
 BOS = "<|begin_of_text|>"
 
@@ -37,13 +37,6 @@ def gguf_vocab(llama32_gguf):
     llm = Llama(model_path=str(llama32_gguf), vocab_only=True, verbose=False)
     yield llm
     llm.close()
-
-
-@pytest.fixture(scope="module")
-def embedded_tok(embedded_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(embedded_dir)
 
 
 def test_turn_format_replays_the_llama3_template(llama_tok):
