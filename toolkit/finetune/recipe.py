@@ -2,12 +2,13 @@
 
 YAML keys are the dataclass fields below, section by section. Unknown keys, keys given twice, wrong
 types and out-of-range values raise `UserError` naming the key and the file (and the profile), on
-every machine whichever profile it applies. A `cpu:` section holds the same sections with partial
-values; it is applied on top when no GPU is present, so one recipe serves a consumer GPU
-(Llama-3.2-1B, QLoRA) and a CPU box (small model, short run). A `fallback:` section, alike, is
-applied on a GPU when the base falls back to `model.fallback_model` (a small model wants other
-settings than the big one; on a CPU the `cpu:` profile already targets it). `--set
-section.key=value` overrides come last and are coerced to the field's type.
+every machine whichever profile it applies (the range rules are in `toolkit.finetune.recipe_checks`).
+A `cpu:` section holds the same sections with partial values; it is applied on top when no GPU is
+present, so one recipe serves a consumer GPU (Llama-3.2-1B, QLoRA) and a CPU box (small model, short
+run). A `fallback:` section, alike, is applied on a GPU when the base falls back to
+`model.fallback_model` (a small model wants other settings than the big one; on a CPU the `cpu:`
+profile already targets it). `--set section.key=value` overrides come last and are coerced to the
+field's type.
 
 This module imports only the standard library and PyYAML: `toolkit finetune --help` stays instant.
 """
@@ -21,13 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from toolkit.core.errors import UserError
+# The allowed values stay importable from here (`recipe.METHODS`), as before the checks moved out.
+from toolkit.finetune.recipe_checks import DTYPES, FORMATS, METHODS, SCHEDULERS, check_ranges  # noqa: F401
 from toolkit.finetune.sources import read_text
 from toolkit.finetune.typed_yaml import coerce, field_types, load_yaml
 
-METHODS = ("qlora", "lora", "full", "auto")  # auto: toolkit.finetune.plan.choose_method
-FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text")
-SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
-DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
 @dataclass
@@ -211,97 +210,6 @@ def _apply(recipe: Recipe, data: dict, src: str, allow_profile: bool) -> dict:
     return profiles
 
 
-def _check_range(recipe: Recipe, src: str) -> None:
-    def bad(key, msg):
-        raise UserError(f"{src}: {key} {msg}")
-
-    def choice(key, value, options):
-        if value not in options:
-            bad(key, f"must be one of {', '.join(options)}; got {value!r}")
-
-    m, lo, d, t, e = recipe.method, recipe.lora, recipe.data, recipe.training, recipe.eval
-    if not recipe.model.base_model:
-        bad("model.base_model", "is required")
-    if recipe.model.hub_timeout_s <= 0:
-        bad("model.hub_timeout_s", "must be > 0")
-    if recipe.model.time_budget:
-        from toolkit.estimate.timeplan import parse_duration
-
-        try:
-            parse_duration(recipe.model.time_budget, "model.time_budget")
-        except UserError as exc:
-            bad("model.time_budget", str(exc).split(": ", 1)[-1])
-    choice("method.name", m.name, METHODS)
-    choice("method.quant_type", m.quant_type, ("nf4", "fp4"))
-    choice("method.compute_dtype", m.compute_dtype, DTYPES)
-    if lo.r < 1:
-        bad("lora.r", f"must be >= 1; got {lo.r}")
-    if lo.alpha < 1:
-        bad("lora.alpha", f"must be >= 1; got {lo.alpha}")
-    if not 0.0 <= lo.dropout < 1.0:
-        bad("lora.dropout", f"must be in [0, 1); got {lo.dropout}")
-    if not lo.target_modules:
-        bad("lora.target_modules", "must name at least one module (or all-linear)")
-    _check_targets(lo.target_modules, bad)
-    if not d.train:
-        bad("data.train", "is required")
-    if isinstance(d.train, list):
-        for i, src_ in enumerate(d.train):
-            if not src_.path:
-                bad(f"data.train[{i}].path", "is required")
-            if src_.weight <= 0:
-                bad(f"data.train[{i}].weight", f"must be > 0; got {src_.weight}")
-    choice("data.format", d.format, FORMATS)
-    choice("data.overlong", d.overlong, ("truncate", "drop"))
-    if d.max_seq_len < 16:
-        bad("data.max_seq_len", f"must be >= 16; got {d.max_seq_len}")
-    if t.epochs <= 0 and t.max_steps <= 0:
-        bad("training.epochs", "must be > 0 (or set training.max_steps)")
-    if t.max_steps == 0 or t.max_steps < -1:
-        bad("training.max_steps", f"must be > 0, or -1 to use epochs; got {t.max_steps}")
-    if not 0.0 < t.learning_rate < 1.0:
-        bad("training.learning_rate", f"must be in (0, 1); got {t.learning_rate}")
-    choice("training.lr_scheduler", t.lr_scheduler, SCHEDULERS)
-    if not 0.0 <= t.warmup_ratio < 1.0:
-        bad("training.warmup_ratio", f"must be in [0, 1); got {t.warmup_ratio}")
-    for key in ("weight_decay", "max_grad_norm", "neftune_noise_alpha", "loraplus_lr_ratio"):
-        if getattr(t, key) < 0:
-            bad(f"training.{key}", "must be >= 0")
-    if t.loraplus_lr_ratio and m.name == "full":
-        bad("training.loraplus_lr_ratio",
-            "applies to LoRA adapters; method.name is full (set training.loraplus_lr_ratio=0)")
-    for key in ("batch_size", "grad_accum", "logging_steps"):
-        if getattr(t, key) < 1:
-            bad(f"training.{key}", f"must be >= 1; got {getattr(t, key)}")
-    for key in ("save_steps",):
-        if getattr(t, key) < 0:
-            bad(f"training.{key}", "must be >= 0")
-    if not 0 <= t.seed < 2**32:  # numpy's seed range; anything else fails only once training starts
-        bad("training.seed", f"must be in [0, 2**32); got {t.seed}")
-    for key in ("eval_steps", "eval_examples", "early_stopping_patience", "generation_samples", "side_by_side"):
-        if getattr(e, key) < 0:
-            bad(f"eval.{key}", "must be >= 0")
-    if e.max_new_tokens < 1:
-        bad("eval.max_new_tokens", "must be >= 1")
-    if e.early_stopping_patience and not (e.eval_steps and d.eval):
-        bad("eval.early_stopping_patience", "needs eval.eval_steps > 0 and a data.eval file")
-
-
-def _check_targets(targets: list[str], bad) -> None:
-    """LoRA targets are the estimator's names (toolkit.estimate.planner.ALL_LINEAR) or `all-linear`:
-    the planner sizes every run from them, and PEFT would refuse an unknown name only once the model
-    is loaded (and the loader would take that for an unavailable base and fall back)."""
-    from toolkit.estimate.planner import ALL_LINEAR
-
-    if "all-linear" in targets and len(targets) > 1:
-        bad("lora.target_modules", f"all-linear stands alone (it already means {', '.join(ALL_LINEAR)}); "
-            f"got {', '.join(targets)}")
-    unknown = [t for t in targets if t != "all-linear" and t not in ALL_LINEAR]
-    if unknown:
-        bad("lora.target_modules", f"has unknown module {', '.join(map(repr, unknown))} "
-            f"(known: all-linear, {', '.join(ALL_LINEAR)})")
-
-
 def parse_override(item: str) -> tuple[list[str], object]:
     """`section.key=value` → (path, YAML-typed value). `true`, `3`, `2e-4`, `[a, b]` parse as YAML."""
     import yaml
@@ -362,9 +270,9 @@ def load(spec: str | Path, overrides: typing.Sequence[str] = (), gpu: bool | Non
     variants = {name: copy.deepcopy(recipe) for name in PROFILES if name in profiles}
     for name, variant in variants.items():
         _apply(variant, profiles[name], f"{src} ({name} profile)", allow_profile=False)
-    _check_range(recipe, src)
+    check_ranges(recipe, src)
     for name, variant in variants.items():
-        _check_range(variant, f"{src} ({name} profile)")
+        check_ranges(variant, f"{src} ({name} profile)")
     if "fallback" in profiles:
         recipe.fallback_profile = profiles["fallback"]
     profile = profiles.get("cpu")
@@ -377,7 +285,7 @@ def load(spec: str | Path, overrides: typing.Sequence[str] = (), gpu: bool | Non
             _apply(recipe, profile, f"{src} (cpu profile)", allow_profile=False)
             recipe.profile = "cpu"
     _apply_overrides(recipe, overrides)
-    _check_range(recipe, src if not overrides else f"{src} (with --set)")
+    check_ranges(recipe, src if not overrides else f"{src} (with --set)")
     return recipe
 
 
@@ -403,7 +311,7 @@ def for_fallback(recipe: Recipe, overrides: typing.Sequence[str] = ()) -> Recipe
     src = f"{recipe.source or recipe.name} (fallback profile" + (", with --set)" if overrides else ")")
     _apply(out, out.fallback_profile, src, allow_profile=False)
     _apply_overrides(out, overrides)
-    _check_range(out, src)
+    check_ranges(out, src)
     out.profile = "fallback"
     return out
 
