@@ -211,3 +211,43 @@ def test_a_beam_step_stopped_midway_keeps_nothing(which, request, monkeypatch):
     (_, _, _), (ran, _, _), (ran_whole, _, _) = spy.prefills
     assert ran == ran_whole == len(ids)
     assert torch.allclose(again, whole, atol=1e-4 if which == "hf" else 5e-2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which", ["hf", "gguf"])
+@pytest.mark.parametrize("where", ["fork", "reorder"])
+def test_a_beam_search_stopped_while_its_rows_are_rearranged_keeps_nothing(which, where, request, monkeypatch):
+    """Stopped between two layers of a fork or a reorder (HF repeats and reorders the cache layer by
+    layer; llama.cpp copies and removes one sequence at a time), the rows no longer hold what the
+    bookkeeping says: the next prefill runs the whole prompt and its logits equal a fresh one's."""
+    backend = request.getfixturevalue(which)
+    backend.reset()
+    ids = backend.chat_ids(MOON)
+    backend.prefill(ids)
+    if where == "reorder":
+        backend.fork(3)
+        backend.step([ids[-1], ids[-2], ids[-3]])
+    calls = {"n": 0}
+    if which == "hf":
+        layer = type(backend.cache.layers[0])
+        real = getattr(layer, "batch_repeat_interleave" if where == "fork" else "reorder_cache")
+        name = real.__name__
+    else:
+        name = "llama_memory_seq_cp" if where == "fork" else "llama_memory_seq_rm"
+        real = getattr(backend._lib, name)
+
+    def second_call_stops(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the first layer / sequence done, the rest not
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(layer if which == "hf" else backend._lib, name, second_call_stops)
+    with pytest.raises(KeyboardInterrupt):
+        backend.fork(3) if where == "fork" else backend.reorder([2, 2, 1])
+    monkeypatch.undo()
+    with _Spy(backend, which) as spy:
+        again = backend.prefill(ids)
+    assert spy.prefills[0][0] == len(ids)
+    backend.reset()
+    assert torch.allclose(again, backend.prefill(ids), atol=1e-4 if which == "hf" else 5e-2)

@@ -12,7 +12,8 @@ import pytest
 from toolkit.estimate import formulas as F
 from toolkit.estimate.catalog import CATALOG, lookup
 from toolkit.core.errors import UserError
-from toolkit.estimate.planner import ALL_LINEAR, SAFETY_MARGIN, estimate, pick, weights_bytes
+from toolkit.estimate.pick import pick
+from toolkit.estimate.planner import ALL_LINEAR, SAFETY_MARGIN, estimate, weights_bytes
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "estimate"
 MIB, GIB = 1024**2, 1024**3

@@ -10,7 +10,8 @@ import pytest
 from toolkit.core.errors import UserError
 from toolkit.estimate import timing as T
 from toolkit.estimate.catalog import from_hf_config
-from toolkit.estimate.planner import ALL_LINEAR, pick
+from toolkit.estimate.pick import pick
+from toolkit.estimate.planner import ALL_LINEAR
 from toolkit.estimate.timeplan import fmt_duration, parse_duration
 
 CFG = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2,

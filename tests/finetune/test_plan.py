@@ -43,7 +43,7 @@ def test_pick_and_fit_check_agree(monkeypatch):
     """For every machine size, `base_model: auto` picks a model exactly when the fit check would
     let that model train: both estimate the recipe's run and compare it with the same usable memory."""
     from toolkit.core import hardware
-    from toolkit.estimate.planner import pick
+    from toolkit.estimate.pick import pick
     from toolkit.finetune.base_model import Unavailable, check_fits
 
     rec = recipe.load(FINANCE, gpu=False)

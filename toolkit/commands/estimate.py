@@ -30,6 +30,7 @@ import sys
 
 from toolkit.core.errors import UserError
 from toolkit.core.units import gib
+from toolkit.commands.estimate_settings import fill_defaults, settings, targets_of
 
 _TASKS = ("inference", "lora", "qlora", "full")
 
@@ -79,7 +80,7 @@ def run(args) -> int:
         for name, size in B.GPUS.items():
             print(f"{name:<26} {size:>3} GiB")
         return 0
-    _fill_defaults(args)
+    fill_defaults(args)
     if args.task not in _TASKS:
         raise UserError(f"--task must be one of {', '.join(_TASKS)}, got {args.task!r}")
     if args.time_budget is not None:
@@ -89,21 +90,6 @@ def run(args) -> int:
     if args.model is not None:
         return _one_model(args)
     return _pick(args)
-
-
-# Flags a recipe sets (--quant aside, which may override the recipe's) and their defaults without one.
-_DEFAULTS = {"task": ("--task", "qlora"), "seq_len": ("--seq-len", "512"), "batch": ("--batch", "1"),
-             "lora_r": ("--lora-r", "16"), "target_modules": ("--target-modules", "all-linear"),
-             "optimizer": ("--optimizer", "adamw"), "grad_ckpt": ("--grad-ckpt/--no-grad-ckpt", True)}
-
-
-def _fill_defaults(args) -> None:
-    """The defaults of the flags a recipe sets; given with --recipe they would be ignored: an error."""
-    for key, (flag, default) in _DEFAULTS.items():
-        if getattr(args, key) is None:
-            setattr(args, key, default)
-        elif args.recipe:
-            raise UserError(f"{flag} does not go with --recipe: the recipe sets it (edit the recipe, or drop --recipe)")
 
 
 def _budget_if_any(args):
@@ -125,11 +111,11 @@ def _one_model(args) -> int:
     from toolkit.estimate.catalog import lookup
 
     facts = lookup(args.model)
-    s = _settings(args, device)
+    s = settings(args, device)
     # the same rule as the pick and the fine-tune's fit check: the budget minus the safety margin
     usable = E.usable_bytes(bud.bytes) if bud else None
     est = E.estimate(facts, s["task"], s["quant"], s["seq_len"], s["batch"], s["lora_r"], s["grad_ckpt"],
-                     _targets(s["targets"], facts), s["optimizer"], s["lora_dropout"], device=device,
+                     targets_of(s["targets"], facts), s["optimizer"], s["lora_dropout"], device=device,
                      budget_bytes=usable, compute=s["compute"])
     tm = _time(args, facts, est, device, s)
     warnings = _context_warnings(args, [facts], s["seq_len"])
@@ -225,7 +211,7 @@ def _pick(args) -> int:
     if args.quant and not args.recipe:
         raise UserError("--quant needs --model (without it, the pick tries the task's usual quants)")
     bud = B.resolve_budget(args.vram, args.gpu)
-    s = _settings(args, bud.device)
+    s = settings(args, bud.device)
     quants = (s["quant"],) if args.recipe else None
     rates, run, limit = None, None, None
     if s["task"] != "inference":
@@ -239,7 +225,7 @@ def _pick(args) -> int:
         targets = s["targets"]
 
         def seconds_of(m, e):
-            return time_fields(m, e, rates, targets=_targets(targets, m), run=run)["train_wall_s"]
+            return time_fields(m, e, rates, targets=targets_of(targets, m), run=run)["train_wall_s"]
     warnings = []
     if seconds_of is None:
         limit = None  # nothing is timed: no time budget can be applied
@@ -247,8 +233,10 @@ def _pick(args) -> int:
             why = ("the pick times training runs, not inference" if s["task"] == "inference"
                    else f"no speed is known for {bud.source}" if rates is None else "there is no run to time (give --recipe)")
             warnings.append(f"--time-budget {args.time_budget} is not applied: {why}")
-    p = E.pick(s["task"], bud.bytes, s["seq_len"], s["batch"], s["lora_r"], device=bud.device, quants=quants,
-               grad_ckpt=s["grad_ckpt"], targets=_targets(s["targets"], None), optimizer=s["optimizer"],
+    from toolkit.estimate.pick import pick
+
+    p = pick(s["task"], bud.bytes, s["seq_len"], s["batch"], s["lora_r"], device=bud.device, quants=quants,
+               grad_ckpt=s["grad_ckpt"], targets=targets_of(s["targets"], None), optimizer=s["optimizer"],
                lora_dropout=s["lora_dropout"], seconds_of=seconds_of, time_budget_s=limit, compute=s["compute"])
     models = [CATALOG[name] for name in dict.fromkeys(c.model for c in p.candidates)]
     warnings = _context_warnings(args, models, s["seq_len"], picking=True) + warnings
@@ -283,93 +271,6 @@ def _pick(args) -> int:
     return 0
 
 
-def _settings(args, device: str) -> dict:
-    """The estimate's settings: from --recipe (through toolkit.finetune.plan.plan_inputs, the one
-    recipe -> planner mapping) or from the flags. Without --recipe the CPU time budget is judged
-    on the finance recipe's run (recipes/finance), the toolkit's reference workload."""
-    from pathlib import Path
-
-    from toolkit.estimate import planner as E
-    from toolkit.finetune.plan import PlanInputs
-
-    from toolkit.estimate.timeplan import device_dtype
-    from toolkit.finetune.plan import DTYPE_QUANT
-
-    # The dtype the toolkit would compute in on that device: fp32 on a GTX 10xx or a CPU without
-    # native bf16 changes the activations' size, QLoRA's unquantized weights and the matmul rate.
-    dtype, why = device_dtype(args.gpu, args.vram, "infer" if args.task == "inference" and not args.recipe else "train")
-    if args.recipe:
-        plan, run, forced = _recipe_plan(args.recipe, "--recipe", device, dtype)
-        s = plan.as_kwargs()
-        if args.quant:
-            s["quant"] = args.quant
-        s.update(run=run, run_name=f"the {args.recipe} recipe's run", dtype=forced or dtype,
-                 dtype_reason=f"the recipe's method.compute_dtype: {forced}" if forced else why)
-        return s
-    s = PlanInputs(task=args.task, quant=args.quant, seq_len=E._positive("--seq-len", args.seq_len),
-                   batch=E._positive("--batch", args.batch), lora_r=E._positive("--lora-r", args.lora_r),
-                   grad_ckpt=args.grad_ckpt, targets=_parse_targets(args.target_modules),
-                   optimizer=args.optimizer, lora_dropout=0.0, device=device,
-                   compute=DTYPE_QUANT[dtype]).as_kwargs()
-    ref = Path(__file__).resolve().parents[2] / "recipes" / "finance"
-    run = None
-    if (ref / "recipe.yaml").is_file() and args.task != "inference":
-        try:
-            _, run, _ = _recipe_plan(str(ref), "reference recipe", device, dtype)
-            run = _rescale(run, s["seq_len"], s["batch"])
-        except UserError:
-            run = None
-    s.update(run=run, run_name="the finance recipe's work" if run else "", dtype=dtype, dtype_reason=why)
-    return s
-
-
-def _rescale(run, seq_len: int, batch: int):
-    """The reference recipe's tokens trained at the flags' seq x batch per step."""
-    from dataclasses import replace
-    import math
-
-    total = run.steps * run.tokens_per_step
-    per_step = seq_len * batch
-    return replace(run, steps=max(1, math.ceil(total / per_step)), tokens_per_step=per_step)
-
-
-def _recipe_plan(path: str, flag: str, device: str, dtype: str):
-    """(plan inputs, run shape, the recipe's own compute dtype or None) of the recipe at `path`
-    computing in `dtype` unless the recipe sets one."""
-    from toolkit.finetune import recipe as R
-    from toolkit.finetune.plan import plan_inputs, run_shape
-
-    try:
-        rec = R.load(path, gpu=device == "cuda")
-    except UserError as exc:
-        raise UserError(f"{flag} {path}: {exc}") from None
-    forced = rec.method.compute_dtype if rec.method.compute_dtype not in ("auto", "", None) else None
-    return plan_inputs(rec, device, forced or dtype), run_shape(rec), forced
-
-
-def _parse_targets(text: str) -> tuple[str, ...]:
-    from toolkit.estimate.planner import ALL_LINEAR
-
-    items = [t.strip() for t in str(text).split(",") if t.strip()]
-    if not items:
-        raise UserError("--target-modules is empty (all-linear or a comma list such as q_proj,v_proj)")
-    if items == ["all-linear"]:
-        return ALL_LINEAR
-    bad = [t for t in items if t not in ALL_LINEAR]
-    if bad:
-        raise UserError(f"--target-modules: unknown module {', '.join(bad)} (known: all-linear, {', '.join(ALL_LINEAR)})")
-    return tuple(items)
-
-
-def _targets(targets, facts) -> tuple[str, ...]:
-    """Targets checked against the model's own linear layers (every catalog model has all seven)."""
-    if facts is not None:
-        bad = [t for t in targets if t not in facts.linears()]
-        if bad:
-            raise UserError(f"--target-modules: {facts.name} has no {', '.join(bad)}")
-    return tuple(targets)
-
-
 def _rates(args, s: dict):
     from toolkit.estimate.timeplan import rates_for_gpu, rates_here
 
@@ -377,7 +278,7 @@ def _rates(args, s: dict):
         return rates_for_gpu(args.gpu, s["dtype"])
     if args.vram is not None:
         return None  # a bare size says nothing about speed
-    return rates_here(s["dtype"])
+    return rates_here(s["dtype"], "infer" if s["task"] == "inference" else "train")
 
 
 def _time_budget(args, device: str):
@@ -395,5 +296,5 @@ def _time(args, facts, est, device: str, s: dict):
     rates = _rates(args, s)
     if rates is None:
         return None
-    return time_fields(facts, est, rates, targets=_targets(s["targets"], facts),
+    return time_fields(facts, est, rates, targets=targets_of(s["targets"], facts),
                        run=s["run"] if args.recipe else None)

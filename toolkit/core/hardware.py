@@ -44,6 +44,21 @@ def _nvidia_smi() -> Hardware | None:
     return Hardware("cuda", name, int(float(total_mib)) * 1024**2, int(float(free_mib)) * 1024**2, "nvidia-smi")
 
 
+def nvidia_smi_compute_capability() -> tuple[int, int] | None:
+    """The first GPU's compute capability from nvidia-smi (drivers from 510 on), without torch:
+    `toolkit estimate` decides the dtype from it and must stay instant. None where it can't say."""
+    exe = shutil.which("nvidia-smi")
+    if not exe:
+        return None
+    try:
+        out = subprocess.run([exe, "--query-gpu=compute_cap", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=10, check=True).stdout.split()
+        major, minor = out[0].split(".")
+        return int(major), int(minor)
+    except (OSError, subprocess.SubprocessError, IndexError, ValueError):
+        return None
+
+
 def cpu_memory() -> Hardware:
     """This machine's RAM: total and available (MemAvailable: what can be had without swapping)."""
     total = avail = None

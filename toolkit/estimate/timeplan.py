@@ -89,6 +89,16 @@ def device_dtype(gpu: str | None, vram: str | None, purpose: str = "train") -> t
         return auto_dtype(capability(gpu), purpose)
     if vram is not None:
         return VRAM_ONLY_DTYPE
+    from toolkit.core.hardware import detect, nvidia_smi_compute_capability
+
+    hw = detect()
+    if hw.kind == "cuda":  # nvidia-smi's answer: the CUDA record without importing torch
+        from toolkit.core.capability import cuda_record
+
+        cc = nvidia_smi_compute_capability()
+        if cc is None:
+            return "bfloat16", f"bf16 assumed: nvidia-smi gives no compute capability for {hw.name} (an old driver)"
+        return auto_dtype(cuda_record(hw.name, cc), purpose)
     return auto_dtype(host_capability(), purpose)
 
 

@@ -76,7 +76,7 @@ def _auto_pick(recipe, announce, device: str, dtype: str) -> tuple[str, dict]:
     (the one rule, see toolkit.finetune.plan) and finishes within model.time_budget (default 30
     min on a CPU, none on a GPU)."""
     from toolkit.core.hardware import detect
-    from toolkit.estimate.planner import pick
+    from toolkit.estimate.pick import pick
     from toolkit.estimate.timeplan import DEFAULT_TIME_BUDGET_S, parse_duration, rates_here, time_fields
     from toolkit.finetune.plan import plan_inputs, run_shape
 

@@ -133,14 +133,18 @@ class HFBackend:
         return logits
 
     def fork(self, n: int) -> None:
-        # n rows, each the prompt (`cached`) then its own tokens: the next prefill keeps the longest
+        # n rows, each the prompt (`cached`) then its own tokens: the next prefill keeps the longest.
+        # Nothing is known while the layers are repeated one by one (a stop may land between two).
+        prompt, self.cached, self._beams = self.cached, [], None
         self.cache.batch_repeat_interleave(n)
-        self._beams = [[] for _ in range(n)] if self.cached else None
+        self.cached, self._beams = prompt, [[] for _ in range(n)] if prompt else None
 
     def reorder(self, rows: list[int]) -> None:
+        prompt, beams = self.cached, self._beams
+        self.cached, self._beams = [], None  # unknown until every layer is reordered
         self.cache.reorder_cache(torch.tensor(rows, dtype=torch.long, device=self.device))
-        if self._beams is not None:
-            self._beams = [self._beams[r] for r in rows]  # shared lists: `step` builds new ones
+        if beams is not None:
+            self.cached, self._beams = prompt, [beams[r] for r in rows]  # shared lists: `step` builds new ones
 
     def close(self) -> None:
         self.reset()

@@ -202,16 +202,22 @@ class LlamaCppBackend:
     def fork(self, n: int) -> None:
         if n > MAX_ROWS:
             raise ValueError(f"at most {MAX_ROWS} rows")
-        # n rows, each the prompt (`cached`) then its own tokens: the next prefill keeps the longest
-        self._beams = [[] for _ in range(n)] if self.cached and self.rows == [0] else None
+        # n rows, each the prompt (`cached`) then its own tokens: the next prefill keeps the longest.
+        # Nothing is known until every copy is made (a stop may land between two).
+        prompt, self.cached, self._beams = self.cached, [], None
+        shared = bool(prompt) and self.rows == [0]
         used = set(self.rows)
         for _ in range(n - len(self.rows)):
             s = self._free_seq(used)
             self._lib.llama_memory_seq_cp(self.ctx.memory, self.rows[0], s, -1, -1)
             used.add(s)
             self.rows.append(s)
+        if shared:
+            self.cached, self._beams = prompt, [[] for _ in range(n)]
 
     def reorder(self, rows: list[int]) -> None:
+        prompt, beams = self.cached, self._beams
+        self.cached, self._beams = [], None  # unknown until the sequences are rearranged
         old = self.rows
         new: list[int | None] = [old[r] if r == i else None for i, r in enumerate(rows)]
         used = set(old)
@@ -224,8 +230,8 @@ class LlamaCppBackend:
         for s in set(old) - set(new):
             self._lib.llama_memory_seq_rm(self.ctx.memory, s, -1, -1)
         self.rows = list(new)
-        if self._beams is not None:
-            self._beams = [self._beams[r] for r in rows]  # shared lists: `step` builds new ones
+        if beams is not None:
+            self.cached, self._beams = prompt, [beams[r] for r in rows]  # shared lists: `step` builds new ones
 
     def close(self) -> None:
         ctx, self.ctx = getattr(self, "ctx", None), None
