@@ -92,24 +92,24 @@ def device_dtype(gpu: str | None, vram: str | None, purpose: str = "train") -> t
     from toolkit.core.hardware import detect, nvidia_smi_compute_capability
 
     hw = detect()
-    if hw.kind == "cuda":  # nvidia-smi's answer: the CUDA record without importing torch
-        from toolkit.core.capability import cuda_record
-
-        cc = nvidia_smi_compute_capability()
-        if cc is None:
-            return "bfloat16", f"bf16 assumed: nvidia-smi gives no compute capability for {hw.name} (an old driver)"
-        return auto_dtype(cuda_record(hw.name, cc), purpose)
+    if hw.kind == "cuda" and nvidia_smi_compute_capability() is None:  # not worth importing torch for
+        return "bfloat16", f"bf16 assumed: nvidia-smi gives no compute capability for {hw.name} (an old driver)"
     return auto_dtype(host_capability(), purpose)
 
 
 def host_capability():
     """toolkit.core.capability's record of this machine (the GPU when nvidia-smi sees one), without
-    importing torch on a CPU: torch's own ISA probe is read by neither the calibration's cache key
-    nor the dtype choice, and `toolkit estimate` must stay instant."""
+    importing torch: torch's own ISA probe is read by neither the calibration's cache key nor the
+    dtype choice, a GPU's compute capability comes from nvidia-smi where the driver gives it, and
+    `toolkit estimate` must stay instant."""
     from toolkit.core import capability
-    from toolkit.core.hardware import detect
+    from toolkit.core.hardware import detect, nvidia_smi_compute_capability
 
-    return capability.detect("cuda" if detect().kind == "cuda" else "cpu", use_torch=False)
+    hw = detect()
+    cc = nvidia_smi_compute_capability() if hw.kind == "cuda" else None
+    if cc is not None:
+        return capability.cuda_record(hw.name, cc, capability.detect("cpu", use_torch=False))
+    return capability.detect("cuda" if hw.kind == "cuda" else "cpu", use_torch=False)
 
 
 def training_dtype(cap=None) -> str:
