@@ -190,8 +190,9 @@ def time_fields(m, est, rates: Rates, *, targets: tuple[str, ...], labelled_frac
     ctx = est.seq_len
     # On a GPU, the toolkit's own decoding loop (transformers backend) waits on the host.
     host = T.cuda_decode_step_seconds(m, "loop") if rates.device == "cuda" else 0.0
+    serial = T.cpu_decode_step_seconds(m, est.backend) if rates.device == "cpu" else 0.0
     out["decode_tokens_per_s"] = round(T.decode_tokens_per_s(
         T.decode_bytes_per_token(est.components["weights"], kv_per_token, ctx), rates.bandwidth_bytes_per_s,
-        host_step_s=host), 2)
+        host_step_s=host, serial_step_s=serial), 2)
     out["prefill_s"] = round(T.prefill_seconds(prompt_tokens or ctx, fwd, rates.flops, eff, rest / 3, bw), 3)
     return out

@@ -87,6 +87,18 @@ DECODE_EFFICIENCY = 1.0
 # A step takes the longer of this and reading the weights (and KV cache) at the bandwidth.
 CUDA_DECODE_SECONDS_PER_LAYER = {"loop": 0.00071, "answers": 0.00078, "answers 4-bit base": 0.00236,
                                  "answers 4-bit": 0.00387}
+# On a CPU a decoding step also pays per-layer work the bytes don't count (Python and dispatch on the
+# transformers backend; llama.cpp's quantized dot products and graph), on the same cores that read
+# the weights, so it adds to the read rather than overlapping it. Seconds a step per layer on the
+# Zen 5 EPYC (2 cores, 39.8 GB/s calibrated), embedded SmolLM2-135M (30 layers), greedy, 48 tokens:
+# - "transformers": the toolkit's loop, fp32 pre-packed, 41.1 tok/s (`bench decode`, 2026-12-04
+#   22:03 UTC): 24.3 ms a step, 13.5 of it reading 538 MB -> 0.36 ms a layer;
+# - "llama.cpp": f16 110.0 tok/s (the same bench: 9.1 ms, 6.8 reading -> 0.078 ms a layer) and Q4_1
+#   126.7 tok/s (the shipped GGUF, best of 5, 2026-12-05 00:0x UTC: 7.9 ms, 2.4 reading -> 0.18): their
+#   mean, which reads both within 25% (f16 -15%, Q4_1 +25%: the 4-bit dot products cost compute).
+# Before this term the estimate read CPU decoding 1.3-3.3x too fast (74 / 148 / 412 tok/s against
+# 41 / 110 / 127 measured).
+CPU_DECODE_SECONDS_PER_LAYER = {"transformers": 0.00036, "llama.cpp": 0.00013}
 
 
 @dataclass(frozen=True)
@@ -196,12 +208,20 @@ def decode_bytes_per_token(weight_bytes: int, kv_bytes_per_token: float, context
 
 
 def decode_tokens_per_s(bytes_per_token: float, bandwidth_bytes_per_s: float,
-                        efficiency: float = DECODE_EFFICIENCY, host_step_s: float = 0.0) -> float:
+                        efficiency: float = DECODE_EFFICIENCY, host_step_s: float = 0.0,
+                        serial_step_s: float = 0.0) -> float:
     """Single-stream decode rate: one step reads `bytes_per_token` at bandwidth x efficiency, or
-    takes `host_step_s` where the host is slower (a GPU's, `cuda_decode_step_seconds`)."""
-    if bytes_per_token <= 0 or bandwidth_bytes_per_s <= 0 or host_step_s < 0:
-        raise ValueError("bytes_per_token and bandwidth must be positive, host_step_s not negative")
-    return 1.0 / max(bytes_per_token / (bandwidth_bytes_per_s * efficiency), host_step_s)
+    takes `host_step_s` where the host is slower (a GPU's, `cuda_decode_step_seconds`); a CPU's
+    `serial_step_s` (`cpu_decode_step_seconds`) runs on the same cores and adds to the read."""
+    if bytes_per_token <= 0 or bandwidth_bytes_per_s <= 0 or host_step_s < 0 or serial_step_s < 0:
+        raise ValueError("bytes_per_token and bandwidth must be positive, host and serial times not negative")
+    return 1.0 / max(bytes_per_token / (bandwidth_bytes_per_s * efficiency) + serial_step_s, host_step_s)
+
+
+def cpu_decode_step_seconds(m, backend: str) -> float:
+    """A CPU decoding step's per-layer work beyond reading the weights, for `backend`
+    ("transformers", "llama.cpp"; CPU_DECODE_SECONDS_PER_LAYER): per layer x layers."""
+    return CPU_DECODE_SECONDS_PER_LAYER[backend] * m.layers
 
 
 def cuda_decode_step_seconds(m, decoder: str) -> float:
