@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from toolkit.core import upstream_noise
@@ -56,13 +57,23 @@ def main(argv: list[str] | None = None) -> int:
     # Only a process started from the shell may restart itself (`allocator.relaunch` re-runs its argv).
     args.process_entry = argv is None
     try:
-        return int(args._module.run(args) or 0)
+        code = int(args._module.run(args) or 0)
+        if argv is None:
+            sys.stdout.flush()  # here, where a closed pipe is caught, not at the interpreter's exit
+        return code
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        if argv is not None:
+            raise
+        # The reader went away (`toolkit estimate | head`): stop quietly, as a Unix tool does, and keep
+        # the interpreter's final flush of stdout from raising again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, a shell's code for it
 
 
 if __name__ == "__main__":

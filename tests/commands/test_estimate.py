@@ -351,3 +351,24 @@ def test_a_dense_quant_is_the_dtype_a_lora_base_or_an_answering_model_computes_i
     assert d["compute_reason"].startswith("bf16: RTX 3090")  # what the device chose anyway
     d = ask("--task", "inference")  # this CPU answers in fp32; QLoRA's 4-bit layers are no concern
     assert "QLoRA" not in d["time"]["source"]
+
+
+def test_the_pick_table_says_why_a_model_is_not_taken(capsys):
+    """`fits` reads `no` only for memory: a model that fits in memory but is past the time budget
+    reads `time`, one whose context window the sequence is past reads `ctx`."""
+    def marks(*argv):
+        code, out, _ = _run(capsys, *argv)
+        assert code == 0
+        rows = [line.split() for line in out.splitlines() if line.split() and line.split()[0] in _MODELS]
+        return {r[0]: r[5] for r in rows}
+
+    timed = marks("--gpu", "RTX 3060 12GB", "--time-budget", "4m")
+    assert timed["meta-llama/Llama-3.1-8B-Instruct"] == "time" and "no" not in timed.values()
+    ctx = marks("--vram", "8GB", "--seq-len", "16384")
+    assert ctx["embedded"] == "ctx" and ctx["meta-llama/Llama-3.1-8B-Instruct"] == "no"
+
+
+_MODELS = ("embedded", "HuggingFaceTB/SmolLM2-360M-Instruct", "Qwen/Qwen2.5-0.5B-Instruct",
+           "meta-llama/Llama-3.2-1B-Instruct", "Qwen/Qwen2.5-1.5B-Instruct", "HuggingFaceTB/SmolLM2-1.7B-Instruct",
+           "Qwen/Qwen2.5-3B-Instruct", "meta-llama/Llama-3.2-3B-Instruct", "Qwen/Qwen2.5-7B-Instruct",
+           "meta-llama/Llama-3.1-8B-Instruct")

@@ -35,3 +35,18 @@ def test_repeated_flags_keep_every_value():
     assert p.parse_args(["finetune", "r", "--set", "a.b=1", "--set", "c.d=2"]).overrides == ["a.b=1", "c.d=2"]
     assert p.parse_args(["recipe", "new", "n", "--data", "a", "--data", "b"]).data == ["a", "b"]
     assert p.parse_args(["generate", "-p", "x", "--stop", "A", "--stop", "B"]).stop == ["A", "B"]
+
+
+def test_a_closed_pipe_ends_the_command_quietly():
+    """`toolkit estimate --list-gpus | head -1`: the reader goes away; the command stops with the
+    shell's SIGPIPE code and no traceback, as a Unix tool does."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    proc = subprocess.Popen([sys.executable, "-m", "toolkit", "estimate", "--list-gpus"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=Path(__file__).resolve().parents[2])
+    proc.stdout.close()  # before the command writes a byte
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141, err
+    assert "Traceback" not in err and "BrokenPipe" not in err, err

@@ -31,3 +31,21 @@ def test_a_mac_trains_on_the_cpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
     assert hardware.device() == "cpu"
+
+
+def test_the_cpu_is_named_by_its_cores_and_the_threads_this_process_may_use(monkeypatch):
+    """A 6-core, 12-thread laptop trains on 6 threads (one per physical core): its budget line says
+    both, where os.cpu_count() alone read "12 cores"; a container given 2 of a 16-core host's CPUs
+    says 2 cores."""
+    from dataclasses import replace
+
+    from toolkit.core import capability
+
+    laptop = capability.Capability("cpu", "Intel Core i5-12400", "avx2", physical_cores=6, logical_cpus=12)
+    monkeypatch.setattr(capability, "detect", lambda dev=None, use_torch=True: laptop)
+    assert hardware.cpu_memory().name == "CPU (6 cores, 12 threads)"
+    monkeypatch.setattr(capability, "detect", lambda dev=None, use_torch=True: replace(laptop, logical_cpus=6))
+    assert hardware.cpu_memory().name == "CPU (6 cores)"
+    monkeypatch.setattr(capability, "detect", lambda dev=None, use_torch=True: replace(laptop, physical_cores=16,
+                                                                                         logical_cpus=2))
+    assert hardware.cpu_memory().name == "CPU (2 cores)"

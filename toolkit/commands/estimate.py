@@ -261,7 +261,8 @@ def _pick(args) -> int:
     from toolkit.estimate.timeplan import fmt_duration
 
     for c in p.candidates:
-        mark = "yes" if c.fits else "no"
+        # Why not, where memory is not the reason: over the time budget, or past the context window.
+        mark = "yes" if c.fits else "no" if c.headroom_bytes < 0 else "time" if not c.in_time else "ctx"
         star = " <- pick" if (c.model == p.model and c.quant == p.quant and p.fits) else ""
         secs = fmt_duration(c.seconds) if c.seconds is not None else "-"
         print(f"{c.model:<38} {c.quant:<7} {c.params / 1e9:>6.2f}B {gib(c.total_bytes):>11} {mark:>5} "

@@ -335,6 +335,11 @@ def packed_attention(cap: Capability, compute_dtype: str, calibration=None) -> A
             f"equal conversations ({ms('bmm')} vs {ms(fallback)} ms a layer), for rows padded up to {limit:.2f}x; "
             f"{words} for the others"), round(limit, 3))
     others = ", ".join(f"{_KERNEL_WORDS[k]} {ms(k)}" for k in times if k != fallback)
+    if bmm and bmm < times[fallback]:  # faster on equal conversations, not by enough to pay for a row's padding
+        return AttentionChoice(fallback, fallback, (
+            f"attention: {_KERNEL_WORDS[fallback]} in {compute_dtype} ({ms(fallback)} ms a layer; {others}: "
+            f"batched matmuls pad each conversation to the row's longest, and gain less than the "
+            f"{BMM_ATTENTION_MIN_GAIN}x that needs)"))
     return AttentionChoice(fallback, fallback, (f"attention: {_KERNEL_WORDS[fallback]}, measured fastest in "
                                                 f"{compute_dtype} ({ms(fallback)} ms a layer; {others})"))
 

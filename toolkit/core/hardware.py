@@ -76,8 +76,18 @@ def cpu_memory() -> Hardware:
         import psutil  # installed with accelerate
 
         mem = psutil.virtual_memory()
-        return Hardware("cpu", f"CPU ({os.cpu_count()} cores)", mem.total, mem.available, "psutil")
-    return Hardware("cpu", f"CPU ({os.cpu_count()} cores)", total, avail or total, "/proc/meminfo")
+        return Hardware("cpu", _cpu_name(), mem.total, mem.available, "psutil")
+    return Hardware("cpu", _cpu_name(), total, avail or total, "/proc/meminfo")
+
+
+def _cpu_name() -> str:
+    """"CPU (6 cores, 12 threads)": physical cores (what training runs a thread on) and the logical
+    CPUs this process may use, not os.cpu_count()'s whole machine."""
+    from toolkit.core import capability
+
+    cap = capability.detect("cpu", use_torch=False)
+    cores = capability.threads(cap)  # a container's CPU set may hold fewer than the machine's cores
+    return f"CPU ({cores} cores{f', {cap.logical_cpus} threads' if cap.logical_cpus > cores else ''})"
 
 
 def detect(use_torch: bool = False) -> Hardware:
