@@ -372,3 +372,15 @@ _MODELS = ("embedded", "HuggingFaceTB/SmolLM2-360M-Instruct", "Qwen/Qwen2.5-0.5B
            "meta-llama/Llama-3.2-1B-Instruct", "Qwen/Qwen2.5-1.5B-Instruct", "HuggingFaceTB/SmolLM2-1.7B-Instruct",
            "Qwen/Qwen2.5-3B-Instruct", "meta-llama/Llama-3.2-3B-Instruct", "Qwen/Qwen2.5-7B-Instruct",
            "meta-llama/Llama-3.1-8B-Instruct")
+
+
+def test_a_recipe_with_method_auto_says_how_it_was_estimated(capsys):
+    """The finance recipe's CPU profile has `method: auto`, estimated as its QLoRA branch: the
+    estimate says so (a run may take plain LoRA), in both forms; its GPU profile names qlora."""
+    recipe = str(ROOT / "recipes" / "finance")
+    code, out, _ = _run(capsys, "--recipe", recipe, "--json")  # this CPU-only machine: the cpu: profile
+    assert code == 0 and any("method auto" in n for n in json.loads(out)["notes"])
+    code, out, _ = _run(capsys, "--recipe", recipe, "--model", "embedded")
+    assert "note: method auto: estimated as qlora" in out
+    code, out, _ = _run(capsys, "--recipe", recipe, "--gpu", "RTX 3060 12GB", "--json")
+    assert json.loads(out)["notes"] == []

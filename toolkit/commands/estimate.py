@@ -118,6 +118,8 @@ def _one_model(args) -> int:
                      targets_of(s["targets"], facts), s["optimizer"], s["lora_dropout"], device=device,
                      budget_bytes=usable, compute=s["compute"])
     tm = _time(args, facts, est, device, s)
+    if s.get("method_note"):
+        est.notes.append(s["method_note"])
     warnings = _context_warnings(args, [facts], s["seq_len"])
     if args.time_budget is not None:
         warnings.append(f"--time-budget {args.time_budget} is not applied: it limits the pick (without --model)")
@@ -246,7 +248,8 @@ def _pick(args) -> int:
         d.update(budget_source=bud.source, device=bud.device, time_budget_s=limit, compute_dtype=s["compute"],
                  compute_reason=s["dtype_reason"],
                  time_source=rates.source if rates else None, seq_len=s["seq_len"], batch=s["batch"],
-                 lora_r=s["lora_r"] if s["task"] in ("lora", "qlora") else None, warnings=warnings)
+                 lora_r=s["lora_r"] if s["task"] in ("lora", "qlora") else None, warnings=warnings,
+                 notes=[s["method_note"]] if s.get("method_note") else [])
         print(json.dumps(d))
         return 0
     print(f"Budget: {gib(bud.bytes)} — {bud.source}")
@@ -269,6 +272,8 @@ def _pick(args) -> int:
               f"{gib(c.headroom_bytes):>11} {secs:>9}{star}")
     print(f"Pick: {p.model} ({p.quant})" if p.fits else "Pick: none fits")
     print(f"Why: {p.reason}")
+    if s.get("method_note"):
+        print(f"Note: {s['method_note']}")
     return 0
 
 

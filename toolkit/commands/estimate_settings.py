@@ -39,12 +39,15 @@ def settings(args, device: str) -> dict:
     # native bf16 changes the activations' size, QLoRA's unquantized weights and the matmul rate.
     dtype, why = device_dtype(args.gpu, args.vram, "infer" if args.task == "inference" and not args.recipe else "train")
     if args.recipe:
-        plan, run, forced = _recipe_plan(args.recipe, "--recipe", device, dtype)
+        plan, run, forced, method = _recipe_plan(args.recipe, "--recipe", device, dtype)
         s = plan.as_kwargs()
         if args.quant:
             s["quant"] = args.quant
         s.update(run=run, run_name=f"the {args.recipe} recipe's run", dtype=forced or dtype,
                  dtype_reason=f"the recipe's method.compute_dtype: {forced}" if forced else why)
+        if method == "auto":  # each base's own choice needs its estimate against the memory free then
+            s["method_note"] = ("method auto: estimated as qlora, its memory-lean branch; a run takes plain LoRA "
+                                "where that needs at most half the usable memory (`toolkit finetune --dry-run` says which)")
         return _dense_quant_is_the_dtype(s)
     s = PlanInputs(task=args.task, quant=args.quant, seq_len=E._positive("--seq-len", args.seq_len),
                    batch=E._positive("--batch", args.batch), lora_r=E._positive("--lora-r", args.lora_r),
@@ -55,7 +58,7 @@ def settings(args, device: str) -> dict:
     run = None
     if (ref / "recipe.yaml").is_file() and args.task != "inference":
         try:
-            _, run, _ = _recipe_plan(str(ref), "reference recipe", device, dtype)
+            _, run, _, _ = _recipe_plan(str(ref), "reference recipe", device, dtype)
             run = _rescale(run, s["seq_len"], s["batch"])
         except UserError:
             run = None
@@ -86,8 +89,8 @@ def _rescale(run, seq_len: int, batch: int):
 
 
 def _recipe_plan(path: str, flag: str, device: str, dtype: str):
-    """(plan inputs, run shape, the recipe's own compute dtype or None) of the recipe at `path`
-    computing in `dtype` unless the recipe sets one."""
+    """(plan inputs, run shape, the recipe's own compute dtype or None, its method name) of the
+    recipe at `path` computing in `dtype` unless the recipe sets one."""
     from toolkit.finetune import recipe as R
     from toolkit.finetune.plan import plan_inputs, run_shape
 
@@ -96,7 +99,7 @@ def _recipe_plan(path: str, flag: str, device: str, dtype: str):
     except UserError as exc:
         raise UserError(f"{flag} {path}: {exc}") from None
     forced = rec.method.compute_dtype if rec.method.compute_dtype not in ("auto", "", None) else None
-    return plan_inputs(rec, device, forced or dtype), run_shape(rec), forced
+    return plan_inputs(rec, device, forced or dtype), run_shape(rec), forced, rec.method.name
 
 
 def _parse_targets(text: str) -> tuple[str, ...]:
