@@ -90,15 +90,17 @@ CUDA_DECODE_SECONDS_PER_LAYER = {"loop": 0.00071, "answers": 0.00078, "answers 4
 # On a CPU a decoding step also pays per-layer work the bytes don't count (Python and dispatch on the
 # transformers backend; llama.cpp's quantized dot products and graph), on the same cores that read
 # the weights, so it adds to the read rather than overlapping it. Seconds a step per layer on the
-# Zen 5 EPYC (2 cores, 39.8 GB/s calibrated), embedded SmolLM2-135M (30 layers), greedy, 48 tokens:
-# - "transformers": the toolkit's loop, fp32 pre-packed, 41.1 tok/s (`bench decode`, 2026-12-04
-#   22:03 UTC): 24.3 ms a step, 13.5 of it reading 538 MB -> 0.36 ms a layer;
-# - "llama.cpp": f16 110.0 tok/s (the same bench: 9.1 ms, 6.8 reading -> 0.078 ms a layer) and Q4_1
-#   126.7 tok/s (the shipped GGUF, best of 5, 2026-12-05 00:0x UTC: 7.9 ms, 2.4 reading -> 0.18): their
-#   mean, which reads both within 25% (f16 -15%, Q4_1 +25%: the 4-bit dot products cost compute).
+# Zen 5 EPYC (2 cores, 39.8 GB/s calibrated), embedded SmolLM2-135M (30 layers), greedy, 48 tokens,
+# from three `bench decode` runs (2026-12-04 22:03, 2026-12-05 00:01 and 00:02 UTC) and one of the
+# shipped Q4_1 GGUF (best of 5, 00:0x UTC):
+# - "transformers": the toolkit's loop, fp32 pre-packed, 41.1 / 47.8 / 45.5 tok/s, 13.5 ms of a step
+#   reading 538 MB -> 0.36 / 0.25 / 0.28 ms a layer: 0.30;
+# - "llama.cpp": f16 110.0 / 111.5 / 120.9 tok/s (6.8 ms reading) -> 0.078 / 0.074 / 0.050, Q4_1
+#   126.7 tok/s (2.4 ms reading) -> 0.18: 0.13 reads f16 15-22% slow and Q4_1 24% fast (its 4-bit
+#   dot products cost compute, which one constant for every type cannot follow).
 # Before this term the estimate read CPU decoding 1.3-3.3x too fast (74 / 148 / 412 tok/s against
 # 41 / 110 / 127 measured).
-CPU_DECODE_SECONDS_PER_LAYER = {"transformers": 0.00036, "llama.cpp": 0.00013}
+CPU_DECODE_SECONDS_PER_LAYER = {"transformers": 0.00030, "llama.cpp": 0.00013}
 
 
 @dataclass(frozen=True)
