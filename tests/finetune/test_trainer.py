@@ -231,7 +231,8 @@ def test_fallback_is_announced_and_missing_fallback_is_an_error(tmp_path, tiny_l
 
 
 def test_auto_base_uses_the_estimator(tmp_path, tiny_llama_dir):
-    from toolkit.estimate import planner as estimate
+    from toolkit.estimate.pick import pick as estimator_pick
+    from toolkit.estimate.planner import ALL_LINEAR
     from toolkit.estimate.timeplan import DEFAULT_TIME_BUDGET_S, rates_here, time_fields
     from toolkit.finetune import recipe
     from toolkit.finetune.plan import run_shape
@@ -245,8 +246,8 @@ def test_auto_base_uses_the_estimator(tmp_path, tiny_llama_dir):
     # 0.05, no gradient checkpointing, all linear layers, AdamW; its run's steps and tokens, within the
     # CPU's default time budget at this machine's rates.
     rates, run = rates_here("float32"), run_shape(rec)
-    targets = estimate.ALL_LINEAR
-    pick = estimate.pick("qlora", detect().available_bytes, seq_len=256, batch=2, lora_r=8, device="cpu",
+    targets = ALL_LINEAR
+    pick = estimator_pick("qlora", detect().available_bytes, seq_len=256, batch=2, lora_r=8, device="cpu",
                          quants=("nf4-dq",), grad_ckpt=False, lora_dropout=0.05, targets=targets,
                          seconds_of=lambda m, e: time_fields(m, e, rates, targets=targets, run=run)["train_wall_s"],
                          time_budget_s=DEFAULT_TIME_BUDGET_S["cpu"])
