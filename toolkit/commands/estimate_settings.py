@@ -30,10 +30,8 @@ def settings(args, device: str) -> dict:
     from pathlib import Path
 
     from toolkit.estimate import planner as E
-    from toolkit.finetune.plan import PlanInputs
-
     from toolkit.estimate.timeplan import device_dtype
-    from toolkit.finetune.plan import DTYPE_QUANT
+    from toolkit.finetune.plan import DTYPE_QUANT, PlanInputs
 
     # The dtype the toolkit would compute in on that device: fp32 on a GTX 10xx or a CPU without
     # native bf16 changes the activations' size, QLoRA's unquantized weights and the matmul rate.
