@@ -3,7 +3,10 @@ to get the base falls back with the reason, run.json names the weights actually 
 loads those, and `make install` does not hide a failed `cuda` extra.
 
 Unsloth itself cannot run here (it raises at import without a GPU): where its import is what is
-tested, a stand-in `unsloth` package records what was imported before it."""
+tested, a stand-in `unsloth` package records what was imported before it.
+
+Also which base a recipe gets (fallback announced, `auto` via the estimator, a base that doesn't
+fit) and LoRA gradients unchanged by an eval pass."""
 
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from toolkit.core.errors import UserError
-from tests.finetune.test_trainer import make_recipe
+from tests.finetune.conftest import make_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -199,3 +202,101 @@ def test_unsloth_pin_conflict_note_matches_the_pins():
             pins[name.split("[")[0]] = Version(ver)
     assert "transformers<=5.17, trl<=1.15 and datasets<5" in (ROOT / "Makefile").read_text()
     assert pins["transformers"] > Version("5.17") or pins["trl"] > Version("1.15") or pins["datasets"] >= Version("5")
+
+
+# --- choosing the base (fallback, auto, fit) and training it ---
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_fallback_is_announced_and_missing_fallback_is_an_error(tmp_path, tiny_llama_dir, capsys, monkeypatch):
+    from toolkit.finetune import recipe
+    from toolkit.finetune.base_model import resolve_base
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rec = recipe.load(make_recipe(tmp_path, "meta-llama/Llama-3.2-1B-Instruct"),
+                      [f"model.fallback_model={tiny_llama_dir}"], gpu=False)
+    seen = []
+    choice = resolve_base(rec, seen.append)
+    assert choice.spec == str(tiny_llama_dir) and choice.requested == "meta-llama/Llama-3.2-1B-Instruct"
+    assert len(seen) == 1 and seen[0].startswith("FALLBACK:") and "HF_HUB_OFFLINE" in seen[0]
+    rec.model.fallback_model = ""
+    with pytest.raises(UserError, match="no model.fallback_model"):
+        resolve_base(rec, seen.append)
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_auto_base_uses_the_estimator(tmp_path, tiny_llama_dir):
+    from toolkit.estimate.pick import pick as estimator_pick
+    from toolkit.estimate.planner import ALL_LINEAR
+    from toolkit.estimate.timeplan import DEFAULT_TIME_BUDGET_S, rates_here, time_fields
+    from toolkit.finetune import recipe
+    from toolkit.finetune.plan import run_shape
+    from toolkit.core.hardware import detect
+    from toolkit.finetune.base_model import resolve_base
+
+    rec = recipe.load(make_recipe(tmp_path, "auto"), [f"model.fallback_model={tiny_llama_dir}"], gpu=False)
+    seen = []
+    choice = resolve_base(rec, seen.append)
+    # The recipe's own settings (make_recipe): QLoRA nf4 + double quant, seq 256, batch 2, r 8, dropout
+    # 0.05, no gradient checkpointing, all linear layers, AdamW; its run's steps and tokens, within the
+    # CPU's default time budget at this machine's rates.
+    rates, run = rates_here("float32"), run_shape(rec)
+    targets = ALL_LINEAR
+    pick = estimator_pick("qlora", detect().available_bytes, seq_len=256, batch=2, lora_r=8, device="cpu",
+                         quants=("nf4-dq",), grad_ckpt=False, lora_dropout=0.05, targets=targets,
+                         seconds_of=lambda m, e: time_fields(m, e, rates, targets=targets, run=run)["train_wall_s"],
+                         time_budget_s=DEFAULT_TIME_BUDGET_S["cpu"])
+    assert seen[0].startswith(f"base_model auto: estimator picked {pick.model}")
+    assert choice.spec in (pick.model, str(tiny_llama_dir))
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_base_that_does_not_fit_falls_back(tmp_path, tiny_llama_dir, monkeypatch):
+    from toolkit.core import hardware
+    from toolkit.finetune import recipe
+    from toolkit.finetune.base_model import resolve_base
+
+    tiny_machine = hardware.Hardware("cpu", "test box", 2 * 2**30, 1 * 2**30, "test")
+    monkeypatch.setattr(hardware, "detect", lambda use_torch=False: tiny_machine)
+    rec = recipe.load(make_recipe(tmp_path, "meta-llama/Llama-3.1-8B-Instruct"),
+                      [f"model.fallback_model={tiny_llama_dir}"], gpu=False)
+    seen = []
+    choice = resolve_base(rec, seen.append)
+    assert choice.spec == str(tiny_llama_dir) and "doesn't fit" in choice.fallback_reason
+    assert seen[0].startswith("FALLBACK:")
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_lora_gradients_are_the_same_after_an_eval_pass(tmp_path, tiny_llama_dir):
+    """bitsandbytes repacks 4-bit weights for a backward-less CPU kernel on the first eval-mode
+    forward; the trainer evaluates before training, so that must not change any gradient."""
+    import torch
+
+    from toolkit.finetune import recipe
+    from toolkit.finetune.base_model import load_for_training
+
+    rec = recipe.load(make_recipe(tmp_path, tiny_llama_dir), gpu=False)
+
+    def lora_grads(eval_first: bool) -> dict:
+        torch.manual_seed(0)
+        model, tok, _ = load_for_training(str(tiny_llama_dir), rec, "cpu", "bfloat16")
+        ids = torch.tensor([tok("Compound interest grows on past interest.")["input_ids"]])
+        if eval_first:
+            model.eval()
+            with torch.no_grad():
+                model(input_ids=ids)
+        model.train()
+        gen = torch.Generator().manual_seed(1)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # B starts at zero; non-zero B lets gradients reach lower layers' A
+                torch.nn.init.normal_(p, std=0.02, generator=gen)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    straight, after_eval = lora_grads(False), lora_grads(True)
+    first_layer_a = [n for n in straight if ".layers.0." in n and "lora_A" in n]
+    assert first_layer_a and all(straight[n].abs().sum() > 0 for n in first_layer_a)
+    for name, grad in straight.items():
+        torch.testing.assert_close(after_eval[name], grad, msg=f"gradient of {name} changed after an eval pass")

@@ -8,6 +8,7 @@ import pytest
 
 from toolkit.finetune import recipe
 from toolkit.core.errors import UserError
+from tests.finetune.conftest import make_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = sorted((ROOT / "recipes").glob("*/recipe.yaml"))
@@ -187,3 +188,29 @@ def test_recipe_is_read_as_utf8_whatever_the_locale(tmp_path):
                       "print(ascii(recipe.load(sys.argv[1], gpu=True).data.system_prompt))", str(tmp_path))
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")
     assert proc.stdout.decode().strip() == ascii(prompt)
+
+
+@pytest.mark.parametrize("train, needle", [
+    ("[{path: a.jsonl, wieght: 2}]", "data.train[0]: unknown key `wieght` (known: path, weight)"),
+    ("[{path: a.jsonl, weight: 0}]", "data.train[0].weight must be > 0"),
+    ("[{weight: 1}]", "data.train[0].path is required"),
+    ("[a.jsonl]", "data.train[0]: expected a mapping with keys path, weight"),
+    ("[]", "data.train is required"),
+])
+def test_bad_weighted_sources(tmp_path, train, needle):
+    from toolkit.finetune import recipe
+
+    (tmp_path / "recipe.yaml").write_text(f"data:\n  train: {train}\n")
+    with pytest.raises(UserError) as exc:
+        recipe.load(tmp_path)
+    assert needle in str(exc.value) and str(tmp_path / "recipe.yaml") in str(exc.value)
+
+
+def test_loraplus_needs_lora_adapters(tmp_path):
+    from toolkit.finetune import recipe
+
+    d = make_recipe(tmp_path, "embedded")
+    with pytest.raises(UserError, match="training.loraplus_lr_ratio"):
+        recipe.load(d, ["method.name=full", "training.loraplus_lr_ratio=16"], gpu=False)
+    with pytest.raises(UserError, match="training.loraplus_lr_ratio must be >= 0"):
+        recipe.load(d, ["training.loraplus_lr_ratio=-1"], gpu=False)

@@ -1,4 +1,5 @@
-"""The private TRL names we lean on: fails loudly when upstream renames or removes them."""
+"""The private TRL names and Unsloth hook we lean on (fails loudly when upstream renames or removes
+them), and the packing plan per engine."""
 
 from __future__ import annotations
 
@@ -78,3 +79,29 @@ def test_calls_the_lean_kernel_cannot_take_go_to_trl():
         got = getattr(trl_utils, PRIVATE_KERNEL).apply(*args)
     for a, b in zip(want, got):
         assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_packing_plan_per_engine():
+    from toolkit.finetune.trl_compat import packing_plan
+
+    assert packing_plan(False, "unsloth").packing is False
+    plain = packing_plan(True, "transformers+peft+bitsandbytes")
+    assert plain.packing and plain.hook is None and "position_ids" in plain.mode
+    # Unsloth's attention needs its packed-sequence metadata: with its hook packing stays on ...
+    hook = lambda model, trainer: None  # noqa: E731
+    on = packing_plan(True, "unsloth", unsloth_hook=hook)
+    assert on.packing and on.hook is hook and "packed_seq_lengths" in on.mode
+    # ... without it (an Unsloth that has none; none installed here) batches are padded, said why.
+    off = packing_plan(True, "unsloth")
+    assert not off.packing and off.mode == "padded" and "enable_sample_packing" in off.why
+
+
+def test_unsloth_still_has_its_packing_hook():
+    """Fails when Unsloth renames or drops the hook the Unsloth path relies on (runs where Unsloth is installed)."""
+    import importlib.util
+
+    if importlib.util.find_spec("unsloth") is None:
+        pytest.skip("unsloth is not installed (CUDA machines only)")
+    from toolkit.finetune.trl_compat import unsloth_packing_hook
+
+    assert callable(unsloth_packing_hook())
