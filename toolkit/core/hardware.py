@@ -8,6 +8,7 @@ do use torch; what the device can do is toolkit.core.capability, how fast it is 
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
@@ -44,9 +45,11 @@ def _nvidia_smi() -> Hardware | None:
     return Hardware("cuda", name, int(float(total_mib)) * 1024**2, int(float(free_mib)) * 1024**2, "nvidia-smi")
 
 
+@functools.lru_cache(maxsize=1)
 def nvidia_smi_compute_capability() -> tuple[int, int] | None:
     """The first GPU's compute capability from nvidia-smi (drivers from 510 on), without torch:
-    `toolkit estimate` decides the dtype from it and must stay instant. None where it can't say."""
+    `toolkit estimate` decides the dtype from it and must stay instant. None where it can't say.
+    Asked once a process: it does not change, and each call starts nvidia-smi."""
     exe = shutil.which("nvidia-smi")
     if not exe:
         return None

@@ -42,6 +42,8 @@ def _swap(quants, compute: str):
     if isinstance(quants, tuple):
         return tuple(compute if q == "bf16" else q for q in quants)
     return compute if quants == "bf16" else quants
+
+
 # Share of the budget kept free by `pick`: the caching allocator's fragmentation (reserved minus
 # allocated is typically 5-10% in PyTorch training) and the spread of our estimates against
 # measured peaks (within 15%, docs/estimate.md) are not covered by the estimate itself.
