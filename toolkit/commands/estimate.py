@@ -172,11 +172,9 @@ def _one_model(args) -> int:
 
 def _compute_fields(est, s: dict) -> dict:
     """The dtype transformers computes in, and why; None for llama.cpp, which picks its own."""
-    from toolkit.finetune.plan import DTYPE_QUANT
-
     if est.backend != "transformers":
         return {"compute_dtype": None, "compute_reason": None}
-    return {"compute_dtype": DTYPE_QUANT[s["dtype"]], "compute_reason": s["dtype_reason"]}
+    return {"compute_dtype": s["compute"], "compute_reason": s["dtype_reason"]}
 
 
 def _warn(warnings: list[str]) -> None:
