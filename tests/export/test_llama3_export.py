@@ -10,7 +10,7 @@ import copy
 import pytest
 
 from tests.export.ollama_template import ollama_prompt
-from tests.export.test_modelfile import CONVERSATIONS, eog_texts_by_llama_cpp, modelfile_stops
+from tests.export.test_modelfile import CONVERSATIONS, eog_texts_by_llama_cpp, modelfile_stops, verified_eog
 
 BOS = "<|begin_of_text|>"
 
@@ -85,11 +85,10 @@ def test_modelfile_stops_wherever_llama_cpp_ends_generation(llama32_gguf, gguf_v
     from the GGUF as the export reads them, are the end-of-turn token, the new-turn opener and every
     token llama.cpp (and Meta's generation_config) end generation on, none of them twice."""
     from toolkit.export.modelfile import modelfile_text
-    from toolkit.export.pipeline import gguf_eog_texts
 
     eog = eog_texts_by_llama_cpp(gguf_vocab)
     assert eog == {"<|eot_id|>", "<|eom_id|>", "<|end_of_text|>"}
-    text = modelfile_text("m-f16.gguf", llama_tok, "<|eot_id|>", eog=gguf_eog_texts(llama32_gguf, "m-f16.gguf"))
+    text = modelfile_text("m-f16.gguf", llama_tok, "<|eot_id|>", eog=verified_eog(llama32_gguf))
     stops = modelfile_stops(text)
     assert stops[:2] == ["<|eot_id|>", "<|start_header_id|>"] and len(stops) == len(set(stops))
     assert set(stops) == {"<|eot_id|>", "<|start_header_id|>"} | eog

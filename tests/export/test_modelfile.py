@@ -94,6 +94,19 @@ def eog_texts_by_llama_cpp(llm) -> set[str]:
     return {model.token_get_text(i) for i in range(llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(model.vocab, i)}
 
 
+def verified_eog(path) -> list[str]:
+    """The end-of-generation texts the export's verification reads from the GGUF at `path` (opened as
+    `verify_gguf` opens it) and hands the Modelfile."""
+    from toolkit.decoding.backends import end_of_generation_tokens
+    from toolkit.export.verify import open_gguf
+
+    llm = open_gguf(path, n_ctx=256)
+    try:
+        return list(end_of_generation_tokens(llm).values())
+    finally:
+        llm.close()
+
+
 def modelfile_stops(modelfile: str) -> list[str]:
     """The Modelfile's `PARAMETER stop` strings, in order."""
     return [line.split('"', 1)[1][:-1] for line in modelfile.splitlines() if line.startswith("PARAMETER stop ")]
@@ -127,11 +140,11 @@ def test_modelfile_leaves_out_stops_it_cannot_write(embedded_tok):
 
 
 def test_modelfile_stops_are_the_ggufs_end_of_generation_tokens(embedded_tok, embedded_f16_gguf):
-    """SmolLM2: what the export reads from its GGUF (`gguf_eog_texts`) is what llama.cpp ends on."""
+    """SmolLM2: what the export reads from its GGUF (`verify_gguf`'s `end_of_generation`) is what
+    llama.cpp ends on."""
     from llama_cpp import Llama
 
     from toolkit.export.modelfile import modelfile_text
-    from toolkit.export.pipeline import gguf_eog_texts
 
     llm = Llama(model_path=str(embedded_f16_gguf), vocab_only=True, verbose=False)
     try:
@@ -140,6 +153,6 @@ def test_modelfile_stops_are_the_ggufs_end_of_generation_tokens(embedded_tok, em
         llm.close()
     assert {"<|im_end|>", "<|endoftext|>"} <= eog
     stops = modelfile_stops(modelfile_text("m.gguf", embedded_tok, "<|im_end|>",
-                                           eog=gguf_eog_texts(embedded_f16_gguf, "m.gguf")))
+                                           eog=verified_eog(embedded_f16_gguf)))
     assert stops[:2] == ["<|im_end|>", "<|im_start|>"] and len(stops) == len(set(stops))
     assert set(stops) == {"<|im_end|>", "<|im_start|>"} | eog

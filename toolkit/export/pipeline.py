@@ -100,34 +100,6 @@ class ExportFailed(Exception):
     """Verification rejected an export; the message names every failed check."""
 
 
-def gguf_eog_texts(path, name: str) -> list[str]:
-    """The texts of the tokens llama.cpp ends generation on in the GGUF at `path` (read
-    vocabulary-only, in id order), for its Modelfile's stops. ExportFailed naming the file `name`
-    when llama.cpp cannot read it: verification has loaded it, so this means a broken install or
-    a file changed under us, and a Modelfile without those stops would run on under Ollama."""
-    import contextlib
-    import io
-
-    from llama_cpp import Llama
-
-    from toolkit.decoding.backends import end_of_generation_tokens
-
-    log = io.StringIO()
-    try:
-        # llama-cpp-python prints llama.cpp's warnings even with verbose=False, and a vocab-only
-        # model (training context 0) draws one for the context it still makes: kept for an error.
-        with contextlib.redirect_stderr(log):
-            llm = Llama(model_path=str(path), vocab_only=True, verbose=False)
-        try:
-            return list(end_of_generation_tokens(llm).values())
-        finally:
-            llm.close()
-    except (OSError, ValueError, RuntimeError) as exc:
-        said = [line.strip() for line in log.getvalue().splitlines() if line.strip()]
-        why = " ".join(str(exc).split()) + (f"; llama.cpp: {said[-1]}" if said else "")
-        raise ExportFailed(f"{name}: llama.cpp cannot read its vocabulary for the Modelfile's stops ({why})") from None
-
-
 def _name_for(ref) -> str:
     from toolkit.core.models import EMBEDDED_HF_ID
 
@@ -361,10 +333,10 @@ def export_model(spec: str, quants=("q4_k_m",), out=None, force: bool = False, p
         from toolkit.export.modelfile import modelfile_text
 
         # UTF-8, not the locale's encoding (Windows: cp1252): a chat template's or system prompt's text, "—".
+        eog = {v.quant: v.end_of_generation for v in results}
         for q in quants:
             # The GGUF just written and verified is the source of its stops, as it is for llama.cpp.
-            text = modelfile_text(files[q], tok, eot, system=summary["system_prompt"],
-                                  eog=gguf_eog_texts(built[q], files[q]))
+            text = modelfile_text(files[q], tok, eot, system=summary["system_prompt"], eog=eog[q])
             (work / files[f"modelfile:{q}"]).write_text(text, encoding="utf-8")
         (work / files["readme"]).write_text(report.readme(record), encoding="utf-8")
         (work / files["json"]).write_text(report.to_json(record))

@@ -112,6 +112,9 @@ class Verification:
     round_trip: RoundTrip
     chat: ChatTurn
     text_source: str
+    # The texts of the tokens llama.cpp ends generation on in this GGUF, in id order: the Modelfile's
+    # stops, read while the file is open for the checks (`end_of_generation_tokens`).
+    end_of_generation: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
 
     @property
@@ -294,6 +297,8 @@ def verify_gguf(path, quant: str, model, tokenizer, text: str, text_source: str,
                 logits_ref=None, question: str = CHAT_QUESTION) -> Verification:
     """Run every check on one GGUF. `logits_ref` (HF logits for `text`) may be passed to share
     one HF forward pass between several quant types."""
+    from toolkit.decoding.backends import end_of_generation_tokens
+
     ids = text_ids(tokenizer, text)
     if logits_ref is None:
         logits_ref = hf_logits(model, ids)
@@ -303,10 +308,11 @@ def verify_gguf(path, quant: str, model, tokenizer, text: str, text_source: str,
         rt = gguf_round_trip(llm, text, ids, logits_ref, quant)
         llm.reset()
         turn = chat_turn(llm, question)
+        eog = list(end_of_generation_tokens(llm).values())
     finally:
         llm.close()
     failures = check_metadata(meta, tokenizer) + round_trip_failures(rt) + chat_failures(turn, tokenizer)
     meta_small = {k: v for k, v in meta.items() if k != "chat_template"}
     meta_small["chat_template_chars"] = len(meta["chat_template"] or "")
     return Verification(quant=quant, file=Path(path).name, metadata=meta_small, round_trip=rt, chat=turn,
-                        text_source=text_source, failures=failures)
+                        text_source=text_source, end_of_generation=eog, failures=failures)
