@@ -137,8 +137,9 @@ def rates_here(dtype: str | None = None, purpose: str = "train") -> Rates:
     flops = matmul_rate(cap, dtype, cal)  # pre-packed where that path is taken
     kind = "cuda" if cap.kind == "cuda" else "cpu"
     unpacked = cal.matmul_flops[dtype]
-    why = ": QLoRA's 4-bit layers" if purpose == "train" else ""
-    packed = f" pre-packed ({unpacked / 1e9:.1f} not{why})" if flops != unpacked else ""
+    # Training's 4-bit layers can't be packed: QLoRA is timed at the unpacked rate.
+    why = ", QLoRA's 4-bit layers' rate" if purpose == "train" else ""
+    packed = f" pre-packed ({unpacked / 1e9:.1f} unpacked{why})" if flops != unpacked else ""
     return Rates(kind, flops, cal.bandwidth_bytes_per_s, f"calibration: {dtype} {flops / 1e9:.1f} GFLOP/s{packed}, "
                  f"{cal.bandwidth_bytes_per_s / 1e9:.1f} GB/s", dtype, unpacked)
 
