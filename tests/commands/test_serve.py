@@ -181,3 +181,73 @@ def test_serves_the_trained_system_prompt_where_a_request_has_none(embedded_f16_
     finally:
         llm.close()
     assert got == expected
+
+
+@pytest.mark.parametrize("body,param,words", [
+    (b"{not json", None, "not valid JSON"),
+    (b"", None, "must be a JSON object"),
+    (b'{"model": "m"}', "messages", "non-empty list"),
+    (b'{"messages": []}', "messages", "non-empty list"),
+    (b'{"messages": "hi"}', "messages", "non-empty list"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "top_p": 5}', "top_p", "less than or equal to 1"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": "ten"}', "max_tokens", "integer"),
+    (b'{"messages": [{"role": "wizard", "content": "hi"}]}', "messages.0", ""),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "n": 2}', "n", "only 1 choice"),
+    (b'{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}',
+     "messages[0].content", "only text parts"),
+])
+def test_a_request_that_cannot_succeed_is_a_400_naming_the_field(body, param, words):
+    from toolkit.commands.serve_requests import CHAT, BadRequest, checked_body
+
+    with pytest.raises(BadRequest) as exc:
+        checked_body(CHAT, body, "m")
+    assert (exc.value.param or "").startswith(param or "") and words in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_text_parts_are_joined_and_the_model_alias_filled_in():
+    import json
+
+    from toolkit.commands.serve_requests import CHAT, COMPLETIONS, BadRequest, checked_body
+
+    parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "Say"}, {"type": "text", "text": "hi"}]}]}
+    got = json.loads(checked_body(CHAT, json.dumps(parts).encode(), "smol"))
+    assert got["messages"] == [{"role": "user", "content": "Say\nhi"}] and got["model"] == "smol"
+    assert json.loads(checked_body(COMPLETIONS, b'{"prompt": ["Hi"], "model": "x"}', "smol"))["prompt"] == "Hi"
+    for bad in (b"{}", b'{"prompt": ""}', b'{"prompt": ["a", "b"]}'):
+        with pytest.raises(BadRequest, match="prompt"):
+            checked_body(COMPLETIONS, bad, "smol")
+
+
+def test_bad_requests_are_400_and_a_stream_is_not_cut_by_another_request(server):
+    """Through the real server: a malformed request is the client's BadRequestError (no retries of
+    what can't succeed), content parts are served, and a stream runs to its finish_reason while
+    another client asks for /v1/models and for a completion (they wait their turn)."""
+    import threading
+
+    import openai
+
+    client, _ = server
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.chat.completions.create(model="m", messages=QUESTION, top_p=5)
+    assert exc.value.status_code == 400 and "top_p" in str(exc.value)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="m", messages=[])
+    parts = client.chat.completions.create(model="m", max_tokens=8, temperature=0,
+                                           messages=[{"role": "user", "content": [{"type": "text", "text": "Hi"}]}])
+    assert parts.choices[0].message.content
+
+    finishes, others = [], []
+    stream = client.chat.completions.create(model="m", messages=QUESTION, max_tokens=48, temperature=0,
+                                            extra_body={"min_tokens": 48}, stream=True)
+
+    def meanwhile():
+        time.sleep(0.3)
+        others.append(client.models.list().data[0].id)
+        others.append(client.chat.completions.create(model="m", messages=QUESTION, max_tokens=4).choices[0].finish_reason)
+
+    t = threading.Thread(target=meanwhile)
+    t.start()
+    for chunk in stream:
+        finishes += [c.finish_reason for c in chunk.choices if c.finish_reason]
+    t.join(timeout=120)
+    assert finishes == ["length"] and len(others) == 2

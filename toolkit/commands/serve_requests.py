@@ -1,0 +1,127 @@
+"""What `toolkit serve` checks in a request before llama-cpp-python's server sees it.
+
+That server answers every malformed request with HTTP 500 (its route handler turns any exception
+into an internal error, with a server path in the message), so an OpenAI client retries what can
+never succeed; it answers a chat with no `messages` from an empty prompt, silently returns one
+choice for `n: 2`, and fails on OpenAI's list-of-parts `content`. Here those become one-line 400
+`invalid_request_error`s, as the OpenAI API, llama-server and Ollama answer them, and text parts
+are joined into the string the GGUF's chat template expects. The request's schema is upstream's
+(`llama_cpp.server.types`), not written again.
+"""
+
+from __future__ import annotations
+
+import json
+
+CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
+
+
+class BadRequest(ValueError):
+    """A request that can't succeed: `param` names the field, as OpenAI's errors do."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+def checked_body(path: str, body: bytes, model_alias: str) -> bytes:
+    """`body` of a POST to `path` as the server should get it, or BadRequest. A request without a
+    `model` gets the served alias, which the response echoes (else it is the GGUF's local path)."""
+    try:
+        data = json.loads(body or b"null")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"the request body is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise BadRequest("the request body must be a JSON object")
+    if path == CHAT:
+        messages = data.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise BadRequest("messages: a non-empty list of {role, content} messages is required", "messages")
+        data["messages"] = [_text_content(m, i) for i, m in enumerate(messages)]
+    else:
+        prompt = data.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1:
+            prompt = prompt[0]
+        if not isinstance(prompt, str) or not prompt:
+            raise BadRequest("prompt: a non-empty string is required (one prompt a request)", "prompt")
+        data["prompt"] = prompt
+    if data.get("n", 1) not in (1, None):
+        raise BadRequest(f"n: only 1 choice a request is served, got {data['n']!r}", "n")
+    data.setdefault("model", model_alias)
+    _validate(path, data)
+    return json.dumps(data).encode()
+
+
+def _text_content(message, i: int):
+    """`message` with list-of-parts content joined into one string (text parts only)."""
+    if not isinstance(message, dict):
+        raise BadRequest(f"messages[{i}]: must be an object with role and content", f"messages[{i}]")
+    content = message.get("content")
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise BadRequest(f"messages[{i}].content: only text parts are served, got {kind!r}",
+                                 f"messages[{i}].content")
+            texts.append(part["text"])
+        message = {**message, "content": "\n".join(texts)}
+    return message
+
+
+def _validate(path: str, data: dict) -> None:
+    import pydantic
+    from llama_cpp.server.types import CreateChatCompletionRequest, CreateCompletionRequest
+
+    model = CreateChatCompletionRequest if path == CHAT else CreateCompletionRequest
+    try:
+        model.model_validate(data)
+    except pydantic.ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise BadRequest(f"{where}: {err['msg']}", where) from None
+
+
+class RequestChecks:
+    """ASGI middleware: POSTs to the chat and completion routes go through `checked_body`; a
+    BadRequest is answered with 400 and never reaches the model. After the body, the route still
+    hears the client's disconnect (a stream stops when its reader goes away)."""
+
+    def __init__(self, app, model_alias: str):
+        self.app, self.model_alias = app, model_alias
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("method") != "POST" or scope.get("path") not in (CHAT, COMPLETIONS):
+            await self.app(scope, receive, send)
+            return
+        body, more = b"", True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body, more = body + message.get("body", b""), message.get("more_body", False)
+        try:
+            body = checked_body(scope["path"], body, self.model_alias)
+        except BadRequest as exc:
+            await _error(send, str(exc), exc.param)
+            return
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-length"]
+        headers.append((b"content-length", str(len(body)).encode()))
+        await self.app({**scope, "headers": headers}, replay, send)
+
+
+async def _error(send, message: str, param: str | None) -> None:
+    payload = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": param,
+                                    "code": None}}).encode()
+    await send({"type": "http.response.start", "status": 400,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
+    await send({"type": "http.response.body", "body": payload})
