@@ -172,3 +172,11 @@ def test_run_folder_chats_with_the_system_prompt_it_was_trained_with(finbot_run,
 
     assert main(["generate", *flags, "-p", "Hi"]) == 0
     assert trained in prompts[3] and announce in capsys.readouterr().err.splitlines()
+
+
+def test_set_temperature_in_a_greedy_chat_samples(embedded_f16_gguf, monkeypatch, capsys):
+    """`/set temperature=0.7` (the README's example) in a chat started greedy switches it to sampling
+    and says so; it had been silently ignored."""
+    rc, out, err = _chat(monkeypatch, capsys, "/set temperature=0.7\n/set seed=5\n/quit\n", "--model",
+                         str(embedded_f16_gguf))
+    assert rc == 0 and "(temperature = 0.7, strategy = sample)" in err and "(seed = 5)" in err

@@ -90,3 +90,18 @@ def test_import_and_generate_help_stay_torch_free():
             "for command in (generate, chat):\n    command.add_arguments(argparse.ArgumentParser())\n"
             "heavy = [m for m in ('torch', 'transformers', 'gradio') if m in sys.modules]\nassert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_a_sampling_setting_without_a_strategy_means_sampling():
+    """`--temperature 0.9` alone samples, as llama.cpp, Ollama and LM Studio read it (it was silently
+    greedy); an explicit --strategy wins, a seed alone stays greedy, and temperature 0 is still greedy."""
+    from toolkit.decoding.config import implied_strategy
+
+    assert config_from_args(_parse("--temperature", "0.9")).strategy == "sample"
+    assert config_from_args(_parse("--top-p", "0.8")).strategy == "sample"
+    assert config_from_args(_parse("--temperature", "0.9", "--strategy", "greedy")).strategy == "greedy"
+    assert config_from_args(_parse("--seed", "3")).strategy == "greedy"
+    assert config_from_args(_parse("--preset", "precise", "--min-p", "0.1")).strategy == "sample"
+    assert config_from_args(_parse("--strategy", "beam", "--top-k", "5")).strategy == "beam"
+    assert config_from_args(_parse("--temperature", "0")).effective_strategy == "greedy"
+    assert implied_strategy("greedy", ["max_new_tokens"]) == "greedy"

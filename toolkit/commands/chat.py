@@ -78,7 +78,7 @@ def system_prompt_for(spec: str, given: str | None) -> str | None:
 
 def _terminal(args: argparse.Namespace, cfg) -> int:
     from toolkit.decoding.backends import load
-    from toolkit.decoding.config import with_preset
+    from toolkit.decoding.config import implied_strategy, with_preset
     from toolkit.decoding.conversation import build_prompt
     from toolkit.decoding.search import stream
 
@@ -119,8 +119,11 @@ def _terminal(args: argparse.Namespace, cfg) -> int:
                         if not eq:
                             raise UserError("usage: /set key=value")
                         key = key.strip().replace("-", "_")
+                        before = cfg.strategy
                         cfg = cfg.replace(**{key: field_named(key).from_text(value)})
-                        print(f"({key} = {getattr(cfg, key)})", file=sys.stderr)
+                        cfg = cfg.replace(strategy=implied_strategy(cfg.strategy, [key]))
+                        also = f", strategy = {cfg.strategy}" if key != "strategy" and cfg.strategy != before else ""
+                        print(f"({key} = {getattr(cfg, key)}{also})", file=sys.stderr)
                         continue
                     elif cmd == "/preset":
                         cfg = with_preset(cfg, rest.strip())

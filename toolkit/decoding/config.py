@@ -115,6 +115,19 @@ PRESETS: dict[str, dict] = {
 }
 
 
+# Settings that act only when sampling: setting one while the strategy is greedy (and not set too)
+# means sampling, as llama.cpp, Ollama and LM Studio read a temperature; temperature 0 still
+# decodes greedily (`effective_strategy`). A seed alone does not: it would sample at temperature 1.
+SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p")
+
+
+def implied_strategy(strategy: str, given) -> str:
+    """The strategy once the settings named in `given` are set on top of `strategy`."""
+    if strategy == "greedy" and "strategy" not in given and any(f in SAMPLING_FIELDS for f in given):
+        return "sample"
+    return strategy
+
+
 def preset(name: str, **overrides) -> DecodingConfig:
     """The named preset, with `overrides` (None values ignored) applied on top."""
     if name not in PRESETS:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from toolkit.decoding.config import PRESETS, DecodingConfig
+from toolkit.decoding.config import PRESETS, DecodingConfig, implied_strategy
 from toolkit.decoding.fields import FIELDS
 
 
@@ -31,8 +31,10 @@ def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> DecodingConfig:
-    """DecodingConfig from the preset (if any) plus the flags given; UserError if invalid."""
+    """DecodingConfig from the preset (if any) plus the flags given; UserError if invalid. A
+    sampling flag (--temperature, --top-k, --top-p, --min-p) without --strategy means sampling."""
     data = dict(PRESETS[args.preset]) if args.preset else {}
+    given = []
     for f in FIELDS:
         value = getattr(args, f.name)
         if f.repeated:
@@ -40,4 +42,6 @@ def config_from_args(args: argparse.Namespace) -> DecodingConfig:
                 data[f.name] = tuple(value)
         elif value is not None:
             data[f.name] = value
+            given.append(f.name)
+    data["strategy"] = implied_strategy(data.get("strategy", DecodingConfig.strategy), given)
     return DecodingConfig.from_dict(data)
