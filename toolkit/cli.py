@@ -19,12 +19,20 @@ from toolkit.core.errors import UserError
 COMMANDS = ("estimate", "recipe", "finetune", "generate", "chat", "export", "serve")
 
 
+class _OneLineErrors(argparse.ArgumentParser):
+    """argparse's usage errors in one line, as every other bad input here: argparse prints the
+    whole usage block (a dozen lines for `generate`) before the one that matters."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineErrors(
         prog="toolkit",
         description="Local LLM toolkit: estimate memory, fine-tune with QLoRA, decode and chat, export to GGUF.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_OneLineErrors)
     for name in COMMANDS:
         module = importlib.import_module(f"toolkit.commands.{name}")
         doc = (module.__doc__ or "").strip()

@@ -50,3 +50,19 @@ def test_a_closed_pipe_ends_the_command_quietly():
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 141, err
     assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_argparse_errors_are_one_line_naming_the_flag(capsys):
+    """A wrong type or choice is one `error:` line naming the command and the flag, exit 2, not
+    argparse's dozen lines of usage first."""
+    import pytest
+
+    from toolkit.cli import main
+
+    for argv, words in ((["generate", "-p", "x", "--temperature", "abc"], "toolkit generate: argument --temperature"),
+                        (["generate", "-p", "x", "--strategy", "foo"], "invalid choice: 'foo'"),
+                        (["recipe", "new"], "toolkit recipe new: the following arguments are required")):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exc.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and words in err[0], err
