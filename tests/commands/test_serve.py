@@ -245,6 +245,18 @@ def test_bad_requests_are_400_and_a_stream_is_not_cut_by_another_request(server)
         others.append(client.models.list().data[0].id)
         others.append(client.chat.completions.create(model="m", messages=QUESTION, max_tokens=4).choices[0].finish_reason)
 
+    import json
+    import urllib.error
+    import urllib.request
+
+    base = str(client.base_url).rstrip("/").removesuffix("/v1")
+    with urllib.request.urlopen(f"{base}/health", timeout=10) as r:
+        assert r.status == 200 and json.load(r) == {"status": "ok"}
+    with pytest.raises(urllib.error.HTTPError) as embed:
+        urllib.request.urlopen(urllib.request.Request(f"{base}/v1/embeddings", data=b'{"input": "x"}', method="POST",
+                                                      headers={"Content-Type": "application/json"}), timeout=10)
+    assert embed.value.code == 501
+
     t = threading.Thread(target=meanwhile)
     t.start()
     for chunk in stream:

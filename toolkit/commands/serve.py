@@ -6,7 +6,7 @@ format), so replies end at the model's end-of-turn token. Any OpenAI client work
   toolkit serve runs/latest/gguf/finance-...-q4_k_m.gguf --port 8000
   python -c "import openai; c = openai.OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='x'); ..."
 
-Endpoints: /v1/chat/completions (streaming too), /v1/completions, /v1/models, /docs. Requests are
+Endpoints: /v1/chat/completions (streaming too), /v1/completions, /v1/models, /health, /docs. Requests are
 served one at a time, in turn; a malformed one gets HTTP 400 naming the field.
 """
 

@@ -6,14 +6,15 @@ never succeed; it answers a chat with no `messages` from an empty prompt, silent
 choice for `n: 2`, and fails on OpenAI's list-of-parts `content`. Here those become one-line 400
 `invalid_request_error`s, as the OpenAI API, llama-server and Ollama answer them, and text parts
 are joined into the string the GGUF's chat template expects. The request's schema is upstream's
-(`llama_cpp.server.types`), not written again.
+(`llama_cpp.server.types`), not written again. It also answers `/health` (llama-server's liveness
+route, for a container's health check) and `/v1/embeddings` with 501, where upstream fails with a 500.
 """
 
 from __future__ import annotations
 
 import json
 
-CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
+CHAT, COMPLETIONS, EMBEDDINGS, HEALTH = "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/health"
 
 
 class BadRequest(ValueError):
@@ -91,6 +92,14 @@ class RequestChecks:
         self.app, self.model_alias = app, model_alias
 
     async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope.get("path") == HEALTH:  # llama-server's liveness route
+            await _json(send, 200, {"status": "ok"})
+            return
+        if scope["type"] == "http" and scope.get("path") == EMBEDDINGS:  # upstream lists it, then fails with a 500
+            await _json(send, 501, {"error": {"message": "this server does not compute embeddings (a chat model "
+                                              "served for chat and completions)", "type": "not_implemented",
+                                              "param": None, "code": None}})
+            return
         if scope["type"] != "http" or scope.get("method") != "POST" or scope.get("path") not in (CHAT, COMPLETIONS):
             await self.app(scope, receive, send)
             return
@@ -120,8 +129,12 @@ class RequestChecks:
 
 
 async def _error(send, message: str, param: str | None) -> None:
-    payload = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": param,
-                                    "code": None}}).encode()
-    await send({"type": "http.response.start", "status": 400,
+    await _json(send, 400, {"error": {"message": message, "type": "invalid_request_error", "param": param,
+                                      "code": None}})
+
+
+async def _json(send, status: int, obj: dict) -> None:
+    payload = json.dumps(obj).encode()
+    await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
     await send({"type": "http.response.body", "body": payload})
