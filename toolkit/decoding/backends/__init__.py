@@ -37,6 +37,15 @@ def reusable_prefix(cached: list[int], ids: list[int]) -> int:
     return n
 
 
+def reusable_row(cached: list[int], beams: list[list[int]] | None, ids: list[int]) -> tuple[int, int]:
+    """(row, tokens to keep) for a prefill of `ids`: the cache row sharing the longest prefix with it
+    (`reusable_prefix`). One row holds `cached`; after a beam search (`beams` not None) row i holds
+    `cached` (the search's prompt, which all rows share) then `beams[i]`."""
+    keeps = [reusable_prefix(cached + b, ids) for b in beams] if beams is not None else [reusable_prefix(cached, ids)]
+    keep = max(keeps)
+    return keeps.index(keep), keep
+
+
 def gguf_chat_formatter(llm):
     """llama-cpp-python's formatter for the chat template embedded in the GGUF `llm` holds, with its
     BOS / EOS texts, as its own `chat_template.default` builds it (the backend's prompts and

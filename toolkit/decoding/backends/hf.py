@@ -94,16 +94,10 @@ class HFBackend:
     def prefill(self, ids: list[int]) -> torch.Tensor:
         from transformers import DynamicCache
 
-        from toolkit.decoding.backends import reusable_prefix
+        from toolkit.decoding.backends import reusable_row
 
-        keep, row, beams = 0, 0, self._beams
-        if self.cache is not None and beams is not None:
-            # after a beam search: the row sharing the most with `ids` (at least the prompt, which all hold)
-            prefixes = [reusable_prefix(self.cached + b, ids) for b in beams]
-            keep = max(prefixes)
-            row = prefixes.index(keep)
-        elif self.cache is not None:
-            keep = reusable_prefix(self.cached, ids)
+        beams = self._beams
+        row, keep = reusable_row(self.cached, beams, ids) if self.cache is not None else (0, 0)
         self.cached, self._beams = [], None  # unknown until the forward below is done
         try:
             if keep and beams is not None:  # back to one row

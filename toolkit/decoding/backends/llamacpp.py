@@ -143,16 +143,12 @@ class LlamaCppBackend:
             from toolkit.core.errors import UserError
 
             raise UserError(f"the prompt has {len(ids)} tokens, the context window holds {self.n_ctx}")
-        from toolkit.decoding.backends import reusable_prefix
+        from toolkit.decoding.backends import reusable_row
 
-        keep, row, beams = 0, 0, self._beams
-        if beams is not None:
-            # after a beam search: the row sharing the most with `ids` (at least the prompt, which all hold)
-            prefixes = [reusable_prefix(self.cached + b, ids) for b in beams]
-            keep = max(prefixes)
-            row = prefixes.index(keep)
-        elif self.rows == [0]:
-            keep = reusable_prefix(self.cached, ids)
+        beams = self._beams
+        # Rows other than sequence 0 without beam bookkeeping (a fork or reorder stopped midway) hold
+        # nothing known.
+        row, keep = reusable_row(self.cached, beams, ids) if beams is not None or self.rows == [0] else (0, 0)
         self.cached, self._beams = [], None  # unknown until the decode below is done
         if keep and beams is not None:
             self._one_row(self.rows[row])
