@@ -24,7 +24,7 @@
 On a CPU with native bf16 both parts run twice: as detected (bf16), then with the capability record
 forced to AVX2 (TOOLKIT_CPU_CAPABILITY=avx2), so the fp32 path a CPU without native bf16 takes is
 measured too. On a CPU without native bf16 they run once (fp32): forcing bf16 there would time
-emulated bf16 (~100x slower), not the native path. The forced record changes the toolkit's choices,
+emulated bf16 (~25x slower), not the native path. The forced record changes the toolkit's choices,
 not the hardware: oneDNN and MKL still run their AVX-512 matmuls. So on a CPU with AVX-512 both parts
 run a third time, in a process of their own with the libraries capped at AVX2 as well (EMULATE_AVX2):
 matmuls at AVX2 width, bf16 emulated, as on the AVX2-only CPUs the fp32 path is for.

@@ -40,7 +40,10 @@ def test_key_changes_with_the_library_isa_caps_only():
 def test_libraries_capped_at_avx2_calibrate_apart_and_train_in_fp32(tmp_path):
     """With oneDNN, MKL and ATen capped at AVX2 the machine measures like an AVX2 CPU: on one with
     AVX512-BF16 its bf16 matmuls run emulated. That calibration gets a key of its own (it would
-    otherwise be read back uncapped, and the reverse) and the dtype choice follows it."""
+    otherwise be read back uncapped, and the reverse) and the dtype choice follows it. Its bf16 rate
+    is that of a frozen layer's two training products, timed here on their own as the reference: an
+    emulated `x @ W.T` runs ~15x faster than `g @ W` or `a @ b`, and timing `a @ b` alone had put
+    bf16 ~2.5x slower than a layer's products run."""
     import subprocess
     import sys
 
@@ -51,10 +54,17 @@ def test_libraries_capped_at_avx2_calibrate_apart_and_train_in_fp32(tmp_path):
             "from toolkit.core import calibration as K, capability as C\n"
             "cap = C.detect('cpu')\n"
             "cal = K.load(cap)\n"
-            "print(json.dumps([torch.backends.cpu.get_cpu_capability(), cal.key, C.choose_dtype(cap, 'train', cal)[0]]))\n")
+            "m, k, n = K.CPU_SHAPE\n"
+            "rows = max(16, m // 16)\n"
+            "x, g, w = (torch.randn(*s).bfloat16() for s in ((rows, k), (rows, n), (n, k)))\n"
+            "best = lambda fn: min(K._timed(torch, 'cpu', fn) for _ in range(3))\n"
+            "ref = 2 * 2 * rows * k * n / (best(lambda: x @ w.t()) + best(lambda: g @ w))\n"
+            "print(json.dumps([torch.backends.cpu.get_cpu_capability(), cal.key, C.choose_dtype(cap, 'train', cal)[0],\n"
+            "                  cal.matmul_flops['bfloat16'] / ref]))\n")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    torch_isa, cal_key, dtype = json.loads(out.stdout.strip().splitlines()[-1])
+    torch_isa, cal_key, dtype, bf16_over_reference = json.loads(out.stdout.strip().splitlines()[-1])
     assert torch_isa == "AVX2"
+    assert 0.67 < bf16_over_reference < 1.5
     assert cal_key.endswith("|ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2")
     assert dtype == "float32"
     cached = json.loads((tmp_path / K.FILE_NAME).read_text())["records"]

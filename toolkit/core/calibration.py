@@ -22,16 +22,18 @@ from pathlib import Path
 from toolkit.core.capability import Capability, detect, threads
 from toolkit.core.progress import say
 
-FORMAT = 5  # 2: packed_flops; 3: attention_s; 4: attention_s on a row of equal conversations; 5: packed_gain
+FORMAT = 6  # 2: packed_flops; 3: attention_s; 4: attention_s on a row of equal conversations; 5: packed_gain;
+# 6: matmul_flops of a frozen layer's forward and input gradient together, not `a @ b`
 FILE_NAME = "calibration.json"
 # (M, K, N) of one LoRA-era linear layer at a training step: a 2048-token batch through a
 # 576 -> 1536 MLP projection (SmolLM2-135M). A GPU needs a bigger one to leave launch overhead behind.
 CPU_SHAPE = (2048, 576, 1536)
 CUDA_SHAPE = (8192, 2048, 8192)
-# A dtype the CPU only emulates (bf16 without avx512_bf16: ~1 GFLOP/s) would take seconds at the
-# full shape: when its small probe projects one full matmul past this, the probe's rate is the
-# measurement. (A probe's rate understates a fast dtype several-fold, so the bar is generous.)
-FULL_SHAPE_LIMIT_S = 1.0
+# A dtype the CPU only emulates (bf16 without avx512_bf16: ~7 GFLOP/s for a layer's two products)
+# would take seconds at the full shape: when its small probe projects one full pair of products past
+# this, the probe's rate is the measurement. (A probe's rate understates a fast dtype several-fold, and
+# a native fp32 pair takes ~30 ms here, so the bar is generous.)
+FULL_SHAPE_LIMIT_S = 0.25
 # The packed row the attention kernels are timed on: 8 conversations of 128 tokens, 9 query / 3 KV
 # heads of 64 (a SmolLM2-135M layer), forward and backward. Equal lengths: the batched-matmul
 # kernel's gain with no padding, which `capability.packed_attention` scales by each row's padding
@@ -116,7 +118,7 @@ def torch_version() -> str:
 
 
 # Settings that cap the vector instructions the math libraries use. With ONEDNN_MAX_CPU_ISA=AVX2 an
-# AVX512-BF16 CPU runs fp32 matmuls at about half its rate and bf16 ones emulated, ~100x slower: a
+# AVX512-BF16 CPU runs fp32 matmuls at about half its rate and bf16 ones emulated, ~40x slower: a
 # calibration measured without the cap would pick bf16 there.
 ISA_CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 
@@ -225,10 +227,11 @@ def measure(cap: Capability) -> Calibration:
 
 
 def _native(flops: dict[str, float]) -> list[str]:
-    """The dtypes whose measured matmul rate is not an emulation's (a full CPU_SHAPE matmul within
-    a quarter of FULL_SHAPE_LIMIT_S): the only ones worth timing further."""
+    """The dtypes whose measured matmul rate is not an emulation's (one full CPU_SHAPE product within
+    FULL_SHAPE_LIMIT_S: >= 14.5 GFLOP/s, twice an emulated bf16's pair): the only ones worth timing
+    further."""
     m, k, n = CPU_SHAPE
-    return [dt for dt, rate in flops.items() if 2 * m * k * n / rate <= FULL_SHAPE_LIMIT_S / 4]
+    return [dt for dt, rate in flops.items() if 2 * m * k * n / rate <= FULL_SHAPE_LIMIT_S]
 
 
 def _attention_times(torch, flops: dict[str, float], reps: int = 3) -> dict[str, float]:
@@ -331,33 +334,48 @@ def _timed(torch, dev: str, fn) -> float:
 
 
 def _matmul_rate(torch, dev: str, dtype, shape: tuple[int, int, int], reps: int = 10) -> float:
+    """FLOP/s of a frozen layer's two products at a training step, `x @ W.T` (forward) and `g @ W`
+    (input gradient), W stored (N, K) as a model keeps it, timed together. Where a dtype is native,
+    any form runs at one rate; where it is emulated they do not: on an AVX2 CPU's bf16 (the Zen 5 with
+    its libraries capped, 2026-12-05) ATen's dot-product kernel ran `x @ W.T` at ~50 GFLOP/s and
+    `g @ W` and `a @ b` at ~3-4, so timing `a @ b` alone had put bf16 training ~90x behind fp32
+    where its two products are ~30x behind."""
     m, k, n = shape
     gen = torch.Generator(device=dev).manual_seed(0)
-    b = torch.randn(k, n, device=dev, generator=gen).to(dtype)
+    w = torch.randn(n, k, device=dev, generator=gen).to(dtype)
+
+    def pair(x, g, out_f=None, out_g=None):
+        torch.mm(x, w.t(), out=out_f) if out_f is not None else x @ w.t()
+        torch.mm(g, w, out=out_g) if out_g is not None else g @ w
+
+    def inputs(rows):
+        return (torch.randn(rows, k, device=dev, generator=gen).to(dtype),
+                torch.randn(rows, n, device=dev, generator=gen).to(dtype))
+
     # Probe at 1/16 of the rows first: an emulated dtype is measured there, within budget.
     pm = max(16, m // 16)
-    pa = torch.randn(pm, k, device=dev, generator=gen).to(dtype)
-    warm = torch.randn(16, k, device=dev, generator=gen).to(dtype)
-    _timed(torch, dev, lambda: warm @ b)  # one-off library init and kernel selection, not timed
-    first = _timed(torch, dev, lambda: pa @ b)
-    probe = first if first > 0.05 else min(first, *(_timed(torch, dev, lambda: pa @ b) for _ in range(2)))
-    probe_rate = 2 * pm * k * n / probe
-    full_flops = 2 * m * k * n
-    if full_flops / probe_rate > FULL_SHAPE_LIMIT_S:
+    px, pg = inputs(pm)
+    wx, wg = inputs(16)
+    _timed(torch, dev, lambda: pair(wx, wg))  # one-off library init and kernel selection, not timed
+    first = _timed(torch, dev, lambda: pair(px, pg))
+    probe = first if first > 0.05 else min(first, *(_timed(torch, dev, lambda: pair(px, pg)) for _ in range(2)))
+    pair_flops = 2 * 2 * m * k * n
+    probe_rate = 2 * 2 * pm * k * n / probe
+    if pair_flops / probe_rate > FULL_SHAPE_LIMIT_S:
         return probe_rate
-    a = torch.randn(m, k, device=dev, generator=gen).to(dtype)
-    out = a @ b
-    if _timed(torch, dev, lambda: torch.mm(a, b, out=out)) > 0.25:  # slow machine or busy cores: stay within ~3 s
+    x, g = inputs(m)
+    out_f, out_g = x @ w.t(), g @ w
+    if _timed(torch, dev, lambda: pair(x, g, out_f, out_g)) > 0.25:  # slow machine or busy cores: stay within ~3 s
         reps = 1
     inner = 10 if dev == "cuda" else 1  # a GPU matmul is shorter than the timer's resolution
 
-    # Best of 10 (a CPU matmul of this shape is ~20 ms, so one busy moment on a shared host can slow
-    # three in a row), into one output buffer: the rate of the arithmetic, not of page faults.
+    # Best of 10 (a CPU pair of this shape is ~15 ms, so one busy moment on a shared host can slow
+    # three in a row), into output buffers: the rate of the arithmetic, not of page faults.
     def run():
         for _ in range(inner):
-            torch.mm(a, b, out=out)
+            pair(x, g, out_f, out_g)
 
-    return max(full_flops * inner / _timed(torch, dev, run) for _ in range(reps))
+    return max(pair_flops * inner / _timed(torch, dev, run) for _ in range(reps))
 
 
 def _bandwidth(torch, dev: str, reps: int = 3) -> float:

@@ -225,10 +225,11 @@ def choose_dtype(cap: Capability, purpose: str, calibration=None) -> tuple[str, 
                        f"{b16 / 1e9:.0f} vs {f32 / 1e9:.0f} GFLOP/s)")
 
 
-# Measured: the AVX2 EPYC (fp32 127 vs bf16 1.0 GFLOP/s in issue 11, 155.3 vs 1.2 in its calibration,
-# 2026-11-22) and the Zen 5 EPYC with its libraries capped at AVX2 (fp32 pre-packed 260 vs bf16 2.7,
-# its calibration of 2026-12-04).
-BF16_EMULATED_SLOWDOWN = "96-129x slower measured"
+# Measured in training, the recipe's CPU profile: the AVX2 EPYC of issue 11 (4.5 against 103 tokens/s,
+# 2026-11-22) and the Zen 5 EPYC with its libraries capped at AVX2 (80 against 2.75 s a step, steps 2-3,
+# 2026-12-05 01:10 UTC; its calibration there read the two products 38x slower). A lone `a @ b` had read
+# 94-129x: emulated bf16 runs `x @ W.T` ~15x faster than `g @ W` (calibration._matmul_rate).
+BF16_EMULATED_SLOWDOWN = "training 23-29x slower measured"
 
 
 def forced_bf16_warning(cap: Capability, calibration, field: str) -> str:
@@ -241,8 +242,8 @@ def forced_bf16_warning(cap: Capability, calibration, field: str) -> str:
         measured = "bf16 matmuls were not measured on this CPU"
     elif f32 / b16 >= 1.05:
         slower = f32 / b16
-        measured = f"bf16 measured {slower:.0f}x slower than fp32 on this CPU" if slower >= 10 else \
-            f"bf16 measured {slower:.1f}x slower than fp32 on this CPU"
+        measured = (f"bf16 training matmuls measured {slower:.0f}x slower than fp32 on this CPU" if slower >= 10
+                    else f"bf16 training matmuls measured {slower:.1f}x slower than fp32 on this CPU")
     else:
         forced = f", the record forced by {ENV_FORCE}={cap.forced}" if cap.forced else ""
         measured = (f"bf16 measured no slower than fp32 on this CPU ({b16 / 1e9:.0f} vs {f32 / 1e9:.0f} GFLOP/s"

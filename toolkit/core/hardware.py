@@ -127,7 +127,7 @@ def dtype_for(dev: str, purpose: str) -> str:
     CUDA: bf16 where the GPU supports it (Ampere+), else fp16.
     CPU training/evaluation: bf16 only with native bf16 (avx512_bf16, AMX) and measured faster
     than fp32 by the calibration: bf16 compute ran ~1.75x faster than fp32 for QLoRA (240 vs 137
-    tokens/s) on an AVX512-BF16 CPU, but ~100x slower per matmul on an AVX2-only one.
+    tokens/s) on an AVX512-BF16 CPU, but ~25x slower on an AVX2-only one (it emulates bf16).
     CPU inference: fp32, because greedy output must match llama.cpp's f16/f32 path token for
     token and bf16 matmuls on CPU are not faster for a 135M model.
     """
