@@ -231,7 +231,7 @@ def test_cpu_inference_is_timed_at_the_fp32_rate_it_answers_in(monkeypatch):
     cal = calibration.Calibration(key="test", device="cpu test", matmul_flops={"float32": 200e9, "bfloat16": 800e9},
                                   bandwidth_bytes_per_s=20e9, seconds=1.0, torch="test")
     cap = C.Capability(kind="cpu", name="test", isa="avx512_bf16", native_bf16=True, physical_cores=2)
-    monkeypatch.setattr(timeplan, "host_capability", lambda: cap)
+    monkeypatch.setattr(timeplan, "host_capability", lambda hw=None: cap)
     monkeypatch.setattr(calibration, "load", lambda c: cal)
     assert timeplan.rates_here(purpose="infer").flops == 200e9
     assert timeplan.rates_here().flops == 800e9
@@ -261,6 +261,18 @@ def test_every_gpu_has_a_compute_capability_and_the_dtype_follows_it():
     assert capability("gtx 1080 ti").compute_capability == (6, 1)
     assert "fp16 at a small fraction" in device_dtype("GTX 1070", None)[1]
     assert device_dtype(None, "8GB") == VRAM_ONLY_DTYPE
+
+
+def test_this_machines_dtype_asks_the_hardware_once(monkeypatch):
+    """On a GPU host every `hardware.detect()` starts nvidia-smi: the estimate's dtype asks once."""
+    from toolkit.core import hardware
+    from toolkit.estimate import timeplan
+
+    calls = []
+    real = hardware.detect
+    monkeypatch.setattr(hardware, "detect", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    assert timeplan.device_dtype(None, None) == hardware.auto_dtype(timeplan.host_capability(real()), "train")
+    assert len(calls) == 1
 
 
 def test_named_gpu_rates_follow_the_compute_dtype():

@@ -94,18 +94,19 @@ def device_dtype(gpu: str | None, vram: str | None, purpose: str = "train") -> t
     hw = detect()
     if hw.kind == "cuda" and nvidia_smi_compute_capability() is None:  # not worth importing torch for
         return "bfloat16", f"bf16 assumed: nvidia-smi gives no compute capability for {hw.name} (an old driver)"
-    return auto_dtype(host_capability(), purpose)
+    return auto_dtype(host_capability(hw), purpose)
 
 
-def host_capability():
+def host_capability(hw=None):
     """toolkit.core.capability's record of this machine (the GPU when nvidia-smi sees one), without
     importing torch: torch's own ISA probe is read by neither the calibration's cache key nor the
     dtype choice, a GPU's compute capability comes from nvidia-smi where the driver gives it, and
-    `toolkit estimate` must stay instant."""
+    `toolkit estimate` must stay instant. `hw`: `toolkit.core.hardware.detect()`'s answer where the
+    caller has it (on a GPU host each asks nvidia-smi again)."""
     from toolkit.core import capability
     from toolkit.core.hardware import detect, nvidia_smi_compute_capability
 
-    hw = detect()
+    hw = hw or detect()
     cc = nvidia_smi_compute_capability() if hw.kind == "cuda" else None
     if cc is not None:
         return capability.cuda_record(hw.name, cc, capability.detect("cpu", use_torch=False))
