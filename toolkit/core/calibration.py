@@ -234,9 +234,10 @@ def _native(flops: dict[str, float]) -> list[str]:
     return [dt for dt, rate in flops.items() if 2 * m * k * n / rate <= FULL_SHAPE_LIMIT_S]
 
 
-def _attention_times(torch, flops: dict[str, float], reps: int = 3) -> dict[str, float]:
+def _attention_times(torch, flops: dict[str, float], reps: int = 5) -> dict[str, float]:
     """Seconds of each packed-row attention kernel on the ATTENTION_SIZES row, forward and backward,
-    best of `reps` after one untimed call, per dtype whose matmul is not an emulation's."""
+    best of `reps` (the kernels alternating) after one untimed call, per dtype whose matmul is not an
+    emulation's."""
     from toolkit.core import segment_attention
 
     heads, kv, d = ATTENTION_HEADS
@@ -248,15 +249,18 @@ def _attention_times(torch, flops: dict[str, float], reps: int = 3) -> dict[str,
         q, key_, value = (torch.randn(1, h, rows, d, generator=gen).to(dtype).requires_grad_()
                           for h in (heads, kv, kv))
         grad = torch.randn(1, rows, heads, d, generator=gen).to(dtype)
-        for kernel in segment_attention.CPU_KERNELS:
-            if kernel == "sdpa_fp32" and dt == "float32":
-                continue
-
-            def step(kernel=kernel):
-                segment_attention.attend(q, key_, value, ATTENTION_SIZES, kernel).backward(grad)
-
+        steps = {kernel: (lambda kernel=kernel: segment_attention.attend(q, key_, value, ATTENTION_SIZES,
+                                                                            kernel).backward(grad))
+                 for kernel in segment_attention.CPU_KERNELS if not (kernel == "sdpa_fp32" and dt == "float32")}
+        for step in steps.values():
             step()
-            out[f"{dt} {kernel}"] = min(_timed(torch, "cpu", step) for _ in range(reps))
+        # The kernels alternate, as `_packed_gains`' two ways do: the choice reads their ratio, and a
+        # shared host's slow moment (its rates moved 18-34% between calibrations) then slows each.
+        best = dict.fromkeys(steps, float("inf"))
+        for _ in range(reps):
+            for kernel, step in steps.items():
+                best[kernel] = min(best[kernel], _timed(torch, "cpu", step))
+        out.update({f"{dt} {kernel}": t for kernel, t in best.items()})
     return out
 
 
