@@ -216,8 +216,9 @@ def run() -> dict:
     return {"title": "Fine-tuning: finance recipe end to end, and training tokens/s and MFU vs a naive baseline",
             "rows": rows,
             "notes": ("CPU timings on a shared 2-core machine are noisy; ratios are measured within one run, and MFU "
-                      "divides by the matmul rate the calibration measured in the same run (a 2048x576 @ 576x1536 "
-                      "matmul, best of 10, the faster of torch's matmul and the product with the weight pre-packed "
+                      "divides by the matmul rate the calibration measured in the same run (a 1536 x 576 layer's "
+                      "forward and input gradient at 2048 rows, best of 10; for a pre-packed weight its forward; "
+                      "the faster of torch's matmul and the product with the weight pre-packed "
                       f"for oneDNN, which ours uses where it measured faster: so MFU counts that speed-up against ours). Throughput: ours and the baseline alternate {REPEATS} times, each path's "
                       "best run is shown (all runs in runs_tokens_per_s) and MFU uses the fastest calibration. On a CPU with "
                       "native bf16 the rows come twice: as detected, then forced to AVX2 (fp32; the cpu column says "
