@@ -289,10 +289,10 @@ def test_named_gpu_rates_follow_the_compute_dtype():
 
 def test_cpu_decoding_adds_per_layer_work_to_the_weights_read():
     """A CPU decoding step is the weights read at the bandwidth plus the per-layer work on the same
-    cores (CPU_DECODE_SECONDS_PER_LAYER): with the calibration the constants were fitted under
-    (39.8 GB/s), the model reads `bench decode`'s measured greedy rates (benchmarks/results.json)
-    within 30% (the fit: within 25% of three runs; the host's speed moves between runs), where reading
-    alone had the transformers loop 1.6-1.8x too fast."""
+    cores (CPU_DECODE_SECONDS_PER_LAYER): at the weight-read rate the constants were fitted under
+    (35.4 GB/s), the model reads `bench decode`'s measured greedy rates (benchmarks/results.json)
+    within 30% (the fit: within 25%; the host's speed moves between runs), where reading alone had
+    the transformers loop 1.3x too fast or more."""
     import json
 
     from toolkit.estimate.catalog import lookup
@@ -303,12 +303,12 @@ def test_cpu_decoding_adds_per_layer_work_to_the_weights_read():
     greedy = {r["comparison"]: r["ours_tok_s"] for r in rows if r["settings"] == "greedy"}
     measured = {"fp32": greedy["ours (transformers) vs model.generate"], "f16": greedy["ours (llama.cpp) vs create_completion"]}
     m = lookup("embedded")
-    rates = Rates("cpu", 492.6e9, 39.8e9, "the Zen 5's calibration", "float32")
+    rates = Rates("cpu", 492.6e9, 35.4e9, "the Zen 5's calibration", "float32")
     for quant, tok_s in measured.items():
         est = estimate(m, "inference", quant, seq_len=91, device="cpu")
         modelled = time_fields(m, est, rates, targets=())["decode_tokens_per_s"]
         assert modelled == pytest.approx(tok_s, rel=0.3), quant
         if quant == "fp32":  # the toolkit's own loop (chat, generate): reading alone was far off
-            assert T.decode_tokens_per_s(est.components["weights"], rates.bandwidth_bytes_per_s) > 1.5 * tok_s
+            assert T.decode_tokens_per_s(est.components["weights"], rates.bandwidth_bytes_per_s) > 1.25 * tok_s
     with pytest.raises(ValueError):
         T.decode_tokens_per_s(1e9, 1e9, serial_step_s=-1.0)

@@ -1,6 +1,7 @@
 """A short measurement of this machine (<= ~3 s), run once and cached: matmul FLOP/s per dtype at
 training-like shapes (on a CPU also with the weight pre-packed for oneDNN, `toolkit.core.packed_linear`,
-and what packing gains in a training step's and a decode step's own matmuls), memory bandwidth, and on
+and what packing gains in a training step's and a decode step's own matmuls), memory bandwidth (on a CPU,
+how fast a decoding step reads weights), and on
 a CPU the time of each packed-row attention kernel (`toolkit.core.segment_attention`). The dtype,
 matmul and attention choices (toolkit.core.capability) and the planner's time model read it;
 `toolkit estimate --calibrate` reruns it.
@@ -22,8 +23,9 @@ from pathlib import Path
 from toolkit.core.capability import Capability, detect, threads
 from toolkit.core.progress import say
 
-FORMAT = 6  # 2: packed_flops; 3: attention_s; 4: attention_s on a row of equal conversations; 5: packed_gain;
-# 6: matmul_flops of a frozen layer's forward and input gradient together, not `a @ b`
+FORMAT = 7  # 2: packed_flops; 3: attention_s; 4: attention_s on a row of equal conversations; 5: packed_gain;
+# 6: matmul_flops of a frozen layer's forward and input gradient together, not `a @ b`; 7: a CPU's
+# bandwidth_bytes_per_s as a decoding step reads weights, not a copy
 FILE_NAME = "calibration.json"
 # (M, K, N) of one LoRA-era linear layer at a training step: a 2048-token batch through a
 # 576 -> 1536 MLP projection (SmolLM2-135M). A GPU needs a bigger one to leave launch overhead behind.
@@ -48,6 +50,12 @@ ATTENTION_HEADS = (9, 3, 64)
 # the recipe trained 8% faster packed and its report ran 18% faster (docs/cpu-training.md).
 PACKED_GAIN_ROWS = {"train": 1024, "infer": 32}
 PACKED_GAIN_WEIGHTS = 4
+# A CPU's memory rate is what a decoding step runs at: its weights read once by one-row products
+# (`_read_rate`), over more bytes than a last-level cache holds. A copy is not that: on the Zen 5 a
+# 128 MiB fp32 copy read 38-90 GB/s from one calibration to the next, while the toolkit's greedy
+# decode held at 41-49 tok/s; at 78-88 GB/s copied, the embedded model's 538 MB of linear and
+# LM-head weights took 15.9 ms pre-packed (34 GB/s) and 29.3 ms through torch's (18 GB/s).
+READ_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True)
@@ -59,7 +67,8 @@ class Calibration:
     `attention_s` maps "dtype kernel" ("bfloat16 bmm", "bfloat16 sdpa_fp32", ...) -> seconds for one
     layer's attention over the ATTENTION_SIZES row, forward and backward (CPU only). `packed_gain`
     maps "dtype use" ("float32 train", "bfloat16 infer", ...; uses in PACKED_GAIN_ROWS) -> torch's
-    time over the pre-packed time for that use's matmuls (CPU only)."""
+    time over the pre-packed time for that use's matmuls (CPU only). `bandwidth_bytes_per_s`: a
+    GPU's copy rate; a CPU's rate of reading weights as a decoding step does (READ_BYTES)."""
 
     key: str
     device: str
@@ -200,7 +209,8 @@ def load(cap: Capability | None = None, refresh: bool = False) -> Calibration:
 
 def measure(cap: Capability) -> Calibration:
     """Measure now (no cache): matmul FLOP/s per candidate dtype, best of a few reps, and memory
-    bandwidth from a large copy (bytes read + written per second). CPU runs at threads(cap)."""
+    bandwidth (`_bandwidth`: a GPU's copy, a CPU's weight reads as a decoding step does them). CPU
+    runs at threads(cap)."""
     import torch
 
     t0 = time.perf_counter()
@@ -383,10 +393,44 @@ def _matmul_rate(torch, dev: str, dtype, shape: tuple[int, int, int], reps: int 
 
 
 def _bandwidth(torch, dev: str, reps: int = 3) -> float:
-    # Larger than most last-level caches (CPU: 128 MiB; GPU: 1 GiB), pages touched before timing.
-    n = (256 if dev == "cuda" else 32) * 2**20
+    """Bytes a second. A GPU: a 1 GiB copy (bytes read + written). A CPU: `_read_rate`."""
+    if dev != "cuda":
+        return _read_rate(torch, reps)
+    n = 256 * 2**20  # larger than a GPU's last-level cache, pages touched before timing
     src = torch.ones(n, dtype=torch.float32, device=dev)
     dst = torch.empty_like(src)
     dst.copy_(src)
     nbytes = 2 * src.numel() * src.element_size()
     return max(nbytes / _timed(torch, dev, lambda: dst.copy_(src)) for _ in range(reps))
+
+
+def _read_rate(torch, reps: int = 3) -> float:
+    """Bytes a second a CPU decoding step reads its weights at: one-row products over READ_BYTES of
+    fp32 weights of CPU_SHAPE's layer, each read once, the faster of torch's and the pre-packed
+    product (a CPU model decodes through whichever `capability.packed_matmuls` measured faster).
+    Best of `reps`."""
+    from toolkit.core import packed_linear
+
+    _, k, n = CPU_SHAPE
+    count = max(1, READ_BYTES // (4 * k * n))
+    weights = [torch.full((n, k), 0.01) for _ in range(count)]
+    x = torch.full((1, k), 0.5)
+    linear = torch.nn.functional.linear
+
+    def plain():
+        for w in weights:
+            linear(x, w)
+
+    plain()  # kernel selection, not timed
+    best = min(_timed(torch, "cpu", plain) for _ in range(reps))
+    if packed_linear.available():
+        for i, w in enumerate(weights):  # one weight at a time: READ_BYTES, not twice that, at the peak
+            weights[i] = packed_linear.pack(w, 1)
+
+        def packed():
+            for w in weights:
+                packed_linear.matmul(x, w)
+
+        packed()
+        best = min(best, *(_timed(torch, "cpu", packed) for _ in range(reps)))
+    return count * 4 * k * n / best

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 #   micro-batch of half the tokens (bench_time's seq 256 row, which the passes-only model read +16%
 #   and +28% fast). An earlier fit (four runs on a Zen 4 and this Zen 5, older code,
 #   `docs/cpu-training.md`) found the remainder the same in seconds on both CPUs, so it is priced at
-#   a fixed rate, not at the calibration's copy bandwidth, which swung between 38 and 70 GB/s from one
+#   a fixed rate, not at the calibration's copy bandwidth (as it measured until 2026-12-05), which swung between 38 and 90 GB/s from one
 #   calibration to the next on the Zen 5 while the training speed held. Not modelled: QLoRA's CPU
 #   layers beyond their unpacked matmul (the 4-bit dequantization before each product, ~48 ms of a
 #   ~1.3-s step in a profile on the Zen 5; bench_time's row).
@@ -66,8 +66,8 @@ CUDA_STEP_SECONDS_PER_LAYER = {"qlora": 0.021, "lora": 0.018, "full": 0.018}
 CPU_ELEMENTWISE_PASSES = 86
 CPU_STEP_SECONDS_PER_LAYER = 0.0071
 CPU_ELEMENTWISE_BYTES_PER_S = 40e9
-# Decode reads weights at close to the measured bandwidth: llama.cpp f16 decode of the 135M model
-# on the same CPU, 69 tok/s x 270 MB = 18.6 GB/s, matches its measured copy bandwidth (DESIGN.md).
+# Decode reads weights at the measured bandwidth: on a CPU the calibration measures it as a decoding
+# step reads (`toolkit.core.calibration._read_rate`), on a GPU a copy.
 DECODE_EFFICIENCY = 1.0
 # On a GPU a small model's decoding step waits on the host (Python, dispatch, a few kernels a layer),
 # not on reading the weights: seconds a step per layer, measured by `python -m benchmarks.gpu_check
@@ -90,17 +90,18 @@ CUDA_DECODE_SECONDS_PER_LAYER = {"loop": 0.00071, "answers": 0.00078, "answers 4
 # On a CPU a decoding step also pays per-layer work the bytes don't count (Python and dispatch on the
 # transformers backend; llama.cpp's quantized dot products and graph), on the same cores that read
 # the weights, so it adds to the read rather than overlapping it. Seconds a step per layer on the
-# Zen 5 EPYC (2 cores, 39.8 GB/s calibrated), embedded SmolLM2-135M (30 layers), greedy, 48 tokens,
-# from three `bench decode` runs (2026-12-04 22:03, 2026-12-05 00:01 and 00:02 UTC) and one of the
-# shipped Q4_1 GGUF (best of 5, 00:0x UTC):
-# - "transformers": the toolkit's loop, fp32 pre-packed, 41.1 / 47.8 / 45.5 tok/s, 13.5 ms of a step
-#   reading 538 MB -> 0.36 / 0.25 / 0.28 ms a layer: 0.30;
-# - "llama.cpp": f16 110.0 / 111.5 / 120.9 tok/s (6.8 ms reading) -> 0.078 / 0.074 / 0.050, Q4_1
-#   126.7 tok/s (2.4 ms reading) -> 0.18: 0.13 reads f16 15-22% slow and Q4_1 24% fast (its 4-bit
-#   dot products cost compute, which one constant for every type cannot follow).
+# Zen 5 EPYC (2 cores), embedded SmolLM2-135M (30 layers), greedy, 48 tokens (prefill included),
+# best of 5 / 7 / 7, between ten calibrations of the weight-read rate (32-41 GB/s, median 35.4),
+# 2026-12-05 02:1x UTC:
+# - "transformers": the toolkit's loop, fp32 pre-packed, 45.4 tok/s, 15.3 ms of a 22.0-ms step
+#   reading 542 MB -> 0.22 ms a layer;
+# - "llama.cpp": f16 112.2 tok/s (7.7 ms reading) -> 0.042 ms, the shipped Q4_1 132.1 tok/s (2.8 ms)
+#   -> 0.159: 0.11 reads f16 19% slow and Q4_1 24% fast (its 4-bit dot products cost compute,
+#   which one constant for every type cannot follow).
 # Before this term the estimate read CPU decoding 1.3-3.3x too fast (74 / 148 / 412 tok/s against
-# 41 / 110 / 127 measured).
-CPU_DECODE_SECONDS_PER_LAYER = {"transformers": 0.00030, "llama.cpp": 0.00013}
+# 41 / 110 / 127 measured). The constants fitted earlier (0.30 / 0.13 ms) assumed the copy rate the
+# calibration measured then, 39.8 GB/s; that rate later read 78-88 GB/s while decoding held.
+CPU_DECODE_SECONDS_PER_LAYER = {"transformers": 0.00022, "llama.cpp": 0.00011}
 
 
 @dataclass(frozen=True)
