@@ -92,7 +92,7 @@ CUDA_DECODE_SECONDS_PER_LAYER = {"loop": 0.00071, "answers": 0.00078, "answers 4
 # the weights, so it adds to the read rather than overlapping it. Seconds a step per layer on the
 # Zen 5 EPYC (2 cores), embedded SmolLM2-135M (30 layers), greedy, 48 tokens (prefill included),
 # best of 5 / 7 / 7, between ten calibrations of the weight-read rate (32-41 GB/s, median 35.4),
-# 2026-12-05 02:1x UTC:
+# 2026-12-05 01:5x UTC:
 # - "transformers": the toolkit's loop, fp32 pre-packed, 45.4 tok/s, 15.3 ms of a 22.0-ms step
 #   reading 542 MB -> 0.22 ms a layer;
 # - "llama.cpp": f16 112.2 tok/s (7.7 ms reading) -> 0.042 ms, the shipped Q4_1 132.1 tok/s (2.8 ms)
