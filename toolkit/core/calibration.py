@@ -110,7 +110,8 @@ class Calibration:
                           for k, v in self.matmul_flops.items())
         attention = ", ".join(f"{k} {v * 1e3:.1f}" for k, v in self.attention_s.items())
         gain = ", ".join(f"{k} {v:.2f}x" for k, v in self.packed_gain.items())
-        return (f"{self.device}: matmul GFLOP/s {rates}; memory {self.bandwidth_bytes_per_s / 1e9:.1f} GB/s"
+        memory = "weights read as decoding reads them" if self.device.startswith("cpu") else "memory copy"
+        return (f"{self.device}: matmul GFLOP/s {rates}; {memory} {self.bandwidth_bytes_per_s / 1e9:.1f} GB/s"
                 + (f"; pre-packing gains {gain}" if gain else "")
                 + (f"; packed-row attention ms a layer: {attention}" if attention else "")
                 + f" (measured in {self.seconds:.1f} s, torch {self.torch})")
