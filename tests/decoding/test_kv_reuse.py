@@ -58,7 +58,7 @@ def test_a_forward_stopped_midway_keeps_nothing(hf, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         hf.step([ids[-1]])
     monkeypatch.setattr(layers[1], "forward", real)
-    assert hf.cached == [] and hf.cache is None
+    assert hf.held.cached == [] and hf.cache is None
     again = hf.prefill(ids)
     hf.reset()
     assert torch.allclose(again, hf.prefill(ids), atol=1e-4)

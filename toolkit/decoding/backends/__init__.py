@@ -46,6 +46,51 @@ def reusable_row(cached: list[int], beams: list[list[int]] | None, ids: list[int
     return keeps.index(keep), keep
 
 
+class HeldRows:
+    """What a backend's KV cache holds, for the next prefill to keep (`reusable_row`): the tokens of
+    its one row (`cached`), or after `fork` the prompt all rows share (`cached`) and each row's own
+    tokens past it (`beams`). Each change to the cache first `take`s the record, leaving it empty
+    (nothing known) while the library calls run, so a stop between two of them keeps nothing; the
+    backend sets it again once the change is done. Both backends keep theirs this one way."""
+
+    def __init__(self):
+        self.cached: list[int] = []
+        self.beams: list[list[int]] | None = None
+
+    def take(self) -> tuple[list[int], list[list[int]] | None]:
+        held = self.cached, self.beams
+        self.cached, self.beams = [], None
+        return held
+
+    def row_to_keep(self, ids: list[int]) -> tuple[int, int]:
+        """`reusable_row` for a prefill of `ids` from what is held."""
+        return reusable_row(self.cached, self.beams, ids)
+
+    def prefilled(self, ids: list[int]) -> None:
+        self.cached, self.beams = list(ids), None
+
+    def stepped(self, held, tokens: list[int], one_row: bool) -> None:
+        """After a step of `tokens` (one a row) from `held`; `one_row`: the cache has one row."""
+        cached, beams = held
+        if beams is not None:
+            self.cached, self.beams = cached, [b + [t] for b, t in zip(beams, tokens)]
+        elif one_row and cached:
+            cached.append(tokens[0])  # taken: no one else holds the list
+            self.cached = cached
+
+    def forked(self, held, n: int, one_row: bool = True) -> None:
+        """After the cache's one row (`one_row`) was copied into `n`; otherwise nothing is known."""
+        prompt, beams = held
+        if prompt and beams is None and one_row:
+            self.cached, self.beams = prompt, [[] for _ in range(n)]
+
+    def reordered(self, held, rows: list[int]) -> None:
+        """After the rows were rearranged: row i now holds what row `rows[i]` held."""
+        prompt, beams = held
+        if beams is not None:
+            self.cached, self.beams = prompt, [beams[r] for r in rows]  # shared lists: `stepped` builds new ones
+
+
 def gguf_chat_formatter(llm):
     """llama-cpp-python's formatter for the chat template embedded in the GGUF `llm` holds, with its
     BOS / EOS texts, as its own `chat_template.default` builds it (the backend's prompts and

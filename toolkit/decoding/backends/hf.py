@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from toolkit.core import sdpa_backends
+from toolkit.decoding.backends import HeldRows
 
 
 class HFBackend:
@@ -34,10 +35,7 @@ class HFBackend:
         self.device = next(model.parameters()).device
         self._sdpa = sdpa_backends.for_device(self.device.type)
         self.cache = None
-        # The tokens whose KV `cache` holds in its one row; after `fork`, the prompt all its rows
-        # share, each row's own tokens past it in `_beams` (None while the cache has one row).
-        self.cached: list[int] = []
-        self._beams: list[list[int]] | None = None
+        self.held = HeldRows()  # what `cache` holds, for the next prefill to keep
 
     @classmethod
     def from_spec(cls, spec: str, n_ctx: int | None = None, device: str | None = None) -> "HFBackend":
@@ -94,11 +92,8 @@ class HFBackend:
     def prefill(self, ids: list[int]) -> torch.Tensor:
         from transformers import DynamicCache
 
-        from toolkit.decoding.backends import reusable_row
-
-        beams = self._beams
-        row, keep = reusable_row(self.cached, beams, ids) if self.cache is not None else (0, 0)
-        self.cached, self._beams = [], None  # unknown until the forward below is done
+        row, keep = self.held.row_to_keep(ids) if self.cache is not None else (0, 0)
+        _, beams = self.held.take()
         try:
             if keep and beams is not None:  # back to one row
                 self.cache.batch_select_indices(torch.tensor([row], dtype=torch.long, device=self.device))
@@ -111,34 +106,31 @@ class HFBackend:
         if not keep:
             self.cache = DynamicCache(config=self.model.config)
         logits = self._forward(torch.tensor([ids[keep:]], dtype=torch.long))[0]
-        self.cached = list(ids)
+        self.held.prefilled(ids)
         return logits
 
     def reset(self) -> None:
         """Forget the cached prompt: the next prefill runs its prompt whole."""
-        self.cache, self.cached, self._beams = None, [], None
+        self.cache = None
+        self.held.take()
 
     def step(self, tokens: list[int]) -> torch.Tensor:
+        held = self.held.take()
         logits = self._forward(torch.tensor(tokens, dtype=torch.long)[:, None])
-        if self._beams is not None:
-            self._beams = [b + [t] for b, t in zip(self._beams, tokens)]
-        elif self.cached:
-            self.cached.append(tokens[0])
+        self.held.stepped(held, tokens, one_row=True)
         return logits
 
     def fork(self, n: int) -> None:
-        # n rows, each the prompt (`cached`) then its own tokens: the next prefill keeps the longest.
-        # Nothing is known while the layers are repeated one by one (a stop may land between two).
-        prompt, self.cached, self._beams = self.cached, [], None
+        # n rows, each the prompt then its own tokens: the next prefill keeps the longest. The layers
+        # are repeated one by one (a stop may land between two).
+        held = self.held.take()
         self.cache.batch_repeat_interleave(n)
-        self.cached, self._beams = prompt, [[] for _ in range(n)] if prompt else None
+        self.held.forked(held, n)
 
     def reorder(self, rows: list[int]) -> None:
-        prompt, beams = self.cached, self._beams
-        self.cached, self._beams = [], None  # unknown until every layer is reordered
+        held = self.held.take()
         self.cache.reorder_cache(torch.tensor(rows, dtype=torch.long, device=self.device))
-        if beams is not None:
-            self.cached, self._beams = prompt, [beams[r] for r in rows]  # shared lists: `step` builds new ones
+        self.held.reordered(held, rows)
 
     def close(self) -> None:
         self.reset()

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from toolkit.decoding.backends import HeldRows
+
 MAX_ROWS = 16  # the widest beam search DecodingConfig allows
 
 
@@ -40,6 +42,7 @@ class LlamaCppBackend:
                             f"the file has {size})")
         self._lib = llama_cpp
         self.llm = None
+        self.held = HeldRows()  # what the rows' KV holds, for the next prefill to keep
         # The Llama object gives us the model, tokenizer and metadata; its own context stays
         # minimal because decoding runs in the multi-sequence context built below.
         try:
@@ -70,10 +73,6 @@ class LlamaCppBackend:
         self.eos_ids = _end_of_generation_ids(self.llm)
         self.rows: list[int] = [0]  # llama.cpp sequence id of each row
         self.n_past = 0
-        # The tokens whose KV sequence 0 holds, for the next prefill; after `fork`, the prompt all
-        # rows share, each row's own tokens past it in `_beams` (None while there is one row).
-        self.cached: list[int] = []
-        self._beams: list[list[int]] | None = None
         self._formatter = None
 
     # --- text -------------------------------------------------------------------------------
@@ -113,7 +112,7 @@ class LlamaCppBackend:
             self.ctx.close()
             self.ctx = None
         self._params.n_ctx = cells
-        self.cached, self._beams = [], None
+        self.held.take()
         self.ctx = _internals.LlamaContext(model=self.llm._model, params=self._params, verbose=False)
         self.kv_cells = cells
 
@@ -143,13 +142,11 @@ class LlamaCppBackend:
             from toolkit.core.errors import UserError
 
             raise UserError(f"the prompt has {len(ids)} tokens, the context window holds {self.n_ctx}")
-        from toolkit.decoding.backends import reusable_row
-
-        beams = self._beams
         # Rows other than sequence 0 without beam bookkeeping (a fork or reorder stopped midway) hold
         # nothing known.
-        row, keep = reusable_row(self.cached, beams, ids) if beams is not None or self.rows == [0] else (0, 0)
-        self.cached, self._beams = [], None  # unknown until the decode below is done
+        forked = self.held.beams is not None
+        row, keep = self.held.row_to_keep(ids) if forked or self.rows == [0] else (0, 0)
+        _, beams = self.held.take()
         if keep and beams is not None:
             self._one_row(self.rows[row])
         # A cache that can't drop a tail (a recurrent model's) says no: then it runs the whole prompt.
@@ -162,7 +159,8 @@ class LlamaCppBackend:
             last = start + len(chunk) == len(ids)
             self._decode(chunk, list(range(start, start + len(chunk))), [0] * len(chunk),
                          [last and i == len(chunk) - 1 for i in range(len(chunk))])
-        self.n_past, self.cached = len(ids), list(ids)
+        self.n_past = len(ids)
+        self.held.prefilled(ids)
         return self._logits(1)[0]
 
     def _one_row(self, seq: int) -> None:
@@ -176,20 +174,15 @@ class LlamaCppBackend:
 
     def reset(self) -> None:
         """Forget the cached prompt: the next prefill runs its prompt whole."""
-        self.cached, self._beams = [], None
+        self.held.take()
 
     def step(self, tokens: list[int]) -> torch.Tensor:
         if len(tokens) != len(self.rows):
             raise ValueError(f"{len(tokens)} tokens for {len(self.rows)} rows")
-        cached, beams = self.cached, self._beams
-        self.cached, self._beams = [], None  # unknown if the decode is stopped midway
+        held = self.held.take()
         self._decode(tokens, [self.n_past] * len(tokens), self.rows, [True] * len(tokens))
         self.n_past += 1
-        if beams is not None:
-            self.cached, self._beams = cached, [b + [t] for b, t in zip(beams, tokens)]
-        elif self.rows == [0]:
-            cached.append(tokens[0])
-            self.cached = cached
+        self.held.stepped(held, tokens, one_row=self.rows == [0])
         return self._logits(len(tokens))
 
     def _free_seq(self, used: set[int]) -> int:
@@ -198,22 +191,19 @@ class LlamaCppBackend:
     def fork(self, n: int) -> None:
         if n > MAX_ROWS:
             raise ValueError(f"at most {MAX_ROWS} rows")
-        # n rows, each the prompt (`cached`) then its own tokens: the next prefill keeps the longest.
-        # Nothing is known until every copy is made (a stop may land between two).
-        prompt, self.cached, self._beams = self.cached, [], None
-        shared = bool(prompt) and self.rows == [0]
+        # n rows, each the prompt then its own tokens: the next prefill keeps the longest. Nothing is
+        # known until every copy is made (a stop may land between two).
+        held, one_row = self.held.take(), self.rows == [0]
         used = set(self.rows)
         for _ in range(n - len(self.rows)):
             s = self._free_seq(used)
             self._lib.llama_memory_seq_cp(self.ctx.memory, self.rows[0], s, -1, -1)
             used.add(s)
             self.rows.append(s)
-        if shared:
-            self.cached, self._beams = prompt, [[] for _ in range(n)]
+        self.held.forked(held, n, one_row)
 
     def reorder(self, rows: list[int]) -> None:
-        prompt, beams = self.cached, self._beams
-        self.cached, self._beams = [], None  # unknown until the sequences are rearranged
+        held = self.held.take()
         old = self.rows
         new: list[int | None] = [old[r] if r == i else None for i, r in enumerate(rows)]
         used = set(old)
@@ -226,8 +216,7 @@ class LlamaCppBackend:
         for s in set(old) - set(new):
             self._lib.llama_memory_seq_rm(self.ctx.memory, s, -1, -1)
         self.rows = list(new)
-        if beams is not None:
-            self.cached, self._beams = prompt, [beams[r] for r in rows]  # shared lists: `step` builds new ones
+        self.held.reordered(held, rows)
 
     def close(self) -> None:
         ctx, self.ctx = getattr(self, "ctx", None), None
