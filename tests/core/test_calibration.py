@@ -182,3 +182,14 @@ def test_a_cpus_bandwidth_is_the_rate_a_decoding_step_reads_weights_at():
         reference.append(nbytes / (time.perf_counter() - t))
         measured.append(K._read_rate(torch))
     assert 0.6 < max(measured) / max(reference) < 1.6
+
+
+def test_the_read_rate_is_measured_without_onednn_too(monkeypatch):
+    """A torch without oneDNN's operators (an ARM build, say) times torch's one-row products alone."""
+    import torch
+
+    from toolkit.core import packed_linear
+
+    monkeypatch.setattr(packed_linear, "available", lambda: False)
+    monkeypatch.setattr(K, "READ_BYTES", 64 * 2**20)
+    assert K._read_rate(torch) > 1e9

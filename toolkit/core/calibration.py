@@ -380,8 +380,8 @@ def _matmul_rate(torch, dev: str, dtype, shape: tuple[int, int, int], reps: int 
         return probe_rate
     x, g = inputs(m)
     out_f, out_g = x @ w.t(), g @ w
-    if _timed(torch, dev, lambda: pair(x, g, out_f, out_g)) > 0.25:  # slow machine or busy cores: stay within ~3 s
-        reps = 1
+    # A slow machine (or busy cores) times fewer: ~0.6 s a dtype at most, the whole within ~3 s.
+    reps = max(1, min(reps, int(0.6 / max(_timed(torch, dev, lambda: pair(x, g, out_f, out_g)), 1e-9))))
     inner = 10 if dev == "cuda" else 1  # a GPU matmul is shorter than the timer's resolution
 
     # Best of 10 (a CPU pair of this shape is ~15 ms, so one busy moment on a shared host can slow
