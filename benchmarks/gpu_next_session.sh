@@ -9,6 +9,9 @@
 #    call again: this tells whether the shipped choice takes the first call to the warm one.
 # 2. the finance recipe end to end (gpu_check --parts e2e) with its phases, as shipped: the base side's
 #    answers took 20.2 s at 18:10 UTC.
+# 3. (~15 s) the calibration's matmul rate as it times it since 2026-12-05 (a layer's forward and input
+#    gradient together) against the `a @ b` the time model's 0.33 CUDA share was fitted with
+#    (753.5 TFLOP/s bf16 on the H200): if they differ, TRAIN_EFFICIENCY["cuda"] scales by their ratio.
 # Run it with the device tool's timeout_s at ~480 and carry [".whl"]. Then copy what it writes under
 # $OUT into benchmarks/gpu-results.json ("report_answers", "e2e").
 set -u
@@ -31,3 +34,16 @@ for v in torch toolkit toolkit torch; do
 done
 timeout 150 python3 -m benchmarks.gpu_check --parts e2e --out $OUT/e2e.json --work /tmp/gw2 > $OUT/e2e.log 2>&1
 echo "e2e rc=$? $(( $(date +%s) - T0 )) s"; tail -c 1200 $OUT/e2e.log
+python3 -c "
+import torch, time
+from toolkit.core import calibration as K
+m, k, n = K.CUDA_SHAPE
+for dt in (torch.bfloat16, torch.float16, torch.float32):
+    a = torch.randn(m, k, device='cuda', dtype=dt); b = torch.randn(k, n, device='cuda', dtype=dt)
+    def ab():
+        for _ in range(10): a @ b
+    ab(); torch.cuda.synchronize(); t = time.perf_counter(); ab(); torch.cuda.synchronize()
+    print(dt, 'a @ b', round(10 * 2 * m * k * n / (time.perf_counter() - t) / 1e12, 1), 'TFLOP/s;',
+          'pair', round(K._matmul_rate(torch, 'cuda', dt, K.CUDA_SHAPE) / 1e12, 1))
+" > $OUT/calibration_forms.txt 2>&1
+echo "calibration forms $(( $(date +%s) - T0 )) s"; cat $OUT/calibration_forms.txt
