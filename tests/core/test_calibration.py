@@ -59,7 +59,8 @@ def test_libraries_capped_at_avx2_calibrate_apart_and_train_in_fp32(tmp_path):
             "x, g, w = (torch.randn(*s).bfloat16() for s in ((rows, k), (rows, n), (n, k)))\n"
             "best = lambda fn: min(K._timed(torch, 'cpu', fn) for _ in range(3))\n"
             "ref = 2 * 2 * rows * k * n / (best(lambda: x @ w.t()) + best(lambda: g @ w))\n"
-            "print(json.dumps([torch.backends.cpu.get_cpu_capability(), cal.key, C.choose_dtype(cap, 'train', cal)[0],\n"
+            "dtype = C.choose_dtype(cap, 'train', cal)[0]\n"
+            "print(json.dumps([torch.backends.cpu.get_cpu_capability(), cal.key, dtype,\n"
             "                  cal.matmul_flops['bfloat16'] / ref]))\n")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     torch_isa, cal_key, dtype, bf16_over_reference = json.loads(out.stdout.strip().splitlines()[-1])

@@ -38,8 +38,9 @@ from dataclasses import dataclass
 #   micro-batch of half the tokens (bench_time's seq 256 row, which the passes-only model read +16%
 #   and +28% fast). An earlier fit (four runs on a Zen 4 and this Zen 5, older code,
 #   `docs/cpu-training.md`) found the remainder the same in seconds on both CPUs, so it is priced at
-#   a fixed rate, not at the calibration's copy bandwidth (as it measured until 2026-12-05), which swung between 38 and 90 GB/s from one
-#   calibration to the next on the Zen 5 while the training speed held. Not modelled: QLoRA's CPU
+#   a fixed rate, not at a copy's bandwidth (what the calibration measured until 2026-12-05), which
+#   swung between 38 and 90 GB/s from one calibration to the next on the Zen 5 while the training
+#   speed held. Not modelled: QLoRA's CPU
 #   layers beyond their unpacked matmul (the 4-bit dequantization before each product, ~48 ms of a
 #   ~1.3-s step in a profile on the Zen 5; bench_time's row).
 # - "cuda": the share a compute-bound step reached on the H200 lent on 2026-12-04 (14:40 UTC, torch
