@@ -36,7 +36,7 @@ timeout 150 python3 -m benchmarks.gpu_check --parts e2e --out $OUT/e2e.json --wo
 echo "e2e rc=$? $(( $(date +%s) - T0 )) s"; tail -c 1200 $OUT/e2e.log
 python3 -c "
 import torch, time
-from toolkit.core import calibration as K
+from toolkit.core import probes as K
 m, k, n = K.CUDA_SHAPE
 for dt in (torch.bfloat16, torch.float16, torch.float32):
     a = torch.randn(m, k, device='cuda', dtype=dt); b = torch.randn(k, n, device='cuda', dtype=dt)
@@ -44,6 +44,6 @@ for dt in (torch.bfloat16, torch.float16, torch.float32):
         for _ in range(10): a @ b
     ab(); torch.cuda.synchronize(); t = time.perf_counter(); ab(); torch.cuda.synchronize()
     print(dt, 'a @ b', round(10 * 2 * m * k * n / (time.perf_counter() - t) / 1e12, 1), 'TFLOP/s;',
-          'pair', round(K._matmul_rate(torch, 'cuda', dt, K.CUDA_SHAPE) / 1e12, 1))
+          'pair', round(K.matmul_rate(torch, 'cuda', dt, K.CUDA_SHAPE) / 1e12, 1))
 " > $OUT/calibration_forms.txt 2>&1
 echo "calibration forms $(( $(date +%s) - T0 )) s"; cat $OUT/calibration_forms.txt

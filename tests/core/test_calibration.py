@@ -51,13 +51,13 @@ def test_libraries_capped_at_avx2_calibrate_apart_and_train_in_fp32(tmp_path):
                ATEN_CPU_CAPABILITY="avx2")
     env.pop(C.ENV_FORCE, None)
     code = ("import torch, json\n"
-            "from toolkit.core import calibration as K, capability as C\n"
+            "from toolkit.core import calibration as K, capability as C, probes as P\n"
             "cap = C.detect('cpu')\n"
             "cal = K.load(cap)\n"
-            "m, k, n = K.CPU_SHAPE\n"
+            "m, k, n = P.CPU_SHAPE\n"
             "rows = max(16, m // 16)\n"
             "x, g, w = (torch.randn(*s).bfloat16() for s in ((rows, k), (rows, n), (n, k)))\n"
-            "best = lambda fn: min(K._timed(torch, 'cpu', fn) for _ in range(3))\n"
+            "best = lambda fn: min(P.timed(torch, 'cpu', fn) for _ in range(3))\n"
             "ref = 2 * 2 * rows * k * n / (best(lambda: x @ w.t()) + best(lambda: g @ w))\n"
             "dtype = C.choose_dtype(cap, 'train', cal)[0]\n"
             "print(json.dumps([torch.backends.cpu.get_cpu_capability(), cal.key, dtype,\n"
@@ -70,11 +70,6 @@ def test_libraries_capped_at_avx2_calibrate_apart_and_train_in_fp32(tmp_path):
     assert dtype == "float32"
     cached = json.loads((tmp_path / K.FILE_NAME).read_text())["records"]
     assert list(cached) == [cal_key]
-
-
-def test_packing_is_timed_for_each_use_the_decision_names():
-    assert set(K.PACKED_GAIN_ROWS) == set(C.PACKED_USES)
-    assert C.PACKED_USES["infer"] == f"a {K.PACKED_GAIN_ROWS['infer']}-row decode forward"
 
 
 def test_from_dict_rejects_what_is_not_a_record():
@@ -152,45 +147,3 @@ def test_invalid_entry_is_measured_again_and_an_unwritable_cache_is_no_crash(tmp
     err = capsys.readouterr().err
     assert "invalid" in err and "not cached" in err
     assert path.read_text() == before  # nothing half-written
-
-
-def test_a_cpus_bandwidth_is_the_rate_a_decoding_step_reads_weights_at():
-    """The calibration's CPU bandwidth is one-row products over READ_BYTES of one layer shape: it
-    reads like a decoding step over the embedded model's own shapes (30 layers of q/k/v/o/gate/up/down
-    and the LM head, pre-packed as the toolkit decodes them), timed here apart as the reference. A
-    copy's rate, measured before, read ~2x the reference on the Zen 5 (78-88 against 34 GB/s)."""
-    import time
-
-    import torch
-
-    from toolkit.core import packed_linear
-
-    h, i, kv, vocab = 576, 1536, 192, 49152
-    shapes = [(h, h), (kv, h), (kv, h), (h, h), (i, h), (i, h), (h, i)] * 30 + [(vocab, h)]
-    weights = [torch.full(s, 0.01) for s in shapes]
-    nbytes = sum(w.numel() * 4 for w in weights)
-    if packed_linear.available():
-        weights = [packed_linear.pack(w, 1) for w in weights]
-        step = lambda: [packed_linear.matmul(x[n], w) for n, w in zip((s[1] for s in shapes), weights)]  # noqa: E731
-    else:
-        step = lambda: [torch.nn.functional.linear(x[s[1]], w) for s, w in zip(shapes, weights)]  # noqa: E731
-    x = {h: torch.full((1, h), 0.5), i: torch.full((1, i), 0.5)}
-    step()
-    reference, measured = [], []
-    for _ in range(3):  # alternating: a slow moment of a shared host slows both
-        t = time.perf_counter()
-        step()
-        reference.append(nbytes / (time.perf_counter() - t))
-        measured.append(K._read_rate(torch))
-    assert 0.6 < max(measured) / max(reference) < 1.6
-
-
-def test_the_read_rate_is_measured_without_onednn_too(monkeypatch):
-    """A torch without oneDNN's operators (an ARM build, say) times torch's one-row products alone."""
-    import torch
-
-    from toolkit.core import packed_linear
-
-    monkeypatch.setattr(packed_linear, "available", lambda: False)
-    monkeypatch.setattr(K, "READ_BYTES", 64 * 2**20)
-    assert K._read_rate(torch) > 1e9

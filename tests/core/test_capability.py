@@ -240,7 +240,7 @@ def test_forced_bf16_warning_quotes_the_measured_slowdown_or_says_it_measured_no
 
 
 def test_packed_matmuls_only_where_measured_faster_for_the_use_on_a_cpu():
-    # Measured on the 2-core Zen 5 EPYC, torch 2.13 (toolkit.core.calibration._packed_gains, 2026-12-04):
+    # Measured on the 2-core Zen 5 EPYC, torch 2.13 (toolkit.core.probes.packed_gains, 2026-12-04):
     # the hot 2048-row product read bf16 packing ~1.0x at moments when a step's own matmuls read 1.03-1.14x.
     zen5 = _Cal(241e9, 930e9, {"float32": 564e9, "bfloat16": 1075e9},
                 {"float32 train": 2.32, "float32 infer": 2.73, "bfloat16 train": 1.135, "bfloat16 infer": 1.838})

@@ -228,7 +228,7 @@ def choose_dtype(cap: Capability, purpose: str, calibration=None) -> tuple[str, 
 # Measured in training, the recipe's CPU profile: the AVX2 EPYC of issue 11 (4.5 against 103 tokens/s,
 # 2026-11-22) and the Zen 5 EPYC with its libraries capped at AVX2 (80 against 2.75 s a step, steps 2-3,
 # 2026-12-05 01:10 UTC; its calibration there read the two products 38x slower). A lone `a @ b` had read
-# 94-129x: emulated bf16 runs `x @ W.T` ~15x faster than `g @ W` (calibration._matmul_rate).
+# 94-129x: emulated bf16 runs `x @ W.T` ~15x faster than `g @ W` (probes.matmul_rate).
 BF16_EMULATED_SLOWDOWN = "training 23-29x slower measured"
 
 
@@ -349,7 +349,7 @@ def packed_attention(cap: Capability, compute_dtype: str, calibration=None) -> A
 # room) and reorders them once. The bar is above the measurement's spread (alternating, best of 3:
 # +-0.01 on the Zen 5), not higher: a bf16 gain read 1.03-1.14 there where training gained 8%.
 PACKED_MIN_GAIN = 1.02
-# What a use's gain was timed on (toolkit.core.calibration.PACKED_GAIN_ROWS, the same keys), for the reason line.
+# What a use's gain was timed on (toolkit.core.probes.PACKED_GAIN_ROWS, the same keys), for the reason line.
 PACKED_USES = {"train": "a layer's forward and input gradient", "infer": "a 32-row decode forward"}
 
 

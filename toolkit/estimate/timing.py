@@ -68,7 +68,7 @@ CPU_ELEMENTWISE_PASSES = 86
 CPU_STEP_SECONDS_PER_LAYER = 0.0071
 CPU_ELEMENTWISE_BYTES_PER_S = 40e9
 # Decode reads weights at the measured bandwidth: on a CPU the calibration measures it as a decoding
-# step reads (`toolkit.core.calibration._read_rate`), on a GPU a copy.
+# step reads (`toolkit.core.probes.read_rate`), on a GPU a copy.
 DECODE_EFFICIENCY = 1.0
 # On a GPU a small model's decoding step waits on the host (Python, dispatch, a few kernels a layer),
 # not on reading the weights: seconds a step per layer, measured by `python -m benchmarks.gpu_check

@@ -1,0 +1,53 @@
+"""The calibration's probes (toolkit.core.probes): each measures what its use runs."""
+
+from __future__ import annotations
+
+from toolkit.core import capability as C
+from toolkit.core import probes as P
+
+
+def test_packing_is_timed_for_each_use_the_decision_names():
+    assert set(P.PACKED_GAIN_ROWS) == set(C.PACKED_USES)
+    assert C.PACKED_USES["infer"] == f"a {P.PACKED_GAIN_ROWS['infer']}-row decode forward"
+
+
+def test_a_cpus_bandwidth_is_the_rate_a_decoding_step_reads_weights_at():
+    """The calibration's CPU bandwidth is one-row products over READ_BYTES of one layer shape: it
+    reads like a decoding step over the embedded model's own shapes (30 layers of q/k/v/o/gate/up/down
+    and the LM head, pre-packed as the toolkit decodes them), timed here apart as the reference. A
+    copy's rate, measured before, read ~2x the reference on the Zen 5 (78-88 against 34 GB/s)."""
+    import time
+
+    import torch
+
+    from toolkit.core import packed_linear
+
+    h, i, kv, vocab = 576, 1536, 192, 49152
+    shapes = [(h, h), (kv, h), (kv, h), (h, h), (i, h), (i, h), (h, i)] * 30 + [(vocab, h)]
+    weights = [torch.full(s, 0.01) for s in shapes]
+    nbytes = sum(w.numel() * 4 for w in weights)
+    if packed_linear.available():
+        weights = [packed_linear.pack(w, 1) for w in weights]
+        step = lambda: [packed_linear.matmul(x[n], w) for n, w in zip((s[1] for s in shapes), weights)]  # noqa: E731
+    else:
+        step = lambda: [torch.nn.functional.linear(x[s[1]], w) for s, w in zip(shapes, weights)]  # noqa: E731
+    x = {h: torch.full((1, h), 0.5), i: torch.full((1, i), 0.5)}
+    step()
+    reference, measured = [], []
+    for _ in range(3):  # alternating: a slow moment of a shared host slows both
+        t = time.perf_counter()
+        step()
+        reference.append(nbytes / (time.perf_counter() - t))
+        measured.append(P.read_rate(torch))
+    assert 0.6 < max(measured) / max(reference) < 1.6
+
+
+def test_the_read_rate_is_measured_without_onednn_too(monkeypatch):
+    """A torch without oneDNN's operators (an ARM build, say) times torch's one-row products alone."""
+    import torch
+
+    from toolkit.core import packed_linear
+
+    monkeypatch.setattr(packed_linear, "available", lambda: False)
+    monkeypatch.setattr(P, "READ_BYTES", 64 * 2**20)
+    assert P.read_rate(torch) > 1e9
