@@ -3,7 +3,8 @@
 1. The finance recipe end to end with no overrides (`make finetune RECIPE=finance`'s command, in its
    own process): the CPU profile on a machine without a GPU, the embedded model when Llama-3.2-1B
    can't be had. Wall time including model preparation, the in-training evals and the report; the
-   dtype the capability record chose and why; the held-out answer-token loss of base vs fine-tuned.
+   dtype the capability record chose and why; the held-out answer-token loss of base vs fine-tuned;
+   beside the measured wall and eval + report times, what `toolkit finetune --dry-run` predicted.
    Targets: <= 600 s wall on a 2-core CPU; loss >= 25% lower than the base model's; general-text
    perplexity up <= 5%; in-training eval + report <= 60 s.
 2. Training throughput in one run: our path (the recipe's CPU profile: TRL SFTTrainer, padding-free
@@ -82,7 +83,10 @@ def end_to_end(tmp: Path) -> dict:
     of its own as a user runs it: not after the other benchmarks in this process, whose models, thread
     pools and heap it would otherwise share. Wall time includes Python start-up and imports."""
     from benchmarks import finetune_process
+    from toolkit.finetune.dry_run import dry_run
 
+    # What `toolkit finetune --dry-run` predicts for the same command, with this pass's capability.
+    predicted = dry_run(RECIPE).estimate["time"]
     t0 = time.time()
     run = finetune_process.run(RECIPE, tmp / "e2e")
     wall = time.time() - t0
@@ -98,6 +102,8 @@ def end_to_end(tmp: Path) -> dict:
         "dtype": f"{info['compute_dtype']} ({info.get('compute_dtype_reason', '')})",
         "steps": info["steps"], "wall_s": round(wall, 1), "train_s": info["train_runtime_s"],
         "tokens_per_s": info["tokens_per_s"], "eval_plus_report_s": round(eval_s + report_s, 1),
+        "predicted_wall_s": predicted["train_wall_s"],
+        "predicted_eval_plus_report_s": predicted["evals_and_report_s"],
         "base_answer_loss": b["answer_loss"], "finetuned_answer_loss": f["answer_loss"],
         "loss_reduction_pct": round(100 * reduction, 1),
         "gen_score_base": b["generation_score"], "gen_score_finetuned": f["generation_score"],

@@ -233,7 +233,7 @@ def test_pick_on_cpu_budget_names_time_when_given_a_time_model():
     from toolkit.finetune.plan import RunShape
 
     rates = Rates("cpu", 100e9, 20e9, "test")
-    run = RunShape(steps=40, tokens_per_step=1024, eval_rounds=0, eval_tokens=0, generated_tokens=0)
+    run = RunShape(steps=40, tokens_per_step=1024, eval_rounds=0, eval_tokens=0, report_prompt_tokens=0)
 
     def secs(m, e):
         return time_fields(m, e, rates, targets=ALL_LINEAR, run=run)["train_wall_s"]

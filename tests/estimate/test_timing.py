@@ -192,10 +192,11 @@ def test_decode_takes_the_longer_of_reading_the_weights_and_the_host_step():
         T.decode_tokens_per_s(2e9, 4e12, host_step_s=-1.0)
 
 
-def test_gpu_report_time_counts_batched_decoding_steps():
-    """On a GPU the report's answers cost steps (16 prompts a batch), each a host step, half of them
-    QLoRA's base side (adapter off) and half its fine-tuned side (unmerged); on a CPU tokens, each a
-    read of the weights."""
+def test_report_time_counts_batched_decoding_steps():
+    """The report's answers cost steps (16 prompts a batch a side). On a GPU each is a host step, half
+    of them QLoRA's base side (adapter off) and half its fine-tuned side (unmerged). On a CPU both
+    sides run in one generation (32 rows a step), each step the longer of its measured per-layer
+    cost and a read of the weights; after a full fine-tune the sides run apart."""
     from toolkit.estimate.catalog import CATALOG
     from toolkit.estimate.planner import estimate
     from toolkit.estimate.timeplan import Rates, time_fields
@@ -203,20 +204,26 @@ def test_gpu_report_time_counts_batched_decoding_steps():
 
     m = CATALOG["meta-llama/Llama-3.2-1B-Instruct"]
     est = estimate(m, "qlora", seq_len=512, batch=8, lora_r=16)
-    run = RunShape(steps=1, tokens_per_step=4096, eval_rounds=0, eval_tokens=0, generated_tokens=4608,
+    run = RunShape(steps=1, tokens_per_step=4096, eval_rounds=0, eval_tokens=0, report_prompt_tokens=0,
                    report_tokens=0, report_decode_steps=384)
     gpu = Rates("cuda", 750e12, 4.8e12, "test", "bfloat16")
     cpu = Rates("cpu", 1e12, 20e9, "test", "bfloat16")
-    no_report = dataclasses.replace(run, generated_tokens=0, report_decode_steps=0)
+    no_report = dataclasses.replace(run, report_decode_steps=0)
 
-    def report_s(rates):
+    def report_s(rates, est=est):
         return (time_fields(m, est, rates, targets=("q_proj",), run=run)["train_wall_s"]
                 - time_fields(m, est, rates, targets=("q_proj",), run=no_report)["train_wall_s"])
 
     sides = T.cuda_decode_step_seconds(m, "answers 4-bit base") + T.cuda_decode_step_seconds(m, "answers 4-bit")
     assert report_s(gpu) == pytest.approx(192 * sides, abs=0.1)
     assert T.cuda_decode_step_seconds(m, "answers 4-bit base") < T.cuda_decode_step_seconds(m, "answers 4-bit")
-    assert report_s(cpu) == pytest.approx(4608 * est.components["weights"] / 20e9, abs=0.1)
+    step = max(T.cpu_answers_step_seconds(m), est.components["weights"] / 20e9)
+    assert report_s(cpu) == pytest.approx(192 * step, abs=0.1)
+    full = estimate(m, "full", seq_len=512, batch=8)
+    assert report_s(cpu, full) == pytest.approx(384 * max(T.cpu_answers_step_seconds(m),
+                                                          full.components["weights"] / 20e9), abs=0.1)
+    slow_read = Rates("cpu", 1e12, 1e9, "test", "bfloat16")
+    assert report_s(slow_read) == pytest.approx(192 * est.components["weights"] / 1e9, abs=0.1)
     loop = time_fields(m, est, gpu, targets=("q_proj",))["decode_tokens_per_s"]
     assert loop == pytest.approx(1 / T.cuda_decode_step_seconds(m, "loop"), rel=1e-3)
 

@@ -73,7 +73,6 @@ def test_run_shape_counts_steps_and_tokens():
     from toolkit.finetune.plan import in_training_evals
 
     assert r.eval_rounds == len(in_training_evals(r.steps, cpu.eval.eval_steps, True)) and r.eval_tokens > 0
-    assert r.generated_tokens == 2 * cpu.eval.generation_samples * cpu.eval.max_new_tokens
     assert r.report_tokens > r.eval_tokens  # the report's loss runs over every held-out example, base and tuned
     gpu = recipe.load(FINANCE, gpu=True)
     g = run_shape(gpu)
@@ -89,6 +88,28 @@ def test_run_shape_counts_steps_and_tokens():
     assert r.report_decode_steps == 2 * math.ceil(cpu.eval.generation_samples / 16) * cpu.eval.max_new_tokens
     nopack = run_shape(recipe.load(FINANCE, ["data.packing=false"], gpu=True))
     assert nopack.tokens_per_step < g.tokens_per_step
+
+
+def test_run_shape_prices_the_reports_prompts_near_what_the_report_prefills(tok):
+    """The report's answers prefill their prompts, base and tuned, left-padded to each batch's
+    longest: run_shape counts a held-out conversation's tokens for each (no tokenizer at hand there),
+    which must stay within 2x of the real thing on the finance recipe."""
+    import math
+
+    from toolkit.finetune import data, report
+    from toolkit.finetune.plan import run_shape
+    from toolkit.finetune.scoring import ANSWER_BATCH
+
+    rec = recipe.load(FINANCE, gpu=False)
+    d = rec.data
+    held = data.tokenize_split(tok, data.read_splits(rec)[1], d.max_seq_len, d.overlong, d.completion_only_loss, "eval")
+    prompts = [q["prompt"] for q in report._questions(held, rec.eval.generation_samples)]
+    texts = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+    lengths = sorted(len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts)  # as scoring.greedy_answers
+    padded = sum(max(lengths[i:i + ANSWER_BATCH]) * len(lengths[i:i + ANSWER_BATCH])
+                 for i in range(0, len(lengths), ANSWER_BATCH))
+    estimated = run_shape(rec).report_prompt_tokens
+    assert math.isclose(estimated / (2 * padded), 1.5, rel_tol=1 / 3), (estimated, 2 * padded)
 
 
 def test_time_budget_field_is_validated(tmp_path):

@@ -147,8 +147,9 @@ def rates_here(dtype: str | None = None, purpose: str = "train") -> Rates:
 
 def time_fields(m, est, rates: Rates, *, targets: tuple[str, ...], labelled_fraction: float = 1.0,
                 run=None, prompt_tokens: int | None = None) -> dict:
-    """The `time` object of an estimate: train_tokens_per_s (training tasks), train_wall_s (with a
-    RunShape `run`), decode_tokens_per_s and prefill_s (a prompt of `prompt_tokens`, default the
+    """The `time` object of an estimate: train_tokens_per_s (training tasks), train_wall_s and the
+    part of it the in-training evals and the report take, evals_and_report_s (with a RunShape
+    `run`), decode_tokens_per_s and prefill_s (a prompt of `prompt_tokens`, default the
     estimate's seq_len)."""
     eff = T.train_efficiency(rates.device, rates.dtype)
     out: dict = {"source": rates.source}
@@ -171,8 +172,8 @@ def time_fields(m, est, rates: Rates, *, targets: tuple[str, ...], labelled_frac
         out["train_flops_per_token"] = f.total
         out["train_tokens_per_s"] = round(tps, 2)
         if run is not None:
-            eval_s = T.prefill_seconds(run.eval_rounds * run.eval_tokens + run.report_tokens, fwd, rates.flops, eff,
-                                       rest / 3, bw)
+            prefilled = run.eval_rounds * run.eval_tokens + run.report_tokens + run.report_prompt_tokens
+            eval_s = T.prefill_seconds(prefilled, fwd, rates.flops, eff, rest / 3, bw)
             weight_s = est.components["weights"] / rates.bandwidth_bytes_per_s
             if rates.device == "cuda":  # batched answers, each step waiting on the host
                 # QLoRA's sides differ: the base runs with the adapter off, the fine-tuned side unmerged
@@ -181,11 +182,15 @@ def time_fields(m, est, rates: Rates, *, targets: tuple[str, ...], labelled_frac
                 report_s = sum(run.report_decode_steps / 2 * max(weight_s, T.cuda_decode_step_seconds(m, side))
                                for side in sides)
             else:
-                report_s = run.generated_tokens * weight_s
+                # Both sides in one generation (scoring.paired_greedy_answers), except after a full
+                # fine-tune, whose base is loaded again and answers apart.
+                steps = run.report_decode_steps if est.task == "full" else run.report_decode_steps / 2
+                report_s = steps * max(weight_s, T.cpu_answers_step_seconds(m))
             # Preparation: reading the weights and (QLoRA) quantizing them, a few passes over the bytes.
             prepare_s = 4 * weight_s
             out["train_wall_s"] = round(T.train_wall_seconds(run.steps, run.tokens_per_step, tps, prepare_s=prepare_s,
                                                              eval_s=eval_s, report_s=report_s), 1)
+            out["evals_and_report_s"] = round(eval_s + report_s, 1)
             out["steps"] = run.steps
             out["tokens_per_step"] = run.tokens_per_step
     kv_per_token = 2 * m.layers * m.kv_dim * (4 if est.quant == "fp32" else 2)

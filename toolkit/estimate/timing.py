@@ -103,6 +103,14 @@ CUDA_DECODE_SECONDS_PER_LAYER = {"loop": 0.00071, "answers": 0.00078, "answers 4
 # 41 / 110 / 127 measured). The constants fitted earlier (0.30 / 0.13 ms) assumed the copy rate the
 # calibration measured then, 39.8 GB/s; that rate later read 78-88 GB/s while decoding held.
 CPU_DECODE_SECONDS_PER_LAYER = {"transformers": 0.00022, "llama.cpp": 0.00011}
+# The report's answers on a CPU: both sides in one generation (`scoring.paired_greedy_answers`: the
+# 16 prompts of a batch twice, 32 rows a step, the adapter masked on the base rows), transformers'
+# `generate`. A step of 32 rows costs far more than reading the weights: 60-73 ms on the Zen 5 EPYC
+# (2 cores) in bf16 and 70-73 ms in fp32, whose weights take twice as long to read (embedded
+# SmolLM2-135M, 30 layers, the finance recipe's last run, 71 decoding steps after a 32 x 75-token
+# prefill, 7 runs; 2026-12-05 03:3x UTC): ~2.3 ms a layer, the step the longer of this and the read.
+# The time model had priced each answer token as a read of the weights, 2.8x the measured 6.0 s.
+CPU_ANSWERS_SECONDS_PER_LAYER = 0.0023
 
 
 @dataclass(frozen=True)
@@ -226,6 +234,12 @@ def cpu_decode_step_seconds(m, backend: str) -> float:
     """A CPU decoding step's per-layer work beyond reading the weights, for `backend`
     ("transformers", "llama.cpp"; CPU_DECODE_SECONDS_PER_LAYER): per layer x layers."""
     return CPU_DECODE_SECONDS_PER_LAYER[backend] * m.layers
+
+
+def cpu_answers_step_seconds(m) -> float:
+    """A CPU step of the report's paired answers, 32 rows (CPU_ANSWERS_SECONDS_PER_LAYER): per layer x
+    layers. The step takes the longer of this and reading the weights."""
+    return CPU_ANSWERS_SECONDS_PER_LAYER * m.layers
 
 
 def cuda_decode_step_seconds(m, decoder: str) -> float:

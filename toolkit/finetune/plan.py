@@ -52,10 +52,12 @@ class RunShape:
     tokens_per_step: int  # batch x grad_accum x (seq_len when packing, else the mean example)
     eval_rounds: int  # in-training held-out loss passes (in_training_evals)
     eval_tokens: int  # tokens per in-training eval pass (eval_examples of them)
-    generated_tokens: int  # report: base and tuned answer generation_samples questions each
+    # report: the prompts of base's and tuned's answers to generation_samples questions (a held-out
+    # conversation's tokens each: its prompt without the answer, left-padded to the batch's longest)
+    report_prompt_tokens: int
     report_tokens: int = 0  # report: base and tuned answer loss over the whole held-out set
-    # report: decoding steps of those answers, batched ANSWER_BATCH prompts at a time (what a GPU,
-    # which waits on the host per step, pays for)
+    # report: decoding steps of those answers, batched ANSWER_BATCH prompts at a time a side (a step
+    # costs more than a row on either device: timeplan prices steps)
     report_decode_steps: int = 0
 
 
@@ -96,7 +98,7 @@ def run_shape(recipe) -> RunShape:
     else:
         seqs = math.ceil(tok_train / d.max_seq_len) if d.packing else n_train
         steps = max(1, math.ceil(t.epochs * math.ceil(seqs / (t.batch_size * t.grad_accum))))
-    eval_rounds = eval_tokens = generated = report = decode_steps = 0
+    eval_rounds = eval_tokens = prompts = report = decode_steps = 0
     if d.eval:
         n_eval, tok_eval = _file_stats(source_path(recipe, d.eval))
         if n_eval:
@@ -105,10 +107,10 @@ def run_shape(recipe) -> RunShape:
             eval_rounds = len(in_training_evals(int(steps), e.eval_steps, report_ends(e)))
             if e.report:
                 asked = min(n_eval, e.generation_samples)
-                generated = 2 * asked * e.max_new_tokens
+                prompts = 2 * asked * tok_eval // n_eval
                 decode_steps = 2 * math.ceil(asked / ANSWER_BATCH) * e.max_new_tokens
                 report = 2 * tok_eval
-    return RunShape(steps, tokens_per_step, eval_rounds, eval_tokens, generated, report, decode_steps)
+    return RunShape(steps, tokens_per_step, eval_rounds, eval_tokens, prompts, report, decode_steps)
 
 
 def report_ends(eval_cfg) -> bool:
