@@ -108,7 +108,7 @@ CPU_DECODE_SECONDS_PER_LAYER = {"transformers": 0.00022, "llama.cpp": 0.00011}
 # `generate`. A step of 32 rows costs far more than reading the weights: 60-73 ms on the Zen 5 EPYC
 # (2 cores) in bf16 and 70-73 ms in fp32, whose weights take twice as long to read (embedded
 # SmolLM2-135M, 30 layers, the finance recipe's last run, 71 decoding steps after a 32 x 75-token
-# prefill, 7 runs; 2026-12-05 03:3x UTC): ~2.3 ms a layer, the step the longer of this and the read.
+# prefill, 7 and 3 runs; 2026-12-05 03:2x UTC): ~2.3 ms a layer, the step the longer of this and the read.
 # The time model had priced each answer token as a read of the weights, 2.8x the measured 6.0 s.
 CPU_ANSWERS_SECONDS_PER_LAYER = 0.0023
 

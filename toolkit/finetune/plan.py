@@ -52,8 +52,9 @@ class RunShape:
     tokens_per_step: int  # batch x grad_accum x (seq_len when packing, else the mean example)
     eval_rounds: int  # in-training held-out loss passes (in_training_evals)
     eval_tokens: int  # tokens per in-training eval pass (eval_examples of them)
-    # report: the prompts of base's and tuned's answers to generation_samples questions (a held-out
-    # conversation's tokens each: its prompt without the answer, left-padded to the batch's longest)
+    # report: the prompts of base's and tuned's answers to generation_samples questions, a held-out
+    # conversation's tokens each standing in for its prompt (without the answer, left-padded to the
+    # batch's longest), which no tokenizer here counts
     report_prompt_tokens: int
     report_tokens: int = 0  # report: base and tuned answer loss over the whole held-out set
     # report: decoding steps of those answers, batched ANSWER_BATCH prompts at a time a side (a step
