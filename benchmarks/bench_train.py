@@ -104,6 +104,9 @@ def end_to_end(tmp: Path) -> dict:
         "tokens_per_s": info["tokens_per_s"], "eval_plus_report_s": round(eval_s + report_s, 1),
         "predicted_wall_s": predicted["train_wall_s"],
         "predicted_eval_plus_report_s": predicted["evals_and_report_s"],
+        # Outside training and the report: Python's start-up and restart, imports, loading, set-up, saving.
+        "startup_s": round(wall - info["train_runtime_s"] - report_s, 1),
+        "predicted_startup_s": predicted["startup_s"],
         "base_answer_loss": b["answer_loss"], "finetuned_answer_loss": f["answer_loss"],
         "loss_reduction_pct": round(100 * reduction, 1),
         "gen_score_base": b["generation_score"], "gen_score_finetuned": f["generation_score"],

@@ -109,6 +109,17 @@ def test_cuda_decode_constants_are_the_measured_steps():
         assert T.cuda_decode_step_seconds(m, decoder) == pytest.approx(sum(warm) / len(warm) / 1e3, rel=0.02), decoder
 
 
+def test_cuda_startup_is_the_measured_runs_time_outside_training_and_report():
+    """STARTUP_SECONDS["cuda"]: the median over the recorded end-to-end runs of the process's wall
+    minus training and the report (imports, CUDA's start, loading and quantizing, set-up, saving)."""
+    import statistics
+
+    rows = _results("e2e")
+    outside = [r["process_wall_s"] - r["train_runtime_s"] - r["report_s"] for r in rows]
+    assert len(outside) >= 3
+    assert T.STARTUP_SECONDS["cuda"] == pytest.approx(statistics.median(outside), abs=0.05)
+
+
 def test_varlen_attention_trains_like_the_masked_row():
     """The kernel check and the A/B of benchmarks/gpu_attention_ab: varlen's outputs and gradients
     as close to fp64 as the masked SDPA's; the same losses step by step (bf16 rounding apart)."""

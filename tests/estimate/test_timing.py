@@ -192,6 +192,28 @@ def test_decode_takes_the_longer_of_reading_the_weights_and_the_host_step():
         T.decode_tokens_per_s(2e9, 4e12, host_step_s=-1.0)
 
 
+def test_wall_adds_the_processs_startup_to_training_evals_and_report():
+    """A run's predicted wall is its training steps, the evals and report, and the process's start-up
+    and loading: STARTUP_SECONDS for the device (imports, loading, set-up; measured) plus the
+    weights' read, which grows with the model."""
+    from toolkit.estimate.catalog import CATALOG
+    from toolkit.estimate.planner import estimate
+    from toolkit.estimate.timeplan import Rates, time_fields
+    from toolkit.finetune.plan import RunShape
+
+    m = CATALOG["meta-llama/Llama-3.2-1B-Instruct"]
+    est = estimate(m, "qlora", seq_len=512, batch=8, lora_r=16)
+    run = RunShape(steps=40, tokens_per_step=4096, eval_rounds=2, eval_tokens=5000, report_prompt_tokens=2000,
+                   report_tokens=8000, report_decode_steps=96)
+    for rates in (Rates("cuda", 750e12, 4.8e12, "test", "bfloat16"), Rates("cpu", 1e12, 20e9, "test", "bfloat16")):
+        t = time_fields(m, est, rates, targets=("q_proj",), run=run)
+        training = run.steps * run.tokens_per_step / t["train_tokens_per_s"]
+        assert t["startup_s"] == pytest.approx(T.STARTUP_SECONDS[rates.device]
+                                               + 4 * est.components["weights"] / rates.bandwidth_bytes_per_s, abs=0.05)
+        assert t["train_wall_s"] == pytest.approx(training + t["evals_and_report_s"] + t["startup_s"], abs=0.2)
+    assert T.STARTUP_SECONDS["cuda"] > T.STARTUP_SECONDS["cpu"] > 0  # CUDA's start and bitsandbytes on top
+
+
 def test_report_time_counts_batched_decoding_steps():
     """The report's answers cost steps (16 prompts a batch a side). On a GPU each is a host step, half
     of them QLoRA's base side (adapter off) and half its fine-tuned side (unmerged). On a CPU both

@@ -148,8 +148,8 @@ def rates_here(dtype: str | None = None, purpose: str = "train") -> Rates:
 def time_fields(m, est, rates: Rates, *, targets: tuple[str, ...], labelled_fraction: float = 1.0,
                 run=None, prompt_tokens: int | None = None) -> dict:
     """The `time` object of an estimate: train_tokens_per_s (training tasks), train_wall_s and the
-    part of it the in-training evals and the report take, evals_and_report_s (with a RunShape
-    `run`), decode_tokens_per_s and prefill_s (a prompt of `prompt_tokens`, default the
+    parts of it the in-training evals and the report take, evals_and_report_s, and the process's
+    start-up and loading, startup_s (with a RunShape `run`), decode_tokens_per_s and prefill_s (a prompt of `prompt_tokens`, default the
     estimate's seq_len)."""
     eff = T.train_efficiency(rates.device, rates.dtype)
     out: dict = {"source": rates.source}
@@ -186,11 +186,14 @@ def time_fields(m, est, rates: Rates, *, targets: tuple[str, ...], labelled_frac
                 # fine-tune, whose base is loaded again and answers apart.
                 steps = run.report_decode_steps if est.task == "full" else run.report_decode_steps / 2
                 report_s = steps * max(weight_s, T.cpu_answers_step_seconds(m))
-            # Preparation: reading the weights and (QLoRA) quantizing them, a few passes over the bytes.
-            prepare_s = 4 * weight_s
+            # The process's start-up, imports, loading and set-up (STARTUP_SECONDS, measured on the finance
+            # recipe's small models), plus reading the weights and (QLoRA) quantizing them, a few passes
+            # over the bytes, which grows with the model.
+            prepare_s = T.STARTUP_SECONDS[rates.device] + 4 * weight_s
             out["train_wall_s"] = round(T.train_wall_seconds(run.steps, run.tokens_per_step, tps, prepare_s=prepare_s,
                                                              eval_s=eval_s, report_s=report_s), 1)
             out["evals_and_report_s"] = round(eval_s + report_s, 1)
+            out["startup_s"] = round(prepare_s, 1)
             out["steps"] = run.steps
             out["tokens_per_step"] = run.tokens_per_step
     kv_per_token = 2 * m.layers * m.kv_dim * (4 if est.quant == "fp32" else 2)

@@ -111,6 +111,20 @@ CPU_DECODE_SECONDS_PER_LAYER = {"transformers": 0.00022, "llama.cpp": 0.00011}
 # prefill, 7 and 3 runs; 2026-12-05 03:2x UTC): ~2.3 ms a layer, the step the longer of this and the read.
 # The time model had priced each answer token as a read of the weights, 2.8x the measured 6.0 s.
 CPU_ANSWERS_SECONDS_PER_LAYER = 0.0023
+# A `toolkit finetune` process's time outside training, the in-training evals and the report: Python's
+# start-up (on a CPU twice: `allocator.relaunch` restarts it under glibc's huge-page setting), the imports
+# (torch, transformers, PEFT, TRL; on a GPU bitsandbytes and CUDA's initialisation), finding and loading
+# the base model from the local cache (QLoRA quantizing it), tokenizing and packing the data, building the
+# Trainer and saving the run. Measured as the process's wall minus run.json's train_runtime_s and report_s
+# (in-training evals are inside the training runtime):
+# - "cpu": the finance recipe's CPU profile (embedded SmolLM2-135M), the Zen 5 EPYC (2 cores, torch
+#   2.13.0+cpu): 7.0 / 8.4 / 7.7 s in `make bench`'s three passes (2026-12-05 03:35-03:51 UTC) and 8.0 s
+#   alone (07:41 UTC; of which 5.1 s before the command's first line ran: imports, ~4.5 s, and the
+#   restart); median 7.8.
+# - "cuda": the finance recipe on random-weight Llama-3.2-1B, QLoRA, the H200 machines lent on 2026-12-04
+#   (16-core Xeon VMs, torch 2.11; benchmarks/gpu-results.json "e2e"): 24.8 / 22.8 / 22.9 s; median 22.9.
+# A slower CPU imports more slowly; a first run's download of the model is not in it (the network's).
+STARTUP_SECONDS = {"cpu": 7.8, "cuda": 22.9}
 
 
 @dataclass(frozen=True)
@@ -258,6 +272,6 @@ def prefill_seconds(prompt_tokens: int, forward_flops_per_token: float, device_f
 
 def train_wall_seconds(steps: int, tokens_per_step: int, tokens_per_s: float, *, prepare_s: float = 0.0,
                        eval_s: float = 0.0, report_s: float = 0.0) -> float:
-    """A run's wall time: steps x tokens per step at `tokens_per_s`, plus model preparation,
-    evaluation and the report (seconds each, as the caller estimates them)."""
+    """A run's wall time: steps x tokens per step at `tokens_per_s`, plus start-up and model
+    preparation, evaluation and the report (seconds each, as the caller estimates them)."""
     return steps * tokens_per_step / tokens_per_s + prepare_s + eval_s + report_s

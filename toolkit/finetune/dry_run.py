@@ -93,7 +93,8 @@ def time_lines(t) -> list[str]:
     out = []
     if "train_wall_s" in t:
         out.append(f"time: {fmt_duration(t['train_wall_s'])} for {t['steps']} steps of {t['tokens_per_step']} tokens "
-                   f"(~{t['train_tokens_per_s']:g} training tokens/s; model preparation, evals and report included)")
+                   f"(~{t['train_tokens_per_s']:g} training tokens/s; start-up and model loading "
+                   f"~{t['startup_s']:.0f} s, evals and report ~{t['evals_and_report_s']:.0f} s included)")
     out.append(f"rates: {t['source']}")
     return out
 
