@@ -28,18 +28,21 @@ from dataclasses import dataclass
 # dispatch, autograd, the optimizer), CPU_STEP_SECONDS_PER_LAYER x layers.
 # - CPU: the efficiency is the share of the calibrated rate the frozen layers' GEMMs reach inside a
 #   step, measured by `python -m benchmarks.run step` on the finance recipe's CPU profile (the Zen 5
-#   EPYC, family 26, 2026-12-04 01:37 UTC: bf16 88.6%, fp32 forced 81.6%). The two other constants
-#   are fitted to the two end-to-end runs of the same `make bench` (`make finetune RECIPE=finance`,
-#   40 steps of 2 x 512 tokens, LoRA r16 on all linears, padding-free packing, LM head on labelled
-#   positions only: 0.5586 GFLOP per trained token): bf16 919.8 tok/s at 1039.2 GFLOP/s leaves 0.481
-#   ms a token besides the matmuls, fp32 504.3 at 556.1 leaves 0.752 ms. Bytes scale with the element
-#   size and the fixed cost does not, so the two runs give both: 86 passes at 40 GB/s and 214 ms a
-#   micro-batch (7.1 ms a layer). The fixed cost, fitted on the dtype split alone, is checked on a
-#   micro-batch of half the tokens (bench_time's seq 256 row, which the passes-only model read +16%
-#   and +28% fast). An earlier fit (four runs on a Zen 4 and this Zen 5, older code,
-#   `docs/cpu-training.md`) found the remainder the same in seconds on both CPUs, so it is priced at
-#   a fixed rate, not at a copy's bandwidth (what the calibration measured until 2026-12-05), which
-#   swung between 38 and 90 GB/s from one calibration to the next on the Zen 5 while the training
+#   EPYC, family 26, 2026-12-05 01:33 UTC: bf16 86.5%, fp32 forced 86.6%; capped at AVX2, 87.6% at
+#   07:49). The two other constants are fitted to the two end-to-end runs of the same code's last
+#   `make bench` (2026-12-05 08:30 UTC; `make finetune RECIPE=finance`, 40 steps of 2 x 512 tokens,
+#   LoRA r16 on all linears, padding-free packing, LM head on labelled positions only: 0.5586 GFLOP
+#   per trained token): bf16 944.5 tok/s at 1037.2 GFLOP/s leaves 0.436 ms a token besides the
+#   matmuls, fp32 502.9 at 524.9 leaves 0.760 ms. Bytes scale with the element size and the fixed cost
+#   does not, so the two runs give both: 102 passes at 40 GB/s and 118 ms a micro-batch (3.85 ms a
+#   layer; the third session of 2026-12-04 measured 0.12-0.14 s a step whatever its tokens, cutting
+#   the rows short). Checked on what was not fitted: the pass capped at AVX2 (343.5 tok/s at 277.1
+#   GFLOP/s; the fit says 324, the constants before it 310) and bench_time's rows (seq 256, QLoRA).
+#   (The fit before, on 2026-12-04's code: fp32 81.6% in-step, 86 passes, 7.1 ms a layer.) An earlier
+#   fit (four runs on a Zen 4 and this Zen 5, older code, `docs/cpu-training.md`) found the remainder
+#   the same in seconds on both CPUs, so it is priced at a fixed rate, not at a copy's bandwidth (what
+#   the calibration measured until 2026-12-05), which swung between 38 and 90 GB/s from one
+#   calibration to the next on the Zen 5 while the training
 #   speed held. Not modelled: QLoRA's CPU
 #   layers beyond their unpacked matmul (the 4-bit dequantization before each product, ~48 ms of a
 #   ~1.3-s step in a profile on the Zen 5; bench_time's row).
@@ -50,7 +53,7 @@ from dataclasses import dataclass
 #   LoRA 0.308, QLoRA 0.345 of the 753.5 TFLOP/s calibrated in the same process; 0.33 is their mean
 #   (benchmarks/gpu-results.json "compute"). Smaller micro-batches are host-bound: see
 #   CUDA_STEP_SECONDS_PER_LAYER.
-TRAIN_EFFICIENCY = {"cpu": 0.816, "cpu bfloat16": 0.886, "cuda": 0.33}
+TRAIN_EFFICIENCY = {"cpu": 0.866, "cpu bfloat16": 0.865, "cuda": 0.33}
 # A CUDA micro-batch's host time, whatever its tokens: Python, PyTorch's dispatch and ~4,500 kernel
 # launches, which a fast GPU waits on. Measured on the H200 machines lent on 2026-12-04 (16-core Xeon
 # VMs, torch 2.11, Llama-3.2-1B, r16 on all linears, gradient checkpointing; benchmarks/gpu-results.json),
@@ -64,8 +67,8 @@ TRAIN_EFFICIENCY = {"cpu": 0.816, "cpu bfloat16": 0.886, "cuda": 0.33}
 # the longer of this and the GPU's work (the two overlap). Full fine-tuning was not measured: LoRA's
 # figure stands in.
 CUDA_STEP_SECONDS_PER_LAYER = {"qlora": 0.021, "lora": 0.018, "full": 0.018}
-CPU_ELEMENTWISE_PASSES = 86
-CPU_STEP_SECONDS_PER_LAYER = 0.0071
+CPU_ELEMENTWISE_PASSES = 102
+CPU_STEP_SECONDS_PER_LAYER = 0.00385
 CPU_ELEMENTWISE_BYTES_PER_S = 40e9
 # Decode reads weights at the measured bandwidth: on a CPU the calibration measures it as a decoding
 # step reads (`toolkit.core.probes.read_rate`), on a GPU a copy.
@@ -185,9 +188,9 @@ def train_flops_per_token(m, *, method: str, seq_len: int, lora_r: int = 0, targ
 
 
 def train_efficiency(device: str, dtype: str) -> float:
-    """TRAIN_EFFICIENCY for a device ("cpu", "cuda") training in `dtype`: a CPU's native-bf16 path
-    reaches a smaller share of its (faster) matmul rate than fp32 does, since the elementwise work
-    around the matmuls does not speed up with them; GPUs have one figure."""
+    """TRAIN_EFFICIENCY for a device ("cpu", "cuda") training in `dtype`: the share of the calibrated
+    matmul rate that dtype's GEMMs reach inside a step (on a CPU measured per dtype by bench_step; the
+    elementwise work around them is priced apart); GPUs have one figure."""
     return TRAIN_EFFICIENCY.get(f"{device} {dtype}", TRAIN_EFFICIENCY[device])
 
 
