@@ -149,8 +149,8 @@ def time_fields(m, est, rates: Rates, *, targets: tuple[str, ...], labelled_frac
                 run=None, prompt_tokens: int | None = None) -> dict:
     """The `time` object of an estimate: train_tokens_per_s (training tasks), train_wall_s and the
     parts of it the in-training evals and the report take, evals_and_report_s, and the process's
-    start-up and loading, startup_s (with a RunShape `run`), decode_tokens_per_s and prefill_s (a prompt of `prompt_tokens`, default the
-    estimate's seq_len)."""
+    start-up and loading, startup_s (with a RunShape `run`), decode_tokens_per_s and prefill_s (a
+    prompt of `prompt_tokens`, default the estimate's seq_len)."""
     eff = T.train_efficiency(rates.device, rates.dtype)
     out: dict = {"source": rates.source}
     seq = est.seq_len
