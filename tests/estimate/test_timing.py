@@ -225,6 +225,34 @@ def test_wall_adds_the_processs_startup_to_training_evals_and_report():
     assert T.STARTUP_SECONDS["cuda"] > T.STARTUP_SECONDS["cpu"] > 0  # CUDA's start and bitsandbytes on top
 
 
+def test_held_out_loss_projects_labelled_positions_and_prompts_only_their_last():
+    """The evals' and the report's loss project only labelled positions onto the vocabulary, as
+    training does (TRL's LM head; `scoring.answer_loss`); an answer's prompt projects only its last
+    (transformers' generate), so a prompt token costs its forward less the LM head."""
+    from toolkit.estimate.catalog import lookup
+    from toolkit.estimate.planner import estimate
+    from toolkit.estimate.timeplan import Rates, time_fields
+    from toolkit.finetune.plan import RunShape
+
+    m = lookup("embedded")
+    est = estimate(m, "lora", "fp32", 512, 2, 16, False, ALL_LINEAR, device="cpu")
+    rates = Rates("cpu", 100e9, 20e9, "t")
+    empty = RunShape(steps=1, tokens_per_step=1024, eval_rounds=0, eval_tokens=0, report_prompt_tokens=0)
+
+    def evals_s(lf, **work):
+        return time_fields(m, est, rates, targets=ALL_LINEAR, labelled_fraction=lf,
+                           run=dataclasses.replace(empty, **work))["evals_and_report_s"]
+
+    f = T.forward_flops_per_token(m, 512)
+    rest = 102 * 30 * (576 + 1536) * 4 / 40e9 / 3  # a forward's share of the elementwise passes
+    by_hand = 10_000 * ((sum(f.values()) - 0.5 * f["lm_head"]) / (100e9 * 0.866) + rest)
+    assert evals_s(0.5, report_tokens=6_000, eval_rounds=2, eval_tokens=2_000) == pytest.approx(by_hand, abs=0.05)
+    assert evals_s(0.5, report_tokens=10_000) < evals_s(1.0, report_tokens=10_000)
+    prompts = 10_000 * ((sum(f.values()) - f["lm_head"]) / (100e9 * 0.866) + rest)
+    assert evals_s(0.5, report_prompt_tokens=10_000) == evals_s(1.0, report_prompt_tokens=10_000) \
+        == pytest.approx(prompts, abs=0.05)
+
+
 def test_report_time_counts_batched_decoding_steps():
     """The report's answers cost steps (16 prompts a batch a side). On a GPU each is a host step, half
     of them QLoRA's base side (adapter off) and half its fine-tuned side (unmerged). On a CPU both

@@ -112,6 +112,25 @@ def test_run_shape_prices_the_reports_prompts_near_what_the_report_prefills(tok)
     assert math.isclose(estimated / (2 * padded), 1.5, rel_tol=1 / 3), (estimated, 2 * padded)
 
 
+def test_run_shape_counts_the_report_loss_tokens_answer_loss_runs(tok):
+    """The report's answer loss runs every held-out conversation, base and tuned, less the prefix they
+    all share (the system prompt), which `scoring.answer_loss` runs once. run_shape estimates both
+    from the file's bytes; on the finance recipe within 15% of the tokens counted by the tokenizer."""
+    from toolkit.finetune import data, scoring
+    from toolkit.finetune.plan import run_shape
+
+    rec = recipe.load(FINANCE, gpu=False)
+    d = rec.data
+    held = data.tokenize_split(tok, data.read_splits(rec)[1], d.max_seq_len, d.overlong, d.completion_only_loss, "eval")
+    shared = scoring.shared_prefix(held.input_ids, held.labels)
+    real = 2 * sum(len(ids) - shared for ids in held.input_ids)
+    assert shared > 0
+    assert run_shape(rec).report_tokens == pytest.approx(real, rel=0.15)
+    # With every token labelled the prefix is scored, so nothing is run apart.
+    whole = run_shape(recipe.load(FINANCE, ["data.completion_only_loss=false"], gpu=False)).report_tokens
+    assert whole > run_shape(rec).report_tokens
+
+
 def test_time_budget_field_is_validated(tmp_path):
     from toolkit.core.errors import UserError
 

@@ -154,7 +154,8 @@ def time_fields(m, est, rates: Rates, *, targets: tuple[str, ...], labelled_frac
     eff = T.train_efficiency(rates.device, rates.dtype)
     out: dict = {"source": rates.source}
     seq = est.seq_len
-    fwd = sum(T.forward_flops_per_token(m, seq).values())
+    full = T.forward_flops_per_token(m, seq)
+    fwd = sum(full.values())
     bw = T.CPU_ELEMENTWISE_BYTES_PER_S
     # A CPU's elementwise work (fwd + bwd); a forward alone does about a third of it.
     rest = step_s = 0.0
@@ -172,8 +173,12 @@ def time_fields(m, est, rates: Rates, *, targets: tuple[str, ...], labelled_frac
         out["train_flops_per_token"] = f.total
         out["train_tokens_per_s"] = round(tps, 2)
         if run is not None:
-            prefilled = run.eval_rounds * run.eval_tokens + run.report_tokens + run.report_prompt_tokens
-            eval_s = T.prefill_seconds(prefilled, fwd, rates.flops, eff, rest / 3, bw)
+            # Held-out loss (in-training evals, the report's) projects only labelled positions onto the
+            # vocabulary, as training does; an answer's prompt only its last (transformers' generate).
+            scored = run.eval_rounds * run.eval_tokens + run.report_tokens
+            loss_fwd = fwd - (1.0 - labelled_fraction) * full["lm_head"]
+            eval_s = T.prefill_seconds(scored, loss_fwd, rates.flops, eff, rest / 3, bw) + \
+                T.prefill_seconds(run.report_prompt_tokens, fwd - full["lm_head"], rates.flops, eff, rest / 3, bw)
             weight_s = est.components["weights"] / rates.bandwidth_bytes_per_s
             if rates.device == "cuda":  # batched answers, each step waiting on the host
                 # QLoRA's sides differ: the base runs with the adapter off, the fine-tuned side unmerged

@@ -56,7 +56,9 @@ class RunShape:
     # conversation's tokens each standing in for its prompt (without the answer, left-padded to the
     # batch's longest), which no tokenizer here counts
     report_prompt_tokens: int
-    report_tokens: int = 0  # report: base and tuned answer loss over the whole held-out set
+    # report: base and tuned answer loss over the whole held-out set, less the prefix every example
+    # shares (a system prompt), which `scoring.answer_loss` runs once
+    report_tokens: int = 0
     # report: decoding steps of those answers, batched ANSWER_BATCH prompts at a time a side (a step
     # costs more than a row on either device: timeplan prices steps)
     report_decode_steps: int = 0
@@ -76,6 +78,22 @@ def _file_stats(path) -> tuple[int, int]:
         return 0, 0
     lines = sum(1 for line in data.splitlines() if line.strip())
     return lines, int(len(data) / CHARS_PER_TOKEN)
+
+
+def _shared_prefix_tokens(path) -> int:
+    """Approximate tokens every example of a JSONL file begins with (its lines' common prefix: the
+    JSON up to where the first two examples differ, a shared system prompt), 0 under the minimum
+    `scoring.shared_prefix` runs apart, or when the file can't be read."""
+    import os
+
+    from toolkit.finetune.scoring import SHARED_PREFIX_MIN
+
+    try:
+        lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return 0
+    shared = int(len(os.path.commonprefix(lines)) / CHARS_PER_TOKEN) if len(lines) > 1 else 0
+    return shared if shared >= SHARED_PREFIX_MIN else 0
 
 
 def run_shape(recipe) -> RunShape:
@@ -110,7 +128,9 @@ def run_shape(recipe) -> RunShape:
                 asked = min(n_eval, e.generation_samples)
                 prompts = 2 * asked * tok_eval // n_eval
                 decode_steps = 2 * math.ceil(asked / ANSWER_BATCH) * e.max_new_tokens
-                report = 2 * tok_eval
+                # the shared prefix is run apart only when it is unlabelled (completion-only loss)
+                shared = _shared_prefix_tokens(source_path(recipe, d.eval)) if d.completion_only_loss else 0
+                report = 2 * max(0, tok_eval - n_eval * shared)
     return RunShape(steps, tokens_per_step, eval_rounds, eval_tokens, prompts, report, decode_steps)
 
 

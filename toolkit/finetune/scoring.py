@@ -68,7 +68,10 @@ def answer_loss(model, input_ids: list[list[int]], labels: list[list[int]], dtyp
     return total / max(count, 1), count
 
 
-def shared_prefix(input_ids: list[list[int]], labels: list[list[int]], minimum: int = 8) -> int:
+SHARED_PREFIX_MIN = 8  # tokens: a shorter shared prefix is not worth a cache
+
+
+def shared_prefix(input_ids: list[list[int]], labels: list[list[int]], minimum: int = SHARED_PREFIX_MIN) -> int:
     """Length of the prefix every example starts with, when no prediction is lost by running it apart:
     its tokens and the token after it are unlabelled, and every example goes on past it. 0 when
     shorter than `minimum` tokens (not worth a cache) or when there is one example."""
