@@ -160,16 +160,23 @@ def time_fields(m, est, rates: Rates, *, targets: tuple[str, ...], labelled_frac
     # A CPU's elementwise work (fwd + bwd); a forward alone does about a third of it.
     rest = step_s = 0.0
     if rates.device == "cpu":
-        rest = T.cpu_elementwise_bytes_per_token(m, 2 if rates.dtype == "bfloat16" else 4)
+        rest = T.cpu_elementwise_bytes_per_token(m)
         step_s = T.cpu_step_seconds(m)
+    unpacked_rate = rates.unpacked_flops or rates.flops
+
+    def prefill(tokens: float, flops_per_token: float) -> float:  # attention's matmuls at torch's rate
+        return T.prefill_seconds(tokens, flops_per_token, rates.flops, eff, rest / 3, bw, full["attention"],
+                                 unpacked_rate)
+
     if est.task != "inference":
         f = T.train_flops_per_token(m, method=est.task, seq_len=seq, lora_r=est.lora_r or 0, targets=targets,
                                     grad_ckpt=bool(est.grad_ckpt), labelled_fraction=labelled_fraction)
         # QLoRA's 4-bit layers run torch's matmul (only plain nn.Linear layers are pre-packed).
-        train_flops = (rates.unpacked_flops or rates.flops) if est.task == "qlora" else rates.flops
+        train_flops = unpacked_rate if est.task == "qlora" else rates.flops
         # A micro-batch holds batch x seq_len tokens (a packed row is filled to about that).
         host_s = T.cuda_step_seconds(m, est.task) if rates.device == "cuda" else 0.0
-        tps = T.train_tokens_per_s(f.total, train_flops, eff, rest, bw, step_s, est.batch * seq, host_s)
+        tps = T.train_tokens_per_s(f.total, train_flops, eff, rest, bw, step_s, est.batch * seq, host_s,
+                                   f.unpacked, unpacked_rate)
         out["train_flops_per_token"] = f.total
         out["train_tokens_per_s"] = round(tps, 2)
         if run is not None:
@@ -177,8 +184,7 @@ def time_fields(m, est, rates: Rates, *, targets: tuple[str, ...], labelled_frac
             # vocabulary, as training does; an answer's prompt only its last (transformers' generate).
             scored = run.eval_rounds * run.eval_tokens + run.report_tokens
             loss_fwd = fwd - (1.0 - labelled_fraction) * full["lm_head"]
-            eval_s = T.prefill_seconds(scored, loss_fwd, rates.flops, eff, rest / 3, bw) + \
-                T.prefill_seconds(run.report_prompt_tokens, fwd - full["lm_head"], rates.flops, eff, rest / 3, bw)
+            eval_s = prefill(scored, loss_fwd) + prefill(run.report_prompt_tokens, fwd - full["lm_head"])
             weight_s = est.components["weights"] / rates.bandwidth_bytes_per_s
             if rates.device == "cuda":  # batched answers, each step waiting on the host
                 # QLoRA's sides differ: the base runs with the adapter off, the fine-tuned side unmerged
@@ -209,5 +215,5 @@ def time_fields(m, est, rates: Rates, *, targets: tuple[str, ...], labelled_frac
     out["decode_tokens_per_s"] = round(T.decode_tokens_per_s(
         T.decode_bytes_per_token(est.components["weights"], kv_per_token, ctx), rates.bandwidth_bytes_per_s,
         host_step_s=host, serial_step_s=serial), 2)
-    out["prefill_s"] = round(T.prefill_seconds(prompt_tokens or ctx, fwd, rates.flops, eff, rest / 3, bw), 3)
+    out["prefill_s"] = round(prefill(prompt_tokens or ctx, fwd), 3)
     return out

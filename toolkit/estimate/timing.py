@@ -21,31 +21,34 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # A training step's time, per trained token: its FLOPs at the device's measured matmul rate x
-# TRAIN_EFFICIENCY, plus on a CPU the work that does not speed up with the matmuls: the elementwise
-# work (norms, rotary, SiLU, casts, LoRA's rank-r products, the LM head's softmax) as
-# CPU_ELEMENTWISE_PASSES x layers x (hidden + intermediate) elements of the compute dtype at
+# TRAIN_EFFICIENCY (the products no frozen weight is in, attention's and the adapters', at torch's own
+# matmul rate where the frozen weights are pre-packed for oneDNN), plus on a CPU the work that does not
+# speed up with the matmuls: the elementwise work (norms, rotary, SiLU, casts, the LM head's softmax) as
+# CPU_ELEMENTWISE_PASSES x layers x (hidden + intermediate) elements of 4 bytes at
 # CPU_ELEMENTWISE_BYTES_PER_S, and a fixed cost per micro-batch whatever its tokens (Python, operator
 # dispatch, autograd, the optimizer), CPU_STEP_SECONDS_PER_LAYER x layers.
 # - CPU: the efficiency is the share of the calibrated rate the frozen layers' GEMMs reach inside a
 #   step, measured by `python -m benchmarks.run step` on the finance recipe's CPU profile (the Zen 5
 #   EPYC, family 26, 2026-12-05 01:33 UTC: bf16 86.5%, fp32 forced 86.6%; capped at AVX2, 87.6% at
-#   07:49). The two other constants are fitted to the two end-to-end runs of the same code's last
-#   `make bench` (2026-12-05 08:30 UTC; `make finetune RECIPE=finance`, 40 steps of 2 x 512 tokens,
-#   LoRA r16 on all linears, padding-free packing, LM head on labelled positions only: 0.5586 GFLOP
-#   per trained token): bf16 944.5 tok/s at 1037.2 GFLOP/s leaves 0.436 ms a token besides the
-#   matmuls, fp32 502.9 at 524.9 leaves 0.760 ms. Bytes scale with the element size and the fixed cost
-#   does not, so the two runs give both: 102 passes at 40 GB/s and 118 ms a micro-batch (3.85 ms a
-#   layer; the third session of 2026-12-04 measured 0.12-0.14 s a step whatever its tokens, cutting
-#   the rows short). Checked on what was not fitted: the pass capped at AVX2 (343.5 tok/s at 277.1
-#   GFLOP/s; the fit says 324, the constants before it 310) and bench_time's rows (seq 256, QLoRA).
-#   (The fit before, on 2026-12-04's code: fp32 81.6% in-step, 86 passes, 7.1 ms a layer.) An earlier
-#   fit (four runs on a Zen 4 and this Zen 5, older code, `docs/cpu-training.md`) found the remainder
-#   the same in seconds on both CPUs, so it is priced at a fixed rate, not at a copy's bandwidth (what
-#   the calibration measured until 2026-12-05), which swung between 38 and 90 GB/s from one
-#   calibration to the next on the Zen 5 while the training
-#   speed held. Not modelled: QLoRA's CPU
-#   layers beyond their unpacked matmul (the 4-bit dequantization before each product, ~48 ms of a
-#   ~1.3-s step in a profile on the Zen 5; bench_time's row).
+#   07:49). The passes are fitted to three 40-step runs of the recipe (`make finetune RECIPE=finance`
+#   less the report: 2 x 512 tokens a step, LoRA r16 on all linears, padding-free packing, the LM head
+#   on labelled positions only: 0.5586 GFLOP per trained token, 14.8% of it attention's and the
+#   adapters'), each after its own calibration, best of two (2026-12-05 11:42-11:50 UTC): bf16 921.5
+#   tok/s at 1004.9 GFLOP/s packed and 965.8 unpacked; fp32 on AVX-512 (the record forced to AVX2)
+#   524.8 at 530.1 / 225.0; fp32 with the libraries capped at AVX2 352.9 at 272.5 / 227.1. Besides the
+#   matmuls they leave 0.439 / 0.445 / 0.397 ms a token: the same in bf16 as in fp32, so the passes are
+#   priced at 4 bytes an element whatever the dtype; less the fixed cost, 51 passes at 40 GB/s fit the
+#   three within 1.4%. The fixed cost is the fit before's 3.85 ms a layer (0.116 s a micro-batch; the
+#   third session of 2026-12-04 measured 0.12-0.14 s a step whatever its tokens, cutting the rows
+#   short). The fit before (08:30 UTC's two end-to-end runs: 102 passes of the compute dtype's bytes,
+#   every product at the packed rate) priced fp32's MKL products (the LoRA and attention matmuls, at
+#   AVX2 speed on this AMD CPU, docs/cpu-training.md) as elementwise bytes, and so read the capped pass
+#   7-13% slow. Older fits (a Zen 4 and this Zen 5, older code, `docs/cpu-training.md`) found the
+#   remainder the same in seconds on both CPUs, so it is priced at a fixed rate, not at a copy's
+#   bandwidth, which swung between 38 and 90 GB/s from one calibration to the next on the Zen 5 while
+#   the training speed held. Not modelled: QLoRA's CPU layers beyond their unpacked matmul (the 4-bit
+#   dequantization before each product, ~48 ms of a ~1.3-s step in a profile on the Zen 5; bench_time's
+#   row).
 # - "cuda": the share a compute-bound step reached on the H200 lent on 2026-12-04 (14:40 UTC, torch
 #   2.11, `python -m benchmarks.gpu_check --parts compute`): the toolkit's trainer on random-weight
 #   Llama-3.2-1B, r16 on all linears, gradient checkpointing, padding-free packing with the varlen
@@ -67,7 +70,7 @@ TRAIN_EFFICIENCY = {"cpu": 0.866, "cpu bfloat16": 0.865, "cuda": 0.33}
 # the longer of this and the GPU's work (the two overlap). Full fine-tuning was not measured: LoRA's
 # figure stands in.
 CUDA_STEP_SECONDS_PER_LAYER = {"qlora": 0.021, "lora": 0.018, "full": 0.018}
-CPU_ELEMENTWISE_PASSES = 102
+CPU_ELEMENTWISE_PASSES = 51
 CPU_STEP_SECONDS_PER_LAYER = 0.00385
 CPU_ELEMENTWISE_BYTES_PER_S = 40e9
 # Decode reads weights at the measured bandwidth: on a CPU the calibration measures it as a decoding
@@ -137,6 +140,9 @@ class FlopsPerToken:
     forward: float
     backward: float
     recompute: float
+    # Of the total, the products no frozen weight is in (attention's matmuls, the adapters; all of a full
+    # fine-tune's): pre-packing a frozen weight for oneDNN (toolkit.core.packed_linear) can't speed them.
+    unpacked: float = 0.0
 
     @property
     def total(self) -> float:
@@ -184,7 +190,10 @@ def train_flops_per_token(m, *, method: str, seq_len: int, lora_r: int = 0, targ
     else:
         back = f["linears"] + f["lm_head"] + 2.0 * f["attention"] + 2.0 * f["adapters"]
     recompute = (f["linears"] + f["attention"] + f["adapters"]) if grad_ckpt else 0.0
-    return FlopsPerToken(fwd, back, recompute)
+    # attention and the adapters: the forward, both operands' gradients, the recompute
+    unpacked = fwd + back + recompute if method == "full" else \
+        (3.0 + bool(grad_ckpt)) * (f["attention"] + f["adapters"])
+    return FlopsPerToken(fwd, back, recompute, unpacked)
 
 
 def train_efficiency(device: str, dtype: str) -> float:
@@ -194,11 +203,12 @@ def train_efficiency(device: str, dtype: str) -> float:
     return TRAIN_EFFICIENCY.get(f"{device} {dtype}", TRAIN_EFFICIENCY[device])
 
 
-def cpu_elementwise_bytes_per_token(m, dtype_bytes: int) -> float:
+def cpu_elementwise_bytes_per_token(m) -> float:
     """Bytes of a CPU training step's work outside the matmuls per trained token (fwd + bwd):
-    CPU_ELEMENTWISE_PASSES over the token's layer activations, `dtype_bytes` an element; they take
-    that / CPU_ELEMENTWISE_BYTES_PER_S seconds."""
-    return CPU_ELEMENTWISE_PASSES * m.layers * (m.hidden + m.intermediate) * dtype_bytes
+    CPU_ELEMENTWISE_PASSES over the token's layer activations at 4 bytes an element whatever the
+    compute dtype (bf16 steps measured the same time as fp32's); they take that /
+    CPU_ELEMENTWISE_BYTES_PER_S seconds."""
+    return CPU_ELEMENTWISE_PASSES * m.layers * (m.hidden + m.intermediate) * 4
 
 
 def cpu_step_seconds(m) -> float:
@@ -213,8 +223,11 @@ def cuda_step_seconds(m, method: str) -> float:
 
 def train_tokens_per_s(flops_per_token: float, device_flops: float, efficiency: float,
                        bytes_per_token: float = 0.0, bandwidth_bytes_per_s: float = 0.0,
-                       step_s: float = 0.0, tokens_per_step: float = 0.0, host_step_s: float = 0.0) -> float:
-    """Trained tokens per second: one token takes FLOPs / (device FLOP/s x efficiency), plus
+                       step_s: float = 0.0, tokens_per_step: float = 0.0, host_step_s: float = 0.0,
+                       unpacked_flops_per_token: float = 0.0, unpacked_device_flops: float = 0.0) -> float:
+    """Trained tokens per second: one token takes FLOPs / (device FLOP/s x efficiency), the part
+    `unpacked_flops_per_token` at `unpacked_device_flops` where given (torch's own matmul, where
+    `device_flops` is that of frozen weights pre-packed for oneDNN), plus
     `bytes_per_token` / bandwidth where given (a CPU's elementwise work), plus its share of a fixed
     `step_s` per micro-batch of `tokens_per_step` tokens where given (a CPU's Python and autograd).
     `host_step_s` is a GPU's host time per micro-batch, which overlaps the device's work: a step
@@ -225,7 +238,8 @@ def train_tokens_per_s(flops_per_token: float, device_flops: float, efficiency: 
         raise ValueError("bytes_per_token needs a positive bandwidth")
     if step_s < 0 or host_step_s < 0 or ((step_s or host_step_s) and tokens_per_step <= 0):
         raise ValueError("step_s and host_step_s need a positive tokens_per_step")
-    seconds = flops_per_token / (device_flops * efficiency)
+    seconds = _matmul_seconds(flops_per_token, device_flops, efficiency, unpacked_flops_per_token,
+                              unpacked_device_flops)
     seconds += bytes_per_token / bandwidth_bytes_per_s if bytes_per_token else 0.0
     seconds += step_s / tokens_per_step if step_s else 0.0
     return 1.0 / max(seconds, host_step_s / tokens_per_step if host_step_s else 0.0)
@@ -266,11 +280,22 @@ def cuda_decode_step_seconds(m, decoder: str) -> float:
 
 
 def prefill_seconds(prompt_tokens: int, forward_flops_per_token: float, device_flops: float,
-                    efficiency: float, bytes_per_token: float = 0.0, bandwidth_bytes_per_s: float = 0.0) -> float:
-    """Time to process a prompt: forward FLOPs x tokens / (FLOP/s x efficiency), plus the tokens'
-    `bytes_per_token` at the bandwidth where given (a CPU's elementwise work)."""
+                    efficiency: float, bytes_per_token: float = 0.0, bandwidth_bytes_per_s: float = 0.0,
+                    unpacked_flops_per_token: float = 0.0, unpacked_device_flops: float = 0.0) -> float:
+    """Time to process a prompt: forward FLOPs x tokens / (FLOP/s x efficiency), the part
+    `unpacked_flops_per_token` at `unpacked_device_flops` where given (as `train_tokens_per_s`), plus
+    the tokens' `bytes_per_token` at the bandwidth where given (a CPU's elementwise work)."""
     rest = prompt_tokens * bytes_per_token / bandwidth_bytes_per_s if bytes_per_token else 0.0
-    return prompt_tokens * forward_flops_per_token / (device_flops * efficiency) + rest
+    return prompt_tokens * _matmul_seconds(forward_flops_per_token, device_flops, efficiency,
+                                           unpacked_flops_per_token, unpacked_device_flops) + rest
+
+
+def _matmul_seconds(flops: float, device_flops: float, efficiency: float, unpacked: float,
+                    unpacked_device_flops: float) -> float:
+    if not 0 <= unpacked <= flops or (unpacked and unpacked_device_flops <= 0):
+        raise ValueError("the unpacked FLOPs must be part of the FLOPs, with a positive rate")
+    seconds = (flops - unpacked) / (device_flops * efficiency)
+    return seconds + (unpacked / (unpacked_device_flops * efficiency) if unpacked else 0.0)
 
 
 def train_wall_seconds(steps: int, tokens_per_step: int, tokens_per_s: float, *, prepare_s: float = 0.0,
