@@ -70,30 +70,21 @@ class RunShape:
 CHARS_PER_TOKEN = 4.5
 
 
-def _file_stats(path) -> tuple[int, int]:
-    """(examples, approximate tokens) of a JSONL file; (0, 0) when missing."""
-    try:
-        data = path.read_bytes()
-    except OSError:
-        return 0, 0
-    lines = sum(1 for line in data.splitlines() if line.strip())
-    return lines, int(len(data) / CHARS_PER_TOKEN)
-
-
-def _shared_prefix_tokens(path) -> int:
-    """Approximate tokens every example of a JSONL file begins with (its lines' common prefix: the
-    JSON up to where the first two examples differ, a shared system prompt), 0 under the minimum
-    `scoring.shared_prefix` runs apart, or when the file can't be read."""
+def _file_stats(path) -> tuple[int, int, int]:
+    """(examples, approximate tokens, approximate tokens every example begins with) of a JSONL file;
+    zeros when missing. The last is the lines' common prefix (the JSON up to where two examples
+    differ: a shared system prompt), 0 under the minimum `scoring.shared_prefix` runs apart."""
     import os
 
     from toolkit.finetune.scoring import SHARED_PREFIX_MIN
 
     try:
-        lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+        data = path.read_bytes()
     except OSError:
-        return 0
+        return 0, 0, 0
+    lines = [line for line in data.splitlines() if line.strip()]
     shared = int(len(os.path.commonprefix(lines)) / CHARS_PER_TOKEN) if len(lines) > 1 else 0
-    return shared if shared >= SHARED_PREFIX_MIN else 0
+    return len(lines), int(len(data) / CHARS_PER_TOKEN), shared if shared >= SHARED_PREFIX_MIN else 0
 
 
 def run_shape(recipe) -> RunShape:
@@ -107,7 +98,7 @@ def run_shape(recipe) -> RunShape:
     d, t, e = recipe.data, recipe.training, recipe.eval
     n_train = tok_train = 0
     for _, src, weight in train_sources(recipe):  # a mix counts each source at its weight
-        n, tok = _file_stats(src) if isinstance(src, Path) else (0, 0)  # an hf: id is not read here
+        n, tok, _ = _file_stats(src) if isinstance(src, Path) else (0, 0, 0)  # an hf: id is not read here
         n_train, tok_train = n_train + round(n * weight), tok_train + round(tok * weight)
     mean = max(1, tok_train // max(1, n_train))
     per_seq = d.max_seq_len if d.packing else min(d.max_seq_len, mean)
@@ -119,7 +110,7 @@ def run_shape(recipe) -> RunShape:
         steps = max(1, math.ceil(t.epochs * math.ceil(seqs / (t.batch_size * t.grad_accum))))
     eval_rounds = eval_tokens = prompts = report = decode_steps = 0
     if d.eval:
-        n_eval, tok_eval = _file_stats(source_path(recipe, d.eval))
+        n_eval, tok_eval, shared = _file_stats(source_path(recipe, d.eval))
         if n_eval:
             used = min(n_eval, e.eval_examples) if e.eval_examples else n_eval
             eval_tokens = tok_eval * used // n_eval
@@ -129,8 +120,7 @@ def run_shape(recipe) -> RunShape:
                 prompts = 2 * asked * tok_eval // n_eval
                 decode_steps = 2 * math.ceil(asked / ANSWER_BATCH) * e.max_new_tokens
                 # the shared prefix is run apart only when it is unlabelled (completion-only loss)
-                shared = _shared_prefix_tokens(source_path(recipe, d.eval)) if d.completion_only_loss else 0
-                report = 2 * max(0, tok_eval - n_eval * shared)
+                report = 2 * max(0, tok_eval - n_eval * (shared if d.completion_only_loss else 0))
     return RunShape(steps, tokens_per_step, eval_rounds, eval_tokens, prompts, report, decode_steps)
 
 
