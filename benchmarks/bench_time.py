@@ -48,7 +48,7 @@ def _predict(overrides: list[str], rates, dtype: str, labelled_fraction: float) 
 def cpu_rows() -> list[dict]:
     import json
 
-    from toolkit.core import calibration
+    from toolkit.core import allocator, calibration
     from toolkit.core.capability import matmul_rate
     from toolkit.estimate.timeplan import Rates, host_capability, training_dtype
     from toolkit.finetune.trainer import finetune
@@ -74,7 +74,9 @@ def cpu_rows() -> list[dict]:
         # processes only ever slow a run down, and the model predicts the machine unloaded.
         flops, bandwidth = max(r[0] for r in runs[name]), max(r[1] for r in runs[name])
         dtype, info = runs[name][0][2], max((r[3] for r in runs[name]), key=lambda d: d["tokens_per_s"])
-        rates = Rates("cpu", flops, bandwidth, f"calibration: {dtype}", dtype, max(r[4] for r in runs[name]))
+        # priced for the allocator this process trains under (`make bench` restarts under toolkit finetune's)
+        rates = Rates("cpu", flops, bandwidth, f"calibration: {dtype}", dtype, max(r[4] for r in runs[name]),
+                      "tcmalloc" if allocator.loaded_tcmalloc() else "glibc")
         measured = info["tokens_per_s"]
         # The share of tokens with a label is a property of the data (the trainer scores only those).
         predicted = _predict(sets, rates, dtype, info["trained_tokens_per_epoch"] / info["train_tokens_per_epoch"])

@@ -190,13 +190,15 @@ def naive(tmp: Path) -> dict:
 
 def cpu_label(cap) -> str:
     """The benches' cpu column: name, model numbers, ISA level (whether forced, and the libraries'
-    ISA caps in effect), cores."""
-    from toolkit.core import calibration
+    ISA caps in effect), cores, the C allocator."""
+    from toolkit.core import allocator, calibration
 
     model = f" {cap.model_id}" if cap.model_id else ""
     caps = calibration.isa_caps(os.environ)
+    malloc = ("tcmalloc" if allocator.loaded_tcmalloc() else
+              "glibc huge pages" if allocator.HUGETLB in os.environ.get(allocator.ENV, "") else "glibc")
     return (f"{cap.name}{model} ({cap.isa}{', forced' if cap.forced else ''}{'; ' + caps if caps else ''}), "
-            f"{cap.physical_cores} cores")
+            f"{cap.physical_cores} cores, {malloc}")
 
 
 def capability_passes():
@@ -303,6 +305,9 @@ def _train_split():
 
 if __name__ == "__main__":
     if len(sys.argv) > 1:  # emulated_avx2's child: both parts here, the rows to the file named
+        from toolkit.core import allocator
+
+        allocator.relaunch()  # under the parent's allocator: the restarted parent put LD_PRELOAD back
         target = Path(sys.argv[1])
         tmp_out = target.with_suffix(".tmp")
         tmp_out.write_text(json.dumps(both_parts(target.parent)))

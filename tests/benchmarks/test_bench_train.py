@@ -12,11 +12,19 @@ def test_emulation_forces_the_record_and_caps_every_library_the_calibration_keys
     assert caps and caps <= set(calibration.ISA_CAPS)
 
 
-def test_cpu_label_names_the_forced_level_and_the_caps(monkeypatch):
+def test_cpu_label_names_the_forced_level_the_caps_and_the_allocator(monkeypatch):
+    from toolkit.core import allocator
+
     block = "processor\t: {}\nmodel name\t: AMD EPYC\nflags\t\t: avx2 fma avx512f avx512_bf16\n"
     cap = capability.cpu_record("\n".join(block.format(i) for i in range(2)), forced="avx2")
     for name in calibration.ISA_CAPS:
         monkeypatch.delenv(name, raising=False)
-    assert bench_train.cpu_label(cap) == "AMD EPYC (avx2, forced), 2 cores"
+    monkeypatch.delenv(allocator.ENV, raising=False)
+    monkeypatch.setattr(allocator, "loaded_tcmalloc", lambda: "")
+    assert bench_train.cpu_label(cap) == "AMD EPYC (avx2, forced), 2 cores, glibc"
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
-    assert bench_train.cpu_label(cap) == "AMD EPYC (avx2, forced; ONEDNN_MAX_CPU_ISA=AVX2), 2 cores"
+    assert bench_train.cpu_label(cap) == "AMD EPYC (avx2, forced; ONEDNN_MAX_CPU_ISA=AVX2), 2 cores, glibc"
+    monkeypatch.setenv(allocator.ENV, allocator.HUGETLB)
+    assert bench_train.cpu_label(cap).endswith(", 2 cores, glibc huge pages")
+    monkeypatch.setattr(allocator, "loaded_tcmalloc", lambda: "/usr/lib/libtcmalloc_minimal.so.4")
+    assert bench_train.cpu_label(cap).endswith(", 2 cores, tcmalloc")

@@ -19,12 +19,18 @@ def with_(**kw) -> Facts:
     return Facts(**{**LINUX.__dict__, **kw})
 
 
+HUGE = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+TC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
+TC_ENV = {"LD_PRELOAD": TC, allocator.PRELOAD_WAS: "", **allocator.TCMALLOC_ENV}
+
+
 @pytest.mark.parametrize("facts, value", [
-    (LINUX, "glibc.malloc.hugetlb=1"),
-    (with_(thp="always"), "glibc.malloc.hugetlb=1"),
-    (with_(libc_version=(2, 35)), "glibc.malloc.hugetlb=1"),
+    (LINUX, HUGE),
+    (with_(thp="always"), HUGE),
+    (with_(libc_version=(2, 35)), HUGE),
     # the user's own tunables are kept, ours appended
-    (with_(tunables="glibc.malloc.trim_threshold=0"), "glibc.malloc.trim_threshold=0:glibc.malloc.hugetlb=1"),
+    (with_(tunables="glibc.malloc.trim_threshold=0"),
+     {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=0:glibc.malloc.hugetlb=1"}),
     (with_(tunables="glibc.malloc.hugetlb=0"), None),        # the user's choice stands
     (with_(tunables="glibc.malloc.hugetlb=1"), None),        # already restarted: no loop
     (with_(libc_version=(2, 31)), None),                     # Ubuntu 20.04: no such tunable
@@ -35,11 +41,80 @@ def with_(**kw) -> Facts:
     (with_(system="Windows", libc="", libc_version=()), None),
     (with_(cuda=True), None),                                # training goes to the GPU
     (with_(opt_out=True), None),
+    # tcmalloc installed: preferred, whatever glibc's version or the kernel's huge pages
+    (with_(tcmalloc=TC), TC_ENV),
+    (with_(tcmalloc=TC, libc_version=(2, 31)), TC_ENV),
+    (with_(tcmalloc=TC, thp="never"), TC_ENV),
+    (with_(tcmalloc=TC, tunables="glibc.malloc.hugetlb=1"), TC_ENV),
+    # the user's own preloads are kept after it, and put back in the restarted process
+    (with_(tcmalloc=TC, preload="/opt/intel/libiomp5.so"),
+     {**TC_ENV, "LD_PRELOAD": f"{TC}:/opt/intel/libiomp5.so", allocator.PRELOAD_WAS: "/opt/intel/libiomp5.so"}),
+    (with_(tcmalloc=TC, glibc_only=True), HUGE),            # TOOLKIT_MALLOC=glibc
+    (with_(tcmalloc=TC, loaded=TC), None),                   # already restarted: no loop
+    (with_(tcmalloc=TC, preload="/somewhere/libtcmalloc.so"), None),  # the user's own tcmalloc
+    (with_(tcmalloc=TC, cuda=True), None),
+    (with_(tcmalloc=TC, opt_out=True), None),
+    (with_(tcmalloc=TC, libc="", libc_version=()), None),   # built against glibc: not on musl
 ])
 def test_decide(facts, value):
     got, why = decide(facts)
     assert got == value
     assert why
+
+
+@pytest.mark.parametrize("facts, kind, hint", [
+    (LINUX, "glibc", True),                                  # glibc's huge pages; tcmalloc would be taken
+    (with_(tcmalloc=TC), "tcmalloc", False),
+    (with_(loaded=TC), "tcmalloc", False),                   # the restarted process
+    (with_(preload="/opt/libtcmalloc.so"), "tcmalloc", False),
+    (with_(tcmalloc=TC, glibc_only=True), "glibc", False),   # TOOLKIT_MALLOC=glibc: the user's choice
+    (with_(opt_out=True), "glibc", False),
+    (with_(cuda=True), "glibc", False),
+    (with_(system="Darwin", libc="", libc_version=()), "glibc", False),
+    (with_(libc_version=(2, 31)), "glibc", True),            # neither: the tip still applies
+])
+def test_training_allocator_and_the_install_hint(facts, kind, hint):
+    """The time model prices the allocator training runs under; the run's output names tcmalloc's
+    package where it would be taken but is missing."""
+    assert allocator.training_allocator(facts) == kind
+    assert bool(allocator.install_hint(facts)) is hint
+    if hint:
+        assert "libtcmalloc-minimal4" in allocator.install_hint(facts)
+
+
+def test_find_tcmalloc_prefers_the_minimal_library_then_the_first_folder(tmp_path):
+    first, second = tmp_path / "venv", tmp_path / "system"
+    for d in (first, second):
+        d.mkdir()
+    assert allocator.find_tcmalloc([str(first), str(second)]) == ""
+    (first / "libtcmalloc.so.4").write_bytes(b"")
+    assert allocator.find_tcmalloc([str(first), str(second)]) == str(first / "libtcmalloc.so.4")
+    (second / "libtcmalloc_minimal.so.4").write_bytes(b"")
+    assert allocator.find_tcmalloc([str(first), str(second)]) == str(second / "libtcmalloc_minimal.so.4")
+    (first / "libtcmalloc_minimal.so.4").write_bytes(b"")
+    assert allocator.find_tcmalloc([str(first), str(second)]) == str(first / "libtcmalloc_minimal.so.4")
+
+
+def test_library_dirs_hold_the_environment_and_debian_multiarch():
+    import sysconfig
+
+    dirs = allocator.library_dirs({"CONDA_PREFIX": "/opt/conda"})
+    assert dirs[0] == os.path.join(sys.prefix, "lib") and "/opt/conda/lib" in dirs
+    arch = sysconfig.get_config_var("MULTIARCH")
+    if arch:
+        assert f"/usr/lib/{arch}" in dirs
+    assert len(dirs) == len(set(dirs))
+
+
+def test_loaded_tcmalloc_reads_the_process_maps(tmp_path):
+    maps = tmp_path / "maps"
+    maps.write_text("7f00-7f01 r-xp 00000000 08:01 42 /usr/lib/x86_64-linux-gnu/libc.so.6\n"
+                    "7f02-7f03 r-xp 00000000 08:01 43 /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4.5.9\n"
+                    "7f04-7f05 rw-p 00000000 00:00 0 \n")
+    assert allocator.loaded_tcmalloc(str(maps)) == "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4.5.9"
+    maps.write_text("7f00-7f01 r-xp 00000000 08:01 42 /usr/lib/x86_64-linux-gnu/libc.so.6\n")
+    assert allocator.loaded_tcmalloc(str(maps)) == ""
+    assert allocator.loaded_tcmalloc(str(tmp_path / "absent")) == ""
 
 
 def test_why_names_the_reason():
@@ -66,35 +141,45 @@ def churn():
         t = torch.empty(64 * 2**20, dtype=torch.uint8); t.fill_(1); del t  # past glibc's largest mmap threshold
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0
 churn()
-print(os.environ.get("GLIBC_TUNABLES", ""), churn(), allocator.state(), sep="|")
+print(os.environ.get("GLIBC_TUNABLES", ""), os.environ.get("LD_PRELOAD", "-"), churn(), allocator.state(), sep="|")
 """
+OURS = (allocator.ENV, allocator.OPT_OUT, allocator.PRELOAD, allocator.PRELOAD_WAS, *allocator.TCMALLOC_ENV)
 
 
-def _clean_env() -> dict:
-    return {k: v for k, v in os.environ.items() if k not in (allocator.ENV, allocator.OPT_OUT)}
+def _clean_env(**extra) -> dict:
+    return {**{k: v for k, v in os.environ.items() if k not in OURS}, **extra}
 
 
-def _churn(*args):
-    out = subprocess.run([sys.executable, "-c", CHURN, *args], capture_output=True, text=True, env=_clean_env(), cwd=ROOT,
-                         check=True).stdout.strip().splitlines()[-1]
-    tunables, faults, state = out.split("|")
-    return tunables, int(faults), state
+def _churn(*args, **extra):
+    out = subprocess.run([sys.executable, "-c", CHURN, *args], capture_output=True, text=True, env=_clean_env(**extra),
+                         cwd=ROOT, check=True).stdout.strip().splitlines()[-1]
+    tunables, preload, faults, state = out.split("|")
+    return tunables, preload, int(faults), state
 
 
-def test_relaunch_on_this_machine():
-    """The restart really happens where `decide` says so, and glibc then keeps big blocks in huge
-    pages: a 64 MiB block allocated and freed 10 times faults in a fraction of the pages."""
-    plain_tunables, plain_faults, plain_state = _churn()
-    assert plain_tunables == "" and plain_state.startswith("system default (")
-    tunables, faults, state = _churn("relaunch")
-    with mock.patch.dict(os.environ, _clean_env(), clear=True):
-        value, why = decide(allocator.detect())
-    if value is None:
+@pytest.mark.parametrize("setting", ["", "glibc"])
+def test_relaunch_on_this_machine(setting):
+    """The restart really happens where `decide` says so, and the allocator it starts under then keeps
+    big blocks: a 64 MiB block allocated and freed 10 times faults in a fraction of the pages. Under
+    tcmalloc the restarted process has LD_PRELOAD back as it was (unset), so its children run as
+    before. `TOOLKIT_MALLOC=glibc` takes glibc's huge pages where tcmalloc is installed."""
+    extra = {allocator.OPT_OUT: setting} if setting else {}
+    plain_tunables, plain_preload, plain_faults, plain_state = _churn(**extra)
+    assert plain_tunables == "" and plain_preload == "-" and plain_state.startswith("system default (")
+    tunables, preload, faults, state = _churn("relaunch", **extra)
+    with mock.patch.dict(os.environ, _clean_env(**extra), clear=True):
+        env, why = decide(allocator.detect())
+    if env is None:
         assert tunables == "" and state == f"system default ({why})"
         return
-    assert tunables == value and state == allocator.HUGETLB
     assert "not started by `toolkit finetune`" in plain_state
     assert faults < plain_faults / 4, (faults, plain_faults)
+    if allocator.PRELOAD in env:
+        assert not setting
+        assert state == f"tcmalloc ({os.path.realpath(env[allocator.PRELOAD])}, TCMALLOC_RELEASE_RATE=0)"
+        assert preload == "-" and tunables == ""
+    else:
+        assert tunables == env[allocator.ENV] and state == allocator.HUGETLB and preload == "-"
 
 
 @pytest.mark.parametrize("entry", [True, False])

@@ -57,6 +57,8 @@ class Rates:
     # The rate of torch's own matmul where `flops` is that of frozen layers pre-packed for oneDNN
     # (toolkit.core.packed_linear): QLoRA's 4-bit layers are not packed.
     unpacked_flops: float | None = None
+    # The C allocator a CPU training process runs under ("glibc", "tcmalloc"; toolkit.core.allocator).
+    malloc: str = "glibc"
 
 
 def rates_for_gpu(name: str, dtype: str = "bfloat16") -> Rates | None:
@@ -141,8 +143,12 @@ def rates_here(dtype: str | None = None, purpose: str = "train") -> Rates:
     # Training's 4-bit layers can't be packed: QLoRA is timed at the unpacked rate.
     why = ", QLoRA's 4-bit layers' rate" if purpose == "train" else ""
     packed = f" pre-packed ({unpacked / 1e9:.1f} unpacked{why})" if flops != unpacked else ""
+    from toolkit.core import allocator
+
+    malloc = allocator.training_allocator(allocator.detect()) if kind == "cpu" else "glibc"
+    under = ", tcmalloc" if malloc == "tcmalloc" else ""
     return Rates(kind, flops, cal.bandwidth_bytes_per_s, f"calibration: {dtype} {flops / 1e9:.1f} GFLOP/s{packed}, "
-                 f"{cal.bandwidth_bytes_per_s / 1e9:.1f} GB/s", dtype, unpacked)
+                 f"{cal.bandwidth_bytes_per_s / 1e9:.1f} GB/s{under}", dtype, unpacked, malloc)
 
 
 def time_fields(m, est, rates: Rates, *, targets: tuple[str, ...], labelled_fraction: float = 1.0,
@@ -160,7 +166,7 @@ def time_fields(m, est, rates: Rates, *, targets: tuple[str, ...], labelled_frac
     # A CPU's elementwise work (fwd + bwd); a forward alone does about a third of it.
     rest = step_s = 0.0
     if rates.device == "cpu":
-        rest = T.cpu_elementwise_bytes_per_token(m)
+        rest = T.cpu_elementwise_bytes_per_token(m, rates.malloc)
         step_s = T.cpu_step_seconds(m)
     unpacked_rate = rates.unpacked_flops or rates.flops
 

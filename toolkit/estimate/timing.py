@@ -70,7 +70,14 @@ TRAIN_EFFICIENCY = {"cpu": 0.866, "cpu bfloat16": 0.865, "cuda": 0.33}
 # the longer of this and the GPU's work (the two overlap). Full fine-tuning was not measured: LoRA's
 # figure stands in.
 CUDA_STEP_SECONDS_PER_LAYER = {"qlora": 0.021, "lora": 0.018, "full": 0.018}
-CPU_ELEMENTWISE_PASSES = 51
+# By the C allocator the training process runs under (toolkit.core.allocator): "glibc" is the fit above
+# (glibc's malloc in huge pages; its default settings were not fitted and take the same figure);
+# "tcmalloc" the same fit to the same three passes under tcmalloc (TCMALLOC_RELEASE_RATE=0), best of
+# two alternating rounds (2026-12-05 14:12-14:20 UTC, a slower moment of the host): bf16 918.8 tok/s at
+# 985.8 / 918.1 GFLOP/s, fp32 forced 537.0 at 511.9 / 213.3, capped 357.2 at 259.7 / 218.4. They leave
+# 0.426 / 0.342 / 0.246 ms a token beside the matmuls; 44 passes fit them +3.4 / -2.7 / -5.1%. In the
+# same hour's alternating pairs tcmalloc trained 3-15% faster than glibc's huge pages in all nine.
+CPU_ELEMENTWISE_PASSES = {"glibc": 51, "tcmalloc": 44}
 CPU_STEP_SECONDS_PER_LAYER = 0.00385
 CPU_ELEMENTWISE_BYTES_PER_S = 40e9
 # Decode reads weights at the measured bandwidth: on a CPU the calibration measures it as a decoding
@@ -118,7 +125,7 @@ CPU_DECODE_SECONDS_PER_LAYER = {"transformers": 0.00022, "llama.cpp": 0.00011}
 # The time model had priced each answer token as a read of the weights, 2.8x the measured 6.0 s.
 CPU_ANSWERS_SECONDS_PER_LAYER = 0.0023
 # A `toolkit finetune` process's time outside training, the in-training evals and the report: Python's
-# start-up (on a CPU twice: `allocator.relaunch` restarts it under glibc's huge-page setting), the imports
+# start-up (on a CPU twice: `allocator.relaunch` restarts it under tcmalloc or glibc's huge pages), the imports
 # (torch, transformers, PEFT, TRL; on a GPU bitsandbytes and CUDA's initialisation), finding and loading
 # the base model from the local cache (QLoRA quantizing it), tokenizing and packing the data, building the
 # Trainer and saving the run. Measured as the process's wall minus run.json's train_runtime_s and report_s
@@ -203,12 +210,12 @@ def train_efficiency(device: str, dtype: str) -> float:
     return TRAIN_EFFICIENCY.get(f"{device} {dtype}", TRAIN_EFFICIENCY[device])
 
 
-def cpu_elementwise_bytes_per_token(m) -> float:
-    """Bytes of a CPU training step's work outside the matmuls per trained token (fwd + bwd):
-    CPU_ELEMENTWISE_PASSES over the token's layer activations at 4 bytes an element whatever the
-    compute dtype (bf16 steps measured the same time as fp32's); they take that /
-    CPU_ELEMENTWISE_BYTES_PER_S seconds."""
-    return CPU_ELEMENTWISE_PASSES * m.layers * (m.hidden + m.intermediate) * 4
+def cpu_elementwise_bytes_per_token(m, malloc: str = "glibc") -> float:
+    """Bytes of a CPU training step's work outside the matmuls per trained token (fwd + bwd) under the
+    C allocator `malloc` ("glibc", "tcmalloc"): CPU_ELEMENTWISE_PASSES over the token's layer
+    activations at 4 bytes an element whatever the compute dtype (bf16 steps measured the same time as
+    fp32's); they take that / CPU_ELEMENTWISE_BYTES_PER_S seconds."""
+    return CPU_ELEMENTWISE_PASSES[malloc] * m.layers * (m.hidden + m.intermediate) * 4
 
 
 def cpu_step_seconds(m) -> float:

@@ -246,6 +246,9 @@ def _train(rec, overrides, stage: Path, runs: Path, dev, dtype, train_ex, eval_e
     packed, matmul_reason = packed_linear.for_device(trainer.model, dev, dtype, training=True, skip=skip)
     if not dev.startswith("cuda"):
         announce(matmul_reason)
+        hint = allocator.install_hint(allocator.detect())
+        if hint:
+            announce(hint)
     # The report was interrupted after the last checkpoint: from it the Trainer would train a step past max_steps.
     done = resume_from is not None and run_folder.training_done(resume_from, args.max_steps)
     if done:
