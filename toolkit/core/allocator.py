@@ -11,8 +11,9 @@ at `free()`, and the heap's top is trimmed, so each step page-faults the same me
   launcher (`torch.backends.xeon.run_cpu`) preloads by default. Measured on the Zen 5 EPYC
   (docs/cpu-training.md, 2026-12-05), 40-step runs of the recipe, alternating with glibc's huge
   pages: 1058.5 / 1056.4 / 1039.2 / 1035.7 / 988.6 training tokens/s against 930.8 / 927.6 / 952.6 /
-  930.6 / 945.4 in bf16 (+10% on the means), the same loss. jemalloc (5.3, with PyTorch's launcher's
-  settings or never purging) and mimalloc (3.4) read 2-20% slower than glibc or within its noise.
+  930.6 / 945.4 in bf16 (+10% on the means), the same loss. jemalloc (5.3; its defaults, PyTorch's
+  launcher's settings, never purging) read 1-19% slower than glibc's huge pages; mimalloc (3.4) never
+  purging +5-7%, half tcmalloc's gain, and slower in its defaults.
 - **glibc's `glibc.malloc.hugetlb=1`** (glibc 2.35 and later), where tcmalloc is not installed, has
   malloc align its memory to transparent huge pages and `madvise()` them: 230-240 faults a step
   instead of 8,000-11,000, ~6% less time a step (six alternating pairs). The kernel must allow huge
