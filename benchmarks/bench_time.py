@@ -76,7 +76,7 @@ def cpu_rows() -> list[dict]:
         dtype, info = runs[name][0][2], max((r[3] for r in runs[name]), key=lambda d: d["tokens_per_s"])
         # priced for the allocator this process trains under (`make bench` restarts under toolkit finetune's)
         rates = Rates("cpu", flops, bandwidth, f"calibration: {dtype}", dtype, max(r[4] for r in runs[name]),
-                      "tcmalloc" if allocator.loaded_tcmalloc() else "glibc")
+                      "tcmalloc" if allocator.current() == "tcmalloc" else "glibc")
         measured = info["tokens_per_s"]
         # The share of tokens with a label is a property of the data (the trainer scores only those).
         predicted = _predict(sets, rates, dtype, info["trained_tokens_per_epoch"] / info["train_tokens_per_epoch"])

@@ -195,10 +195,8 @@ def cpu_label(cap) -> str:
 
     model = f" {cap.model_id}" if cap.model_id else ""
     caps = calibration.isa_caps(os.environ)
-    malloc = ("tcmalloc" if allocator.loaded_tcmalloc() else
-              "glibc huge pages" if allocator.HUGETLB in os.environ.get(allocator.ENV, "") else "glibc")
     return (f"{cap.name}{model} ({cap.isa}{', forced' if cap.forced else ''}{'; ' + caps if caps else ''}), "
-            f"{cap.physical_cores} cores, {malloc}")
+            f"{cap.physical_cores} cores, {allocator.current()}")
 
 
 def capability_passes():

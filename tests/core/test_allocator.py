@@ -106,6 +106,16 @@ def test_library_dirs_hold_the_environment_and_debian_multiarch():
     assert len(dirs) == len(set(dirs))
 
 
+def test_current_names_what_this_process_allocates_with(monkeypatch):
+    monkeypatch.setattr(allocator, "loaded_tcmalloc", lambda: "")
+    monkeypatch.delenv(allocator.ENV, raising=False)
+    assert allocator.current() == "glibc"
+    monkeypatch.setenv(allocator.ENV, f"glibc.malloc.trim_threshold=0:{allocator.HUGETLB}")
+    assert allocator.current() == "glibc huge pages"
+    monkeypatch.setattr(allocator, "loaded_tcmalloc", lambda: TC)
+    assert allocator.current() == "tcmalloc"
+
+
 def test_loaded_tcmalloc_reads_the_process_maps(tmp_path):
     maps = tmp_path / "maps"
     maps.write_text("7f00-7f01 r-xp 00000000 08:01 42 /usr/lib/x86_64-linux-gnu/libc.so.6\n"

@@ -180,6 +180,13 @@ def loaded_tcmalloc(maps: str = "/proc/self/maps") -> str:
     return ""
 
 
+def current() -> str:
+    """What this process allocates with: "tcmalloc", "glibc huge pages" or "glibc"."""
+    if loaded_tcmalloc():
+        return "tcmalloc"
+    return "glibc huge pages" if HUGETLB in os.environ.get(ENV, "").split(":") else "glibc"
+
+
 def state() -> str:
     """For run.json: the allocator this process runs under, and why."""
     lib = loaded_tcmalloc()
