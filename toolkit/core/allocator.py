@@ -134,7 +134,7 @@ def decide(f: Facts) -> tuple[dict[str, str] | None, str]:
         return None, "not glibc's malloc"
     if f.cuda:
         return None, "training goes to the GPU (the setting was measured for CPU training)"
-    if f.loaded or "tcmalloc" in f.preload:
+    if _under_tcmalloc(f):
         return None, "already runs under tcmalloc"
     if f.tcmalloc and not f.glibc_only:
         env = {PRELOAD: ":".join(p for p in (f.tcmalloc, f.preload) if p), PRELOAD_WAS: f.preload, **TCMALLOC_ENV}
@@ -149,19 +149,24 @@ def decide(f: Facts) -> tuple[dict[str, str] | None, str]:
             f"malloc in transparent huge pages (THP {f.thp}): far fewer page faults a step")
 
 
+def _under_tcmalloc(f: Facts) -> bool:
+    """This process runs under a tcmalloc already: ours after the restart, or the user's preload."""
+    return bool(f.loaded) or "tcmalloc" in f.preload
+
+
 def training_allocator(f: Facts) -> str:
     """The C allocator `toolkit finetune` trains under on a CPU with these facts: "tcmalloc" where it
     already runs under one or would restart under one, else "glibc" (huge pages or glibc's default:
     the time model prices both alike)."""
     env, _ = decide(f)
-    return "tcmalloc" if f.loaded or "tcmalloc" in f.preload or (env and PRELOAD in env) else "glibc"
+    return "tcmalloc" if _under_tcmalloc(f) or (env and PRELOAD in env) else "glibc"
 
 
 def install_hint(f: Facts) -> str:
-    """One line for a CPU training run's output where tcmalloc would be taken but is not installed
-    (Linux, glibc, no GPU, no TOOLKIT_MALLOC), else ""."""
-    if (f.system != "Linux" or f.libc != "glibc" or f.cuda or f.opt_out or f.glibc_only or f.tcmalloc
-            or f.loaded or "tcmalloc" in f.preload):
+    """One line for a CPU training run's output where `decide` would take tcmalloc were one installed
+    but none is, else ""."""
+    env, _ = decide(dataclasses.replace(f, tcmalloc="tcmalloc"))
+    if f.tcmalloc or not env or PRELOAD not in env:
         return ""
     return ("malloc: tcmalloc is not installed; with it CPU training ran 3-15% faster here "
             "(`apt install libtcmalloc-minimal4` on Debian/Ubuntu; docs/cpu-training.md)")
