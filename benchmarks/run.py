@@ -42,6 +42,23 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def machine_label(cpuinfo: str | None = None) -> str:
+    """The section header's machine: the CPU's name and model numbers (VMs name different CPUs alike,
+    "AMD EPYC" for a Zen 4 and a Zen 5, so sections run on different hosts are told apart by these),
+    its ISA level, cores and Python."""
+    from toolkit.core import capability
+
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    info = capability.parse_cpuinfo(cpuinfo)
+    cpu = f"{info['name']} {info['model_id']}".strip() if cpuinfo else platform.processor() or "unknown CPU"
+    level = f" ({capability.isa_level(info['flags'])})" if info["flags"] else ""
+    return f"{platform.machine()}, {cpu}{level}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("names", nargs="*", help="bench names (e.g. estimate train); default all")
@@ -61,9 +78,15 @@ def main(argv: list[str] | None = None) -> int:
         res = importlib.import_module(f"benchmarks.bench_{name}").run()
         res["wall_s"] = round(time.time() - t0, 1)
         res["when"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-        res["machine"] = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+        res["machine"] = machine_label()
         results[name] = res
         print(_table(res["rows"]), flush=True)
+    write(results, results_path)
+    return 0
+
+
+def write(results: dict, results_path: Path) -> None:
+    """results.json and RESULTS.md from `results` (each written to a temp name, then renamed)."""
     tmp = results_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(results, indent=2) + "\n")
     os.replace(tmp, results_path)
@@ -73,10 +96,9 @@ def main(argv: list[str] | None = None) -> int:
         md.append(_table(res["rows"]))
         if res.get("notes"):
             md += [res["notes"], ""]
-    tmp = (HERE / "RESULTS.md").with_suffix(".tmp")
+    tmp = (results_path.parent / "RESULTS.md").with_suffix(".tmp")
     tmp.write_text("\n".join(md))
-    os.replace(tmp, HERE / "RESULTS.md")
-    return 0
+    os.replace(tmp, results_path.parent / "RESULTS.md")
 
 
 if __name__ == "__main__":
