@@ -39,13 +39,16 @@ def measure(gguf_path: str, n_ctx: int, n_batch: int = 512) -> tuple[dict[str, f
     """Load `gguf_path` on CPU with llama-cpp-python at `n_ctx`, return (MiB per buffer, log)."""
     from llama_cpp import Llama
 
+    from toolkit.core import signals
+
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as log:
         text_log = open(log.fileno(), "w", closefd=False)
         os.dup2(log.fileno(), 2)
         try:
-            with contextlib.redirect_stderr(text_log):
+            # verbose: every log line goes through a Python callback, where a Ctrl-C would be dropped.
+            with signals.held(), contextlib.redirect_stderr(text_log):
                 llm = Llama(str(gguf_path), n_ctx=n_ctx, n_batch=n_batch, n_gpu_layers=0, verbose=True)
                 llm.close()
         finally:

@@ -167,7 +167,11 @@ def quantize_with_log(src, dst, quant: str) -> tuple[Path, str]:
     params.nthread = max(1, os.cpu_count() or 1)
     tmp = _tmp_sibling(dst)
     try:
-        with _captured_output() as log:
+        from toolkit.core import signals
+
+        # The quantizer logs every tensor through llama-cpp-python's Python callback: a Ctrl-C or
+        # SIGTERM handled there would be dropped (toolkit.core.signals), so it is raised after the call.
+        with signals.held(), _captured_output() as log:
             rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
             text = log()
         if rc != 0:

@@ -217,10 +217,13 @@ def open_gguf(path, n_ctx: int = 1024, logits_all: bool = False):
     """A llama-cpp-python Llama on `path` using the GGUF's own chat template (never a guessed one)."""
     from llama_cpp import Llama
 
-    llm = Llama(
-        model_path=str(path), n_ctx=n_ctx, logits_all=logits_all, verbose=False,
-        n_threads=llama_threads(), n_threads_batch=llama_threads(), seed=0,
-    )
+    from toolkit.core import signals
+
+    with signals.held():  # loading logs through a Python callback, where a Ctrl-C would be dropped
+        llm = Llama(
+            model_path=str(path), n_ctx=n_ctx, logits_all=logits_all, verbose=False,
+            n_threads=llama_threads(), n_threads_batch=llama_threads(), seed=0,
+        )
     if "tokenizer.chat_template" in llm.metadata:
         llm.chat_format = GGUF_CHAT_FORMAT
     return llm
