@@ -15,6 +15,15 @@ libc = ctypes.CDLL(ctypes.util.find_library("c") or None)
 COMPARE = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_int))
 
 
+@pytest.fixture(autouse=True)
+def _ctrl_c_as_in_a_terminal():
+    """Python's own SIGINT handler, as a program started from a terminal has: a shell's background job
+    (`make test &`) starts with SIGINT ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def _c_call_with_callback(signum, calls: list) -> list[int]:
     """Sort 5 ints with qsort; the comparator raises `signum` (if any) at its first call, so that
     comparison's result is ctypes' default and the order may come out wrong."""
@@ -61,6 +70,13 @@ def test_held_hands_sigterm_to_the_handler_in_place():
         assert signal.getsignal(signal.SIGTERM) is stop
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_held_keeps_an_ignored_signal_ignored():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with signals.held():
+        _c_call_with_callback(signal.SIGINT, [])
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # and nothing was raised
 
 
 def test_held_without_a_signal_changes_nothing():

@@ -160,11 +160,16 @@ def _signal_while_converting(model_dir, out: Path, sig) -> subprocess.Popen:
     import os
     import sys
 
+    import signal
+
     root = Path(__file__).resolve().parents[2]
     proc = subprocess.Popen(
         [sys.executable, "-m", "toolkit", "export", str(model_dir), "--quant", "q8_0", "--out", str(out)],
         cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True,
+        # As from a terminal: a shell's background job (`make test &`) starts with SIGINT ignored, and the
+        # child would inherit that and never see the Ctrl-C this test sends.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     for line in proc.stderr:  # progress lines are on stderr
         if line.startswith("[3/6]"):  # the converter subprocess is running now
