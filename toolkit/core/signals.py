@@ -5,7 +5,8 @@ every log line: while a model loads or a GGUF is quantized, Python code runs ins
 signal handled then raises its KeyboardInterrupt (or the SystemExit of `toolkit export`'s SIGTERM
 handler) inside that callback, where ctypes prints "Exception ignored on calling ctypes callback
 function" and drops it: the C call goes on and the stop is lost. `toolkit export` interrupted in
-its quantize step went on to the end (seen in a test run on 2026-12-05: exit 1 instead of 130).
+its quantize step went on to the end (exit 1 instead of 130 in 2 of 25 runs with SIGINT sent at set
+delays after the convert step began, 2026-12-05).
 
 `held()` keeps the handlers from raising inside such a block: a signal that arrives is recorded and
 delivered again, to the handler that was in place, as soon as the block ends. Python could not
