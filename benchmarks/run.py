@@ -53,10 +53,12 @@ def machine_label(cpuinfo: str | None = None) -> str:
             cpuinfo = Path("/proc/cpuinfo").read_text()
         except OSError:
             cpuinfo = ""
-    info = capability.parse_cpuinfo(cpuinfo)
-    cpu = f"{info['name']} {info['model_id']}".strip() if cpuinfo else platform.processor() or "unknown CPU"
-    level = f" ({capability.isa_level(info['flags'])})" if info["flags"] else ""
-    return f"{platform.machine()}, {cpu}{level}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    if cpuinfo:
+        cap = capability.cpu_record(cpuinfo)
+        cpu = f"{cap.name} {cap.model_id} ({cap.isa})".replace("  ", " ")
+    else:  # no /proc/cpuinfo (macOS, Windows): no ISA level guessed
+        cpu = platform.processor() or "unknown CPU"
+    return f"{platform.machine()}, {cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
 def main(argv: list[str] | None = None) -> int:
