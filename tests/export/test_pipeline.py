@@ -158,9 +158,8 @@ def test_interrupt_after_conversion_leaves_no_partial_gguf(tmp_path, tiny_llama_
 def _signal_while_converting(model_dir, out: Path, sig) -> subprocess.Popen:
     """`toolkit export` of `model_dir` into `out` in a subprocess, sent `sig` while the converter runs."""
     import os
-    import sys
-
     import signal
+    import sys
 
     root = Path(__file__).resolve().parents[2]
     proc = subprocess.Popen(
