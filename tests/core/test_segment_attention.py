@@ -63,6 +63,32 @@ def test_kernels_equal_each_conversation_alone(heads, kv, kernel):
     assert (leaked - want).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("blocks", [1, 2, 3, 5])
+@pytest.mark.parametrize("sizes", [SIZES, [1, 2, 1], [4] * 3])
+def test_bmm_query_blocks_change_nothing(monkeypatch, blocks, sizes):
+    """However many query blocks bmm splits each conversation into (some empty where conversations are
+    shorter than that), its values and gradients are each conversation's alone."""
+    import torch
+
+    monkeypatch.setattr(S, "CAUSAL_BLOCKS", blocks)
+    q, k, v, grad = _inputs(6, 2, sizes=sizes)
+    got, got_grads = _run(lambda *t: S.bmm(*t, sizes), q, k, v, grad)
+    want, want_grads = _run(lambda *t: _one_by_one(*t, sizes=sizes), q, k, v, grad)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_causal_blocks_cover_each_position_once():
+    assert S.causal_blocks(128, 3) == [(0, 43), (43, 86), (86, 128)]
+    assert S.causal_blocks(2, 3) == [(0, 1), (1, 2)]
+    assert S.causal_blocks(7, 1) == [(0, 7)]
+    for length in range(1, 40):
+        spans = S.causal_blocks(length)
+        assert spans[0][0] == 0 and spans[-1][1] == length
+        assert all(a < b == c for (a, b), (c, _) in zip(spans, spans[1:] + [(length, None)]))
+
+
 def test_bf16_kernels_agree_within_bf16_rounding():
     """In bf16 the kernels differ only by rounding (bmm's scores and probabilities are bf16; SDPA
     keeps them in fp32): all within 2e-2 of the fp32 result on this fixture (measured 7.8e-3 to

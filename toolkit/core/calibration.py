@@ -24,9 +24,10 @@ from toolkit.core import probes as P
 from toolkit.core.capability import Capability, detect, threads
 from toolkit.core.progress import say
 
-FORMAT = 7  # 2: packed_flops; 3: attention_s; 4: attention_s on a row of equal conversations; 5: packed_gain;
+FORMAT = 8  # 2: packed_flops; 3: attention_s; 4: attention_s on a row of equal conversations; 5: packed_gain;
 # 6: matmul_flops of a frozen layer's forward and input gradient together, not `a @ b`; 7: a CPU's
-# bandwidth_bytes_per_s as a decoding step reads weights, not a copy
+# bandwidth_bytes_per_s as a decoding step reads weights, not a copy; 8: attention_s of the bmm kernel
+# in query blocks (segment_attention.CAUSAL_BLOCKS)
 FILE_NAME = "calibration.json"
 
 

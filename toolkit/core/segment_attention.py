@@ -14,8 +14,10 @@ picks one:
   rowsum(dO∘O)), dQ = dS·K, dK = dSᵀ·Q). Six large matmuls a layer instead of two kernel calls per
   conversation, at the compute dtype's matmul rate: on the Zen 5 EPYC in bf16 3.4-5.3 ms against
   7.0-7.6 ms for `sdpa` in fp32 for a row of 10 conversations of 60-130 tokens, forward and backward.
-  It keeps the probabilities (n x heads x L x L) for the backward and pads every conversation to
-  the longest, so it only runs where `bmm_fits` says that costs little.
+  Each conversation's queries go in CAUSAL_BLOCKS blocks of positions, a block's products reaching
+  only the keys up to its end, so the masked corner above the diagonal is mostly not computed.
+  It keeps the probabilities (n x heads x L x L, less that corner) for the backward and pads every
+  conversation to the longest, so it only runs where `bmm_fits` says that costs little.
 
 Which rows bmm takes: its cost grows with the padded scores (n x max(L)^2), SDPA's with the
 conversations' own (sum of L^2), so the calibration times both on a row of equal conversations
@@ -51,6 +53,11 @@ FALLBACKS = ("sdpa", "sdpa_fp32")
 # (T * H * D). Uniform conversations of L tokens give L <= 4 * D: 256 tokens at head size 64; a row
 # whose short conversations would be padded to one long one falls back to sdpa.
 BMM_MAX_SCORES_PER_QUERY_ELEMENT = 4
+# bmm splits each conversation's queries into this many blocks of positions, block j attending only
+# to the keys up to its end: the products and the softmax skip the masked corner above the diagonal
+# (a quarter of the scores at 2 blocks). 2 against 1 and 3, every step's batch through each in one
+# training run (the Zen 4 EPYC, finance CPU profile, 2026-12-05): docs/cpu-training.md, seventh session.
+CAUSAL_BLOCKS = 2
 
 
 def bmm_fits(sizes, head_dim: int) -> bool:
@@ -163,23 +170,35 @@ def bmm(q, k, v, sizes, scale=None):
     return _bmm_function().apply(q, k, v, tuple(sizes), float(scale))
 
 
-def _pad(x, index, n: int, length: int):
-    """(1, h, T, D) -> (n, h, L, D) contiguous, each conversation's rows first, zeros after.
+def causal_blocks(length: int, blocks: int | None = None) -> list[tuple[int, int]]:
+    """The (start, end) positions of the query blocks the bmm kernel splits `length` into
+    (`CAUSAL_BLOCKS` of them unless given); block (a, b) attends to keys [0, b). Empty blocks
+    (length < blocks) are left out."""
+    blocks = CAUSAL_BLOCKS if blocks is None else blocks
+    ends = [-(-length * j // blocks) for j in range(blocks + 1)]
+    return [(a, b) for a, b in zip(ends, ends[1:]) if b > a]
+
+
+def _pad(x, index, n: int, length: int, kv: int):
+    """(1, h, T, D) -> (n * kv, length * group, D) contiguous: per conversation and KV head, the rows
+    of its `group` = h / kv query heads token-major ((t, g) for g fastest), zeros after each
+    conversation's end. Token-major keeps a block of positions one run of rows (`causal_blocks`).
 
     The rows are scattered token-major, the layout transformers leaves q, k and v in (a (1, T, h, D)
     tensor transposed), then permuted in one copy."""
     h, d = x.shape[1], x.shape[3]
     buf = x.new_zeros(n * length, h, d).index_copy_(0, index, x[0].transpose(0, 1))
-    return buf.view(n, length, h, d).transpose(1, 2).contiguous()
+    return buf.view(n, length, kv, h // kv, d).transpose(1, 2).reshape(n * kv, length * (h // kv), d)
 
 
-def _unpad(x, index):
-    """(n, h, L, D) -> (T, h, D) contiguous: the real rows back in row order, token-major, so that
-    transformers' reshape of the attention output to (1, T, h * D) is a view, not a copy. Timed in
-    alternating steps of one training run (finance CPU profile, the Zen 5 EPYC): 0.07 ms a call
-    against 0.11 for the head-major (h, T, D) it returned before, plus the copy that saves."""
-    n, h, length, d = x.shape
-    return x.transpose(1, 2).reshape(n * length, h, d).index_select(0, index)
+def _unpad(x, index, n: int, length: int):
+    """(n * kv, length * group, D) -> (T, h, D) contiguous: the real rows back in row order,
+    token-major, so that transformers' reshape of the attention output to (1, T, h * D) is a view,
+    not a copy. Timed in alternating steps of one training run (finance CPU profile, the Zen 5 EPYC):
+    0.07 ms a call against 0.11 for a head-major (h, T, D), plus the copy that saves."""
+    rows, d = x.shape[1], x.shape[2]
+    kv, group = x.shape[0] // n, rows // length
+    return x.view(n, kv, length, group, d).transpose(1, 2).reshape(n * length, kv * group, d).index_select(0, index)
 
 
 @functools.cache
@@ -194,28 +213,42 @@ def _bmm_function():
             group = heads // kv
             index = torch.cat([torch.arange(s, device=q.device) + i * length for i, s in enumerate(sizes)])
             # Query heads of one KV head stacked along the rows: one matmul per (conversation, KV head).
-            Q = _pad(q, index, n, length).view(n * kv, group * length, d)
-            K = _pad(k, index, n, length).view(n * kv, length, d)
-            V = _pad(v, index, n, length).view(n * kv, length, d)
+            Q, K, V = _pad(q, index, n, length, kv), _pad(k, index, n, length, kv), _pad(v, index, n, length, kv)
             causal = torch.full((length, length), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)
+            causal = causal.repeat_interleave(group, 0)  # a row per (position, query head)
+            Ps, Os = [], []
             # In the inputs' dtype (the caller's choice), whatever an enclosing autocast would cast to.
             with torch.autocast(q.device.type, enabled=False):
-                P = torch.baddbmm(causal.repeat(group, 1), Q, K.transpose(1, 2), alpha=scale).softmax(-1)
-                O = torch.bmm(P, V)
-            ctx.save_for_backward(Q, K, V, P, O, index)
-            ctx.dims = (n, length, heads, kv, d, scale)
-            return _unpad(O.view(n, heads, length, d), index).unsqueeze(0)
+                for a, b in causal_blocks(length):
+                    rows = slice(a * group, b * group)
+                    P = torch.baddbmm(causal[rows, :b], Q[:, rows], K[:, :b].transpose(1, 2), alpha=scale).softmax(-1)
+                    Ps.append(P)
+                    Os.append(torch.bmm(P, V[:, :b]))
+            O = torch.cat(Os, 1) if len(Os) > 1 else Os[0]
+            ctx.save_for_backward(Q, K, V, O, index, *Ps)
+            ctx.dims = (n, length, group, scale)
+            return _unpad(O, index, n, length).unsqueeze(0)
 
         @staticmethod
         def backward(ctx, grad_out):
-            Q, K, V, P, O, index = ctx.saved_tensors
-            n, length, heads, kv, d, scale = ctx.dims
-            dO = _pad(grad_out.transpose(1, 2).to(O.dtype), index, n, length).view(O.shape)
-            dV = torch.bmm(P.transpose(1, 2), dO)
-            dS = torch.bmm(dO, V.transpose(1, 2)).sub_((dO * O).sum(-1, keepdim=True)).mul_(P)
-            dQ = torch.bmm(dS, K).mul_(scale)
-            dK = torch.bmm(dS.transpose(1, 2), Q).mul_(scale)
-            back = lambda x, h: _unpad(x.view(n, h, length, d), index).transpose(0, 1).unsqueeze(0)  # noqa: E731
-            return back(dQ, heads), back(dK, kv), back(dV, kv), None, None
+            Q, K, V, O, index, *Ps = ctx.saved_tensors
+            n, length, group, scale = ctx.dims
+            kv = Q.shape[0] // n
+            dO = _pad(grad_out.transpose(1, 2).to(O.dtype), index, n, length, kv)
+            delta = (dO * O).sum(-1, keepdim=True)  # rowsum(dO∘O), the softmax's backward term
+            dQs, dK, dV = [], None, None
+            # The last block sees every key: it writes dK and dV whole, the earlier ones add to their heads.
+            for (a, b), P in reversed(list(zip(causal_blocks(length), Ps))):
+                rows = slice(a * group, b * group)
+                dS = torch.bmm(dO[:, rows], V[:, :b].transpose(1, 2)).sub_(delta[:, rows]).mul_(P)
+                dQs.append(torch.bmm(dS, K[:, :b]))
+                if dV is None:
+                    dV, dK = torch.bmm(P.transpose(1, 2), dO[:, rows]), torch.bmm(dS.transpose(1, 2), Q[:, rows])
+                else:
+                    dV[:, :b].baddbmm_(P.transpose(1, 2), dO[:, rows])
+                    dK[:, :b].baddbmm_(dS.transpose(1, 2), Q[:, rows])
+            dQ = (torch.cat(dQs[::-1], 1) if len(dQs) > 1 else dQs[0]).mul_(scale)
+            back = lambda x: _unpad(x, index, n, length).transpose(0, 1).unsqueeze(0)  # noqa: E731
+            return back(dQ), back(dK.mul_(scale)), back(dV), None, None
 
     return PaddedBatchAttention
