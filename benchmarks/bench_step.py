@@ -38,7 +38,7 @@ STEPS, WARMUP, PLAIN = 9, 2, 3
 GEMMS = {"aten::mm", "aten::addmm", "aten::addmm_"}
 # In the recipe's step only the bmm attention kernel runs batched matmuls and a softmax (the LM head's
 # softmax is written out over vocabulary-wide rows): attention, not base GEMMs.
-ATTENTION_OPS = {"aten::bmm", "aten::baddbmm", "aten::_softmax"}
+ATTENTION_OPS = {"aten::bmm", "aten::baddbmm", "aten::baddbmm_", "aten::_softmax"}
 # oneDNN's product with a pre-packed weight (toolkit.core.packed_linear): x (..., K) by W (N, K).
 LINEARS = {"mkldnn::_linear_pointwise"}
 PARTS = ("base GEMMs", "LoRA rank-r products", "LM head", "attention", "other operators", "outside operators")
