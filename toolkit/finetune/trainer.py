@@ -157,6 +157,7 @@ def _train(rec, overrides, stage: Path, runs: Path, dev, dtype, train_ex, eval_e
     from toolkit.finetune import cpu_lm_head, packed_attention
     from toolkit.finetune.fused_lora import fused_on_cpu
     from toolkit.finetune.fused_norm import fused_norms_on_cpu
+    from toolkit.finetune.fused_rope import fused_rope_on_cpu
     from toolkit.finetune.callbacks import InterruptCallback, MetricsCallback, ProgressCallback, SkipLastEval
     from toolkit.finetune.plan import report_ends
     from toolkit.finetune.trl_compat import lean_lm_head_on_cpu, packing_plan
@@ -259,7 +260,8 @@ def _train(rec, overrides, stage: Path, runs: Path, dev, dtype, train_ex, eval_e
         interrupt.install()
         try:
             with (lean_lm_head_on_cpu(dev, announce), fused_on_cpu(trainer.model, dev, announce),
-                  fused_norms_on_cpu(trainer.model, dev), packed, sdpa_backends.kept_to(sdpa_names)):
+                  fused_norms_on_cpu(trainer.model, dev), fused_rope_on_cpu(trainer.model, dev), packed,
+                  sdpa_backends.kept_to(sdpa_names)):
                 result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         finally:
             interrupt.uninstall()
