@@ -301,8 +301,9 @@ def test_held_out_loss_projects_labelled_positions_and_prompts_only_their_last()
 def test_report_time_counts_batched_decoding_steps():
     """The report's answers cost steps (16 prompts a batch a side). On a GPU each is a host step, half
     of them QLoRA's base side (adapter off) and half its fine-tuned side (unmerged). On a CPU both
-    sides run in one generation (32 rows a step), each step the longer of its measured per-layer
-    cost and a read of the weights; after a full fine-tune the sides run apart."""
+    sides run in one generation (32 rows a step), each step its measured per-layer host work plus the
+    longer of its rows' matmuls and a read of the weights; after a full fine-tune the sides run apart
+    (16 rows a step), and a smaller batch of prompts makes smaller steps."""
     from toolkit.estimate.catalog import CATALOG
     from toolkit.estimate.planner import estimate
     from toolkit.estimate.timeplan import Rates, time_fields
@@ -323,13 +324,25 @@ def test_report_time_counts_batched_decoding_steps():
     sides = T.cuda_decode_step_seconds(m, "answers 4-bit base") + T.cuda_decode_step_seconds(m, "answers 4-bit")
     assert report_s(gpu) == pytest.approx(192 * sides, abs=0.1)
     assert T.cuda_decode_step_seconds(m, "answers 4-bit base") < T.cuda_decode_step_seconds(m, "answers 4-bit")
-    step = max(T.cpu_answers_step_seconds(m), est.components["weights"] / 20e9)
-    assert report_s(cpu) == pytest.approx(192 * step, abs=0.1)
+    # By hand: a row's forward at the bf16 efficiency, and a forward's third of the elementwise passes
+    # (glibc's count) at 40 GB/s.
+    f = T.forward_flops_per_token(m, 512)
+    row = sum(f.values()) / (1e12 * 0.865) + 51 * 16 * (2048 + 8192) * 4 / 40e9 / 3
+    host = T.cpu_answers_step_seconds(m)
+    assert host == pytest.approx(16 * 0.0017)
+    assert 32 * row > est.components["weights"] / 20e9  # 32 rows of Llama-3.2-1B: the matmuls, not the read
+    assert report_s(cpu) == pytest.approx(192 * (host + 32 * row), abs=0.1)
     full = estimate(m, "full", seq_len=512, batch=8)
-    assert report_s(cpu, full) == pytest.approx(384 * max(T.cpu_answers_step_seconds(m),
-                                                          full.components["weights"] / 20e9), abs=0.1)
+    assert report_s(cpu, full) == pytest.approx(384 * (host + max(16 * row, full.components["weights"] / 20e9)),
+                                                abs=0.1)
     slow_read = Rates("cpu", 1e12, 1e9, "test", "bfloat16")
-    assert report_s(slow_read) == pytest.approx(192 * est.components["weights"] / 1e9, abs=0.1)
+    assert report_s(slow_read) == pytest.approx(192 * (host + est.components["weights"] / 1e9), abs=0.1)
+    few = dataclasses.replace(run, report_answer_rows=4.0)
+    few_s = (time_fields(m, est, cpu, targets=("q_proj",), run=few)["train_wall_s"]
+             - time_fields(m, est, cpu, targets=("q_proj",), run=no_report)["train_wall_s"])
+    assert few_s == pytest.approx(192 * (host + max(8 * row, est.components["weights"] / 20e9)), abs=0.1)
+    slow_cpu = Rates("cpu", 1e11, 20e9, "test", "bfloat16")  # a tenth of the rate: the matmuls grow tenfold
+    assert report_s(slow_cpu) > 5 * report_s(cpu)
     loop = time_fields(m, est, gpu, targets=("q_proj",))["decode_tokens_per_s"]
     assert loop == pytest.approx(1 / T.cuda_decode_step_seconds(m, "loop"), rel=1e-3)
 

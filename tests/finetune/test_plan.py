@@ -86,6 +86,10 @@ def test_run_shape_counts_steps_and_tokens():
     # the report's answers go 16 prompts a batch: 24 questions are 2 batches of 96 steps, base and tuned
     assert (gpu.eval.generation_samples, gpu.eval.max_new_tokens) == (24, 96) and g.report_decode_steps == 2 * 2 * 96
     assert r.report_decode_steps == 2 * math.ceil(cpu.eval.generation_samples / 16) * cpu.eval.max_new_tokens
+    # rows a side in a batch, on average: the 24 questions make two batches of 12, the CPU's 16 one of 16
+    assert (g.report_answer_rows, r.report_answer_rows) == (12.0, 16.0)
+    few = run_shape(recipe.load(FINANCE, ["eval.generation_samples=5"], gpu=False))
+    assert few.report_answer_rows == 5.0
     nopack = run_shape(recipe.load(FINANCE, ["data.packing=false"], gpu=True))
     assert nopack.tokens_per_step < g.tokens_per_step
 

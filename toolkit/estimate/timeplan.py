@@ -200,9 +200,12 @@ def time_fields(m, est, rates: Rates, *, targets: tuple[str, ...], labelled_frac
                                for side in sides)
             else:
                 # Both sides in one generation (scoring.paired_greedy_answers), except after a full
-                # fine-tune, whose base is loaded again and answers apart.
-                steps = run.report_decode_steps if est.task == "full" else run.report_decode_steps / 2
-                report_s = steps * max(weight_s, T.cpu_answers_step_seconds(m))
+                # fine-tune, whose base is loaded again and answers apart. A step's matmuls are those of
+                # a prefill of its rows, overlapping the read of the weights; its host work adds to both.
+                apart = est.task == "full"
+                steps = run.report_decode_steps if apart else run.report_decode_steps / 2
+                rows = run.report_answer_rows * (1 if apart else 2)
+                report_s = steps * (T.cpu_answers_step_seconds(m) + max(weight_s, prefill(rows, fwd)))
             # The process's start-up, imports, loading and set-up (STARTUP_SECONDS, measured on the finance
             # recipe's small models), plus reading the weights and (QLoRA) quantizing them, a few passes
             # over the bytes, which grows with the model.

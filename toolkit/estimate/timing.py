@@ -118,12 +118,20 @@ CUDA_DECODE_SECONDS_PER_LAYER = {"loop": 0.00071, "answers": 0.00078, "answers 4
 CPU_DECODE_SECONDS_PER_LAYER = {"transformers": 0.00022, "llama.cpp": 0.00011}
 # The report's answers on a CPU: both sides in one generation (`scoring.paired_greedy_answers`: the
 # 16 prompts of a batch twice, 32 rows a step, the adapter masked on the base rows), transformers'
-# `generate`. A step of 32 rows costs far more than reading the weights: 60-73 ms on the Zen 5 EPYC
-# (2 cores) in bf16 and 70-73 ms in fp32, whose weights take twice as long to read (embedded
-# SmolLM2-135M, 30 layers, the finance recipe's last run, 71 decoding steps after a 32 x 75-token
-# prefill, 7 and 3 runs; 2026-12-05 03:2x UTC): ~2.3 ms a layer, the step the longer of this and the read.
-# The time model had priced each answer token as a read of the weights, 2.8x the measured 6.0 s.
-CPU_ANSWERS_SECONDS_PER_LAYER = 0.0023
+# `generate`. A step costs its rows' matmuls (priced as a prefill of that many tokens, overlapping the
+# read of the weights) plus per-layer host work that neither counts: Python, dispatch, the masked LoRA
+# products, the KV cache's concatenations. Measured steps (embedded SmolLM2-135M, 30 layers, the
+# finance recipe's last run, 71 decoding steps after a 32 x 75-token prefill):
+# - Zen 5 EPYC (2 cores; 2026-12-05 03:2x UTC, 7 and 3 runs; calibrated 1058 GFLOP/s bf16, 560 fp32
+#   pre-packed at 03:35): bf16 60-73 ms a step, fp32 70-73; less their matmuls (13 / 24 ms priced),
+#   1.77 / 1.59 ms a layer.
+# - Zen 4 EPYC (family 25 model 17, 2 cores; 2026-12-05 23:3x UTC, 2 runs each; 433 bf16, 229 fp32):
+#   bf16 106-108 ms, fp32 118-134; less their matmuls (28 / 49 ms), 2.6-2.8 ms a layer: this guest's
+#   host work is ~1.5x the Zen 5's, which no calibrated rate follows (docs/estimate.md).
+# The constant is the Zen 5's, the machine the other CPU constants come from. Before the matmul term, a
+# step was priced at the longer of 2.3 ms a layer and the read, whatever the CPU's rate: Llama-3.2-1B's
+# 32-row step (~80 GFLOP, ~0.2 s at the Zen 4's bf16 rate) read as ~0.1 s at 24 GB/s.
+CPU_ANSWERS_SECONDS_PER_LAYER = 0.0017
 # A `toolkit finetune` process's time outside training, the in-training evals and the report: Python's
 # start-up (on a CPU twice: `allocator.relaunch` restarts it under tcmalloc or glibc's huge pages), the imports
 # (torch, transformers, PEFT, TRL; on a GPU bitsandbytes and CUDA's initialisation), finding and loading
@@ -275,8 +283,8 @@ def cpu_decode_step_seconds(m, backend: str) -> float:
 
 
 def cpu_answers_step_seconds(m) -> float:
-    """A CPU step of the report's paired answers, 32 rows (CPU_ANSWERS_SECONDS_PER_LAYER): per layer x
-    layers. The step takes the longer of this and reading the weights."""
+    """The host work of a CPU step of the report's answers (CPU_ANSWERS_SECONDS_PER_LAYER): per layer x
+    layers. The step adds to it the longer of its rows' matmuls and reading the weights."""
     return CPU_ANSWERS_SECONDS_PER_LAYER * m.layers
 
 

@@ -62,6 +62,8 @@ class RunShape:
     # report: decoding steps of those answers, batched ANSWER_BATCH prompts at a time a side (a step
     # costs more than a row on either device: timeplan prices steps)
     report_decode_steps: int = 0
+    # report: the prompts a side in one of those batches, on average (a CPU step's matmuls grow with them)
+    report_answer_rows: float = 16.0
 
 
 # Bytes of a JSONL data file per trained-on token: the finance train file is 261,817 bytes for
@@ -109,6 +111,7 @@ def run_shape(recipe) -> RunShape:
         seqs = math.ceil(tok_train / d.max_seq_len) if d.packing else n_train
         steps = max(1, math.ceil(t.epochs * math.ceil(seqs / (t.batch_size * t.grad_accum))))
     eval_rounds = eval_tokens = prompts = report = decode_steps = 0
+    rows = float(ANSWER_BATCH)
     if d.eval:
         n_eval, tok_eval, shared = _file_stats(source_path(recipe, d.eval))
         if n_eval:
@@ -119,9 +122,10 @@ def run_shape(recipe) -> RunShape:
                 asked = min(n_eval, e.generation_samples)
                 prompts = 2 * asked * tok_eval // n_eval
                 decode_steps = 2 * math.ceil(asked / ANSWER_BATCH) * e.max_new_tokens
+                rows = asked / math.ceil(asked / ANSWER_BATCH) if asked else rows
                 # the shared prefix is run apart only when it is unlabelled (completion-only loss)
                 report = 2 * max(0, tok_eval - n_eval * (shared if d.completion_only_loss else 0))
-    return RunShape(steps, tokens_per_step, eval_rounds, eval_tokens, prompts, report, decode_steps)
+    return RunShape(steps, tokens_per_step, eval_rounds, eval_tokens, prompts, report, decode_steps, rows)
 
 
 def report_ends(eval_cfg) -> bool:
