@@ -204,6 +204,46 @@ def test_adapter_rows_give_base_and_adapter_rows_in_one_batch(tiny):
             dropped(input_ids=ids)
 
 
+def test_adapter_rows_decoding_outside_autograd_equals_the_autograd_path_in_bf16(tiny):
+    """Decoding a paired batch (no gradient) runs the product outside autograd with the mask and the
+    fp32 adapter's bf16 casts made once for the block: the same logits, to the bit, as the autograd
+    path of the same rows (gradient on) in the bf16 CPU run's mix; each row within bf16 rounding of
+    the base and the adapter run alone; the casts are made once per weight, not per call."""
+    from toolkit.finetune import fused_lora
+
+    model = _peft(tiny).eval()
+    for p in model.parameters():
+        if not p.requires_grad:
+            p.data = p.data.bfloat16()
+    ids = torch.randint(0, model.config.vocab_size, (1, 10), generator=torch.Generator().manual_seed(3))
+    rows = torch.tensor([1, 0, 0, 1])
+    casts = []
+    real_cast = fused_lora._Rows.cast
+
+    def counted(self, weight, dtype):
+        casts.append((id(weight), len(self._casts)))
+        return real_cast(self, weight, dtype)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16), fused_lora.fused_on_cpu(model, "cpu") as n:
+        with fused_lora.adapter_rows(model, rows):
+            grad_path = model(input_ids=ids.repeat(4, 1)).logits.detach()
+        with torch.no_grad(), fused_lora.adapter_rows(model, rows), \
+                pytest.MonkeyPatch.context() as mp:
+            mp.setattr(fused_lora._Rows, "cast", counted)
+            fast = model(input_ids=ids.repeat(4, 1)).logits
+            again = model(input_ids=ids.repeat(4, 1)).logits
+        with torch.no_grad():
+            tuned = model(input_ids=ids).logits[0]
+            with model.disable_adapter():
+                base = model(input_ids=ids).logits[0]
+    assert torch.equal(fast, grad_path) and torch.equal(again, fast)
+    assert len(casts) == 2 * 2 * n and len({w for w, _ in casts}) == 2 * n  # A and B, two forwards
+    assert max(k for _, k in casts) == 2 * n  # the second forward made no new cast
+    for row, ref in zip(fast, (tuned, base, base, tuned)):
+        torch.testing.assert_close(row.float(), ref.float(), rtol=3e-2, atol=3e-2)
+    assert (tuned - base).abs().max() > 0.1
+
+
 def test_one_layer_backward_accumulates_the_input_gradient_in_the_gemm(tiny):
     """A fused layer is one autograd node whose backward folds the adapter's share of x's gradient
     into g @ W (PEFT's graph adds the two M x K gradients): same gradients, no input-sized add."""

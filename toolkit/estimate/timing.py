@@ -128,7 +128,10 @@ CPU_DECODE_SECONDS_PER_LAYER = {"transformers": 0.00022, "llama.cpp": 0.00011}
 # - Zen 4 EPYC (family 25 model 17, 2 cores; 2026-12-05 23:3x UTC, 2 runs each; 433 bf16, 229 fp32):
 #   bf16 106-108 ms, fp32 118-134; less their matmuls (28 / 49 ms), 2.6-2.8 ms a layer: this guest's
 #   host work is ~1.5x the Zen 5's, which no calibrated rate follows (docs/estimate.md).
-# The constant is the Zen 5's, the machine the other CPU constants come from. Before the matmul term, a
+# The constant is the Zen 5's, the machine the other CPU constants come from. All of the above predates
+# the paired decode's products leaving autograd (`fused_lora._Rows`, 2026-12-05): on the Zen 4, in
+# alternating runs, that cut a bf16 step from 104-112 to 97 ms and an fp32 one from 133-151 to 106-115,
+# so on the Zen 5 this term may now read high by up to a sixth. Before the matmul term, a
 # step was priced at the longer of 2.3 ms a layer and the read, whatever the CPU's rate: Llama-3.2-1B's
 # 32-row step (~80 GFLOP, ~0.2 s at the Zen 4's bf16 rate) read as ~0.1 s at 24 GB/s.
 CPU_ANSWERS_SECONDS_PER_LAYER = 0.0017
