@@ -125,7 +125,7 @@ CPU_DECODE_SECONDS_PER_LAYER = {"transformers": 0.00022, "llama.cpp": 0.00011}
 # - Zen 5 EPYC (2 cores; 2026-12-05 03:2x UTC, 7 and 3 runs; calibrated 1058 GFLOP/s bf16, 560 fp32
 #   pre-packed at 03:35): bf16 60-73 ms a step, fp32 70-73; less their matmuls (13 / 24 ms priced),
 #   1.77 / 1.59 ms a layer.
-# - Zen 4 EPYC (family 25 model 17, 2 cores; 2026-12-05 23:3x UTC, 2 runs each; 433 bf16, 229 fp32):
+# - Zen 4 EPYC (family 25 model 17, 2 cores; 2026-12-05 23:1x UTC, 2 runs each; 433 bf16, 229 fp32):
 #   bf16 106-108 ms, fp32 118-134; less their matmuls (28 / 49 ms), 2.6-2.8 ms a layer: this guest's
 #   host work is ~1.5x the Zen 5's, which no calibrated rate follows (docs/estimate.md).
 # The constant is the Zen 5's, the machine the other CPU constants come from. All of the above predates

@@ -75,8 +75,8 @@ def _fused_classes() -> dict:
             x2 = x.reshape(-1, x.shape[-1])
             if rows is not None and not torch.is_grad_enabled():
                 # A paired batch's decoding (no gradient): the shared mask and the adapter's cast
-                # weights are made once for the block, and the product runs outside autograd, whose
-                # per-call cost was ~a fifth of a decoding step (docs/cpu-training.md, ninth session).
+                # weights are made once for the block, and the product runs outside autograd: with the
+                # per-call mask and casts, 6-25% of a decoding step (docs/cpu-training.md, ninth session).
                 mask = rows.mask(len(x2), x.dtype)
                 a_x, b_x = rows.cast(a, x2.dtype), rows.cast(b, x2.dtype)
                 out = _lora_product(x2, base, a_x, b_x, self.scaling[key], mask)[0]
