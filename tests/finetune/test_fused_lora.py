@@ -244,6 +244,23 @@ def test_adapter_rows_decoding_outside_autograd_equals_the_autograd_path_in_bf16
     assert (tuned - base).abs().max() > 0.1
 
 
+def test_without_a_gradient_a_fused_call_skips_autograd_with_the_same_numbers(tiny, monkeypatch):
+    """An evaluation under no_grad (no paired rows) takes the product outside autograd: the same
+    logits, to the bit, as the autograd path, and no LoraMatmul call."""
+    from toolkit.finetune import fused_lora
+
+    model = _peft(tiny).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(4))
+    with fused_lora.fused_on_cpu(model, "cpu") as n:
+        grad_path = model(input_ids=ids).logits.detach()
+        applied = []
+        real = fused_lora._lora_matmul()
+        monkeypatch.setattr(real, "apply", lambda *a: applied.append(1) or real.forward(None, *a))
+        with torch.no_grad():
+            fast = model(input_ids=ids).logits
+    assert n > 0 and not applied and torch.equal(fast, grad_path)
+
+
 def test_one_layer_backward_accumulates_the_input_gradient_in_the_gemm(tiny):
     """A fused layer is one autograd node whose backward folds the adapter's share of x's gradient
     into g @ W (PEFT's graph adds the two M x K gradients): same gradients, no input-sized add."""

@@ -34,8 +34,8 @@ AVX512-BF16), that layer is left to it. On the finance CPU profile with QLoRA (Z
 
 The report's greedy answers use the same layers with `adapter_rows`: base and fine-tuned rows in
 one batch, the adapter's product masked on the base rows (QLoRA's too, now that its layers fuse).
-Without a gradient they skip autograd: the block makes the mask and the adapter's cast weights once,
-and each layer calls the product directly (the same numbers; on the Zen 4 EPYC a 32-row decoding step
+Without a gradient every fused call skips autograd, and a paired block makes the mask and the adapter's
+cast weights once: each layer calls the product directly (the same numbers; on the Zen 4 EPYC a 32-row decoding step
 of the finance report took 97 against 104-112 ms in bf16, 106-115 against 133-151 in fp32).
 """
 
@@ -73,17 +73,16 @@ def _fused_classes() -> dict:
                 return super().forward(x, *args, **kwargs)
             base, a, b = self.base_layer, self.lora_A[key].weight, self.lora_B[key].weight
             x2 = x.reshape(-1, x.shape[-1])
-            if rows is not None and not torch.is_grad_enabled():
-                # A paired batch's decoding (no gradient): the shared mask and the adapter's cast
-                # weights are made once for the block, and the product runs outside autograd: with the
-                # per-call mask and casts, 6-25% of a decoding step (docs/cpu-training.md, ninth session).
-                mask = rows.mask(len(x2), x.dtype)
-                a_x, b_x = rows.cast(a, x2.dtype), rows.cast(b, x2.dtype)
-                out = _lora_product(x2, base, a_x, b_x, self.scaling[key], mask)[0]
-                return out.view(*x.shape[:-1], out.shape[-1])
             # A paired batch: the adapter's product zeroed on its base rows (one 0/1 per token).
             mask = None if rows is None else rows.mask(len(x2), x.dtype)
-            out = _lora_matmul().apply(x2, base, a, b, self.scaling[key], mask)
+            if torch.is_grad_enabled():
+                out = _lora_matmul().apply(x2, base, a, b, self.scaling[key], mask)
+            else:
+                # No gradient (decoding, evaluation): the product runs outside autograd, and a paired
+                # batch's cast weights are made once for its block; with the per-call mask and casts,
+                # 6-25% of the report's decoding step (docs/cpu-training.md, ninth session).
+                cast = (lambda w: w.to(x2.dtype)) if rows is None else (lambda w: rows.cast(w, x2.dtype))
+                out = _lora_product(x2, base, cast(a), cast(b), self.scaling[key], mask)[0]
             return out.view(*x.shape[:-1], out.shape[-1])
 
         def fused_key(self, x, args, kwargs):
