@@ -54,6 +54,16 @@ def _utf8_when_redirected() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # A Ctrl-C while the command line loads (its subcommands' imports, parsing: ~0.1 s) stops as one
+    # during the command does, not with a traceback and death by SIGINT (exit -2 to a caller).
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     if argv is None:  # the process's own streams, not a caller's
         _utf8_when_redirected()
     parser = build_parser()
@@ -72,9 +82,6 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
     except BrokenPipeError:
         if argv is not None:
             raise
