@@ -6,7 +6,8 @@ format), so replies end at the model's end-of-turn token. Any OpenAI client work
   toolkit serve runs/latest/gguf/finance-...-q4_k_m.gguf --port 8000
   python -c "import openai; c = openai.OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='x'); ..."
 
-Endpoints: /v1/chat/completions (streaming too), /v1/completions, /v1/models, /health, /docs. Requests are
+Endpoints: /v1/chat/completions (streaming too, with token usage at the end where a request sets
+`stream_options: {"include_usage": true}`), /v1/completions, /v1/models, /health, /docs. Requests are
 served one at a time, in turn; a malformed one gets HTTP 400 naming the field.
 """
 
@@ -117,8 +118,10 @@ def run(args) -> int:
     # stream short with no finish_reason: requests wait for the model instead, as llama-server's
     # single slot and Ollama queue them.
     server = ServerSettings(host=args.host, port=args.port, api_key=args.api_key, interrupt_requests=False)
+    from toolkit.commands import serve_usage
     from toolkit.commands.serve_requests import RequestChecks
 
+    serve_usage.install()
     app = RequestChecks(create_app(server_settings=server, model_settings=[model]), path.stem)
     print(f"serving {path.name} as model {path.stem!r} on http://{args.host}:{args.port}/v1 "
           f"(EOS {meta['eos_token']!r}, chat format {chat_format or 'guessed'}); Ctrl-C stops", flush=True)

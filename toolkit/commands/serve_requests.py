@@ -8,6 +8,7 @@ choice for `n: 2`, and fails on OpenAI's list-of-parts `content`. Here those bec
 are joined into the string the GGUF's chat template expects. The request's schema is upstream's
 (`llama_cpp.server.types`), not written again. It also answers `/health` (llama-server's liveness
 route, for a container's health check) and `/v1/embeddings` with 501, where upstream fails with a 500.
+A stream that asks for `stream_options.include_usage` ends with OpenAI's usage chunk (`serve_usage`).
 """
 
 from __future__ import annotations
@@ -48,9 +49,31 @@ def checked_body(path: str, body: bytes, model_alias: str) -> bytes:
         data["prompt"] = prompt
     if data.get("n", 1) not in (1, None):
         raise BadRequest(f"n: only 1 choice a request is served, got {data['n']!r}", "n")
+    _check_stream_options(data)
     data.setdefault("model", model_alias)
     _validate(path, data)
     return json.dumps(data).encode()
+
+
+def _check_stream_options(data: dict) -> None:
+    """OpenAI's `stream_options` (`{"include_usage": bool}`), allowed only with `stream: true`, as its API rules."""
+    options = data.get("stream_options")
+    if options is None:
+        return
+    if not isinstance(options, dict):
+        raise BadRequest("stream_options: must be an object such as {\"include_usage\": true}", "stream_options")
+    if data.get("stream") is not True:
+        raise BadRequest("stream_options: only allowed when stream is true", "stream_options")
+    usage = options.get("include_usage", False)
+    if not isinstance(usage, bool):
+        raise BadRequest(f"stream_options.include_usage: must be true or false, got {usage!r}",
+                         "stream_options.include_usage")
+
+
+def usage_wanted(body: bytes) -> bool:
+    """Whether a checked request body asks for the stream's closing usage chunk (`serve_usage`)."""
+    data = json.loads(body)
+    return bool(data.get("stream") is True and (data.get("stream_options") or {}).get("include_usage"))
 
 
 def _text_content(message, i: int):
@@ -125,7 +148,13 @@ class RequestChecks:
 
         headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-length"]
         headers.append((b"content-length", str(len(body)).encode()))
-        await self.app({**scope, "headers": headers}, replay, send)
+        from toolkit.commands.serve_usage import WANTED
+
+        token = WANTED.set(usage_wanted(body))  # the stream's tasks and worker threads inherit it
+        try:
+            await self.app({**scope, "headers": headers}, replay, send)
+        finally:
+            WANTED.reset(token)
 
 
 async def _error(send, message: str, param: str | None) -> None:
