@@ -48,6 +48,21 @@ def test_streamed_text_completion_usage_and_none_unasked(server):
     assert text == whole.choices[0].text
     assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == whole.usage.model_dump()
 
+    # On the wire, as OpenAI sends it: "usage": null on every chunk before the count, then [DONE].
+    import json
+    import urllib.request
+
+    request = urllib.request.Request(f"{str(client.base_url).rstrip('/')}/completions", method="POST",
+                                     headers={"Content-Type": "application/json"},
+                                     data=json.dumps({**kwargs, "stream": True,
+                                                      "stream_options": {"include_usage": True}}).encode())
+    with urllib.request.urlopen(request, timeout=120) as r:
+        events = [line[len("data: "):] for line in r.read().decode().splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    wire = [json.loads(e) for e in events[:-1]]
+    assert all("usage" in c and c["usage"] is None and c["choices"] for c in wire[:-1])
+    assert wire[-1]["choices"] == [] and wire[-1]["usage"] == whole.usage.model_dump(exclude_none=True)
+
     # Not asked (or asked not to): no usage chunk, every chunk has its choice, as before.
     for options in (None, {"include_usage": False}):
         extra = {} if options is None else {"stream_options": options}

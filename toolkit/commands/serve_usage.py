@@ -10,8 +10,8 @@ for `toolkit serve` only, three public `Llama` methods are wrapped (`install`):
   (its non-streamed `usage` counts them so, and the server test checks the two agree).
 - `create_chat_completion` / `create_completion`, where the request asked (`WANTED`, set by
   `serve_requests.RequestChecks` for the request) and `stream` is true, end the stream with one more
-  chunk: `choices: []` and `usage`, as OpenAI's API sends it. The other chunks are upstream's as they
-  are (OpenAI adds `"usage": null` to each; clients read the last).
+  chunk: `choices: []` and `usage`, and the chunks before it carry `"usage": null`, as OpenAI's API
+  sends them.
 
 Requests are served one at a time (`interrupt_requests=False`, the server's lock held for a whole
 stream), so the last generation on a model is the stream's own.
@@ -108,7 +108,7 @@ def _then_usage(llama, chunks):
     last = None
     for chunk in chunks:
         last = chunk
-        yield chunk
+        yield {**chunk, "usage": None}  # as OpenAI's API marks the chunks before the count
     generation = getattr(llama, _LAST, None)
     if last is not None and generation is not None:
         yield usage_chunk(last, counts(generation, functools.partial(_is_eog, llama)))
