@@ -1,7 +1,9 @@
 """Chat with a model, in the terminal or (--ui) in a Gradio web app.
 
-  toolkit chat --model embedded                 terminal chat
-  toolkit chat --ui --model runs/latest         web chat on http://127.0.0.1:7860
+  toolkit chat                                  terminal chat with the embedded model
+  toolkit chat runs/latest --ui                 web chat on http://127.0.0.1:7860
+
+MODEL (first, or --model) is `embedded` (the default), an HF id or folder, a run folder, or a .gguf.
 
 A fine-tuned model (a run folder, or a GGUF it was exported to) chats with the system prompt it
 was trained with (the recipe's data.system_prompt) unless --system is given (--system "": the chat
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from toolkit.commands.model_argument import add_model_argument, model_of
 from toolkit.core.errors import UserError
 from toolkit.decoding.fields import field_named
 from toolkit.decoding.flags import add_decoding_arguments, config_from_args
@@ -27,7 +30,7 @@ COMMANDS = "/quit, /reset, /system TEXT, /set key=value, /preset NAME, /retry, /
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", "-m", default="embedded", help="embedded | HF id | folder | run folder | .gguf")
+    add_model_argument(parser)
     parser.add_argument("--system", help="system prompt (default: the one a fine-tuned model was trained with; "
                                           "\"\": the template's own)")
     parser.add_argument("--n-ctx", type=int, default=None,
@@ -44,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     check_n_ctx(args.n_ctx)
+    args.model = model_of(args)
     if args.ui:
         from toolkit.commands.serve import check_port_free
         from toolkit.core.models import resolve

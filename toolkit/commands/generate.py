@@ -1,10 +1,10 @@
 """Generate a reply (or a raw continuation) from any model with any decoding settings.
 
-  toolkit generate --model embedded --prompt "What is QLoRA?"
-  toolkit generate --model runs/latest --prompt "..." --preset balanced --seed 1
+  toolkit generate --prompt "What is QLoRA?"
+  toolkit generate runs/latest --prompt "..." --preset balanced --seed 1
   toolkit generate --model exports/x/model-q8_0.gguf --prompt "..." --strategy beam --num-beams 4 --json
 
-MODEL is `embedded`, an HF id or folder, a run folder (base + LoRA adapter), or a .gguf (run by
+MODEL (first, or --model) is `embedded` (the default), an HF id or folder, a run folder (base + LoRA adapter), or a .gguf (run by
 llama.cpp). The chat template is applied unless --raw, with the system prompt a fine-tuned model
 was trained with (the recipe's data.system_prompt) unless --system is given (--system "": the chat
 template's own default). Text streams to stdout as it is decoded; --json prints one object
@@ -17,12 +17,13 @@ import argparse
 import json
 import sys
 
+from toolkit.commands.model_argument import add_model_argument, model_of
 from toolkit.core.errors import UserError
 from toolkit.decoding.flags import add_decoding_arguments, config_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", "-m", default="embedded", help="embedded | HF id | folder | run folder | .gguf")
+    add_model_argument(parser)
     parser.add_argument("--prompt", "-p", required=True, help="the user message (or raw text with --raw); - reads stdin")
     parser.add_argument("--system", help="system prompt (chat template only; default: the one a fine-tuned model "
                                           "was trained with; \"\": the template's own)")
@@ -36,6 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)  # validate before loading anything
+    args.model = model_of(args)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if not prompt.strip():
         raise UserError("--prompt is empty")
