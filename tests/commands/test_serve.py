@@ -125,6 +125,12 @@ def test_serves_the_trained_system_prompt_where_a_request_has_none(embedded_f16_
     seen = {}
     monkeypatch.setattr(server_app, "create_app", lambda **kw: seen.update(kw))
     monkeypatch.setattr(uvicorn, "run", lambda *a, **kw: None)
+    from toolkit.commands.serve_usage import METHODS
+
+    # `serve` wraps these for its process (serve_usage.install); put them back for the tests after this one.
+    for name in METHODS:
+        monkeypatch.setattr(Llama, name, getattr(Llama, name))
+    monkeypatch.setattr(Llama, "_toolkit_usage_installed", False, raising=False)
     port = socket.socket()
     port.bind(("127.0.0.1", 0))
     free = port.getsockname()[1]
