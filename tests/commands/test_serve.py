@@ -91,8 +91,8 @@ def test_port_in_use_is_found_on_windows(monkeypatch):
     assert f"cannot listen on 127.0.0.1:{port}" in error
 
 @pytest.mark.parametrize("flags, line", [
-    (["--threads", "-2"], "error: --threads -2: must be >= 1 (leave it out for half the cores)"),
-    (["--threads", "0"], "error: --threads 0: must be >= 1 (leave it out for half the cores)"),
+    (["--threads", "-2"], "error: --threads -2: must be >= 1 (leave it out for one per physical core)"),
+    (["--threads", "0"], "error: --threads 0: must be >= 1 (leave it out for one per physical core)"),
     (["--n-ctx", "-5"], "error: --n-ctx -5: must be a whole number >= 0 (0 = the model's own context window)"),
     (["--port", "99999"], "error: --port 99999: must be 1-65535"),
 ])

@@ -49,3 +49,26 @@ def test_the_cpu_is_named_by_its_cores_and_the_threads_this_process_may_use(monk
     monkeypatch.setattr(capability, "detect", lambda dev=None, use_torch=True: replace(laptop, physical_cores=16,
                                                                                          logical_cpus=2))
     assert hardware.cpu_memory().name == "CPU (2 cores)"
+
+
+def test_llama_cpp_runs_one_thread_per_physical_core_or_toolkit_threads(monkeypatch):
+    """llama.cpp's threads follow torch's decision (capability.threads): a 2-core VM without SMT gets 2
+    (it had 1: half the logical CPUs), an 8-core SMT desktop 8, a container allowed one CPU 1;
+    TOOLKIT_THREADS=N sets N for both."""
+    import pytest
+
+    from toolkit.core import capability
+    from toolkit.core.errors import UserError
+
+    monkeypatch.delenv("TOOLKIT_THREADS", raising=False)
+    seen = []
+    for physical, logical, want in ((2, 2, 2), (8, 16, 8), (16, 1, 1)):
+        record = capability.Capability("cpu", "x86", "avx2", physical_cores=physical, logical_cpus=logical)
+        monkeypatch.setattr(capability, "detect", lambda dev=None, use_torch=True, r=record: seen.append(dev) or r)
+        assert hardware.llama_threads() == want
+    assert seen == ["cpu"] * 3  # the CPU's record, also on a CUDA machine
+    monkeypatch.setenv("TOOLKIT_THREADS", "3")
+    assert hardware.llama_threads() == 3
+    monkeypatch.setenv("TOOLKIT_THREADS", "0")
+    with pytest.raises(UserError, match="TOOLKIT_THREADS must be a positive integer"):
+        hardware.llama_threads()

@@ -332,3 +332,22 @@ def test_llamacpp_kv_room_it_cannot_get_is_one_line(embedded_f16_gguf, monkeypat
         with pytest.raises(UserError, match="^no memory for a KV cache of .* lower --num-beams or --max-new-tokens$"):
             generate(small, ids, DecodingConfig(strategy="beam", num_beams=8, max_new_tokens=200))
         assert small.kv_cells == 256 and generate(small, ids, DecodingConfig(max_new_tokens=4)).new_tokens == 4
+
+
+def test_llamacpp_backend_and_verify_run_llama_threads(embedded_f16_gguf, monkeypatch):
+    """The decoding backend's context and `verify.open_gguf` run `hardware.llama_threads()` threads for
+    decoding and prompt batches, where llama-cpp-python's default decodes on half the logical CPUs."""
+    from toolkit.core import hardware
+    from toolkit.decoding.backends import load
+    from toolkit.export.verify import open_gguf
+
+    monkeypatch.setenv("TOOLKIT_THREADS", "3")
+    assert hardware.llama_threads() == 3
+    with load(str(embedded_f16_gguf), n_ctx=256) as backend:
+        assert (backend._params.n_threads, backend._params.n_threads_batch) == (3, 3)
+        assert backend.ctx is not None and generate(backend, backend.encode("Hi"), DecodingConfig(max_new_tokens=2)).new_tokens
+    llm = open_gguf(embedded_f16_gguf, n_ctx=256)
+    try:
+        assert (llm.context_params.n_threads, llm.context_params.n_threads_batch) == (3, 3)
+    finally:
+        llm.close()

@@ -20,7 +20,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--n-ctx", type=int, default=4096,
                         help="context window in tokens (default 4096; 0 = the model's own)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: half the cores)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: one per physical core)")
     parser.add_argument("--api-key", default=None, help="require this bearer token from clients")
 
 
@@ -84,10 +84,11 @@ def run(args) -> int:
     # ModelSettings would refuse these too, but as a pydantic traceback.
     check_n_ctx(args.n_ctx)
     if args.threads is not None and args.threads < 1:
-        raise UserError(f"--threads {args.threads}: must be >= 1 (leave it out for half the cores)")
+        raise UserError(f"--threads {args.threads}: must be >= 1 (leave it out for one per physical core)")
     check_port_free(args.host, args.port)
 
-    from toolkit.export.verify import GGUF_CHAT_FORMAT, gguf_metadata, llama_threads
+    from toolkit.core.hardware import llama_threads
+    from toolkit.export.verify import GGUF_CHAT_FORMAT, gguf_metadata
 
     try:
         meta = gguf_metadata(path)

@@ -201,17 +201,43 @@ def attention_choice(dev: str, dtype: str):
     return C.packed_attention(cap, dtype, calibration.load(cap))
 
 
+def _explicit_threads() -> int | None:
+    """TOOLKIT_THREADS=N as N (a UserError when not a positive integer), else None."""
+    explicit = os.environ.get("TOOLKIT_THREADS")
+    if explicit is None:
+        return None
+    if not explicit.isdigit() or int(explicit) < 1:
+        raise UserError(f"TOOLKIT_THREADS must be a positive integer; got {explicit!r}")
+    return int(explicit)
+
+
+def llama_threads() -> int:
+    """llama.cpp's threads, for decoding and prompt batches alike: TOOLKIT_THREADS=N, else one per
+    physical core within the CPUs this process may use, the decision torch's threads follow
+    (`capability.threads`) and llama.cpp's and Ollama's own default. It was half the logical CPUs
+    (and the decoding backend llama-cpp-python's default, the same), after two threads ran a 253-token
+    eval 5-10x slower than one on a 2-core guest while other jobs ran there: llama.cpp's threads spin
+    at barriers. On that guest idle (the Zen 4 EPYC, 2026-12-06; docs/export.md) two threads against one
+    served the first token 1.6-2.2x sooner and decoded 1.3-1.8x faster, and the toolkit's own decoding
+    steps ran 1.3-1.5x faster. On an SMT CPU half the logical CPUs were the physical cores already;
+    without SMT (most VMs) this doubles them."""
+    explicit = _explicit_threads()
+    if explicit is not None:
+        return explicit
+    from toolkit.core import capability as C
+
+    return C.threads(C.detect("cpu", use_torch=False))
+
+
 def apply_threads(dev: str) -> int:
     """Set torch's intra-op threads to one per physical core on CPU (SMT siblings only contend);
     returns the thread count in effect. TOOLKIT_THREADS=N sets N; an explicit OMP_NUM_THREADS is
     left to torch, which already follows it. Several local processes (accelerate) share the cores."""
     import torch
 
-    explicit = os.environ.get("TOOLKIT_THREADS")
+    explicit = _explicit_threads()
     if explicit is not None:
-        if not explicit.isdigit() or int(explicit) < 1:
-            raise UserError(f"TOOLKIT_THREADS must be a positive integer; got {explicit!r}")
-        want = int(explicit)
+        want = explicit
     elif dev.startswith("cuda") or os.environ.get("OMP_NUM_THREADS"):
         return torch.get_num_threads()
     else:

@@ -204,25 +204,18 @@ def hf_logits(model, ids):
     return out.logits[0].float().cpu().numpy()
 
 
-def llama_threads() -> int:
-    """Half the usable cores (at least 1). llama.cpp's threads spin at barriers: on a shared
-    2-core machine, 2 threads made a 253-token eval 5-10x slower than 1 thread (4.7-10 s vs
-    0.8-1.7 s measured while other jobs ran); leaving a core free costs little when idle."""
-    import os
-
-    return max(1, len(os.sched_getaffinity(0)) // 2) if hasattr(os, "sched_getaffinity") else 1
-
-
 def open_gguf(path, n_ctx: int = 1024, logits_all: bool = False):
     """A llama-cpp-python Llama on `path` using the GGUF's own chat template (never a guessed one)."""
     from llama_cpp import Llama
 
     from toolkit.core import signals
+    from toolkit.core.hardware import llama_threads
 
+    threads = llama_threads()
     with signals.held():  # loading logs through a Python callback, where a Ctrl-C would be dropped
         llm = Llama(
             model_path=str(path), n_ctx=n_ctx, logits_all=logits_all, verbose=False,
-            n_threads=llama_threads(), n_threads_batch=llama_threads(), seed=0,
+            n_threads=threads, n_threads_batch=threads, seed=0,
         )
     if "tokenizer.chat_template" in llm.metadata:
         llm.chat_format = GGUF_CHAT_FORMAT

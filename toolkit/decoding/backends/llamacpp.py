@@ -46,11 +46,14 @@ class LlamaCppBackend:
         # The Llama object gives us the model, tokenizer and metadata; its own context stays
         # minimal because decoding runs in the multi-sequence context built below.
         from toolkit.core import signals
+        from toolkit.core.hardware import llama_threads
 
+        # Without it llama-cpp-python decodes on half the logical CPUs: one of a 2-core VM's two.
+        threads = n_threads or llama_threads()
         try:
             with signals.held():  # loading logs through a Python callback, where a Ctrl-C would be dropped
-                self.llm = llama_cpp.Llama(model_path=gguf_path, n_ctx=64, n_batch=64, n_threads=n_threads,
-                                           verbose=False)
+                self.llm = llama_cpp.Llama(model_path=gguf_path, n_ctx=64, n_batch=64, n_threads=threads,
+                                           n_threads_batch=threads, verbose=False)
         except ValueError:  # the header read fine: an architecture or tensor type this llama.cpp lacks
             raise UserError(f"{gguf_path}: llama.cpp cannot load this GGUF (an architecture or tensor type "
                             "this llama-cpp-python does not support?)") from None
