@@ -231,3 +231,29 @@ def test_bad_requests_are_400_and_a_stream_is_not_cut_by_another_request(server)
         finishes += [c.finish_reason for c in chunk.choices if c.finish_reason]
     t.join(timeout=120)
     assert finishes == ["length"] and len(others) == 2
+
+
+def test_max_completion_tokens_is_the_limit_upstream_reads(server):
+    """OpenAI's newer name for a chat's limit: llama-cpp-python ignored it (no limit but the window)."""
+    import openai
+
+    client, (model,) = server
+    resp = client.chat.completions.create(model=model, messages=QUESTION, temperature=0, max_completion_tokens=5)
+    assert resp.choices[0].finish_reason == "length" and resp.usage.completion_tokens == 5
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.chat.completions.create(model=model, messages=QUESTION, max_completion_tokens=5, max_tokens=6)
+    assert "max_completion_tokens" in str(exc.value)
+
+
+@pytest.mark.parametrize("value", [0, -3, "ten", True, 2.5])
+def test_max_completion_tokens_must_be_a_positive_integer(value):
+    import json
+
+    from toolkit.commands.serve_requests import CHAT, BadRequest, checked_body
+
+    body = json.dumps({"messages": QUESTION, "max_completion_tokens": value}).encode()
+    with pytest.raises(BadRequest) as exc:
+        checked_body(CHAT, body, "m")
+    assert exc.value.param == "max_completion_tokens"
+    ok = json.loads(checked_body(CHAT, json.dumps({"messages": QUESTION, "max_completion_tokens": 9}).encode(), "m"))
+    assert ok["max_tokens"] == 9 and "max_completion_tokens" not in ok

@@ -8,7 +8,8 @@ choice for `n: 2`, and fails on OpenAI's list-of-parts `content`. Here those bec
 are joined into the string the GGUF's chat template expects. The request's schema is upstream's
 (`llama_cpp.server.types`), not written again. It also answers `/health` (llama-server's liveness
 route, for a container's health check) and `/v1/embeddings` with 501, where upstream fails with a 500.
-A stream that asks for `stream_options.include_usage` ends with OpenAI's usage chunk (`serve_usage`).
+A stream that asks for `stream_options.include_usage` ends with OpenAI's usage chunk (`serve_usage`), and
+a chat's `max_completion_tokens` is the `max_tokens` upstream reads.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ def checked_body(path: str, body: bytes, model_alias: str) -> bytes:
         if not isinstance(messages, list) or not messages:
             raise BadRequest("messages: a non-empty list of {role, content} messages is required", "messages")
         data["messages"] = [_text_content(m, i) for i, m in enumerate(messages)]
+        _max_completion_tokens(data)
     else:
         prompt = data.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1:
@@ -53,6 +55,22 @@ def checked_body(path: str, body: bytes, model_alias: str) -> bytes:
     data.setdefault("model", model_alias)
     _validate(path, data)
     return json.dumps(data).encode()
+
+
+def _max_completion_tokens(data: dict) -> None:
+    """OpenAI's `max_completion_tokens` (which its API now documents in place of the deprecated `max_tokens`)
+    as the `max_tokens` llama-cpp-python reads: it ignores the new name, and a client that sends only it got
+    no limit but the context window."""
+    if data.get("max_completion_tokens") is None:
+        data.pop("max_completion_tokens", None)
+        return
+    value = data.pop("max_completion_tokens")
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise BadRequest(f"max_completion_tokens: must be a positive integer, got {value!r}", "max_completion_tokens")
+    if data.get("max_tokens") not in (None, value):
+        raise BadRequest(f"max_completion_tokens: {value} and max_tokens: {data['max_tokens']!r} disagree; send one",
+                         "max_completion_tokens")
+    data["max_tokens"] = value
 
 
 def _check_stream_options(data: dict) -> None:
