@@ -257,3 +257,13 @@ def test_max_completion_tokens_must_be_a_positive_integer(value):
     assert exc.value.param == "max_completion_tokens"
     ok = json.loads(checked_body(CHAT, json.dumps({"messages": QUESTION, "max_completion_tokens": 9}).encode(), "m"))
     assert ok["max_tokens"] == 9 and "max_completion_tokens" not in ok
+
+
+def test_a_developer_message_is_a_system_message(server):
+    """OpenAI's newer name for the instructions' role is served as the chat template's system role: the
+    same prompt, so the same greedy answer and prompt tokens, where upstream's schema answered 400."""
+    client, (model,) = server
+    answers = [client.chat.completions.create(model=model, temperature=0, max_tokens=24, messages=[
+        {"role": role, "content": "Answer in one short sentence."}, *QUESTION]) for role in ("system", "developer")]
+    assert answers[0].choices[0].message.content == answers[1].choices[0].message.content
+    assert answers[0].usage.prompt_tokens == answers[1].usage.prompt_tokens

@@ -9,7 +9,7 @@ are joined into the string the GGUF's chat template expects. The request's schem
 (`llama_cpp.server.types`), not written again. It also answers `/health` (llama-server's liveness
 route, for a container's health check) and `/v1/embeddings` with 501, where upstream fails with a 500.
 A stream that asks for `stream_options.include_usage` ends with OpenAI's usage chunk (`serve_usage`), and
-a chat's `max_completion_tokens` is the `max_tokens` upstream reads.
+a chat's `max_completion_tokens` is the `max_tokens` upstream reads and a `developer` message a system one.
 """
 
 from __future__ import annotations
@@ -95,9 +95,13 @@ def usage_wanted(body: bytes) -> bool:
 
 
 def _text_content(message, i: int):
-    """`message` with list-of-parts content joined into one string (text parts only)."""
+    """`message` with list-of-parts content joined into one string (text parts only), and OpenAI's
+    `developer` role (its newer name for instructions) as the `system` role chat templates know, as
+    llama-server maps it; upstream's schema refused it."""
     if not isinstance(message, dict):
         raise BadRequest(f"messages[{i}]: must be an object with role and content", f"messages[{i}]")
+    if message.get("role") == "developer":
+        message = {**message, "role": "system"}
     content = message.get("content")
     if isinstance(content, list):
         texts = []
