@@ -267,3 +267,27 @@ def test_a_developer_message_is_a_system_message(server):
         {"role": role, "content": "Answer in one short sentence."}, *QUESTION]) for role in ("system", "developer")]
     assert answers[0].choices[0].message.content == answers[1].choices[0].message.content
     assert answers[0].usage.prompt_tokens == answers[1].usage.prompt_tokens
+
+
+def test_structured_outputs_follow_the_json_schema(server):
+    """OpenAI's `response_format: json_schema` (structured outputs): the reply is JSON of that schema,
+    through llama.cpp's grammar, where upstream's schema answered 400."""
+    import json
+
+    import openai
+
+    client, (model,) = server
+    schema = {"type": "object", "properties": {"direction": {"type": "string", "enum": ["up", "down"]},
+                                                "sure": {"type": "boolean"}},
+              "required": ["direction", "sure"], "additionalProperties": False}
+    resp = client.chat.completions.create(
+        model=model, temperature=0, max_tokens=40,
+        messages=[{"role": "user", "content": "When interest rates rise, do bond prices go up or down? Answer in JSON."}],
+        response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}})
+    answer = json.loads(resp.choices[0].message.content)
+    assert set(answer) == {"direction", "sure"} and answer["direction"] in ("up", "down")
+    assert isinstance(answer["sure"], bool)
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.chat.completions.create(model=model, messages=QUESTION,
+                                       response_format={"type": "json_schema", "json_schema": {"name": "x"}})
+    assert "response_format.json_schema.schema" in str(exc.value)

@@ -9,7 +9,8 @@ are joined into the string the GGUF's chat template expects. The request's schem
 (`llama_cpp.server.types`), not written again. It also answers `/health` (llama-server's liveness
 route, for a container's health check) and `/v1/embeddings` with 501, where upstream fails with a 500.
 A stream that asks for `stream_options.include_usage` ends with OpenAI's usage chunk (`serve_usage`), and
-a chat's `max_completion_tokens` is the `max_tokens` upstream reads and a `developer` message a system one.
+a chat's `max_completion_tokens` is the `max_tokens` upstream reads, a `developer` message a system one, and
+a `json_schema` response format (structured outputs) the schema-constrained JSON upstream knows.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ def checked_body(path: str, body: bytes, model_alias: str) -> bytes:
             raise BadRequest("messages: a non-empty list of {role, content} messages is required", "messages")
         data["messages"] = [_text_content(m, i) for i, m in enumerate(messages)]
         _max_completion_tokens(data)
+        _json_schema_format(data)
     else:
         prompt = data.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1:
@@ -71,6 +73,20 @@ def _max_completion_tokens(data: dict) -> None:
         raise BadRequest(f"max_completion_tokens: {value} and max_tokens: {data['max_tokens']!r} disagree; send one",
                          "max_completion_tokens")
     data["max_tokens"] = value
+
+
+def _json_schema_format(data: dict) -> None:
+    """OpenAI's structured outputs, `response_format: {"type": "json_schema", "json_schema": {"name", "schema"}}`
+    (what its SDK's `parse(response_format=Model)` sends), as the `{"type": "json_object", "schema"}` that
+    llama-cpp-python turns into a grammar: the reply is JSON of that schema. Upstream refused the type."""
+    fmt = data.get("response_format")
+    if not (isinstance(fmt, dict) and fmt.get("type") == "json_schema"):
+        return
+    spec = fmt.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+        raise BadRequest("response_format.json_schema.schema: a JSON schema object is required",
+                         "response_format.json_schema.schema")
+    data["response_format"] = {"type": "json_object", "schema": spec["schema"]}
 
 
 def _check_stream_options(data: dict) -> None:
