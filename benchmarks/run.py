@@ -3,6 +3,10 @@
 Each bench module exposes `run() -> dict` with keys `title` (str), `rows` (list of dicts, one
 per measurement) and optionally `notes` (str). Ratios are measured within one run; absolute
 times on a shared 2-core machine are noisy.
+
+A bench's last run is kept for each kind of CPU (its ISA level: `train@avx2`, `train@avx512_bf16`), so
+a run on a CPU without native bf16 does not erase what a CPU with it measured: the issue's targets
+differ between the two, and a machine of one kind cannot measure the other's.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import importlib
 import json
 import os
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -61,6 +66,34 @@ def machine_label(cpuinfo: str | None = None) -> str:
     return f"{platform.machine()}, {cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
+def machine_kind(label: str) -> str:
+    """The ISA level a `machine_label` names in brackets ("avx2", "avx512_bf16"), "" where it names none."""
+    m = re.search(r"\(([a-z0-9_]+)\), \d+ cores", label)
+    return m.group(1) if m else ""
+
+
+def key(name: str, machine: str) -> str:
+    """results.json's key of bench `name` run on `machine` (a `machine_label`)."""
+    kind = machine_kind(machine)
+    return f"{name}@{kind}" if kind else name
+
+
+def load(results_path: Path) -> dict:
+    """results.json, its entries keyed by `key` (entries written before the kind was part of the key
+    are moved to theirs)."""
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    return {key(k.split("@")[0], v.get("machine", "")): v for k, v in results.items()}
+
+
+def latest(results: dict, name: str, kind: str | None = None) -> dict:
+    """The last run of bench `name` (on a CPU of ISA level `kind`, where one is named)."""
+    runs = [v for k, v in results.items() if k.split("@")[0] == name
+            and (kind is None or machine_kind(v.get("machine", "")) == kind)]
+    if not runs:
+        raise KeyError(f"no run of bench {name!r}" + (f" on a CPU of ISA level {kind}" if kind else "") + " in results.json")
+    return max(runs, key=lambda v: v.get("when", ""))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("names", nargs="*", help="bench names (e.g. estimate train); default all")
@@ -73,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         allocator.relaunch()
     names = args.names or sorted(p.stem[len("bench_"):] for p in HERE.glob("bench_*.py"))
     results_path = HERE / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    results = load(results_path)
     for name in names:
         print(f"== bench {name}", flush=True)
         t0 = time.time()
@@ -81,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         res["wall_s"] = round(time.time() - t0, 1)
         res["when"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         res["machine"] = machine_label()
-        results[name] = res
+        results[key(name, res["machine"])] = res
         print(_table(res["rows"]), flush=True)
     write(results, results_path)
     return 0
@@ -94,7 +127,9 @@ def write(results: dict, results_path: Path) -> None:
     os.replace(tmp, results_path)
     md = ["# Benchmark results", "", "Written by `make bench` (benchmarks/run.py); quoted in the README.", ""]
     for name, res in sorted(results.items()):
-        md += [f"## {res.get('title', name)}", "", f"_{res['when']} · {res['machine']} · {res['wall_s']} s_", ""]
+        kind = machine_kind(res["machine"])
+        md += [f"## {res.get('title', name)}" + (f" · {kind} CPU" if kind else ""), "",
+               f"_{res['when']} · {res['machine']} · {res['wall_s']} s_", ""]
         md.append(_table(res["rows"]))
         if res.get("notes"):
             md += [res["notes"], ""]
