@@ -220,9 +220,11 @@ def time_fields(m, est, rates: Rates, *, targets: tuple[str, ...], labelled_frac
     ctx = est.seq_len
     # On a GPU, the toolkit's own decoding loop (transformers backend) waits on the host.
     host = T.cuda_decode_step_seconds(m, "loop") if rates.device == "cuda" else 0.0
-    serial = T.cpu_decode_step_seconds(m, est.backend) if rates.device == "cpu" else 0.0
+    cpu = rates.device == "cpu"
+    serial = T.cpu_decode_step_seconds(m, est.backend, est.quant) if cpu else 0.0
+    read = T.cpu_decode_read_rate(rates.bandwidth_bytes_per_s, est.backend) if cpu else rates.bandwidth_bytes_per_s
     out["decode_tokens_per_s"] = round(T.decode_tokens_per_s(
-        T.decode_bytes_per_token(est.components["weights"], kv_per_token, ctx), rates.bandwidth_bytes_per_s,
+        T.decode_bytes_per_token(est.components["weights"], kv_per_token, ctx), read,
         host_step_s=host, serial_step_s=serial), 2)
     out["prefill_s"] = round(prefill(prompt_tokens or ctx, fwd), 3)
     return out

@@ -102,20 +102,33 @@ DECODE_EFFICIENCY = 1.0
 CUDA_DECODE_SECONDS_PER_LAYER = {"loop": 0.00071, "answers": 0.00078, "answers 4-bit base": 0.00236,
                                  "answers 4-bit": 0.00387}
 # On a CPU a decoding step also pays per-layer work the bytes don't count (Python and dispatch on the
-# transformers backend; llama.cpp's quantized dot products and graph), on the same cores that read
-# the weights, so it adds to the read rather than overlapping it. Seconds a step per layer on the
-# Zen 5 EPYC (2 cores), embedded SmolLM2-135M (30 layers), greedy, 48 tokens (prefill included),
-# best of 5 / 7 / 7, between ten calibrations of the weight-read rate (32-41 GB/s, median 35.4),
-# 2026-12-05 01:5x UTC:
-# - "transformers": the toolkit's loop, fp32 pre-packed, 45.4 tok/s, 15.3 ms of a 22.0-ms step
-#   reading 542 MB -> 0.22 ms a layer;
-# - "llama.cpp": f16 112.2 tok/s (7.7 ms reading) -> 0.042 ms, the shipped Q4_1 132.1 tok/s (2.8 ms)
-#   -> 0.159: 0.11 reads f16 19% slow and Q4_1 24% fast (its 4-bit dot products cost compute,
-#   which one constant for every type cannot follow).
+# transformers backend; llama.cpp's graph), on the same cores that read the weights, so it adds to the
+# read rather than overlapping it.
+# - "transformers": the toolkit's loop on the Zen 5 EPYC (2 cores), embedded SmolLM2-135M (30 layers),
+#   fp32 pre-packed, greedy, 48 tokens (prefill included), best of 5, between ten calibrations of the
+#   weight-read rate (32-41 GB/s, median 35.4), 2026-12-05 01:5x UTC: 45.4 tok/s, 15.3 ms of a 22.0-ms
+#   step reading 542 MB -> 0.22 ms a layer.
+# - "llama.cpp": fitted with LLAMA_CPP_SECONDS_PER_QUANT_WEIGHT to 18 decode timings on two 2-core
+#   EPYC guests (tests/data/estimate/llama_cpp_decode.csv: a Zen 4 with AVX512-BF16 and a Zen 3 with AVX2
+#   only; f16 / q8_0 / q4_k_m / q4_0 of SmolLM2-135M and of a random-weight Llama-3.2-1B, and the
+#   shipped Q4_1; medians of two rounds): 0.16 ms a layer. The model reads every median within -23% to
+#   +11% in tokens/s (9.0% off on average), and the Zen 5's (not in the fit) f16 / Q4_1 at 99 / 129
+#   tok/s against 112.2 / 132.1. One constant a layer alone at the probe's rate (0.11 ms, fitted on the
+#   Zen 5) had read -34% to +26% (13.7% on average; docs/estimate.md).
 # Before this term the estimate read CPU decoding 1.3-3.3x too fast (74 / 148 / 412 tok/s against
-# 41 / 110 / 127 measured). The constants fitted earlier (0.30 / 0.13 ms) assumed the copy rate the
-# calibration measured then, 39.8 GB/s; that rate later read 78-88 GB/s while decoding held.
-CPU_DECODE_SECONDS_PER_LAYER = {"transformers": 0.00022, "llama.cpp": 0.00011}
+# 41 / 110 / 127 measured).
+CPU_DECODE_SECONDS_PER_LAYER = {"transformers": 0.00022, "llama.cpp": 0.00016}
+# llama.cpp's own kernels stream weights faster than the calibration's probe (fp32 one-row products
+# through torch or oneDNN, `probes.read_rate`, the rate the transformers backend decodes at): a plain
+# `torch.sum` over 256 MiB read 1.46x the probe on both guests above (33.0 against 22.6 GB/s on the
+# Zen 4, 34.5 against 23.7 on the Zen 3), and llama.cpp reads a 1B model's f16 weights at 28-38 GB/s.
+CPU_DECODE_READ_OVER_PROBE = {"transformers": 1.0, "llama.cpp": 1.45}
+# llama.cpp's block-quantized types (q8_0, q4_0, the k-quants ...) unpack each block before its dot
+# product: compute the bytes don't count, on the cores that read them. Seconds per weight multiplied a
+# token (the decoder's linears and the output head), one constant for every such type (fitted per type
+# they read 5.4-9.8 ps, within the rounds' spread); float types (f32, f16, bf16) pay none.
+LLAMA_CPP_SECONDS_PER_QUANT_WEIGHT = 7.9e-12
+LLAMA_CPP_FLOAT_TYPES = ("f32", "f16", "bf16")
 # The report's answers on a CPU: both sides in one generation (`scoring.paired_greedy_answers`: the
 # 16 prompts of a batch twice, 32 rows a step, the adapter masked on the base rows), transformers'
 # `generate`. A step costs its rows' matmuls (priced as a prefill of that many tokens, overlapping the
@@ -279,10 +292,21 @@ def decode_tokens_per_s(bytes_per_token: float, bandwidth_bytes_per_s: float,
     return 1.0 / max(bytes_per_token / (bandwidth_bytes_per_s * efficiency) + serial_step_s, host_step_s)
 
 
-def cpu_decode_step_seconds(m, backend: str) -> float:
-    """A CPU decoding step's per-layer work beyond reading the weights, for `backend`
-    ("transformers", "llama.cpp"; CPU_DECODE_SECONDS_PER_LAYER): per layer x layers."""
-    return CPU_DECODE_SECONDS_PER_LAYER[backend] * m.layers
+def cpu_decode_step_seconds(m, backend: str, quant: str) -> float:
+    """A CPU decoding step's work beyond reading the weights, for `backend` ("transformers",
+    "llama.cpp") and weight type `quant`: per layer x layers (CPU_DECODE_SECONDS_PER_LAYER), and on
+    llama.cpp a block-quantized type's dot products (LLAMA_CPP_SECONDS_PER_QUANT_WEIGHT per weight
+    multiplied a token)."""
+    seconds = CPU_DECODE_SECONDS_PER_LAYER[backend] * m.layers
+    if backend == "llama.cpp" and quant.lower() not in LLAMA_CPP_FLOAT_TYPES:
+        seconds += LLAMA_CPP_SECONDS_PER_QUANT_WEIGHT * (m.linear_params() + m.vocab * m.hidden)
+    return seconds
+
+
+def cpu_decode_read_rate(probe_bytes_per_s: float, backend: str) -> float:
+    """The rate a CPU decoding step on `backend` reads weights at, from the calibration's probe
+    (`probes.read_rate`; CPU_DECODE_READ_OVER_PROBE)."""
+    return probe_bytes_per_s * CPU_DECODE_READ_OVER_PROBE[backend]
 
 
 def cpu_answers_step_seconds(m) -> float:
