@@ -51,3 +51,39 @@ def test_the_read_rate_is_measured_without_onednn_too(monkeypatch):
     monkeypatch.setattr(packed_linear, "available", lambda: False)
     monkeypatch.setattr(P, "READ_BYTES", 64 * 2**20)
     assert P.read_rate(torch) > 1e9
+
+
+def test_packing_probes_skip_a_dtype_onednn_cannot_pack_here(monkeypatch):
+    """oneDNN packs bf16 only with AVX512-BW/VL/DQ or AVX-NE-CONVERT and raises on an AVX2-only CPU,
+    where a many-core machine's emulated bf16 can still read fast enough to pass `native`: the probes
+    leave such a dtype out instead of failing the calibration."""
+    import pytest
+    import torch
+
+    from toolkit.core import packed_linear
+
+    if not packed_linear.available():
+        pytest.skip("this torch lacks the oneDNN operators")
+    both_native = {"float32": 1e12, "bfloat16": 1e12}
+    assert P.native(both_native) == ["float32", "bfloat16"]
+    monkeypatch.setattr(packed_linear, "packs", lambda dtype: dtype == "float32")
+    assert set(P.packed_rates(torch, both_native)) == {"float32"}
+    assert set(P.packed_gains(torch, both_native, reps=1)) == {"float32 train", "float32 infer"}
+
+
+def test_whether_onednn_packs_bf16_is_asked_of_onednn():
+    """`packs` tries a reorder: True exactly where one succeeds (on the Zen 3 EPYC, AVX2 only, oneDNN
+    raises for bf16; on the Zen 4 and Zen 5, AVX-512, it packs)."""
+    import torch
+
+    from toolkit.core import packed_linear
+
+    packed_linear.packs.cache_clear()
+    for dtype in packed_linear.DTYPES:
+        try:
+            torch.ops.mkldnn._reorder_linear_weight(torch.ones(8, 8, dtype=getattr(torch, dtype)), 8)
+            expected = True
+        except RuntimeError:
+            expected = False
+        assert packed_linear.packs(dtype) is (expected and packed_linear.available()), dtype
+    assert packed_linear.packs("float32") is packed_linear.available()

@@ -44,6 +44,22 @@ def available() -> bool:
             and hasattr(ops, "_linear_pointwise"))
 
 
+@functools.cache
+def packs(dtype: str) -> bool:
+    """Whether oneDNN packs `dtype` ("float32", "bfloat16") weights on this CPU. Its bf16 packing needs
+    AVX512-BW/VL/DQ or AVX-NE-CONVERT and raises on an AVX2-only CPU (Zen 3, Alder Lake ...), where a
+    many-core machine may still run emulated bf16 fast enough for the calibration to time it."""
+    if not available():
+        return False
+    import torch
+
+    try:
+        pack(torch.zeros(16, 16, dtype=getattr(torch, dtype)), 16)
+    except RuntimeError:
+        return False
+    return True
+
+
 def pack(weight, rows_hint: int = 1024):
     """`weight` (out x in) in oneDNN's layout for `x @ weight.T`; `rows_hint` is the expected row
     count of x (it steers the blocking; measured within ~10% between 32 and 1000 rows)."""
