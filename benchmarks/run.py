@@ -90,7 +90,8 @@ def latest(results: dict, name: str, kind: str | None = None) -> dict:
     runs = [v for k, v in results.items() if k.split("@")[0] == name
             and (kind is None or machine_kind(v.get("machine", "")) == kind)]
     if not runs:
-        raise KeyError(f"no run of bench {name!r}" + (f" on a CPU of ISA level {kind}" if kind else "") + " in results.json")
+        where = f" on a CPU of ISA level {kind}" if kind else ""
+        raise KeyError(f"no run of bench {name!r}{where} in results.json")
     return max(runs, key=lambda v: v.get("when", ""))
 
 

@@ -289,6 +289,34 @@ def test_threads_are_physical_cores_within_the_allowed_cpus():
     assert C.threads(replace(AVX2, physical_cores=16, logical_cpus=32)) == 16
 
 
+def _hybrid_cpuinfo() -> str:
+    """An Alder Lake laptop as Linux lists it: 6 P-cores with SMT (CPUs 0-11), 8 E-cores (12-19)."""
+    blocks = []
+    for cpu in range(20):
+        core = cpu // 2 * 4 if cpu < 12 else 24 + (cpu - 12)
+        blocks.append(f"processor\t: {cpu}\nmodel name\t: 12th Gen Intel(R) Core(TM) i7-12700H\ncpu family\t: 6\n"
+                      f"model\t\t: 154\nphysical id\t: 0\ncore id\t\t: {core}\nflags\t\t: fpu avx avx2 fma f16c\n")
+    return "\n".join(blocks)
+
+
+def test_a_hybrid_cpus_threads_are_its_performance_cores():
+    """llama.cpp's default counts a hybrid CPU's P-cores only; torch's threads and llama.cpp's here do
+    too: E-cores (listed in /sys/devices/cpu_atom/cpus) would hold every matmul's barrier."""
+    assert C.parse_cpulist("12-19") == frozenset(range(12, 20))
+    assert C.parse_cpulist("0-3,8,10-11\n") == frozenset({0, 1, 2, 3, 8, 10, 11}) and C.parse_cpulist("") == frozenset()
+    text = _hybrid_cpuinfo()
+    flat = C.cpu_record(text, logical_cpus=20)  # no cpu_atom list (an older kernel): every core counts
+    assert (flat.physical_cores, flat.efficiency_cores, C.threads(flat)) == (14, 0, 14)
+    hybrid = C.cpu_record(text, logical_cpus=20, efficiency_cpus=C.parse_cpulist("12-19"))
+    assert (hybrid.physical_cores, hybrid.efficiency_cores, C.threads(hybrid)) == (6, 8, 6)
+    assert hybrid.isa == "avx2" and not hybrid.native_bf16
+    # A process allowed only E-cores (taskset): they are what it has.
+    e_only = "\n\n".join(b for b in text.split("\n\n") if int(b.split(":")[1].split()[0]) >= 12)
+    assert C.threads(C.cpu_record(e_only, logical_cpus=8, efficiency_cpus=C.parse_cpulist("12-19"))) == 8
+    # Not hybrid (the Zen 3 EPYC guest): nothing changes.
+    assert C.cpu_record(EPYC_AVX2, efficiency_cpus=frozenset()).efficiency_cores == 0
+
+
 # --- through toolkit.core.hardware on this machine -----------------------------------------
 
 

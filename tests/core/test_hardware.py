@@ -46,6 +46,9 @@ def test_the_cpu_is_named_by_its_cores_and_the_threads_this_process_may_use(monk
     assert hardware.cpu_memory().name == "CPU (6 cores, 12 threads)"
     monkeypatch.setattr(capability, "detect", lambda dev=None, use_torch=True: replace(laptop, logical_cpus=6))
     assert hardware.cpu_memory().name == "CPU (6 cores)"
+    monkeypatch.setattr(capability, "detect", lambda dev=None, use_torch=True: replace(
+        laptop, efficiency_cores=8, logical_cpus=20))  # an i7-12700H: 6 P-cores with SMT, 8 E-cores
+    assert hardware.cpu_memory().name == "CPU (6 P-cores, 8 E-cores unused, 20 threads)"
     monkeypatch.setattr(capability, "detect", lambda dev=None, use_torch=True: replace(laptop, physical_cores=16,
                                                                                          logical_cpus=2))
     assert hardware.cpu_memory().name == "CPU (2 cores)"

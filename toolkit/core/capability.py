@@ -16,6 +16,7 @@ import functools
 import math
 import os
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import NamedTuple
 
 from toolkit.core.errors import UserError
@@ -49,14 +50,30 @@ class Capability:
     # The CPU's model numbers ("family 26 model 2 stepping 1" on x86): a VM often names Zen 4 and
     # Zen 5 alike ("AMD EPYC"), and their matmul rates differ ~2x.
     model_id: str = ""
+    # A hybrid Intel CPU's efficiency cores (E-cores), left out of `physical_cores`.
+    efficiency_cores: int = 0
 
 
-def parse_cpuinfo(text: str) -> dict:
+def parse_cpulist(text: str) -> frozenset[int]:
+    """CPU numbers from a kernel cpulist ("0-11,16", as in /sys/devices/cpu_atom/cpus); empty for ""."""
+    cpus: set[int] = set()
+    for part in text.strip().split(","):
+        if not part:
+            continue
+        lo, _, hi = part.partition("-")
+        cpus.update(range(int(lo), int(hi or lo) + 1))
+    return frozenset(cpus)
+
+
+def parse_cpuinfo(text: str, efficiency_cpus: frozenset[int] = frozenset()) -> dict:
     """Model name, model numbers, flag set and physical core count from /proc/cpuinfo text.
 
     Physical cores are the distinct (physical id, core id) pairs, so SMT siblings count once;
-    without core ids (some VMs, ARM) every listed processor counts as a core."""
+    without core ids (some VMs, ARM) every listed processor counts as a core. The processors in
+    `efficiency_cpus` (a hybrid Intel CPU's E-cores) count apart, as `efficiency_cores`, unless they
+    are all there is."""
     name, model_id, flags, cores, processors = "", "", set(), set(), 0
+    e_cores: set = set()
     phys = None
     for block in text.split("\n\n"):
         fields = {}
@@ -75,10 +92,13 @@ def parse_cpuinfo(text: str) -> dict:
         # x86 says "flags", ARM says "Features".
         flags |= set((fields.get("flags") or fields.get("Features") or "").split())
         phys = fields.get("physical id", "0")
-        if "core id" in fields:
-            cores.add((phys, fields["core id"]))
+        if "core id" in fields or efficiency_cpus:
+            efficient = fields["processor"].isdigit() and int(fields["processor"]) in efficiency_cpus
+            (e_cores if efficient else cores).add((phys, fields.get("core id", fields["processor"])))
+    if not cores and e_cores:  # only E-cores listed (or the list is wrong): count them
+        cores, e_cores = e_cores, set()
     return {"name": name or "unknown CPU", "model_id": model_id, "flags": flags,
-            "physical_cores": len(cores) if cores else processors}
+            "physical_cores": len(cores) if cores else processors, "efficiency_cores": len(e_cores)}
 
 
 def isa_level(flags) -> str:
@@ -101,9 +121,10 @@ def isa_level(flags) -> str:
 
 
 def cpu_record(cpuinfo: str, logical_cpus: int | None = None, torch_capability: str | None = None,
-               forced: str | None = None) -> Capability:
-    """The CPU record from /proc/cpuinfo text (pure: tests feed captured samples)."""
-    info = parse_cpuinfo(cpuinfo)
+               forced: str | None = None, efficiency_cpus: frozenset[int] = frozenset()) -> Capability:
+    """The CPU record from /proc/cpuinfo text and a hybrid CPU's E-core CPU numbers (pure: tests feed
+    captured samples)."""
+    info = parse_cpuinfo(cpuinfo, efficiency_cpus)
     flags = info["flags"]
     isa = isa_level(flags)
     native_bf16 = isa in ("amx", "avx512_bf16") or (isa in ("neon", "sve") and "bf16" in flags)
@@ -117,6 +138,7 @@ def cpu_record(cpuinfo: str, logical_cpus: int | None = None, torch_capability: 
         kind="cpu", name=info["name"], isa=isa, flags=tuple(f for f in RELEVANT_FLAGS if f in flags),
         physical_cores=cores, logical_cpus=max(1, logical_cpus or cores), native_bf16=native_bf16,
         native_fp16=native_fp16, torch_capability=torch_capability, forced=forced, model_id=info["model_id"],
+        efficiency_cores=info["efficiency_cores"],
     )
 
 
@@ -179,7 +201,7 @@ def _detect(dev: str, forced: str | None, use_torch: bool) -> Capability:
             torch_cap = torch.backends.cpu.get_cpu_capability()
         except ImportError:
             pass
-    host = cpu_record(text, _logical_cpus(), torch_cap, forced)
+    host = cpu_record(text, _logical_cpus(), torch_cap, forced, _efficiency_cpus())
     if text == "":  # no /proc (macOS, Windows): cores from the OS, no ISA flags
         host = replace(host, physical_cores=os.cpu_count() or 1)
     if not dev.startswith("cuda"):
@@ -188,9 +210,20 @@ def _detect(dev: str, forced: str | None, use_torch: bool) -> Capability:
     return cuda_record(torch.cuda.get_device_name(index), torch.cuda.get_device_capability(index), host)
 
 
+def _efficiency_cpus() -> frozenset[int]:
+    """A hybrid Intel CPU's E-core CPU numbers (Linux 5.13+ lists them for the cpu_atom PMU); empty
+    elsewhere."""
+    try:
+        return parse_cpulist(Path("/sys/devices/cpu_atom/cpus").read_text())
+    except (OSError, ValueError):
+        return frozenset()
+
+
 def threads(cap: Capability) -> int:
     """Intra-op threads: one per physical core (SMT siblings share the FMA units, so more only
-    contend), never more than the CPUs this process may run on."""
+    contend), never more than the CPUs this process may run on. A hybrid CPU's E-cores are left out,
+    as llama.cpp's own default leaves them out: a matmul's threads split the work evenly, so a thread on
+    a slower core holds the others at every barrier."""
     return max(1, min(cap.physical_cores, cap.logical_cpus))
 
 

@@ -85,12 +85,14 @@ def cpu_memory() -> Hardware:
 
 def _cpu_name() -> str:
     """"CPU (6 cores, 12 threads)": physical cores (what training runs a thread on) and the logical
-    CPUs this process may use, not os.cpu_count()'s whole machine."""
+    CPUs this process may use, not os.cpu_count()'s whole machine; on a hybrid CPU "6 P-cores" and
+    the E-cores left out."""
     from toolkit.core import capability
 
     cap = capability.detect("cpu", use_torch=False)
     cores = capability.threads(cap)  # a container's CPU set may hold fewer than the machine's cores
-    return f"CPU ({cores} cores{f', {cap.logical_cpus} threads' if cap.logical_cpus > cores else ''})"
+    kind = f"P-cores, {cap.efficiency_cores} E-cores unused" if cap.efficiency_cores else "cores"
+    return f"CPU ({cores} {kind}{f', {cap.logical_cpus} threads' if cap.logical_cpus > cores else ''})"
 
 
 def detect(use_torch: bool = False) -> Hardware:
@@ -213,7 +215,7 @@ def _explicit_threads() -> int | None:
 
 def llama_threads() -> int:
     """llama.cpp's threads, for decoding and prompt batches alike: TOOLKIT_THREADS=N, else one per
-    physical core within the CPUs this process may use, the decision torch's threads follow
+    physical core within the CPUs this process may use (a hybrid CPU's P-cores), the decision torch's threads follow
     (`capability.threads`) and llama.cpp's and Ollama's own default. It was half the logical CPUs
     (and the decoding backend llama-cpp-python's default, the same), after two threads ran a 253-token
     eval 5-10x slower than one on a 2-core guest while other jobs ran there: llama.cpp's threads spin
