@@ -450,11 +450,11 @@ def test_llama_cpp_cpu_decode_against_timings_on_three_cpus():
 
 def test_cpu_decoding_adds_per_layer_work_to_the_weights_read():
     """A CPU decoding step is the weights read at the bandwidth plus the per-layer work on the same
-    cores (CPU_DECODE_SECONDS_PER_LAYER): at the weight-read rate the constants were fitted under
-    (35.4 GB/s), the model reads `bench decode`'s measured greedy rates (benchmarks/results.json)
-    within 30% (the fit: within 25%; the host's speed moves between runs), where reading alone had
-    the transformers loop 1.3x too fast or more."""
-    import json
+    cores (CPU_DECODE_SECONDS_PER_LAYER): at the weight-read rate the transformers constant was fitted
+    under (35.4 GB/s, the Zen 5), the model reads that CPU's last `bench decode` greedy rates
+    (benchmarks/results.json) within 30% (the fit: within 25%; the host's speed moves between runs),
+    where reading alone had the transformers loop 1.3x too fast or more. llama.cpp's constants were
+    fitted on two other CPUs (the test above)."""
 
     from toolkit.estimate.catalog import lookup
     from toolkit.estimate.planner import estimate
@@ -462,7 +462,7 @@ def test_cpu_decoding_adds_per_layer_work_to_the_weights_read():
 
     from benchmarks import run
 
-    # The constants' CPU: the Zen 5, native bf16 (a run on an AVX2 CPU is kept apart).
+    # The last run on a native-bf16 CPU (the Zen 5's, where the constant was fitted); an AVX2 CPU's is kept apart.
     rows = run.latest(run.load(Path(__file__).resolve().parents[2] / "benchmarks" / "results.json"), "decode",
                       "avx512_bf16")["rows"]
     greedy = {r["comparison"]: r["ours_tok_s"] for r in rows if r["settings"] == "greedy"}
