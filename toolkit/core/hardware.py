@@ -215,8 +215,8 @@ def _explicit_threads() -> int | None:
 
 def llama_threads() -> int:
     """llama.cpp's threads, for decoding and prompt batches alike: TOOLKIT_THREADS=N, else one per
-    physical core within the CPUs this process may use (a hybrid CPU's P-cores), the decision torch's threads follow
-    (`capability.threads`) and llama.cpp's and Ollama's own default. It was half the logical CPUs
+    physical core within the CPUs this process may use (a hybrid CPU's P-cores), the decision torch's
+    threads follow (`capability.threads`) and llama.cpp's and Ollama's own default. It was half the logical CPUs
     (and the decoding backend llama-cpp-python's default, the same), after two threads ran a 253-token
     eval 5-10x slower than one on a 2-core guest while other jobs ran there: llama.cpp's threads spin
     at barriers. On that guest idle (the Zen 4 EPYC, 2026-12-06; docs/export.md) two threads against one

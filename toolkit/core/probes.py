@@ -78,10 +78,17 @@ def attention_times(torch, flops: dict[str, float], reps: int = 5) -> dict[str, 
     return out
 
 
+def packable(flops: dict[str, float]) -> list[str]:
+    """The `native` dtypes oneDNN packs on this CPU (`packed_linear.packs`): the ones the packing
+    probes time."""
+    from toolkit.core import packed_linear
+
+    return [dt for dt in native(flops) if packed_linear.packs(dt)]
+
+
 def packed_rates(torch, flops: dict[str, float]) -> dict[str, float]:
-    """The CPU shape's rate with the weight pre-packed for oneDNN, per dtype whose plain rate is not
-    an emulation's (`native`; packing does not make an emulated dtype a compute dtype) and that oneDNN
-    packs on this CPU (`packed_linear.packs`)."""
+    """The CPU shape's rate with the weight pre-packed for oneDNN, per `packable` dtype (packing does
+    not make an emulated dtype a compute dtype)."""
     from toolkit.core import packed_linear
 
     if not packed_linear.available():
@@ -89,7 +96,7 @@ def packed_rates(torch, flops: dict[str, float]) -> dict[str, float]:
     m, k, n = CPU_SHAPE
     gen = torch.Generator().manual_seed(0)
     out = {}
-    for dt in (dt for dt in native(flops) if packed_linear.packs(dt)):
+    for dt in packable(flops):
         dtype = getattr(torch, dt)
         a = torch.randn(m, k, generator=gen).to(dtype)
         w = packed_linear.pack(torch.randn(n, k, generator=gen).to(dtype), m)
@@ -99,9 +106,9 @@ def packed_rates(torch, flops: dict[str, float]) -> dict[str, float]:
 
 
 def packed_gains(torch, flops: dict[str, float], reps: int = 3) -> dict[str, float]:
-    """"dtype use" -> torch's time over the pre-packed time for each PACKED_GAIN_ROWS use, per dtype
-    whose plain rate is not an emulation's and that oneDNN packs here. The two alternate (a shared
-    host's slow moment then slows both); best of `reps` each."""
+    """"dtype use" -> torch's time over the pre-packed time for each PACKED_GAIN_ROWS use, per
+    `packable` dtype. The two alternate (a shared host's slow moment then slows both); best of `reps`
+    each."""
     from toolkit.core import packed_linear
 
     if not packed_linear.available():
@@ -110,7 +117,7 @@ def packed_gains(torch, flops: dict[str, float], reps: int = 3) -> dict[str, flo
     gen = torch.Generator().manual_seed(0)
     linear = torch.nn.functional.linear
     out = {}
-    for dt in (dt for dt in native(flops) if packed_linear.packs(dt)):
+    for dt in packable(flops):
         dtype = getattr(torch, dt)
         weights = [torch.randn(n, k, generator=gen).to(dtype) for _ in range(PACKED_GAIN_WEIGHTS)]
         for use, rows in PACKED_GAIN_ROWS.items():
