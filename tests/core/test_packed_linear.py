@@ -40,6 +40,26 @@ def test_values_and_input_gradient_match_f_linear(dtype, tol, bias):
     torch.testing.assert_close(gx, gx_ref, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("grad_mode", ["inference", "no_grad", "input_without_grad", "autocast"])
+def test_without_a_graph_to_record_the_product_skips_the_autograd_function(grad_mode, monkeypatch):
+    # Decoding runs each packed layer once a token: the Function's own cost was a fifth of a one-row
+    # step on the Zen 3. Without a graph to record, the value must still be F.linear's, in fp32 under
+    # autocast too.
+    gen = torch.Generator().manual_seed(1)
+    layer = torch.nn.Linear(48, 80).requires_grad_(False)
+    x = torch.randn(3, 5, 48, generator=gen)
+    ref = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    mode = {"inference": torch.inference_mode, "no_grad": torch.no_grad,
+            "input_without_grad": contextlib.nullcontext,
+            "autocast": lambda: torch.autocast("cpu", dtype=torch.bfloat16)}[grad_mode]
+    with P.packed_linears(layer, torch.float32):
+        monkeypatch.setattr(P, "_function", lambda: pytest.fail("the autograd Function ran without a graph"))
+        with mode():
+            out = layer(x)
+    assert out.grad_fn is None and out.shape == ref.shape and out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_block_packs_only_frozen_plain_linears_of_the_dtype_and_always_unpacks():
     emb = torch.nn.Embedding(50, 16)
     head = torch.nn.Linear(16, 50, bias=False)
