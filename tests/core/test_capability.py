@@ -257,6 +257,14 @@ def test_packed_matmuls_only_where_measured_faster_for_the_use_on_a_cpu():
     use, why = C.packed_matmuls(AVX512_BF16, "bfloat16", split)
     assert not use and why.endswith("measured 1.01x, under 1.02x)")
     assert C.packed_matmuls(AVX512_BF16, "bfloat16", split, "infer")[0]
+    # The Zen 3 (AVX2 only, 2026-12-06): packing lost in a step's shapes and won in a decode step's; the
+    # report's loss passes, forwards of ~700 rows, ran 11% slower packed. They follow the training probe.
+    zen3 = _Cal(182e9, 3.9e9, {"float32": 168e9}, {"float32 train": 0.88, "float32 infer": 1.28})
+    assert C.packed_matmuls(AVX2, "float32", zen3, "infer")[0]
+    use, why = C.packed_matmuls(AVX2, "float32", zen3, "score")
+    assert not use and why == ("matmuls: torch's (pre-packed float32 a layer's forward and input gradient "
+                               "measured 0.88x, under 1.02x)")
+    assert C.packed_matmuls(AVX512_BF16, "bfloat16", split, "score")[0] is False
     assert C.packed_matmuls(AVX2, "float32", None) == (False, "matmuls: torch's (pre-packed float32 not measured "
                                                              "on this CPU)")
     # Rates alone (no gain timed in the use's forms) are not enough.

@@ -109,21 +109,21 @@ def test_for_device_follows_the_calibration_and_the_memory(monkeypatch):
 
     layer = torch.nn.Linear(64, 64).requires_grad_(False)
     monkeypatch.setattr(hardware, "packed_choice", lambda dev, dtype, use: (False, "matmuls: torch's (slower)"))
-    block, why = P.for_device(layer, "cpu", "float32", training=True)
+    block, why = P.for_device(layer, "cpu", "float32", use="train")
     assert isinstance(block, contextlib.nullcontext) and why == "matmuls: torch's (slower)"
 
     monkeypatch.setattr(hardware, "packed_choice", lambda dev, dtype, use: (use == "train", "matmuls: oneDNN"))
-    block, why = P.for_device(layer, "cpu", "float32", training=True)
+    block, why = P.for_device(layer, "cpu", "float32", use="train")
     with block as n:
         assert n == 1 and why == "matmuls: oneDNN; 1 layer"
     # Inference asks for its own use's measurement (here: no gain there).
-    block, _ = P.for_device(layer, "cpu", "float32", training=False)
+    block, _ = P.for_device(layer, "cpu", "float32", use="infer")
     assert isinstance(block, contextlib.nullcontext)
     # Packs needing more than half the available RAM: not made, and the reason says so.
     need = P.pack_bytes(layer, torch.float32, backward=True)
     monkeypatch.setattr(hardware, "cpu_memory",
                         lambda: hardware.Hardware("cpu", "test", 4 * need, need, "test"))
-    block, why = P.for_device(layer, "cpu", "float32", training=True)
+    block, why = P.for_device(layer, "cpu", "float32", use="train")
     assert isinstance(block, contextlib.nullcontext) and "GiB available" in why
 
 
@@ -135,14 +135,14 @@ def test_for_device_says_which_frozen_linears_stay_unpacked(monkeypatch):
 
     model = torch.nn.Sequential(Linear4bit(8, 8), Linear4bit(8, 8), torch.nn.Linear(8, 8)).requires_grad_(False)
     monkeypatch.setattr(hardware, "packed_choice", lambda dev, dtype, use: (True, "matmuls: oneDNN"))
-    block, why = P.for_device(model, "cpu", "float32", training=True)
+    block, why = P.for_device(model, "cpu", "float32", use="train")
     with block as n:
         assert n == 1 and why == "matmuls: oneDNN; 1 layer, not the 2 Linear4bit layers"
     block, why = P.for_device(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)).requires_grad_(False),
-                              "cpu", "float32", training=True)
+                              "cpu", "float32", use="train")
     assert why == "matmuls: oneDNN; 2 layers"
     block, why = P.for_device(torch.nn.Sequential(Linear4bit(8, 8)).requires_grad_(False), "cpu", "float32",
-                              training=True)
+                              use="train")
     assert isinstance(block, contextlib.nullcontext)
     assert why == "matmuls: torch's (no frozen nn.Linear to pre-pack; the 1 Linear4bit layers are dequantized for each product)"
 
@@ -157,9 +157,9 @@ def test_skipped_layers_are_neither_packed_nor_counted(monkeypatch):
     with P.packed_linears(model, torch.float32, skip=(head,)) as n:
         assert n == 1 and P.packs_of(body.weight) is not None and P.packs_of(head.weight) is None
     monkeypatch.setattr(hardware, "packed_choice", lambda dev, dtype, use: (True, "matmuls: oneDNN"))
-    assert P.for_device(model, "cpu", "float32", training=True, skip=(head,))[1] == "matmuls: oneDNN; 1 layer"
+    assert P.for_device(model, "cpu", "float32", use="train", skip=(head,))[1] == "matmuls: oneDNN; 1 layer"
     # Nothing left to pack: torch's matmul, and the reason says why.
-    block, why = P.for_device(model, "cpu", "float32", training=True, skip=(body, head))
+    block, why = P.for_device(model, "cpu", "float32", use="train", skip=(body, head))
     assert isinstance(block, contextlib.nullcontext) and why == "matmuls: torch's (no frozen nn.Linear to pre-pack)"
 
 

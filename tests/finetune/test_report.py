@@ -64,6 +64,45 @@ def test_finance_heldout_rules_judge_real_answers():
     assert not is_correct(tuned + " Later the price may fall.", meta["keys"], meta["wrong"])
 
 
+def test_each_pass_of_the_report_packs_for_its_own_use(tiny, chat_prompts, monkeypatch):
+    # Decoding steps of a few rows and loss passes of hundreds pack differently well (the Zen 3: 1.28x
+    # against 0.88x): the loss and perplexity passes run under "score", the answers under "infer".
+    import contextlib
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    from toolkit.core import packed_linear
+    from toolkit.finetune import report, scoring
+    from toolkit.finetune.data import Example
+
+    model, tok = tiny
+    peft = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    active, seen = [], []
+
+    @contextlib.contextmanager
+    def block(use):
+        active.append(use)
+        yield 0
+        active.pop()
+
+    monkeypatch.setattr(packed_linear, "for_device", lambda m, dev, dtype, use, skip=(): (block(use), "why"))
+    for name in ("answer_loss", "text_perplexity", "paired_greedy_answers", "greedy_answers"):
+        real = getattr(scoring, name)
+        monkeypatch.setattr(scoring, name, lambda *a, _n=name, _f=real, **k: (seen.append((_n, tuple(active))),
+                                                                               _f(*a, **k))[1])
+    examples = [Example(messages=p + [{"role": "assistant", "content": "A loan."}], text=None, source=f"h:{i}",
+                        extra={"meta": {"keys": [["loan"]], "wrong": [], "kind": "concept"}})
+                for i, p in enumerate(chat_prompts)]
+    ids = [tok(tok.apply_chat_template(e.messages, tokenize=False))["input_ids"][:40] for e in examples]
+    split = SimpleNamespace(examples=examples, input_ids=ids, labels=ids)
+    rec = SimpleNamespace(eval=SimpleNamespace(generation_samples=2, max_new_tokens=3, side_by_side=1))
+    report.evaluate(peft, tok, split, rec, "float32")
+    report.evaluate(peft, tok, split, rec, "float32", base_model=copy.deepcopy(model))  # each side answers apart
+    assert set(seen) == {("paired_greedy_answers", ("infer",)), ("answer_loss", ("score",)),
+                         ("text_perplexity", ("score",)), ("greedy_answers", ("infer",))}
+
+
 def test_evaluate_lists_every_question_and_write_puts_regressions_first(tiny, chat_prompts, tmp_path):
     import copy
 

@@ -382,21 +382,27 @@ def packed_attention(cap: Capability, compute_dtype: str, calibration=None) -> A
 # room) and reorders them once. The bar is above the measurement's spread (alternating, best of 3:
 # +-0.01 on the Zen 5), not higher: a bf16 gain read 1.03-1.14 there where training gained 8%.
 PACKED_MIN_GAIN = 1.02
-# What a use's gain was timed on (toolkit.core.probes.PACKED_GAIN_ROWS, the same keys), for the reason line.
-PACKED_USES = {"train": "a layer's forward and input gradient", "infer": "a 32-row decode forward"}
+# What a use's gain was timed on (toolkit.core.probes.PACKED_GAIN_ROWS), for the reason line.
+PACKED_USES = {"train": "a layer's forward and input gradient", "infer": "a 32-row decode forward",
+               "score": "a layer's forward and input gradient"}
+# The probe each use is decided by. "score": the report's loss and perplexity passes, forwards of
+# ~700-1000 rows, run with the matmuls of a training step's shape, not a decode step's: on the Zen 3
+# (AVX2) the 32-row decode gained 1.28x packed while the loss pass's forward ran 11% slower packed.
+PACKED_GAIN_OF = {"train": "train", "infer": "infer", "score": "train"}
 
 
 def packed_matmuls(cap: Capability, dtype: str, calibration=None, use: str = "train") -> tuple[bool, str]:
     """(whether frozen linear layers run with oneDNN pre-packed weights, reason) for compute in
     `dtype` on the device `cap` describes (toolkit.core.packed_linear), for `use` ("train": a
-    training step's forward and input-gradient matmuls; "infer": decoding). CPU only (CUDA's matmuls
+    training step's forward and input-gradient matmuls; "infer": decoding; "score": the report's
+    many-row forwards, decided by the "train" measurement). CPU only (CUDA's matmuls
     need no packing), and only where a `toolkit.core.calibration.Calibration` measured that use's
     matmuls at least PACKED_MIN_GAIN x faster packed than through torch's matmul in that dtype."""
     if use not in PACKED_USES:
         raise ValueError(f"use must be one of {tuple(PACKED_USES)}, got {use!r}")
     if cap.kind == "cuda":
         return False, "matmuls: cuBLAS"
-    gain = (getattr(calibration, "packed_gain", None) or {}).get(f"{dtype} {use}")
+    gain = (getattr(calibration, "packed_gain", None) or {}).get(f"{dtype} {PACKED_GAIN_OF[use]}")
     if not gain:
         return False, f"matmuls: torch's (pre-packed {dtype} not measured on this CPU)"
     if gain >= PACKED_MIN_GAIN:

@@ -176,7 +176,7 @@ def auto_dtype(cap, purpose: str) -> tuple[str, str]:
 
 def packed_choice(dev: str, dtype: str, use: str = "train") -> tuple[bool, str]:
     """(whether frozen linear layers run pre-packed for oneDNN, reason) for compute in `dtype` on
-    `dev` for `use` ("train" or "infer"): capability.packed_matmuls over this machine's calibration
+    `dev` for `use` ("train", "infer" or "score"): capability.packed_matmuls over this machine's calibration
     (cached; measured once)."""
     from toolkit.core import capability as C
 

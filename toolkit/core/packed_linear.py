@@ -215,16 +215,16 @@ def packed_linears(model, dtype, rows_hint: int = 1024, skip=()):
 MAX_SHARE_OF_AVAILABLE = 0.5
 
 
-def for_device(model, dev: str, dtype: str, training: bool, skip=()):
+def for_device(model, dev: str, dtype: str, use: str, skip=()):
     """(context manager, reason): `packed_linears(model, dtype, skip=skip)` where this machine's
-    calibration says packing pays for `dtype` in training or in decoding
-    (toolkit.core.hardware.packed_choice), there is a layer to pack, and the packs fit in half the RAM
+    calibration says packing pays for `dtype` in `use` ("train", "infer": decoding, "score": the
+    report's many-row forwards; toolkit.core.hardware.packed_choice), there is a layer to pack, and the packs fit in half the RAM
     available; else a block that changes nothing. `skip`: layers whose callers would not use a pack.
     The reason goes to run.json and the log."""
     from toolkit.core import hardware
 
-    use, why = hardware.packed_choice(dev, dtype, "train" if training else "infer")
-    if not use:
+    wanted, why = hardware.packed_choice(dev, dtype, use)
+    if not wanted:
         return contextlib.nullcontext(0), why
     tdtype = hardware.torch_dtype(dtype)
     n, unpackable = len(frozen_linears(model, tdtype, skip)), _unpackable(model)
@@ -232,7 +232,7 @@ def for_device(model, dev: str, dtype: str, training: bool, skip=()):
         return contextlib.nullcontext(0), ("matmuls: torch's (no frozen nn.Linear to pre-pack"
                                            + (f"; the {unpackable} layers are dequantized for each product" if unpackable else "")
                                            + ")")
-    need = pack_bytes(model, tdtype, backward=training, skip=skip)
+    need = pack_bytes(model, tdtype, backward=use == "train", skip=skip)
     free = hardware.cpu_memory().available_bytes
     if need > MAX_SHARE_OF_AVAILABLE * free:
         return contextlib.nullcontext(0), (f"matmuls: torch's (pre-packed weights would take {need / 2**30:.1f} "

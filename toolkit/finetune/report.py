@@ -84,20 +84,24 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def _side(model, tok, split, rec, dtype, questions, answers: list[str] | None = None) -> dict:
-    """One side's measurements; `answers` when its greedy answers were generated already (paired)."""
+def _side(model, tok, split, rec, dtype, questions, packed, answers: list[str] | None = None) -> dict:
+    """One side's measurements; `answers` when its greedy answers were generated already (paired).
+    `packed(use)`: the block that runs `model`'s frozen layers as this CPU measured faster for `use`
+    (the loss and perplexity passes' many-row forwards: "score"; decoding: "infer")."""
     seconds = {}
-    t0 = time.perf_counter()
-    loss, n = scoring.answer_loss(model, split.input_ids, split.labels, dtype)
-    seconds["answer_loss"] = round(time.perf_counter() - t0, 2)
+    with packed("score"):
+        t0 = time.perf_counter()
+        loss, n = scoring.answer_loss(model, split.input_ids, split.labels, dtype)
+        seconds["answer_loss"] = round(time.perf_counter() - t0, 2)
+        t0 = time.perf_counter()
+        general_ppl = round(scoring.text_perplexity(model, tok, GENERAL_TEXT, dtype), 3)
+        seconds["general_ppl"] = round(time.perf_counter() - t0, 2)
     if answers is None:
         t0 = time.perf_counter()
-        answers = scoring.greedy_answers(model, tok, [q["prompt"] for q in questions], rec.eval.max_new_tokens,
-                                         dtype) if questions else []
+        with packed("infer"):
+            answers = scoring.greedy_answers(model, tok, [q["prompt"] for q in questions], rec.eval.max_new_tokens,
+                                             dtype) if questions else []
         seconds["answers"] = round(time.perf_counter() - t0, 2)
-    t0 = time.perf_counter()
-    general_ppl = round(scoring.text_perplexity(model, tok, GENERAL_TEXT, dtype), 3)
-    seconds["general_ppl"] = round(time.perf_counter() - t0, 2)
     correct = [is_correct(a, q["keys"], q["wrong"]) for a, q in zip(answers, questions)]
     shares = [key_score(a, q["keys"]) for a, q in zip(answers, questions)]
     k, m = sum(correct), len(correct)
@@ -191,21 +195,20 @@ def evaluate(model, tok, split, rec, dtype: str = "auto", choice=None, base_mode
         base_model = _base_as_loaded(model, tok, choice, dev)
     # Each block packs the weights it runs with (after the merge for the fine-tuned side): frozen for
     # its length, as packed_linear requires.
-    packed = lambda m: packed_linear.for_device(m, dev, dtype, training=False)[0]  # noqa: E731
+    packed = lambda m: lambda use: packed_linear.for_device(m, dev, dtype, use)[0]  # noqa: E731
     pair = None
     t_start = time.perf_counter()
     if base_model is None and prompts:
-        with packed(model):
+        with packed(model)("infer"):
             pair = scoring.paired_greedy_answers(model, tok, prompts, rec.eval.max_new_tokens, dtype)
     paired_s = round(time.perf_counter() - t_start, 2)
     if base_model is not None:
-        with packed(base_model):
-            base = _side(base_model, tok, split, rec, dtype, questions)
+        base = _side(base_model, tok, split, rec, dtype, questions, packed(base_model))
     else:
-        with model.disable_adapter(), packed(model):
-            base = _side(model, tok, split, rec, dtype, questions, pair and pair[0])
-    with scoring.merged_adapter(model), packed(model):
-        tuned = _side(model, tok, split, rec, dtype, questions, pair and pair[1])
+        with model.disable_adapter():
+            base = _side(model, tok, split, rec, dtype, questions, packed(model), pair and pair[0])
+    with scoring.merged_adapter(model):
+        tuned = _side(model, tok, split, rec, dtype, questions, packed(model), pair and pair[1])
     per_question = []
     for j, q in enumerate(questions):
         per_question.append({"question": q["question"], "kind": q["kind"], "reference": q["reference"],

@@ -244,7 +244,7 @@ def _train(rec, overrides, stage: Path, runs: Path, dev, dtype, train_ex, eval_e
     # 56 MB (SmolLM2) made for nothing.
     head = trainer.model.get_output_embeddings()
     skip = (head,) if head is not None and not cpu_lm_head.uses_weight_packs(dtype) else ()
-    packed, matmul_reason = packed_linear.for_device(trainer.model, dev, dtype, training=True, skip=skip)
+    packed, matmul_reason = packed_linear.for_device(trainer.model, dev, dtype, "train", skip=skip)
     if not dev.startswith("cuda"):
         announce(matmul_reason)
         hint = allocator.install_hint(allocator.detect())

@@ -59,7 +59,7 @@ class HFBackend:
         from toolkit.core import packed_linear
 
         self.model.requires_grad_(False)
-        block, self.matmuls = packed_linear.for_device(self.model, "cpu", dtype, training=False)
+        block, self.matmuls = packed_linear.for_device(self.model, "cpu", dtype, "infer")
         block.__enter__()
         self._packed = block
         return self.matmuls
