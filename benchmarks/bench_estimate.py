@@ -93,19 +93,27 @@ def llamacpp_rows() -> list[dict]:
     return rows
 
 
+def cpu_cases(native_bf16: bool) -> list[tuple[str, str]]:
+    """(loss, compute) of the CPU training steps measured. "trl": the loss as this toolkit's trainer
+    computes it (the estimate's default); "transformers": the model's own loss, which the published and
+    peer measurements used. fp32: the compute of a CPU without native bf16 (and of a GTX 10xx),
+    whatever this CPU would choose. bf16 only with native bf16: emulated, one step took ~4 min on the
+    AVX2-only Zen 3 (four of them 16 of `make bench`'s minutes) in a dtype the toolkit never picks
+    there, and the native-bf16 CPUs' section of RESULTS.md holds those rows."""
+    bf16 = [(loss, "bf16") for loss in ("trl", "transformers")] if native_bf16 else []
+    return bf16 + [("trl", "fp32")]
+
+
 def cpu_training_rows() -> list[dict]:
-    """One real QLoRA step of the embedded model on this CPU per setting, vs the estimate."""
+    """One real QLoRA step of the embedded model on this CPU per setting (`cpu_cases`), vs the estimate."""
     import os
 
+    from toolkit.core import capability
     from toolkit.estimate.planner import estimate
 
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # RSS follows live tensors (see the script)
     rows = []
-    # "trl": the loss as this toolkit's trainer computes it (the estimate's default); "transformers":
-    # the model's own loss, which the published and peer measurements used. fp32: the compute of a
-    # CPU without native bf16 (and of a GTX 10xx), whatever this CPU would choose.
-    cases = [(loss, "bf16") for loss in ("trl", "transformers")] + [("trl", "fp32")]
-    for loss, compute in cases:
+    for loss, compute in cpu_cases(capability.detect("cpu").native_bf16):
         for ckpt in (True, False):
             proc = subprocess.run([sys.executable, "-m", "benchmarks.estimate_cpu_peak", "qlora", "ckpt" if ckpt else "nockpt",
                                    "512", "2", loss, compute], cwd=ROOT, capture_output=True, text=True, timeout=900,
@@ -172,7 +180,8 @@ def run() -> dict:
                   "torch.cuda.max_memory_allocated) against this code's allocated_bytes. "
                   "llama.cpp buffers: the embedded SmolLM2-135M Q4_1 GGUF loaded on CPU by llama-cpp-python. "
                   "CPU training step: benchmarks/estimate_cpu_peak.py, peak RSS growth of one step with glibc's mmap "
-                  "threshold fixed at 64 KiB so that RSS follows live tensors. Peer peaks: fitcheck's one-step "
+                  "threshold fixed at 64 KiB so that RSS follows live tensors; bf16 compute only on a CPU with native "
+                  "bf16 (bench_estimate.cpu_cases). Peer peaks: fitcheck's one-step "
                   "Tesla T4 runs (max_memory_allocated; prepare_model_for_kbit_training on the nf4 rows, eager or "
                   "SDPA attention as recorded) against allocated_bytes; litgpt rows model its 128-token chunked "
                   "loss (loss_chunk=128)."),
