@@ -176,3 +176,17 @@ def test_packs_are_found_by_weight_only_inside_the_block():
         g = torch.randn(4, 6)
         torch.testing.assert_close(P.matmul(g, pk), g @ a.weight)
     assert P.packs_of(a.weight) is None
+
+
+def test_a_block_left_open_at_interpreter_exit_prints_nothing():
+    # A decoding backend holds its block open until close(); a program that never closes it must not
+    # end with a traceback from the block's cleanup while torch is being torn down.
+    import subprocess
+    import sys
+
+    code = ("import torch\nfrom toolkit.core import packed_linear as P\n"
+            "m = torch.nn.Linear(8, 8).requires_grad_(False)\n"
+            "block = P.packed_linears(m, torch.float32)\nblock.__enter__()\nprint(type(m).__name__)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "PackedLinear"
+    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr

@@ -149,7 +149,8 @@ def test_llamacpp_greedy_equals_create_completion():
 
 def test_run_folder_backend_applies_lora(tiny_llama_dir, tmp_path):
     """A run folder (base + LoRA adapter, as toolkit.finetune.trainer writes it) decodes through the
-    adapter: our greedy equals the PeftModel's generate and differs from the bare base."""
+    adapter, merged into the base: our greedy equals the unmerged PeftModel's generate and differs from
+    the bare base."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -166,7 +167,9 @@ def test_run_folder_backend_applies_lora(tiny_llama_dir, tmp_path):
     bare = load(str(tiny_llama_dir))
     ids = backend.encode("Hello there")
     ours = generate(backend, ids, DecodingConfig(max_new_tokens=12))
-    ref = backend.model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=12)[0, len(ids):].tolist()
+    assert not hasattr(backend.model, "peft_config")  # merged
+    peft_model.eval()
+    ref = peft_model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=12)[0, len(ids):].tolist()
     assert ours.tokens == ref
     assert generate(bare, ids, DecodingConfig(max_new_tokens=12)).tokens != ours.tokens
 

@@ -326,8 +326,8 @@ def load_model(spec: str, device: str = "cpu", dtype: str = "float32", merge: bo
     """Load (model, tokenizer) for inference or export from any model spec except a .gguf.
 
     A run folder loads its base (from run.json's `base_source`) in `dtype` and puts the LoRA
-    adapter from `<run>/adapter` on top; `merge=True` folds it into the weights (what export
-    wants), otherwise it stays a PeftModel so the adapter is visible.
+    adapter from `<run>/adapter` on top; `merge=True` folds it into the weights (what export and
+    decoding want), otherwise it stays a PeftModel so the adapter is visible.
     """
     ref = resolve(spec)
     if ref.kind != "run":

@@ -190,8 +190,12 @@ def packed_linears(model, dtype, rows_hint: int = 1024, skip=()):
     if not available():
         yield 0
         return
+    import sys
+
+    import torch
+
     layers = frozen_linears(model, dtype, skip)
-    cls = packed_class()
+    cls, plain = packed_class(), torch.nn.Linear
     by_weight: dict = {}
     try:
         for m in layers:
@@ -201,14 +205,17 @@ def packed_linears(model, dtype, rows_hint: int = 1024, skip=()):
         _BY_WEIGHT.update(by_weight)
         yield len(layers)
     finally:
-        for key, packs in by_weight.items():
-            if _BY_WEIGHT.get(key) is packs:
-                del _BY_WEIGHT[key]
-        for m in layers:
-            if type(m) is cls:
-                m.__class__ = __import__("torch").nn.Linear
-            if hasattr(m, PACK):
-                delattr(m, PACK)
+        # A block still open at interpreter exit (a backend never closed) has nothing to give back, and
+        # torch is half gone by then: restoring the classes printed a traceback.
+        if not sys.is_finalizing():
+            for key, packs in by_weight.items():
+                if _BY_WEIGHT.get(key) is packs:
+                    del _BY_WEIGHT[key]
+            for m in layers:
+                if type(m) is cls:
+                    m.__class__ = plain
+                if hasattr(m, PACK):
+                    delattr(m, PACK)
 
 
 # Packs beyond this share of the RAM available would crowd out the run's own memory.
