@@ -3,7 +3,8 @@
 1. transformers backend + our search loop vs `model.generate` at the same settings (goal >= 1.0x);
 2. llama.cpp backend + our loop vs llama-cpp-python's `create_completion`, same f16 GGUF (>= 0.9x);
 3. llama.cpp backend vs transformers backend (ratio);
-4. a chat's next turn: the prompt's prefix kept in the KV cache from the last turn vs prefilled whole.
+4. a chat's next turn: the prompt's prefix kept in the KV cache from the last turn vs prefilled whole;
+5. a run folder (LoRA adapter): merged into the base as the backend loads it vs a PeftModel.
 
 tokens/s = new tokens / wall time of the whole call (prefill included), best of several runs
 after one warm-up, ours and the reference alternating. Greedy outputs are identical on both sides, so token counts match.
@@ -14,7 +15,9 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 PROMPT = [{"role": "user", "content": "Write a long story about a dragon who learns to bake bread."}]
 NEW_TOKENS = 48
@@ -109,6 +112,62 @@ def _packed_vs_plain(hf, ids, cfg) -> dict:
             "reference_tok_s": round(b, 1), "ratio": round(a / b, 2)}
 
 
+def _run_folder(tmp, hf_dir) -> str:
+    """A run folder as the finance CPU recipe leaves it: an r-16 all-linear LoRA adapter on the embedded
+    model (random B, so the adapter changes the answers) with run.json naming its base."""
+    import json
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir)
+    peft = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0))
+    gen = torch.Generator().manual_seed(0)
+    for name, p in peft.named_parameters():
+        if "lora_B" in name:
+            p.data.copy_(torch.randn(p.shape, generator=gen) * 0.01)
+    run = tmp / "run"
+    peft.save_pretrained(run / "adapter")
+    AutoTokenizer.from_pretrained(hf_dir).save_pretrained(run / "adapter")
+    (run / "run.json").write_text(json.dumps({"recipe": "bench", "base_model": "embedded", "base_source": str(hf_dir),
+                                              "method": "lora"}))
+    return str(run)
+
+
+def _merged_vs_unmerged(run: str, cfg) -> dict:
+    """A run folder through the transformers backend as the toolkit opens it (the adapter merged into
+    the base) vs the same run as a PeftModel (the adapter's products at every layer), both packed as
+    this CPU's calibration says: best of REPEATS each, alternating."""
+    from toolkit.core.models import load_model
+    from toolkit.decoding import generate
+    from toolkit.decoding.backends.hf import HFBackend
+
+    merged = HFBackend.from_spec(run, device="cpu")
+    model, tok = load_model(run, "cpu", "float32")
+    unmerged = HFBackend(model, tok)
+    unmerged.pack("float32")
+    ids = merged.chat_ids(PROMPT)
+    tokens = set()
+
+    def run_on(b):
+        b.reset()
+        out = generate(b, ids, cfg)
+        tokens.add(tuple(out.tokens))
+        return out.new_tokens
+
+    try:
+        a, n_a, b, n_b = _rates(lambda: run_on(merged), lambda: run_on(unmerged))
+    finally:
+        merged.close()
+        unmerged.close()
+    assert len(tokens) == 1, "the merged adapter's greedy tokens differ from the PeftModel's"
+    print(f"  run folder merged {a:.1f} vs unmerged {b:.1f} tok/s", file=sys.stderr, flush=True)
+    return {"comparison": "run folder (r16 all-linear LoRA): adapter merged (as loaded) vs a PeftModel",
+            "settings": "greedy", "new_tokens": f"{n_a} / {n_b}", "ours_tok_s": round(a, 1),
+            "reference_tok_s": round(b, 1), "ratio": round(a / b, 2)}
+
+
 def _f16_gguf(hf_dir) -> str:
     from toolkit.export.convert import hf_to_gguf
     from toolkit.core.models import cache_dir
@@ -159,6 +218,8 @@ def run() -> dict:
     rows.append(_next_turn(hf, "transformers"))
     rows.append(_packed_vs_plain(hf, ids, settings["greedy"][0]))
     hf.close()
+    with tempfile.TemporaryDirectory(prefix="bench-decode-") as tmp:
+        rows.append(_merged_vs_unmerged(_run_folder(Path(tmp), embedded_hf_dir()), settings["greedy"][0]))
 
     gguf = _f16_gguf(embedded_hf_dir())
     backend = LlamaCppBackend(gguf, n_ctx=1024, n_threads=threads)
@@ -205,7 +266,9 @@ def run() -> dict:
                   "(different random streams). llama.cpp has no beam search: only our loop runs it there. "
                   f"The transformers backend as the toolkit opens it on this CPU ({matmuls}), model.generate "
                   "on the same model; the pre-packed row: our greedy loop with the linear layers packed for "
-                  "oneDNN against torch's matmul, alternating, packing outside the timing. Every run above prefills "
+                  "oneDNN against torch's matmul, alternating, packing outside the timing; the run-folder row: a LoRA "
+                  "run of the embedded model as the backend loads it (merged) against the same adapter as a PeftModel. "
+                  "Every run above prefills "
                   "its whole prompt (no prefix kept between runs); the next-turn rows time the prefill alone, in "
                   "prompt tokens per second: the cache holds the last turn's prompt and answer, and the new "
                   "prompt repeats them (the answer re-tokenized from its text, as the chat sends it)."),
