@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from toolkit.commands.model_argument import add_model_argument, model_of
+from toolkit.commands.model_argument import add_model_argument, model_of, restart_for_decoding
 from toolkit.core.errors import UserError
 from toolkit.decoding.fields import field_named
 from toolkit.decoding.flags import add_decoding_arguments, config_from_args
@@ -48,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     check_n_ctx(args.n_ctx)
     args.model = model_of(args)
+    restart_for_decoding(args)
     if args.ui:
         from toolkit.commands.serve import check_port_free
         from toolkit.core.models import resolve

@@ -17,7 +17,7 @@ import argparse
 import json
 import sys
 
-from toolkit.commands.model_argument import add_model_argument, model_of
+from toolkit.commands.model_argument import add_model_argument, model_of, restart_for_decoding
 from toolkit.core.errors import UserError
 from toolkit.decoding.flags import add_decoding_arguments, config_from_args
 
@@ -38,6 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)  # validate before loading anything
     args.model = model_of(args)
+    restart_for_decoding(args)  # before stdin is read: the restarted process reads it
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if not prompt.strip():
         raise UserError("--prompt is empty")
