@@ -1,5 +1,5 @@
 """The transformers backend: any causal LM (base, HF folder, run folder = base + LoRA adapter,
-merged into the base's weights) with a `DynamicCache`, so each step runs only the new token through
+merged into an fp32 base's weights) with a `DynamicCache`, so each step runs only the new token through
 the model.
 
 Opened from a spec on a CPU, the model's linear layers run with oneDNN pre-packed weights where
@@ -49,10 +49,12 @@ class HFBackend:
         dev = device or hardware.device()
         hardware.apply_threads(dev)
         dtype = hardware.dtype_for(dev, "infer")
-        # A run folder's adapter merged into its base: unmerged, each of the 210 adapted layers adds two
-        # r-wide products, a scale and an add to every token (10.5-11.9 against 19.0-21.2 tok/s for the
-        # finance run on the Zen 3, fp32, the same 48 greedy tokens).
-        model, tok = load_model(spec, device=dev, dtype=dtype, merge=True)
+        # A run folder's adapter merged into its fp32 base: unmerged, each of the 210 adapted layers adds
+        # two r-wide products, a scale and an add to every token (10.5-11.9 against 19.0-21.2 tok/s for
+        # the finance run on the Zen 3, the same 48 greedy tokens). In fp32 the merge rounds at 2^-24 of
+        # a weight; a 16-bit GPU model would round the adapter's small update to its weights' coarser
+        # step, and that path is unmeasured, so it keeps the adapter apart.
+        model, tok = load_model(spec, device=dev, dtype=dtype, merge=dtype == "float32")
         backend = cls(model, tok, n_ctx)
         if dev == "cpu":
             backend.pack(dtype)
