@@ -86,11 +86,15 @@ def test_each_pass_of_the_report_packs_for_its_own_use(tiny, chat_prompts, monke
         yield 0
         active.pop()
 
+    def spy(name, real):  # which packing blocks are open when each pass runs
+        def call(*a, **k):
+            seen.append((name, tuple(active)))
+            return real(*a, **k)
+        return call
+
     monkeypatch.setattr(packed_linear, "for_device", lambda m, dev, dtype, use, skip=(): (block(use), "why"))
     for name in ("answer_loss", "text_perplexity", "paired_greedy_answers", "greedy_answers"):
-        real = getattr(scoring, name)
-        monkeypatch.setattr(scoring, name, lambda *a, _n=name, _f=real, **k: (seen.append((_n, tuple(active))),
-                                                                               _f(*a, **k))[1])
+        monkeypatch.setattr(scoring, name, spy(name, getattr(scoring, name)))
     examples = [Example(messages=p + [{"role": "assistant", "content": "A loan."}], text=None, source=f"h:{i}",
                         extra={"meta": {"keys": [["loan"]], "wrong": [], "kind": "concept"}})
                 for i, p in enumerate(chat_prompts)]

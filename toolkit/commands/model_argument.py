@@ -29,12 +29,12 @@ def model_of(args) -> str:
 def restart_for_decoding(args) -> None:
     """From the shell only (`args.process_entry`): restart this process under the allocator CPU training
     runs under (`toolkit.core.allocator`: tcmalloc where installed) when `args.model` decodes through
-    transformers, before anything is read from stdin or loaded. Measured on the Zen 3 (AVX2, 2026-12-06),
-    `toolkit generate` on the embedded model, alternating: 128 tokens, six pairs, 13.6-23.7 tok/s (mean 19.8)
-    under tcmalloc against 13.3-20.3 (17.7) under glibc's malloc; 64 tokens, three pairs, 19.7-23.2
-    against 18.7-20.3. A GGUF decodes through llama.cpp, which read no faster
-    under tcmalloc (80.9-86.4 against 87.4-98.8 tok/s): it keeps the process as started. A spec that
-    does not resolve is left to the command's own error."""
+    transformers, before anything is read from stdin or loaded. Measured on the Zen 3 (AVX2,
+    2026-12-06), `toolkit generate` on the embedded model, alternating: 128 tokens, six pairs,
+    13.6-23.7 tok/s (mean 19.8) under tcmalloc against 13.3-20.3 (17.7) under glibc's malloc; 64
+    tokens, three pairs, 19.7-23.2 against 18.7-20.3. A GGUF decodes through llama.cpp, which read no
+    faster under tcmalloc (80.9-86.4 against 87.4-98.8 tok/s): it keeps the process as started. A spec
+    that does not resolve is left to the command's own error."""
     if not getattr(args, "process_entry", False):
         return
     from toolkit.core.errors import UserError

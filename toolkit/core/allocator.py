@@ -22,8 +22,8 @@ at `free()`, and the heap's top is trimmed, so each step page-faults the same me
 Both take effect only when a process starts, so `toolkit finetune` re-executes itself with the
 environment `decide` gives (`relaunch`), as PyTorch's launcher starts its script under another
 allocator; so do `toolkit generate` and `toolkit chat` where the model decodes through transformers
-(`commands.model_argument.restart_for_decoding`: ~10% more tokens/s on the Zen 3). The restarted process puts `LD_PRELOAD` back as it found it, so the programs it starts
-do not inherit tcmalloc. `decide` is the one place that says which, a pure function of the facts
+(`commands.model_argument.restart_for_decoding`: ~10% more tokens/s on the Zen 3). The restarted
+process puts `LD_PRELOAD` back as it found it, so the programs it starts do not inherit tcmalloc. `decide` is the one place that says which, a pure function of the facts
 `detect` reads. `TOOLKIT_MALLOC=system` leaves the allocator as the system has it;
 `TOOLKIT_MALLOC=glibc` takes glibc's huge pages even where tcmalloc is installed.
 """

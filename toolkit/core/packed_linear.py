@@ -225,8 +225,8 @@ MAX_SHARE_OF_AVAILABLE = 0.5
 def for_device(model, dev: str, dtype: str, use: str, skip=()):
     """(context manager, reason): `packed_linears(model, dtype, skip=skip)` where this machine's
     calibration says packing pays for `dtype` in `use` ("train", "infer": decoding, "score": the
-    report's many-row forwards; toolkit.core.hardware.packed_choice), there is a layer to pack, and the packs fit in half the RAM
-    available; else a block that changes nothing. `skip`: layers whose callers would not use a pack.
+    report's many-row forwards; toolkit.core.hardware.packed_choice), there is a layer to pack, and
+    the packs fit in half the RAM available; else a block that changes nothing. `skip`: layers whose callers would not use a pack.
     The reason goes to run.json and the log."""
     from toolkit.core import hardware
 

@@ -195,7 +195,9 @@ def evaluate(model, tok, split, rec, dtype: str = "auto", choice=None, base_mode
         base_model = _base_as_loaded(model, tok, choice, dev)
     # Each block packs the weights it runs with (after the merge for the fine-tuned side): frozen for
     # its length, as packed_linear requires.
-    packed = lambda m: lambda use: packed_linear.for_device(m, dev, dtype, use)[0]  # noqa: E731
+    def packed(m):
+        return lambda use: packed_linear.for_device(m, dev, dtype, use)[0]
+
     pair = None
     t_start = time.perf_counter()
     if base_model is None and prompts:
