@@ -382,9 +382,9 @@ def packed_attention(cap: Capability, compute_dtype: str, calibration=None) -> A
 # room) and reorders them once. The bar is above the measurement's spread (alternating, best of 3:
 # +-0.01 on the Zen 5), not higher: a bf16 gain read 1.03-1.14 there where training gained 8%.
 PACKED_MIN_GAIN = 1.02
-# What a use's gain was timed on (toolkit.core.probes.PACKED_GAIN_ROWS), for the reason line.
-PACKED_USES = {"train": "a layer's forward and input gradient", "infer": "a 32-row decode forward",
-               "score": "a layer's forward and input gradient"}
+# What each probe's gain was timed on (toolkit.core.probes.PACKED_GAIN_ROWS, the same keys), for the
+# reason line.
+PACKED_USES = {"train": "a layer's forward and input gradient", "infer": "a 32-row decode forward"}
 # The probe each use is decided by. "score": the report's loss and perplexity passes, forwards of
 # ~700-1000 rows, run with the matmuls of a training step's shape, not a decode step's: on the Zen 3
 # (AVX2) the 32-row decode gained 1.28x packed while the loss pass's forward ran 11% slower packed.
@@ -398,17 +398,18 @@ def packed_matmuls(cap: Capability, dtype: str, calibration=None, use: str = "tr
     many-row forwards, decided by the "train" measurement). CPU only (CUDA's matmuls
     need no packing), and only where a `toolkit.core.calibration.Calibration` measured that use's
     matmuls at least PACKED_MIN_GAIN x faster packed than through torch's matmul in that dtype."""
-    if use not in PACKED_USES:
-        raise ValueError(f"use must be one of {tuple(PACKED_USES)}, got {use!r}")
+    if use not in PACKED_GAIN_OF:
+        raise ValueError(f"use must be one of {tuple(PACKED_GAIN_OF)}, got {use!r}")
+    probe = PACKED_GAIN_OF[use]
     if cap.kind == "cuda":
         return False, "matmuls: cuBLAS"
-    gain = (getattr(calibration, "packed_gain", None) or {}).get(f"{dtype} {PACKED_GAIN_OF[use]}")
+    gain = (getattr(calibration, "packed_gain", None) or {}).get(f"{dtype} {probe}")
     if not gain:
         return False, f"matmuls: torch's (pre-packed {dtype} not measured on this CPU)"
     if gain >= PACKED_MIN_GAIN:
-        return True, (f"matmuls: oneDNN, frozen weights pre-packed ({dtype} {PACKED_USES[use]} measured "
+        return True, (f"matmuls: oneDNN, frozen weights pre-packed ({dtype} {PACKED_USES[probe]} measured "
                       f"{gain:.2f}x torch's matmul)")
-    return False, (f"matmuls: torch's (pre-packed {dtype} {PACKED_USES[use]} measured {gain:.2f}x, "
+    return False, (f"matmuls: torch's (pre-packed {dtype} {PACKED_USES[probe]} measured {gain:.2f}x, "
                    f"under {PACKED_MIN_GAIN}x)")
 
 
