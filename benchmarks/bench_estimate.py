@@ -112,6 +112,10 @@ def cpu_training_rows() -> list[dict]:
     from toolkit.estimate.planner import estimate
 
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # RSS follows live tensors (see the script)
+    # ... under glibc's malloc only: a tcmalloc preloaded by the caller keeps what a step frees, and the
+    # RSS then read 191 / 741 MiB where glibc read 522 / 1598 (the Zen 3, 2026-12-06).
+    preload = [p for p in env.get("LD_PRELOAD", "").split(":") if p and "tcmalloc" not in p]
+    env["LD_PRELOAD"] = ":".join(preload)
     rows = []
     for loss, compute in cpu_cases(capability.detect("cpu").native_bf16):
         for ckpt in (True, False):
