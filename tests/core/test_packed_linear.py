@@ -40,6 +40,20 @@ def test_values_and_input_gradient_match_f_linear(dtype, tol, bias):
     torch.testing.assert_close(gx, gx_ref, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["torch matmul", "pre-packed"])
+def test_input_gradient_added_into_a_given_tensor(packed):
+    # lora_groups sums sibling layers' input gradients into one buffer this way.
+    gen = torch.Generator().manual_seed(2)
+    layer = torch.nn.Linear(48, 80).requires_grad_(False)
+    g, into = torch.randn(7, 80, generator=gen), torch.randn(7, 48, generator=gen)
+    want = into + g @ layer.weight
+    with P.packed_linears(layer, torch.float32) if packed else contextlib.nullcontext():
+        assert (P.PACK in layer.__dict__) == packed
+        got = P.input_grad(g, layer, into=into)
+    assert got is into
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("grad_mode", ["inference", "no_grad", "input_without_grad", "autocast"])
 def test_without_a_graph_to_record_the_product_skips_the_autograd_function(grad_mode, monkeypatch):
     # Decoding runs each packed layer once a token: the Function's own cost was a fifth of a one-row

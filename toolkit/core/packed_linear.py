@@ -99,13 +99,17 @@ def product(x2, layer):
     return torch.nn.functional.linear(x2, layer.weight.to(x2.dtype), bias)
 
 
-def input_grad(g, layer):
+def input_grad(g, layer, into=None):
     """`g @ W`, the input's gradient through `layer` for an output gradient `g` (2-D), outside
     autograd: through the input-gradient pack where `layer` is packed (made on first use), else
-    torch's matmul. A block that ended between forward and backward has taken the packs away."""
+    torch's matmul. A block that ended between forward and backward has taken the packs away.
+    With `into`, added into that tensor (by the BLAS call itself where unpacked) and returned."""
     packs = getattr(layer, PACK, None)
     if packs is not None and layer.weight.dtype == g.dtype:
-        return matmul(g.contiguous(), input_grad_pack(packs, layer.weight, g.shape[0]))
+        grad = matmul(g.contiguous(), input_grad_pack(packs, layer.weight, g.shape[0]))
+        return grad if into is None else into.add_(grad)
+    if into is not None:
+        return into.addmm_(g, layer.weight.to(g.dtype))
     return g @ layer.weight.to(g.dtype)
 
 

@@ -60,11 +60,17 @@ def _fused_classes() -> dict:
     from peft.tuners.lora import Linear as LoraLinear
 
     from toolkit.core import packed_linear
+    from toolkit.finetune import lora_groups
 
     plain = (torch.nn.Linear, packed_linear.packed_class())
 
     class Fused:
         def forward(self, x, *args, **kwargs):
+            group = self.__dict__.get(lora_groups.GROUP)
+            if group is not None and not args and not kwargs and torch.is_grad_enabled():
+                out = group.take(self, x)  # made by the first sibling's call on this same input
+                if out is not None:
+                    return out
             key = self.fused_key(x, args, kwargs)
             rows = getattr(self, ROWS, None)
             if key is None:
@@ -76,6 +82,10 @@ def _fused_classes() -> dict:
             # A paired batch: the adapter's product zeroed on its base rows (one 0/1 per token).
             mask = None if rows is None else rows.mask(len(x2), x.dtype)
             if torch.is_grad_enabled():
+                if group is not None and mask is None:
+                    out = group.run(self, x, key)
+                    if out is not None:
+                        return out
                 out = _lora_matmul().apply(x2, base, a, b, self.scaling[key], mask)
             else:
                 # No gradient (decoding, evaluation): the product runs outside autograd, and a paired
@@ -290,12 +300,17 @@ def fused_on_cpu(model, device: str, announce=None):
             announce(f"note: peft's {type(swapped[0]).__name__} has no {', '.join(missing)} in this PEFT: its own "
                      "forward (slower on CPU, same result)")
         swapped = []
+    from toolkit.finetune import lora_groups
+
     before = [type(m) for m in swapped]
     for m in swapped:
         m.__class__ = classes[type(m)]
+    # Siblings that read one input (q/k/v, gate/up) train as one node (see lora_groups).
+    lora_groups.attach(model, swapped)
     try:
         yield len(swapped)
     finally:
+        lora_groups.detach(swapped)
         for m, cls in zip(swapped, before):
             m.__class__ = cls
 
