@@ -90,9 +90,9 @@ def test_stream_options_are_checked(body, param):
 def test_usage_wanted_only_for_a_stream_that_asks():
     from toolkit.commands.serve_requests import usage_wanted
 
-    assert usage_wanted(b'{"stream": true, "stream_options": {"include_usage": true}}')
-    assert not usage_wanted(b'{"stream": true, "stream_options": {"include_usage": false}}')
-    assert not usage_wanted(b'{"stream": true}') and not usage_wanted(b'{"stream": false}')
+    assert usage_wanted({"stream": True, "stream_options": {"include_usage": True}})
+    assert not usage_wanted({"stream": True, "stream_options": {"include_usage": False}})
+    assert not usage_wanted({"stream": True}) and not usage_wanted({"stream": False})
 
 
 def test_counts_leave_out_a_last_end_of_generation_token():

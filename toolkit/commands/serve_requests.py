@@ -29,8 +29,13 @@ class BadRequest(ValueError):
 
 
 def checked_body(path: str, body: bytes, model_alias: str) -> bytes:
-    """`body` of a POST to `path` as the server should get it, or BadRequest. A request without a
-    `model` gets the served alias, which the response echoes (else it is the GGUF's local path)."""
+    """`body` of a POST to `path` as the server should get it, or BadRequest (see `checked_request`)."""
+    return json.dumps(checked_request(path, body, model_alias)).encode()
+
+
+def checked_request(path: str, body: bytes, model_alias: str) -> dict:
+    """The JSON of `body`, a POST to `path`, as the server should get it, or BadRequest. A request
+    without a `model` gets the served alias, which the response echoes (else it is the GGUF's local path)."""
     try:
         data = json.loads(body or b"null")
     except (ValueError, UnicodeDecodeError) as exc:
@@ -56,7 +61,7 @@ def checked_body(path: str, body: bytes, model_alias: str) -> bytes:
     _check_stream_options(data)
     data.setdefault("model", model_alias)
     _validate(path, data)
-    return json.dumps(data).encode()
+    return data
 
 
 def _max_completion_tokens(data: dict) -> None:
@@ -104,9 +109,8 @@ def _check_stream_options(data: dict) -> None:
                          "stream_options.include_usage")
 
 
-def usage_wanted(body: bytes) -> bool:
-    """Whether a checked request body asks for the stream's closing usage chunk (`serve_usage`)."""
-    data = json.loads(body)
+def usage_wanted(data: dict) -> bool:
+    """Whether a checked request (`checked_request`) asks for the stream's closing usage chunk (`serve_usage`)."""
     return bool(data.get("stream") is True and (data.get("stream_options") or {}).get("include_usage"))
 
 
@@ -171,11 +175,11 @@ class RequestChecks:
                 return
             body, more = body + message.get("body", b""), message.get("more_body", False)
         try:
-            body = checked_body(scope["path"], body, self.model_alias)
+            data = checked_request(scope["path"], body, self.model_alias)
         except BadRequest as exc:
             await _error(send, str(exc), exc.param)
             return
-        replayed = False
+        body, replayed = json.dumps(data).encode(), False
 
         async def replay():
             nonlocal replayed
@@ -188,7 +192,7 @@ class RequestChecks:
         headers.append((b"content-length", str(len(body)).encode()))
         from toolkit.commands.serve_usage import WANTED
 
-        token = WANTED.set(usage_wanted(body))  # the stream's tasks and worker threads inherit it
+        token = WANTED.set(usage_wanted(data))  # the stream's tasks and worker threads inherit it
         try:
             await self.app({**scope, "headers": headers}, replay, send)
         finally:
