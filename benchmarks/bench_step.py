@@ -77,7 +77,7 @@ def profile_steps(tmp: Path) -> dict:
     from transformers import TrainerCallback
 
     from benchmarks import bench_train
-    from toolkit.core import calibration, capability
+    from toolkit.core import attention_kernels, calibration, capability
     from toolkit.estimate import catalog
     from toolkit.finetune import recipe
     from toolkit.finetune.trainer import finetune
@@ -119,7 +119,7 @@ def profile_steps(tmp: Path) -> dict:
     gemm_rate = flops / secs["base GEMMs"] if secs["base GEMMs"] else 0.0
     # The packed-row attention kernels as the calibration before the run timed them, in the run's dtype.
     attention = " / ".join(f"{k} {v * 1e3:.1f}"
-                           for k, v in capability.attention_times(rates[0], info["compute_dtype"]).items())
+                           for k, v in attention_kernels.attention_times(rates[0], info["compute_dtype"]).items())
     return {"dtype": info["compute_dtype"], "reason": info.get("compute_dtype_reason", ""), "steps": steps,
             "wall": wall, "plain": (window["t0"] - window["plain0"]) / PLAIN, "secs": secs,
             "gemm_rate": gemm_rate, "calib": calib, "attention": info.get("packed_attention"),

@@ -1,5 +1,5 @@
 """On a CUDA machine: how padding-free packed training attends (the measurements behind
-`toolkit.core.capability.cuda_packed_attention` and `toolkit.finetune.packed_attention`).
+`toolkit.core.attention_kernels.cuda_packed_attention` and `toolkit.finetune.packed_attention`).
 
 1. The kernel: `segment_attention.varlen` (PyTorch's varlen flash kernel) and SDPA over the
    block-diagonal mask, each against each conversation attended alone in fp64, outputs and

@@ -131,7 +131,7 @@ def test_wanted_for_packed_training_with_the_transformers_engine():
     from toolkit.finetune.packed_attention import wanted
 
     assert wanted("cpu", True, "transformers+peft+bitsandbytes")
-    assert wanted("cuda", True, "transformers+peft")  # capability.cuda_packed_attention decides there
+    assert wanted("cuda", True, "transformers+peft")  # attention_kernels.cuda_packed_attention decides there
     assert not wanted("cpu", False, "transformers+peft")
     assert not wanted("cuda", False, "transformers+peft")
     assert not wanted("cpu", True, "unsloth")

@@ -191,16 +191,17 @@ def packed_choice(dev: str, dtype: str, use: str = "train") -> tuple[bool, str]:
 
 
 def attention_choice(dev: str, dtype: str):
-    """The `capability.AttentionChoice` for packed training's attention computing in `dtype` on `dev`:
-    capability.packed_attention over this machine's calibration (cached; measured once)."""
+    """The `attention_kernels.AttentionChoice` for packed training's attention computing in `dtype` on
+    `dev`: attention_kernels.packed_attention over this machine's calibration (cached; measured once)."""
+    from toolkit.core import attention_kernels
     from toolkit.core import capability as C
 
     cap = C.detect(dev)
     if cap.kind == "cuda":
-        return C.packed_attention(cap, dtype)
+        return attention_kernels.packed_attention(cap, dtype)
     from toolkit.core import calibration
 
-    return C.packed_attention(cap, dtype, calibration.load(cap))
+    return attention_kernels.packed_attention(cap, dtype, calibration.load(cap))
 
 
 def _explicit_threads() -> int | None:

@@ -20,7 +20,7 @@ CUDA_SHAPE = (8192, 2048, 8192)
 FULL_SHAPE_LIMIT_S = 0.25
 # The packed row the attention kernels are timed on: 8 conversations of 128 tokens, 9 query / 3 KV
 # heads of 64 (a SmolLM2-135M layer), forward and backward. Equal lengths: the batched-matmul
-# kernel's gain with no padding, which `capability.packed_attention` scales by each row's padding
+# kernel's gain with no padding, which `attention_kernels.packed_attention` scales by each row's padding
 # (a row of 60-130 tokens had hidden a 1.3-1.4x fp32 gain on the finance recipe's rows).
 ATTENTION_SIZES = (128,) * 8
 ATTENTION_HEADS = (9, 3, 64)

@@ -2,7 +2,7 @@
 
 A padding-free packed row holds several conversations end to end (`sizes`: their lengths). Two
 kernels compute the same thing; which one is faster depends on the CPU and the dtype, so the
-calibration times both (`toolkit.core.calibration`) and `toolkit.core.capability.packed_attention`
+calibration times both (`toolkit.core.calibration`) and `toolkit.core.attention_kernels.packed_attention`
 picks one:
 
 - `sdpa`: PyTorch's scaled-dot-product attention, one causal call per conversation. Its CPU flash
@@ -22,7 +22,7 @@ picks one:
 Which rows bmm takes: its cost grows with the padded scores (n x max(L)^2), SDPA's with the
 conversations' own (sum of L^2), so the calibration times both on a row of equal conversations
 (no padding) and bmm takes a row only where that gain, divided by the row's `padding`, still clears
-the bar (`capability.packed_attention` gives the limit as `max_padding`). On the Zen 5, fp32, rows of
+the bar (`attention_kernels.packed_attention` gives the limit as `max_padding`). On the Zen 5, fp32, rows of
 the finance recipe (7-10 conversations of 80-161 tokens, padding 1.06-1.30): SDPA / bmm 1.01-1.44x,
 and 0.85x on a row of 60-130 tokens (padding 1.75); the gain measured on 8 x 128 tokens over the row's
 padding predicts each within ~7% (docs/cpu-training.md).

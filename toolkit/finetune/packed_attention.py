@@ -12,7 +12,7 @@ On CUDA the same flattening makes the mask cover the whole micro-batch: measured
 2048 x 16 tokens 5.2-7.7 s, step time growing with the square of the micro-batch's tokens
 (benchmarks/gpu-results.json, "compute_masked"). There PyTorch's varlen flash kernel takes the row in
 one call with the conversations' bounds (`segment_attention.varlen`), where PyTorch has it and the GPU
-is sm80+ (`toolkit.core.capability.cuda_packed_attention`): the same steps took 0.31 s and 0.64-0.72 s
+is sm80+ (`toolkit.core.attention_kernels.cuda_packed_attention`): the same steps took 0.31 s and 0.64-0.72 s
 ("compute"), 8x the tokens/s at 2048 x 16. Elsewhere the mask stays.
 
 Here each conversation is attended on its own, with SDPA's causal kernel (no mask). The segment
@@ -24,7 +24,7 @@ packed single row (padding masks, generation with a KV cache) goes to transforme
 Two kernels do the attending (`toolkit.core.segment_attention`): SDPA's causal kernel one
 conversation at a time, or the conversations padded into one batch and attended with batched matmuls.
 The calibration times both, and SDPA in fp32 for a bf16 run (PyTorch's bf16 CPU flash kernel is
-slower than its fp32 one without AMX); `toolkit.core.capability.packed_attention` picks the fastest,
+slower than its fp32 one without AMX); `toolkit.core.attention_kernels.packed_attention` picks the fastest,
 with an SDPA variant for rows the batched kernel would pad too much. Each (kernel, fallback) pair is
 registered under its own name (`name`).
 
