@@ -10,7 +10,8 @@ The layer is one autograd node (`LoraMatmul`), whose backward adds the adapter's
 gradient into the base layer's `g @ W` the same way, where autograd's graph of the separate products
 would add two input-sized gradients and walk five nodes. Alternating 12-step runs of the finance CPU
 profile on the Zen 5 EPYC, steady tokens/s, three pairs (docs/cpu-training.md): bf16 982 -> 1010
-(+2.8%), fp32 with the libraries capped at AVX2 368 -> 377 (+2.3%).
+(+2.8%), fp32 with the libraries capped at AVX2 368 -> 377 (+2.3%). Sibling layers that read one
+input (q/k/v, gate/up) go one step further, one node a group: `lora_groups`.
 
 Only the plain case takes the fused path: one active adapter, no dropout, no DoRA or other
 variant, no adapter bias, a plain `nn.Linear` base without hooks (or one that
