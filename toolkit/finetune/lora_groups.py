@@ -22,6 +22,9 @@ from __future__ import annotations
 
 import functools
 
+from toolkit.core import packed_linear
+from toolkit.finetune import fused_lora
+
 # Sibling layers a Llama-family block calls on one input, first caller first (transformers'
 # LlamaAttention and LlamaMLP; Mistral, Qwen2 and the like name theirs the same).
 SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -87,9 +90,6 @@ def detach(layers) -> None:
 def _group_matmul():
     import torch
 
-    from toolkit.core import packed_linear
-    from toolkit.finetune import fused_lora
-
     class LoraGroupMatmul(torch.autograd.Function):
         """(x [M, K], bases, scalings, A_1..A_n [r_i, K], B_1..B_n [N_i, r_i]) -> the n outputs
         x @ W_i.T + bias_i + s_i * (x @ A_i.T) @ B_i.T, one autograd node (see the module)."""
@@ -127,7 +127,7 @@ def _group_matmul():
                     g = g.contiguous()
                     gh.append(torch.mm(g, bi).mul_(s))  # the gradient at adapter i's r-wide middle
                     if wants_x:
-                        grad_x = _input_grad(g, base, grad_x, packed_linear, fused_lora)
+                        grad_x = _input_grad(g, base, grad_x)
                     if wants_b[i]:
                         grad_b[i] = torch.mm(g.t(), hi).mul_(s).to(b_dtype)
                 gh = torch.cat(gh, dim=1)
@@ -141,7 +141,7 @@ def _group_matmul():
     return LoraGroupMatmul
 
 
-def _input_grad(g, base, into, packed_linear, fused_lora):
+def _input_grad(g, base, into):
     """`g @ W` of `base`, added into `into` by the GEMM where it can (a plain or packed fp layer), or
     the fresh gradient when `into` is None."""
     if into is None:
