@@ -162,14 +162,16 @@ def _base_product(x2, base):
     return torch.nn.functional.linear(x2, _dequantized(four_bit, x2.dtype), bias)
 
 
-def _base_input_grad(g, base):
-    """`g @ W`, the input's gradient through `base` (see `_base_product`)."""
+def _base_input_grad(g, base, into=None):
+    """`g @ W`, the input's gradient through `base` (see `_base_product`); with `into`, added into
+    that tensor (by the GEMM itself where it can) and returned."""
     four_bit = _four_bit_weight(base)
     if four_bit is None:
         from toolkit.core import packed_linear
 
-        return packed_linear.input_grad(g, base)
-    return g @ _dequantized(four_bit, g.dtype)
+        return packed_linear.input_grad(g, base, into=into)
+    weight = _dequantized(four_bit, g.dtype)
+    return g @ weight if into is None else into.addmm_(g, weight)
 
 
 def _dequantized(four_bit, dtype):

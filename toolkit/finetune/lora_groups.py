@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 
-from toolkit.core import packed_linear
 from toolkit.finetune import fused_lora
 
 # Sibling layers a Llama-family block calls on one input, first caller first (transformers'
@@ -127,7 +126,7 @@ def _group_matmul():
                     g = g.contiguous()
                     gh.append(torch.mm(g, bi).mul_(s))  # the gradient at adapter i's r-wide middle
                     if wants_x:
-                        grad_x = _input_grad(g, base, grad_x)
+                        grad_x = fused_lora._base_input_grad(g, base, into=grad_x)
                     if wants_b[i]:
                         grad_b[i] = torch.mm(g.t(), hi).mul_(s).to(b_dtype)
                 gh = torch.cat(gh, dim=1)
@@ -140,13 +139,3 @@ def _group_matmul():
 
     return LoraGroupMatmul
 
-
-def _input_grad(g, base, into):
-    """`g @ W` of `base`, added into `into` by the GEMM where it can (a plain or packed fp layer), or
-    the fresh gradient when `into` is None."""
-    if into is None:
-        return fused_lora._base_input_grad(g, base)
-    four_bit = fused_lora._four_bit_weight(base)
-    if four_bit is not None:
-        return into.addmm_(g, fused_lora._dequantized(four_bit, g.dtype))
-    return packed_linear.input_grad(g, base, into=into)
