@@ -124,8 +124,17 @@ def test_evaluate_lists_every_question_and_write_puts_regressions_first(tiny, ch
     ids = [tok(tok.apply_chat_template(e.messages, tokenize=False))["input_ids"][:40] for e in examples]
     split = SimpleNamespace(examples=examples, input_ids=ids, labels=ids)
     rec = SimpleNamespace(eval=SimpleNamespace(generation_samples=4, max_new_tokens=5, side_by_side=2))
-    rep = report.evaluate(peft, tok, split, rec, "float32")
+    lines = []
+    rep = report.evaluate(peft, tok, split, rec, "float32", say=lines.append)
     assert rep["generation_questions"] == 4 and len(rep["per_question"]) == 4 and len(rep["samples"]) == 2
+    # A line as each pass ends: the paired answers (a CPU), then each side with its own numbers.
+    b, t = rep["base"], rep["finetuned"]
+    assert lines == [
+        f"report: 4 greedy answers, base and fine-tuned in one batch ({rep['seconds']['paired_answers']:.1f} s)",
+        f"report: base: answer-token loss {b['answer_loss']:.4f}, general-text perplexity {b['general_ppl']:.2f}, "
+        f"{b['generation_correct']} of 4 answers right ({sum(b['seconds'].values()):.1f} s)",
+        f"report: fine-tuned: answer-token loss {t['answer_loss']:.4f}, general-text perplexity "
+        f"{t['general_ppl']:.2f}, {t['generation_correct']} of 4 answers right ({sum(t['seconds'].values()):.1f} s)"]
     for p in rep["per_question"]:
         assert p["base_correct"] == report.is_correct(p["base"], p["keys"], p["wrong"])
         assert p["finetuned_correct"] == report.is_correct(p["finetuned"], p["keys"], p["wrong"])
@@ -157,6 +166,23 @@ def test_evaluate_lists_every_question_and_write_puts_regressions_first(tiny, ch
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["regressions"][0]["question"] == "Q1?" and saved["improvement"]["generation_regressed"] == 1
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_summary_is_the_report_in_one_line():
+    from toolkit.finetune import report
+
+    def side(loss, ppl, right):
+        return {"answer_loss": loss, "general_ppl": ppl, "generation_correct": right}
+
+    rep = {"base": side(2.1503, 23.073, 6), "finetuned": side(1.6102, 22.256, 5), "generation_questions": 16,
+           "improvement": {"answer_loss_reduction": 0.2512, "general_ppl_change": -0.0354, "generation_fixed": 1,
+                           "generation_regressed": 2}}
+    assert report.summary(rep) == ("held-out answer-token loss 2.1503 -> 1.6102 (-25.1%); general-text perplexity "
+                                   "23.07 -> 22.26 (-3.5%); answers right 6 -> 5 of 16 (1 fixed, 2 regressed)")
+    rep.update(generation_questions=0)  # no held-out question had keys to judge an answer by
+    rep["improvement"]["general_ppl_change"] = 0.012
+    assert report.summary(rep) == ("held-out answer-token loss 2.1503 -> 1.6102 (-25.1%); general-text perplexity "
+                                   "23.07 -> 22.26 (+1.2%)")
 
 
 def test_questions_take_each_kind_in_turn():
@@ -275,7 +301,8 @@ def test_a_report_error_is_recorded_whatever_the_locale(tmp_path):
         "report.evaluate = boom\nrec = types.SimpleNamespace(eval=types.SimpleNamespace(report=True))\n"
         "info = {}\n"
         "model = types.SimpleNamespace(model=None)\n"
-        "error = trainer._evaluate_and_report(model, None, [], rec, 'float32', None, Path(sys.argv[1]), info,"
+        "split = types.SimpleNamespace(input_ids=[])\n"
+        "error = trainer._evaluate_and_report(model, None, split, rec, 'float32', None, Path(sys.argv[1]), info,"
         " lambda msg: None)\n"
         "print(ascii(error), ascii(info['report_error']))", str(tmp_path))
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")

@@ -52,6 +52,14 @@ def test_finetune_writes_complete_run_folder(tmp_path, tiny_llama_dir, capsys):
     for side in ("base", "finetuned"):
         assert rep[side]["answer_loss"] > 0 and rep[side]["general_ppl"] > 1
     assert len(rep["samples"]) == 2 and "answer-token loss" in (run / "report.md").read_text()
+    # The report's passes said as they ended, and its result in one line before the run's folder.
+    from toolkit.finetune.report import summary
+
+    lines = err.splitlines()
+    said = [i for i, x in enumerate(lines) if x.startswith("report: ")]
+    sides = [lines[i].split(":")[1].strip() for i in said]
+    assert sides[-3:-1] == ["base", "fine-tuned"]  # after the paired answers' line where they ran paired
+    assert lines[said[-1]] == f"report: {summary(rep)} (report.md)" and lines[said[-1] + 1].startswith("run saved:")
     assert "keys" in rep["samples"][0]
     # The lead's loader takes the run folder as is (base + adapter).
     model, tok = load_model(str(run))

@@ -336,9 +336,11 @@ def _evaluate_and_report(trainer, tok, eval_split, rec, dtype, choice, stage: Pa
     try:
         if rec.eval.report and eval_split is not None:
             t0 = time.time()
-            announce("evaluating base vs fine-tuned on the held-out set ...")
-            rep = report.evaluate(trainer.model, tok, eval_split, rec, dtype, choice)
+            n = len(eval_split.input_ids)
+            announce(f"evaluating base vs fine-tuned on the held-out set ({n} conversations) ...")
+            rep = report.evaluate(trainer.model, tok, eval_split, rec, dtype, choice, say=announce)
             report.write(stage, rep, info)
+            announce(f"report: {report.summary(rep)} (report.md)")
             info["report"] = {k: rep[k] for k in ("base", "finetuned", "improvement", "seconds")}
             info["report_s"] = round(time.time() - t0, 1)
         report.plot_losses(stage / "metrics.jsonl", stage / "loss.png", info.get("report"), info.get("steps"))
