@@ -165,25 +165,25 @@ def test_serves_the_trained_system_prompt_where_a_request_has_none(embedded_f16_
      "messages[0].content", "only text parts"),
 ])
 def test_a_request_that_cannot_succeed_is_a_400_naming_the_field(body, param, words):
-    from toolkit.commands.serve_requests import CHAT, BadRequest, checked_body
+    from toolkit.commands.serve_requests import CHAT, BadRequest, checked_request
 
     with pytest.raises(BadRequest) as exc:
-        checked_body(CHAT, body, "m")
+        checked_request(CHAT, body, "m")
     assert (exc.value.param or "").startswith(param or "") and words in str(exc.value) and "\n" not in str(exc.value)
 
 
 def test_text_parts_are_joined_and_the_model_alias_filled_in():
     import json
 
-    from toolkit.commands.serve_requests import CHAT, COMPLETIONS, BadRequest, checked_body
+    from toolkit.commands.serve_requests import CHAT, COMPLETIONS, BadRequest, checked_request
 
     parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "Say"}, {"type": "text", "text": "hi"}]}]}
-    got = json.loads(checked_body(CHAT, json.dumps(parts).encode(), "smol"))
+    got = checked_request(CHAT, json.dumps(parts).encode(), "smol")
     assert got["messages"] == [{"role": "user", "content": "Say\nhi"}] and got["model"] == "smol"
-    assert json.loads(checked_body(COMPLETIONS, b'{"prompt": ["Hi"], "model": "x"}', "smol"))["prompt"] == "Hi"
+    assert checked_request(COMPLETIONS, b'{"prompt": ["Hi"], "model": "x"}', "smol")["prompt"] == "Hi"
     for bad in (b"{}", b'{"prompt": ""}', b'{"prompt": ["a", "b"]}'):
         with pytest.raises(BadRequest, match="prompt"):
-            checked_body(COMPLETIONS, bad, "smol")
+            checked_request(COMPLETIONS, bad, "smol")
 
 
 def test_bad_requests_are_400_and_a_stream_is_not_cut_by_another_request(server):
@@ -249,13 +249,13 @@ def test_max_completion_tokens_is_the_limit_upstream_reads(server):
 def test_max_completion_tokens_must_be_a_positive_integer(value):
     import json
 
-    from toolkit.commands.serve_requests import CHAT, BadRequest, checked_body
+    from toolkit.commands.serve_requests import CHAT, BadRequest, checked_request
 
     body = json.dumps({"messages": QUESTION, "max_completion_tokens": value}).encode()
     with pytest.raises(BadRequest) as exc:
-        checked_body(CHAT, body, "m")
+        checked_request(CHAT, body, "m")
     assert exc.value.param == "max_completion_tokens"
-    ok = json.loads(checked_body(CHAT, json.dumps({"messages": QUESTION, "max_completion_tokens": 9}).encode(), "m"))
+    ok = checked_request(CHAT, json.dumps({"messages": QUESTION, "max_completion_tokens": 9}).encode(), "m")
     assert ok["max_tokens"] == 9 and "max_completion_tokens" not in ok
 
 

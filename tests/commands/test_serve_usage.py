@@ -80,10 +80,10 @@ def test_streamed_text_completion_usage_and_none_unasked(server):
     (b'{"prompt": "hi", "stream": false, "stream_options": {"include_usage": true}}', "stream_options"),
 ])
 def test_stream_options_are_checked(body, param):
-    from toolkit.commands.serve_requests import CHAT, COMPLETIONS, BadRequest, checked_body
+    from toolkit.commands.serve_requests import CHAT, COMPLETIONS, BadRequest, checked_request
 
     with pytest.raises(BadRequest) as exc:
-        checked_body(COMPLETIONS if b"prompt" in body else CHAT, body, "m")
+        checked_request(COMPLETIONS if b"prompt" in body else CHAT, body, "m")
     assert exc.value.param == param and "\n" not in str(exc.value)
 
 

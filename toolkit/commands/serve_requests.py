@@ -28,11 +28,6 @@ class BadRequest(ValueError):
         self.param = param
 
 
-def checked_body(path: str, body: bytes, model_alias: str) -> bytes:
-    """`body` of a POST to `path` as the server should get it, or BadRequest (see `checked_request`)."""
-    return json.dumps(checked_request(path, body, model_alias)).encode()
-
-
 def checked_request(path: str, body: bytes, model_alias: str) -> dict:
     """The JSON of `body`, a POST to `path`, as the server should get it, or BadRequest. A request
     without a `model` gets the served alias, which the response echoes (else it is the GGUF's local path)."""
@@ -149,7 +144,7 @@ def _validate(path: str, data: dict) -> None:
 
 
 class RequestChecks:
-    """ASGI middleware: POSTs to the chat and completion routes go through `checked_body`; a
+    """ASGI middleware: POSTs to the chat and completion routes go through `checked_request`; a
     BadRequest is answered with 400 and never reaches the model. After the body, the route still
     hears the client's disconnect (a stream stops when its reader goes away)."""
 
