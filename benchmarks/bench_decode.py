@@ -168,6 +168,82 @@ def _merged_vs_unmerged(run: str, cfg) -> dict:
             "reference_tok_s": round(b, 1), "ratio": round(a / b, 2)}
 
 
+def host_probe_ratio(rounds: int = 3) -> list[float]:
+    """The transformers backend's host work a layer over the calibration's probe
+    (`probes.host_layer_seconds`), `rounds` times, alternating: the backend's own one-row step on a
+    random-weight Llama of the probe's shapes (its products and reads next to nothing), pre-packed as
+    the backend packs a model, 8 layers against 2 so that the step's own cost drops out. The time
+    model takes timing.CPU_DECODE_HOST_OVER_PROBE x the probe: this checks that ratio here."""
+    import statistics
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from toolkit.core import probes
+    from toolkit.decoding.backends.hf import HFBackend
+
+    hidden, heads, kv_heads, d = probes.HOST_LAYER
+
+    class Tokenizer:  # the steps take ids; nothing is encoded or decoded
+        eos_token_id = 1
+
+    def backend(layers):
+        cfg = LlamaConfig(vocab_size=256, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                          num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=d,
+                          max_position_embeddings=512, tie_word_embeddings=True)
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(cfg).eval()
+        model.generation_config.eos_token_id = 1
+        b = HFBackend(model, Tokenizer())
+        b.pack("float32")
+        return b
+
+    def step_seconds(b):
+        b.reset()
+        b.prefill(list(range(2, 50)))
+        times = []
+        for _ in range(16):
+            t = time.perf_counter()
+            b.step([5])
+            times.append(time.perf_counter() - t)
+        return statistics.median(times[2:])
+
+    eight, two = backend(8), backend(2)
+    try:
+        return [(step_seconds(eight) - step_seconds(two)) / 6 / probes.host_layer_seconds(torch) for _ in range(rounds)]
+    finally:
+        eight.close(), two.close()
+
+
+def _time_model(measured: float, new_tokens: int, prompt_tokens: int) -> list[dict]:
+    """The time model's rate for the transformers backend's greedy call (`toolkit estimate --model
+    embedded --task inference`, its prefill and decoding, at a calibration measured right now: a shared
+    host's speed moves) against the measured `measured`; and the host-work ratio the model assumes
+    against this machine's (`host_probe_ratio`)."""
+    from toolkit.core import calibration
+    from toolkit.estimate.catalog import lookup
+    from toolkit.estimate.planner import estimate
+    from toolkit.estimate.timeplan import rates_here, time_fields
+    from toolkit.estimate.timing import CPU_DECODE_HOST_OVER_PROBE
+
+    cal = calibration.load(refresh=True)
+    m = lookup("embedded")
+    est = estimate(m, "inference", "fp32", seq_len=prompt_tokens + new_tokens, device="cpu")
+    t = time_fields(m, est, rates_here("float32", "infer"), targets=(), prompt_tokens=prompt_tokens)
+    predicted = new_tokens / (t["prefill_s"] + new_tokens / t["decode_tokens_per_s"])
+    ratios = host_probe_ratio()
+    print(f"  time model {predicted:.1f} tok/s (host {cal.host_layer_s * 1e3:.2f} ms a layer probed); "
+          f"host over probe {' / '.join(f'{r:.2f}' for r in ratios)}", file=sys.stderr, flush=True)
+    return [{"comparison": "ours (transformers) vs the time model (toolkit estimate, calibrated now)",
+             "settings": "greedy", "new_tokens": new_tokens, "ours_tok_s": round(measured, 1),
+             "reference_tok_s": round(predicted, 1), "ratio": round(measured / predicted, 2)},
+            {"comparison": (f"transformers backend's host work a layer over the calibration's probe "
+                            f"({cal.host_layer_s * 1e3:.2f} ms); the time model takes {CPU_DECODE_HOST_OVER_PROBE:.2f}"),
+             "settings": "random-weight Llama of the probe's shapes, 8 layers against 2, three rounds",
+             "new_tokens": "", "ours_tok_s": "", "reference_tok_s": "",
+             "ratio": " / ".join(f"{r:.2f}" for r in ratios)}]
+
+
 def _f16_gguf(hf_dir) -> str:
     from toolkit.export.convert import hf_to_gguf
     from toolkit.core.models import cache_dir
@@ -217,6 +293,7 @@ def run() -> dict:
                      "reference_tok_s": round(theirs, 1), "ratio": round(ours / theirs, 2)})
     rows.append(_next_turn(hf, "transformers"))
     rows.append(_packed_vs_plain(hf, ids, settings["greedy"][0]))
+    rows += _time_model(hf_rates["greedy"], NEW_TOKENS, len(ids))
     hf.close()
     with tempfile.TemporaryDirectory(prefix="bench-decode-") as tmp:
         rows.append(_merged_vs_unmerged(_run_folder(Path(tmp), embedded_hf_dir()), settings["greedy"][0]))

@@ -384,3 +384,37 @@ def test_a_recipe_with_method_auto_says_how_it_was_estimated(capsys):
     assert "note: method auto: estimated as qlora" in out
     code, out, _ = _run(capsys, "--recipe", recipe, "--gpu", "RTX 3060 12GB", "--json")
     assert json.loads(out)["notes"] == []
+
+
+@pytest.mark.parametrize("kind,argv,cached,restarts", [
+    ("cpu", ["--calibrate"], True, True),               # measures: under the toolkit's allocator
+    ("cpu", [], False, True),                           # about to measure a machine not in the cache
+    ("cpu", ["--model", "embedded"], False, True),
+    ("cpu", [], True, False),                           # answers from the cache: nothing to restart for
+    ("cpu", ["--gpu", "RTX 3060 12GB"], False, False),  # a datasheet's rates, no calibration
+    ("cpu", ["--vram", "8GB"], False, False),
+    ("cpu", ["--list-gpus"], False, False),
+    ("cuda", ["--calibrate"], False, False),            # a GPU's calibration: no host probe, no CPU allocator
+])
+def test_estimate_calibrates_under_the_allocator_the_toolkits_cpu_work_runs_under(monkeypatch, kind, argv, cached,
+                                                                                   restarts):
+    """The host-work probe reads ~25% apart under glibc's malloc and tcmalloc (docs/estimate.md), and
+    `toolkit finetune` and a transformers model's generate / chat / serve restart under the toolkit's
+    allocator before they calibrate: `toolkit estimate` does too where it is about to measure a CPU,
+    and only when started from the shell (`allocator.relaunch` re-runs the process)."""
+    from toolkit.cli import build_parser
+    from toolkit.commands import estimate as E
+    from toolkit.core import allocator, calibration, hardware
+
+    calls = []
+    monkeypatch.setattr(hardware, "detect", lambda: hardware.Hardware(kind, "test", 2**34, 2**34, "test"))
+    monkeypatch.setattr(allocator, "relaunch", lambda: calls.append("relaunch"))
+    monkeypatch.setattr(calibration, "cached", lambda cap=None: cached)
+    args = build_parser().parse_args(["estimate", *argv])
+    args.process_entry = True
+    E._measure_under_the_allocator(args)
+    assert calls == (["relaunch"] if restarts else [])
+    args.process_entry = False  # called from Python (main(argv)): never restarted
+    calls.clear()
+    E._measure_under_the_allocator(args)
+    assert calls == []

@@ -76,12 +76,13 @@ def test_from_dict_rejects_what_is_not_a_record():
     good = {"key": "k", "device": "cpu x", "matmul_flops": {"float32": 1e10, "bfloat16": 1e9},
             "bandwidth_bytes_per_s": 1e10, "seconds": 1.0, "torch": "2.13.0", "packed_flops": {"float32": 2e10},
             "attention_s": {"float32 sdpa": 0.008, "float32 bmm": 0.009},
-            "packed_gain": {"float32 train": 2.3, "float32 infer": 2.7}}
+            "packed_gain": {"float32 train": 2.3, "float32 infer": 2.7}, "host_layer_s": 0.0004}
     assert asdict(K.Calibration.from_dict(good)) == good
     for bad in ({**good, "matmul_flops": {"bfloat16": 1e9}}, {**good, "bandwidth_bytes_per_s": "fast"},
                 {k: v for k, v in good.items() if k != "torch"}, {**good, "matmul_flops": [1, 2]},
                 {**good, "matmul_flops": {"float32": 0.0}}, {**good, "packed_flops": {"float32": -1.0}},
-                {**good, "attention_s": {"float32 bmm": 0.0}}, {**good, "packed_gain": {"float32 train": -2.3}}):
+                {**good, "attention_s": {"float32 bmm": 0.0}}, {**good, "packed_gain": {"float32 train": -2.3}},
+                {**good, "host_layer_s": -1e-4}, {**good, "host_layer_s": "slow"}):
         with pytest.raises(ValueError):
             K.Calibration.from_dict(bad)
 
@@ -113,9 +114,11 @@ def test_cache_round_trip_keeps_other_machines_and_rebuilds_a_corrupt_file(tmp_p
     assert cal.bandwidth_bytes_per_s > 0
     # every packed-row attention kernel timed in fp32 (never emulated), forward and backward
     assert set(cal.attention_s) >= {"float32 sdpa", "float32 bmm"} and min(cal.attention_s.values()) > 0
+    assert 0 < cal.host_layer_s < 0.05  # a decoding step's host work a layer: well under a millisecond here
     records = json.loads(path.read_text())["records"]
     assert records[other["key"]] == other and records[cal.key] == asdict(cal)
     mtime = path.stat().st_mtime_ns
+    assert K.cached(cap) and not K.cached(replace(cap, model_id="family 0 model 0"))
     assert K.load(cap) == cal and path.stat().st_mtime_ns == mtime  # read back, not measured again
     assert main(["estimate", "--calibrate"]) == 0
     assert capsys.readouterr().out.startswith(f"{cal.device}: matmul GFLOP/s float32 ")
@@ -123,6 +126,7 @@ def test_cache_round_trip_keeps_other_machines_and_rebuilds_a_corrupt_file(tmp_p
     assert not list(tmp_path.glob(".*tmp*"))  # the atomic write left no temp file
 
     path.write_text('{"format": 1, "records": {"cpu|AMD')  # a write cut short
+    assert not K.cached(cap)
     capsys.readouterr()
     rebuilt = K.load(cap)
     assert rebuilt.key == cal.key and rebuilt.seconds > 0

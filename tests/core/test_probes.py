@@ -87,3 +87,25 @@ def test_whether_onednn_packs_bf16_is_asked_of_onednn():
             expected = False
         assert packed_linear.packs(dtype) is (expected and packed_linear.available()), dtype
     assert packed_linear.packs("float32") is packed_linear.available()
+
+
+
+def test_the_host_probe_reads_like_the_transformers_backends_own_layers():
+    """`host_layer_seconds` stands for what a layer of the transformers backend's one-row decoding step
+    costs beside its weights' read. The time model takes CPU_DECODE_HOST_OVER_PROBE x the probe (1.80,
+    fitted on the Zen 3); the backend itself, on a random-weight Llama of the probe's shapes
+    (`benchmarks.bench_decode.host_probe_ratio`, which `make bench` reports), must agree with it within
+    a factor of 1.6 either way on this machine, in one of three alternating rounds (a slow moment of a
+    shared host slows a round)."""
+    import torch
+
+    from benchmarks.bench_decode import host_probe_ratio
+    from toolkit.estimate.timing import CPU_DECODE_HOST_OVER_PROBE
+
+    prev = torch.get_num_threads()
+    torch.set_num_threads(min(2, prev))
+    try:
+        ratios = host_probe_ratio()
+    finally:
+        torch.set_num_threads(prev)
+    assert any(CPU_DECODE_HOST_OVER_PROBE / 1.6 < r < CPU_DECODE_HOST_OVER_PROBE * 1.6 for r in ratios), ratios

@@ -477,3 +477,31 @@ def test_cpu_decoding_adds_per_layer_work_to_the_weights_read():
             assert T.decode_tokens_per_s(est.components["weights"], rates.bandwidth_bytes_per_s) > 1.25 * tok_s
     with pytest.raises(ValueError):
         T.decode_tokens_per_s(1e9, 1e9, serial_step_s=-1.0)
+
+
+def test_the_transformers_backends_host_work_follows_the_calibrations_probe():
+    """Where the calibration timed this CPU's decoding host work (`probes.host_layer_seconds`), a
+    transformers step's per-layer work is CPU_DECODE_HOST_OVER_PROBE x that, in place of the Zen 5's
+    constant; llama.cpp's fitted constants stay (its host work is its own C++); unmeasured, the constant."""
+    from toolkit.estimate.catalog import lookup
+    from toolkit.estimate.planner import estimate
+    from toolkit.estimate.timeplan import Rates, time_fields
+
+    m = lookup("embedded")
+    assert T.cpu_decode_step_seconds(m, "transformers", "fp32", 0.0004) == pytest.approx(30 * 1.80 * 0.0004)
+    assert T.cpu_decode_step_seconds(m, "transformers", "fp32") == pytest.approx(30 * 0.00022)
+    assert T.cpu_decode_step_seconds(m, "llama.cpp", "F16", 0.0004) == pytest.approx(30 * 0.00016)
+    with pytest.raises(ValueError, match="host_layer_s"):
+        T.cpu_decode_step_seconds(m, "transformers", "fp32", -1e-4)
+    # Through the planner: the Zen 3's calibration (25.2 GB/s read, 0.39 ms a layer probed, 2026-12-06): the
+    # embedded model's 30 layers at 1.80 x 0.39 ms beside its weights' read; 21.8-23 tok/s measured there.
+    est = estimate(m, "inference", "fp32", seq_len=512, batch=1, device="cpu")
+    assert est.backend == "transformers"
+    zen3 = Rates("cpu", 181e9, 25.2e9, "test", "float32", host_layer_s=0.00039)
+    read = T.decode_bytes_per_token(est.components["weights"], 2 * m.layers * m.kv_dim * 4, 512) / 25.2e9
+    def decode(rates):
+        return time_fields(m, est, rates, targets=())["decode_tokens_per_s"]
+
+    assert decode(zen3) == pytest.approx(1 / (read + 30 * 1.80 * 0.00039), rel=1e-3)
+    assert 20 < decode(zen3) < 26
+    assert decode(dataclasses.replace(zen3, host_layer_s=0.0)) > 30  # the Zen 5's constant

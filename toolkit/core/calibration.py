@@ -24,10 +24,10 @@ from toolkit.core import probes as P
 from toolkit.core.capability import Capability, detect, threads
 from toolkit.core.progress import say
 
-FORMAT = 8  # 2: packed_flops; 3: attention_s; 4: attention_s on a row of equal conversations; 5: packed_gain;
+FORMAT = 9  # 2: packed_flops; 3: attention_s; 4: attention_s on a row of equal conversations; 5: packed_gain;
 # 6: matmul_flops of a frozen layer's forward and input gradient together, not `a @ b`; 7: a CPU's
 # bandwidth_bytes_per_s as a decoding step reads weights, not a copy; 8: attention_s of the bmm kernel
-# in query blocks (segment_attention.CAUSAL_BLOCKS)
+# in query blocks (segment_attention.CAUSAL_BLOCKS); 9: host_layer_s
 FILE_NAME = "calibration.json"
 
 
@@ -41,7 +41,9 @@ class Calibration:
     layer's attention over `probes.ATTENTION_SIZES`'s row, forward and backward (CPU only). `packed_gain`
     maps "dtype use" ("float32 train", "bfloat16 infer", ...; uses in `probes.PACKED_GAIN_ROWS`) -> torch's
     time over the pre-packed time for that use's matmuls (CPU only). `bandwidth_bytes_per_s`: a
-    GPU's copy rate; a CPU's rate of reading weights as a decoding step does (`probes.read_rate`)."""
+    GPU's copy rate; a CPU's rate of reading weights as a decoding step does (`probes.read_rate`).
+    `host_layer_s`: a CPU's host work a decoder layer pays in a one-row decoding step
+    (`probes.host_layer_seconds`; 0 on a GPU)."""
 
     key: str
     device: str
@@ -52,6 +54,7 @@ class Calibration:
     packed_flops: dict[str, float] = field(default_factory=dict)
     attention_s: dict[str, float] = field(default_factory=dict)
     packed_gain: dict[str, float] = field(default_factory=dict)
+    host_layer_s: float = 0.0
 
     def best_flops(self, dtype: str) -> float:
         """The faster of the plain and the pre-packed matmul rate of `dtype` (0 when unmeasured)."""
@@ -67,12 +70,13 @@ class Calibration:
             gain = {str(k): float(v) for k, v in d.get("packed_gain", {}).items()}
             cal = cls(key=str(d["key"]), device=str(d["device"]), matmul_flops=flops,
                       bandwidth_bytes_per_s=float(d["bandwidth_bytes_per_s"]), seconds=float(d["seconds"]),
-                      torch=str(d["torch"]), packed_flops=packed, attention_s=attention, packed_gain=gain)
+                      torch=str(d["torch"]), packed_flops=packed, attention_s=attention, packed_gain=gain,
+                      host_layer_s=float(d.get("host_layer_s", 0.0)))
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
             raise ValueError(f"not a calibration record: {exc}") from exc
         if ("float32" not in flops or min(flops.values(), default=0) <= 0 or cal.bandwidth_bytes_per_s <= 0
                 or min(packed.values(), default=1) <= 0 or min(attention.values(), default=1) <= 0
-                or min(gain.values(), default=1) <= 0):
+                or min(gain.values(), default=1) <= 0 or cal.host_layer_s < 0):
             raise ValueError("not a calibration record: missing or non-positive rates")
         return cal
 
@@ -87,6 +91,7 @@ class Calibration:
         return (f"{self.device}: matmul GFLOP/s {rates}; {memory} {self.bandwidth_bytes_per_s / 1e9:.1f} GB/s"
                 + (f"; pre-packing gains {gain}" if gain else "")
                 + (f"; packed-row attention ms a layer: {attention}" if attention else "")
+                + (f"; decoding's host work {self.host_layer_s * 1e3:.2f} ms a layer" if self.host_layer_s else "")
                 + f" (measured in {self.seconds:.1f} s, torch {self.torch})")
 
 
@@ -159,6 +164,17 @@ def _write_records(path: Path, records: dict) -> None:
         say(f"calibration not cached ({path}: {exc.strerror or exc})")
 
 
+def cached(cap: Capability | None = None) -> bool:
+    """Whether `load` would answer from the cache (a valid record for this machine), without measuring."""
+    cap = cap or detect()
+    k = current_key(cap)
+    record = _read_records(cache_path()).get(k)
+    try:
+        return record is not None and Calibration.from_dict(record).key == k
+    except ValueError:
+        return False
+
+
 def load(cap: Capability | None = None, refresh: bool = False) -> Calibration:
     """This machine's calibration: from the cache, or measured (and cached) when missing, stale,
     corrupt, or `refresh`."""
@@ -183,8 +199,8 @@ def load(cap: Capability | None = None, refresh: bool = False) -> Calibration:
 
 def measure(cap: Capability) -> Calibration:
     """Measure now (no cache): matmul FLOP/s per candidate dtype, best of a few reps, and memory
-    bandwidth (`probes.bandwidth`: a GPU's copy, a CPU's weight reads as a decoding step does them). CPU
-    runs at threads(cap)."""
+    bandwidth (`probes.bandwidth`: a GPU's copy, a CPU's weight reads as a decoding step does them); on a
+    CPU also a decoding step's host work a layer (`probes.host_layer_seconds`). CPU runs at threads(cap)."""
     import torch
 
     t0 = time.perf_counter()
@@ -195,6 +211,10 @@ def measure(cap: Capability) -> Calibration:
     if not cuda:
         torch.set_num_threads(threads(cap))
     try:
+        # The host-work probe takes ~0.06 s, shorter than a shared host's slow moments: 24 calls in a loop
+        # on the Zen 3 read 0.38-0.40 ms a layer but one, 0.68. The faster of one at the start and one at
+        # the end.
+        host = 0.0 if cuda else P.host_layer_seconds(torch)
         with torch.inference_mode():
             flops = {dt: P.matmul_rate(torch, dev, getattr(torch, dt), P.CUDA_SHAPE if cuda else P.CPU_SHAPE)
                      for dt in dtypes}
@@ -202,9 +222,10 @@ def measure(cap: Capability) -> Calibration:
             gain = {} if cuda else P.packed_gains(torch, flops)
             bw = P.bandwidth(torch, dev)
         attention = {} if cuda else P.attention_times(torch, flops)
+        host = 0.0 if cuda else min(host, P.host_layer_seconds(torch))
     finally:
         torch.set_num_threads(prev)
     return Calibration(key=current_key(cap),
                        device=f"{cap.kind} {cap.name} ({cap.isa})", matmul_flops=flops, bandwidth_bytes_per_s=bw,
                        seconds=round(time.perf_counter() - t0, 3), torch=torch_version(), packed_flops=packed,
-                       attention_s=attention, packed_gain=gain)
+                       attention_s=attention, packed_gain=gain, host_layer_s=host)

@@ -38,6 +38,10 @@ PACKED_GAIN_WEIGHTS = 4
 # decode held at 41-49 tok/s; at 78-88 GB/s copied, the embedded model's 538 MB of linear and
 # LM-head weights took 15.9 ms pre-packed (34 GB/s) and 29.3 ms through torch's (18 GB/s).
 READ_BYTES = 256 * 2**20
+# A one-row decoding step's host work is timed on a decoder layer this small (hidden, query heads, KV
+# heads, head dim): its products and reads take next to nothing, so what is left is what every layer of a
+# real model pays beside its weights' read (`host_layer_seconds`).
+HOST_LAYER = (64, 4, 2, 16)
 
 
 def native(flops: dict[str, float]) -> list[str]:
@@ -246,3 +250,64 @@ def read_rate(torch, reps: int = 3) -> float:
         packed()
         best = min(best, *(timed(torch, "cpu", packed) for _ in range(reps)))
     return count * 4 * k * n / best
+
+
+def host_layer_seconds(torch, layers: int = 8, steps: int = 6, reps: int = 2, context: int = 48) -> float:
+    """Seconds of host work (Python, dispatch, the libraries' per-call cost) a decoder layer pays in
+    a one-row decoding step: a Llama layer's operators in the order a transformers decoder layer runs
+    them (norm, q/k/v, rotary, KV append, attention, o, norm, gate/up, SiLU, down, residuals), on
+    shapes of HOST_LAYER so small that the products and reads cost next to nothing. Linear layers run
+    as the transformers backend runs them where it can: pre-packed for oneDNN (`packed_linear`).
+    The best of `reps` medians of `steps` steps (a shared host's busy moment only slows one), over
+    `layers`, after two untimed steps, from a `context`-token cache."""
+    import statistics
+
+    from toolkit.core import packed_linear
+
+    hidden, heads, kv_heads, d = HOST_LAYER
+    gen = torch.Generator().manual_seed(0)
+    packs = packed_linear.available()
+
+    def linear(n, k):
+        w = torch.randn(n, k, generator=gen) * 0.05
+        if packs:
+            p = packed_linear.pack(w, 1)
+            return lambda x: packed_linear.matmul(x, p)
+        return lambda x: torch.nn.functional.linear(x, w)
+
+    def norm(x, weight):
+        var = x.pow(2).mean(-1, keepdim=True)
+        return weight * (x * torch.rsqrt(var + 1e-5))
+
+    def rotate(x, cos, sin):
+        half = x.shape[-1] // 2
+        return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+    ffn = 2 * hidden
+    blocks = [dict(q=linear(heads * d, hidden), k=linear(kv_heads * d, hidden), v=linear(kv_heads * d, hidden),
+                   o=linear(hidden, heads * d), gate=linear(ffn, hidden), up=linear(ffn, hidden),
+                   down=linear(hidden, ffn), n1=torch.ones(hidden), n2=torch.ones(hidden),
+                   keys=torch.randn(1, kv_heads, context, d, generator=gen),
+                   values=torch.randn(1, kv_heads, context, d, generator=gen)) for _ in range(layers)]
+    cos, sin = torch.ones(1, 1, 1, d), torch.zeros(1, 1, 1, d)
+
+    def step(x):
+        for b in blocks:
+            h = norm(x, b["n1"])
+            q = b["q"](h).view(1, 1, heads, d).transpose(1, 2)
+            k = b["k"](h).view(1, 1, kv_heads, d).transpose(1, 2)
+            v = b["v"](h).view(1, 1, kv_heads, d).transpose(1, 2)
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+            b["keys"] = torch.cat((b["keys"], k), dim=-2)
+            b["values"] = torch.cat((b["values"], v), dim=-2)
+            a = torch.nn.functional.scaled_dot_product_attention(q, b["keys"], b["values"], enable_gqa=True)
+            x = x + b["o"](a.transpose(1, 2).reshape(1, 1, heads * d))
+            h = norm(x, b["n2"])
+            x = x + b["down"](torch.nn.functional.silu(b["gate"](h)) * b["up"](h))
+        return x
+
+    x = torch.randn(1, 1, hidden, generator=gen)
+    with torch.inference_mode():
+        step(x), step(x)
+        best = min(statistics.median(timed(torch, "cpu", lambda: step(x)) for _ in range(steps)) for _ in range(reps))
+    return best / layers

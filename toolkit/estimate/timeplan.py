@@ -59,6 +59,8 @@ class Rates:
     unpacked_flops: float | None = None
     # The C allocator a CPU training process runs under ("glibc", "tcmalloc"; toolkit.core.allocator).
     malloc: str = "glibc"
+    # A CPU's host work a decoder layer pays in a one-row decoding step, as calibrated (0: not measured).
+    host_layer_s: float = 0.0
 
 
 def rates_for_gpu(name: str, dtype: str = "bfloat16") -> Rates | None:
@@ -148,7 +150,7 @@ def rates_here(dtype: str | None = None, purpose: str = "train") -> Rates:
     malloc = allocator.training_allocator(allocator.detect()) if kind == "cpu" else "glibc"
     under = ", tcmalloc" if malloc == "tcmalloc" else ""
     return Rates(kind, flops, cal.bandwidth_bytes_per_s, f"calibration: {dtype} {flops / 1e9:.1f} GFLOP/s{packed}, "
-                 f"{cal.bandwidth_bytes_per_s / 1e9:.1f} GB/s{under}", dtype, unpacked, malloc)
+                 f"{cal.bandwidth_bytes_per_s / 1e9:.1f} GB/s{under}", dtype, unpacked, malloc, cal.host_layer_s)
 
 
 def time_fields(m, est, rates: Rates, *, targets: tuple[str, ...], labelled_fraction: float = 1.0,
@@ -221,7 +223,7 @@ def time_fields(m, est, rates: Rates, *, targets: tuple[str, ...], labelled_frac
     # On a GPU, the toolkit's own decoding loop (transformers backend) waits on the host.
     host = T.cuda_decode_step_seconds(m, "loop") if rates.device == "cuda" else 0.0
     cpu = rates.device == "cpu"
-    serial = T.cpu_decode_step_seconds(m, est.backend, est.quant) if cpu else 0.0
+    serial = T.cpu_decode_step_seconds(m, est.backend, est.quant, rates.host_layer_s) if cpu else 0.0
     read = T.cpu_decode_read_rate(rates.bandwidth_bytes_per_s, est.backend) if cpu else rates.bandwidth_bytes_per_s
     out["decode_tokens_per_s"] = round(T.decode_tokens_per_s(
         T.decode_bytes_per_token(est.components["weights"], kv_per_token, ctx), read,

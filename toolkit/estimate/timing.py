@@ -118,6 +118,17 @@ CUDA_DECODE_SECONDS_PER_LAYER = {"loop": 0.00071, "answers": 0.00078, "answers 4
 # Before this term the estimate read CPU decoding 1.3-3.3x too fast (74 / 148 / 412 tok/s against
 # 41 / 110 / 127 measured).
 CPU_DECODE_SECONDS_PER_LAYER = {"transformers": 0.00022, "llama.cpp": 0.00016}
+# The transformers backend's host work a layer, where the calibration measured its probe
+# (`probes.host_layer_seconds`: a Llama layer's operators in plain torch on tiny shapes): this many
+# times the probe. The backend's own step on a random-weight Llama of the probe's shapes (hidden 64,
+# 8 layers against 2, so a layer's cost apart from the step's), in five rounds alternating with the
+# probe on the Zen 3 EPYC (AVX2 only, 2 cores, 2026-12-06 14:1x UTC): 0.68-0.73 ms a layer against the
+# probe's 0.38-0.40, ratios 1.69-1.83, median 1.80. The rest is transformers' modules (their calls,
+# the cache object, the mask and rotary set-up). The Zen 5's constant above, 0.22 ms, was fitted as
+# its step less the read; on the Zen 3 that constant priced the embedded model at 33 tok/s against 21.8
+# measured, a host work 2.5-2.9x the Zen 5's that the probe now follows. `make bench` decode checks the
+# ratio on the machine it runs on.
+CPU_DECODE_HOST_OVER_PROBE = 1.80
 # llama.cpp's own kernels stream weights faster than the calibration's probe (fp32 one-row products
 # through torch or oneDNN, `probes.read_rate`, the rate the transformers backend decodes at): a plain
 # `torch.sum` over 256 MiB read 1.46x the probe on both guests above (33.0 against 22.6 GB/s on the
@@ -292,12 +303,18 @@ def decode_tokens_per_s(bytes_per_token: float, bandwidth_bytes_per_s: float,
     return 1.0 / max(bytes_per_token / (bandwidth_bytes_per_s * efficiency) + serial_step_s, host_step_s)
 
 
-def cpu_decode_step_seconds(m, backend: str, quant: str) -> float:
+def cpu_decode_step_seconds(m, backend: str, quant: str, host_layer_s: float = 0.0) -> float:
     """A CPU decoding step's work beyond reading the weights, for `backend` ("transformers",
-    "llama.cpp") and weight type `quant`: per layer x layers (CPU_DECODE_SECONDS_PER_LAYER), and on
-    llama.cpp a block-quantized type's dot products (LLAMA_CPP_SECONDS_PER_QUANT_WEIGHT per weight
-    multiplied a token)."""
-    seconds = CPU_DECODE_SECONDS_PER_LAYER[backend] * m.layers
+    "llama.cpp") and weight type `quant`: per layer x layers, and on llama.cpp a block-quantized type's
+    dot products (LLAMA_CPP_SECONDS_PER_QUANT_WEIGHT per weight multiplied a token). A layer costs
+    CPU_DECODE_SECONDS_PER_LAYER, except on the transformers backend where the calibration measured
+    this CPU's host work (`host_layer_s`, `probes.host_layer_seconds`): CPU_DECODE_HOST_OVER_PROBE x
+    that."""
+    if host_layer_s < 0:
+        raise ValueError("host_layer_s must not be negative")
+    per_layer = (CPU_DECODE_HOST_OVER_PROBE * host_layer_s if backend == "transformers" and host_layer_s
+                 else CPU_DECODE_SECONDS_PER_LAYER[backend])
+    seconds = per_layer * m.layers
     if backend == "llama.cpp" and quant.lower() not in LLAMA_CPP_FLOAT_TYPES:
         seconds += LLAMA_CPP_SECONDS_PER_QUANT_WEIGHT * (m.linear_params() + m.vocab * m.hidden)
     return seconds
