@@ -164,15 +164,18 @@ def _write_records(path: Path, records: dict) -> None:
         say(f"calibration not cached ({path}: {exc.strerror or exc})")
 
 
+def _valid(records: dict, k: str) -> Calibration | None:
+    """The cached record for key `k` where it is one (None: missing, or an older format or hand edit)."""
+    try:
+        cal = Calibration.from_dict(records[k]) if k in records else None
+    except ValueError:
+        return None
+    return cal if cal is not None and cal.key == k else None
+
+
 def cached(cap: Capability | None = None) -> bool:
     """Whether `load` would answer from the cache (a valid record for this machine), without measuring."""
-    cap = cap or detect()
-    k = current_key(cap)
-    record = _read_records(cache_path()).get(k)
-    try:
-        return record is not None and Calibration.from_dict(record).key == k
-    except ValueError:
-        return False
+    return _valid(_read_records(cache_path()), current_key(cap or detect())) is not None
 
 
 def load(cap: Capability | None = None, refresh: bool = False) -> Calibration:
@@ -183,12 +186,9 @@ def load(cap: Capability | None = None, refresh: bool = False) -> Calibration:
     path = cache_path()
     records = _read_records(path)
     if not refresh and k in records:
-        try:
-            cal = Calibration.from_dict(records[k])
-            if cal.key == k:
-                return cal
-        except ValueError:
-            pass
+        cal = _valid(records, k)
+        if cal is not None:
+            return cal
         say(f"calibration cache entry for {k} is invalid; measuring again")
     say(f"calibrating {cap.name} (matmul and memory speed, a few seconds; cached) ...")
     cal = measure(cap)
