@@ -177,9 +177,9 @@ def host_probe_ratio(rounds: int = 3) -> list[float]:
     import statistics
 
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from toolkit.core import probes
+    from toolkit.core.reference_models import llama32_config, random_llama32
     from toolkit.decoding.backends.hf import HFBackend
 
     hidden, heads, kv_heads, d = probes.HOST_LAYER
@@ -188,12 +188,11 @@ def host_probe_ratio(rounds: int = 3) -> list[float]:
         eos_token_id = 1
 
     def backend(layers):
-        cfg = LlamaConfig(vocab_size=256, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                          num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=d,
-                          max_position_embeddings=512, tie_word_embeddings=True)
         torch.manual_seed(0)
-        model = LlamaForCausalLM(cfg).eval()
-        model.generation_config.eos_token_id = 1
+        model = random_llama32(llama32_config(
+            vocab_size=256, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+            num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=d,
+            bos_token_id=0, eos_token_id=1, pad_token_id=0)).eval()
         b = HFBackend(model, Tokenizer())
         b.pack("float32")
         return b

@@ -89,7 +89,6 @@ def test_whether_onednn_packs_bf16_is_asked_of_onednn():
     assert packed_linear.packs("float32") is packed_linear.available()
 
 
-
 def test_the_host_probe_reads_like_the_transformers_backends_own_layers():
     """`host_layer_seconds` stands for what a layer of the transformers backend's one-row decoding step
     costs beside its weights' read. The time model takes CPU_DECODE_HOST_OVER_PROBE x the probe (1.80,
