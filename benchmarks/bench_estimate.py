@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -37,7 +38,7 @@ def _cli_rows() -> list[dict]:
             if proc.returncode != 0:
                 raise RuntimeError(f"{argv}: {proc.stderr}")
         shown = " ".join(a if "/" not in a or not a.endswith(".gguf") else "<embedded .gguf>" for a in argv)
-        rows.append({"measure": "cli wall s", "case": f"toolkit {shown}", "median": round(sorted(times)[len(times) // 2], 3),
+        rows.append({"measure": "cli wall s", "case": f"toolkit {shown}", "median": round(statistics.median(times), 3),
                      "max": round(max(times), 3), "target": "< 1.5"})
     return rows
 
@@ -60,10 +61,9 @@ def calibration_rows(repeats: int = 3) -> list[dict]:
         if not calibration.cached(cap):  # else load() would measure here, not report the command's
             raise RuntimeError(f"estimate --calibrate left no record for {calibration.current_key(cap)}")
         measured.append(calibration.load(cap).seconds)
-    median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
-    return [{"measure": "calibration s", "case": f"toolkit estimate --calibrate: the probes ({cap.kind})", "median": round(median(measured), 2),
+    return [{"measure": "calibration s", "case": f"toolkit estimate --calibrate: the probes ({cap.kind})", "median": round(statistics.median(measured), 2),
              "max": round(max(measured), 2), "target": "<= 3"},
-            {"measure": "cli wall s", "case": "toolkit estimate --calibrate", "median": round(median(walls), 2),
+            {"measure": "cli wall s", "case": "toolkit estimate --calibrate", "median": round(statistics.median(walls), 2),
              "max": round(max(walls), 2), "target": "none (calibrates)"}]
 
 
