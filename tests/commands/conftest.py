@@ -13,6 +13,15 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def run_estimate(capsys, *argv):
+    """`toolkit estimate ARGV` in this process: (exit code, stdout, stderr)."""
+    from toolkit.cli import main
+
+    code = main(["estimate", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 @pytest.fixture(scope="session")
 def server(embedded_f16_gguf, free_port):
     """A real `toolkit serve` process of the embedded f16 GGUF on a free port, and an openai client for it

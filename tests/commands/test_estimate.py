@@ -6,23 +6,14 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from toolkit.cli import main
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _run(capsys, *argv):
-    code = main(["estimate", *argv])
-    out, err = capsys.readouterr()
-    return code, out, err
+from tests.commands.conftest import ROOT, run_estimate
 
 
 def test_pick_form_with_gpu_name(capsys):
-    code, out, err = _run(capsys, "--gpu", "RTX 3060 12GB")
+    code, out, err = run_estimate(capsys, "--gpu", "RTX 3060 12GB")
     assert code == 0, err
     assert "Budget: 12.00 GiB" in out and "<- pick" in out
     assert out.count("nf4-dq") >= 10  # one row per pickable model
@@ -32,7 +23,7 @@ def test_pick_form_with_gpu_name(capsys):
 
 
 def test_pick_form_json_and_detected_hardware(capsys):
-    code, out, _ = _run(capsys, "--task", "inference", "--json")
+    code, out, _ = run_estimate(capsys, "--task", "inference", "--json")
     assert code == 0
     d = json.loads(out)
     assert {"model", "quant", "fits", "headroom_bytes", "reason", "candidates", "budget_bytes", "device"} <= set(d)
@@ -42,7 +33,7 @@ def test_pick_form_json_and_detected_hardware(capsys):
 
 
 def test_model_form_breakdown(capsys):
-    code, out, _ = _run(capsys, "--model", "meta-llama/Llama-3.2-1B-Instruct", "--task", "qlora",
+    code, out, _ = run_estimate(capsys, "--model", "meta-llama/Llama-3.2-1B-Instruct", "--task", "qlora",
                         "--seq-len", "1024", "--batch", "2", "--lora-r", "8", "--no-grad-ckpt", "--vram", "8GB")
     assert code == 0
     for word in ("weights", "activations", "logits", "optimizer", "lora_adapter", "total", "grad ckpt off",
@@ -51,7 +42,7 @@ def test_model_form_breakdown(capsys):
 
 
 def test_model_form_json_fields(capsys):
-    code, out, _ = _run(capsys, "--model", "embedded", "--task", "lora", "--quant", "bf16", "--gpu", "T4 16GB", "--json")
+    code, out, _ = run_estimate(capsys, "--model", "embedded", "--task", "lora", "--quant", "bf16", "--gpu", "T4 16GB", "--json")
     assert code == 0
     d = json.loads(out)
     assert d["model"] == "embedded" and d["task"] == "lora" and d["quant"] == "bf16" and d["fits"] is True
@@ -64,15 +55,15 @@ def test_model_form_json_fields(capsys):
 def test_model_form_gguf_file(capsys):
     from toolkit.core.models import embedded_gguf_path
 
-    code, out, _ = _run(capsys, "--model", str(embedded_gguf_path()), "--task", "inference", "--seq-len", "4096", "--json")
+    code, out, _ = run_estimate(capsys, "--model", str(embedded_gguf_path()), "--task", "inference", "--seq-len", "4096", "--json")
     d = json.loads(out)
     assert code == 0 and d["quant"] == "q4_1" and d["backend"] == "llama.cpp"
     assert set(d["components"]) == {"weights", "kv_cache", "compute_buffer", "output_buffer", "framework"}
 
 
 def test_grad_ckpt_flags(capsys):
-    on = json.loads(_run(capsys, "--model", "embedded", "--json", "--grad-ckpt")[1])
-    off = json.loads(_run(capsys, "--model", "embedded", "--json", "--no-grad-ckpt")[1])
+    on = json.loads(run_estimate(capsys, "--model", "embedded", "--json", "--grad-ckpt")[1])
+    off = json.loads(run_estimate(capsys, "--model", "embedded", "--json", "--no-grad-ckpt")[1])
     assert on["grad_ckpt"] is True and off["grad_ckpt"] is False
     assert on["components"]["activations"] < off["components"]["activations"]
 
@@ -99,7 +90,7 @@ def test_grad_ckpt_flags(capsys):
     (["--recipe", "recipes/finance", "--model", "embedded", "--no-grad-ckpt"], "--grad-ckpt/--no-grad-ckpt does not"),
 ])
 def test_bad_input_is_one_line_exit_2(capsys, argv, needle):
-    code, out, err = _run(capsys, *argv)
+    code, out, err = run_estimate(capsys, *argv)
     assert code == 2
     assert err.count("\n") == 1 and err.startswith("error: ") and needle in err, err
     assert "Traceback" not in err and out == ""
@@ -110,7 +101,7 @@ def test_bad_paths_are_one_line_exit_2(capsys, tmp_path):
     notgguf = tmp_path / "weights.gguf"
     notgguf.write_bytes(b"\x00" * 64)
     for path, needle in ((tmp_path / "empty", "no config.json"), (notgguf, "not a GGUF file")):
-        code, _, err = _run(capsys, "--model", str(path))
+        code, _, err = run_estimate(capsys, "--model", str(path))
         assert code == 2 and err.count("\n") == 1 and needle in err, err
 
 
@@ -150,14 +141,14 @@ def test_cli_is_fast_and_never_imports_torch(argv):
     (["--recipe", "toolkit"], "--recipe toolkit"),
 ])
 def test_time_and_recipe_bad_input_is_one_line_exit_2(capsys, argv, needle):
-    code, out, err = _run(capsys, *argv)
+    code, out, err = run_estimate(capsys, *argv)
     assert code == 2
     assert err.count("\n") == 1 and err.startswith("error: ") and needle in err, err
     assert out == ""
 
 
 def test_model_form_reports_time_and_allocated_for_a_named_gpu(capsys):
-    code, out, _ = _run(capsys, "--model", "Llama-3.2-1B", "--task", "lora", "--quant", "bf16", "--gpu", "A10G",
+    code, out, _ = run_estimate(capsys, "--model", "Llama-3.2-1B", "--task", "lora", "--quant", "bf16", "--gpu", "A10G",
                         "--target-modules", "q_proj,v_proj", "--lora-r", "32", "--no-grad-ckpt", "--json")
     assert code == 0
     d = json.loads(out)
@@ -168,8 +159,8 @@ def test_model_form_reports_time_and_allocated_for_a_named_gpu(capsys):
     assert "train_wall_s" not in t  # no recipe, no run to time
 
 
-def test_recipe_sets_the_estimate_and_times_its_run(capsys):
-    code, out, _ = _run(capsys, "--model", "embedded", "--recipe", "recipes/finance", "--gpu", "RTX 4060 8GB", "--json")
+def test_recipe_sets_the_estimate_and_times_itsrun_estimate(capsys):
+    code, out, _ = run_estimate(capsys, "--model", "embedded", "--recipe", "recipes/finance", "--gpu", "RTX 4060 8GB", "--json")
     assert code == 0
     d = json.loads(out)
     # the recipe's GPU settings (plan_inputs): QLoRA nf4 double quant, seq 512, batch 8, r16
@@ -183,20 +174,20 @@ def test_recipe_sets_the_estimate_and_times_its_run(capsys):
 
 
 def test_pick_with_a_gpu_and_a_tight_time_budget_names_the_time_limit(capsys):
-    code, out, _ = _run(capsys, "--gpu", "T4 16GB", "--time-budget", "2m")
+    code, out, _ = run_estimate(capsys, "--gpu", "T4 16GB", "--time-budget", "2m")
     assert code == 0
     why = next(line for line in out.splitlines() if line.startswith("Why:"))
     assert "would take" in why and "Time: budget 2 min" in out
 
 
 def test_seq_len_past_the_models_context_window_is_warned(capsys):
-    code, out, err = _run(capsys, "--model", "embedded", "--seq-len", "100000")
+    code, out, err = run_estimate(capsys, "--model", "embedded", "--seq-len", "100000")
     assert code == 0 and "seq 100000" in out
     assert err == ("warning: --seq-len 100000 is past embedded's context window (8192 tokens); the estimate is "
                    "for a length the model was not trained for\n")
-    code, out, err = _run(capsys, "--model", "embedded", "--seq-len", "100000", "--json")
+    code, out, err = run_estimate(capsys, "--model", "embedded", "--seq-len", "100000", "--json")
     assert code == 0 and json.loads(out)["warnings"] == [err.removeprefix("warning: ").strip()]
-    code, out, err = _run(capsys, "--model", "embedded", "--seq-len", "8192", "--json")
+    code, out, err = run_estimate(capsys, "--model", "embedded", "--seq-len", "8192", "--json")
     assert code == 0 and err == "" and json.loads(out)["warnings"] == []
 
 
@@ -204,7 +195,7 @@ def test_pick_skips_models_whose_context_window_the_seq_len_is_past(capsys):
     # 7.2 GiB usable at 16k tokens: SmolLM2-1.7B (8k context) fits the memory but can't take the sequence
     from toolkit.estimate.catalog import CATALOG
 
-    code, out, err = _run(capsys, "--vram", "8GB", "--seq-len", "16384", "--json")
+    code, out, err = run_estimate(capsys, "--vram", "8GB", "--seq-len", "16384", "--json")
     assert code == 0
     d = json.loads(out)
     assert d["fits"] and CATALOG[d["model"]].max_context >= 16384
@@ -213,49 +204,49 @@ def test_pick_skips_models_whose_context_window_the_seq_len_is_past(capsys):
     assert d["warnings"] == [err.removeprefix("warning: ").strip()]
     assert err.startswith("warning: --seq-len 16384 is past the context windows of embedded, ") and "(8192 tokens)" in err
     assert "the pick skips them" in err and "has a context window of 8192 tokens" in d["reason"]
-    code, out, err = _run(capsys, "--vram", "8GB", "--seq-len", "16384")
+    code, out, err = run_estimate(capsys, "--vram", "8GB", "--seq-len", "16384")
     assert "SmolLM2-1.7B-Instruct nf4-dq" not in next(line for line in out.splitlines() if line.startswith("Pick:"))
     assert "past the context windows" in err
-    code, out, err = _run(capsys, "--vram", "80GB", "--seq-len", "200000", "--task", "inference", "--json")
+    code, out, err = run_estimate(capsys, "--vram", "80GB", "--seq-len", "200000", "--task", "inference", "--json")
     d = json.loads(out)
     assert not d["fits"] and "no model takes 200000 tokens" in d["reason"] and len(d["warnings"]) == 3
-    code, out, err = _run(capsys, "--vram", "8GB", "--json")
+    code, out, err = run_estimate(capsys, "--vram", "8GB", "--json")
     assert json.loads(out)["warnings"] == [] and err == ""
 
 
 def test_model_form_and_pick_agree_on_fit_and_headroom(capsys):
     # Qwen2.5-7B QLoRA at 2048 tokens needs ~7.3 GiB: inside 8 GiB, outside the 7.2 GiB the margin leaves
     args = ("--gpu", "RTX 4060 8GB", "--seq-len", "2048", "--json")
-    pick = json.loads(_run(capsys, *args)[1])
+    pick = json.loads(run_estimate(capsys, *args)[1])
     row = next(c for c in pick["candidates"] if c["model"] == "Qwen/Qwen2.5-7B-Instruct")
-    one = json.loads(_run(capsys, "--model", "Qwen/Qwen2.5-7B-Instruct", *args)[1])
+    one = json.loads(run_estimate(capsys, "--model", "Qwen/Qwen2.5-7B-Instruct", *args)[1])
     assert one["total_bytes"] == row["total_bytes"] < one["budget_bytes"]
     assert (one["fits"], one["headroom_bytes"], one["usable_bytes"]) == (False, row["headroom_bytes"], pick["usable_bytes"])
-    code, out, _ = _run(capsys, "--model", "Qwen/Qwen2.5-7B-Instruct", *args[:-1])
+    code, out, _ = run_estimate(capsys, "--model", "Qwen/Qwen2.5-7B-Instruct", *args[:-1])
     line = out.splitlines()[-1]
     assert code == 0 and "7.20 GiB usable after the 10% safety margin: does NOT fit, headroom -0." in line
     assert "left of the whole budget, with no margin" in line
 
 
 def test_pick_with_a_recipe_shows_the_recipes_settings(capsys):
-    code, out, _ = _run(capsys, "--recipe", "recipes/finance", "--gpu", "RTX 4060 8GB")
+    code, out, _ = run_estimate(capsys, "--recipe", "recipes/finance", "--gpu", "RTX 4060 8GB")
     assert code == 0 and "Task: qlora, seq 512 x batch 8, LoRA r16" in out  # the recipe's GPU batch, not --batch's
-    d = json.loads(_run(capsys, "--recipe", "recipes/finance", "--gpu", "RTX 4060 8GB", "--json")[1])
+    d = json.loads(run_estimate(capsys, "--recipe", "recipes/finance", "--gpu", "RTX 4060 8GB", "--json")[1])
     assert (d["seq_len"], d["batch"], d["lora_r"]) == (512, 8, 16)
 
 
 def test_a_time_budget_that_cannot_apply_is_warned_not_claimed(capsys):
-    code, out, err = _run(capsys, "--vram", "8GB", "--time-budget", "5m")
+    code, out, err = run_estimate(capsys, "--vram", "8GB", "--time-budget", "5m")
     assert code == 0 and "budget 5 min" not in out and "Time:" not in out
     assert err == "warning: --time-budget 5m is not applied: no speed is known for --vram 8GB\n"
-    d = json.loads(_run(capsys, "--vram", "8GB", "--time-budget", "5m", "--json")[1])
+    d = json.loads(run_estimate(capsys, "--vram", "8GB", "--time-budget", "5m", "--json")[1])
     assert d["time_budget_s"] is None and d["warnings"] == [err.removeprefix("warning: ").strip()]
-    code, out, err = _run(capsys, "--model", "embedded", "--time-budget", "5m")
+    code, out, err = run_estimate(capsys, "--model", "embedded", "--time-budget", "5m")
     assert code == 0 and "--time-budget 5m is not applied" in err
 
 
 def test_list_gpus_json(capsys):
-    code, out, _ = _run(capsys, "--list-gpus", "--json")
+    code, out, _ = run_estimate(capsys, "--list-gpus", "--json")
     assert code == 0 and json.loads(out)["RTX 3090 24GB"] == 24 * 1024**3
 
 
@@ -274,7 +265,7 @@ def test_the_pick_table_says_why_a_model_is_not_taken(capsys):
     """`fits` reads `no` only for memory: a model that fits in memory but is past the time budget
     reads `time`, one whose context window the sequence is past reads `ctx`."""
     def marks(*argv):
-        code, out, _ = _run(capsys, *argv)
+        code, out, _ = run_estimate(capsys, *argv)
         assert code == 0
         rows = [line.split() for line in out.splitlines() if line.split() and line.split()[0] in _MODELS]
         return {r[0]: r[5] for r in rows}
@@ -295,11 +286,11 @@ def test_a_recipe_with_method_auto_says_how_it_was_estimated(capsys):
     """The finance recipe's CPU profile has `method: auto`, estimated as its QLoRA branch: the
     estimate says so (a run may take plain LoRA), in both forms; its GPU profile names qlora."""
     recipe = str(ROOT / "recipes" / "finance")
-    code, out, _ = _run(capsys, "--recipe", recipe, "--json")  # this CPU-only machine: the cpu: profile
+    code, out, _ = run_estimate(capsys, "--recipe", recipe, "--json")  # this CPU-only machine: the cpu: profile
     assert code == 0 and any("method auto" in n for n in json.loads(out)["notes"])
-    code, out, _ = _run(capsys, "--recipe", recipe, "--model", "embedded")
+    code, out, _ = run_estimate(capsys, "--recipe", recipe, "--model", "embedded")
     assert "note: method auto: estimated as qlora" in out
-    code, out, _ = _run(capsys, "--recipe", recipe, "--gpu", "RTX 3060 12GB", "--json")
+    code, out, _ = run_estimate(capsys, "--recipe", recipe, "--gpu", "RTX 3060 12GB", "--json")
     assert json.loads(out)["notes"] == []
 
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.commands.test_estimate import ROOT, _run
+from tests.commands.conftest import ROOT, run_estimate
 
 
 def test_a_gtx_10xx_is_estimated_in_the_fp32_it_trains_in(capsys):
@@ -17,18 +17,18 @@ def test_a_gtx_10xx_is_estimated_in_the_fp32_it_trains_in(capsys):
     (capability.choose_dtype): the estimate holds QLoRA's unquantized weights and activations in
     fp32, times it at the card's fp32 rate, and says why; an RTX 3060 stays bf16."""
     args = ("--model", "meta-llama/Llama-3.2-1B-Instruct", "--task", "qlora", "--seq-len", "1024", "--json")
-    _, out, _ = _run(capsys, *args, "--gpu", "GTX 1080 Ti")
+    _, out, _ = run_estimate(capsys, *args, "--gpu", "GTX 1080 Ti")
     pascal = json.loads(out)
-    _, out, _ = _run(capsys, *args, "--gpu", "RTX 3060 12GB")
+    _, out, _ = run_estimate(capsys, *args, "--gpu", "RTX 3060 12GB")
     ampere = json.loads(out)
     assert pascal["compute_dtype"] == "fp32" and "sm61" in pascal["compute_reason"]
     assert ampere["compute_dtype"] == "bf16"
     assert pascal["components"]["weights"] > ampere["components"]["weights"]
     assert pascal["components"]["activations"] > ampere["components"]["activations"]
     assert "11.3 TFLOPS fp32" in pascal["time"]["source"]
-    code, out, _ = _run(capsys, "--gpu", "GTX 1080 Ti", "--task", "lora", "--json")
+    code, out, _ = run_estimate(capsys, "--gpu", "GTX 1080 Ti", "--task", "lora", "--json")
     assert code == 0 and {c["quant"] for c in json.loads(out)["candidates"]} == {"fp32"}
-    _, out, _ = _run(capsys, "--model", "embedded", "--task", "qlora", "--gpu", "GTX 1080 Ti")
+    _, out, _ = run_estimate(capsys, "--model", "embedded", "--task", "qlora", "--gpu", "GTX 1080 Ti")
     assert "compute fp32" in out and "note: fp32: GTX 1080 Ti 11GB (sm61)" in out
 
 
@@ -36,13 +36,13 @@ def test_a_cpu_without_native_bf16_is_estimated_in_fp32(capsys, monkeypatch):
     """The dense tasks' default quant is the dtype the toolkit computes in on this machine: an AVX2
     record (forced) trains in fp32, so `--task lora` estimates an fp32 base, as the trainer loads it."""
     monkeypatch.setenv("TOOLKIT_CPU_CAPABILITY", "avx2")
-    code, out, _ = _run(capsys, "--model", "embedded", "--task", "lora", "--json")
+    code, out, _ = run_estimate(capsys, "--model", "embedded", "--task", "lora", "--json")
     d = json.loads(out)
     assert code == 0 and d["quant"] == "fp32" and d["compute_dtype"] == "fp32" and "no native bf16" in d["compute_reason"]
-    code, out, _ = _run(capsys, "--model", "embedded", "--task", "qlora", "--json")
+    code, out, _ = run_estimate(capsys, "--model", "embedded", "--task", "qlora", "--json")
     assert json.loads(out)["compute_dtype"] == "fp32"
     monkeypatch.setenv("TOOLKIT_CPU_CAPABILITY", "avx512_bf16")
-    code, out, _ = _run(capsys, "--model", "embedded", "--task", "lora", "--json")
+    code, out, _ = run_estimate(capsys, "--model", "embedded", "--task", "lora", "--json")
     assert json.loads(out)["quant"] == "bf16"
 
 
@@ -78,7 +78,7 @@ def test_a_dense_quant_is_the_dtype_a_lora_base_or_an_answering_model_computes_i
     a GTX 1080 is fp16 compute, timed at that card's fp16 rate, and `--quant fp32` on an RTX 3090 is
     fp32; QLoRA keeps the device's compute whatever its 4-bit quant."""
     def ask(*argv):
-        code, out, err = _run(capsys, "--model", "embedded", "--json", *argv)
+        code, out, err = run_estimate(capsys, "--model", "embedded", "--json", *argv)
         assert code == 0, err
         return json.loads(out)
 
