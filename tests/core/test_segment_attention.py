@@ -79,6 +79,20 @@ def test_bmm_query_blocks_change_nothing(monkeypatch, blocks, sizes):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_bmm_backward_runs_no_per_matrix_products():
+    """The earlier query blocks' dK and dV shares are batched products added into the slice: `baddbmm_`
+    into a slice (not contiguous) ran one `addmm_` per batch matrix, 48 calls a layer at the recipe's rows."""
+    import torch
+
+    q, k, v, grad = _inputs(6, 2, sizes=[40, 33, 38])
+    out = S.bmm(q, k, v, [40, 33, 38])
+    with torch.profiler.profile() as prof:
+        out.backward(grad)
+    names = {e.key: e.count for e in prof.key_averages()}
+    assert names.get("aten::bmm", 0) >= 4 * S.CAUSAL_BLOCKS  # the backward ran, profiled
+    assert "aten::addmm_" not in names and "aten::baddbmm_" not in names
+
+
 def test_causal_blocks_cover_each_position_once():
     assert S.causal_blocks(128, 3) == [(0, 43), (43, 86), (86, 128)]
     assert S.causal_blocks(2, 3) == [(0, 1), (1, 2)]
