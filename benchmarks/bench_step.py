@@ -11,7 +11,8 @@ Each operator's own time goes to one part:
 - LoRA rank-r products: every matrix product with the adapter's rank as a dimension;
 - LM head: every operator on a vocabulary-wide tensor (logits, softmax, their gradients);
 - attention: the scaled-dot-product kernels, or the batched matmuls and softmax of the bmm kernel
-  (toolkit.core.segment_attention; its padding copies count as other operators), forward and backward;
+  (toolkit.core.segment_attention; its padding copies and the adds of its query blocks' dK and dV shares
+  count as other operators), forward and backward;
 - other operators: norms, rotary, SiLU, casts, adds, the optimizer;
 - outside operators: the window's wall time no operator accounts for (Python, the autograd engine,
   collation, and the profiler's own bookkeeping: compare s_per_step with s_per_step_unprofiled).
@@ -38,7 +39,7 @@ STEPS, WARMUP, PLAIN = 9, 2, 3
 GEMMS = {"aten::mm", "aten::addmm", "aten::addmm_"}
 # In the recipe's step only the bmm attention kernel runs batched matmuls and a softmax (the LM head's
 # softmax is written out over vocabulary-wide rows): attention, not base GEMMs.
-ATTENTION_OPS = {"aten::bmm", "aten::baddbmm", "aten::baddbmm_", "aten::_softmax"}
+ATTENTION_OPS = {"aten::bmm", "aten::baddbmm", "aten::_softmax"}
 # oneDNN's product with a pre-packed weight (toolkit.core.packed_linear): x (..., K) by W (N, K).
 LINEARS = {"mkldnn::_linear_pointwise"}
 PARTS = ("base GEMMs", "LoRA rank-r products", "LM head", "attention", "other operators", "outside operators")
