@@ -368,17 +368,18 @@ def test_compute_dtype_is_the_dense_tasks_default_quant_and_the_picks():
 
 
 def test_cpu_head_keeps_its_logits_buffers_through_the_layers_backward(monkeypatch):
-    """The CPU LM head hands its logits buffers (fp32, and in bf16 the matmul's bf16 one) to the next
-    step, so they are allocated while the decoder layers run their backward:
+    """The materialized CPU LM head hands its logits buffers (fp32, and in bf16 the matmul's bf16 one)
+    to the next step, so they are allocated while the decoder layers run their backward:
     `formulas.cpu_lean_retained_bytes` is what `cpu_lm_head._SPARE` holds after a step, and the
-    estimate's peak on a CPU is that phase."""
+    estimate's peak on a CPU is that phase. (The streamed head, fp32 with an unpacked weight, keeps
+    none: the estimate stays the bound, since packing is the run's calibration's choice.)"""
     torch = pytest.importorskip("torch")
     from toolkit.finetune import cpu_lm_head
 
     n, v, h = 53, 311, 16
     for dtype, act in ((torch.float32, 4), (torch.bfloat16, 2)):
         monkeypatch.setattr(cpu_lm_head, "_SPARE", {})
-        fn = cpu_lm_head.log_probs_function()
+        fn = cpu_lm_head.materialized_function()
         hidden = torch.randn(n, h, requires_grad=True)
         weight, targets = torch.randn(v, h), torch.randint(0, v, (n,))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):

@@ -1,4 +1,5 @@
-"""cpu_lm_head.LogProbs against the reference it replaces on a CPU: TRL's ChunkedLogProbFunction."""
+"""The CPU LM heads (cpu_lm_head.LogProbs, materialized, and cpu_lm_head_streamed.StreamedLogProbs)
+against the reference they replace on a CPU: TRL's ChunkedLogProbFunction."""
 
 from __future__ import annotations
 
@@ -28,21 +29,51 @@ def _run(fn, hidden, weight, targets, outputs=OUTPUTS, temperature=1.0, logit_sc
     return lp.detach(), None if ent is None else ent.detach(), top1, hidden.grad, weight.grad
 
 
+def _heads():
+    """{name: head} for each CPU head: materialized, streamed, and what the trainer calls (TRL's kernel
+    swapped for `cpu_lm_head.head_for`'s choice)."""
+    from toolkit.finetune import cpu_lm_head
+
+    return {"materialized": cpu_lm_head.materialized_function, "streamed": cpu_lm_head.streamed_function,
+            "dispatch": _trainer_head}
+
+
+def _trainer_head():
+    from trl.kernels import ChunkedLogProbFunction
+
+    from toolkit.finetune.trl_compat import _LeanOnCpu
+
+    return _LeanOnCpu(ChunkedLogProbFunction)
+
+
+@pytest.fixture(params=["materialized", "streamed", "dispatch"])
+def head(request, monkeypatch):
+    from toolkit.finetune import cpu_lm_head_streamed
+
+    # The streamed head in blocks of 16 vocabulary rows, the last one short (301 = 18 x 16 + 13).
+    monkeypatch.setattr(cpu_lm_head_streamed, "BLOCK_ALIGN", 16)
+    monkeypatch.setattr(cpu_lm_head_streamed, "VOCAB_BLOCK_BYTES", 1)
+    return _heads()[request.param]()
+
+
 @pytest.mark.parametrize("case", [
     dict(),
     dict(outputs=("log_probs",)),
     dict(temperature=0.7, logit_scale=1.3),
     dict(entropy_weight=0.5),
+    dict(entropy_weight=0.5, temperature=0.7),
     dict(weight_grad=True),
 ])
-def test_equals_trl_chunked_kernel(case):
+def test_equals_trl_chunked_kernel(case, head):
     from trl.kernels import ChunkedLogProbFunction
 
-    from toolkit.finetune.cpu_lm_head import log_probs_function
+    from toolkit.finetune import cpu_lm_head
 
+    if case.get("weight_grad") and head is cpu_lm_head.streamed_function():
+        pytest.skip("no weight gradient: `streams` sends a trained weight to the materialized head")
     hidden, weight, targets = _inputs()
     want = _run(ChunkedLogProbFunction, hidden, weight, targets, **case)
-    got = _run(log_probs_function(), hidden, weight, targets, **case)
+    got = _run(head, hidden, weight, targets, **case)
     for name, a, b in zip(("log_probs", "entropy", "is_top1", "hidden grad", "weight grad"), want, got):
         if a is None:
             assert b is None, name
@@ -55,12 +86,10 @@ def test_equals_trl_chunked_kernel(case):
         assert got[2][:5].all() and not got[2].all()
 
 
-def test_equals_float64_softmax():
+def test_equals_float64_softmax(head):
     """Independent of TRL too: log-probabilities, entropy and their gradients from float64 autograd."""
-    from toolkit.finetune.cpu_lm_head import log_probs_function
-
     hidden, weight, targets = _inputs(seed=3)
-    got = _run(log_probs_function(), hidden, weight, targets, temperature=0.7, entropy_weight=0.5)
+    got = _run(head, hidden, weight, targets, temperature=0.7, entropy_weight=0.5)
     h = hidden.double().requires_grad_(True)
     log_p = torch.log_softmax(h @ weight.double().t() / 0.7, dim=-1)
     lp = log_p.gather(1, targets.unsqueeze(1)).squeeze(1)
@@ -79,13 +108,32 @@ def test_what_it_takes():
     assert not fits(10, 100, None, 30.0, OUTPUTS)  # soft-capping
     assert not fits(10, 100, object(), None, OUTPUTS)  # a bias
     assert not fits(10, 100, None, None, ("log_probs", "mean_logits"))
+    assert fits(MAX_LOGITS_BYTES // (4 * 128256) + 1, 128256, None, None, OUTPUTS, streamed=True)  # nothing materialized
+    assert not fits(10, 100, None, 30.0, OUTPUTS, streamed=True)
 
 
-def test_a_tie_with_an_earlier_token_is_not_top1():
-    """TRL counts a target as top-1 only when no earlier token has the same logit."""
+def test_head_for_each_call():
+    """Past the materialized head's limit a frozen fp32 weight still gets a CPU head (streamed); a
+    trained one goes back to TRL's kernel."""
+    from toolkit.finetune import cpu_lm_head
+
+    v = 1000
+    n = cpu_lm_head.MAX_LOGITS_BYTES // (4 * v) + 1
+    hidden, frozen, trained = torch.zeros(n, 8), torch.zeros(v, 8), torch.zeros(v, 8, requires_grad=True)
+    streamed, materialized = cpu_lm_head.streamed_function(), cpu_lm_head.materialized_function()
+    assert cpu_lm_head.head_for(hidden, frozen, None, None, OUTPUTS) is streamed
+    assert cpu_lm_head.head_for(hidden, trained, None, None, OUTPUTS) is None
+    assert cpu_lm_head.head_for(hidden[:10], frozen, None, None, OUTPUTS) is streamed
+    assert cpu_lm_head.head_for(hidden[:10], trained, None, None, OUTPUTS) is materialized
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert cpu_lm_head.head_for(hidden[:10], frozen, None, None, OUTPUTS) is materialized
+    assert cpu_lm_head.head_for(hidden[:10], frozen, object(), None, OUTPUTS) is None  # a bias
+
+
+def test_a_tie_with_an_earlier_token_is_not_top1(head):
+    """TRL counts a target as top-1 only when no earlier token has the same logit (for the streamed
+    head the twins sit in different blocks)."""
     from trl.kernels import ChunkedLogProbFunction
-
-    from toolkit.finetune.cpu_lm_head import log_probs_function
 
     hidden, weight, _ = _inputs(n=4, v=50)
     best = (hidden @ weight.t()).argmax(-1)
@@ -93,7 +141,7 @@ def test_a_tie_with_an_earlier_token_is_not_top1():
     targets = torch.tensor([50, int(best[1]), int(best[2]), 7])  # row 0 targets the later twin, row 1 the earlier
     args = (None, targets, 1.0, 16, None, 1.0, ("log_probs", "is_top1"))
     want = ChunkedLogProbFunction.apply(hidden, weight, *args)[4]
-    got = log_probs_function().apply(hidden, weight, *args)[4]
+    got = head.apply(hidden, weight, *args)[4]
     assert torch.equal(got, want) and got.tolist()[:3] == [False, True, True]
 
 
@@ -101,9 +149,9 @@ def test_row_blocks_do_not_change_the_answer(monkeypatch):
     from toolkit.finetune import cpu_lm_head
 
     hidden, weight, targets = _inputs(n=50, v=301)
-    whole = _run(cpu_lm_head.log_probs_function(), hidden, weight, targets)
+    whole = _run(cpu_lm_head.materialized_function(), hidden, weight, targets)
     monkeypatch.setattr(cpu_lm_head, "ROW_BLOCK_BYTES", 4 * 301 * 7)  # 7 rows a block, the last one short
-    blocked = _run(cpu_lm_head.log_probs_function(), hidden, weight, targets)
+    blocked = _run(cpu_lm_head.materialized_function(), hidden, weight, targets)
     for a, b in zip(whole, blocked):
         assert (a is None and b is None) or torch.equal(a, b)
 
@@ -115,7 +163,7 @@ def test_logits_buffer_is_reused_and_never_shared(monkeypatch):
     from toolkit.finetune import cpu_lm_head
 
     monkeypatch.setattr(cpu_lm_head, "_SPARE", {})
-    fn = cpu_lm_head.log_probs_function()
+    fn = cpu_lm_head.materialized_function()
     a, b = _inputs(seed=1), _inputs(n=20, seed=2)
     want_a, want_b = _run(fn, *a), _run(fn, *b)
     spare = cpu_lm_head._SPARE[torch.float32]
@@ -144,7 +192,7 @@ def test_bf16_autocast_path(monkeypatch):
     from toolkit.finetune import cpu_lm_head
 
     monkeypatch.setattr(cpu_lm_head, "_SPARE", {})
-    fn = cpu_lm_head.log_probs_function()
+    fn = _trainer_head()
     hidden, weight, targets = _inputs(seed=4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = _run(fn, hidden, weight, targets)
@@ -176,9 +224,9 @@ def test_fp32_runs_through_the_weights_packs_where_the_model_is_packed(monkeypat
         pytest.skip("this torch lacks the oneDNN operators")
     monkeypatch.setattr(cpu_lm_head, "_SPARE", {})
     hidden, weight, targets = _inputs(n=45, h=32, v=509, seed=5)
-    fn = cpu_lm_head.log_probs_function()
-    want = _run(fn, hidden, weight, targets, entropy_weight=0.5)
+    want = _run(cpu_lm_head.materialized_function(), hidden, weight, targets, entropy_weight=0.5)
     assert torch.float32 in cpu_lm_head._SPARE
+    fn = _trainer_head()  # a packed weight goes to the materialized head
     monkeypatch.setattr(cpu_lm_head, "_SPARE", {})
     head = torch.nn.Linear(32, 509, bias=False).requires_grad_(False)
     head.weight.copy_(weight)
@@ -208,7 +256,7 @@ def test_bf16_leaves_the_weights_packs_alone(monkeypatch):
     if not packed_linear.packs("bfloat16"):
         pytest.skip("oneDNN does not pack bf16 on this CPU (or this torch lacks its operators)")
     hidden, weight, targets = _inputs(n=45, h=32, v=509, seed=6)
-    fn = cpu_lm_head.log_probs_function()
+    fn = _trainer_head()
     head = torch.nn.Linear(32, 509, bias=False, dtype=torch.bfloat16).requires_grad_(False)
     head.weight.copy_(weight)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -219,3 +267,59 @@ def test_bf16_leaves_the_weights_packs_alone(monkeypatch):
             assert n == 1 and packs[1] is None
     for a, b in zip(want, got):
         assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_which_head_a_call_takes():
+    """Streamed in fp32 for a frozen weight that is not pre-packed; everything else materialized."""
+    from toolkit.finetune.cpu_lm_head import streams
+
+    assert streams("float32", weight_trained=False, packed=False)
+    assert not streams("float32", weight_trained=True, packed=False)  # the weight's gradient needs the logits'
+    assert not streams("float32", weight_trained=False, packed=True)  # oneDNN's whole-weight packs
+    assert not streams("bfloat16", weight_trained=False, packed=False)  # not measured streamed
+
+
+def test_the_dispatcher_streams_a_frozen_fp32_weight(monkeypatch):
+    """The trainer's head streams a frozen fp32 weight (no logits buffer kept for the next step) and
+    materializes a trained one."""
+    from toolkit.finetune import cpu_lm_head
+
+    monkeypatch.setattr(cpu_lm_head, "_SPARE", {})
+    hidden, weight, targets = _inputs(seed=7)
+    _run(_trainer_head(), hidden, weight, targets)
+    assert cpu_lm_head._SPARE == {}
+    got = _run(_trainer_head(), hidden, weight, targets, weight_grad=True)
+    assert got[4] is not None and torch.float32 in cpu_lm_head._SPARE
+
+
+def test_the_streamed_head_keeps_nothing_vocabulary_sized(monkeypatch):
+    """What its backward needs is N x H (P @ W) and N-sized vectors: no logits, no probabilities; without
+    a gradient it runs the one product only, to the same answers."""
+    from toolkit.finetune import cpu_lm_head, cpu_lm_head_streamed
+
+    monkeypatch.setattr(cpu_lm_head_streamed, "BLOCK_ALIGN", 16)
+    monkeypatch.setattr(cpu_lm_head_streamed, "VOCAB_BLOCK_BYTES", 1)
+    n, h, v = 37, 24, 301
+    hidden, weight, targets = _inputs(n, h, v, seed=8)
+    fn = cpu_lm_head.streamed_function()
+    x = hidden.clone().requires_grad_(True)
+    lp, ent, _, _, top1 = fn.apply(x, weight, None, targets, 1.0, 128, None, 1.0, OUTPUTS)
+    saved = [t for t in lp.grad_fn.saved_tensors if t is not None]
+    assert all(t.numel() in (n, n * h) or t is weight for t in saved)  # targets, log Z, entropy; hidden, P @ W
+    with torch.no_grad():
+        again = fn.apply(hidden, weight, None, targets, 1.0, 128, None, 1.0, OUTPUTS)
+    for a, b in zip((lp, ent, top1), (again[0], again[1], again[4])):
+        assert torch.equal(a.detach(), b)
+
+
+def test_vocabulary_blocks():
+    """A block's logits, their exponentials and its weight rows within VOCAB_BLOCK_BYTES."""
+    from toolkit.finetune.cpu_lm_head_streamed import BLOCK_ALIGN, VOCAB_BLOCK_BYTES, vocab_block
+
+    for n, h in ((460, 576), (460, 2048), (1500, 2048)):
+        rows = vocab_block(n, 128256, h)
+        assert rows % BLOCK_ALIGN == 0 and rows * 4 * (2 * n + h) <= VOCAB_BLOCK_BYTES
+        assert (rows + BLOCK_ALIGN) * 4 * (2 * n + h) > VOCAB_BLOCK_BYTES
+    assert vocab_block(100_000, 49152, 576) == BLOCK_ALIGN  # at least one aligned block
+    assert vocab_block(10, 300, 64) == 300  # a small vocabulary in one block
+    assert vocab_block(0, 49152, 576) > 0

@@ -23,23 +23,28 @@ Zen 5 EPYC (AVX-512), 460 x 576 -> 49,152: 69.5 / 51.2 ms against 134.3 / 118.4 
 1.684 / 1.794 / 1.682 against 1.784 / 1.811 / 1.793 s; docs/cpu-training.md). In bf16 torch's matmul
 already runs in oneDNN; the packs measured no gain in training there (0.975 / 0.931 / 0.990 against
 0.962 / 0.940 / 0.969 s a step) and the transposed one would take another 56 MB, so bf16 keeps it.
+
+Two heads, one per call as `head_for` decides (`streams`): in fp32 with a frozen weight that is not
+pre-packed, `cpu_lm_head_streamed.StreamedLogProbs` takes the vocabulary in cache-sized blocks and keeps
+nothing vocabulary-sized, for any number of positions; elsewhere (bf16, a packed or a trained weight)
+`LogProbs` below, within MAX_LOGITS_BYTES.
 """
 
 from __future__ import annotations
 
 import contextlib
 
-MAX_LOGITS_BYTES = 512 * 2**20  # past this, TRL's chunked kernel (recomputes, never materializes) runs
+MAX_LOGITS_BYTES = 512 * 2**20  # past this the materialized head hands over: to TRL's kernel where it can't stream
 ROW_BLOCK_BYTES = 4 * 2**20
 SUPPORTED_OUTPUTS = frozenset({"log_probs", "entropy", "is_top1"})
 
 
-def fits(n_tokens: int, vocab: int, bias, final_logit_softcapping, outputs) -> bool:
-    """Whether `LogProbs` handles this call: logits of `n_tokens` x `vocab` fp32 within
-    MAX_LOGITS_BYTES, no LM-head bias or logit soft-capping (Llama, Qwen, SmolLM, Mistral have
-    neither), and only the outputs SFT asks for."""
-    return (n_tokens * vocab * 4 <= MAX_LOGITS_BYTES and bias is None and final_logit_softcapping is None
-            and set(outputs) <= SUPPORTED_OUTPUTS)
+def fits(n_tokens: int, vocab: int, bias, final_logit_softcapping, outputs, streamed: bool = False) -> bool:
+    """Whether a CPU head handles this call: no LM-head bias or logit soft-capping (Llama, Qwen, SmolLM,
+    Mistral have neither), only the outputs SFT asks for, and for the materialized head (not
+    `streamed`) logits of `n_tokens` x `vocab` fp32 within MAX_LOGITS_BYTES."""
+    return ((streamed or n_tokens * vocab * 4 <= MAX_LOGITS_BYTES) and bias is None
+            and final_logit_softcapping is None and set(outputs) <= SUPPORTED_OUTPUTS)
 
 
 def uses_weight_packs(dtype: str) -> bool:
@@ -198,9 +203,42 @@ def _borrowed(shape, dtype, device):
 _FUNCTION = None
 
 
-def log_probs_function():
-    """The autograd Function (built on first use, so importing this module does not import torch)."""
+def materialized_function():
+    """`LogProbs`, the head that materializes the logits (built on first use, so importing this
+    module does not import torch)."""
     global _FUNCTION
     if _FUNCTION is None:
         _FUNCTION = _autograd_function()
     return _FUNCTION
+
+
+def streamed_function():
+    """`StreamedLogProbs`, the head that streams the vocabulary (`cpu_lm_head_streamed`)."""
+    from toolkit.finetune import cpu_lm_head_streamed
+
+    return cpu_lm_head_streamed.function()
+
+
+def streams(compute_dtype: str, weight_trained: bool, packed: bool) -> bool:
+    """Whether a call streams the vocabulary (`streamed_function`) rather than materializing the
+    logits (`materialized_function`): in fp32, for a frozen weight that is not pre-packed. A trained
+    weight needs the logits' gradient, which only the materialized head keeps; a packed one runs
+    its matmuls through oneDNN's whole-weight packs (the Zen 5's choice, measured there against the
+    materialized head only); bf16 was not measured streamed (no CPU with native bf16 was at hand)."""
+    return compute_dtype == "float32" and not weight_trained and not packed
+
+
+def head_for(hidden, weight, bias, final_logit_softcapping, outputs):
+    """The CPU head for this call of TRL's `ChunkedLogProbFunction` (same `apply`): the streamed one
+    where `streams`, the materialized one where its logits `fit`, else None (TRL's kernel runs)."""
+    import torch
+
+    from toolkit.core import packed_linear
+
+    dev = hidden.device.type
+    compute = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
+    streamed = weight.dtype == compute and streams(str(compute).removeprefix("torch."), weight.requires_grad,
+                                                   packed_linear.packs_of(weight) is not None)
+    if not fits(hidden.shape[0], weight.shape[0], bias, final_logit_softcapping, outputs, streamed):
+        return None
+    return streamed_function() if streamed else materialized_function()

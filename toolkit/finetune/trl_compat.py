@@ -10,8 +10,8 @@ module-level names on every call:
   recipe's CPU profile, AVX512-BF16 CPU).
 - `_ChunkedLogProbFunction` is the GPU-shaped chunked kernel; on a CPU, `toolkit.finetune.cpu_lm_head`
   does the same with two matmuls instead of three and a few passes instead of ~15 (0.96 -> 0.42 s a
-  step on the 2-core AVX2 EPYC, benchmarks/bench_lm_head.py). Calls it can't take (huge logits,
-  soft-capping) still go to TRL's.
+  step on the 2-core AVX2 EPYC, benchmarks/bench_lm_head.py). Calls it can't take (soft-capping, a
+  bias, logits too large to materialize where its streamed head can't run) still go to TRL's.
 The loss is the same sum over the same positions, and the logged entropy and token accuracy are the same.
 
 `tests/finetune/test_trl_compat.py` fails when TRL renames or removes either name, so an upgrade
@@ -29,8 +29,8 @@ PRIVATE_KERNEL = "_ChunkedLogProbFunction"
 
 
 class _LeanOnCpu:
-    """Stands in for TRL's `_ChunkedLogProbFunction` (same `apply` signature): CPU calls that
-    `cpu_lm_head.fits` go to `cpu_lm_head.LogProbs`, everything else to the original."""
+    """Stands in for TRL's `_ChunkedLogProbFunction` (same `apply` signature): CPU calls go to the
+    head `cpu_lm_head.head_for` picks (streamed or materialized), the rest to the original."""
 
     def __init__(self, original):
         self.original = original
@@ -39,11 +39,10 @@ class _LeanOnCpu:
               logit_scale=1.0, outputs=("log_probs",)):
         from toolkit.finetune import cpu_lm_head
 
-        fn = self.original
-        if hidden.device.type == "cpu" and cpu_lm_head.fits(hidden.shape[0], weight.shape[0], bias,
-                                                            final_logit_softcapping, outputs):
-            fn = cpu_lm_head.log_probs_function()
-        return fn.apply(hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping,
+        fn = None
+        if hidden.device.type == "cpu":
+            fn = cpu_lm_head.head_for(hidden, weight, bias, final_logit_softcapping, outputs)
+        return (fn or self.original).apply(hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping,
                         logit_scale, outputs)
 
 
