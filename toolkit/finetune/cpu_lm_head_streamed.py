@@ -3,10 +3,10 @@
 `cpu_lm_head.LogProbs` writes the labelled positions' logits once (460 x 49,152 fp32 is 90 MB on
 the finance recipe's CPU profile), reads them back for the softmax, and in the backward reads and
 writes them again before its second matmul reads them: every pass goes to DRAM, past the 32 MB L3,
-and evicts what the decoder layers' backward reads next. Here the vocabulary comes in blocks of
-VOCAB_BLOCK_BYTES of logits (~4,300 columns at 460 positions), each block's two products and its
-softmax work done while it is in cache, with an online log-sum-exp (the running maximum rescales
-what came before, as flash attention does):
+and evicts what the decoder layers' backward reads next. Here the vocabulary comes in blocks whose
+logits, exponentials and weight rows take VOCAB_BLOCK_BYTES (2,560 rows at 460 positions of width
+576), each block's two products and its softmax work done while it is in cache, with an online
+log-sum-exp (the running maximum rescales what came before, as flash attention does):
 
 - z = h @ W_b.T, then e = exp(z - m) with m the running row maximum;
 - sum e, sum e * z (for the entropy), the first maximum's index (top-1), the target's logit;
