@@ -47,6 +47,12 @@ def fits(n_tokens: int, vocab: int, bias, final_logit_softcapping, outputs, stre
             and final_logit_softcapping is None and set(outputs) <= SUPPORTED_OUTPUTS)
 
 
+def _compute_dtype(torch, hidden):
+    """The dtype the head's matmuls run in: autocast's where it is on for `hidden`'s device."""
+    dev = hidden.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
+
+
 def uses_weight_packs(dtype: str) -> bool:
     """Whether `LogProbs` multiplies through the LM head weight's oneDNN packs when it computes in
     `dtype` (a torch dtype's name): in fp32 only (see the module), so a bf16 run need not pack it."""
@@ -67,7 +73,7 @@ def _autograd_function():
                     logit_scale=1.0, outputs=("log_probs",)):
             ctx.set_materialize_grads(False)
             dev = hidden.device.type
-            compute_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
+            compute_dtype = _compute_dtype(torch, hidden)
             scale = logit_scale / temperature
             h = hidden.to(compute_dtype).contiguous()
             shape = (hidden.shape[0], weight.shape[0])
@@ -235,8 +241,7 @@ def head_for(hidden, weight, bias, final_logit_softcapping, outputs):
 
     from toolkit.core import packed_linear
 
-    dev = hidden.device.type
-    compute = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
+    compute = _compute_dtype(torch, hidden)
     streamed = weight.dtype == compute and streams(str(compute).removeprefix("torch."), weight.requires_grad,
                                                    packed_linear.packs_of(weight) is not None)
     if not fits(hidden.shape[0], weight.shape[0], bias, final_logit_softcapping, outputs, streamed):
