@@ -47,8 +47,10 @@ def fits(n_tokens: int, vocab: int, bias, final_logit_softcapping, outputs, stre
             and final_logit_softcapping is None and set(outputs) <= SUPPORTED_OUTPUTS)
 
 
-def _compute_dtype(torch, hidden):
+def _compute_dtype(hidden):
     """The dtype the head's matmuls run in: autocast's where it is on for `hidden`'s device."""
+    import torch
+
     dev = hidden.device.type
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
 
@@ -73,7 +75,7 @@ def _autograd_function():
                     logit_scale=1.0, outputs=("log_probs",)):
             ctx.set_materialize_grads(False)
             dev = hidden.device.type
-            compute_dtype = _compute_dtype(torch, hidden)
+            compute_dtype = _compute_dtype(hidden)
             scale = logit_scale / temperature
             h = hidden.to(compute_dtype).contiguous()
             shape = (hidden.shape[0], weight.shape[0])
@@ -237,11 +239,9 @@ def streams(compute_dtype: str, weight_trained: bool, packed: bool) -> bool:
 def head_for(hidden, weight, bias, final_logit_softcapping, outputs):
     """The CPU head for this call of TRL's `ChunkedLogProbFunction` (same `apply`): the streamed one
     where `streams`, the materialized one where its logits `fit`, else None (TRL's kernel runs)."""
-    import torch
-
     from toolkit.core import packed_linear
 
-    compute = _compute_dtype(torch, hidden)
+    compute = _compute_dtype(hidden)
     streamed = weight.dtype == compute and streams(str(compute).removeprefix("torch."), weight.requires_grad,
                                                    packed_linear.packs_of(weight) is not None)
     if not fits(hidden.shape[0], weight.shape[0], bias, final_logit_softcapping, outputs, streamed):

@@ -52,6 +52,10 @@ def function():
     """The autograd Function (built on first use, so importing this module does not import torch)."""
     import torch
 
+    def scaled(hidden, scale):
+        """The hidden states times the logit scale (N x H multiplies, not N x V)."""
+        return hidden.contiguous() if scale == 1.0 else hidden * scale
+
     def blocks(h, weight):
         """(first row, W_b, the block's logits h @ W_b.T into a reused buffer) for each block."""
         n, vocab = h.shape[0], weight.shape[0]
@@ -74,8 +78,7 @@ def function():
             n = hidden.shape[0]
             wants_grad = ctx.needs_input_grad[0]
             with torch.autocast(hidden.device.type, enabled=False):
-                # The scale on the hidden states: N x H multiplies, not N x V.
-                h = hidden.contiguous() if scale == 1.0 else hidden * scale
+                h = scaled(hidden, scale)
                 peak = torch.full((n,), -torch.inf, device=h.device)
                 sum_e = torch.zeros(n, device=h.device)
                 sum_ez = torch.zeros(n, device=h.device) if "entropy" in outputs else None
@@ -126,9 +129,8 @@ def function():
                     grad.add_(weight[targets] - p_w).mul_(grad_log_probs.float().unsqueeze(1))
                 if grad_entropy is not None:
                     # d H / dz_j = -p_j (log p_j + H): recomputed by blocks (SFTTrainer never asks)
-                    h = hidden.contiguous() if ctx.scale == 1.0 else hidden * ctx.scale
                     g = grad_entropy.float().unsqueeze(1)
-                    for _, w, z in blocks(h, weight):
+                    for _, w, z in blocks(scaled(hidden, ctx.scale), weight):
                         log_p = z.sub_(log_z.unsqueeze(1))
                         grad.addmm_(log_p.exp() * (log_p + entropy.unsqueeze(1)) * g, w, alpha=-1.0)
                 if ctx.scale != 1.0:
