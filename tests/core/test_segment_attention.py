@@ -89,7 +89,8 @@ def test_bmm_backward_runs_no_per_matrix_products():
     with torch.profiler.profile() as prof:
         out.backward(grad)
     names = {e.key: e.count for e in prof.key_averages()}
-    assert names.get("aten::bmm", 0) >= 4 * S.CAUSAL_BLOCKS  # the backward ran, profiled
+    # the backward ran, profiled: dS, dQ, dV and dK a block (dQ and the last block's dK scaled inside baddbmm)
+    assert names.get("aten::bmm", 0) + names.get("aten::baddbmm", 0) >= 4 * S.CAUSAL_BLOCKS
     assert "aten::addmm_" not in names and "aten::baddbmm_" not in names
 
 
@@ -130,23 +131,38 @@ def test_sdpa_fp32_attends_in_fp32_under_autocast():
     assert not torch.equal(got, S.attend(q, k, v, SIZES, "sdpa"))
 
 
-def test_bmm_fits_only_rows_it_pads_little():
+def test_bmm_fits_only_rows_whose_groups_keep_few_scores():
     assert S.bmm_fits([256] * 4, 64) and not S.bmm_fits([257] * 4, 64)
     assert S.bmm_fits([100, 60, 130, 80, 110, 90, 120, 70, 105, 95], 64)
     assert S.bmm_fits([128] * 8, 64)  # the calibration's row
     assert not S.bmm_fits([2048], 64)  # one long conversation: SDPA keeps no L x L tensor
-    assert not S.bmm_fits([300] + [20] * 9, 64)  # nine short ones padded to 300
+    assert S.bmm_fits([300] + [20] * 9, 64)  # the short ones are a group of their own, not padded to 300
+    assert not S.bmm_fits([300, 20], 64)  # 300^2 alone passes 4 x 320 x 64
+
+
+def test_groups_split_where_padding_costs_more_than_a_group():
+    assert S.groups([128] * 8, 64) == [list(range(8))]
+    # a finance row: 7 x 161^2 + a group's cost against 3 x 161^2 + 4 x 124^2 + two groups' cost
+    assert S.groups([124] * 4 + [161] * 3, 64) == [[4, 5, 6], [0, 1, 2, 3]]
+    assert S.groups([5, 3, 1, 7], 64) == [[3, 0, 1, 2]]  # tiny ones: one group, whatever the padding
+    assert S.groups([12, 6, 12], 16, max_padding=1.34) == [[0, 2, 1]]  # padding 3 x 144 / 324 = 1.333
+    assert S.groups([12, 6, 12], 16, max_padding=1.33) == [[0, 2], [1]]
+    # one group would pass the memory rule (2 x 60^2 > 4 x 80 x 16); the least-scores split keeps it
+    assert S.groups([60, 20], 16) == [[0], [1]]
+    assert S.groups([70, 2, 2], 16) is None
 
 
 def test_attend_takes_the_fallback_where_bmm_does_not_fit_or_there_is_dropout():
     import torch
 
-    sizes = [40, 2, 2]
+    sizes = [70, 2, 2]
     assert not S.bmm_fits(sizes, 16)
     q, k, v, _ = _inputs(6, 2, sizes=sizes)
     with torch.no_grad():
         for fallback in S.FALLBACKS:
             assert torch.equal(S.attend(q, k, v, sizes, "bmm", fallback), S.attend(q, k, v, sizes, fallback))
+        q, k, v, _ = _inputs(6, 2, sizes=SIZES[:2])
+        assert S.bmm_fits(SIZES[:2], 16)
         torch.manual_seed(0)
         dropped = S.attend(q, k, v, SIZES[:2], "bmm", dropout=0.5)
         torch.manual_seed(0)
@@ -159,19 +175,19 @@ def test_padding_counts_the_scores_bmm_adds():
     assert S.padding([124] * 4 + [161] * 3) == pytest.approx(1.302, abs=1e-3)  # a finance row
 
 
-def test_attend_takes_the_fallback_for_rows_padded_past_the_limit(monkeypatch):
-    import torch
-
-    sizes = [12, 6, 12]  # padding 3 * 144 / 324 = 1.33
-    q, k, v, _ = _inputs(6, 2, sizes=sizes)
-    calls = []
-    real = S.bmm
-    monkeypatch.setattr(S, "bmm", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    with torch.no_grad():
-        want = S.attend(q, k, v, sizes, "sdpa")
-        assert torch.equal(S.attend(q, k, v, sizes, "bmm", "sdpa", max_padding=1.33), want) and not calls
-        torch.testing.assert_close(S.attend(q, k, v, sizes, "bmm", "sdpa", max_padding=1.34), want)
-        assert calls == [1]
+@pytest.mark.parametrize("max_padding", [1.0, 1.33, 1.34])
+def test_bmm_in_groups_within_the_padding_limit_equals_sdpa(max_padding):
+    """Rows padded past the limit are split (1.33: [12, 12] and [6]; 1.0: one group per length), the
+    values and gradients SDPA's either way; the groups' padded rows get no gradient."""
+    sizes = [12, 6, 12, 5, 9]
+    q, k, v, grad = _inputs(6, 2, sizes=sizes)
+    want, want_grads = _run(lambda *t: S.attend(*t, sizes, "sdpa"), q, k, v, grad)
+    got, got_grads = _run(lambda *t: S.attend(*t, sizes, "bmm", "sdpa", max_padding=max_padding), q, k, v, grad)
+    torch = pytest.importorskip("torch")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert all(S.padding([sizes[c] for c in g]) <= max_padding for g in S.groups(sizes, 16, max_padding))
 
 
 def test_varlen_call_reads_this_torchs_signature():

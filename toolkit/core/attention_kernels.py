@@ -10,8 +10,9 @@ from typing import NamedTuple
 
 from toolkit.core.capability import Capability
 
-# The batched-matmul attention keeps an L x L tensor a layer and pads conversations to the longest:
-# taken only for a clear gain over the fastest SDPA variant, on the calibration's row and on each row.
+# The batched-matmul attention keeps an L x L tensor a layer and pads conversations to their group's
+# longest: taken only for a clear gain over the fastest SDPA variant, on the calibration's row and on
+# each group of a row.
 BMM_ATTENTION_MIN_GAIN = 1.2
 _KERNEL_WORDS = {"sdpa": "SDPA", "sdpa_fp32": "SDPA in fp32", "bmm": "batched matmuls"}
 
@@ -23,7 +24,7 @@ class AttentionChoice(NamedTuple):
     kernel: str
     fallback: str  # an SDPA variant: the rows bmm does not take
     reason: str
-    max_padding: float = math.inf  # bmm takes a row only up to this `segment_attention.padding`
+    max_padding: float = math.inf  # bmm's groups are padded at most this much (`segment_attention.groups`)
 
 
 def attention_times(calibration, dtype: str) -> dict[str, float]:
@@ -63,9 +64,9 @@ def packed_attention(cap: Capability, compute_dtype: str, calibration=None) -> A
 
     Given a `toolkit.core.calibration.Calibration` that timed the kernels in `compute_dtype` on a row
     of equal conversations, the fastest SDPA variant is the fallback, and "bmm" is the kernel where
-    it measured more than BMM_ATTENTION_MIN_GAIN times faster than that: it then takes each row whose
-    padding (`segment_attention.padding`, which costs bmm time and SDPA none) leaves that margin,
-    `max_padding` = gain / BMM_ATTENTION_MIN_GAIN. Unmeasured, the rule measured on the AVX512-BF16
+    it measured more than BMM_ATTENTION_MIN_GAIN times faster than that: it then splits each row into
+    groups of conversations whose padding (`segment_attention.padding`, which costs bmm time and SDPA
+    none) leaves that margin, `max_padding` = gain / BMM_ATTENTION_MIN_GAIN (`segment_attention.groups`). Unmeasured, the rule measured on the AVX512-BF16
     EPYCs: PyTorch's bf16 CPU flash kernel is slower than its fp32 one wherever it has no AMX tiles to
     run on (and an AVX2 CPU only emulates bf16), so a bf16 run attends in fp32 there; AMX CPUs, not
     measured here, and CUDA keep the compute dtype."""
@@ -92,13 +93,13 @@ def packed_attention(cap: Capability, compute_dtype: str, calibration=None) -> A
         words = _KERNEL_WORDS[fallback]
         return AttentionChoice("bmm", fallback, (
             f"attention: batched matmuls in {compute_dtype}, measured {times[fallback] / bmm:.1f}x {words} on "
-            f"equal conversations ({ms('bmm')} vs {ms(fallback)} ms a layer), for rows padded up to {limit:.2f}x; "
-            f"{words} for the others"), round(limit, 3))
+            f"equal conversations ({ms('bmm')} vs {ms(fallback)} ms a layer), in groups of conversations padded up to "
+            f"{limit:.2f}x; {words} for rows too long for it"), round(limit, 3))
     others = ", ".join(f"{_KERNEL_WORDS[k]} {ms(k)}" for k in times if k != fallback)
     if bmm and bmm < times[fallback]:  # faster on equal conversations, not by enough to pay for a row's padding
         return AttentionChoice(fallback, fallback, (
             f"attention: {_KERNEL_WORDS[fallback]} in {compute_dtype} ({ms(fallback)} ms a layer; {others}: "
-            f"batched matmuls pad each conversation to the row's longest, and gain less than the "
+            f"batched matmuls pad each conversation to its group's longest, and gain less than the "
             f"{BMM_ATTENTION_MIN_GAIN}x that needs)"))
     return AttentionChoice(fallback, fallback, (f"attention: {_KERNEL_WORDS[fallback]}, measured fastest in "
                                                 f"{compute_dtype} ({ms(fallback)} ms a layer; {others})"))

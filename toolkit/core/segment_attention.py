@@ -9,23 +9,29 @@ picks one:
   kernel skips the masked half and keeps no L x L tensor, but a call costs ~0.4-0.8 ms at ~100
   tokens (9 query / 3 KV heads of 64, 2 threads), whatever the FLOPs; in bf16 without AMX it
   measured 2x slower than in fp32 (the AVX512-BF16 EPYCs here).
-- `bmm`: the conversations right-padded into one batch, attended with batched matmuls (causal mask
-  added inside the first one, softmax, second one), backward written out (dV = Pᵀ·dO, dS = P∘(dO·Vᵀ −
-  rowsum(dO∘O)), dQ = dS·K, dK = dSᵀ·Q). Six large matmuls a layer instead of two kernel calls per
-  conversation, at the compute dtype's matmul rate: on the Zen 5 EPYC in bf16 3.4-5.3 ms against
-  7.0-7.6 ms for `sdpa` in fp32 for a row of 10 conversations of 60-130 tokens, forward and backward.
-  Each conversation's queries go in CAUSAL_BLOCKS blocks of positions, a block's products reaching
-  only the keys up to its end, so the masked corner above the diagonal is mostly not computed.
-  It keeps the probabilities (n x heads x L x L, less that corner) for the backward and pads every
-  conversation to the longest, so it only runs where `bmm_fits` says that costs little.
+- `bmm`: the conversations in groups of similar length, each group right-padded into one batch and
+  attended with batched matmuls (causal mask added inside the first one, softmax, second one), backward
+  written out (dV = Pᵀ·dO, dS = P∘(dO·Vᵀ − rowsum(dO∘O)), dQ = dS·K, dK = dSᵀ·Q). Six large matmuls a
+  group and layer instead of two kernel calls per conversation, at the compute dtype's matmul rate: on
+  the Zen 5 EPYC in bf16 3.4-5.3 ms against 7.0-7.6 ms for `sdpa` in fp32 for a row of 10
+  conversations of 60-130 tokens, forward and backward. Each conversation's queries go in CAUSAL_BLOCKS
+  blocks of positions, a block's products reaching only the keys up to its end, so the masked corner
+  above the diagonal is mostly not computed. It keeps the probabilities (n x heads x L x L a group, less
+  that corner) for the backward, so it only runs where `bmm_fits` says they stay small. The rows go
+  into its padded buffers and back by one `index_copy_` / `index_select` each, with the index made
+  once a row (`_Layout`) and every block's queries one contiguous batch, so no product is copied.
 
-Which rows bmm takes: its cost grows with the padded scores (n x max(L)^2), SDPA's with the
-conversations' own (sum of L^2), so the calibration times both on a row of equal conversations
-(no padding) and bmm takes a row only where that gain, divided by the row's `padding`, still clears
-the bar (`attention_kernels.packed_attention` gives the limit as `max_padding`). On the Zen 5, fp32, rows of
-the finance recipe (7-10 conversations of 80-161 tokens, padding 1.06-1.30): SDPA / bmm 1.01-1.44x,
-and 0.85x on a row of 60-130 tokens (padding 1.75); the gain measured on 8 x 128 tokens over the row's
-padding predicts each within ~7% (docs/cpu-training.md).
+Which conversations go together (`groups`): bmm's cost grows with the padded scores (n x max(L)^2),
+SDPA's with the conversations' own (sum of L^2), so the calibration times both on a row of equal
+conversations (no padding), and `attention_kernels.packed_attention` gives as `max_padding` the padding
+that gain still covers; a row is split into groups, by length, each padded at most that much, where the
+padding saved is worth a group's own calls (GROUP_COST_SCORES). On the Zen 5, fp32, whole rows of the
+finance recipe (7-10 conversations of 80-161 tokens, padding 1.06-1.30): SDPA / bmm 1.01-1.44x, and
+0.85x on a row of 60-130 tokens (padding 1.75); the gain measured on 8 x 128 tokens over the row's
+padding predicts each within ~7% (docs/cpu-training.md). On the Zen 3, fp32, the recipe's 40 rows of a
+run forward and backward: groups took 0.747 of the time of whole rows (bmm up to a padding of 1.19,
+SDPA past it); 0.93 on the rows bmm took whole, 0.68 on SDPA's; in the recipe's steps 0.974 and 0.969
+(docs/cpu-training.md, twenty-first session).
 
 - `varlen` (CUDA only): PyTorch's variable-length flash kernel (`torch.nn.attention.varlen`), the
   whole row in one call with the conversations' bounds, forward and backward: what flash-attn's
@@ -49,33 +55,76 @@ import math
 CPU_KERNELS = ("sdpa", "sdpa_fp32", "bmm")  # what the CPU calibration times
 KERNELS = (*CPU_KERNELS, "varlen")
 FALLBACKS = ("sdpa", "sdpa_fp32")
-# bmm keeps n * H * L^2 probabilities a layer: allowed up to this many times the row's queries
-# (T * H * D). Uniform conversations of L tokens give L <= 4 * D: 256 tokens at head size 64; a row
-# whose short conversations would be padded to one long one falls back to sdpa.
+# bmm keeps n * H * L^2 probabilities a layer over its groups (`groups`): allowed up to this many times
+# the row's queries (T * H * D). One conversation alone may have L <= 4 * D: 256 tokens at head size 64;
+# a row past it falls back to sdpa.
 BMM_MAX_SCORES_PER_QUERY_ELEMENT = 4
 # bmm splits each conversation's queries into this many blocks of positions, block j attending only
 # to the keys up to its end: the products and the softmax skip the masked corner above the diagonal
 # (a quarter of the scores at 2 blocks). 2 against 1 and 3, every step's batch through each in one
 # training run (the Zen 4 EPYC, finance CPU profile, 2026-12-05): docs/cpu-training.md, seventh session.
 CAUSAL_BLOCKS = 2
+# A group's own cost in the bmm kernel, in padded score positions (n * L^2): ~12 matmul and softmax
+# calls whatever their size. Measured on the Zen 3 EPYC, fp32, heads 9 / 3 of 64, forward and backward:
+# 1 conversation of 125 tokens 2.36 ms, 8 of them 13.04 (0.83 ms, ~8,400); of 64 tokens 1.20 and 4.15
+# (0.78 ms, ~7,600). 4,000 and 16,000 read within 2% of it on the recipe's rows (docs/cpu-training.md,
+# twenty-first session).
+GROUP_COST_SCORES = 8000
+
+
+def groups(sizes, head_dim: int, max_padding: float = math.inf, max_scores: float | None = None):
+    """The bmm kernel's groups for conversations of `sizes`: lists of their indices, each group padded
+    to its longest, every group's `padding` within `max_padding`, the fewest padded scores plus
+    GROUP_COST_SCORES a group (conversations sorted by length, split where that costs least). None where
+    the groups' padded scores pass `max_scores` (default BMM_MAX_SCORES_PER_QUERY_ELEMENT) times the
+    row's T * head_dim: that row goes to SDPA."""
+    limit = (BMM_MAX_SCORES_PER_QUERY_ELEMENT if max_scores is None else max_scores) * sum(sizes) * head_dim
+    order = sorted(range(len(sizes)), key=lambda c: -sizes[c])
+    for group_cost in (GROUP_COST_SCORES, 0):  # 0: the fewest scores, where the cheapest split is too big
+        split = _cheapest_split([sizes[c] for c in order], max_padding, group_cost)
+        if split is not None and sum(n * length * length for n, length in split[1]) <= limit:
+            return [order[a:b] for a, b in split[0]]
+    return None
+
+
+def _cheapest_split(lengths, max_padding: float, group_cost: float):
+    """([(start, end)], [(n, longest)]) splitting `lengths` (descending) into runs, each within
+    `max_padding`, for the least n * longest^2 + group_cost summed; by dynamic programming."""
+    n = len(lengths)
+    best, cut = [0.0] + [math.inf] * n, [0] * (n + 1)
+    for end in range(1, n + 1):
+        squares = 0
+        for start in range(end - 1, -1, -1):  # the run lengths[start:end], its longest lengths[start]
+            squares += lengths[start] ** 2
+            scores = (end - start) * lengths[start] ** 2
+            if scores <= max_padding * squares and best[start] + group_cost + scores < best[end]:
+                best[end], cut[end] = best[start] + group_cost + scores, start
+    if math.isinf(best[n]):
+        return None
+    runs, end = [], n
+    while end > 0:
+        runs.append((cut[end], end))
+        end = cut[end]
+    runs.reverse()
+    return runs, [(b - a, lengths[a]) for a, b in runs]
 
 
 def bmm_fits(sizes, head_dim: int) -> bool:
-    """Whether the bmm kernel's probabilities for conversations of `sizes` stay within
+    """Whether the bmm kernel's probabilities for conversations of `sizes`, in its `groups`, stay within
     BMM_MAX_SCORES_PER_QUERY_ELEMENT times the row's queries (see the module)."""
-    return len(sizes) * max(sizes) ** 2 <= BMM_MAX_SCORES_PER_QUERY_ELEMENT * sum(sizes) * head_dim
+    return groups(sizes, head_dim) is not None
 
 
 def padding(sizes) -> float:
-    """The bmm kernel's scores for conversations of `sizes` over theirs alone: n * max(L)^2 / sum(L^2)
-    (1.0 for equal lengths)."""
+    """The scores of conversations of `sizes` padded to their longest over theirs alone:
+    n * max(L)^2 / sum(L^2) (1.0 for equal lengths)."""
     return len(sizes) * max(sizes) ** 2 / sum(s * s for s in sizes)
 
 
 def attend(q, k, v, sizes, kernel: str = "sdpa", fallback: str = "sdpa", scale=None, dropout: float = 0.0,
            max_padding: float = math.inf):
-    """The packed row's attention with `kernel`; with `fallback` where bmm does not fit the row
-    (`bmm_fits`), would pad it more than `max_padding` (`padding`), or there is dropout (bmm has none)."""
+    """The packed row's attention with `kernel`; bmm in `groups` each padded at most `max_padding`, with
+    `fallback` where they do not fit (`bmm_fits`) or there is dropout (bmm has none)."""
     import torch
 
     if kernel == "varlen":
@@ -83,8 +132,8 @@ def attend(q, k, v, sizes, kernel: str = "sdpa", fallback: str = "sdpa", scale=N
             return varlen(q, k, v, sizes, scale)
         kernel = fallback
     if kernel == "bmm":
-        if dropout == 0.0 and bmm_fits(sizes, q.shape[-1]) and padding(sizes) <= max_padding:
-            return bmm(q, k, v, sizes, scale)
+        if dropout == 0.0 and _layout_for(q, k, sizes, max_padding) is not None:
+            return bmm(q, k, v, sizes, scale, max_padding)
         kernel = fallback
     if kernel == "sdpa_fp32" and q.dtype != torch.float32:
         # bf16 autocast puts SDPA on its lower-precision list: it would cast the fp32 copies straight back.
@@ -164,10 +213,14 @@ def _cumulative(sizes: tuple[int, ...], device):
     return torch.tensor([0, *itertools.accumulate(sizes)], dtype=torch.int32, device=device)
 
 
-def bmm(q, k, v, sizes, scale=None):
-    """The conversations padded into one batch and attended with batched matmuls (see the module)."""
+def bmm(q, k, v, sizes, scale=None, max_padding: float = math.inf):
+    """The conversations in `groups`, each padded into one batch and attended with batched matmuls (see
+    the module); raises ValueError where they do not fit (`bmm_fits`)."""
+    layout = _layout_for(q, k, sizes, max_padding)
+    if layout is None:
+        raise ValueError(f"bmm attention: conversations of {list(sizes)} do not fit (bmm_fits)")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return _bmm_function().apply(q, k, v, tuple(sizes), float(scale))
+    return _bmm_function().apply(q, k, v, layout, float(scale))
 
 
 def causal_blocks(length: int, blocks: int | None = None) -> list[tuple[int, int]]:
@@ -179,26 +232,83 @@ def causal_blocks(length: int, blocks: int | None = None) -> list[tuple[int, int
     return [(a, b) for a, b in zip(ends, ends[1:]) if b > a]
 
 
-def _pad(x, index, n: int, length: int, kv: int):
-    """(1, h, T, D) -> (n * kv, length * group, D) contiguous: per conversation and KV head, the rows
-    of its `group` = h / kv query heads token-major ((t, g) for g fastest), zeros after each
-    conversation's end. Token-major keeps a block of positions one run of rows (`causal_blocks`).
+class _Layout:
+    """Where each (token, KV head) row of a packed row goes in the bmm kernel's padded buffers, and the
+    groups' views of them. Q, O and their gradients: group by group, query block by block
+    (`causal_blocks`), (conversation, KV head), then position, each row holding the KV head's `group`
+    query heads, so a block's queries are one contiguous (n * kv, r * group, D) batch and its output is
+    written in place. K, V and theirs: group by group, (conversation, KV head), position. Padded rows are
+    zeros (a padded query sees only keys of its own conversation and padding; its output is dropped)."""
 
-    The rows are scattered token-major, the layout transformers leaves q, k and v in (a (1, T, h, D)
-    tensor transposed), then permuted in one copy."""
-    h, d = x.shape[1], x.shape[3]
-    buf = x.new_zeros(n * length, h, d).index_copy_(0, index, x[0].transpose(0, 1))
-    return buf.view(n, length, kv, h // kv, d).transpose(1, 2).reshape(n * kv, length * (h // kv), d)
+    def __init__(self, sizes, kv: int, plan, blocks: int, device):
+        import itertools
+
+        import torch
+
+        starts = [0, *itertools.accumulate(sizes)]
+        q_index = torch.empty(starts[-1] * kv, dtype=torch.long)
+        kv_index = torch.empty_like(q_index)
+        heads = torch.arange(kv)[None, :, None]
+        self.groups, row = [], 0
+        for members in plan:
+            n, length = len(members), max(sizes[c] for c in members)
+            lens = torch.tensor([sizes[c] for c in members])[:, None, None]
+            first = torch.tensor([starts[c] for c in members])[:, None, None]
+            slots = torch.arange(n)[:, None, None] * kv + heads  # (n, kv, 1)
+            pos = torch.arange(length)[None, None, :]
+            real = (pos < lens).expand(n, kv, length)
+            kv_index[((first + pos) * kv + heads).expand(n, kv, length)[real]] = (row + slots * length + pos)[real]
+            spans, q_row = [], row
+            for a, b in causal_blocks(length, blocks):
+                p = pos[..., a:b]
+                real = (p < lens).expand(n, kv, b - a)
+                q_index[((first + p) * kv + heads).expand(n, kv, b - a)[real]] = (q_row + slots * (b - a) + p - a)[real]
+                spans.append((a, b, q_row))
+                q_row += n * kv * (b - a)
+            self.groups.append((row, n, length, tuple(spans)))
+            row = q_row
+        self.rows = row
+
+        def padded(index):
+            free = torch.ones(row, dtype=torch.bool)
+            free[index] = False
+            rows = free.nonzero().flatten()
+            return rows.to(device) if rows.numel() else None
+
+        self.q_pad, self.kv_pad = padded(q_index), padded(kv_index)
+        self.q_index, self.kv_index = q_index.to(device), kv_index.to(device)
 
 
-def _unpad(x, index, n: int, length: int):
-    """(n * kv, length * group, D) -> (T, h, D) contiguous: the real rows back in row order,
-    token-major, so that transformers' reshape of the attention output to (1, T, h * D) is a view,
-    not a copy. Timed in alternating steps of one training run (finance CPU profile, the Zen 5 EPYC):
-    0.07 ms a call against 0.11 for a head-major (h, T, D), plus the copy that saves."""
-    rows, d = x.shape[1], x.shape[2]
-    kv, group = x.shape[0] // n, rows // length
-    return x.view(n, kv, length, group, d).transpose(1, 2).reshape(n * length, kv * group, d).index_select(0, index)
+@functools.lru_cache(maxsize=8)
+def _layout(sizes: tuple, kv: int, head_dim: int, max_padding: float, blocks: int, max_scores: float, device: str):
+    plan = groups(sizes, head_dim, max_padding, max_scores)
+    return None if plan is None else _Layout(sizes, kv, plan, blocks, device)
+
+
+def _layout_for(q, k, sizes, max_padding: float):
+    """The row's `_Layout`, or None where bmm does not take it; made once per row and reused by its
+    layers (the module's constants are part of the key, so tests can change them)."""
+    return _layout(tuple(int(s) for s in sizes), k.shape[1], q.shape[-1], float(max_padding), CAUSAL_BLOCKS,
+                   float(BMM_MAX_SCORES_PER_QUERY_ELEMENT), str(q.device))
+
+
+@functools.lru_cache(maxsize=4)
+def _causal_mask(length: int, group: int, dtype, device):
+    """-inf above the diagonal, a row per (position, query head): sliced to each block's queries and keys."""
+    import torch
+
+    return torch.full((length, length), float("-inf"), dtype=dtype, device=device).triu_(1).repeat_interleave(group, 0)
+
+
+def _mask(length: int, group: int, dtype, device):
+    # One mask serves every shorter group (a row's mask does not depend on the conversation's length).
+    return _causal_mask(max(256, 1 << (length - 1).bit_length()), group, dtype, device)
+
+
+def _padded(rows, index, pad, count: int):
+    """`rows` (one per (token, KV head)) scattered to a buffer of `count` rows at `index`, `pad` zeroed."""
+    buf = rows.new_empty(count, rows.shape[1]).index_copy_(0, index, rows)
+    return buf if pad is None else buf.index_fill_(0, pad, 0)
 
 
 @functools.cache
@@ -207,50 +317,61 @@ def _bmm_function():
 
     class PaddedBatchAttention(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, q, k, v, sizes, scale):
-            n, length = len(sizes), max(sizes)
-            heads, kv, d = q.shape[1], k.shape[1], q.shape[3]
+        def forward(ctx, q, k, v, layout, scale):
+            heads, rows, d = q.shape[1], q.shape[2], q.shape[3]
+            kv = k.shape[1]
             group = heads // kv
-            index = torch.cat([torch.arange(s, device=q.device) + i * length for i, s in enumerate(sizes)])
-            # Query heads of one KV head stacked along the rows: one matmul per (conversation, KV head).
-            Q, K, V = _pad(q, index, n, length, kv), _pad(k, index, n, length, kv), _pad(v, index, n, length, kv)
-            causal = torch.full((length, length), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)
-            causal = causal.repeat_interleave(group, 0)  # a row per (position, query head)
-            Ps, Os = [], []
+            # transformers' q, k, v are (1, T, h, D) projections transposed: (T * kv, group * D) is a view.
+            Q = _padded(q[0].transpose(0, 1).reshape(rows * kv, group * d), layout.q_index, layout.q_pad, layout.rows)
+            K, V = (_padded(x[0].transpose(0, 1).reshape(rows * kv, d), layout.kv_index, layout.kv_pad, layout.rows)
+                    for x in (k, v))
+            O = torch.empty_like(Q)
+            Ps = []
             # In the inputs' dtype (the caller's choice), whatever an enclosing autocast would cast to.
             with torch.autocast(q.device.type, enabled=False):
-                for a, b in causal_blocks(length):
-                    rows = slice(a * group, b * group)
-                    P = torch.baddbmm(causal[rows, :b], Q[:, rows], K[:, :b].transpose(1, 2), alpha=scale).softmax(-1)
-                    Ps.append(P)
-                    Os.append(torch.bmm(P, V[:, :b]))
-            O = torch.cat(Os, 1) if len(Os) > 1 else Os[0]
-            ctx.save_for_backward(Q, K, V, O, index, *Ps)
-            ctx.dims = (n, length, group, scale)
-            return _unpad(O, index, n, length).unsqueeze(0)
+                for row, n, length, spans in layout.groups:
+                    causal = _mask(length, group, q.dtype, q.device)
+                    Kg, Vg = (x[row:row + n * kv * length].view(n * kv, length, d) for x in (K, V))
+                    for a, b, at in spans:
+                        span = slice(at, at + n * kv * (b - a))
+                        P = torch.baddbmm(causal[a * group:b * group, :b], Q[span].view(n * kv, -1, d),
+                                          Kg[:, :b].transpose(1, 2), alpha=scale).softmax(-1)
+                        torch.bmm(P, Vg[:, :b], out=O[span].view(n * kv, -1, d))
+                        Ps.append(P)
+            ctx.save_for_backward(Q, K, V, O, *Ps)
+            ctx.layout, ctx.scale = layout, scale
+            return O.index_select(0, layout.q_index).view(rows, heads, d).unsqueeze(0)
 
         @staticmethod
         def backward(ctx, grad_out):
-            Q, K, V, O, index, *Ps = ctx.saved_tensors
-            n, length, group, scale = ctx.dims
-            kv = Q.shape[0] // n
-            dO = _pad(grad_out.transpose(1, 2).to(O.dtype), index, n, length, kv)
-            delta = (dO * O).sum(-1, keepdim=True)  # rowsum(dO∘O), the softmax's backward term
-            dQs, dK, dV = [], None, None
-            # The last block sees every key: it writes dK and dV whole, the earlier ones add to their heads.
-            for (a, b), P in reversed(list(zip(causal_blocks(length), Ps))):
-                rows = slice(a * group, b * group)
-                dS = torch.bmm(dO[:, rows], V[:, :b].transpose(1, 2)).sub_(delta[:, rows]).mul_(P)
-                dQs.append(torch.bmm(dS, K[:, :b]))
-                if dV is None:
-                    dV, dK = torch.bmm(P.transpose(1, 2), dO[:, rows]), torch.bmm(dS.transpose(1, 2), Q[:, rows])
-                else:
-                    # Into fresh products, then added: `baddbmm_` into the slice (not contiguous) runs one
-                    # `addmm_` per batch matrix (24 a call at 8 conversations of 3 KV heads).
-                    dV[:, :b].add_(torch.bmm(P.transpose(1, 2), dO[:, rows]))
-                    dK[:, :b].add_(torch.bmm(dS.transpose(1, 2), Q[:, rows]))
-            dQ = (torch.cat(dQs[::-1], 1) if len(dQs) > 1 else dQs[0]).mul_(scale)
-            back = lambda x: _unpad(x, index, n, length).transpose(0, 1).unsqueeze(0)  # noqa: E731
-            return back(dQ), back(dK.mul_(scale)), back(dV), None, None
+            Q, K, V, O, *Ps = ctx.saved_tensors
+            layout, scale = ctx.layout, ctx.scale
+            rows, heads, d = grad_out.shape[1], grad_out.shape[2], grad_out.shape[3]
+            group = Q.shape[1] // d
+            kv = heads // group
+            dO = _padded(grad_out[0].to(O.dtype).reshape(rows * kv, group * d), layout.q_index, layout.q_pad,
+                         layout.rows)
+            delta = (dO.view(-1, group, d) * O.view(-1, group, d)).sum(-1, keepdim=True)  # rowsum(dO∘O)
+            dQ, dK, dV = torch.empty_like(Q), torch.empty_like(K), torch.empty_like(V)
+            P_of = iter(Ps)
+            for row, n, length, spans in layout.groups:
+                Kg, Vg, dKg, dVg = (x[row:row + n * kv * length].view(n * kv, length, d) for x in (K, V, dK, dV))
+                # The last block sees every key: it writes dK and dV whole, the earlier ones add to their heads.
+                for (a, b, at), P in reversed(list(zip(spans, [next(P_of) for _ in spans]))):
+                    span = slice(at, at + n * kv * (b - a))
+                    Qb, dOb, dQb = (x[span].view(n * kv, -1, d) for x in (Q, dO, dQ))
+                    dS = torch.bmm(dOb, Vg[:, :b].transpose(1, 2)).sub_(delta[span].view(n * kv, -1, 1)).mul_(P)
+                    torch.baddbmm(dQb, dS, Kg[:, :b], beta=0, alpha=scale, out=dQb)
+                    if b == length:
+                        torch.bmm(P.transpose(1, 2), dOb, out=dVg)
+                        torch.baddbmm(dKg, dS.transpose(1, 2), Qb, beta=0, alpha=scale, out=dKg)
+                    else:
+                        # Into fresh products, then added: `baddbmm_` into the slice (not contiguous) runs one
+                        # `addmm_` per batch matrix (24 a call at 8 conversations of 3 KV heads).
+                        dVg[:, :b].add_(torch.bmm(P.transpose(1, 2), dOb))
+                        dKg[:, :b].add_(torch.bmm(dS.transpose(1, 2), Qb), alpha=scale)
+            back = lambda x, index, h: x.index_select(0, index).view(rows, h, d).transpose(0, 1).unsqueeze(0)  # noqa: E731
+            return (back(dQ, layout.q_index, heads), back(dK, layout.kv_index, kv), back(dV, layout.kv_index, kv),
+                    None, None)
 
     return PaddedBatchAttention

@@ -61,16 +61,18 @@ def _function():
         def forward(ctx, q, k, cos, sin):
             cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
             ctx.save_for_backward(cos, sin)
-            # The inputs' layouts without their memory, for the gradients (see the module).
-            ctx.layouts = (torch.empty_like(q, device="meta"), torch.empty_like(k, device="meta"))
+            # The inputs' layouts, for the gradients (see the module). As sizes and strides: allocating
+            # like a meta tensor took ~100 us a call here (402 ms the first time), `empty_strided` ~2.
+            ctx.layouts = ((q.shape, q.stride()), (k.shape, k.stride()))
             return (_rotate(q, cos, sin, torch.empty_like(q), False),
                     _rotate(k, cos, sin, torch.empty_like(k), False))
 
         @staticmethod
         def backward(ctx, gq, gk):
             cos, sin = ctx.saved_tensors
-            grads = [None if g is None else _rotate(g, cos, sin, torch.empty_like(like, device=g.device), True)
-                     for g, like in zip((gq, gk), ctx.layouts)]
+            grads = [None if g is None else
+                     _rotate(g, cos, sin, torch.empty_strided(*layout, dtype=g.dtype, device=g.device), True)
+                     for g, layout in zip((gq, gk), ctx.layouts)]
             return grads[0], grads[1], None, None
 
     return Rotary
