@@ -25,7 +25,8 @@ Two kernels do the attending (`toolkit.core.segment_attention`): SDPA's causal k
 conversation at a time, or the conversations padded into one batch and attended with batched matmuls.
 The calibration times both, and SDPA in fp32 for a bf16 run (PyTorch's bf16 CPU flash kernel is
 slower than its fp32 one without AMX); `toolkit.core.attention_kernels.packed_attention` picks the fastest,
-with an SDPA variant for rows the batched kernel would pad too much. Each (kernel, fallback) pair is
+with an SDPA variant for rows too long for the batched kernel (which pads conversations in groups of
+similar length, each padded at most `max_padding`). Each (kernel, fallback) pair is
 registered under its own name (`name`).
 
 It plugs in through transformers' public registries (`AttentionInterface` and
@@ -90,8 +91,8 @@ def mask(*args, **kwargs):
 
 
 def name(kernel: str = "sdpa", fallback: str = "sdpa", max_padding: float = math.inf) -> str:
-    """The registered name of `kernel` with `fallback` for rows bmm does not take (those padded past
-    `max_padding` among them)."""
+    """The registered name of `kernel` with `fallback` for rows bmm does not take, its groups padded at
+    most `max_padding`."""
     from toolkit.core.segment_attention import FALLBACKS, KERNELS
 
     if kernel not in KERNELS or fallback not in FALLBACKS or not max_padding >= 1.0:
