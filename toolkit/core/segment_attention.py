@@ -80,16 +80,17 @@ def groups(sizes, head_dim: int, max_padding: float = math.inf, max_scores: floa
     row's T * head_dim: that row goes to SDPA."""
     limit = (BMM_MAX_SCORES_PER_QUERY_ELEMENT if max_scores is None else max_scores) * sum(sizes) * head_dim
     order = sorted(range(len(sizes)), key=lambda c: -sizes[c])
+    lengths = [sizes[c] for c in order]
     for group_cost in (GROUP_COST_SCORES, 0):  # 0: the fewest scores, where the cheapest split is too big
-        split = _cheapest_split([sizes[c] for c in order], max_padding, group_cost)
-        if split is not None and sum(n * length * length for n, length in split[1]) <= limit:
-            return [order[a:b] for a, b in split[0]]
+        runs = _cheapest_split(lengths, max_padding, group_cost)
+        if runs is not None and sum((b - a) * lengths[a] ** 2 for a, b in runs) <= limit:
+            return [order[a:b] for a, b in runs]
     return None
 
 
 def _cheapest_split(lengths, max_padding: float, group_cost: float):
-    """([(start, end)], [(n, longest)]) splitting `lengths` (descending) into runs, each within
-    `max_padding`, for the least n * longest^2 + group_cost summed; by dynamic programming."""
+    """[(start, end)] splitting `lengths` (descending) into runs, each within `max_padding`, for the
+    least n * longest^2 + group_cost summed (None where none is within it); by dynamic programming."""
     n = len(lengths)
     best, cut = [0.0] + [math.inf] * n, [0] * (n + 1)
     for end in range(1, n + 1):
@@ -105,8 +106,7 @@ def _cheapest_split(lengths, max_padding: float, group_cost: float):
     while end > 0:
         runs.append((cut[end], end))
         end = cut[end]
-    runs.reverse()
-    return runs, [(b - a, lengths[a]) for a, b in runs]
+    return runs[::-1]
 
 
 def bmm_fits(sizes, head_dim: int) -> bool:
@@ -132,7 +132,7 @@ def attend(q, k, v, sizes, kernel: str = "sdpa", fallback: str = "sdpa", scale=N
             return varlen(q, k, v, sizes, scale)
         kernel = fallback
     if kernel == "bmm":
-        if dropout == 0.0 and _layout_for(q, k, sizes, max_padding) is not None:
+        if dropout == 0.0 and _layout_for(q, k, sizes, max_padding) is not None:  # cached: bmm reuses it
             return bmm(q, k, v, sizes, scale, max_padding)
         kernel = fallback
     if kernel == "sdpa_fp32" and q.dtype != torch.float32:
