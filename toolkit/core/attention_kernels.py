@@ -66,10 +66,10 @@ def packed_attention(cap: Capability, compute_dtype: str, calibration=None) -> A
     of equal conversations, the fastest SDPA variant is the fallback, and "bmm" is the kernel where
     it measured more than BMM_ATTENTION_MIN_GAIN times faster than that: it then splits each row into
     groups of conversations whose padding (`segment_attention.padding`, which costs bmm time and SDPA
-    none) leaves that margin, `max_padding` = gain / BMM_ATTENTION_MIN_GAIN (`segment_attention.groups`). Unmeasured, the rule measured on the AVX512-BF16
-    EPYCs: PyTorch's bf16 CPU flash kernel is slower than its fp32 one wherever it has no AMX tiles to
-    run on (and an AVX2 CPU only emulates bf16), so a bf16 run attends in fp32 there; AMX CPUs, not
-    measured here, and CUDA keep the compute dtype."""
+    none) leaves that margin, `max_padding` = gain / BMM_ATTENTION_MIN_GAIN (`segment_attention.groups`).
+    Unmeasured, the rule measured on the AVX512-BF16 EPYCs: PyTorch's bf16 CPU flash kernel is slower
+    than its fp32 one wherever it has no AMX tiles to run on (and an AVX2 CPU only emulates bf16), so a
+    bf16 run attends in fp32 there; AMX CPUs, not measured here, and CUDA keep the compute dtype."""
     if cap.kind == "cuda":
         from toolkit.core.segment_attention import varlen_call
 

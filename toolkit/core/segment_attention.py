@@ -370,7 +370,10 @@ def _bmm_function():
                         # `addmm_` per batch matrix (24 a call at 8 conversations of 3 KV heads).
                         dVg[:, :b].add_(torch.bmm(P.transpose(1, 2), dOb))
                         dKg[:, :b].add_(torch.bmm(dS.transpose(1, 2), Qb), alpha=scale)
-            back = lambda x, index, h: x.index_select(0, index).view(rows, h, d).transpose(0, 1).unsqueeze(0)  # noqa: E731
+
+            def back(x, index, h):
+                return x.index_select(0, index).view(rows, h, d).transpose(0, 1).unsqueeze(0)
+
             return (back(dQ, layout.q_index, heads), back(dK, layout.kv_index, kv), back(dV, layout.kv_index, kv),
                     None, None)
 
