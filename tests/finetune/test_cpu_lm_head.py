@@ -326,3 +326,17 @@ def test_vocabulary_blocks():
     assert vocab_block(100_000, 49152, 576) == BLOCK_ALIGN  # at least one aligned block
     assert vocab_block(10, 300, 64) == 300  # a small vocabulary in one block
     assert vocab_block(0, 49152, 576) > 0
+
+
+def test_first_maximum_at_is_argmax_equals_target_with_many_ties():
+    """The materialized head's top-1 without argmax, against `argmax == target` (the first maximum) on
+    small-integer logits, where most rows' maximum is tied and many targets hold one of the twins."""
+    from toolkit.finetune.cpu_lm_head import first_maximum_at
+
+    g = torch.Generator().manual_seed(3)
+    z = torch.randint(0, 4, (400, 9), generator=g).float()
+    targets = torch.randint(0, 9, (400,), generator=g)
+    peak = z.amax(-1)
+    got = first_maximum_at(z, peak, targets, z.gather(1, targets[:, None]).squeeze(1))
+    want = z.argmax(-1) == targets
+    assert torch.equal(got, want) and 0 < int(want.sum()) < int((z.gather(1, targets[:, None]).squeeze(1) == peak).sum())

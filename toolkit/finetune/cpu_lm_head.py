@@ -61,6 +61,22 @@ def uses_weight_packs(dtype: str) -> bool:
     return dtype == "float32"
 
 
+def first_maximum_at(z, peak, targets, target_z):
+    """Whether each row's first maximum is at its target, TRL's top-1 test (a tie with an earlier token
+    is not top-1), from the rows' maxima `peak` and target logits `target_z` without an argmax: torch's
+    `max(dim)` / `argmax` took 0.88 ms a 21 x 49,152 block inside the recipe's steps, `amax` 0.07 (the
+    Zen 3). Only the rows whose target holds the maximum look for an earlier equal, in that prefix."""
+    hit = target_z == peak
+    rows = hit.nonzero().squeeze(1).tolist()
+    if rows:
+        heads, tops = targets.tolist(), peak.tolist()
+        for i in rows:
+            t = heads[i]
+            if t and z[i, :t].amax().item() >= tops[i]:
+                hit[i] = False
+    return hit
+
+
 def _autograd_function():
     import torch
 
@@ -111,9 +127,9 @@ def _autograd_function():
             with torch.autocast(dev, enabled=False):
                 for s in range(0, n, rows):
                     zs, sl = z[s:s + rows], slice(s, s + rows)
-                    peak, top = zs.max(dim=-1)  # the first maximum, as TRL's top-1 test (ties are not top-1)
+                    peak = zs.amax(-1)
                     if is_top1 is not None:
-                        is_top1[sl] = top == targets[sl]
+                        is_top1[sl] = first_maximum_at(zs, peak, targets[sl], target_z[sl])
                     zs.sub_(peak.unsqueeze(1))
                     e = torch.exp(zs)
                     sum_e = e.sum(-1)

@@ -150,7 +150,6 @@ def _train(rec, overrides, stage: Path, runs: Path, dev, dtype, train_ex, eval_e
     from transformers import EarlyStoppingCallback, set_seed
     from transformers.trainer_callback import PrinterCallback
     from transformers.integrations import TensorBoardCallback
-    from trl import SFTTrainer
 
     from toolkit.finetune import data as data_mod
     from toolkit.core import allocator, packed_linear, sdpa_backends
@@ -160,6 +159,7 @@ def _train(rec, overrides, stage: Path, runs: Path, dev, dtype, train_ex, eval_e
     from toolkit.finetune.fused_rope import fused_rope_on_cpu
     from toolkit.finetune.callbacks import InterruptCallback, MetricsCallback, ProgressCallback, SkipLastEval
     from toolkit.finetune.plan import report_ends
+    from toolkit.finetune.sft_trainer import trainer_class
     from toolkit.finetune.trl_compat import lean_lm_head_on_cpu, packing_plan
     from toolkit.finetune.base_model import context_warning, load_with_fallback, loaded_weights, resolve_base
 
@@ -222,7 +222,7 @@ def _train(rec, overrides, stage: Path, runs: Path, dev, dtype, train_ex, eval_e
         cbs.append(TensorBoardCallback(tb_writer=SummaryWriter(str(stage / "tb"))))
     if rec.eval.early_stopping_patience:
         cbs.append(EarlyStoppingCallback(early_stopping_patience=rec.eval.early_stopping_patience))
-    trainer = SFTTrainer(
+    trainer = trainer_class()(
         model=model, args=args, train_dataset=data_mod.to_dataset(train_split),
         # Only in-training evals use it: with eval_steps 0 (the report's two measurements only) TRL
         # would tokenize and pack it for nothing.
