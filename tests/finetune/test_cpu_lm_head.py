@@ -336,7 +336,8 @@ def test_first_maximum_at_is_argmax_equals_target_with_many_ties():
     g = torch.Generator().manual_seed(3)
     z = torch.randint(0, 4, (400, 9), generator=g).float()
     targets = torch.randint(0, 9, (400,), generator=g)
-    peak = z.amax(-1)
-    got = first_maximum_at(z, peak, targets, z.gather(1, targets[:, None]).squeeze(1))
+    peak, target_z = z.amax(-1), z.gather(1, targets[:, None]).squeeze(1)
+    got = first_maximum_at(z, peak, targets, target_z)
     want = z.argmax(-1) == targets
-    assert torch.equal(got, want) and 0 < int(want.sum()) < int((z.gather(1, targets[:, None]).squeeze(1) == peak).sum())
+    # some targets are the first maximum, and some others hold the maximum after an earlier twin
+    assert torch.equal(got, want) and 0 < int(want.sum()) < int((target_z == peak).sum())

@@ -12,10 +12,11 @@ home folder measures again. An unreadable cache is rebuilt, never an error.
 
 A CPU measurement taken while other processes use the cores is not this machine's, and a cached one
 decides every later run: on the 2-core Zen 3 EPYC (2026-12-06), with one busy process beside it, fp32
-read 16-90 GFLOP/s against 139-164 alone (16 made fp32 look emulated, so packing was not timed) and the
-pre-packing gain 0.95-1.10 against 0.93-0.96, while the calibration's threads ran 59-60% of the
-matmul probes' wall time against 94-96% alone. So `measure` records that share (`cpu_share`), and
-`load` measures again where it is under MIN_CPU_SHARE and caches no measurement that stays under it.
+read 16-90 GFLOP/s against 139-183 alone (16 made fp32 look emulated, so packing was not timed) and the
+pre-packing gain of a training step's matmuls 0.79-1.63 (median 1.05) against 0.85-1.01 (median 0.93), while the
+calibration's threads ran 59-60% of the matmul probes' wall time against 94-96% alone. So `measure`
+records that share (`cpu_share`), and `load` measures again where it is under MIN_CPU_SHARE and caches no
+measurement that stays under it.
 """
 
 from __future__ import annotations
