@@ -4,6 +4,7 @@ of machines we do not have, and its bad input (float16 on a CPU, forced bf16 wit
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -320,3 +321,25 @@ def test_apply_threads(as_avx2, monkeypatch):
             as_avx2.apply_threads("cpu")
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_cgroup_cpu_quota_caps_the_cpus_a_process_may_use(tmp_path, monkeypatch):
+    """`docker --cpus=2` keeps every CPU in the affinity set and allows two: threads follow the quota (else
+    the calibration's threads wait on it, and its `cpu_share` reads every measurement as a busy machine's)."""
+    cases = {"200000 100000": 2, "150000 100000": 2, "50000 100000": 1, "max 100000": None, "-1\n100000\n": None,
+             "0 100000": None, "": None, "fast 100000": None}
+    assert {text: C.quota_cpus(text) for text in cases} == cases
+    assert C._cpu_quota(tmp_path) is None  # no cgroup files: no limit
+    v1 = tmp_path / "cpu,cpuacct"
+    v1.mkdir()
+    (v1 / "cpu.cfs_quota_us").write_text("300000\n")
+    (v1 / "cpu.cfs_period_us").write_text("100000\n")
+    assert C._cpu_quota(tmp_path) == 3
+    (tmp_path / "cpu.max").write_text("max 100000\n")  # v2 first: unlimited there
+    assert C._cpu_quota(tmp_path) is None
+    (tmp_path / "cpu.max").write_text("100000 100000\n")
+    assert C._cpu_quota(tmp_path) == 1
+    monkeypatch.setattr(C, "CGROUP", tmp_path)  # the process's CPUs: its affinity set within that quota
+    assert C._logical_cpus() == 1
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert C._logical_cpus() == len(os.sched_getaffinity(0))

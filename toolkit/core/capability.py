@@ -162,10 +162,47 @@ def cuda_record(name: str, compute_capability: tuple[int, int], host: Capability
 
 
 def _logical_cpus() -> int:
+    """The CPUs this process may run on: its affinity set (a container's CPU set, not the host's), within its
+    cgroup's CPU quota (`docker --cpus=2` leaves every CPU in the set but allows two of them)."""
     try:
-        return len(os.sched_getaffinity(0))  # a container's CPU set, not the host's
+        n = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        return os.cpu_count() or 1
+        n = os.cpu_count() or 1
+    quota = _cpu_quota(CGROUP)
+    return min(n, quota) if quota else n
+
+
+CGROUP = Path("/sys/fs/cgroup")
+
+
+def _cpu_quota(root: Path) -> int | None:
+    """`quota_cpus` of this process's cgroup: v2's cpu.max, else v1's quota and period (None: no limit)."""
+    v1 = [root / d for d in ("cpu", "cpu,cpuacct")]
+    reads = [lambda: (root / "cpu.max").read_text()] + [
+        lambda d=d: f"{(d / 'cpu.cfs_quota_us').read_text()} {(d / 'cpu.cfs_period_us').read_text()}" for d in v1]
+    for read in reads:
+        try:
+            return quota_cpus(read())
+        except OSError:
+            continue
+    return None
+
+
+def quota_cpus(text: str) -> int | None:
+    """The CPUs a cgroup CPU quota allows, rounded up, from "QUOTA PERIOD" (cgroup v2's cpu.max, or v1's
+    cpu.cfs_quota_us and cpu.cfs_period_us joined): "200000 100000" is 2, "150000 100000" 2; None for no
+    limit ("max ..." in v2, "-1 ..." in v1) or text that is not a quota. Threads past it wait on the quota:
+    the calibration's `cpu_share` would read every measurement as taken on a busy machine."""
+    parts = text.split()
+    if len(parts) != 2:
+        return None
+    try:
+        quota, period = int(parts[0]), int(parts[1])
+    except ValueError:
+        return None
+    if quota <= 0 or period <= 0:
+        return None
+    return max(1, -(-quota // period))
 
 
 def _read_cpuinfo() -> str:
