@@ -177,12 +177,11 @@ CGROUP = Path("/sys/fs/cgroup")
 
 def _cpu_quota(root: Path) -> int | None:
     """`quota_cpus` of this process's cgroup: v2's cpu.max, else v1's quota and period (None: no limit)."""
-    v1 = [root / d for d in ("cpu", "cpu,cpuacct")]
-    reads = [lambda: (root / "cpu.max").read_text()] + [
-        lambda d=d: f"{(d / 'cpu.cfs_quota_us').read_text()} {(d / 'cpu.cfs_period_us').read_text()}" for d in v1]
-    for read in reads:
+    sources = [(root / "cpu.max",)] + [(root / d / "cpu.cfs_quota_us", root / d / "cpu.cfs_period_us")
+                                       for d in ("cpu", "cpu,cpuacct")]
+    for files in sources:
         try:
-            return quota_cpus(read())
+            return quota_cpus(" ".join(f.read_text() for f in files))
         except OSError:
             continue
     return None
