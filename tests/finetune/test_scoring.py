@@ -87,6 +87,72 @@ def test_batched_greedy_answers_keep_the_prompts_order(tiny, chat_prompts):
     assert tok.padding_side != "left" or batched  # restored
 
 
+def test_greedy_rows_equal_generate_as_rows_end_apart_and_leave_the_batch(tiny, chat_prompts):
+    """Each left-padded row's tokens equal transformers' `generate` (greedy) up to and including its
+    end token, for an end token that ends the rows at different steps; a row that has ended leaves
+    the batch (the forwards' batch shrinks, `keep` hears the rows that go on); and with a repetition
+    penalty in the model's generation_config the report decodes through `generate`, which applies it."""
+    import copy
+
+    import torch
+
+    from toolkit.finetune import scoring
+
+    model, tok = tiny
+    model = copy.deepcopy(model).eval()
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # weights far from the tiny model's init, so that rows say different things
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.3)
+    tok = copy.deepcopy(tok)
+    tok.padding_side = "left"
+    texts = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in chat_prompts]
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    n, width = 12, enc["input_ids"].shape[1]
+    with torch.no_grad():
+        free = model.generate(**enc, max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id,
+                              eos_token_id=None)[:, width:].tolist()
+    # end tokens that end rows at different steps: row 0's third new token and row 2's seventh
+    stops = [free[0][2], free[2][6]]
+    ends = [min([row.index(t) for t in stops if t in row], default=n) for row in free]
+    assert len({e for e in ends if e < n}) == 2 and max(ends) == n  # rows end apart, one never
+
+    with torch.no_grad():
+        want = model.generate(**enc, max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id,
+                              eos_token_id=stops)[:, width:].tolist()
+    sizes, kept = [], []
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, inp, out: sizes.append(inp[0].shape[0]))
+    try:
+        with torch.no_grad():
+            got = scoring.greedy_rows(model, enc["input_ids"], enc["attention_mask"], n, stops, kept.append)
+    finally:
+        hook.remove()
+    assert got == [ref[:end + 1] for ref, end in zip(want, ends)]
+    # the prefill's rows, then after each new token the rows that have not ended
+    assert sizes == [len(texts)] + [sum(e > step for e in ends) for step in range(n - 1)]
+    alive, going = list(range(len(texts))), []
+    for step in range(n - 1):
+        if any(ends[r] == step for r in alive):
+            going.append([i for i, r in enumerate(alive) if ends[r] != step])
+            alive = [r for r in alive if ends[r] != step]
+    assert [k.tolist() for k in kept] == going and len(going) == 2
+
+    # a generation_config that changes greedy tokens goes to `generate` (which applies it)
+    model = tiny[0]  # its greedy answers repeat one token, which a repetition penalty changes
+    assert scoring.plain_greedy(model)
+    plain = scoring.greedy_answers(model, tok, chat_prompts, 8)
+    penalized = copy.deepcopy(model)
+    penalized.generation_config.repetition_penalty = 5.0
+    assert not scoring.plain_greedy(penalized)
+    answers = scoring.greedy_answers(penalized, tok, chat_prompts, 8)
+    assert answers != plain
+    for prompt, got in zip(chat_prompts, answers):
+        ids = tok.apply_chat_template(prompt, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        with torch.no_grad():
+            out = penalized.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+        assert got == tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
 def test_merged_adapter_gives_the_unmerged_answers_and_is_undone(tiny, chat_prompts):
     """The fine-tuned side runs merged (faster); its loss and greedy answers equal the unmerged model's."""
     import copy

@@ -141,8 +141,10 @@ CPU_DECODE_READ_OVER_PROBE = {"transformers": 1.0, "llama.cpp": 1.45}
 LLAMA_CPP_SECONDS_PER_QUANT_WEIGHT = 7.9e-12
 LLAMA_CPP_FLOAT_TYPES = ("f32", "f16", "bf16")
 # The report's answers on a CPU: both sides in one generation (`scoring.paired_greedy_answers`: the
-# 16 prompts of a batch twice, 32 rows a step, the adapter masked on the base rows), transformers'
-# `generate`. A step costs its rows' matmuls (priced as a prefill of that many tokens, overlapping the
+# 16 prompts of a batch twice, 32 rows a step, the adapter masked on the base rows). A row leaves the
+# batch when its answer ends (`scoring.greedy_rows`), which a plan can't foresee: every row is priced
+# for every step, an upper bound (on the finance report of the Zen 3, ~1.7 s of ~15 s: 2026-12-07,
+# when rows began to leave; the steps below were measured with every row to the end). A step costs its rows' matmuls (priced as a prefill of that many tokens, overlapping the
 # read of the weights) plus per-layer host work that neither counts: Python, dispatch, the masked LoRA
 # products, the KV cache's concatenations. Measured steps (embedded SmolLM2-135M, 30 layers, the
 # finance recipe's last run, 71 decoding steps after a 32 x 75-token prefill):
