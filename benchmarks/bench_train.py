@@ -110,6 +110,11 @@ def end_to_end(tmp: Path) -> dict:
         "tokens_per_s": info["tokens_per_s"], "eval_plus_report_s": round(eval_s + report_s, 1),
         "predicted_wall_s": predicted["train_wall_s"],
         "predicted_eval_plus_report_s": predicted["evals_and_report_s"],
+        # Where the report's time went: the greedy answers (both sides in one generation where paired; else
+        # inside each side), then each side's answer-token loss, perplexity (and answers).
+        "report_parts_s": "; ".join(f"{name} {value:.1f}" for name, value in (
+            ("answers", rep["seconds"].get("paired_answers")), ("base", sum(b["seconds"].values())),
+            ("fine-tuned", sum(f["seconds"].values()))) if value is not None),
         # Outside training and the report: Python's start-up and restart, imports, loading, set-up, saving.
         "startup_s": round(wall - info["train_runtime_s"] - report_s, 1),
         "predicted_startup_s": predicted["startup_s"],
