@@ -136,6 +136,20 @@ def test_greedy_rows_equal_generate_as_rows_end_apart_and_leave_the_batch(tiny, 
             going.append([i for i, r in enumerate(alive) if ends[r] != step])
             alive = [r for r in alive if ends[r] != step]
     assert [k.tolist() for k in kept] == going and len(going) == 2
+    # where a cache can't drop rows, ended rows stay in the batch and only their tokens stop
+    sizes.clear()
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, inp, out: sizes.append(inp[0].shape[0]))
+    try:
+        with torch.no_grad():
+            assert scoring.greedy_rows(model, enc["input_ids"], enc["attention_mask"], n, stops, drop=False) == got
+    finally:
+        hook.remove()
+    assert sizes == [len(texts)] * n
+    # which caches can drop rows: full and sliding-window attention, not a linear-attention layer's state
+    from transformers import DynamicCache, Gemma2Config, Qwen3NextConfig
+
+    assert scoring.rows_can_leave(DynamicCache(config=Gemma2Config(num_hidden_layers=2)))
+    assert not scoring.rows_can_leave(DynamicCache(config=Qwen3NextConfig(num_hidden_layers=4)))
 
     # a generation_config that changes greedy tokens goes to `generate` (which applies it)
     model = tiny[0]  # its greedy answers repeat one token, which a repetition penalty changes
