@@ -144,9 +144,10 @@ LLAMA_CPP_FLOAT_TYPES = ("f32", "f16", "bf16")
 # 16 prompts of a batch twice, 32 rows a step, the adapter masked on the base rows). A row leaves the
 # batch when its answer ends (`scoring.greedy_rows`), which a plan can't foresee: every row is priced
 # for every step, an upper bound (on the finance report of the Zen 3, ~1.7 s of ~15 s: 2026-12-07,
-# when rows began to leave; the steps below were measured with every row to the end). A step costs its rows' matmuls (priced as a prefill of that many tokens, overlapping the
-# read of the weights) plus per-layer host work that neither counts: Python, dispatch, the masked LoRA
-# products, the KV cache's concatenations. Measured steps (embedded SmolLM2-135M, 30 layers, the
+# when rows began to leave; the steps below were measured with every row to the end). A step costs
+# its rows' matmuls (priced as a prefill of that many tokens, overlapping the read of the weights)
+# plus per-layer host work that neither counts: Python, dispatch, the masked LoRA products, the KV
+# cache's concatenations. Measured steps (embedded SmolLM2-135M, 30 layers, the
 # finance recipe's last run, 71 decoding steps after a 32 x 75-token prefill):
 # - Zen 5 EPYC (2 cores; 2026-12-05 03:2x UTC, 7 and 3 runs; calibrated 1058 GFLOP/s bf16, 560 fp32
 #   pre-packed at 03:35): bf16 60-73 ms a step, fp32 70-73; less their matmuls (13 / 24 ms priced),

@@ -1,6 +1,7 @@
 """What a model is measured by on held-out data: answer-token loss (chunked LM head, shared prefix
 run once), perplexity of a text, batched greedy answers (on a CPU, rows leave the batch as they
-end), and the fine-tuned side run with its adapter merged. `toolkit.finetune.report` turns these into the base-vs-fine-tuned report."""
+end), and the fine-tuned side run with its adapter merged. `toolkit.finetune.report` turns these
+into the base-vs-fine-tuned report."""
 
 from __future__ import annotations
 
