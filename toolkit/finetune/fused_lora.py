@@ -246,11 +246,10 @@ ROWS = "_toolkit_adapter_rows"
 class _Rows:
     """A paired batch's 0/1 per batch row, and what every layer derives from it alike, made once for
     the `adapter_rows` block: the per-token mask for an input of n tokens, and (decoding only, where no
-    optimizer step can change them) the adapter's weights cast to the input's dtype. `layers`: how
-    many layers read it."""
+    optimizer step can change them) the adapter's weights cast to the input's dtype."""
 
-    def __init__(self, rows, layers: int = 0):
-        self.rows, self.layers, self._masks, self._casts = rows, layers, {}, {}
+    def __init__(self, rows):
+        self.rows, self._masks, self._casts = rows, {}, {}
 
     def keep(self, indices) -> None:
         """Only the batch rows at `indices` go on (a decode whose finished rows leave the batch)."""
@@ -329,11 +328,11 @@ def adapter_rows(model, rows):
     when rows[i] is 1 and as the base model when 0: base and fine-tuned in one batch, the adapter's
     r-wide product masked per row (PEFT's own mixed-adapter batch indexes and copies each layer's
     input instead, which in a CPU decode cost more than the base model's matmuls). A layer that
-    can't take the fused path raises NotFused, never a silently wrong row. Yields the rows' `_Rows`:
-    its `layers` counts the layers that read it, and `keep(indices)` drops the other rows."""
+    can't take the fused path raises NotFused, never a silently wrong row. Yields the rows' `_Rows`,
+    whose `keep(indices)` drops the other rows."""
     fused = tuple(_fused_classes().values())
     layers = [m for m in model.modules() if type(m) in fused]
-    shared = _Rows(rows, len(layers))
+    shared = _Rows(rows)
     for m in layers:
         setattr(m, ROWS, shared)
     try:
