@@ -115,7 +115,7 @@ def test_greedy_rows_equal_generate_as_rows_end_apart_and_leave_the_batch(tiny, 
     # end tokens that end rows at different steps: row 0's third new token and row 2's seventh
     stops = [free[0][2], free[2][6]]
     ends = [min([row.index(t) for t in stops if t in row], default=n) for row in free]
-    assert len({e for e in ends if e < n}) == 2 and max(ends) == n  # rows end apart, one never
+    assert len({e for e in ends if e < n}) >= 2 and max(ends) == n  # rows end apart, one never
 
     with torch.no_grad():
         want = model.generate(**enc, max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id,
@@ -135,7 +135,7 @@ def test_greedy_rows_equal_generate_as_rows_end_apart_and_leave_the_batch(tiny, 
         if any(ends[r] == step for r in alive):
             going.append([i for i, r in enumerate(alive) if ends[r] != step])
             alive = [r for r in alive if ends[r] != step]
-    assert [k.tolist() for k in kept] == going and len(going) == 2
+    assert [k.tolist() for k in kept] == going and len(going) >= 2
     # where a cache can't drop rows, ended rows stay in the batch and only their tokens stop
     sizes.clear()
     hook = model.get_input_embeddings().register_forward_hook(lambda m, inp, out: sizes.append(inp[0].shape[0]))
