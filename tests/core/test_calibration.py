@@ -76,16 +76,49 @@ def test_from_dict_rejects_what_is_not_a_record():
     good = {"key": "k", "device": "cpu x", "matmul_flops": {"float32": 1e10, "bfloat16": 1e9},
             "bandwidth_bytes_per_s": 1e10, "seconds": 1.0, "torch": "2.13.0", "packed_flops": {"float32": 2e10},
             "attention_s": {"float32 sdpa": 0.008, "float32 bmm": 0.009},
-            "packed_gain": {"float32 train": 2.3, "float32 infer": 2.7}, "host_layer_s": 0.0004, "cpu_share": 0.95}
+            "packed_gain": {"float32 train": 2.3, "float32 infer": 2.7}, "host_layer_s": 0.0004, "cpu_share": 0.95,
+            "packed_gain_seen": {"float32 train": [2.2, 2.3, 2.4], "float32 infer": [2.7]}}
     assert asdict(K.Calibration.from_dict(good)) == good
     for bad in ({**good, "matmul_flops": {"bfloat16": 1e9}}, {**good, "bandwidth_bytes_per_s": "fast"},
                 {k: v for k, v in good.items() if k != "torch"}, {**good, "matmul_flops": [1, 2]},
                 {**good, "matmul_flops": {"float32": 0.0}}, {**good, "packed_flops": {"float32": -1.0}},
                 {**good, "attention_s": {"float32 bmm": 0.0}}, {**good, "packed_gain": {"float32 train": -2.3}},
                 {**good, "host_layer_s": -1e-4}, {**good, "host_layer_s": "slow"}, {**good, "cpu_share": 0.0},
-                {**good, "cpu_share": "busy"}):
+                {**good, "cpu_share": "busy"}, {**good, "packed_gain_seen": {"float32 train": [2.2, 0.0]}},
+                {**good, "packed_gain_seen": {"float32 train": 2.3}}):
         with pytest.raises(ValueError):
             K.Calibration.from_dict(bad)
+
+
+def test_the_packing_decision_reads_the_median_of_the_machines_last_gain_readings():
+    """One reading over the bar among lower ones (the Zen 3's five benches of 2026-12-07: 0.96, 0.95,
+    0.91, 1.07, 0.89) no longer sends training through the packs; a machine where packing pays keeps it
+    through one low reading; the last GAIN_READINGS readings count, and a record from before the history
+    counts as its one reading."""
+    cap = C.detect("cpu")
+    blank = K.Calibration(key="k", device="cpu x", matmul_flops={"float32": 1.8e11}, bandwidth_bytes_per_s=2e10,
+                          seconds=2.0, torch="t")
+
+    def reading(gain, earlier):
+        return K.with_earlier_gains(replace(blank, packed_gain={"float32 train": gain}), earlier)
+
+    def packs(c):
+        return C.packed_matmuls(cap, "float32", c, "train")[0]
+
+    assert packs(reading(1.07, None))  # alone, a reading decides as before
+    cal = None
+    for gain in (0.96, 0.95, 0.91, 1.07, 0.89, 0.93):
+        cal = reading(gain, cal)
+        assert not packs(cal)
+    assert cal.packed_gain_seen == {"float32 train": [0.95, 0.91, 1.07, 0.89, 0.93]} == {
+        "float32 train": cal.packed_gain_seen["float32 train"][-K.GAIN_READINGS:]}
+    assert cal.packed_gain == {"float32 train": 0.93}
+    fast = reading(2.2, reading(2.3, None))
+    assert packs(reading(0.9, fast)) and reading(0.9, fast).packed_gain == {"float32 train": 2.2}
+    older = replace(blank, packed_gain={"float32 train": 0.9, "bfloat16 train": 1.5})  # no history kept
+    assert reading(1.07, older).packed_gain_seen == {"float32 train": [0.9, 1.07]}
+    assert not reading(1.07, older).packed_gain.get("bfloat16 train")  # not measured now: not carried over
+    assert "(median of 2 readings)" in reading(1.07, older).summary()
 
 
 def test_cache_round_trip_keeps_other_machines_and_rebuilds_a_corrupt_file(tmp_path, monkeypatch, capsys):
@@ -124,6 +157,9 @@ def test_cache_round_trip_keeps_other_machines_and_rebuilds_a_corrupt_file(tmp_p
     assert main(["estimate", "--calibrate"]) == 0
     assert capsys.readouterr().out.startswith(f"{cal.device}: matmul GFLOP/s float32 ")
     assert path.stat().st_mtime_ns != mtime  # --calibrate measures again
+    again = K.load(cap)
+    for name, seen in again.packed_gain_seen.items():  # the gains decide by both readings now
+        assert len(seen) == 2 and seen[0] == cal.packed_gain[name] and again.packed_gain[name] == sum(seen) / 2
     assert not list(tmp_path.glob(".*tmp*"))  # the atomic write left no temp file
 
     path.write_text('{"format": 1, "records": {"cpu|AMD')  # a write cut short

@@ -16,7 +16,9 @@ read 16-90 GFLOP/s against 139-183 alone (16 made fp32 look emulated, so packing
 pre-packing gain of a training step's matmuls 0.79-1.63 (median 1.05) against 0.85-1.01 (median 0.93), while the
 calibration's threads ran 59-60% of the matmul probes' wall time against 94-96% alone. So `measure`
 records that share (`cpu_share`), and `load` measures again where it is under MIN_CPU_SHARE and caches no
-measurement that stays under it.
+measurement that stays under it. A slow moment of the host itself, which that share does not see, can tip
+one reading of the pre-packing gain too (the Zen 3, 2026-12-07 03:46 UTC: 1.07 among 0.89-0.96), so the gain
+the decisions read is the median of the machine's last GAIN_READINGS readings (`with_earlier_gains`).
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from toolkit.core import probes as P
@@ -43,6 +46,11 @@ FILE_NAME = "calibration.json"
 # over wall seconds x threads) for the measurement to be cached: 0.94-0.96 alone on the Zen 3, 0.59-0.60
 # with one busy process beside it (see the module).
 MIN_CPU_SHARE = 0.8
+# How many of a machine's pre-packing gain readings decide (their median): one reading can be tipped
+# by a slow moment of a shared host that `cpu_share` can't see. On the Zen 3 five benches' calibrations
+# read 0.96, 0.95, 0.91, 1.07 and 0.89 for the training matmuls (2026-12-07 02:41-03:58 UTC); the 1.07,
+# over PACKED_MIN_GAIN, had sent that bench's training through oneDNN's packs (~10% slower there).
+GAIN_READINGS = 5
 
 
 @dataclass(frozen=True)
@@ -59,7 +67,8 @@ class Calibration:
     `host_layer_s`: a CPU's host work a decoder layer pays in a one-row decoding step
     (`probes.host_layer_seconds`; 0 on a GPU). `cpu_share`: the share of the matmul probes' wall time
     the calibration's threads ran (1.0 on a GPU, not measured); under MIN_CPU_SHARE other work had the
-    cores (see the module)."""
+    cores (see the module). `packed_gain_seen`: the last GAIN_READINGS readings of each gain on this
+    machine, newest last; `packed_gain` is their median (`with_earlier_gains`)."""
 
     key: str
     device: str
@@ -72,6 +81,7 @@ class Calibration:
     packed_gain: dict[str, float] = field(default_factory=dict)
     host_layer_s: float = 0.0
     cpu_share: float = 1.0
+    packed_gain_seen: dict[str, list[float]] = field(default_factory=dict)
 
     def best_flops(self, dtype: str) -> float:
         """The faster of the plain and the pre-packed matmul rate of `dtype` (0 when unmeasured)."""
@@ -85,15 +95,18 @@ class Calibration:
             packed = {str(k): float(v) for k, v in d.get("packed_flops", {}).items()}
             attention = {str(k): float(v) for k, v in d.get("attention_s", {}).items()}
             gain = {str(k): float(v) for k, v in d.get("packed_gain", {}).items()}
+            seen = {str(k): [float(x) for x in v] for k, v in d.get("packed_gain_seen", {}).items()}
             cal = cls(key=str(d["key"]), device=str(d["device"]), matmul_flops=flops,
                       bandwidth_bytes_per_s=float(d["bandwidth_bytes_per_s"]), seconds=float(d["seconds"]),
                       torch=str(d["torch"]), packed_flops=packed, attention_s=attention, packed_gain=gain,
-                      host_layer_s=float(d.get("host_layer_s", 0.0)), cpu_share=float(d.get("cpu_share", 1.0)))
+                      host_layer_s=float(d.get("host_layer_s", 0.0)), cpu_share=float(d.get("cpu_share", 1.0)),
+                      packed_gain_seen=seen)
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
             raise ValueError(f"not a calibration record: {exc}") from exc
         if ("float32" not in flops or min(flops.values(), default=0) <= 0 or cal.bandwidth_bytes_per_s <= 0
                 or min(packed.values(), default=1) <= 0 or min(attention.values(), default=1) <= 0
-                or min(gain.values(), default=1) <= 0 or cal.host_layer_s < 0 or not 0 < cal.cpu_share <= 2):
+                or min(gain.values(), default=1) <= 0 or cal.host_layer_s < 0 or not 0 < cal.cpu_share <= 2
+                or min((x for v in seen.values() for x in v), default=1) <= 0):
             raise ValueError("not a calibration record: missing or non-positive rates")
         return cal
 
@@ -103,7 +116,9 @@ class Calibration:
                                                    if k in self.packed_flops else "")
                           for k, v in self.matmul_flops.items())
         attention = ", ".join(f"{k} {v * 1e3:.1f}" for k, v in self.attention_s.items())
-        gain = ", ".join(f"{k} {v:.2f}x" for k, v in self.packed_gain.items())
+        gain = ", ".join(f"{k} {v:.2f}x" + (f" (median of {len(self.packed_gain_seen[k])} readings)"
+                                             if len(self.packed_gain_seen.get(k, ())) > 1 else "")
+                         for k, v in self.packed_gain.items())
         memory = "weights read as decoding reads them" if self.device.startswith("cpu") else "memory copy"
         return (f"{self.device}: matmul GFLOP/s {rates}; {memory} {self.bandwidth_bytes_per_s / 1e9:.1f} GB/s"
                 + (f"; pre-packing gains {gain}" if gain else "")
@@ -208,11 +223,12 @@ def load(cap: Capability | None = None, refresh: bool = False) -> Calibration:
             return cal
         say(f"calibration cache entry for {k} is invalid; measuring again")
     say(f"calibrating {cap.name} (matmul and memory speed, a few seconds; cached) ...")
-    cal = measure(cap)
+    earlier = _valid(records, k)
+    cal = with_earlier_gains(measure(cap), earlier)
     if cal.cpu_share < MIN_CPU_SHARE:
         say(f"calibration: other work had the CPU while it measured (its threads ran {cal.cpu_share:.0%} of the "
             "time); measuring again")
-        cal = max(cal, measure(cap), key=lambda c: c.cpu_share)
+        cal = max(cal, with_earlier_gains(measure(cap), earlier), key=lambda c: c.cpu_share)
         if cal.cpu_share < MIN_CPU_SHARE:
             say(f"calibration not cached: the CPU was busy with other work again ({cal.cpu_share:.0%}); this run "
                 "uses it, the next one measures again")
@@ -220,6 +236,17 @@ def load(cap: Capability | None = None, refresh: bool = False) -> Calibration:
     records[k] = asdict(cal)
     _write_records(path, records)
     return cal
+
+
+def with_earlier_gains(cal: Calibration, earlier: Calibration | None) -> Calibration:
+    """`cal` (a new measurement) with each pre-packing gain the median of its last GAIN_READINGS readings
+    on this machine: `earlier`'s (the cached record of the same key, or None) then `cal`'s own."""
+    seen = {}
+    for name, gain in cal.packed_gain.items():
+        before = ((earlier.packed_gain_seen.get(name) or [earlier.packed_gain[name]])
+                  if earlier is not None and name in earlier.packed_gain else [])
+        seen[name] = [*before, gain][-GAIN_READINGS:]
+    return replace(cal, packed_gain={name: statistics.median(v) for name, v in seen.items()}, packed_gain_seen=seen)
 
 
 def measure(cap: Capability) -> Calibration:
