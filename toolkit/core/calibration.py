@@ -217,13 +217,12 @@ def load(cap: Capability | None = None, refresh: bool = False) -> Calibration:
     k = current_key(cap)
     path = cache_path()
     records = _read_records(path)
+    earlier = _valid(records, k)
+    if not refresh and earlier is not None:
+        return earlier
     if not refresh and k in records:
-        cal = _valid(records, k)
-        if cal is not None:
-            return cal
         say(f"calibration cache entry for {k} is invalid; measuring again")
     say(f"calibrating {cap.name} (matmul and memory speed, a few seconds; cached) ...")
-    earlier = _valid(records, k)
     cal = with_earlier_gains(measure(cap), earlier)
     if cal.cpu_share < MIN_CPU_SHARE:
         say(f"calibration: other work had the CPU while it measured (its threads ran {cal.cpu_share:.0%} of the "
