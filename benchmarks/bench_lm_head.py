@@ -33,7 +33,7 @@ def run() -> dict:
     import torch
     from trl.kernels import ChunkedLogProbFunction
 
-    from toolkit.core import hardware, packed_linear
+    from toolkit.core import capability, hardware, packed_linear
     from toolkit.finetune import cpu_lm_head
 
     hardware.apply_threads("cpu")
@@ -46,9 +46,14 @@ def run() -> dict:
     def step(fn, hidden, weight, targets):
         def go():
             hidden.grad = None
-            lp = fn.apply(hidden, weight, None, targets, 1.0, 32768, None, 1.0, OUTPUTS)[0]
+            # Under bf16 autocast where the inputs are bf16, as a bf16 training run calls the head
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=weight.dtype == torch.bfloat16):
+                lp = fn.apply(hidden, weight, None, targets, 1.0, 32768, None, 1.0, OUTPUTS)[0]
             (-lp.sum()).backward()
         return go
+
+    def bf16(hidden, weight, targets):
+        return hidden.detach().bfloat16().requires_grad_(True), weight.bfloat16(), targets
 
     def floor(hidden, weight):
         def go():
@@ -101,8 +106,20 @@ def run() -> dict:
         ("toolkit cpu_lm_head, streamed (StreamedLogProbs)", _best(step(cpu_lm_head.streamed_function(), *args), 2),
          mm_s),
         ("two matmuls (floor)", mm_s, mm_s)])
+    if capability.detect("cpu").native_bf16:
+        # bf16, as the toolkit trains on such a CPU: the materialized head where its logits fit (the
+        # recipe's shape), the streamed one past that (cpu_lm_head.streams)
+        for (n, h, v), repeats in (((N, H, V), 5), (LLAMA, 2)):
+            args = bf16(*shape(n, h, v))
+            mm_s = _best(floor(*args[:2]), repeats)
+            heads = [("TRL ChunkedLogProbFunction (CPU fallback)", ChunkedLogProbFunction)]
+            if cpu_lm_head.fits(n, v, None, None, OUTPUTS):
+                heads.append(("toolkit cpu_lm_head, materialized (LogProbs)", cpu_lm_head.materialized_function()))
+            heads.append(("toolkit cpu_lm_head, streamed (StreamedLogProbs)", cpu_lm_head.streamed_function()))
+            out += rows(f"{n:,} x {h} -> {v:,}, bf16", [(name, _best(step(fn, *args), repeats), mm_s)
+                                                         for name, fn in heads] + [("two matmuls (floor)", mm_s, mm_s)])
     return {"title": f"CPU LM head: labelled positions of one finance CPU step ({N} x {H} -> {V:,}, fp32), and "
-                     f"Llama-3.2-1B's head past the materialized head's limit",
+                     f"Llama-3.2-1B's head past the materialized head's limit; both in bf16 on a CPU with native bf16",
             "rows": out,
             "notes": ("Forward and backward with the log-probabilities, entropy and top-1 SFTTrainer logs; best of 5 "
                       "(Llama-3.2-1B's shape: best of 2). 'materialized' writes the logits once and turns them "
@@ -111,7 +128,10 @@ def run() -> dict:
                       "cpu_lm_head.head_for). 'weight pre-packed': inside toolkit.core.packed_linear's block, as a "
                       "training run whose calibration chose oneDNN's packed matmuls uses it; its 'vs two matmuls' "
                       "is against the pre-packed floor. Llama-3.2-1B's head at 1,500 positions is 770 MB of fp32 "
-                      "logits, past the materialized head's 512 MB: there TRL's kernel ran before.")}
+                      "logits, past the materialized head's 512 MB: there TRL's kernel ran before. The bf16 rows "
+                      "(a CPU with native bf16 only) run the head under bf16 autocast on a bf16 weight and hidden "
+                      "states, as bf16 training does; training takes the materialized head where its logits fit "
+                      "and the streamed one past that.")}
 
 
 if __name__ == "__main__":

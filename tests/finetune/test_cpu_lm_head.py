@@ -116,8 +116,8 @@ def test_what_it_takes():
 
 
 def test_head_for_each_call():
-    """Past the materialized head's limit a frozen fp32 weight still gets a CPU head (streamed); a
-    trained one goes back to TRL's kernel."""
+    """Past the materialized head's limit a frozen weight still gets a CPU head (streamed), fp32 or bf16;
+    a trained one goes back to TRL's kernel."""
     from toolkit.finetune import cpu_lm_head
 
     v = 1000
@@ -130,6 +130,11 @@ def test_head_for_each_call():
     assert cpu_lm_head.head_for(hidden[:10], trained, None, None, OUTPUTS) is materialized
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert cpu_lm_head.head_for(hidden[:10], frozen, None, None, OUTPUTS) is materialized
+        # a bf16 weight: materialized where its logits fit, streamed past that (TRL's kernel before)
+        low, low_trained = frozen.bfloat16(), trained.detach().bfloat16().requires_grad_(True)
+        assert cpu_lm_head.head_for(hidden[:10], low, None, None, OUTPUTS) is materialized
+        assert cpu_lm_head.head_for(hidden, low, None, None, OUTPUTS) is streamed
+        assert cpu_lm_head.head_for(hidden, low_trained, None, None, OUTPUTS) is None
     assert cpu_lm_head.head_for(hidden[:10], frozen, object(), None, OUTPUTS) is None  # a bias
 
 
@@ -273,13 +278,49 @@ def test_bf16_leaves_the_weights_packs_alone(monkeypatch):
 
 
 def test_which_head_a_call_takes():
-    """Streamed in fp32 for a frozen weight that is not pre-packed; everything else materialized."""
+    """Streamed for a frozen weight that is not pre-packed, in bf16 only past the materialized head's
+    limit; everything else materialized."""
     from toolkit.finetune.cpu_lm_head import streams
 
     assert streams("float32", weight_trained=False, packed=False)
     assert not streams("float32", weight_trained=True, packed=False)  # the weight's gradient needs the logits'
     assert not streams("float32", weight_trained=False, packed=True)  # oneDNN's whole-weight packs
-    assert not streams("bfloat16", weight_trained=False, packed=False)  # not measured streamed
+    # bf16: materialized where its logits fit (a little faster on the Zen 4), streamed past that
+    assert not streams("bfloat16", weight_trained=False, packed=False)
+    assert streams("bfloat16", weight_trained=False, packed=False, materialized_fits=False)
+    assert not streams("bfloat16", weight_trained=True, packed=False, materialized_fits=False)
+    assert streams("float32", weight_trained=False, packed=False, materialized_fits=False)
+
+
+@pytest.mark.parametrize("case", [dict(), dict(temperature=0.7, logit_scale=1.3, entropy_weight=0.5)])
+def test_bf16_streamed_head_equals_the_materialized_one(case, monkeypatch):
+    """In bf16 (a bf16 weight under autocast, as the bf16 CPU recipe trains) the streamed head, in blocks
+    of 16 vocabulary rows, widens the same bf16 logits as the materialized head: the same log-probabilities,
+    entropy and top-1; the hidden states' gradient within bf16 rounding of its products, and both
+    within that of a float64 softmax over the bf16-rounded logits."""
+    from toolkit.finetune import cpu_lm_head, cpu_lm_head_streamed
+
+    monkeypatch.setattr(cpu_lm_head_streamed, "BLOCK_ALIGN", 16)
+    monkeypatch.setattr(cpu_lm_head_streamed, "VOCAB_BLOCK_BYTES", 1)
+    hidden, weight, targets = _inputs(seed=9, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = _run(cpu_lm_head.streamed_function(), hidden, weight, targets, **case)
+        want = _run(cpu_lm_head.materialized_function(), hidden, weight, targets, **case)
+    assert got[3].dtype == torch.bfloat16
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=5e-5)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=5e-5)
+    assert torch.equal(got[2], want[2]) and got[2][:5].all() and not got[2].all()
+    scale = case.get("logit_scale", 1.0) / case.get("temperature", 1.0)
+    h = hidden.double().requires_grad_(True)
+    z = (h @ weight.double().t()).bfloat16().double() * scale  # the bf16 product's rounding, scaled in fp32
+    log_p = torch.log_softmax(z, dim=-1)
+    lp = log_p.gather(1, targets.unsqueeze(1)).squeeze(1)
+    ent = -(log_p.exp() * log_p).sum(-1)
+    (-lp.sum() + case.get("entropy_weight", 0.0) * ent.sum()).backward()
+    torch.testing.assert_close(got[0], lp.float(), rtol=1e-5, atol=5e-5)
+    for g in (got[3], want[3]):
+        # a wrong gradient is off by O(1); bf16 products of ~40 terms round at ~1e-2 of its scale
+        torch.testing.assert_close(g.float(), h.grad.float(), rtol=3e-2, atol=3e-2 * h.grad.abs().max().item())
 
 
 def test_the_dispatcher_streams_a_frozen_fp32_weight(monkeypatch):

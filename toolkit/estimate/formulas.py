@@ -291,9 +291,10 @@ def cpu_lean_logits_bytes(tokens: int, vocab: int, hidden: int, act_bytes: int =
     logits, turned into probabilities and then into their own gradient in place, plus (16-bit compute)
     the 16-bit buffer its matmuls read and write; the hidden states' gradient besides. Past
     CPU_LEAN_HEAD_MAX_BYTES of fp32 logits TRL's tiles run instead (`trl_fused_logits_bytes`).
-    In fp32 with the weight not pre-packed the head streams the vocabulary instead
-    (`cpu_lm_head_streamed`: two ~8 MB blocks and N x H): this stays the bound, since whether the
-    weight is packed is the run's calibration's choice."""
+    With a frozen weight not pre-packed the head streams the vocabulary instead (`cpu_lm_head_streamed`:
+    two ~8 MB blocks and N x H), in fp32 at any size and in bf16 past the limit: this stays the bound,
+    since whether the weight is packed is the run's calibration's choice (past the limit TRL's tiles
+    bound the streamed head too)."""
     if tokens * vocab * 4 > CPU_LEAN_HEAD_MAX_BYTES:
         return trl_fused_logits_bytes(tokens, vocab, hidden, act_bytes)
     return cpu_lean_retained_bytes(tokens, vocab, act_bytes) + tokens * hidden * act_bytes

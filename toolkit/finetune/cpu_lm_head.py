@@ -24,10 +24,11 @@ Zen 5 EPYC (AVX-512), 460 x 576 -> 49,152: 69.5 / 51.2 ms against 134.3 / 118.4 
 already runs in oneDNN; the packs measured no gain in training there (0.975 / 0.931 / 0.990 against
 0.962 / 0.940 / 0.969 s a step) and the transposed one would take another 56 MB, so bf16 keeps it.
 
-Two heads, one per call as `head_for` decides (`streams`): in fp32 with a frozen weight that is not
-pre-packed, `cpu_lm_head_streamed.StreamedLogProbs` takes the vocabulary in cache-sized blocks and keeps
-nothing vocabulary-sized, for any number of positions; elsewhere (bf16, a packed or a trained weight)
-`LogProbs` below, within MAX_LOGITS_BYTES.
+Two heads, one per call as `head_for` decides (`streams`): for a frozen weight that is not pre-packed,
+`cpu_lm_head_streamed.StreamedLogProbs` takes the vocabulary in cache-sized blocks and keeps nothing
+vocabulary-sized, for any number of positions: in fp32 always, in bf16 past MAX_LOGITS_BYTES (within it
+the materialized head measured a little faster there); elsewhere (a packed or a trained weight, bf16
+within the limit) `LogProbs` below, within MAX_LOGITS_BYTES.
 """
 
 from __future__ import annotations
@@ -243,13 +244,17 @@ def streamed_function():
     return cpu_lm_head_streamed.function()
 
 
-def streams(compute_dtype: str, weight_trained: bool, packed: bool) -> bool:
+def streams(compute_dtype: str, weight_trained: bool, packed: bool, materialized_fits: bool = True) -> bool:
     """Whether a call streams the vocabulary (`streamed_function`) rather than materializing the
-    logits (`materialized_function`): in fp32, for a frozen weight that is not pre-packed. A trained
-    weight needs the logits' gradient, which only the materialized head keeps; a packed one runs
-    its matmuls through oneDNN's whole-weight packs (the Zen 5's choice, measured there against the
-    materialized head only); bf16 was not measured streamed (no CPU with native bf16 was at hand)."""
-    return compute_dtype == "float32" and not weight_trained and not packed
+    logits (`materialized_function`), for a frozen weight that is not pre-packed: in fp32 always, in
+    a lower dtype (bf16) only where the materialized head's logits would not fit. A trained weight
+    needs the logits' gradient, which only the materialized head keeps; a packed one runs its matmuls
+    through oneDNN's whole-weight packs (the Zen 5's choice, measured there against the materialized
+    head only). In bf16, forward and backward alone on the Zen 4 EPYC (AVX512-BF16; `make bench` lm_head,
+    2026-12-07): at the finance recipe's 460 x 576 -> 49,152 the materialized head took 0.176 s against
+    the streamed one's 0.185; past its limit (Llama-3.2-1B's head at 1,500 positions), where TRL's kernel
+    ran before, the streamed one took 4.52 s against TRL's 9.44."""
+    return not weight_trained and not packed and (compute_dtype == "float32" or not materialized_fits)
 
 
 def head_for(hidden, weight, bias, final_logit_softcapping, outputs):
@@ -258,8 +263,9 @@ def head_for(hidden, weight, bias, final_logit_softcapping, outputs):
     from toolkit.core import packed_linear
 
     compute = _compute_dtype(hidden)
+    materialized_fits = fits(hidden.shape[0], weight.shape[0], bias, final_logit_softcapping, outputs)
     streamed = weight.dtype == compute and streams(str(compute).removeprefix("torch."), weight.requires_grad,
-                                                   packed_linear.packs_of(weight) is not None)
+                                                   packed_linear.packs_of(weight) is not None, materialized_fits)
     if not fits(hidden.shape[0], weight.shape[0], bias, final_logit_softcapping, outputs, streamed):
         return None
     return streamed_function() if streamed else materialized_function()

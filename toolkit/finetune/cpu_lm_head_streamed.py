@@ -1,4 +1,5 @@
-"""The CPU LM head over vocabulary blocks, never materializing the logits (fp32, frozen weight).
+"""The CPU LM head over vocabulary blocks, never materializing the logits (frozen weight; fp32, or
+bf16 past what the materialized head takes).
 
 `cpu_lm_head.LogProbs` writes the labelled positions' logits once (460 x 49,152 fp32 is 90 MB on
 the finance recipe's CPU profile), reads them back for the softmax, and in the backward reads and
@@ -27,6 +28,10 @@ instead: Llama-3.2-1B's head at 1,500 positions took 10.0 s against TRL's 18.4 (
 Zen 3 EPYC, fp32). In the finance recipe's steps (Zen 3 EPYC, fp32, every batch through both heads,
 alternating, 16-18-step runs; docs/cpu-training.md, twentieth session) the two read alike: 0.993, 1.001,
 0.977 and 1.024 of the materialized head's step time, inside what steps resolve on that host.
+In bf16 (the weight's dtype; `cpu_lm_head.streams` sends it here only past MAX_LOGITS_BYTES) each
+block's two products run in bf16, as the materialized head's do, into reused bf16 buffers widened in
+cache: the logits to fp32 for the softmax, P @ W_b summed in fp32. Llama-3.2-1B's head at 1,500
+positions took 4.52 s against TRL's 9.44 (`make bench` lm_head, Zen 4 EPYC, AVX512-BF16).
 Tests: tests/finetune/test_cpu_lm_head.py, against TRL's kernel and a float64 softmax.
 """
 
@@ -56,15 +61,24 @@ def function():
         """The hidden states times the logit scale (N x H multiplies, not N x V)."""
         return hidden.contiguous() if scale == 1.0 else hidden * scale
 
-    def blocks(h, weight):
-        """(first row, W_b, the block's logits h @ W_b.T into a reused buffer) for each block."""
+    def blocks(hidden, weight, scale):
+        """(first row, W_b, the block's fp32 logits scale * h @ W_b.T in a reused buffer) for each block.
+        In a lower dtype (the weight's; bf16 training) the product lands in a reused buffer of that dtype
+        and is widened into the fp32 one while it is in cache, the scale applied there in fp32."""
+        narrow = weight.dtype != torch.float32
+        h = hidden.to(weight.dtype).contiguous() if narrow else scaled(hidden, scale)
         n, vocab = h.shape[0], weight.shape[0]
         cols = vocab_block(n, vocab, h.shape[1])
         buf = torch.empty(n * cols, dtype=torch.float32, device=h.device)
+        low = torch.empty(n * cols, dtype=h.dtype, device=h.device) if narrow else None
         for start in range(0, vocab, cols):
             w = weight[start:start + cols]
             z = buf[:n * w.shape[0]].view(n, w.shape[0])
-            yield start, w, torch.mm(h, w.t(), out=z)
+            if low is None:
+                yield start, w, torch.mm(h, w.t(), out=z)
+            else:
+                z.copy_(torch.mm(h, w.t(), out=low[:z.numel()].view_as(z)))
+                yield start, w, (z if scale == 1.0 else z.mul_(scale))
 
     def _first_maxima(z, better, start, top):
         """`top` = the first maximum's index (+ `start`), as TRL's top-1 test, in the rows `better`
@@ -89,15 +103,15 @@ def function():
             n = hidden.shape[0]
             wants_grad = ctx.needs_input_grad[0]
             with torch.autocast(hidden.device.type, enabled=False):
-                h = scaled(hidden, scale)
-                peak = torch.full((n,), -torch.inf, device=h.device)
-                sum_e = torch.zeros(n, device=h.device)
-                sum_ez = torch.zeros(n, device=h.device) if "entropy" in outputs else None
-                p_w = torch.zeros_like(h) if wants_grad else None
-                top = torch.zeros(n, dtype=torch.long, device=h.device)
-                target_z = torch.zeros(n, device=h.device)
-                e_buf = None
-                for start, w, z in blocks(h, weight):
+                dev = hidden.device
+                peak = torch.full((n,), -torch.inf, device=dev)
+                sum_e = torch.zeros(n, device=dev)
+                sum_ez = torch.zeros(n, device=dev) if "entropy" in outputs else None
+                p_w = torch.zeros(hidden.shape, device=dev) if wants_grad else None
+                top = torch.zeros(n, dtype=torch.long, device=dev)
+                target_z = torch.zeros(n, device=dev)
+                e_buf = e_low = pw_low = None
+                for start, w, z in blocks(hidden, weight, scale):
                     block_peak = z.amax(-1)
                     _first_maxima(z, block_peak > peak, start, top)  # an earlier block's tie stays
                     new_peak = torch.maximum(peak, block_peak)
@@ -113,8 +127,14 @@ def function():
                     sum_e.mul_(rescale).add_(e.sum(-1))
                     if sum_ez is not None:
                         sum_ez.mul_(rescale).add_(torch.linalg.vecdot(e, z))
-                    if p_w is not None:
+                    if p_w is not None and w.dtype == torch.float32:
                         p_w.mul_(rescale.unsqueeze(1)).addmm_(e, w)
+                    elif p_w is not None:  # e in the weight's dtype, as the materialized head's gradient is
+                        if e_low is None:
+                            e_low = torch.empty_like(e_buf, dtype=w.dtype)
+                            pw_low = torch.empty(hidden.shape, dtype=w.dtype, device=dev)
+                        el = e_low[:e.numel()].view_as(e).copy_(e)
+                        p_w.mul_(rescale.unsqueeze(1)).add_(torch.mm(el, w, out=pw_low))
                 log_z = peak + sum_e.log()
                 entropy = None if sum_ez is None else log_z - sum_ez / sum_e
                 if p_w is not None:
@@ -137,13 +157,13 @@ def function():
             with torch.autocast(hidden.device.type, enabled=False):
                 grad = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
                 if grad_log_probs is not None:  # d log p_t / dh = scale * (W[t] - sum_j p_j W_j)
-                    grad.add_(weight[targets] - p_w).mul_(grad_log_probs.float().unsqueeze(1))
+                    grad.add_(weight[targets].float() - p_w).mul_(grad_log_probs.float().unsqueeze(1))
                 if grad_entropy is not None:
                     # d H / dz_j = -p_j (log p_j + H): recomputed by blocks (SFTTrainer never asks)
                     g = grad_entropy.float().unsqueeze(1)
-                    for _, w, z in blocks(scaled(hidden, ctx.scale), weight):
+                    for _, w, z in blocks(hidden, weight, ctx.scale):
                         log_p = z.sub_(log_z.unsqueeze(1))
-                        grad.addmm_(log_p.exp() * (log_p + entropy.unsqueeze(1)) * g, w, alpha=-1.0)
+                        grad.addmm_(log_p.exp() * (log_p + entropy.unsqueeze(1)) * g, w.float(), alpha=-1.0)
                 if ctx.scale != 1.0:
                     grad.mul_(ctx.scale)
             return grad.to(hidden.dtype), None, None, None, None, None, None, None, None
