@@ -67,16 +67,16 @@ def cpu_rows() -> list[dict]:
                                runs_dir=Path(tmp) / f"{name.replace(' ', '_')}-{i}", gpu=False)
                 info = json.loads((run / "run.json").read_text())
                 runs[name].append((matmul_rate(cap, dtype, cal), cal.bandwidth_bytes_per_s, dtype, info,
-                                   cal.matmul_flops[dtype]))
+                                   cal.matmul_flops[dtype], cal.host_layer_s))
     rows = []
     for name, sets in SETTINGS.items():
-        # Best of the runs on both sides, as the calibration itself is (best of 10 matmuls): other
-        # processes only ever slow a run down, and the model predicts the machine unloaded.
+        # Best of the runs on both sides (the least host probe), as the calibration itself is (best of
+        # 10 matmuls): other processes only ever slow a run down, and the model predicts the machine unloaded.
         flops, bandwidth = max(r[0] for r in runs[name]), max(r[1] for r in runs[name])
         dtype, info = runs[name][0][2], max((r[3] for r in runs[name]), key=lambda d: d["tokens_per_s"])
         # priced for the allocator this process trains under (`make bench` restarts under toolkit finetune's)
         rates = Rates("cpu", flops, bandwidth, f"calibration: {dtype}", dtype, max(r[4] for r in runs[name]),
-                      "tcmalloc" if allocator.current() == "tcmalloc" else "glibc")
+                      "tcmalloc" if allocator.current() == "tcmalloc" else "glibc", min(r[5] for r in runs[name]))
         measured = info["tokens_per_s"]
         # The share of tokens with a label is a property of the data (the trainer scores only those).
         predicted = _predict(sets, rates, dtype, info["trained_tokens_per_epoch"] / info["train_tokens_per_epoch"])

@@ -110,6 +110,46 @@ def test_cpu_model_reproduces_the_runs_it_was_fitted_to(dtype, measured, rate, t
         measured, rel=0.02 if malloc == "glibc" else 0.06)
 
 
+def test_a_cpu_steps_fixed_cost_follows_the_calibrations_host_probe():
+    """Where the calibration probed this CPU's host work (`probes.host_layer_seconds`), a micro-batch's
+    fixed cost is CPU_STEP_OVER_PROBE x that a layer; unmeasured, the Zen 5's constant. Against the Zen 4's
+    `make bench` time (2026-12-07, bf16 under tcmalloc, 430.0 GFLOP/s packed and 400.0 torch's, the probe
+    0.192 ms a layer): the finance recipe's 1,024-token steps ran 495.7 tok/s and "seq 256"'s 512-token
+    ones 417.9, where the constant priced +5.6% / +23.0%."""
+    from toolkit.estimate.catalog import lookup
+
+    m = lookup("embedded")
+    assert T.cpu_step_seconds(m, 0.000192) == pytest.approx(30 * T.CPU_STEP_OVER_PROBE * 0.000192)
+    assert T.cpu_step_seconds(m, 0.000192) == pytest.approx(0.224, rel=0.01)  # the Zen 4's fitted intercept
+    assert T.cpu_step_seconds(m) == pytest.approx(30 * T.CPU_STEP_SECONDS_PER_LAYER)
+    with pytest.raises(ValueError, match="host_layer_s"):
+        T.cpu_step_seconds(m, -1e-4)
+
+    def priced(seq, host):
+        f = T.train_flops_per_token(m, method="lora", seq_len=seq, lora_r=16, targets=ALL_LINEAR,
+                                    labelled_fraction=0.454)
+        return T.train_tokens_per_s(f.total, 430.0e9, T.train_efficiency("cpu", "bfloat16"),
+                                    T.cpu_elementwise_bytes_per_token(m, "tcmalloc"), 40e9,
+                                    T.cpu_step_seconds(m, host), 2 * seq, unpacked_flops_per_token=f.unpacked,
+                                    unpacked_device_flops=400.0e9)
+
+    for seq, measured, within in ((512, 495.7, 0.02), (256, 417.9, 0.12)):
+        probed, constant = priced(seq, 0.000192) / measured - 1, priced(seq, 0.0) / measured - 1
+        assert abs(probed) < within and abs(probed) < abs(constant), seq
+    # Through the planner: the probe reaches the plan's tokens/s
+    from toolkit.estimate.planner import estimate
+    from toolkit.estimate.timeplan import Rates, time_fields
+
+    est = estimate(m, "lora", "bf16", 256, 2, 16, False, ALL_LINEAR, device="cpu")
+
+    def planned(host):
+        rates = Rates("cpu", 430.0e9, 20e9, "t", "bfloat16", 400.0e9, "tcmalloc", host)
+        return time_fields(m, est, rates, targets=ALL_LINEAR, labelled_fraction=0.454)["train_tokens_per_s"]
+
+    assert planned(0.000192) == pytest.approx(priced(256, 0.000192), rel=1e-3)
+    assert planned(0.0) == pytest.approx(priced(256, 0.0), rel=1e-3)
+
+
 def test_time_fields_price_the_allocator_training_runs_under():
     """tcmalloc's fewer passes make the same run faster; Rates default to glibc's."""
     from toolkit.estimate.catalog import lookup

@@ -169,7 +169,7 @@ def time_fields(m, est, rates: Rates, *, targets: tuple[str, ...], labelled_frac
     rest = step_s = 0.0
     if rates.device == "cpu":
         rest = T.cpu_elementwise_bytes_per_token(m, rates.malloc)
-        step_s = T.cpu_step_seconds(m)
+        step_s = T.cpu_step_seconds(m, rates.host_layer_s)
     unpacked_rate = rates.unpacked_flops or rates.flops
 
     def prefill(tokens: float, flops_per_token: float) -> float:  # attention's matmuls at torch's rate

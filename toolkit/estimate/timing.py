@@ -26,7 +26,8 @@ from dataclasses import dataclass
 # speed up with the matmuls: the elementwise work (norms, rotary, SiLU, casts, the LM head's softmax) as
 # CPU_ELEMENTWISE_PASSES x layers x (hidden + intermediate) elements of 4 bytes at
 # CPU_ELEMENTWISE_BYTES_PER_S, and a fixed cost per micro-batch whatever its tokens (Python, operator
-# dispatch, autograd, the optimizer), CPU_STEP_SECONDS_PER_LAYER x layers.
+# dispatch, autograd, the optimizer), CPU_STEP_OVER_PROBE x the calibrated host probe x layers
+# (CPU_STEP_SECONDS_PER_LAYER x layers where no probe was measured).
 # - CPU: the efficiency is the share of the calibrated rate the frozen layers' GEMMs reach inside a
 #   step, measured by `python -m benchmarks.run step` on the finance recipe's CPU profile (the Zen 5
 #   EPYC, family 26, 2026-12-05 01:33 UTC: bf16 86.5%, fp32 forced 86.6%; capped at AVX2, 87.6% at
@@ -79,6 +80,17 @@ CUDA_STEP_SECONDS_PER_LAYER = {"qlora": 0.021, "lora": 0.018, "full": 0.018}
 # same hour's alternating pairs tcmalloc trained 3-15% faster than glibc's huge pages in all nine.
 CPU_ELEMENTWISE_PASSES = {"glibc": 51, "tcmalloc": 44}
 CPU_STEP_SECONDS_PER_LAYER = 0.00385
+# Where the calibration measured the host probe (`probes.host_layer_seconds`, the per-call cost of a
+# Llama layer's operators on tiny shapes), the fixed cost follows it instead: this many times the probe a
+# layer. Fitted on the Zen 4 EPYC (AVX512-BF16, bf16, tcmalloc, 2026-12-07 06:1x UTC): every step of four
+# 12-step runs of the finance recipe at max_seq_len 128 / 256 / 512 / 1024 (202-2,048 tokens a step,
+# steps 3-12) fits 1.697 ms a token plus 0.224 s a step, the probe reading 0.192-0.245 ms a layer between
+# the runs (its least, as the calibration keeps the least of two: 0.224 / 30 / 0.192 ms = 38.9). The
+# constant above (3.85 ms a layer, the Zen 5's fit) priced the Zen 4's step at 0.116 s, so its 512-token
+# steps (`make bench` time's "seq 256") read +20.3% there (the Zen 3's +16.5%). One CPU's fit: the Zen 3,
+# whose probe read 0.38-0.40 ms, and the Zen 5 were not at hand to check it (docs/cpu-training.md,
+# twenty-fourth session).
+CPU_STEP_OVER_PROBE = 39.0
 CPU_ELEMENTWISE_BYTES_PER_S = 40e9
 # Decode reads weights at the measured bandwidth: on a CPU the calibration measures it as a decoding
 # step reads (`toolkit.core.probes.read_rate`), on a GPU a copy.
@@ -256,9 +268,13 @@ def cpu_elementwise_bytes_per_token(m, malloc: str = "glibc") -> float:
     return CPU_ELEMENTWISE_PASSES[malloc] * m.layers * (m.hidden + m.intermediate) * 4
 
 
-def cpu_step_seconds(m) -> float:
-    """A CPU micro-batch's fixed cost, whatever its tokens: CPU_STEP_SECONDS_PER_LAYER x layers."""
-    return CPU_STEP_SECONDS_PER_LAYER * m.layers
+def cpu_step_seconds(m, host_layer_s: float = 0.0) -> float:
+    """A CPU micro-batch's fixed cost, whatever its tokens: CPU_STEP_OVER_PROBE x this CPU's host probe
+    (`host_layer_s`, `probes.host_layer_seconds`) x layers where the calibration measured it, else
+    CPU_STEP_SECONDS_PER_LAYER x layers."""
+    if host_layer_s < 0:
+        raise ValueError("host_layer_s must not be negative")
+    return (CPU_STEP_OVER_PROBE * host_layer_s if host_layer_s else CPU_STEP_SECONDS_PER_LAYER) * m.layers
 
 
 def cuda_step_seconds(m, method: str) -> float:
