@@ -82,7 +82,7 @@ CPU_ELEMENTWISE_PASSES = {"glibc": 51, "tcmalloc": 44}
 CPU_STEP_SECONDS_PER_LAYER = 0.00385
 # Where the calibration measured the host probe (`probes.host_layer_seconds`, the per-call cost of a
 # Llama layer's operators on tiny shapes), the fixed cost follows it instead: this many times the probe a
-# layer. Fitted on the Zen 4 EPYC (AVX512-BF16, bf16, tcmalloc, 2026-12-07 06:1x UTC): every step of four
+# layer. Fitted on the Zen 4 EPYC (AVX512-BF16, bf16, tcmalloc, 2026-12-07 ~06:00 UTC): every step of four
 # 12-step runs of the finance recipe at max_seq_len 128 / 256 / 512 / 1024 (202-2,048 tokens a step,
 # steps 3-12) fits 1.697 ms a token plus 0.224 s a step, the probe reading 0.192-0.245 ms a layer between
 # the runs (its least, as the calibration keeps the least of two: 0.224 / 30 / 0.192 ms = 38.9). The
