@@ -266,6 +266,7 @@ def head_for(hidden, weight, bias, final_logit_softcapping, outputs):
     materialized_fits = fits(hidden.shape[0], weight.shape[0], bias, final_logit_softcapping, outputs)
     streamed = weight.dtype == compute and streams(str(compute).removeprefix("torch."), weight.requires_grad,
                                                    packed_linear.packs_of(weight) is not None, materialized_fits)
-    if not fits(hidden.shape[0], weight.shape[0], bias, final_logit_softcapping, outputs, streamed):
-        return None
-    return streamed_function() if streamed else materialized_function()
+    if streamed:
+        return streamed_function() if fits(hidden.shape[0], weight.shape[0], bias, final_logit_softcapping,
+                                           outputs, streamed=True) else None
+    return materialized_function() if materialized_fits else None
