@@ -87,9 +87,10 @@ CPU_STEP_SECONDS_PER_LAYER = 0.00385
 # steps 3-12) fits 1.697 ms a token plus 0.224 s a step, the probe reading 0.192-0.245 ms a layer between
 # the runs (its least, as the calibration keeps the least of two: 0.224 / 30 / 0.192 ms = 38.9). The
 # constant above (3.85 ms a layer, the Zen 5's fit) priced the Zen 4's step at 0.116 s, so its 512-token
-# steps (`make bench` time's "seq 256") read +20.3% there (the Zen 3's +16.5%). One CPU's fit: the Zen 3,
-# whose probe read 0.38-0.40 ms, and the Zen 5 were not at hand to check it (docs/cpu-training.md,
-# twenty-fourth session).
+# steps (`make bench` time's "seq 256") read +20.3% there. Not fitted there, the Zen 3 (AVX2, fp32; its
+# probe 0.38-0.40 ms, 2026-12-06): its last bench time rows (10:15 UTC, +4.0% / +16.5% / +3.7% with the
+# constant), repriced with the probe from their predictions, read -3.8 to -4.3% / 0.0 to -1.0% / -3.7 to
+# -4.2% (not rerun there: it was not at hand; nor the Zen 5; docs/cpu-training.md, twenty-fourth session).
 CPU_STEP_OVER_PROBE = 39.0
 CPU_ELEMENTWISE_BYTES_PER_S = 40e9
 # Decode reads weights at the measured bandwidth: on a CPU the calibration measures it as a decoding
