@@ -326,6 +326,10 @@ def test_held_out_loss_projects_labelled_positions_and_prompts_only_their_last()
     prompts = 10_000 * ((sum(f.values()) - f["lm_head"]) / (100e9 * 0.866) + rest)
     assert evals_s(0.5, report_prompt_tokens=10_000) == evals_s(1.0, report_prompt_tokens=10_000) \
         == pytest.approx(prompts, abs=0.05)
+    # The report's general-text perplexity scores every position of its text, whatever the labels.
+    text = 10_000 * (sum(f.values()) / (100e9 * 0.866) + rest)
+    assert evals_s(0.5, report_text_tokens=10_000) == evals_s(1.0, report_text_tokens=10_000) \
+        == pytest.approx(text, abs=0.05)
 
 
 def test_report_time_counts_batched_decoding_steps():

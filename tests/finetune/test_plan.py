@@ -135,6 +135,20 @@ def test_run_shape_counts_the_report_loss_tokens_answer_loss_runs(tok):
     assert whole > run_shape(rec).report_tokens
 
 
+def test_run_shape_counts_the_reports_general_text_tokens(tok):
+    """The report scores its general text (`report.GENERAL_TEXT`) on both sides, every position:
+    run_shape counts it from its characters, within 15% of the tokenizer's count on the finance
+    recipe, and not at all where no report runs."""
+    from toolkit.finetune import report
+    from toolkit.finetune.plan import run_shape
+
+    rec = recipe.load(FINANCE, gpu=False)
+    real = 2 * len(tok(report.GENERAL_TEXT)["input_ids"])  # as scoring.text_perplexity tokenizes it
+    assert run_shape(rec).report_text_tokens == pytest.approx(real, rel=0.15)
+    assert run_shape(recipe.load(FINANCE, ["eval.report=false"], gpu=False)).report_text_tokens == 0
+    assert run_shape(recipe.load(FINANCE, ["data.eval="], gpu=False)).report_text_tokens == 0
+
+
 def test_time_budget_field_is_validated(tmp_path):
     from toolkit.core.errors import UserError
 

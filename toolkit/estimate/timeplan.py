@@ -192,7 +192,9 @@ def time_fields(m, est, rates: Rates, *, targets: tuple[str, ...], labelled_frac
             # vocabulary, as training does; an answer's prompt only its last (transformers' generate).
             scored = run.eval_rounds * run.eval_tokens + run.report_tokens
             loss_fwd = fwd - (1.0 - labelled_fraction) * full["lm_head"]
-            eval_s = prefill(scored, loss_fwd) + prefill(run.report_prompt_tokens, fwd - full["lm_head"])
+            # The report's general-text perplexity scores every position of its text.
+            eval_s = (prefill(scored, loss_fwd) + prefill(run.report_text_tokens, fwd)
+                      + prefill(run.report_prompt_tokens, fwd - full["lm_head"]))
             weight_s = est.components["weights"] / rates.bandwidth_bytes_per_s
             if rates.device == "cuda":  # batched answers, each step waiting on the host
                 # QLoRA's sides differ: the base runs with the adapter off, the fine-tuned side unmerged

@@ -59,6 +59,9 @@ class RunShape:
     # report: base and tuned answer loss over the whole held-out set, less the prefix every example
     # shares (a system prompt), which `scoring.answer_loss` runs once
     report_tokens: int = 0
+    # report: the general-text perplexity pass (report.GENERAL_TEXT), base and tuned, every position
+    # scored: the LM head projects all of them
+    report_text_tokens: int = 0
     # report: decoding steps of those answers, batched ANSWER_BATCH prompts at a time a side (a step
     # costs more than a row on either device: timeplan prices steps)
     report_decode_steps: int = 0
@@ -95,7 +98,8 @@ def run_shape(recipe) -> RunShape:
     import math
 
     from toolkit.finetune.data import source_path, train_sources
-    from toolkit.finetune.scoring import ANSWER_BATCH
+    from toolkit.finetune.report import GENERAL_TEXT
+    from toolkit.finetune.scoring import ANSWER_BATCH, TEXT_MAX_TOKENS
 
     d, t, e = recipe.data, recipe.training, recipe.eval
     n_train = tok_train = 0
@@ -110,7 +114,7 @@ def run_shape(recipe) -> RunShape:
     else:
         seqs = math.ceil(tok_train / d.max_seq_len) if d.packing else n_train
         steps = max(1, math.ceil(t.epochs * math.ceil(seqs / (t.batch_size * t.grad_accum))))
-    eval_rounds = eval_tokens = prompts = report = decode_steps = 0
+    eval_rounds = eval_tokens = prompts = report = decode_steps = text = 0
     rows = float(ANSWER_BATCH)
     if d.eval:
         n_eval, tok_eval, shared = _file_stats(source_path(recipe, d.eval))
@@ -125,7 +129,9 @@ def run_shape(recipe) -> RunShape:
                 rows = asked / math.ceil(asked / ANSWER_BATCH) if asked else rows
                 # the shared prefix is run apart only when it is unlabelled (completion-only loss)
                 report = 2 * max(0, tok_eval - n_eval * (shared if d.completion_only_loss else 0))
-    return RunShape(steps, tokens_per_step, eval_rounds, eval_tokens, prompts, report, decode_steps, rows)
+                text = 2 * min(TEXT_MAX_TOKENS, int(len(GENERAL_TEXT) / CHARS_PER_TOKEN))
+    return RunShape(steps, tokens_per_step, eval_rounds, eval_tokens, report_prompt_tokens=prompts, report_tokens=report,
+                    report_text_tokens=text, report_decode_steps=decode_steps, report_answer_rows=rows)
 
 
 def report_ends(eval_cfg) -> bool:

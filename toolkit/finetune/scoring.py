@@ -98,7 +98,11 @@ def _decoder_and_head(model):
             getattr(cfg, "logit_scale", None))
 
 
-def text_perplexity(model, tok, text: str, dtype: str = "float32", max_len: int = 1024) -> float:
+# Tokens of a text `text_perplexity` scores at most (the plan prices the report's pass at this).
+TEXT_MAX_TOKENS = 1024
+
+
+def text_perplexity(model, tok, text: str, dtype: str = "float32", max_len: int = TEXT_MAX_TOKENS) -> float:
     """exp of the token-weighted mean NLL over `text`'s first `max_len` tokens, each predicted from
     those before it (the first from the BOS, where the tokenizer adds one)."""
     # With the tokenizer's own special tokens: Llama-3 and Gemma always get their BOS (their chat
