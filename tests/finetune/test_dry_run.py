@@ -68,6 +68,11 @@ def test_dry_run_shows_everything_and_writes_nothing(tmp_path, embedded_dir, mon
     assert "trains: embedded on cpu" in text and "peak memory ~" in text and "fits" in text
     assert "[[...]] = trained tokens" in text and "nothing written" in text
     assert d.estimate["seq_len"] == 128 and d.estimate["task"] == "lora"
+    # A mix is timed too: the tokenized examples, packed as the trainer packs them.
+    assert d.estimate["time"]["steps"] == 3 and "time: ~" in text
+    assert not any("lora.dropout" in line for line in d.announcements)
+    said = dry_run(rec, ["lora.dropout=0.1"]).announcements
+    assert any(line.startswith("note: lora.dropout 0.1 keeps the LoRA layers on PEFT's own forward") for line in said)
 
 
 def test_mask_pieces_groups_runs():

@@ -400,3 +400,10 @@ def test_qlora_takes_the_fused_path_with_peft_and_bitsandbytes_numbers(tiny_qlor
     assert (tuned - base).abs().max() > 1e-3
     torch.testing.assert_close(both[0], tuned[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(both[1], base[0], rtol=1e-5, atol=1e-5)
+
+
+def test_dropout_is_noted_only_where_it_leaves_the_fused_path():
+    from toolkit.finetune.fused_lora import dropout_note
+
+    assert "lora.dropout 0.05" in dropout_note(0.05, "cpu")
+    assert dropout_note(0.0, "cpu") == dropout_note(0.05, "cuda:0") == ""  # CUDA keeps PEFT's layers anyway

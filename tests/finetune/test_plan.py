@@ -248,3 +248,68 @@ def test_report_ends_unless_early_stopping_needs_the_last_eval():
     assert report_ends(EvalConfig(report=True))
     assert not report_ends(EvalConfig(report=False))
     assert not report_ends(EvalConfig(report=True, eval_steps=5, early_stopping_patience=2))
+
+
+def test_packed_rows_are_trls_rows():
+    """Best fit decreasing, as TRL packs for the trainer: three 6s and three 4s fill three rows of 10; a
+    longer example is cut to a row; and TRL packs 1,000 examples at a time (1,500 examples of 3 tokens
+    make 334 + 167 rows, not the 500 one pass over all would make)."""
+    from toolkit.finetune.plan import packed_rows
+
+    assert sorted(packed_rows([6, 4, 6, 4, 6, 4], 10)) == [10, 10, 10]
+    assert packed_rows([25, 3], 10) == [10, 3]
+    rows = packed_rows([3] * 1500, 10)
+    assert len(rows) == 501 and sum(rows) == 4500
+
+
+def test_trained_work_counts_as_the_trainer_does():
+    """Steps and tokens from the rows: ceil(rows / batch) micro-batches an epoch, ceil(of those /
+    grad_accum) steps, ceil(epochs x steps an epoch) in all; max_steps wins; a partial last epoch."""
+    from toolkit.finetune.plan import trained_work
+
+    def rec(*sets):
+        return recipe.load(FINANCE, ["training.batch_size=2", "training.grad_accum=2", "data.max_seq_len=20",
+                                     "training.max_steps=-1", *sets], gpu=False)
+
+    # 5 full rows: 3 micro-batches (2 + 2 + 1 rows) an epoch, 2 steps an epoch; 3 epochs, 300 tokens
+    assert trained_work([20] * 5, rec("training.epochs=3")) == (6, 50, 300 / 9)
+    # 1.5 epochs: ceil(1.5 x 2) steps, one epoch (100 tokens, 3 micro-batches) and a step of 2 (80)
+    assert trained_work([20] * 5, rec("training.epochs=1.5")) == (3, 60, 180 / 5)
+    assert trained_work([20] * 40, rec("training.max_steps=4"))[0] == 4
+    # unpacked: a row an example, cut at max_seq_len (8 + 20 + 12), one epoch of 2 micro-batches of 2
+    unpacked = rec("data.packing=false", "training.epochs=1", "training.grad_accum=1")
+    assert trained_work([8, 60, 12], unpacked) == (2, 20, 20.0)
+
+
+@pytest.mark.slow
+def test_run_shape_counts_the_steps_and_tokens_the_trainer_runs(tmp_path, tiny_llama_dir):
+    """The dry run's count (the tokenized examples packed as TRL packs them) against a real run's: the
+    Trainer's optimizer steps and the tokens it saw, with grad_accum, several epochs and a partial step."""
+    import json
+
+    from toolkit.core.chat_tokens import fix_chat_special_tokens
+    from toolkit.core.models import load_tokenizer
+    from toolkit.finetune import data
+    from toolkit.finetune.plan import run_shape
+    from toolkit.finetune.trainer import finetune
+    from tests.finetune.conftest import make_recipe
+
+    spec = make_recipe(tmp_path, tiny_llama_dir)
+    # Short exchanges under the template's default system prompt: the files' bytes count a third of the
+    # tokens here, and steps of best-fit rows differ from steps of full rows.
+    (spec / "train.jsonl").write_text("".join(
+        json.dumps({"messages": [{"role": "user", "content": f"What is {i} plus {i + 7}?"},
+                                 {"role": "assistant", "content": f"{i} + {i + 7} = {2 * i + 7}."}]}) + "\n"
+        for i in range(60)))
+    sets = ["training.max_steps=-1", "training.epochs=2", "training.grad_accum=2", "data.max_seq_len=256",
+            "eval.eval_steps=0", "eval.report=false", "lora.dropout=0"]
+    rec = recipe.load(spec, sets, gpu=False)
+    tok = load_tokenizer(str(tiny_llama_dir))
+    fix_chat_special_tokens(tok)
+    d = rec.data
+    train = data.tokenize_split(tok, data.read_splits(rec)[0], d.max_seq_len, d.overlong, d.completion_only_loss)
+    shape = run_shape(rec, [len(x) for x in train.input_ids])
+    info = json.loads((finetune(spec, sets, runs_dir=tmp_path / "runs", gpu=False) / "run.json").read_text())
+    assert shape.steps == info["steps"] and shape.steps % 2 == 0  # two epochs of the same steps
+    assert abs(shape.tokens_per_step * shape.steps - info["tokens_seen"]) <= shape.steps  # rounded a step
+    assert info["tokens_seen"] == 2 * train.n_tokens  # every token trained on, twice

@@ -187,12 +187,11 @@ def test_new_recipe_with_eval_references_the_sources(tmp_path, embedded_dir):
 
 
 def test_cpu_run_is_sized_to_the_time_budget(tmp_path, embedded_dir):
+    """`recipe new` caps max_steps where the whole run would pass the CPU's time budget, timing it as the
+    dry run of the written recipe does (the method `auto` takes, the packed rows of the tokenized data)."""
     from toolkit.core import hardware
-    from toolkit.estimate.catalog import CATALOG
-    from toolkit.estimate.planner import estimate
     from toolkit.estimate.timeplan import DEFAULT_TIME_BUDGET_S
-    from toolkit.finetune.dry_run import run_time
-    from toolkit.finetune.plan import plan_inputs
+    from toolkit.finetune.dry_run import dry_run
 
     if hardware.device() != "cpu":
         pytest.skip("the default time budget applies to CPU runs")
@@ -201,20 +200,22 @@ def test_cpu_run_is_sized_to_the_time_budget(tmp_path, embedded_dir):
                            for i in range(400)))
     found = scaffold.new_recipe("big", [str(src)], recipes_dir=tmp_path / "r")
     rec = recipe.load(found.folder)
-    dtype = hardware.dtype_choice("cpu", "train")[0]
+    assert rec.method.name == "auto" and rec.lora.dropout == 0.0  # the fast path where memory allows
 
-    def wall(r):
-        return run_time(r, CATALOG["embedded"], estimate(CATALOG["embedded"], **plan_inputs(r, "cpu", dtype).as_kwargs()),
-                        dtype)["train_wall_s"]
+    def wall(overrides=()):
+        return dry_run(found.folder, overrides, gpu=False).estimate["time"]["train_wall_s"]
 
     budget = DEFAULT_TIME_BUDGET_S["cpu"]
-    uncapped = recipe.load(found.folder, ["training.max_steps=-1"])
-    if wall(uncapped) <= budget:
+    if wall(["training.max_steps=-1"]) <= budget:
         assert rec.training.max_steps == -1
     else:
-        assert rec.training.max_steps >= 1 and wall(rec) <= budget or rec.training.max_steps == 1
+        assert rec.training.max_steps >= 1 and wall() <= budget or rec.training.max_steps == 1
         assert any(line.startswith(f"max_steps {rec.training.max_steps}: all ") for line in found.lines())
-    assert any(line.startswith("time: ~") for line in found.lines())
+    said = found.lines()
+    assert any(line.startswith("time: ~") for line in said)
+    assert any(line.startswith("method auto: lora") for line in said)  # 135M parameters: memory is plentiful
+    # The schedule was made from the steps the dry run counts (a quarter of them between evals).
+    assert rec.eval.eval_steps == max(1, dry_run(found.folder, gpu=False).estimate["time"]["steps"] // 4)
 
 
 def test_data_on_another_drive_is_referenced_by_its_absolute_path(tmp_path, monkeypatch):

@@ -181,9 +181,11 @@ def time_fields(m, est, rates: Rates, *, targets: tuple[str, ...], labelled_frac
                                     grad_ckpt=bool(est.grad_ckpt), labelled_fraction=labelled_fraction)
         # QLoRA's 4-bit layers run torch's matmul (only plain nn.Linear layers are pre-packed).
         train_flops = unpacked_rate if est.task == "qlora" else rates.flops
-        # A micro-batch holds batch x seq_len tokens (a packed row is filled to about that).
+        # A micro-batch holds what the run's packing counted, else batch x seq_len tokens (a packed row
+        # filled to about that).
+        micro = run.micro_batch_tokens if run is not None and run.micro_batch_tokens else est.batch * seq
         host_s = T.cuda_step_seconds(m, est.task) if rates.device == "cuda" else 0.0
-        tps = T.train_tokens_per_s(f.total, train_flops, eff, rest, bw, step_s, est.batch * seq, host_s,
+        tps = T.train_tokens_per_s(f.total, train_flops, eff, rest, bw, step_s, micro, host_s,
                                    f.unpacked, unpacked_rate)
         out["train_flops_per_token"] = f.total
         out["train_tokens_per_s"] = round(tps, 2)

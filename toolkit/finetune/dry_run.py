@@ -133,6 +133,7 @@ def dry_run(recipe_spec, overrides: Sequence[str] = (), gpu: bool | None = None)
     from toolkit.finetune import data as data_mod
     from toolkit.finetune import recipe as recipe_mod
     from toolkit.finetune.base_model import context_warning, resolve_base
+    from toolkit.finetune.fused_lora import dropout_note
 
     # The same order as finetune(): recipe, data, device; any UserError surfaces before a model.
     rec = recipe_mod.load(recipe_spec, overrides, gpu=gpu)
@@ -150,6 +151,8 @@ def dry_run(recipe_spec, overrides: Sequence[str] = (), gpu: bool | None = None)
         said.append(why)
     if (warning := context_warning(choice, rec.data.max_seq_len)):
         said.append(warning)
+    if (note := dropout_note(rec.lora.dropout, dev)):
+        said.append(note)
     tok = load_tokenizer(choice.source)
     fix_chat_special_tokens(tok)
     d = rec.data
@@ -159,7 +162,8 @@ def dry_run(recipe_spec, overrides: Sequence[str] = (), gpu: bool | None = None)
         held = data_mod.tokenize_split(tok, eval_ex, d.max_seq_len, d.overlong, d.completion_only_loss, "eval")
         stats.append(_stats("held-out", len(eval_ex), held))
     ids, labels = train.input_ids[0], train.labels[0]
-    est, no_estimate = _estimate(rec, choice.spec, dev, dtype, train.n_trained / max(1, train.n_tokens))
+    est, no_estimate = _estimate(rec, choice.spec, dev, dtype, train.n_trained / max(1, train.n_tokens),
+                                 [len(x) for x in train.input_ids])
     return DryRun(recipe_mod.dump(rec), choice.spec, choice.fallback_reason, said, dev, dtype, dtype_reason, stats,
                   d.max_seq_len, _relative(train.examples[0].source), ids, labels, mask_pieces(tok, ids, labels),
                   est, no_estimate)
@@ -173,7 +177,8 @@ def _relative(source: str) -> str:
     return source[len(here):] if source.startswith(here) else source
 
 
-def _estimate(rec, spec: str, dev: str, dtype: str, labelled_fraction: float) -> tuple[dict | None, str]:
+def _estimate(rec, spec: str, dev: str, dtype: str, labelled_fraction: float,
+              train_lengths: list[int] | None = None) -> tuple[dict | None, str]:
     """(the planner's estimate of this run, "") or (None, why there is none; "" = not in the catalog)."""
     from toolkit.core.errors import UserError
     from toolkit.core.hardware import detect
@@ -190,16 +195,18 @@ def _estimate(rec, spec: str, dev: str, dtype: str, labelled_fraction: float) ->
         # The model is in the catalog: what the estimator refused, not "not in the catalog".
         return None, f"the estimator refused this run ({exc})"
     out = e.to_dict()
-    out["time"] = run_time(rec, CATALOG[spec], e, dtype, labelled_fraction)
+    out["time"] = run_time(rec, CATALOG[spec], e, dtype, labelled_fraction, train_lengths)
     return out, ""
 
 
-def run_time(rec, facts, est, dtype: str, labelled_fraction: float = 1.0) -> dict | str:
-    """The time model's fields for this run (`toolkit.estimate.timeplan`), or why there are none."""
+def run_time(rec, facts, est, dtype: str, labelled_fraction: float = 1.0,
+             train_lengths: Sequence[int] | None = None) -> dict | str:
+    """The time model's fields for this run (`toolkit.estimate.timeplan`), or why there are none.
+    `train_lengths`: the training examples' token counts (see `plan.run_shape`)."""
     from toolkit.estimate.timeplan import rates_here, time_fields
     from toolkit.finetune.plan import plan_inputs, run_shape
 
-    if not isinstance(rec.data.train, str):
+    if train_lengths is None and not isinstance(rec.data.train, str):
         return "not estimated: plan.run_shape sizes the run from a single data.train file"
     return time_fields(facts, est, rates_here(dtype), targets=plan_inputs(rec, est.device, dtype).targets,
-                       labelled_fraction=labelled_fraction, run=run_shape(rec))
+                       labelled_fraction=labelled_fraction, run=run_shape(rec, train_lengths))

@@ -287,6 +287,14 @@ def wanted(device: str) -> bool:
     return not device.startswith("cuda")
 
 
+def dropout_note(dropout: float, device: str) -> str:
+    """A note for a run whose LoRA dropout keeps `device`'s layers off the fused path, else ""."""
+    if not dropout or not wanted(device):
+        return ""
+    return (f"note: lora.dropout {dropout:g} keeps the LoRA layers on PEFT's own forward, off the fused CPU path "
+            "(slower: docs/cpu-training.md); lora.dropout 0 takes it")
+
+
 @contextlib.contextmanager
 def fused_on_cpu(model, device: str, announce=None):
     """Within the block, `model`'s PEFT LoRA linear layers add their adapter inside the GEMM (see the

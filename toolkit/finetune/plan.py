@@ -12,8 +12,10 @@ one allocator fragment away from an out-of-memory error.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Sequence
 
 # transformers' TrainingArguments default `adamw_torch`: fp32 exp_avg and exp_avg_sq per weight.
 TRAINER_OPTIMIZER = "adamw"
@@ -45,11 +47,16 @@ class PlanInputs:
 class RunShape:
     """How much work a recipe's run is, for the time model (toolkit.estimate.timeplan).
 
-    Token counts come from the data files' sizes at CHARS_PER_TOKEN (no tokenizer is loaded:
-    the estimate must stay instant and the base may not be downloaded yet)."""
+    The training tokens come from the examples' token counts where the caller has tokenized them
+    (the dry run, `recipe new`): then they are packed as the Trainer will pack them (`packed_rows`).
+    Without them, and for the held-out set, token counts come from the data files' sizes at
+    CHARS_PER_TOKEN (no tokenizer is loaded: `toolkit estimate` must stay instant and the base may
+    not be downloaded yet)."""
 
     steps: int
-    tokens_per_step: int  # batch x grad_accum x (seq_len when packing, else the mean example)
+    # the run's training tokens over its steps; from the files: batch x grad_accum x (seq_len when
+    # packing, else the mean example)
+    tokens_per_step: int
     eval_rounds: int  # in-training held-out loss passes (in_training_evals)
     eval_tokens: int  # tokens per in-training eval pass (eval_examples of them)
     # report: the prompts of base's and tuned's answers to generation_samples questions, a held-out
@@ -67,6 +74,9 @@ class RunShape:
     report_decode_steps: int = 0
     # report: the prompts a side in one of those batches, on average (a CPU step's matmuls grow with them)
     report_answer_rows: float = 16.0
+    # the tokens a micro-batch holds on average, over which a CPU step's fixed cost spreads (0: unknown,
+    # batch x seq_len)
+    micro_batch_tokens: float = 0.0
 
 
 # Bytes of a JSONL data file per trained-on token: the finance train file is 261,817 bytes for
@@ -92,9 +102,10 @@ def _file_stats(path) -> tuple[int, int, int]:
     return len(lines), int(len(data) / CHARS_PER_TOKEN), shared if shared >= SHARED_PREFIX_MIN else 0
 
 
-def run_shape(recipe) -> RunShape:
+def run_shape(recipe, train_lengths: Sequence[int] | None = None) -> RunShape:
     """The work `recipe` asks for: optimizer steps and tokens per step, eval passes and report
-    generation (see RunShape)."""
+    generation (see RunShape). `train_lengths`: the training examples' token counts as the trainer
+    gets them (tokenized, data.overlong applied), where the caller has them."""
     import math
 
     from toolkit.finetune.data import source_path, train_sources
@@ -102,18 +113,22 @@ def run_shape(recipe) -> RunShape:
     from toolkit.finetune.scoring import ANSWER_BATCH, TEXT_MAX_TOKENS
 
     d, t, e = recipe.data, recipe.training, recipe.eval
-    n_train = tok_train = 0
-    for _, src, weight in train_sources(recipe):  # a mix counts each source at its weight
-        n, tok, _ = _file_stats(src) if isinstance(src, Path) else (0, 0, 0)  # an hf: id is not read here
-        n_train, tok_train = n_train + round(n * weight), tok_train + round(tok * weight)
-    mean = max(1, tok_train // max(1, n_train))
-    per_seq = d.max_seq_len if d.packing else min(d.max_seq_len, mean)
-    tokens_per_step = t.batch_size * t.grad_accum * per_seq
-    if t.max_steps > 0:
-        steps = t.max_steps
+    micro_tokens = 0.0
+    if train_lengths is not None:
+        steps, tokens_per_step, micro_tokens = trained_work(train_lengths, recipe)
     else:
-        seqs = math.ceil(tok_train / d.max_seq_len) if d.packing else n_train
-        steps = max(1, math.ceil(t.epochs * math.ceil(seqs / (t.batch_size * t.grad_accum))))
+        n_train = tok_train = 0
+        for _, src, weight in train_sources(recipe):  # a mix counts each source at its weight
+            n, tok, _ = _file_stats(src) if isinstance(src, Path) else (0, 0, 0)  # an hf: id is not read here
+            n_train, tok_train = n_train + round(n * weight), tok_train + round(tok * weight)
+        mean = max(1, tok_train // max(1, n_train))
+        per_seq = d.max_seq_len if d.packing else min(d.max_seq_len, mean)
+        tokens_per_step = t.batch_size * t.grad_accum * per_seq
+        if t.max_steps > 0:
+            steps = t.max_steps
+        else:
+            seqs = math.ceil(tok_train / d.max_seq_len) if d.packing else n_train
+            steps = max(1, math.ceil(t.epochs * math.ceil(seqs / (t.batch_size * t.grad_accum))))
     eval_rounds = eval_tokens = prompts = report = decode_steps = text = 0
     rows = float(ANSWER_BATCH)
     if d.eval:
@@ -131,7 +146,60 @@ def run_shape(recipe) -> RunShape:
                 report = 2 * max(0, tok_eval - n_eval * (shared if d.completion_only_loss else 0))
                 text = 2 * min(TEXT_MAX_TOKENS, int(len(GENERAL_TEXT) / CHARS_PER_TOKEN))
     return RunShape(steps, tokens_per_step, eval_rounds, eval_tokens, report_prompt_tokens=prompts, report_tokens=report,
-                    report_text_tokens=text, report_decode_steps=decode_steps, report_answer_rows=rows)
+                    report_text_tokens=text, report_decode_steps=decode_steps, report_answer_rows=rows,
+                    micro_batch_tokens=micro_tokens)
+
+
+def trained_work(lengths: Sequence[int], recipe) -> tuple[int, int, float]:
+    """(optimizer steps, training tokens a step, tokens a micro-batch) of `recipe`'s run over examples
+    of `lengths` tokens, counted as transformers' Trainer runs it: the rows (`packed_rows` when
+    packing, else one an example), ceil(rows / batch) micro-batches an epoch, ceil(those / grad_accum)
+    steps an epoch, ceil(epochs x that) steps unless max_steps is set; a last step of an epoch holds
+    what is left."""
+    import math
+
+    d, t = recipe.data, recipe.training
+    rows = packed_rows(lengths, d.max_seq_len) if d.packing else [min(n, d.max_seq_len) for n in lengths]
+    if not rows:
+        return max(1, t.max_steps), 0, 0.0
+    micro_per_epoch = math.ceil(len(rows) / t.batch_size)
+    per_epoch = math.ceil(micro_per_epoch / t.grad_accum)
+    steps = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.epochs * per_epoch))
+    epochs, rest = divmod(steps, per_epoch)
+    micro = epochs * micro_per_epoch + min(micro_per_epoch, rest * t.grad_accum)
+    tokens = epochs * sum(rows) + sum(rows) / len(rows) * min(len(rows), rest * t.grad_accum * t.batch_size)
+    return steps, round(tokens / steps), tokens / micro
+
+
+def packed_rows(lengths: Sequence[int], max_seq_len: int) -> list[int]:
+    """The tokens in each row TRL's SFTTrainer trains on when it packs examples of `lengths` tokens into
+    rows of `max_seq_len`: TRL's own `pack_dataset` with the trainer's strategy (trl_compat.PACKING_STRATEGY:
+    best fit decreasing, 1,000 examples at a time, in the data's order; a longer example is cut)."""
+    return list(_packed_rows(tuple(lengths), max_seq_len))
+
+
+@functools.lru_cache(maxsize=4)  # `recipe new` times one data set at several run lengths
+def _packed_rows(lengths: tuple[int, ...], max_seq_len: int) -> tuple[int, ...]:
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    from datasets import Dataset
+    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from trl import pack_dataset
+
+    from toolkit.finetune.trl_compat import PACKING_STRATEGY
+
+    # Only the lengths matter to the packer: a column of zeros in their shape, built without Python lists.
+    offsets = np.concatenate([[0], np.cumsum(np.asarray(lengths, dtype=np.int64))])
+    ids = pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(np.zeros(int(offsets[-1]), dtype=np.int32)))
+    shown = not are_progress_bars_disabled()
+    disable_progress_bars()  # a run shows TRL's "Packing" bar; a plan has nothing to show
+    try:
+        packed = pack_dataset(Dataset.from_dict({"input_ids": ids}), max_seq_len, PACKING_STRATEGY)
+    finally:
+        if shown:
+            enable_progress_bars()
+    return tuple(pc.list_value_length(packed.with_format("arrow")["input_ids"]).to_pylist())
 
 
 def report_ends(eval_cfg) -> bool:

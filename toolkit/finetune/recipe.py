@@ -65,7 +65,9 @@ class MethodConfig:
 class LoraConfig:
     r: int = 16
     alpha: int = 32
-    dropout: float = 0.05
+    # Dropout on the adapter input during training. 0 (off) is PEFT's default and what Unsloth's fast path
+    # needs; any other value also takes a CPU's LoRA layers off the fused path (slower: docs/cpu-training.md).
+    dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
 
 

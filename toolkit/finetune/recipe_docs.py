@@ -21,7 +21,6 @@ _UNCOMMENTED = {
     "method.double_quant": "Quantize the 4-bit blocks' scales too (QLoRA): ~0.4 bit/weight less memory.",
     "lora.r": "Adapter rank: trainable capacity (and adapter size) grows with it.",
     "lora.alpha": "Adapter scale numerator: the update is scaled by alpha / r.",
-    "lora.dropout": "Dropout on the adapter input during training.",
     "lora.target_modules": "Linear layers that get adapters: [all-linear] or some of q_proj, k_proj, v_proj, o_proj, "
                            "gate_proj, up_proj, down_proj.",
     "training.epochs": "Passes over the (mixed) training examples; ignored when max_steps > 0.",

@@ -224,7 +224,7 @@ def new_recipe(name: str, data_specs: list[str], eval_spec: str | None = None, b
     from toolkit.finetune import recipe as recipe_mod
     from toolkit.finetune.base_model import resolve_base
     from toolkit.estimate.planner import usable_bytes
-    from toolkit.finetune.plan import plan_inputs
+    from toolkit.finetune.plan import plan_inputs, resolve_method
 
     if not NAME_RE.match(name):
         raise UserError(f"recipe name {name!r}: use letters, digits, '.', '_' or '-' (up to 64)")
@@ -244,6 +244,7 @@ def new_recipe(name: str, data_specs: list[str], eval_spec: str | None = None, b
         held, efmt, _ = load_source(eval_spec, "--eval")
         fmts.append(efmt)
     rec = recipe_mod.Recipe(name=name, root=folder.resolve())
+    rec.method.name = "auto"
     seed = rec.training.seed
     if eval_spec:
         split = f"held-out set from {eval_spec}"
@@ -270,7 +271,11 @@ def new_recipe(name: str, data_specs: list[str], eval_spec: str | None = None, b
 
     plan = plan_inputs(rec, dev, dtype)
     sizes = choose_sizes(lengths, CATALOG.get(choice.spec), plan, usable_bytes(hw.available_bytes), dev)
-    _apply_sizes(rec, sizes, len(train), sum(lengths[:len(train)]), dev, len(held))
+    _apply_sizes(rec, sizes, lengths[:len(train)], dev, len(held))
+    # The run takes plain LoRA where memory is plentiful (see plan.choose_method): timed as it will run.
+    resolved, method_why = resolve_method(rec, choice.spec, dev, dtype, hw.available_bytes)
+    if method_why:
+        sizes.reasons.append(method_why)
 
     if eval_spec:
         rec.data.train = _rel(data_specs[0], folder) if len(data_specs) == 1 else \
@@ -291,7 +296,7 @@ def new_recipe(name: str, data_specs: list[str], eval_spec: str | None = None, b
             _write_jsonl(stage / "heldout.jsonl", held)
         # The stage sits beside the final folder, so relative data paths mean the same from both.
         _fit_time_budget(rec, stage, CATALOG.get(choice.spec), dev, dtype, labelled / max(1, sum(lengths)),
-                         len(held), sizes.reasons)
+                         len(held), sizes.reasons, resolved.method.name, lengths[:len(train)])
         header = [f"{name}: written by `toolkit recipe new` on {time.strftime('%Y-%m-%d')} for {hw.name}.",
                   f"Data: {', '.join(data_specs)}; format {'/'.join(dict.fromkeys(fmts))} ({'; '.join(whys)}).",
                   f"Held out: {len(held)} of {len(train) + len(held)} ({split}).",
@@ -319,19 +324,19 @@ def _tokenizer(source: str):
     return tok
 
 
-def _apply_sizes(rec, sizes: Sizes, n_train: int, train_tokens: int, device: str, n_held: int) -> None:
+def _apply_sizes(rec, sizes: Sizes, train_lengths: list[int], device: str, n_held: int) -> None:
     """Write the planner's sizes and a run length into `rec`; the reasons go into `sizes.reasons`."""
+    from toolkit.finetune.plan import trained_work
+
     d, t = rec.data, rec.training
     d.max_seq_len = sizes.max_seq_len
     t.batch_size, t.grad_accum, t.gradient_checkpointing = sizes.batch_size, sizes.grad_accum, \
         sizes.gradient_checkpointing
-    # Packing fills each sequence with whole conversations: steps follow tokens, not examples.
-    per_step = d.max_seq_len * t.batch_size * t.grad_accum
-    t.epochs = 3.0 if n_train < 1000 else 1.0
+    t.epochs = 3.0 if len(train_lengths) < 1000 else 1.0
     sizes.reasons.append(f"epochs {t.epochs:g}: " + ("a small data set (under 1000 examples) wants a few passes"
                                                       if t.epochs > 1 else "one pass over a large data set"))
-    steps = max(1, math.ceil(t.epochs * min(train_tokens, n_train * d.max_seq_len) / per_step))
-    _schedule(rec, steps, n_held, device)
+    # Packing fills each row with whole conversations: steps follow the packed rows, not examples.
+    _schedule(rec, trained_work(train_lengths, rec)[0], n_held, device)
 
 
 def _schedule(rec, steps: int, n_held: int, device: str) -> None:
@@ -347,7 +352,7 @@ def _schedule(rec, steps: int, n_held: int, device: str) -> None:
 
 
 def _fit_time_budget(rec, stage: Path, facts, dev: str, dtype: str, labelled_fraction: float, n_held: int,
-                     reasons: list[str]) -> None:
+                     reasons: list[str], method: str, train_lengths: list[int]) -> None:
     """Cap training.max_steps so the time model's estimate of the whole run (preparation, training,
     evals, report) fits the device's default time budget (toolkit.estimate.timeplan: 30 min on a
     CPU, none on a GPU); adds the estimate to `reasons`. Without a time estimate (a model the
@@ -361,8 +366,9 @@ def _fit_time_budget(rec, stage: Path, facts, dev: str, dtype: str, labelled_fra
     def timed():
         (stage / "recipe.yaml").write_text(render_yaml(rec, []), encoding="utf-8")
         staged = recipe_mod.load(stage / "recipe.yaml")
+        staged.method.name = method  # what `method: auto` resolved to
         return run_time(staged, facts, estimate(facts, **plan_inputs(staged, dev, dtype).as_kwargs()), dtype,
-                        labelled_fraction)
+                        labelled_fraction, train_lengths)
 
     t = timed() if facts is not None else "no estimate for a model the catalog doesn't know"
     if not isinstance(t, dict) or "train_wall_s" not in t:

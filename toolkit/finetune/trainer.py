@@ -99,6 +99,7 @@ def _trainer_args(rec, stage: Path, dev: str, dtype: str, has_eval: bool, packin
     from trl import SFTConfig
 
     from toolkit.finetune.plan import report_ends
+    from toolkit.finetune.trl_compat import PACKING_STRATEGY
 
     t, e = rec.training, rec.eval
     eval_on = has_eval and e.eval_steps > 0
@@ -124,7 +125,7 @@ def _trainer_args(rec, stage: Path, dev: str, dtype: str, has_eval: bool, packin
         bf16=dtype == "bfloat16", fp16=dtype == "float16", use_cpu=not dev.startswith("cuda"),
         activation_checkpointing=False,  # enabled on the model itself (load_for_training) so PEFT gets input grads
         report_to="none", disable_tqdm=True, include_num_input_tokens_seen="non_padding",
-        max_length=rec.data.max_seq_len, packing=packing, packing_strategy="bfd",
+        max_length=rec.data.max_seq_len, packing=packing, packing_strategy=PACKING_STRATEGY,
         padding_free=packing, dataset_num_proc=None, remove_unused_columns=True,
         ddp_find_unused_parameters=False, dataloader_num_workers=0,
     )
@@ -154,7 +155,7 @@ def _train(rec, overrides, stage: Path, runs: Path, dev, dtype, train_ex, eval_e
     from toolkit.finetune import data as data_mod
     from toolkit.core import allocator, packed_linear, sdpa_backends
     from toolkit.finetune import cpu_lm_head, packed_attention
-    from toolkit.finetune.fused_lora import fused_on_cpu
+    from toolkit.finetune.fused_lora import dropout_note, fused_on_cpu
     from toolkit.finetune.fused_norm import fused_norms_on_cpu
     from toolkit.finetune.fused_rope import fused_rope_on_cpu
     from toolkit.finetune.callbacks import InterruptCallback, MetricsCallback, ProgressCallback, SkipLastEval
@@ -183,6 +184,8 @@ def _train(rec, overrides, stage: Path, runs: Path, dev, dtype, train_ex, eval_e
     d = rec.data
     if (warning := context_warning(choice, d.max_seq_len)):
         announce(warning)
+    if (note := dropout_note(rec.lora.dropout, dev)):
+        announce(note)
     train_split = data_mod.tokenize_split(tok, train_ex, d.max_seq_len, d.overlong, d.completion_only_loss, "train")
     data_mod.check_end_of_turn_trained(tok, train_split)
     eval_split = (data_mod.tokenize_split(tok, eval_ex, d.max_seq_len, d.overlong, d.completion_only_loss, "eval")

@@ -78,6 +78,9 @@ def lean_lm_head_on_cpu(device: str, announce=None):
 
 
 UNSLOTH_PACKING = ("unsloth.utils.packing", "enable_sample_packing")
+# SFTConfig.packing_strategy: best fit decreasing keeps each conversation whole in one row (the trainer's,
+# and plan.packed_rows's, which counts the rows ahead of a run).
+PACKING_STRATEGY = "bfd"
 
 
 @dataclass
