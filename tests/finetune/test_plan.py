@@ -227,9 +227,9 @@ def test_an_estimator_refusal_is_reported_as_such(monkeypatch):
     out, why = resolve_method(rec, "embedded", "cpu", "float32", 64 * GIB)
     assert out.method.name == "qlora" and "doesn't know" not in why
     assert "no estimate for embedded: unknown LoRA target(s) foo" in why
-    est, no_estimate = dry_run._estimate(rec, "embedded", "cpu", "float32", 1.0)
+    est, no_estimate = dry_run._estimate(rec, "embedded", "cpu", "float32", 1.0, [100])
     assert est is None and "unknown LoRA target(s) foo" in no_estimate
-    assert dry_run._estimate(rec, "not-a-catalog-model", "cpu", "float32", 1.0) == (None, "")
+    assert dry_run._estimate(rec, "not-a-catalog-model", "cpu", "float32", 1.0, [100]) == (None, "")
 
 
 def test_in_training_evals_leave_the_ends_to_the_report():

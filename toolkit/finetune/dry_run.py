@@ -178,7 +178,7 @@ def _relative(source: str) -> str:
 
 
 def _estimate(rec, spec: str, dev: str, dtype: str, labelled_fraction: float,
-              train_lengths: list[int] | None = None) -> tuple[dict | None, str]:
+              train_lengths: list[int]) -> tuple[dict | None, str]:
     """(the planner's estimate of this run, "") or (None, why there is none; "" = not in the catalog)."""
     from toolkit.core.errors import UserError
     from toolkit.core.hardware import detect
@@ -199,14 +199,11 @@ def _estimate(rec, spec: str, dev: str, dtype: str, labelled_fraction: float,
     return out, ""
 
 
-def run_time(rec, facts, est, dtype: str, labelled_fraction: float = 1.0,
-             train_lengths: Sequence[int] | None = None) -> dict | str:
-    """The time model's fields for this run (`toolkit.estimate.timeplan`), or why there are none.
-    `train_lengths`: the training examples' token counts (see `plan.run_shape`)."""
+def run_time(rec, facts, est, dtype: str, labelled_fraction: float, train_lengths: Sequence[int]) -> dict:
+    """The time model's fields for this run (`toolkit.estimate.timeplan`). `train_lengths`: the
+    training examples' token counts (see `plan.run_shape`)."""
     from toolkit.estimate.timeplan import rates_here, time_fields
     from toolkit.finetune.plan import plan_inputs, run_shape
 
-    if train_lengths is None and not isinstance(rec.data.train, str):
-        return "not estimated: plan.run_shape sizes the run from a single data.train file"
     return time_fields(facts, est, rates_here(dtype), targets=plan_inputs(rec, est.device, dtype).targets,
                        labelled_fraction=labelled_fraction, run=run_shape(rec, train_lengths))
