@@ -71,8 +71,10 @@ def test_dry_run_shows_everything_and_writes_nothing(tmp_path, embedded_dir, mon
     # A mix is timed too: the tokenized examples, packed as the trainer packs them.
     assert d.estimate["time"]["steps"] == 3 and "time: ~" in text
     assert not any("lora.dropout" in line for line in d.announcements)
-    said = dry_run(rec, ["lora.dropout=0.1"]).announcements
-    assert any(line.startswith("note: lora.dropout 0.1 keeps the LoRA layers on PEFT's own forward") for line in said)
+    dropout = dry_run(rec, ["lora.dropout=0.1"])
+    assert any(line.startswith("note: lora.dropout 0.1 draws a random mask") for line in dropout.announcements)
+    # and the time it costs the fused layers is priced
+    assert dropout.estimate["time"]["train_tokens_per_s"] < d.estimate["time"]["train_tokens_per_s"]
 
 
 def test_mask_pieces_groups_runs():

@@ -74,15 +74,34 @@ def test_plain_lora_takes_the_fused_path(tiny):
         assert layers and q.fused_key(x, (), {}) == "default"
 
 
-@pytest.mark.parametrize("case", ["dropout", "disabled", "merged", "extra kwargs", "dora", "trained base bias"])
-def test_other_cases_go_to_peft(tiny, case):
+def test_a_dropout_that_is_on_takes_the_fused_path_with_a_gradient_only(tiny):
     from toolkit.finetune.fused_lora import fused_on_cpu
 
-    model = _peft(tiny, **({"lora_dropout": 0.1} if case == "dropout" else {"use_dora": True} if case == "dora" else {}))
-    model.eval()  # dropout off for the comparison; the dropout module is still there, so PEFT's path runs
+    model = _peft(tiny, lora_dropout=0.1)
     x = torch.randn(1, 3, model.config.hidden_size)
     with fused_on_cpu(model, "cpu"):
         layer = next(m for m in model.modules() if hasattr(m, "fused_key"))
+        model.train()
+        assert layer.fused_key(x, (), {}) == "default"
+        with torch.no_grad():  # dropped inside the autograd node only: PEFT's forward does it here
+            assert layer.fused_key(x, (), {}) is None
+        model.eval()  # off: nothing to drop
+        with torch.no_grad():
+            assert layer.fused_key(x, (), {}) == "default"
+
+
+@pytest.mark.parametrize("case", ["another dropout module", "disabled", "merged", "extra kwargs", "dora",
+                                  "trained base bias"])
+def test_other_cases_go_to_peft(tiny, case):
+    from toolkit.finetune.fused_lora import fused_on_cpu
+
+    model = _peft(tiny, **({"use_dora": True} if case == "dora" else {}))
+    model.eval()
+    x = torch.randn(1, 3, model.config.hidden_size)
+    with fused_on_cpu(model, "cpu"):
+        layer = next(m for m in model.modules() if hasattr(m, "fused_key"))
+        if case == "another dropout module":
+            layer.lora_dropout["default"] = torch.nn.AlphaDropout(0.1).eval()
         if case == "disabled":
             layer.enable_adapters(False)
         if case == "merged":
@@ -201,10 +220,16 @@ def test_adapter_rows_give_base_and_adapter_rows_in_one_batch(tiny):
         torch.testing.assert_close(row, ref[0], rtol=1e-5, atol=1e-5)
     assert not any(hasattr(mod, "_toolkit_adapter_rows") for mod in model.modules())
 
-    dropped = _peft(tiny, lora_dropout=0.1).eval()
-    with torch.no_grad(), fused_on_cpu(dropped, "cpu"), adapter_rows(dropped, torch.tensor([0])):
+    # A dropout is off in evaluation: its adapter pairs like any other.
+    dropout = _peft(tiny, lora_dropout=0.1).eval()
+    with torch.no_grad():
+        tuned = dropout(input_ids=ids).logits
+        with fused_on_cpu(dropout, "cpu"), adapter_rows(dropout, torch.tensor([1])):
+            torch.testing.assert_close(dropout(input_ids=ids).logits, tuned, rtol=1e-5, atol=1e-5)
+    dora = _peft(tiny, use_dora=True).eval()
+    with torch.no_grad(), fused_on_cpu(dora, "cpu"), adapter_rows(dora, torch.tensor([0])):
         with pytest.raises(NotFused):
-            dropped(input_ids=ids)
+            dora(input_ids=ids)
 
 
 def test_adapter_rows_decoding_outside_autograd_equals_the_autograd_path_in_bf16(tiny):
@@ -307,11 +332,15 @@ def test_one_layer_backward_accumulates_the_input_gradient_in_the_gemm(tiny):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("masked", [False, True], ids=["all rows", "adapter rows masked"])
-def test_lora_matmul_gradients_against_autograd_of_the_same_formula(masked):
+@pytest.mark.parametrize("masked,p", [(False, 0.0), (True, 0.0), (False, 0.3), (True, 0.3)],
+                         ids=["all rows", "adapter rows masked", "dropout", "dropout, rows masked"])
+def test_lora_matmul_gradients_against_autograd_of_the_same_formula(masked, p, monkeypatch):
+    from toolkit.finetune import fused_lora
     from toolkit.finetune.fused_lora import _lora_matmul
 
     gen = torch.Generator().manual_seed(5)
+    drop = torch.rand(8, 6, generator=gen) < p
+    monkeypatch.setattr(fused_lora, "dropped", lambda shape, q, device: drop if q == p else None)
     base = torch.nn.Linear(6, 5).requires_grad_(False)
     x = torch.randn(8, 6, generator=gen, requires_grad=True)
     a = torch.randn(3, 6, generator=gen, requires_grad=True)
@@ -319,9 +348,9 @@ def test_lora_matmul_gradients_against_autograd_of_the_same_formula(masked):
     mask = torch.tensor([0.0, 1.0]).repeat_interleave(4).unsqueeze(1) if masked else None
     g = torch.randn(8, 5, generator=gen)
 
-    out = _lora_matmul().apply(x, base, a, b, 0.5, mask)
+    out = _lora_matmul().apply(x, base, a, b, 0.5, mask, p)
     got = (out, *torch.autograd.grad(out, (x, a, b), g))
-    h = x @ a.t() * (mask if masked else 1.0)
+    h = x.masked_fill(drop, 0) / (1 - p) @ a.t() * (mask if masked else 1.0)
     ref_out = base(x) + 0.5 * h @ b.t()
     ref = (ref_out, *torch.autograd.grad(ref_out, (x, a, b), g))
     for u, v in zip(got, ref):
@@ -402,7 +431,62 @@ def test_qlora_takes_the_fused_path_with_peft_and_bitsandbytes_numbers(tiny_qlor
     torch.testing.assert_close(both[1], base[0], rtol=1e-5, atol=1e-5)
 
 
-def test_dropout_is_noted_only_where_it_leaves_the_fused_path():
+def test_dropped_draws_each_element_with_probability_p_from_the_seeded_generator():
+    from toolkit.finetune.fused_lora import dropped
+
+    for p in (0.05, 0.5):
+        torch.manual_seed(3)
+        drop = dropped((999, 577), p, "cpu")  # an odd count: the last 64-bit draw is used in part
+        assert drop.dtype == torch.bool and drop.shape == (999, 577)
+        share = drop.float().mean().item()
+        assert abs(share - p) < 4 * (p * (1 - p) / drop.numel()) ** 0.5, (p, share)
+        # every one of a draw's four lanes, and rows and columns alike
+        lanes = drop.flatten()[:999 * 576].view(-1, 4).float().mean(0)
+        assert (lanes - p).abs().max() < 0.01, lanes
+        torch.manual_seed(3)
+        assert torch.equal(dropped((999, 577), p, "cpu"), drop)
+    assert not dropped((64, 64), 0.0, "cpu").any() and dropped((64, 64), 1.0 - 2 ** -17, "cpu").float().mean() > 0.99
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["torch matmul", "pre-packed base"])
+def test_dropout_gives_peft_numbers_for_the_same_dropped_elements(tiny, packed, monkeypatch):
+    """With a dropout on, the fused path (sibling groups included) gives PEFT's loss and gradients when
+    PEFT's dropout modules drop the elements the fused path drew."""
+    import contextlib
+
+    from toolkit.core import packed_linear
+    from toolkit.finetune import fused_lora
+
+    if packed and not packed_linear.available():
+        pytest.skip("this torch has no oneDNN packed linear")
+    p = 0.25
+    model = _peft(tiny, lora_dropout=p)
+    model.train()
+    ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    drawn, real = [], fused_lora.dropped
+    monkeypatch.setattr(fused_lora, "dropped", lambda *a: drawn.append(real(*a)) or drawn[-1])
+    pack = packed_linear.packed_linears(model, torch.float32) if packed else contextlib.nullcontext(0)
+    with fused_lora.fused_on_cpu(model, "cpu") as n, pack:
+        loss, grads = _loss_and_grads(model, ids)
+    assert len(drawn) == n and all(0.1 < d.float().mean() < 0.4 for d in drawn)
+
+    class Replay(torch.nn.Module):  # PEFT calls its layers' dropouts in the model's order, as the fused path draws
+        def forward(self, x):
+            return x.masked_fill(drawn.pop(0).view(x.shape), 0) / (1 - p)
+
+    for m in model.modules():
+        if hasattr(m, "lora_dropout"):
+            m.lora_dropout["default"] = Replay()
+    loss_ref, grads_ref = _loss_and_grads(model, ids)
+    assert not drawn
+    tol = dict(rtol=1e-5, atol=1e-5) if packed else dict(rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(loss, loss_ref, **tol)
+    assert grads.keys() == grads_ref.keys() and len(grads) == 2 * n
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-4, atol=1e-5 if packed else 1e-6, msg=name)
+
+
+def test_dropout_is_noted_where_the_fused_layers_draw_it():
     from toolkit.finetune.fused_lora import dropout_note
 
     assert "lora.dropout 0.05" in dropout_note(0.05, "cpu")

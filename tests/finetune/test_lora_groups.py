@@ -75,7 +75,10 @@ def test_a_sibling_called_on_another_or_a_changed_input_runs_alone(tiny):
 
 
 @pytest.mark.parametrize("x_grad", [True, False], ids=["input gradient", "no input gradient"])
-def test_group_gradients_against_autograd_of_the_same_formula(x_grad):
+@pytest.mark.parametrize("ps", [(0.0, 0.0), (0.3, 0.0), (0.3, 0.5)], ids=["no dropout", "one dropout", "two dropouts"])
+def test_group_gradients_against_autograd_of_the_same_formula(x_grad, ps, monkeypatch):
+    """Each sibling's own dropout (as PEFT's separate layers draw): its dropped copy of x into its A."""
+    from toolkit.finetune import fused_lora
     from toolkit.finetune.lora_groups import _group_matmul
 
     gen = torch.Generator().manual_seed(5)
@@ -87,9 +90,14 @@ def test_group_gradients_against_autograd_of_the_same_formula(x_grad):
     g = [torch.randn(8, base.out_features, generator=gen) for base in bases]
     wrt = ([x] if x_grad else []) + a + b
 
-    outs = _group_matmul().apply(x, bases, scalings, *a, *b)
+    drops = [torch.rand(8, 6, generator=gen) < p for p in ps]
+    drawn = iter([d for d, p in zip(drops, ps) if p])
+    monkeypatch.setattr(fused_lora, "dropped", lambda shape, p, device: next(drawn))
+
+    outs = _group_matmul().apply(x, bases, scalings, ps, *a, *b)
     got = (*outs, *torch.autograd.grad(outs, wrt, g))
-    ref_outs = [base(x) + s * (x @ ai.t()) @ bi.t() for base, s, ai, bi in zip(bases, scalings, a, b)]
+    ref_outs = [base(x) + s * (x.masked_fill(d, 0) / (1 - p) @ ai.t()) @ bi.t()
+                for base, s, ai, bi, d, p in zip(bases, scalings, a, b, drops, ps)]
     ref = (*ref_outs, *torch.autograd.grad(ref_outs, wrt, g))
     assert len(got) == len(ref)
     for u, v in zip(got, ref):

@@ -217,8 +217,15 @@ def test_paired_greedy_answers_equal_the_two_sides_run_apart(tiny, chat_prompts)
     assert scoring.paired_greedy_answers(model, tok, chat_prompts, 8) is None  # no adapter at all
     peft.add_adapter("second", LoraConfig(r=2, target_modules="all-linear"))
     assert scoring.paired_greedy_answers(peft, tok, chat_prompts, 8) is None
-    dropped = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_dropout=0.1, target_modules="all-linear"))
-    assert scoring.paired_greedy_answers(dropped, tok, chat_prompts, 8) is None  # the fused path can't take it
+    # A dropout is off while answering: that adapter pairs like any other.
+    dropped = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_dropout=0.1, target_modules="all-linear",
+                                                              init_lora_weights=False))
+    with dropped.disable_adapter():
+        base = scoring.greedy_answers(dropped, tok, chat_prompts, 8)
+    assert scoring.paired_greedy_answers(dropped, tok, chat_prompts, 8) == (
+        base, scoring.greedy_answers(dropped, tok, chat_prompts, 8))
+    dora = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, use_dora=True, target_modules="all-linear"))
+    assert scoring.paired_greedy_answers(dora, tok, chat_prompts, 8) is None  # the fused path can't take it
 
 
 def test_scoring_runs_attention_inside_the_devices_sdpa_choice(tiny, chat_prompts, monkeypatch):

@@ -154,11 +154,12 @@ def rates_here(dtype: str | None = None, purpose: str = "train") -> Rates:
 
 
 def time_fields(m, est, rates: Rates, *, targets: tuple[str, ...], labelled_fraction: float = 1.0,
-                run=None, prompt_tokens: int | None = None) -> dict:
-    """The `time` object of an estimate: train_tokens_per_s (training tasks), train_wall_s and the
-    parts of it the in-training evals and the report take, evals_and_report_s, and the process's
-    start-up and loading, startup_s (with a RunShape `run`), decode_tokens_per_s and prefill_s (a
-    prompt of `prompt_tokens`, default the estimate's seq_len)."""
+                run=None, prompt_tokens: int | None = None, lora_dropout: float = 0.0) -> dict:
+    """The `time` object of an estimate: train_tokens_per_s (training tasks; a LoRA dropout on a CPU
+    priced, `lora_dropout`), train_wall_s and the parts of it the in-training evals and the report
+    take, evals_and_report_s, and the process's start-up and loading, startup_s (with a RunShape
+    `run`), decode_tokens_per_s and prefill_s (a prompt of `prompt_tokens`, default the estimate's
+    seq_len)."""
     eff = T.train_efficiency(rates.device, rates.dtype)
     out: dict = {"source": rates.source}
     seq = est.seq_len
@@ -185,7 +186,10 @@ def time_fields(m, est, rates: Rates, *, targets: tuple[str, ...], labelled_frac
         # filled to about that).
         micro = run.micro_batch_tokens if run is not None and run.micro_batch_tokens else est.batch * seq
         host_s = T.cuda_step_seconds(m, est.task) if rates.device == "cuda" else 0.0
-        tps = T.train_tokens_per_s(f.total, train_flops, eff, rest, bw, step_s, micro, host_s,
+        # Only training draws the dropout (evaluation turns it off).
+        drop = T.cpu_dropout_bytes_per_token(m, targets) if lora_dropout and rates.device == "cpu" \
+            and est.task != "full" else 0.0
+        tps = T.train_tokens_per_s(f.total, train_flops, eff, rest + drop, bw, step_s, micro, host_s,
                                    f.unpacked, unpacked_rate)
         out["train_flops_per_token"] = f.total
         out["train_tokens_per_s"] = round(tps, 2)

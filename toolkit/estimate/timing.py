@@ -93,6 +93,15 @@ CPU_STEP_SECONDS_PER_LAYER = 0.00385
 # -4.2% (not rerun there: it was not at hand; nor the Zen 5; docs/cpu-training.md, twenty-fourth session).
 CPU_STEP_OVER_PROBE = 39.0
 CPU_ELEMENTWISE_BYTES_PER_S = 40e9
+# A LoRA dropout on a CPU (`toolkit.finetune.fused_lora`: the fused layers draw it, `dropped`): per
+# element of every adapted linear's input, a share of a 64-bit draw, the dropped copy its adapter
+# multiplies, the masked share of the input's gradient, and the adapters' products apart where siblings
+# shared one. Priced in the elementwise term's currency: this many 4-byte passes over those elements at
+# CPU_ELEMENTWISE_BYTES_PER_S. Fitted on the Zen 4 EPYC (AVX512-BF16, tcmalloc; docs/cpu-training.md,
+# twenty-seventh session): the finance CPU profile (149,760 such elements a token) at lora.dropout 0.05
+# against 0, 16-step runs alternating, steady tokens/s: bf16 0.616 / 0.493 / 0.325 / 0.544 ms a token
+# more, forced fp32 0.549 / 0.443; the same in both dtypes, 0.495 ms on the means, 3.3 ns an element.
+CPU_DROPOUT_PASSES = 33
 # Decode reads weights at the measured bandwidth: on a CPU the calibration measures it as a decoding
 # step reads (`toolkit.core.probes.read_rate`), on a GPU a copy.
 DECODE_EFFICIENCY = 1.0
@@ -267,6 +276,13 @@ def cpu_elementwise_bytes_per_token(m, malloc: str = "glibc") -> float:
     activations at 4 bytes an element whatever the compute dtype (bf16 steps measured the same time as
     fp32's); they take that / CPU_ELEMENTWISE_BYTES_PER_S seconds."""
     return CPU_ELEMENTWISE_PASSES[malloc] * m.layers * (m.hidden + m.intermediate) * 4
+
+
+def cpu_dropout_bytes_per_token(m, targets: tuple[str, ...]) -> float:
+    """Bytes of a CPU step's LoRA dropout per trained token (fwd + bwd), in the elementwise term's
+    currency: CPU_DROPOUT_PASSES over each adapted linear's input elements, at 4 bytes."""
+    inputs = sum(fin for name, (fin, _) in m.linears().items() if name in targets)
+    return CPU_DROPOUT_PASSES * m.layers * inputs * 4
 
 
 def cpu_step_seconds(m, host_layer_s: float = 0.0) -> float:

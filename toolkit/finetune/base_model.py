@@ -87,7 +87,7 @@ def _auto_pick(recipe, announce, device: str, dtype: str) -> tuple[str, dict]:
     rates, run = rates_here(dtype), run_shape(recipe)
 
     def seconds_of(m, e):
-        return time_fields(m, e, rates, targets=plan.targets, run=run)["train_wall_s"]
+        return time_fields(m, e, rates, targets=plan.targets, run=run, lora_dropout=plan.lora_dropout)["train_wall_s"]
 
     p = pick(plan.task, hw.available_bytes, plan.seq_len, plan.batch, plan.lora_r, plan.device, quants=(plan.quant,),
              grad_ckpt=plan.grad_ckpt, targets=plan.targets, optimizer=plan.optimizer, lora_dropout=plan.lora_dropout,

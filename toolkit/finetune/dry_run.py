@@ -206,4 +206,5 @@ def run_time(rec, facts, est, dtype: str, labelled_fraction: float, train_length
     from toolkit.finetune.plan import plan_inputs, run_shape
 
     return time_fields(facts, est, rates_here(dtype), targets=plan_inputs(rec, est.device, dtype).targets,
-                       labelled_fraction=labelled_fraction, run=run_shape(rec, train_lengths))
+                       labelled_fraction=labelled_fraction, run=run_shape(rec, train_lengths),
+                       lora_dropout=rec.lora.dropout)

@@ -13,13 +13,15 @@ profile on the Zen 5 EPYC, steady tokens/s, three pairs (docs/cpu-training.md): 
 (+2.8%), fp32 with the libraries capped at AVX2 368 -> 377 (+2.3%). Sibling layers that read one
 input (q/k/v, gate/up) go one step further, one node a group: `lora_groups`.
 
-Only the plain case takes the fused path: one active adapter, no dropout, no DoRA or other
-variant, no adapter bias, a plain `nn.Linear` base without hooks (or one that
+Only the plain case takes the fused path: one active adapter, no DoRA or other variant, no adapter bias, a plain `nn.Linear` base without hooks (or one that
 `toolkit.core.packed_linear` packed, or bitsandbytes' 4-bit one: below), one dtype -- or the bf16 CPU run's
 mix: bf16 base and input, fp32 adapter (kept fp32 for its updates), under bf16 autocast. There PEFT
 casts each layer's input to fp32 and autocast casts it back, two full copies a layer forward and
 two more backward (~10% of a bf16 step in the profile); here only the adapter's r-wide weights are
-cast. Anything else (and any call with extra arguments) goes to PEFT's own forward. It is a
+cast. A LoRA dropout is applied on this path too (`dropped`: the same Bernoulli draw per element
+as PEFT's `nn.Dropout`, from four 16-bit lanes of each 64-bit draw of torch's generator, where
+`F.dropout` draws one float an element; measured in docs/cpu-training.md). Anything else (and any
+call with extra arguments) goes to PEFT's own forward. It is a
 subclass of PEFT's public `peft.tuners.lora.Linear`, swapped in for the training block only
 (`fused_on_cpu`) and swapped back on exit, so saving, merging and the report see PEFT's class. `tests/finetune/test_fused_lora.py`
 checks values and gradients against PEFT's forward, and fails if the attributes read here change.
@@ -87,7 +89,8 @@ def _fused_classes() -> dict:
                     out = group.run(self, x, key)
                     if out is not None:
                         return out
-                out = _lora_matmul().apply(x2, base, a, b, self.scaling[key], mask)
+                out = _lora_matmul().apply(x2, base, a, b, self.scaling[key], mask,
+                                           dropout_p(self.lora_dropout[key]))
             else:
                 # No gradient (decoding, evaluation): the product runs outside autograd, and a paired
                 # batch's cast weights are made once for its block; with the per-call mask and casts,
@@ -105,8 +108,11 @@ def _fused_classes() -> dict:
                 return None
             key = active[0]
             base, la, lb = self.base_layer, self.lora_A[key], self.lora_B[key]
+            p = dropout_p(self.lora_dropout[key])
+            # A dropout that is on is applied inside the autograd node only (no call without a gradient
+            # trains, and evaluation turns it off).
             if (key in self.lora_variant or not self.base_fits(base, x) or base._forward_hooks
-                    or base._forward_pre_hooks or not isinstance(self.lora_dropout[key], torch.nn.Identity)
+                    or base._forward_pre_hooks or p is None or (p and not torch.is_grad_enabled())
                     or la.bias is not None or lb.bias is not None
                     or (base.bias is not None and base.bias.requires_grad)):  # LoraMatmul gives no bias gradient
                 return None
@@ -181,20 +187,52 @@ def _dequantized(four_bit, dtype):
     return dequantize_4bit(weight.data, state).to(dtype)
 
 
-def _lora_product(x2, base, a_x, b_x, scaling, mask):
-    """(x2 @ W.T + bias + scaling * (mask * (x2 @ a_x.T)) @ b_x.T, the adapter's middle h), outside
-    autograd and autocast, the adapter's weights already in x2's dtype."""
+def dropout_p(module) -> float | None:
+    """The probability with which a LoRA layer's dropout module drops an element now: 0.0 for none
+    (PEFT's `nn.Identity`, or an `nn.Dropout` in eval mode), None for a module the fused path does not
+    know."""
+    import torch
+
+    if isinstance(module, torch.nn.Identity):
+        return 0.0
+    if type(module) is torch.nn.Dropout:
+        return float(module.p) if module.training else 0.0
+    return None
+
+
+def dropped(shape, p: float, device):
+    """A bool tensor of `shape`, True where dropout drops, each element with probability p (to
+    1/65,536) from torch's default generator, so a run's seed fixes it. Each 64-bit draw gives four
+    16-bit lanes: `F.dropout` (one float an element) took 3.4 ms for a 1000 x 576 input on the Zen 4
+    EPYC, this 0.84 ms; per step of the finance CPU profile that is most of what a dropout costs."""
+    import math
+
+    import torch
+
+    n = math.prod(shape)
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-2 ** 63, 2 ** 63 - 1)
+    # a lane drops below p's share of the 65,536 values (int16 holds up to 32,767: p near 1 keeps 1 in 65,536)
+    return words.view(torch.int16)[:n].view(shape) < min(round(p * 65536), 65535) - 32768
+
+
+def _lora_product(x2, base, a_x, b_x, scaling, mask, drop=None, p=0.0):
+    """(x2 @ W.T + bias + scaling * (mask * (xa @ a_x.T) / (1 - p)) @ b_x.T, the adapter's middle h,
+    xa), outside autograd and autocast, the adapter's weights already in x2's dtype; xa is x2 with
+    the elements `drop` marks zeroed (x2 itself without a dropout)."""
     import torch
 
     with torch.autocast(x2.device.type, enabled=False):
         x2 = x2.contiguous()
         out = _base_product(x2, base)  # pre-packed inside `packed_linears`, or dequantized
-        h = torch.mm(x2, a_x.t())
+        xa = x2 if drop is None else x2.masked_fill(drop, 0)
+        h = torch.mm(xa, a_x.t())
+        if drop is not None:
+            h.mul_(1.0 / (1.0 - p))
         if mask is not None:
             h.mul_(mask)
         # Into the fresh base output: the adapter's product costs no pass of its own.
         out.addmm_(h, b_x.t(), alpha=scaling)
-    return out, h, x2
+    return out, h, xa
 
 
 @functools.cache
@@ -202,39 +240,45 @@ def _lora_matmul():
     import torch
 
     class LoraMatmul(torch.autograd.Function):
-        """(x [M, K], base layer, A [r, K], B [N, r], scaling, mask [M, 1] or None) ->
-        x @ W.T + bias + scaling * (mask * (x @ A.T)) @ B.T, one autograd node. The backward
+        """(x [M, K], base layer, A [r, K], B [N, r], scaling, mask [M, 1] or None, dropout p) ->
+        x @ W.T + bias + scaling * (mask * (dropout(x) @ A.T)) @ B.T, one autograd node. The backward
         accumulates the adapter's share of x's gradient into the base layer's (`addmm_` on g @ W)
         where autograd would add two M x K gradients; A and B get theirs in their own dtype (fp32
         under bf16 autocast)."""
 
         @staticmethod
-        def forward(ctx, x2, base, a, b, scaling, mask):
+        def forward(ctx, x2, base, a, b, scaling, mask, p=0.0):
             # Under autocast the fp32 adapter computes in the input's dtype, as PEFT's forward does
             # after its round trip of x through fp32; the cast of these r-wide weights is cheap.
             a_x, b_x = a.to(x2.dtype), b.to(x2.dtype)
-            out, h, x2 = _lora_product(x2, base, a_x, b_x, scaling, mask)
-            ctx.save_for_backward(x2, h, a_x, b_x)
-            ctx.base, ctx.scaling, ctx.mask, ctx.dtypes = base, scaling, mask, (a.dtype, b.dtype)
+            drop = dropped(x2.shape, p, x2.device) if p else None
+            out, h, xa = _lora_product(x2, base, a_x, b_x, scaling, mask, drop, p)
+            ctx.save_for_backward(xa, h, a_x, b_x, drop)
+            ctx.base, ctx.scaling, ctx.mask, ctx.dtypes, ctx.p = base, scaling, mask, (a.dtype, b.dtype), p
             return out
 
         @staticmethod
         def backward(ctx, g):
-            x2, h, a_x, b_x = ctx.saved_tensors
+            xa, h, a_x, b_x, drop = ctx.saved_tensors
             s, (a_dtype, b_dtype) = ctx.scaling, ctx.dtypes
             grad_x = grad_a = grad_b = None
             with torch.autocast(g.device.type, enabled=False):
                 g = g.contiguous()
-                gh = torch.mm(g, b_x).mul_(s)  # the gradient at the adapter's r-wide middle
+                # the gradient at the adapter's r-wide middle, the dropout's 1 / (1 - p) included
+                gh = torch.mm(g, b_x).mul_(s / (1.0 - ctx.p))
                 if ctx.mask is not None:
                     gh.mul_(ctx.mask)
                 if ctx.needs_input_grad[0]:
-                    grad_x = _base_input_grad(g, ctx.base).addmm_(gh, a_x)
+                    grad_x = _base_input_grad(g, ctx.base)
+                    if drop is None:
+                        grad_x.addmm_(gh, a_x)
+                    else:
+                        grad_x.add_(torch.mm(gh, a_x).masked_fill_(drop, 0))
                 if ctx.needs_input_grad[2]:
-                    grad_a = torch.mm(gh.t(), x2).to(a_dtype)
+                    grad_a = torch.mm(gh.t(), xa).to(a_dtype)
                 if ctx.needs_input_grad[3]:
                     grad_b = torch.mm(g.t(), h).mul_(s).to(b_dtype)
-            return grad_x, None, grad_a, grad_b, None, None
+            return grad_x, None, grad_a, grad_b, None, None, None
 
     return LoraMatmul
 
@@ -288,11 +332,11 @@ def wanted(device: str) -> bool:
 
 
 def dropout_note(dropout: float, device: str) -> str:
-    """A note for a run whose LoRA dropout keeps `device`'s layers off the fused path, else ""."""
+    """A note for a run whose LoRA dropout the fused layers on `device` draw (a CPU), else ""."""
     if not dropout or not wanted(device):
         return ""
-    return (f"note: lora.dropout {dropout:g} keeps the LoRA layers on PEFT's own forward, off the fused CPU path "
-            "(slower: docs/cpu-training.md); lora.dropout 0 takes it")
+    return (f"note: lora.dropout {dropout:g} draws a random mask over every adapted layer's input at each step, "
+            "a cost on a CPU that the time estimate includes (docs/cpu-training.md); lora.dropout 0 skips it")
 
 
 @contextlib.contextmanager

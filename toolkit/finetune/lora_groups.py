@@ -59,8 +59,9 @@ class Group:
         if any(m.fused_key(x, (), {}) != key for m in self.members[1:]) or len({w.dtype for w in a + b}) != 1:
             return None
         x2 = x.reshape(-1, x.shape[-1])
+        ps = tuple(fused_lora.dropout_p(m.lora_dropout[key]) for m in self.members)
         outs = _group_matmul().apply(x2, tuple(m.base_layer for m in self.members),
-                                     tuple(m.scaling[key] for m in self.members), *a, *b)
+                                     tuple(m.scaling[key] for m in self.members), ps, *a, *b)
         outs = [o.view(*x.shape[:-1], o.shape[-1]) for o in outs]
         self.pending = (x, x._version, dict(zip(self.members[1:], outs[1:])))
         return outs[0]
@@ -90,11 +91,13 @@ def _group_matmul():
     import torch
 
     class LoraGroupMatmul(torch.autograd.Function):
-        """(x [M, K], bases, scalings, A_1..A_n [r_i, K], B_1..B_n [N_i, r_i]) -> the n outputs
-        x @ W_i.T + bias_i + s_i * (x @ A_i.T) @ B_i.T, one autograd node (see the module)."""
+        """(x [M, K], bases, scalings, dropout ps, A_1..A_n [r_i, K], B_1..B_n [N_i, r_i]) -> the n
+        outputs x @ W_i.T + bias_i + s_i * (dropout_i(x) @ A_i.T) @ B_i.T, one autograd node (see the
+        module). Each sibling draws its own dropout, as PEFT's separate layers do; then the stacked
+        product over one input is no longer one, and each adapter multiplies its own dropped copy."""
 
         @staticmethod
-        def forward(ctx, x2, bases, scalings, *weights):
+        def forward(ctx, x2, bases, scalings, ps, *weights):
             n = len(bases)
             a, b = weights[:n], weights[n:]
             ranks = [w.shape[0] for w in a]
@@ -103,39 +106,58 @@ def _group_matmul():
             b_x = [w.to(x2.dtype) for w in b]
             with torch.autocast(x2.device.type, enabled=False):
                 x2 = x2.contiguous()
-                h = torch.mm(x2, a_x.t())
+                if any(ps):
+                    drops = [fused_lora.dropped(x2.shape, p, x2.device) if p else None for p in ps]
+                    xas = [x2 if d is None else x2.masked_fill(d, 0) for d in drops]
+                    h = torch.cat([torch.mm(xa, ai.t()).mul_(1.0 / (1.0 - p))
+                                   for xa, ai, p in zip(xas, a_x.split(ranks), ps)], dim=1)
+                else:
+                    drops, xas = [], []
+                    h = torch.mm(x2, a_x.t())
                 outs = []
                 for base, hi, bi, s in zip(bases, h.split(ranks, dim=1), b_x, scalings):
                     out = fused_lora._base_product(x2, base)
                     out.addmm_(hi, bi.t(), alpha=s)
                     outs.append(out)
-            ctx.save_for_backward(x2, h, a_x, *b_x)
-            ctx.bases, ctx.scalings, ctx.ranks = bases, scalings, ranks
+            # With a dropout, A's gradients need each dropped copy, not x.
+            ctx.save_for_backward(None if drops else x2, h, a_x, *b_x, *xas, *drops)
+            ctx.bases, ctx.scalings, ctx.ranks, ctx.ps = bases, scalings, ranks, ps
             ctx.dtypes = (a[0].dtype, b[0].dtype)
             return tuple(outs)
 
         @staticmethod
         def backward(ctx, *grads):
-            x2, h, a_x, *b_x = ctx.saved_tensors
             n, (a_dtype, b_dtype) = len(ctx.bases), ctx.dtypes
-            wants_x, wants_a, wants_b = ctx.needs_input_grad[0], ctx.needs_input_grad[3:3 + n], ctx.needs_input_grad[3 + n:]
+            x2, h, a_x, *rest = ctx.saved_tensors
+            b_x, xas, drops = rest[:n], rest[n:2 * n], rest[2 * n:]
+            wants_x, wants_a, wants_b = ctx.needs_input_grad[0], ctx.needs_input_grad[4:4 + n], ctx.needs_input_grad[4 + n:]
             grad_x, grad_b, gh = None, [None] * n, []
-            with torch.autocast(x2.device.type, enabled=False):
-                for i, (g, base, bi, hi, s) in enumerate(zip(grads, ctx.bases, b_x, h.split(ctx.ranks, dim=1),
-                                                             ctx.scalings)):
+            with torch.autocast(h.device.type, enabled=False):
+                for i, (g, base, bi, hi, s, p) in enumerate(zip(grads, ctx.bases, b_x, h.split(ctx.ranks, dim=1),
+                                                                ctx.scalings, ctx.ps)):
                     g = g.contiguous()
-                    gh.append(torch.mm(g, bi).mul_(s))  # the gradient at adapter i's r-wide middle
+                    # the gradient at adapter i's r-wide middle, its dropout's 1 / (1 - p) included
+                    gh.append(torch.mm(g, bi).mul_(s / (1.0 - p)))
                     if wants_x:
                         grad_x = fused_lora._base_input_grad(g, base, into=grad_x)
                     if wants_b[i]:
                         grad_b[i] = torch.mm(g.t(), hi).mul_(s).to(b_dtype)
-                gh = torch.cat(gh, dim=1)
-                if wants_x:
-                    grad_x.addmm_(gh, a_x)
                 grad_a = [None] * n
-                if any(wants_a):
-                    grad_a = [ga.to(a_dtype) for ga in torch.mm(gh.t(), x2).split(ctx.ranks)]
-            return (grad_x, None, None, *grad_a, *grad_b)
+                if not drops:
+                    gh = torch.cat(gh, dim=1)
+                    if wants_x:
+                        grad_x.addmm_(gh, a_x)
+                    if any(wants_a):
+                        grad_a = [ga.to(a_dtype) for ga in torch.mm(gh.t(), x2).split(ctx.ranks)]
+                else:
+                    for i, (ghi, ai, xa, drop) in enumerate(zip(gh, a_x.split(ctx.ranks), xas, drops)):
+                        if wants_x:
+                            if drop is None:
+                                grad_x.addmm_(ghi, ai)
+                            else:
+                                grad_x.add_(torch.mm(ghi, ai).masked_fill_(drop, 0))
+                        if wants_a[i]:
+                            grad_a[i] = torch.mm(ghi.t(), xa).to(a_dtype)
+            return (grad_x, None, None, None, *grad_a, *grad_b)
 
     return LoraGroupMatmul
-
