@@ -13,8 +13,9 @@ profile on the Zen 5 EPYC, steady tokens/s, three pairs (docs/cpu-training.md): 
 (+2.8%), fp32 with the libraries capped at AVX2 368 -> 377 (+2.3%). Sibling layers that read one
 input (q/k/v, gate/up) go one step further, one node a group: `lora_groups`.
 
-Only the plain case takes the fused path: one active adapter, no DoRA or other variant, no adapter bias, a plain `nn.Linear` base without hooks (or one that
-`toolkit.core.packed_linear` packed, or bitsandbytes' 4-bit one: below), one dtype -- or the bf16 CPU run's
+Only the plain case takes the fused path: one active adapter, no DoRA or other variant, no adapter
+bias, a plain `nn.Linear` base without hooks (or one that `toolkit.core.packed_linear` packed, or
+bitsandbytes' 4-bit one: below), one dtype -- or the bf16 CPU run's
 mix: bf16 base and input, fp32 adapter (kept fp32 for its updates), under bf16 autocast. There PEFT
 casts each layer's input to fp32 and autocast casts it back, two full copies a layer forward and
 two more backward (~10% of a bf16 step in the profile); here only the adapter's r-wide weights are
@@ -215,6 +216,26 @@ def dropped(shape, p: float, device):
     return words.view(torch.int16)[:n].view(shape) < min(round(p * 65536), 65535) - 32768
 
 
+def _adapter_middle(x2, a_x, drop, p: float):
+    """(xa @ a_x.T / (1 - p), xa): the adapter's r-wide middle from xa, x2 with the elements `drop`
+    marks zeroed (x2 itself, and no scaling, without a dropout)."""
+    import torch
+
+    if drop is None:
+        return torch.mm(x2, a_x.t()), x2
+    xa = x2.masked_fill(drop, 0)
+    return torch.mm(xa, a_x.t()).mul_(1.0 / (1.0 - p)), xa
+
+
+def _add_adapter_input_grad(grad_x, gh, a_x, drop):
+    """grad_x += gh @ a_x, the dropped elements' share zeroed: inside the GEMM where nothing was dropped."""
+    import torch
+
+    if drop is None:
+        return grad_x.addmm_(gh, a_x)
+    return grad_x.add_(torch.mm(gh, a_x).masked_fill_(drop, 0))
+
+
 def _lora_product(x2, base, a_x, b_x, scaling, mask, drop=None, p=0.0):
     """(x2 @ W.T + bias + scaling * (mask * (xa @ a_x.T) / (1 - p)) @ b_x.T, the adapter's middle h,
     xa), outside autograd and autocast, the adapter's weights already in x2's dtype; xa is x2 with
@@ -224,10 +245,7 @@ def _lora_product(x2, base, a_x, b_x, scaling, mask, drop=None, p=0.0):
     with torch.autocast(x2.device.type, enabled=False):
         x2 = x2.contiguous()
         out = _base_product(x2, base)  # pre-packed inside `packed_linears`, or dequantized
-        xa = x2 if drop is None else x2.masked_fill(drop, 0)
-        h = torch.mm(xa, a_x.t())
-        if drop is not None:
-            h.mul_(1.0 / (1.0 - p))
+        h, xa = _adapter_middle(x2, a_x, drop, p)
         if mask is not None:
             h.mul_(mask)
         # Into the fresh base output: the adapter's product costs no pass of its own.
@@ -269,11 +287,7 @@ def _lora_matmul():
                 if ctx.mask is not None:
                     gh.mul_(ctx.mask)
                 if ctx.needs_input_grad[0]:
-                    grad_x = _base_input_grad(g, ctx.base)
-                    if drop is None:
-                        grad_x.addmm_(gh, a_x)
-                    else:
-                        grad_x.add_(torch.mm(gh, a_x).masked_fill_(drop, 0))
+                    grad_x = _add_adapter_input_grad(_base_input_grad(g, ctx.base), gh, a_x, drop)
                 if ctx.needs_input_grad[2]:
                     grad_a = torch.mm(gh.t(), xa).to(a_dtype)
                 if ctx.needs_input_grad[3]:

@@ -108,9 +108,9 @@ def _group_matmul():
                 x2 = x2.contiguous()
                 if any(ps):
                     drops = [fused_lora.dropped(x2.shape, p, x2.device) if p else None for p in ps]
-                    xas = [x2 if d is None else x2.masked_fill(d, 0) for d in drops]
-                    h = torch.cat([torch.mm(xa, ai.t()).mul_(1.0 / (1.0 - p))
-                                   for xa, ai, p in zip(xas, a_x.split(ranks), ps)], dim=1)
+                    hs, xas = zip(*(fused_lora._adapter_middle(x2, ai, d, p)
+                                    for ai, d, p in zip(a_x.split(ranks), drops, ps)))
+                    h = torch.cat(hs, dim=1)
                 else:
                     drops, xas = [], []
                     h = torch.mm(x2, a_x.t())
@@ -152,10 +152,7 @@ def _group_matmul():
                 else:
                     for i, (ghi, ai, xa, drop) in enumerate(zip(gh, a_x.split(ctx.ranks), xas, drops)):
                         if wants_x:
-                            if drop is None:
-                                grad_x.addmm_(ghi, ai)
-                            else:
-                                grad_x.add_(torch.mm(ghi, ai).masked_fill_(drop, 0))
+                            fused_lora._add_adapter_input_grad(grad_x, ghi, ai, drop)
                         if wants_a[i]:
                             grad_a[i] = torch.mm(ghi.t(), xa).to(a_dtype)
             return (grad_x, None, None, None, *grad_a, *grad_b)
