@@ -103,6 +103,7 @@ def end_to_end(tmp: Path) -> dict:
     report_s = info.get("report_s", 0.0)
     ppl_up = f["general_ppl"] / b["general_ppl"] - 1
     reduction = rep["improvement"]["answer_loss_reduction"]
+    mem = info.get("memory", {})
     return {
         "measure": "finance recipe end to end", "base_model": info["base_model"], "profile": info["profile"] or "-",
         "dtype": f"{info['compute_dtype']} ({info.get('compute_dtype_reason', '')})",
@@ -118,6 +119,10 @@ def end_to_end(tmp: Path) -> dict:
         # Outside training and the report: Python's start-up and restart, imports, loading, set-up, saving.
         "startup_s": round(wall - info["train_runtime_s"] - report_s, 1),
         "predicted_startup_s": predicted["startup_s"],
+        # run.json `memory`: the process's peak resident set in training and to the report's end, and
+        # the dry run's plan of it (toolkit.finetune.run_memory).
+        "training_peak_gib": _gib(mem.get("training_peak_bytes")), "run_peak_gib": _gib(mem.get("run_peak_bytes")),
+        "planned_peak_gib": _gib(mem.get("planned_peak_bytes")),
         "base_answer_loss": b["answer_loss"], "finetuned_answer_loss": f["answer_loss"],
         "loss_reduction_pct": round(100 * reduction, 1),
         "gen_score_base": b["generation_score"], "gen_score_finetuned": f["generation_score"],
@@ -126,6 +131,10 @@ def end_to_end(tmp: Path) -> dict:
         "targets": "wall <= 600 s; reduction >= 25%; ppl up <= 5%; eval+report <= 60 s",
         "met": wall <= 600 and reduction >= 0.25 and ppl_up <= 0.05 and eval_s + report_s <= 60,
     }
+
+
+def _gib(n: int | None) -> float | None:
+    return None if n is None else round(n / 2**30, 2)
 
 
 def _in_training_eval_s(metrics: Path) -> float:

@@ -38,6 +38,9 @@ def test_finetune_export_q8_0_and_llamacpp_answers(tmp_path, embedded_dir, monke
     assert (run / "adapter" / "adapter_config.json").is_file()
     info = json.loads((run / "run.json").read_text())
     assert info["base_model"] == "embedded" and info["steps"] == 2
+    # The plan's peak for this run (the catalog knows the embedded model) beside the measured one.
+    mem = info["memory"]
+    assert mem["planned_peak_bytes"] > 0 and 0 < mem["training_peak_bytes"] <= mem["run_peak_bytes"]
 
     assert main(["export", str(run), "--quant", "q8_0"]) == 0
     out = run / "gguf"

@@ -393,3 +393,36 @@ def test_cpu_head_keeps_its_logits_buffers_through_the_layers_backward(monkeypat
     m = CATALOG["embedded"]
     assert e.components["logits"] == F.cpu_lean_retained_bytes(1024, m.vocab, 2)
     assert "peak during a decoder layer's backward" in e.notes
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("dtype,quant", [("float32", "fp32"), ("bfloat16", "bf16")])
+def test_cpu_packs_are_what_the_trainer_packs(tmp_path, tied, dtype, quant):
+    """The plan's `packed_weights` against `packed_linear.pack_bytes` of a real model, skipping the
+    LM head where the trainer does (`cpu_lm_head.uses_weight_packs`)."""
+    torch = pytest.importorskip("torch")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from toolkit.core import packed_linear
+    from toolkit.finetune.cpu_lm_head import uses_weight_packs
+
+    cfg = LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
+    model = LlamaForCausalLM(cfg).to(getattr(torch, dtype)).requires_grad_(False)
+    model.save_pretrained(tmp_path)
+    head = model.get_output_embeddings()
+    packs = packed_linear.pack_bytes(model, getattr(torch, dtype), backward=True,
+                                     skip=() if uses_weight_packs(dtype) else (head,))
+    est = estimate(lookup(str(tmp_path)), "lora", quant, 64, 1, 8, device="cpu", compute=quant, packed_weights=True)
+    assert est.components["packed_weights"] == packs > 0
+    assert "packed_weights" not in estimate(lookup(str(tmp_path)), "lora", quant, 64, 1, 8, device="cpu",
+                                            compute=quant).components
+
+
+def test_qlora_packs_only_an_fp32_head_and_cuda_none():
+    facts = CATALOG["meta-llama/Llama-3.2-1B-Instruct"]
+    fp32 = estimate(facts, "qlora", "nf4-dq", device="cpu", compute="fp32", packed_weights=True)
+    assert fp32.components["packed_weights"] == 2 * 4 * facts.vocab * facts.hidden  # the tied head, once
+    assert "packed_weights" not in estimate(facts, "qlora", "nf4-dq", device="cpu", compute="bf16",
+                                            packed_weights=True).components
+    assert "packed_weights" not in estimate(facts, "lora", device="cuda", packed_weights=True).components

@@ -230,7 +230,7 @@ def test_auto_base_uses_the_estimator(tmp_path, tiny_llama_dir):
     from toolkit.estimate.planner import ALL_LINEAR
     from toolkit.estimate.timeplan import DEFAULT_TIME_BUDGET_S, rates_here, time_fields
     from toolkit.finetune import recipe
-    from toolkit.finetune.plan import run_shape
+    from toolkit.finetune.plan import plan_inputs, run_shape
     from toolkit.core.hardware import detect
     from toolkit.finetune.base_model import resolve_base
 
@@ -242,10 +242,14 @@ def test_auto_base_uses_the_estimator(tmp_path, tiny_llama_dir):
     # CPU's default time budget at this machine's rates.
     rates, run = rates_here("float32"), run_shape(rec)
     targets = ALL_LINEAR
+    p = plan_inputs(rec, "cpu", "float32")  # computing in fp32 (resolve_base's default), the head's packs if any
     pick = estimator_pick("qlora", detect().available_bytes, seq_len=256, batch=2, lora_r=8, device="cpu",
                          quants=("nf4-dq",), grad_ckpt=False, lora_dropout=0.05, targets=targets,
-                         seconds_of=lambda m, e: time_fields(m, e, rates, targets=targets, run=run)["train_wall_s"],
-                         time_budget_s=DEFAULT_TIME_BUDGET_S["cpu"])
+                         seconds_of=lambda m, e: time_fields(m, e, rates, targets=targets, run=run,
+                                                             lora_dropout=0.05)["train_wall_s"],
+                         time_budget_s=DEFAULT_TIME_BUDGET_S["cpu"], compute="fp32", packed_weights=p.packed_weights)
+    assert (p.task, p.quant, p.seq_len, p.batch, p.lora_r, p.grad_ckpt, p.lora_dropout, p.targets, p.compute) == \
+        ("qlora", "nf4-dq", 256, 2, 8, False, 0.05, targets, "fp32")
     assert seen[0].startswith(f"base_model auto: estimator picked {pick.model}")
     assert choice.spec in (pick.model, str(tiny_llama_dir))
 

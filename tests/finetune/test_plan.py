@@ -53,7 +53,7 @@ def test_pick_and_fit_check_agree(monkeypatch):
         monkeypatch.setattr(hardware, "detect", lambda use_torch=False, m=machine: m)
         chosen = pick(p.task, machine.available_bytes, p.seq_len, p.batch, p.lora_r, p.device, quants=(p.quant,),
                       grad_ckpt=p.grad_ckpt, targets=p.targets, optimizer=p.optimizer, lora_dropout=p.lora_dropout,
-                      compute=p.compute)
+                      compute=p.compute, packed_weights=p.packed_weights)
         for cand in chosen.candidates:
             try:
                 check_fits(rec, cand.model, "cpu", "float32")
@@ -227,9 +227,9 @@ def test_an_estimator_refusal_is_reported_as_such(monkeypatch):
     out, why = resolve_method(rec, "embedded", "cpu", "float32", 64 * GIB)
     assert out.method.name == "qlora" and "doesn't know" not in why
     assert "no estimate for embedded: unknown LoRA target(s) foo" in why
-    est, no_estimate = dry_run._estimate(rec, "embedded", "cpu", "float32", 1.0, [100])
+    est, no_estimate = dry_run.run_estimate(rec, "embedded", "cpu", "float32", 1.0, [100])
     assert est is None and "unknown LoRA target(s) foo" in no_estimate
-    assert dry_run._estimate(rec, "not-a-catalog-model", "cpu", "float32", 1.0, [100]) == (None, "")
+    assert dry_run.run_estimate(rec, "not-a-catalog-model", "cpu", "float32", 1.0, [100]) == (None, "")
 
 
 def test_in_training_evals_leave_the_ends_to_the_report():
@@ -313,3 +313,16 @@ def test_run_shape_counts_the_steps_and_tokens_the_trainer_runs(tmp_path, tiny_l
     assert shape.steps == info["steps"] and shape.steps % 2 == 0  # two epochs of the same steps
     assert abs(shape.tokens_per_step * shape.steps - info["tokens_seen"]) <= shape.steps  # rounded a step
     assert info["tokens_seen"] == 2 * train.n_tokens  # every token trained on, twice
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_plan_packs_where_the_trainer_packs(dtype):
+    """`packed_weights` follows the trainer's own decision on this machine (`hardware.packed_choice`,
+    the calibration's), and never for a GPU run or a full fine-tune, whose weights train."""
+    from toolkit.core.hardware import packed_choice
+
+    rec = recipe.load(FINANCE, ["method.name=lora"], gpu=False)
+    assert plan_inputs(rec, "cpu", dtype).packed_weights == packed_choice("cpu", dtype, "train")[0]
+    assert not plan_inputs(rec, "cuda", dtype).packed_weights
+    full = recipe.load(FINANCE, ["method.name=full", "training.loraplus_lr_ratio=0"], gpu=False)
+    assert not plan_inputs(full, "cpu", dtype).packed_weights

@@ -44,6 +44,10 @@ def test_finetune_writes_complete_run_folder(tmp_path, tiny_llama_dir, capsys):
     assert info["recipe"] == "tiny" and info["method"] == "qlora" and info["steps"] == 4
     assert info["base_model"] == str(tiny_llama_dir) and Path(info["base_source"]).is_dir()
     assert info["train_examples"] == 16 and info["tokens_per_s"] > 0
+    # A base outside the estimator's catalog: measured, nothing planned (the catalog's case: tests/test_e2e.py).
+    mem = info["memory"]
+    assert mem["planned_peak_bytes"] is None and 0 < mem["training_peak_bytes"] <= mem["run_peak_bytes"]
+    assert any(x.startswith("memory: training peaked at ") and "plan" not in x for x in err.splitlines())
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert sum("loss" in r for r in rows) >= 4
     # eval every 2 of 4 steps, and the report measures steps 0 (base) and 4 (fine-tuned) on all held-out

@@ -136,7 +136,7 @@ def _one_model(args) -> int:
     usable = E.usable_bytes(bud.bytes) if bud else None
     est = E.estimate(facts, s["task"], s["quant"], s["seq_len"], s["batch"], s["lora_r"], s["grad_ckpt"],
                      targets_of(s["targets"], facts), s["optimizer"], s["lora_dropout"], device=device,
-                     budget_bytes=usable, compute=s["compute"])
+                     budget_bytes=usable, compute=s["compute"], packed_weights=s["packed_weights"])
     tm = _time(args, facts, est, device, s)
     if s.get("method_note"):
         est.notes.append(s["method_note"])
@@ -257,7 +257,8 @@ def _pick(args) -> int:
 
     p = pick(s["task"], bud.bytes, s["seq_len"], s["batch"], s["lora_r"], device=bud.device, quants=quants,
                grad_ckpt=s["grad_ckpt"], targets=targets_of(s["targets"], None), optimizer=s["optimizer"],
-               lora_dropout=s["lora_dropout"], seconds_of=seconds_of, time_budget_s=limit, compute=s["compute"])
+               lora_dropout=s["lora_dropout"], seconds_of=seconds_of, time_budget_s=limit, compute=s["compute"],
+               packed_weights=s["packed_weights"])
     models = [CATALOG[name] for name in dict.fromkeys(c.model for c in p.candidates)]
     warnings = _context_warnings(args, models, s["seq_len"], picking=True) + warnings
     _warn(warnings)

@@ -46,7 +46,7 @@ def settings(args, device: str) -> dict:
         if method == "auto":  # each base's own choice needs its estimate against the memory free then
             s["method_note"] = ("method auto: estimated as qlora, its memory-lean branch; a run takes plain LoRA "
                                 "where that needs at most half the usable memory (`toolkit finetune --dry-run` says which)")
-        return _dense_quant_is_the_dtype(s)
+        return _packs(_dense_quant_is_the_dtype(s), device)
     s = PlanInputs(task=args.task, quant=args.quant, seq_len=E._positive("--seq-len", args.seq_len),
                    batch=E._positive("--batch", args.batch), lora_r=E._positive("--lora-r", args.lora_r),
                    grad_ckpt=args.grad_ckpt, targets=_parse_targets(args.target_modules),
@@ -61,7 +61,14 @@ def settings(args, device: str) -> dict:
         except UserError:
             run = None
     s.update(run=run, run_name="the finance recipe's work" if run else "", dtype=dtype, dtype_reason=why)
-    return _dense_quant_is_the_dtype(s)
+    return _packs(_dense_quant_is_the_dtype(s), device)
+
+
+def _packs(s: dict, device: str) -> dict:
+    """`s` with `packed_weights` as a training run computing in its dtype on `device` would have them."""
+    from toolkit.finetune.plan import cpu_packs
+
+    return {**s, "packed_weights": cpu_packs(device, s["dtype"], s["task"])}
 
 
 def _dense_quant_is_the_dtype(s: dict) -> dict:

@@ -309,6 +309,16 @@ def cpu_lean_retained_bytes(tokens: int, vocab: int, act_bytes: int = 2) -> int:
     return tokens * vocab * (4 + (act_bytes if act_bytes < 4 else 0))
 
 
+def packed_weights_bytes(dense_linear_params: int, head_params: int, act_bytes: int) -> int:
+    """The oneDNN packs a CPU training run keeps of its frozen weights (`toolkit.core.packed_linear`, where
+    the machine's calibration measured them faster): two copies of each packed weight in the compute
+    dtype, one laid out for the forward and one for the input gradient. `dense_linear_params`: the
+    decoder's frozen linears held in the compute dtype (LoRA's base; QLoRA's 4-bit layers are not
+    packed); `head_params`: the LM head where the CPU head multiplies through its packs (fp32 only,
+    `cpu_lm_head.uses_weight_packs`), a tied head's weight once."""
+    return 2 * act_bytes * (dense_linear_params + head_params)
+
+
 OPTIMIZER_STATE_BYTES = {
     # AdamW keeps exp_avg and exp_avg_sq like the parameter (torch.optim.AdamW: zeros_like(p)).
     "adamw": None,

@@ -129,7 +129,8 @@ def estimate(model: str | ModelFacts, task: str = "qlora", quant: str | None = N
              batch: int = 1, lora_r: int = 16, grad_ckpt: bool = True, targets: tuple[str, ...] = ALL_LINEAR,
              optimizer: str = "adamw", lora_dropout: float = 0.0, device: str = "cuda",
              budget_bytes: int | None = None, bnb_legacy: bool = False, *, kbit_upcast: bool = False,
-             attn_impl: str = "sdpa", loss: str = "trl", loss_chunk: int = 0, compute: str | None = None) -> Estimate:
+             attn_impl: str = "sdpa", loss: str = "trl", loss_chunk: int = 0, compute: str | None = None,
+             packed_weights: bool = False) -> Estimate:
     """Estimate peak memory of `task` ("inference" | "lora" | "qlora" | "full") for `model`.
 
     quant: fp32/bf16/fp16, int8/nf4/nf4-dq (bitsandbytes), or a GGUF type (inference with
@@ -154,6 +155,8 @@ def estimate(model: str | ModelFacts, task: str = "qlora", quant: str | None = N
     It is the default quant of the dense tasks; a QLoRA base computing in fp32 holds its
     non-quantized weights (embeddings, norms, lm_head) and its activations in fp32. None: bf16 on
     CUDA; on a CPU fp32 for inference, bf16 for training.
+    packed_weights: a CPU training run pre-packs its frozen weights for oneDNN (this machine's
+    calibration decides: `toolkit.finetune.plan.cpu_packs`), two copies of each (`packed_weights_bytes`).
     """
     m = model if isinstance(model, ModelFacts) else lookup(model)
     if task not in TASKS:
@@ -199,10 +202,14 @@ def estimate(model: str | ModelFacts, task: str = "qlora", quant: str | None = N
     else:
         legacy = F.bnb_legacy_input_bytes(m.hidden, m.intermediate, m.layers, tokens) \
             if (bnb_legacy and quant in ("nf4", "nf4-dq") and not grad_ckpt) else 0
+        act = 4 if (quant == "fp32" or upcast) else 2
         _training_terms(est, m, quant, tokens, lora_r, grad_ckpt, targets, optimizer, lora_dropout,
-                        act=4 if (quant == "fp32" or upcast) else 2, attn_impl=attn_impl, loss=loss,
-                        loss_chunk=loss_chunk,
+                        act=act, attn_impl=attn_impl, loss=loss, loss_chunk=loss_chunk,
                         extra_kept=legacy)
+        if packed_weights and device == "cpu" and task in ("lora", "qlora"):
+            dense = m.layers * sum(a * b for a, b in m.linears().values()) if task == "lora" else 0
+            if (packs := F.packed_weights_bytes(dense, m.vocab * m.hidden if act == 4 else 0, act)):
+                c["packed_weights"] = packs
         if legacy:
             est.notes.append("older bitsandbytes: 4-bit layers keep their inputs")
         if upcast:

@@ -162,7 +162,7 @@ def dry_run(recipe_spec, overrides: Sequence[str] = (), gpu: bool | None = None)
         held = data_mod.tokenize_split(tok, eval_ex, d.max_seq_len, d.overlong, d.completion_only_loss, "eval")
         stats.append(_stats("held-out", len(eval_ex), held))
     ids, labels = train.input_ids[0], train.labels[0]
-    est, no_estimate = _estimate(rec, choice.spec, dev, dtype, train.n_trained / max(1, train.n_tokens),
+    est, no_estimate = run_estimate(rec, choice.spec, dev, dtype, train.n_trained / max(1, train.n_tokens),
                                  [len(x) for x in train.input_ids])
     return DryRun(recipe_mod.dump(rec), choice.spec, choice.fallback_reason, said, dev, dtype, dtype_reason, stats,
                   d.max_seq_len, _relative(train.examples[0].source), ids, labels, mask_pieces(tok, ids, labels),
@@ -177,7 +177,7 @@ def _relative(source: str) -> str:
     return source[len(here):] if source.startswith(here) else source
 
 
-def _estimate(rec, spec: str, dev: str, dtype: str, labelled_fraction: float,
+def run_estimate(rec, spec: str, dev: str, dtype: str, labelled_fraction: float,
               train_lengths: list[int]) -> tuple[dict | None, str]:
     """(the planner's estimate of this run, "") or (None, why there is none; "" = not in the catalog)."""
     from toolkit.core.errors import UserError

@@ -38,6 +38,7 @@ class PlanInputs:
     lora_dropout: float
     device: str  # cuda | cpu
     compute: str = "bf16"  # the compute dtype, as the estimator names it (fp32 on a CPU without native bf16)
+    packed_weights: bool = False  # a CPU run pre-packs its frozen weights (`cpu_packs`)
 
     def as_kwargs(self) -> dict:
         return asdict(self)
@@ -236,8 +237,24 @@ def plan_inputs(recipe, device: str, dtype: str) -> PlanInputs:
         task="qlora" if m.name == "auto" else m.name, quant=quant, seq_len=recipe.data.max_seq_len, batch=recipe.training.batch_size,
         lora_r=lo.r, grad_ckpt=recipe.training.gradient_checkpointing, targets=targets,
         optimizer=TRAINER_OPTIMIZER, lora_dropout=lo.dropout, device="cuda" if device.startswith("cuda") else "cpu",
-        compute=DTYPE_QUANT[dtype],
+        compute=DTYPE_QUANT[dtype], packed_weights=cpu_packs(device, dtype, "full" if m.name == "full" else "lora"),
     )
+
+
+def cpu_packs(device: str, dtype: str, task: str) -> bool:
+    """Whether a training run of `task` on `device` computing in `dtype` (a torch dtype name)
+    pre-packs its frozen weights: on a CPU, for LoRA and QLoRA, where this machine's calibration
+    measured the packed matmuls faster (`capability.packed_matmuls`, as the trainer decides through
+    `hardware.packed_choice`; a calibration measures them only where this torch has them, so no torch
+    is imported here. The trainer also skips them where they would take over half the RAM available,
+    which a plan does not know)."""
+    if device.startswith("cuda") or task not in ("lora", "qlora"):
+        return False
+    from toolkit.core import calibration
+    from toolkit.core import capability as C
+
+    cap = C.detect("cpu", use_torch=False)  # torch's ISA probe keys nothing here (timeplan.host_capability)
+    return C.packed_matmuls(cap, dtype, calibration.load(cap), "train")[0]
 
 
 # `method.name: auto` takes plain LoRA when its 16/32-bit base needs at most this share of the usable

@@ -46,7 +46,9 @@ def finetune(recipe_spec: str | Path, overrides: Sequence[str] = (), runs_dir: s
     report. `callbacks` are extra transformers TrainerCallbacks.
     """
     from toolkit.finetune import data as data_mod
-    from toolkit.core import hardware
+    from toolkit.core import hardware, primitive_caches
+
+    primitive_caches.bound()  # before torch computes anything: every step's shapes are new
     rec = recipe_mod.load(recipe_spec, overrides, gpu=gpu)
     runs = Path(runs_dir if runs_dir is not None else rec.output.runs_dir)
     # Data first: bad data fails before torch is imported, any model loaded or folder made.
@@ -153,8 +155,8 @@ def _train(rec, overrides, stage: Path, runs: Path, dev, dtype, train_ex, eval_e
     from transformers.integrations import TensorBoardCallback
 
     from toolkit.finetune import data as data_mod
-    from toolkit.core import allocator, packed_linear, sdpa_backends
-    from toolkit.finetune import cpu_lm_head, packed_attention
+    from toolkit.core import allocator, packed_linear, peak_memory, sdpa_backends
+    from toolkit.finetune import cpu_lm_head, packed_attention, run_memory
     from toolkit.finetune.fused_lora import dropout_note, fused_on_cpu
     from toolkit.finetune.fused_norm import fused_norms_on_cpu
     from toolkit.finetune.fused_rope import fused_rope_on_cpu
@@ -260,6 +262,7 @@ def _train(rec, overrides, stage: Path, runs: Path, dev, dtype, train_ex, eval_e
         announce(f"resume: training already finished at step {result.global_step} ({resume_from.name}): "
                  "only the report is made")
     else:
+        peak_memory.reset(dev)  # the training's own peak, to set beside the plan's (run.json `memory`)
         interrupt.install()
         try:
             with (lean_lm_head_on_cpu(dev, announce), fused_on_cpu(trainer.model, dev, announce),
@@ -283,11 +286,13 @@ def _train(rec, overrides, stage: Path, runs: Path, dev, dtype, train_ex, eval_e
     if not main:
         return run_folder.final_path(runs, stage)
 
+    trained_peak = None if done else peak_memory.peak(dev)
     train_s = result.metrics.get("train_runtime", 0.0)
     tokens = trainer.state.num_input_tokens_seen
     # The weights go to disk first: nothing after this point may lose them.
     _save_outputs(trainer, tok, stage, rec)
     try:
+        memory = run_memory.record(rec, choice.spec, dev, dtype, train_split, trained_peak)
         train_loss, rate = resume.totals(trainer, result, None if done else resume_from, tokens, train_s)
         info = {
             "recipe": rec.name, "recipe_dir": str(Path(rec.root).resolve()), "base_model": choice.spec, "base_source": choice.source,
@@ -305,8 +310,10 @@ def _train(rec, overrides, stage: Path, runs: Path, dev, dtype, train_ex, eval_e
             "train_tokens_per_epoch": train_split.n_tokens, "trained_tokens_per_epoch": train_split.n_trained,
             "steps": trainer.state.global_step, "epochs": trainer.state.epoch, "train_loss": train_loss,
             "train_runtime_s": round(train_s, 1), "tokens_seen": tokens, "tokens_per_s": round(rate, 1),
-            "prep_s": round(prep_s, 1), "torch": torch.__version__,
+            "prep_s": round(prep_s, 1), "torch": torch.__version__, "memory": memory,
         }
+        if (line := run_memory.line(memory)):
+            announce(line)
         run_folder.write_json(stage / "run.json", info)
         try:
             error = _evaluate_and_report(trainer, tok, eval_split, rec, dtype, choice, stage, info, announce)
@@ -314,6 +321,7 @@ def _train(rec, overrides, stage: Path, runs: Path, dev, dtype, train_ex, eval_e
             announce(f"interrupted after training: the trained weights are saved in {stage} "
                      "(`toolkit export` / `toolkit chat` take that folder)")
             raise
+        memory["run_peak_bytes"] = peak_memory.peak(dev)["peak_bytes"]  # training and report
         info["wall_s"] = round(time.time() - t_start, 1)
         run_folder.write_json(stage / "run.json", info)
         final = run_folder.finish(runs, stage)
