@@ -256,3 +256,16 @@ def test_loraplus_ratio_scales_the_b_matrices_step(tmp_path, tiny_llama_dir):
     b = torch.cat([t.abs().flatten() for k, t in adapter_tensors(run).items() if "lora_B" in k])
     assert b.max().item() == pytest.approx(lr * ratio, rel=1e-3)
     assert json.loads((run / "run.json").read_text())["steps"] == 1
+
+
+def test_the_run_peak_is_at_least_the_trainings():
+    from toolkit.finetune.run_memory import add_run_peak
+
+    memory = {"training_peak_bytes": 2691956736}
+    add_run_peak(memory, {"peak_bytes": 2691698688})  # VmHWM read lower after the report (a test run)
+    assert memory["run_peak_bytes"] == 2691956736
+    add_run_peak(memory, {"peak_bytes": 3 * 2**30})
+    assert memory["run_peak_bytes"] == 3 * 2**30
+    empty = {"training_peak_bytes": None}  # a resumed run that only made its report
+    add_run_peak(empty, {"peak_bytes": 5})
+    assert empty["run_peak_bytes"] == 5

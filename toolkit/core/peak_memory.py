@@ -4,7 +4,9 @@ On a CPU the measure is the process's resident set at its highest (Linux's VmHWM
 `/proc/self/clear_refs` resets): everything the estimate counts (weights, adapters, optimizer,
 activations, logits, the libraries' own memory) and what it does not (the C allocator's cache of
 freed blocks, oneDNN's primitive caches, pre-packed weights), as a user's system monitor shows it.
-Where VmHWM can't be read (not Linux) it is `getrusage`'s maximum since the process started.
+Where VmHWM can't be read (not Linux) it is `getrusage`'s maximum since the process started. VmHWM is
+the larger of a high-water mark the kernel raises only on some paths (where it unmaps pages) and the
+resident set now, so two reads can fall slightly: a caller keeping a peak keeps the larger.
 
 On CUDA it is torch's `max_memory_allocated` (what the estimate's GPU table was measured against,
 docs/estimate.md) and `max_memory_reserved` (the caching allocator's share of the GPU, what

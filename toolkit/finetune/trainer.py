@@ -321,7 +321,7 @@ def _train(rec, overrides, stage: Path, runs: Path, dev, dtype, train_ex, eval_e
             announce(f"interrupted after training: the trained weights are saved in {stage} "
                      "(`toolkit export` / `toolkit chat` take that folder)")
             raise
-        memory["run_peak_bytes"] = peak_memory.peak(dev)["peak_bytes"]  # training and report
+        run_memory.add_run_peak(memory, peak_memory.peak(dev))  # training and report
         info["wall_s"] = round(time.time() - t_start, 1)
         run_folder.write_json(stage / "run.json", info)
         final = run_folder.finish(runs, stage)
