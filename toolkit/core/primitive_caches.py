@@ -7,7 +7,7 @@ in two LRU caches: oneDNN's own (`ONEDNN_PRIMITIVE_CACHE_CAPACITY`) and ideep's,
 of tokens at every step, so every step's shapes are new: on the finance recipe's CPU profile ~50
 primitives a step that were not in the cache (`ONEDNN_VERBOSE=profile_create`). They stay until the
 caches are full, and they hold memory: 200 bf16 products of new shapes (three a shape) kept 369 MiB
-(~0.6 MiB a shape); the recipe's bf16 run held 0.49 GiB more after 40 steps than with both caches at 128
+(~0.6 MiB a product); the recipe's bf16 run held 0.49 GiB more after 40 steps than with both caches at 128
 entries, and its process peaked ~0.5 GiB higher (the Zen 4 EPYC, docs/cpu-training.md).
 
 A step makes ~50 new primitives and reuses ~2,000 calls' worth, so a cache a few steps deep keeps every
