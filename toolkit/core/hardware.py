@@ -174,18 +174,19 @@ def auto_dtype(cap, purpose: str) -> tuple[str, str]:
     return C.choose_dtype(cap, purpose, cal)
 
 
-def packed_choice(dev: str, dtype: str, use: str = "train") -> tuple[bool, str]:
+def packed_choice(dev: str, dtype: str, use: str = "train", use_torch: bool = True) -> tuple[bool, str]:
     """(whether frozen linear layers run pre-packed for oneDNN, reason) for compute in `dtype` on
     `dev` for `use` ("train", "infer" or "score"): capability.packed_matmuls over this machine's calibration
-    (cached; measured once)."""
+    (cached; measured once). `use_torch=False` answers without importing torch, for a plan that must stay
+    instant: a calibration measures the packs only where this torch has them."""
     from toolkit.core import capability as C
 
-    cap = C.detect(dev)
+    cap = C.detect(dev, use_torch=use_torch)  # torch's ISA probe keys no calibration (timeplan.host_capability)
     if cap.kind == "cuda":
         return C.packed_matmuls(cap, dtype, use=use)
     from toolkit.core import calibration, packed_linear
 
-    if not packed_linear.available():
+    if use_torch and not packed_linear.available():
         return False, "matmuls: torch's (this torch has no oneDNN packed linear)"
     return C.packed_matmuls(cap, dtype, calibration.load(cap), use)
 

@@ -178,8 +178,22 @@ def _relative(source: str) -> str:
 
 
 def run_estimate(rec, spec: str, dev: str, dtype: str, labelled_fraction: float,
-              train_lengths: list[int]) -> tuple[dict | None, str]:
-    """(the planner's estimate of this run, "") or (None, why there is none; "" = not in the catalog)."""
+                 train_lengths: list[int]) -> tuple[dict | None, str]:
+    """(the planner's estimate of this run with its time, "") or (None, why there is none; "" = not in
+    the catalog)."""
+    from toolkit.estimate.catalog import CATALOG
+
+    e, why = planned_memory(rec, spec, dev, dtype)
+    if e is None:
+        return None, why
+    out = e.to_dict()
+    out["time"] = run_time(rec, CATALOG[spec], e, dtype, labelled_fraction, train_lengths)
+    return out, ""
+
+
+def planned_memory(rec, spec: str, dev: str, dtype: str):
+    """(the planner's `Estimate` of this run's memory, "") or (None, why there is none; "" = not in the
+    catalog)."""
     from toolkit.core.errors import UserError
     from toolkit.core.hardware import detect
     from toolkit.estimate.catalog import CATALOG
@@ -189,14 +203,11 @@ def run_estimate(rec, spec: str, dev: str, dtype: str, labelled_fraction: float,
     if spec not in CATALOG:
         return None, ""
     try:
-        e = estimate(CATALOG[spec], **plan_inputs(rec, dev, dtype).as_kwargs(),
-                     budget_bytes=usable_bytes(detect().available_bytes))
+        return estimate(CATALOG[spec], **plan_inputs(rec, dev, dtype).as_kwargs(),
+                        budget_bytes=usable_bytes(detect().available_bytes)), ""
     except UserError as exc:
         # The model is in the catalog: what the estimator refused, not "not in the catalog".
         return None, f"the estimator refused this run ({exc})"
-    out = e.to_dict()
-    out["time"] = run_time(rec, CATALOG[spec], e, dtype, labelled_fraction, train_lengths)
-    return out, ""
 
 
 def run_time(rec, facts, est, dtype: str, labelled_fraction: float, train_lengths: Sequence[int]) -> dict:

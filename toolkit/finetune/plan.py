@@ -244,17 +244,14 @@ def plan_inputs(recipe, device: str, dtype: str) -> PlanInputs:
 def cpu_packs(device: str, dtype: str, task: str) -> bool:
     """Whether a training run of `task` on `device` computing in `dtype` (a torch dtype name)
     pre-packs its frozen weights: on a CPU, for LoRA and QLoRA, where this machine's calibration
-    measured the packed matmuls faster (`capability.packed_matmuls`, as the trainer decides through
-    `hardware.packed_choice`; a calibration measures them only where this torch has them, so no torch
-    is imported here. The trainer also skips them where they would take over half the RAM available,
+    measured the packed matmuls faster (`hardware.packed_choice`, as the trainer decides, without
+    importing torch; the trainer also skips them where they would take over half the RAM available,
     which a plan does not know)."""
     if device.startswith("cuda") or task not in ("lora", "qlora"):
         return False
-    from toolkit.core import calibration
-    from toolkit.core import capability as C
+    from toolkit.core.hardware import packed_choice
 
-    cap = C.detect("cpu", use_torch=False)  # torch's ISA probe keys nothing here (timeplan.host_capability)
-    return C.packed_matmuls(cap, dtype, calibration.load(cap), "train")[0]
+    return packed_choice("cpu", dtype, "train", use_torch=False)[0]
 
 
 # `method.name: auto` takes plain LoRA when its 16/32-bit base needs at most this share of the usable

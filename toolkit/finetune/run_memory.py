@@ -1,22 +1,21 @@
 """run.json `memory`: a run's peak memory as the planner put it and as the run measured it.
 
-The plan's figure is the dry run's (`dry_run.run_estimate`, the planner for this run's exact settings
-and packed rows); the measure is `toolkit.core.peak_memory`'s, from the start of training to its end
+The plan's figure is the dry run's (`dry_run.planned_memory`, the planner for this run's exact
+settings); the measure is `toolkit.core.peak_memory`'s, from the start of training to its end
 (`training_peak_bytes`) and to the end of the report (`run_peak_bytes`, added by the trainer).
 """
 
 from __future__ import annotations
 
 
-def record(rec, spec: str, dev: str, dtype: str, train_split, trained: dict | None) -> dict:
+def record(rec, spec: str, dev: str, dtype: str, trained: dict | None) -> dict:
     """run.json `memory`: the planner's peak for this run (the dry run's figure; None for a model
     outside its catalog) and the training's measured peak (`toolkit.core.peak_memory`; None when no
     training ran, a resumed run that only makes its report)."""
-    from toolkit.finetune.dry_run import run_estimate
+    from toolkit.finetune.dry_run import planned_memory
 
-    lengths = [len(ids) for ids in train_split.input_ids]
-    est, _ = run_estimate(rec, spec, dev, dtype, train_split.n_trained / max(1, train_split.n_tokens), lengths)
-    out = {"planned_peak_bytes": est["total_bytes"] if est else None}
+    est, _ = planned_memory(rec, spec, dev, dtype)
+    out = {"planned_peak_bytes": est.total_bytes if est else None}
     if trained is not None:
         out.update(training_peak_bytes=trained["peak_bytes"], measure=trained["measure"])
         if "reserved_bytes" in trained:
