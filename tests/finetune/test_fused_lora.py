@@ -502,3 +502,24 @@ def test_dropout_is_noted_where_the_fused_layers_draw_it():
 
     assert "lora.dropout 0.05" in dropout_note(0.05, "cpu")
     assert dropout_note(0.0, "cpu") == dropout_note(0.05, "cuda:0") == ""  # CUDA keeps PEFT's layers anyway
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("sliced", [False, True], ids=["h alone", "h a sibling's columns"])
+def test_b_grad_is_the_scaled_product_in_the_adapters_dtype_either_way_round(dtype, sliced):
+    """bf16 takes the product the other way round (see `b_grad`): the same numbers as g.T @ h to the
+    rounding of one bf16 product, contiguous, in the adapter's dtype, for a sibling's column slice of h too."""
+    from toolkit.finetune.fused_lora import b_grad
+
+    gen = torch.Generator().manual_seed(3)
+    g = torch.randn(37, 24, generator=gen).to(dtype)
+    wide = torch.randn(37, 12, generator=gen).to(dtype)
+    h = wide[:, 4:8] if sliced else wide[:, :4].contiguous()
+    got = b_grad(g, h, 2.5, torch.float32)
+    assert got.dtype == torch.float32 and got.shape == (24, 4) and got.is_contiguous()
+    ref = 2.5 * (g.double().t() @ h.double())
+    tol = dict(rtol=8e-3, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)  # bf16: 2 ulps
+    torch.testing.assert_close(got.double(), ref, **tol)
+    # the old formula's numbers, to one rounding of the bf16 product (scaled after it, not before)
+    old = torch.mm(g.t(), h).mul_(2.5).to(torch.float32)
+    torch.testing.assert_close(got, old, **tol)

@@ -141,7 +141,7 @@ def _group_matmul():
                     if wants_x:
                         grad_x = fused_lora._base_input_grad(g, base, into=grad_x)
                     if wants_b[i]:
-                        grad_b[i] = torch.mm(g.t(), hi).mul_(s).to(b_dtype)
+                        grad_b[i] = fused_lora.b_grad(g, hi, s, b_dtype)
                 grad_a = [None] * n
                 if not drops:
                     gh = torch.cat(gh, dim=1)
