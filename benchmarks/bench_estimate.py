@@ -135,6 +135,7 @@ def cpu_training_rows() -> list[dict]:
 
     from toolkit.core import capability
     from toolkit.estimate.planner import estimate
+    from toolkit.finetune.plan import cpu_packs
 
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # RSS follows live tensors (see the script)
     # ... under glibc's malloc only: a tcmalloc preloaded by the caller keeps what a step frees, and the
@@ -150,15 +151,20 @@ def cpu_training_rows() -> list[dict]:
             if proc.returncode != 0:
                 raise RuntimeError(proc.stderr[-2000:])
             m = json.loads(proc.stdout.strip().splitlines()[-1])
+            # the trainer's packs where this machine's calibration takes them (the script packs as the trainer does)
+            packs = loss == "trl" and cpu_packs("cpu", {"bf16": "bfloat16", "fp32": "float32"}[compute], "qlora")
             est = estimate("embedded", "qlora", "nf4-dq", 512, 2, 16, grad_ckpt=ckpt, device="cpu", loss=loss,
-                           compute=compute)
+                           compute=compute, packed_weights=packs)
+            # one step under glibc with every buffer its own mapping: none of a run's allocator retention or
+            # grown primitive caches (the plan's `runtime`), so the process is compared without them
+            process = est.allocated_bytes + est.components["framework"]
             rows.append({"case": f"embedded qlora nf4-dq r16 seq 512 x 2, grad ckpt {'on' if ckpt else 'off'}, "
                                  f"{loss} loss, {compute} compute",
                          "measured peak MiB": round(m["live_peak_bytes"] / MIB),
                          "estimate MiB": round(est.allocated_bytes / MIB),
                          "error": f"{100 * (est.allocated_bytes / m['live_peak_bytes'] - 1):+.1f}%",
-                         "process peak MiB": round(m["rss_peak"] / MIB), "estimate + framework MiB": round(est.total_bytes / MIB),
-                         "error (process)": f"{100 * (est.total_bytes / m['rss_peak'] - 1):+.1f}%"})
+                         "process peak MiB": round(m["rss_peak"] / MIB), "estimate + framework MiB": round(process / MIB),
+                         "error (process)": f"{100 * (process / m['rss_peak'] - 1):+.1f}%"})
     return rows
 
 
@@ -210,8 +216,11 @@ def run() -> dict:
                   "torch.cuda.max_memory_allocated) against this code's allocated_bytes. "
                   "llama.cpp buffers: the embedded SmolLM2-135M Q4_1 GGUF loaded on CPU by llama-cpp-python. "
                   "CPU training step: benchmarks/estimate_cpu_peak.py, peak RSS growth of one step with glibc's mmap "
-                  "threshold fixed at 64 KiB so that RSS follows live tensors; bf16 compute only on a CPU with native "
-                  "bf16 (bench_estimate.cpu_cases). Peer peaks: fitcheck's one-step "
+                  "threshold fixed at 64 KiB so that RSS follows live tensors; the trainer's loss rows run the trainer's "
+                  "CPU stack (its LM head, fused LoRA layers, norms, rotary, and pre-packed linears where the calibration "
+                  "takes them), the transformers-loss rows PEFT's own layers; the process is compared with the estimate's "
+                  "tensors and framework constant, not a run's `runtime` heap, which one step does not grow; bf16 compute "
+                  "only on a CPU with native bf16 (bench_estimate.cpu_cases). Peer peaks: fitcheck's one-step "
                   "Tesla T4 runs (max_memory_allocated; prepare_model_for_kbit_training on the nf4 rows, eager or "
                   "SDPA attention as recorded) against allocated_bytes; litgpt rows model its 128-token chunked "
                   "loss (loss_chunk=128)."),

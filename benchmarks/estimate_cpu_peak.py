@@ -5,8 +5,9 @@ Run as a script, one configuration per process:
   MALLOC_MMAP_THRESHOLD_=65536 python -m benchmarks.estimate_cpu_peak qlora ckpt 512 2 [transformers|trl] [bf16|fp32]
 The last argument is the compute dtype (bf16 by default; fp32 is what a CPU without native bf16, or a
 GTX 10xx, trains in). The one before it is the loss: transformers' own (`model(ids, labels=ids).loss`, fp32 logits for
-every token; the default) or the toolkit trainer's (TRL's fused LM head, as SFTTrainer installs it,
-with `toolkit.finetune.trl_compat.lean_lm_head_on_cpu` as the trainer runs it; every token labelled).
+every token; the default; PEFT's own layers) or the toolkit trainer's (TRL's fused LM head, as SFTTrainer
+installs it, with `toolkit.finetune.trl_compat.lean_lm_head_on_cpu`, and the trainer's fused LoRA layers,
+norms and rotary under its autocast, as the trainer runs them on a CPU; every token labelled, rows not packed).
 With glibc's mmap threshold fixed at 64 KiB every tensor buffer above it is its own mapping,
 returned to the OS when freed, so the process RSS follows the live tensors and its high-water
 mark (VmHWM, reset through /proc/self/clear_refs before the step) is the step's peak. Checked on
@@ -83,9 +84,21 @@ def measure(method: str, ckpt: bool, seq: int, batch: int, rank: int = 16, loss:
         f.write("5")  # reset VmHWM to the current RSS
     rss_before = _status("VmRSS")
     if loss == "trl":
+        # the trainer's CPU path: its head, its fused LoRA layers, norms and rotary, under autocast in bf16
+        from toolkit.core import packed_linear
+        from toolkit.finetune import cpu_lm_head
+        from toolkit.finetune.fused_lora import fused_on_cpu
+        from toolkit.finetune.fused_norm import fused_norms_on_cpu
+        from toolkit.finetune.fused_rope import fused_rope_on_cpu
         from toolkit.finetune.trl_compat import lean_lm_head_on_cpu
 
-        with lean_lm_head_on_cpu("cpu"):
+        # and its pre-packed frozen linears where this machine's calibration takes them (the LM head in fp32)
+        name = {"bf16": "bfloat16", "fp32": "float32"}[compute]
+        head = model.get_output_embeddings()
+        skip = (head,) if head is not None and not cpu_lm_head.uses_weight_packs(name) else ()
+        packed = packed_linear.for_device(model, "cpu", name, "train", skip=skip)[0]
+        with (packed, lean_lm_head_on_cpu("cpu"), fused_on_cpu(model, "cpu"), fused_norms_on_cpu(model, "cpu"),
+              fused_rope_on_cpu(model, "cpu"), torch.autocast("cpu", dtype=dtype, enabled=compute == "bf16")):
             out = model(input_ids=ids, labels=ids, fused_lm_head=True)
             out.loss.backward()
     else:

@@ -163,6 +163,102 @@ def test_activation_formula_matches_saved_tensors(method, targets, dropout, auto
     assert ours == pytest.approx(measured, rel=0.01)
 
 
+def _fused_saved_bytes_per_token_layer(dtype, dropout, targets, conversation):
+    """Bytes the toolkit's CPU training path saves per token and layer (its fused LoRA layers and
+    sibling groups, norms, rotary and bmm packed attention, swapped in as the trainer does) on a real
+    transformers Llama: the slope over layers (4 against 2) and tokens (8 against 4 conversations of
+    `conversation` tokens, one packed row), so the adapters' per-layer weight casts drop out."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from toolkit.finetune import packed_attention
+    from toolkit.finetune.fused_lora import fused_on_cpu
+    from toolkit.finetune.fused_norm import fused_norms_on_cpu
+    from toolkit.finetune.fused_rope import fused_rope_on_cpu
+
+    def run(layers, conversations):
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=704, num_hidden_layers=layers,
+                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+        model = get_peft_model(LlamaForCausalLM(cfg).to(dtype),
+                               LoraConfig(r=8, target_modules=list(targets), lora_dropout=dropout))
+        packed_attention.use_on(model, "bmm", "sdpa")
+        model.train()
+        params = {p.data_ptr() for p in model.parameters()}
+        storages = {}
+
+        def pack(t):
+            if t.data_ptr() not in params:
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        ids = torch.randint(0, 1000, (1, conversations * conversation))
+        positions = torch.arange(conversation).repeat(conversations)[None]
+        with (fused_on_cpu(model, "cpu"), fused_norms_on_cpu(model, "cpu"), fused_rope_on_cpu(model, "cpu"),
+              torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16),
+              torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)):
+            model(input_ids=ids, position_ids=positions, labels=ids)
+        return sum(storages.values())
+
+    per_layer = {n: (run(4, n) - run(2, n)) / 2 for n in (4, 8)}
+    return (per_layer[8] - per_layer[4]) / (4 * conversation)
+
+
+@pytest.mark.parametrize("dtype,dropout,targets", [
+    ("bfloat16", 0.0, ALL_LINEAR),
+    ("float32", 0.0, ALL_LINEAR),
+    ("bfloat16", 0.05, ALL_LINEAR),
+    ("float32", 0.0, ("q_proj", "v_proj", "down_proj")),
+])
+def test_cpu_fused_activation_formula_matches_what_the_fused_path_saves(dtype, dropout, targets):
+    import torch
+
+    from toolkit.core.segment_attention import kept_scores_per_token
+
+    h, i, kv, conversation = 256, 704, 128, 32
+    lin = {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+           "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+    act = 2 if dtype == "bfloat16" else 4
+    ours = F.cpu_fused_layer_activation_bytes(h, h, kv, i, targets, lin, 8, dropout, act,
+                                              kept_scores_per_token(conversation, 4, 64))
+    measured = _fused_saved_bytes_per_token_layer(getattr(torch, dtype), dropout, targets, conversation)
+    assert ours == pytest.approx(measured, rel=0.01)
+    # PEFT's layers keep an fp32 copy of each adapted input (or share the fp32 stream's) and no scores
+    peft = F.layer_activation_bytes(h, h, kv, i, "lora", targets, lin, 8, dropout, act, adapter_bytes=4,
+                                    mask_bytes=act)
+    assert (ours < peft) == (dtype == "bfloat16")
+
+
+def test_cpu_training_plans_the_fused_path_and_its_runtime():
+    """A CPU LoRA / QLoRA plan counts the toolkit's fused layers (not PEFT's), the packed attention's
+    scores for the conversations' length, and the CPU trainer's runtime heap; CUDA and inference don't."""
+    from toolkit.core.segment_attention import kept_scores_per_token
+
+    m = lookup("embedded")
+    for compute, act in (("bf16", 2), ("fp32", 4)):
+        est = estimate(m, "lora", compute, 512, 2, 16, False, device="cpu", compute=compute, conversation_tokens=120)
+        per_layer = F.cpu_fused_layer_activation_bytes(m.hidden, m.q_dim, m.kv_dim, m.intermediate, ALL_LINEAR,
+                                                       m.linears(), 16, 0.0, act,
+                                                       kept_scores_per_token(120, m.heads, m.head_dim))
+        logits, retained = F.cpu_lean_logits_bytes(1024, m.vocab, m.hidden, act), F.cpu_lean_retained_bytes(1024, m.vocab, act)
+        peak = F.training_peak_activation_bytes(per_layer, m.layers, m.hidden, 1024, False, logits, act, 0, 0, retained)
+        assert (est.components["activations"], est.components["logits"]) == peak[:2]
+        assert est.components["runtime"] == F.CPU_TRAINING_RUNTIME_BYTES
+        unpacked = estimate(m, "lora", compute, 512, 2, 16, False, device="cpu", compute=compute)
+        assert unpacked.components["activations"] < est.components["activations"]
+    assert "runtime" not in estimate(m, "lora", "bf16", 512, 2, 16, False, device="cuda").components
+    assert "runtime" not in estimate(m, "inference", device="cpu").components
+
+
+def test_kept_scores_follow_the_kernels_blocks_and_limit():
+    from toolkit.core.segment_attention import BMM_MAX_SCORES_PER_QUERY_ELEMENT, kept_scores_per_token
+
+    assert kept_scores_per_token(120, 9, 64) == 9 * 120 * 3 / 4  # two blocks: a quarter of the square skipped
+    assert kept_scores_per_token(120, 9, 64, blocks=1) == 9 * 120
+    assert kept_scores_per_token(BMM_MAX_SCORES_PER_QUERY_ELEMENT * 64 + 1, 9, 64) == 0  # SDPA's row
+
+
 def test_gradient_checkpointing_and_sizes_move_the_right_way():
     base = estimate("meta-llama/Llama-3.2-1B-Instruct", "qlora", seq_len=1024, grad_ckpt=False)
     ckpt = estimate("meta-llama/Llama-3.2-1B-Instruct", "qlora", seq_len=1024, grad_ckpt=True)

@@ -34,6 +34,22 @@ def test_quant_follows_method_and_dtype(sets, device, dtype, quant):
     assert plan_inputs(recipe.load(FINANCE, sets, gpu=False), device, dtype).quant == quant
 
 
+def test_conversation_tokens_are_the_training_files_mean_example_when_packing(tmp_path):
+    """The planner's packed attention keeps each conversation's probabilities: it gets the files' mean
+    example (from their sizes, as run_shape counts tokens), at most max_seq_len; 0 without packing."""
+    from toolkit.finetune.plan import CHARS_PER_TOKEN
+
+    rec = recipe.load(FINANCE, gpu=False)
+    lines = [line for line in (FINANCE / "train.jsonl").read_text().splitlines() if line.strip()]
+    mean = sum(len(line) + 1 for line in lines) / CHARS_PER_TOKEN / len(lines)
+    assert plan_inputs(rec, "cpu", "bfloat16").conversation_tokens == pytest.approx(mean, rel=0.01)
+    assert 100 < mean < rec.data.max_seq_len
+    short = recipe.load(FINANCE, ["data.max_seq_len=64"], gpu=False)
+    assert plan_inputs(short, "cpu", "bfloat16").conversation_tokens == 64
+    unpacked = recipe.load(FINANCE, ["data.packing=false"], gpu=False)
+    assert plan_inputs(unpacked, "cpu", "bfloat16").conversation_tokens == 0
+
+
 def test_named_targets_pass_through():
     rec = recipe.load(FINANCE, ["lora.target_modules=q_proj,v_proj"], gpu=False)
     assert plan_inputs(rec, "cpu", "float32").targets == ("q_proj", "v_proj")

@@ -115,6 +115,19 @@ def bmm_fits(sizes, head_dim: int) -> bool:
     return groups(sizes, head_dim) is not None
 
 
+def kept_scores_per_token(conversation_tokens: float, heads: int, head_dim: int, blocks: int | None = None) -> float:
+    """The probabilities the bmm kernel keeps for the backward, entries per token of a row of equal
+    conversations of `conversation_tokens` (no padding) over `heads` query heads: each conversation's
+    `causal_blocks` keep (b - a) x b each a head, L (blocks + 1) / (2 blocks) a token for L divisible
+    by the blocks. 0 past what `bmm_fits` takes (such rows go to SDPA, which keeps none). For the
+    planner (`toolkit.estimate.formulas.cpu_fused_layer_activation_bytes`)."""
+    length = max(1.0, float(conversation_tokens))
+    if length > BMM_MAX_SCORES_PER_QUERY_ELEMENT * head_dim:  # n L^2 > limit x n L x D: SDPA
+        return 0.0
+    blocks = CAUSAL_BLOCKS if blocks is None else blocks
+    return heads * length * (blocks + 1) / (2 * blocks)
+
+
 def padding(sizes) -> float:
     """The scores of conversations of `sizes` padded to their longest over theirs alone:
     n * max(L)^2 / sum(L^2) (1.0 for equal lengths)."""

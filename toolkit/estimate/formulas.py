@@ -184,6 +184,41 @@ def layer_activation_bytes(hidden: int, q_dim: int, kv_dim: int, inter: int, met
     return total + len(trained) * rank * adapter_bytes
 
 
+def cpu_fused_layer_activation_bytes(hidden: int, q_dim: int, kv_dim: int, inter: int, targets: tuple[str, ...],
+                                     linears: dict[str, tuple[int, int]], rank: int, lora_dropout: float = 0.0,
+                                     act_bytes: int = 2, scores_per_token: float = 0.0) -> int:
+    """Bytes per token that one decoder layer keeps on this toolkit's CPU LoRA / QLoRA path, where
+    the trainer swaps in its own layers (`toolkit.finetune`: fused_lora, lora_groups, fused_norm,
+    fused_rope, and the packed attention of `toolkit.core.segment_attention`), counted from what each
+    saves for its backward:
+    - each RMSNorm its input in the compute dtype and an fp32 1/rms per token (2 x (h + 4 bytes));
+    - the attention kernel its padded Q, K, V and output (2 q_dim + 2 kv_dim; a row taken whole, no
+      padding counted) and the bmm kernel's probabilities (`scores_per_token`, entries a token over
+      the layer's heads: see `toolkit.core.segment_attention.kept_scores_per_token`; 0 for SDPA);
+    - the SwiGLU its gate, SiLU(gate) and up (3i);
+    - the adapters no fp32 copy of their input (PEFT's layers keep one, `layer_activation_bytes`):
+      each trained input once, shared by its siblings (q/k/v and gate/up read one tensor; o's input
+      is the attention's output, down's the SwiGLU's, each kept only where that layer is trained),
+      and each adapter's r-wide middle; with a dropout, each adapter its dropped copy of the input and
+      its bool mask (in x (act + 1)) instead.
+    tests/estimate/test_planner.py checks this against the tensors the fused path saves
+    (torch.autograd.graph.saved_tensors_hooks) on a small Llama, in bf16 and fp32, with and without
+    a dropout."""
+    total = 2 * (act_bytes * hidden + 4) + act_bytes * (2 * q_dim + 2 * kv_dim + 3 * inter)
+    total += round(act_bytes * scores_per_token)
+    trained = [n for n in linears if n in targets]
+    if lora_dropout > 0:
+        total += sum(linears[n][0] * (act_bytes + 1) for n in trained)
+    else:
+        inputs = {"q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "o_proj": "o", "gate_proj": "mlp",
+                  "up_proj": "mlp", "down_proj": "down"}
+        kept = {}
+        for n in trained:
+            kept[inputs.get(n, n)] = linears[n][0]
+        total += act_bytes * sum(kept.values())
+    return total + len(trained) * rank * act_bytes
+
+
 def training_activation_bytes(per_layer_bytes: int, layers: int, hidden: int, tokens: int,
                               grad_ckpt: bool, act_bytes: int = 2) -> int:
     """Activations kept between forward and backward for `tokens` = batch x seq_len.
@@ -348,3 +383,11 @@ def optimizer_bytes(trainable: int, optimizer: str, param_bytes: int) -> int:
 # loads its trainer lazily: 395 MiB, the constant before).
 # cpu/llama.cpp: RSS of `import llama_cpp` measured here, 40 MiB.
 FRAMEWORK_OVERHEAD = {"cuda": 512 * MIB, "cpu": 485 * MIB, "llama.cpp": 40 * MIB}
+# What a CPU training process holds on its heap beyond the tensors counted above: the allocator's
+# retained free blocks, oneDNN's caches of primitives (bounded at 256 entries each by
+# `toolkit.core.primitive_caches`), the run's data and objects, less the import-time heap that the
+# framework constant counts. Measured with tcmalloc's own counters (peak and step-end live bytes, heap
+# size) against the process's resident set in four runs of the embedded model on the Zen 4 EPYC, the
+# finance recipe and README's `recipe new` example, bf16 and fp32: 0.24-0.38 GiB beyond the tensors,
+# of which ~0.1 GiB is the framework constant's own heap (docs/estimate.md, 2026-12-07).
+CPU_TRAINING_RUNTIME_BYTES = 224 * MIB

@@ -77,9 +77,10 @@ class Estimate:
 
     @property
     def allocated_bytes(self) -> int:
-        """Total without the framework overhead: what torch.cuda.max_memory_allocated (or
-        llama.cpp's buffer report) can be compared with."""
-        return self.total_bytes - self.components.get("framework", 0)
+        """Total without the framework overhead (and a CPU training process's runtime heap, which
+        holds no tensors): what torch.cuda.max_memory_allocated (or llama.cpp's buffer report, or
+        the tensors' own peak) can be compared with."""
+        return self.total_bytes - self.components.get("framework", 0) - self.components.get("runtime", 0)
 
     @property
     def fits(self) -> bool | None:
@@ -130,7 +131,7 @@ def estimate(model: str | ModelFacts, task: str = "qlora", quant: str | None = N
              optimizer: str = "adamw", lora_dropout: float = 0.0, device: str = "cuda",
              budget_bytes: int | None = None, bnb_legacy: bool = False, *, kbit_upcast: bool = False,
              attn_impl: str = "sdpa", loss: str = "trl", loss_chunk: int = 0, compute: str | None = None,
-             packed_weights: bool = False) -> Estimate:
+             packed_weights: bool = False, conversation_tokens: float = 0) -> Estimate:
     """Estimate peak memory of `task` ("inference" | "lora" | "qlora" | "full") for `model`.
 
     quant: fp32/bf16/fp16, int8/nf4/nf4-dq (bitsandbytes), or a GGUF type (inference with
@@ -157,6 +158,10 @@ def estimate(model: str | ModelFacts, task: str = "qlora", quant: str | None = N
     CUDA; on a CPU fp32 for inference, bf16 for training.
     packed_weights: a CPU training run pre-packs its frozen weights for oneDNN (this machine's
     calibration decides: `toolkit.finetune.plan.cpu_packs`), two copies of each (`packed_weights_bytes`).
+    conversation_tokens: the mean tokens of a conversation in a packed row (0: rows not packed). A CPU
+    LoRA / QLoRA run of this toolkit's trainer takes its own fused layers, which keep less than PEFT's
+    (`formulas.cpu_fused_layer_activation_bytes`), and its packed attention keeps each conversation's
+    probabilities (`segment_attention.kept_scores_per_token`).
     """
     m = model if isinstance(model, ModelFacts) else lookup(model)
     if task not in TASKS:
@@ -205,7 +210,7 @@ def estimate(model: str | ModelFacts, task: str = "qlora", quant: str | None = N
         act = 4 if (quant == "fp32" or upcast) else 2
         _training_terms(est, m, quant, tokens, lora_r, grad_ckpt, targets, optimizer, lora_dropout,
                         act=act, attn_impl=attn_impl, loss=loss, loss_chunk=loss_chunk,
-                        extra_kept=legacy)
+                        extra_kept=legacy, conversation_tokens=conversation_tokens)
         if packed_weights and device == "cpu" and task in ("lora", "qlora"):
             dense = m.layers * sum(a * b for a, b in m.linears().values()) if task == "lora" else 0
             if (packs := F.packed_weights_bytes(dense, m.vocab * m.hidden if act == 4 else 0, act)):
@@ -217,6 +222,8 @@ def estimate(model: str | ModelFacts, task: str = "qlora", quant: str | None = N
                              else "fp32 compute: embeddings, norms, lm_head and activations in fp32")
     overhead = "llama.cpp" if (is_gguf and device == "cpu") else device
     c["framework"] = F.FRAMEWORK_OVERHEAD[overhead]
+    if device == "cpu" and task != "inference":
+        c["runtime"] = F.CPU_TRAINING_RUNTIME_BYTES
     return est
 
 
@@ -240,7 +247,7 @@ def _inference_terms(est: Estimate, m: ModelFacts, quant: str, is_gguf: bool, to
 
 
 def _training_terms(est, m, quant, tokens, lora_r, grad_ckpt, targets, optimizer, lora_dropout, *, act,
-                    attn_impl="sdpa", loss="trl", loss_chunk=0, extra_kept=0) -> None:
+                    attn_impl="sdpa", loss="trl", loss_chunk=0, extra_kept=0, conversation_tokens=0) -> None:
     c = est.components
     task = est.task
     if task == "full":
@@ -260,10 +267,18 @@ def _training_terms(est, m, quant, tokens, lora_r, grad_ckpt, targets, optimizer
     # litgpt (loss_chunk) has LoRA layers of its own.
     uncast = task == "qlora" and est.device == "cuda" and act == 2 and not loss_chunk
     # CUDA's fused dropout keeps a bool mask; CPU dropout multiplies by a mask of the input dtype
-    per_layer = F.layer_activation_bytes(m.hidden, m.q_dim, m.kv_dim, m.intermediate,
-                                         "full" if task == "full" else "lora", targets, m.linears(), lora_r or 0,
-                                         lora_dropout, act, adapter_bytes=act if uncast else 4,
-                                         mask_bytes=1 if est.device == "cuda" else 4)
+    if est.device == "cpu" and task != "full" and attn_impl == "sdpa" and loss == "trl" and not loss_chunk:
+        # this toolkit's trainer on a CPU: its fused layers and packed attention (see `estimate`)
+        from toolkit.core.segment_attention import kept_scores_per_token
+
+        scores = kept_scores_per_token(conversation_tokens, m.heads, m.head_dim) if conversation_tokens else 0.0
+        per_layer = F.cpu_fused_layer_activation_bytes(m.hidden, m.q_dim, m.kv_dim, m.intermediate, targets,
+                                                       m.linears(), lora_r or 0, lora_dropout, act, scores)
+    else:
+        per_layer = F.layer_activation_bytes(m.hidden, m.q_dim, m.kv_dim, m.intermediate,
+                                             "full" if task == "full" else "lora", targets, m.linears(), lora_r or 0,
+                                             lora_dropout, act, adapter_bytes=act if uncast else 4,
+                                             mask_bytes=1 if est.device == "cuda" else 4)
     backward = mask = 0
     if attn_impl == "eager":
         saved, backward = F.eager_attention_bytes(m.heads, est.seq_len, act)

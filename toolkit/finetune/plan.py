@@ -39,6 +39,7 @@ class PlanInputs:
     device: str  # cuda | cpu
     compute: str = "bf16"  # the compute dtype, as the estimator names it (fp32 on a CPU without native bf16)
     packed_weights: bool = False  # a CPU run pre-packs its frozen weights (`cpu_packs`)
+    conversation_tokens: float = 0.0  # mean tokens of a packed conversation (`conversation_tokens`)
 
     def as_kwargs(self) -> dict:
         return asdict(self)
@@ -103,13 +104,35 @@ def _file_stats(path) -> tuple[int, int, int]:
     return len(lines), int(len(data) / CHARS_PER_TOKEN), shared if shared >= SHARED_PREFIX_MIN else 0
 
 
+def _train_file_stats(recipe) -> tuple[int, int]:
+    """(examples, tokens) of the recipe's training files, a mix's sources at their weights, tokens from
+    the files' sizes (`_file_stats`); an hf: dataset is not read here and counts 0."""
+    from toolkit.finetune.data import train_sources
+
+    n_train = tok_train = 0
+    for _, src, weight in train_sources(recipe):
+        n, tok, _ = _file_stats(src) if isinstance(src, Path) else (0, 0, 0)
+        n_train, tok_train = n_train + round(n * weight), tok_train + round(tok * weight)
+    return n_train, tok_train
+
+
+def conversation_tokens(recipe) -> float:
+    """The mean tokens of a conversation in a packed row of `recipe`'s run (its training files' mean
+    example, at most max_seq_len), for the planner's packed attention; 0 where it does not pack or the
+    files can't be read here."""
+    if not recipe.data.packing:
+        return 0.0
+    n, tokens = _train_file_stats(recipe)
+    return min(float(recipe.data.max_seq_len), tokens / n) if n else 0.0
+
+
 def run_shape(recipe, train_lengths: Sequence[int] | None = None) -> RunShape:
     """The work `recipe` asks for: optimizer steps and tokens per step, eval passes and report
     generation (see RunShape). `train_lengths`: the training examples' token counts as the trainer
     gets them (tokenized, data.overlong applied), where the caller has them."""
     import math
 
-    from toolkit.finetune.data import source_path, train_sources
+    from toolkit.finetune.data import source_path
     from toolkit.finetune.report import GENERAL_TEXT
     from toolkit.finetune.scoring import ANSWER_BATCH, TEXT_MAX_TOKENS
 
@@ -118,10 +141,7 @@ def run_shape(recipe, train_lengths: Sequence[int] | None = None) -> RunShape:
     if train_lengths is not None:
         steps, tokens_per_step, micro_tokens = trained_work(train_lengths, recipe)
     else:
-        n_train = tok_train = 0
-        for _, src, weight in train_sources(recipe):  # a mix counts each source at its weight
-            n, tok, _ = _file_stats(src) if isinstance(src, Path) else (0, 0, 0)  # an hf: id is not read here
-            n_train, tok_train = n_train + round(n * weight), tok_train + round(tok * weight)
+        n_train, tok_train = _train_file_stats(recipe)
         mean = max(1, tok_train // max(1, n_train))
         per_seq = d.max_seq_len if d.packing else min(d.max_seq_len, mean)
         tokens_per_step = t.batch_size * t.grad_accum * per_seq
@@ -238,6 +258,7 @@ def plan_inputs(recipe, device: str, dtype: str) -> PlanInputs:
         lora_r=lo.r, grad_ckpt=recipe.training.gradient_checkpointing, targets=targets,
         optimizer=TRAINER_OPTIMIZER, lora_dropout=lo.dropout, device="cuda" if device.startswith("cuda") else "cpu",
         compute=DTYPE_QUANT[dtype], packed_weights=cpu_packs(device, dtype, "full" if m.name == "full" else "lora"),
+        conversation_tokens=conversation_tokens(recipe),
     )
 
 
