@@ -110,36 +110,49 @@ def test_buffer_log_parser():
 # ------------------------------------------------------------------ training activations
 
 
+def _small_llama(layers, dtype, **cfg):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=704, num_hidden_layers=layers,
+                                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                                        **cfg)).to(dtype)
+
+
+def _saved_bytes(model, forward) -> int:
+    """Bytes of the storages autograd saves while `forward()` runs `model` in training mode, its parameters
+    excluded, each storage once."""
+    import torch
+
+    model.train()
+    params = {p.data_ptr() for p in model.parameters()}
+    storages = {}
+
+    def pack(t):
+        if t.data_ptr() not in params:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward()
+    return sum(storages.values())
+
+
 def _saved_bytes_per_token_layer(method, targets, dropout, autocast):
     """Bytes autograd saves per token and layer in a real transformers Llama (+ PEFT LoRA):
     the difference between a 4- and a 2-layer model, parameters excluded, storages deduplicated."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     def run(layers):
-        torch.manual_seed(0)
-        cfg = LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=704, num_hidden_layers=layers,
-                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                          attn_implementation="sdpa")
-        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+        model = _small_llama(layers, torch.bfloat16, attn_implementation="sdpa")
         if method == "lora":
             from peft import LoraConfig, get_peft_model
 
             model = get_peft_model(model, LoraConfig(r=8, target_modules=list(targets), lora_dropout=dropout),
                                    autocast_adapter_dtype=autocast)
-        model.train()
-        params = {p.data_ptr() for p in model.parameters()}
-        storages = {}
-
-        def pack(t):
-            if t.data_ptr() not in params:
-                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
         ids = torch.randint(0, 1000, (2, 64))
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(input_ids=ids, labels=ids)
-        return sum(storages.values())
+        return _saved_bytes(model, lambda: model(input_ids=ids, labels=ids))
 
     return (run(4) - run(2)) / 2 / (2 * 64)
 
@@ -170,7 +183,6 @@ def _fused_saved_bytes_per_token_layer(dtype, dropout, targets, conversation):
     `conversation` tokens, one packed row), so the adapters' per-layer weight casts drop out."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from toolkit.finetune import packed_attention
     from toolkit.finetune.fused_lora import fused_on_cpu
@@ -178,28 +190,18 @@ def _fused_saved_bytes_per_token_layer(dtype, dropout, targets, conversation):
     from toolkit.finetune.fused_rope import fused_rope_on_cpu
 
     def run(layers, conversations):
-        torch.manual_seed(0)
-        cfg = LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=704, num_hidden_layers=layers,
-                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-        model = get_peft_model(LlamaForCausalLM(cfg).to(dtype),
+        model = get_peft_model(_small_llama(layers, dtype),
                                LoraConfig(r=8, target_modules=list(targets), lora_dropout=dropout))
         packed_attention.use_on(model, "bmm", "sdpa")
-        model.train()
-        params = {p.data_ptr() for p in model.parameters()}
-        storages = {}
-
-        def pack(t):
-            if t.data_ptr() not in params:
-                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
         ids = torch.randint(0, 1000, (1, conversations * conversation))
         positions = torch.arange(conversation).repeat(conversations)[None]
-        with (fused_on_cpu(model, "cpu"), fused_norms_on_cpu(model, "cpu"), fused_rope_on_cpu(model, "cpu"),
-              torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16),
-              torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)):
-            model(input_ids=ids, position_ids=positions, labels=ids)
-        return sum(storages.values())
+
+        def forward():
+            with (fused_on_cpu(model, "cpu"), fused_norms_on_cpu(model, "cpu"), fused_rope_on_cpu(model, "cpu"),
+                  torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)):
+                model(input_ids=ids, position_ids=positions, labels=ids)
+
+        return _saved_bytes(model, forward)
 
     per_layer = {n: (run(4, n) - run(2, n)) / 2 for n in (4, 8)}
     return (per_layer[8] - per_layer[4]) / (4 * conversation)
