@@ -135,7 +135,7 @@ def cpu_training_rows() -> list[dict]:
 
     from toolkit.core import capability
     from toolkit.estimate.planner import estimate
-    from toolkit.finetune.plan import cpu_packs
+    from toolkit.finetune.plan import DTYPE_QUANT, cpu_packs
 
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # RSS follows live tensors (see the script)
     # ... under glibc's malloc only: a tcmalloc preloaded by the caller keeps what a step frees, and the
@@ -152,7 +152,7 @@ def cpu_training_rows() -> list[dict]:
                 raise RuntimeError(proc.stderr[-2000:])
             m = json.loads(proc.stdout.strip().splitlines()[-1])
             # the trainer's packs where this machine's calibration takes them (the script packs as the trainer does)
-            packs = loss == "trl" and cpu_packs("cpu", {"bf16": "bfloat16", "fp32": "float32"}[compute], "qlora")
+            packs = loss == "trl" and cpu_packs("cpu", {q: d for d, q in DTYPE_QUANT.items()}[compute], "qlora")
             est = estimate("embedded", "qlora", "nf4-dq", 512, 2, 16, grad_ckpt=ckpt, device="cpu", loss=loss,
                            compute=compute, packed_weights=packs)
             # one step under glibc with every buffer its own mapping: none of a run's allocator retention or

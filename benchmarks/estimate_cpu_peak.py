@@ -90,13 +90,12 @@ def measure(method: str, ckpt: bool, seq: int, batch: int, rank: int = 16, loss:
         from toolkit.finetune.fused_lora import fused_on_cpu
         from toolkit.finetune.fused_norm import fused_norms_on_cpu
         from toolkit.finetune.fused_rope import fused_rope_on_cpu
+        from toolkit.finetune.plan import DTYPE_QUANT
         from toolkit.finetune.trl_compat import lean_lm_head_on_cpu
 
         # and its pre-packed frozen linears where this machine's calibration takes them (the LM head in fp32)
-        name = {"bf16": "bfloat16", "fp32": "float32"}[compute]
-        head = model.get_output_embeddings()
-        skip = (head,) if head is not None and not cpu_lm_head.uses_weight_packs(name) else ()
-        packed = packed_linear.for_device(model, "cpu", name, "train", skip=skip)[0]
+        name = {q: d for d, q in DTYPE_QUANT.items()}[compute]
+        packed = packed_linear.for_device(model, "cpu", name, "train", skip=cpu_lm_head.unpacked_head(model, name))[0]
         with (packed, lean_lm_head_on_cpu("cpu"), fused_on_cpu(model, "cpu"), fused_norms_on_cpu(model, "cpu"),
               fused_rope_on_cpu(model, "cpu"), torch.autocast("cpu", dtype=dtype, enabled=compute == "bf16")):
             out = model(input_ids=ids, labels=ids, fused_lm_head=True)

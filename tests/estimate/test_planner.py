@@ -259,6 +259,7 @@ def test_kept_scores_follow_the_kernels_blocks_and_limit():
     assert kept_scores_per_token(120, 9, 64) == 9 * 120 * 3 / 4  # two blocks: a quarter of the square skipped
     assert kept_scores_per_token(120, 9, 64, blocks=1) == 9 * 120
     assert kept_scores_per_token(BMM_MAX_SCORES_PER_QUERY_ELEMENT * 64 + 1, 9, 64) == 0  # SDPA's row
+    assert kept_scores_per_token(0, 9, 64) == 0  # rows not packed
 
 
 def test_gradient_checkpointing_and_sizes_move_the_right_way():

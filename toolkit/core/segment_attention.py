@@ -119,10 +119,10 @@ def kept_scores_per_token(conversation_tokens: float, heads: int, head_dim: int,
     """The probabilities the bmm kernel keeps for the backward, entries per token of a row of equal
     conversations of `conversation_tokens` (no padding) over `heads` query heads: each conversation's
     `causal_blocks` keep (b - a) x b each a head, L (blocks + 1) / (2 blocks) a token for L divisible
-    by the blocks. 0 past what `bmm_fits` takes (such rows go to SDPA, which keeps none). For the
-    planner (`toolkit.estimate.formulas.cpu_fused_layer_activation_bytes`)."""
-    length = max(1.0, float(conversation_tokens))
-    if length > BMM_MAX_SCORES_PER_QUERY_ELEMENT * head_dim:  # n L^2 > limit x n L x D: SDPA
+    by the blocks. 0 for no packed rows (`conversation_tokens` 0) and past what `bmm_fits` takes (such
+    rows go to SDPA, which keeps none). For the planner (`toolkit.estimate.formulas.cpu_fused_layer_activation_bytes`)."""
+    length = float(conversation_tokens)
+    if length <= 0 or length > BMM_MAX_SCORES_PER_QUERY_ELEMENT * head_dim:  # n L^2 > limit x n L x D: SDPA
         return 0.0
     blocks = CAUSAL_BLOCKS if blocks is None else blocks
     return heads * length * (blocks + 1) / (2 * blocks)

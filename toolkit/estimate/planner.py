@@ -271,9 +271,9 @@ def _training_terms(est, m, quant, tokens, lora_r, grad_ckpt, targets, optimizer
         # this toolkit's trainer on a CPU: its fused layers and packed attention (see `estimate`)
         from toolkit.core.segment_attention import kept_scores_per_token
 
-        scores = kept_scores_per_token(conversation_tokens, m.heads, m.head_dim) if conversation_tokens else 0.0
         per_layer = F.cpu_fused_layer_activation_bytes(m.hidden, m.q_dim, m.kv_dim, m.intermediate, targets,
-                                                       m.linears(), lora_r or 0, lora_dropout, act, scores)
+                                                       m.linears(), lora_r or 0, lora_dropout, act,
+                                                       kept_scores_per_token(conversation_tokens, m.heads, m.head_dim))
     else:
         per_layer = F.layer_activation_bytes(m.hidden, m.q_dim, m.kv_dim, m.intermediate,
                                              "full" if task == "full" else "lora", targets, m.linears(), lora_r or 0,

@@ -62,6 +62,13 @@ def uses_weight_packs(dtype: str) -> bool:
     return dtype == "float32"
 
 
+def unpacked_head(model, dtype: str) -> tuple:
+    """`model`'s LM head where a pack of its weight would serve nothing in `dtype` (`uses_weight_packs`), for
+    `packed_linear`'s `skip` (56 MB made for nothing on SmolLM2 in bf16); else ()."""
+    head = model.get_output_embeddings()
+    return (head,) if head is not None and not uses_weight_packs(dtype) else ()
+
+
 def first_maximum_at(z, peak, targets, target_z):
     """Whether each row's first maximum is at its target, TRL's top-1 test (a tie with an earlier token
     is not top-1), from the rows' maxima `peak` and target logits `target_z` without an argmax: torch's

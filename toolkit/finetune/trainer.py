@@ -245,11 +245,9 @@ def _train(rec, overrides, stage: Path, runs: Path, dev, dtype, train_ex, eval_e
     for p in trainer.model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
-    # The LM head's pack serves only cpu_lm_head's matmuls, and those only in fp32: elsewhere it would be
-    # 56 MB (SmolLM2) made for nothing.
-    head = trainer.model.get_output_embeddings()
-    skip = (head,) if head is not None and not cpu_lm_head.uses_weight_packs(dtype) else ()
-    packed, matmul_reason = packed_linear.for_device(trainer.model, dev, dtype, "train", skip=skip)
+    # The LM head's pack serves only cpu_lm_head's matmuls, and those only in fp32.
+    packed, matmul_reason = packed_linear.for_device(trainer.model, dev, dtype, "train",
+                                                     skip=cpu_lm_head.unpacked_head(trainer.model, dtype))
     if not dev.startswith("cuda"):
         announce(matmul_reason)
         hint = allocator.install_hint(allocator.detect())
