@@ -212,3 +212,39 @@ def test_finetune_restarts_only_from_the_command_line(monkeypatch, entry):
     else:
         assert cli.main(["finetune", "recipes/finance"]) == 0
         assert calls == ["train"]
+
+
+RELEASE = """
+import ctypes
+from toolkit.core import allocator
+c = ctypes.CDLL(None)  # the process's malloc: tcmalloc's where it is preloaded
+c.malloc.restype, c.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+def rss():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS"))
+blocks = [c.malloc(32768) for _ in range(3000)]  # 96 MiB of blocks below glibc's mmap threshold
+for b in blocks:
+    ctypes.memset(b, 1, 32768)
+keep = c.malloc(32768)  # above them: glibc's heap top stays, so only a trim hands them back
+for b in blocks:
+    c.free(b)
+before = rss()
+allocator.release_free_memory()
+print(allocator.current(), before - rss())
+"""
+
+
+@pytest.mark.parametrize("kind", ["glibc", "tcmalloc"])
+def test_release_free_memory_hands_freed_pages_back(kind):
+    """What training freed leaves the resident set before the report: glibc's `malloc_trim` or tcmalloc's
+    `ReleaseFreeMemory` (under the TCMALLOC_RELEASE_RATE=0 `toolkit finetune` restarts with, tcmalloc
+    itself never would)."""
+    extra = {}
+    if kind == "tcmalloc":
+        lib = allocator.find_tcmalloc(allocator.library_dirs())
+        if not lib:
+            pytest.skip("no tcmalloc on this machine")
+        extra = {allocator.PRELOAD: lib, "TCMALLOC_RELEASE_RATE": "0"}
+    out = subprocess.run([sys.executable, "-c", RELEASE], capture_output=True, text=True, env=_clean_env(**extra),
+                         cwd=ROOT, check=True).stdout.split()
+    assert out[0] == kind and int(out[1]) > 64 * 2**20, out

@@ -168,19 +168,26 @@ def test_cli_bad_input_exits_2_with_one_line_and_leaves_nothing(tmp_path, tiny_l
 @pytest.mark.slow
 def test_report_failure_keeps_the_trained_run_and_exits_nonzero(tmp_path, tiny_llama_dir, monkeypatch, capsys):
     from toolkit.cli import main
+    from toolkit.core import allocator
     from toolkit.core.models import load_model
     from toolkit.finetune import report
 
+    order = []
+
     def broken_evaluate(*a, **kw):  # failure injection: the report phase fails after training
+        order.append("report")
         raise RuntimeError("CUDA out of memory while evaluating")
 
     monkeypatch.setattr(report, "evaluate", broken_evaluate)
+    # training's freed pages go back to the OS before the report (allocator.release_free_memory)
+    monkeypatch.setattr(allocator, "release_free_memory", lambda: order.append("release"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     runs = tmp_path / "runs"
     rec = make_recipe(tmp_path, tiny_llama_dir)
     code = main(["finetune", str(rec), "--runs-dir", str(runs), "--set", "training.max_steps=2"])
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert code == 1 and len(err) == 1 and "CUDA out of memory while evaluating" in err[0]
+    assert order == ["release", "report"]
     (run,) = [p for p in runs.iterdir() if p.name != "latest"]
     assert not run.name.endswith(".incomplete") and not (run / "INCOMPLETE").exists()
     assert (runs / "latest").resolve() == run.resolve() and str(run) in err[0]

@@ -186,6 +186,23 @@ def loaded_tcmalloc(maps: str = "/proc/self/maps") -> str:
     return ""
 
 
+def release_free_memory() -> None:
+    """Hand the heap's free pages back to the OS: tcmalloc's `MallocExtension_ReleaseFreeMemory` where
+    it is loaded, else glibc's `malloc_trim(0)`; nothing where neither can be called. For a phase change
+    whose allocations differ in shape from the last phase's (training, then the report's forwards and
+    decoding): the pages the first freed would otherwise stay resident beside what the second allocates."""
+    import ctypes
+
+    lib = loaded_tcmalloc()
+    try:
+        if lib:
+            ctypes.CDLL(lib).MallocExtension_ReleaseFreeMemory()
+        else:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def current() -> str:
     """What this process allocates with: "tcmalloc", "glibc huge pages" or "glibc"."""
     if loaded_tcmalloc():

@@ -313,6 +313,9 @@ def _train(rec, overrides, stage: Path, runs: Path, dev, dtype, train_ex, eval_e
         if (line := run_memory.line(memory)):
             announce(line)
         run_folder.write_json(stage / "run.json", info)
+        # Training's freed pages (its packs, activations, the LM head's buffers) back to the OS before the
+        # report, whose allocations are shaped otherwise: the run's peak stays the training's.
+        allocator.release_free_memory()
         try:
             error = _evaluate_and_report(trainer, tok, eval_split, rec, dtype, choice, stage, info, announce)
         except KeyboardInterrupt:
