@@ -342,3 +342,20 @@ def test_plan_packs_where_the_trainer_packs(dtype):
     assert not plan_inputs(rec, "cuda", dtype).packed_weights
     full = recipe.load(FINANCE, ["method.name=full", "training.loraplus_lr_ratio=0"], gpu=False)
     assert not plan_inputs(full, "cpu", dtype).packed_weights
+
+
+def test_file_stats_read_a_file_once_per_version(tmp_path, monkeypatch):
+    """A dry run asks for the training files' counts from the plan and the time model: one read each
+    version of a file, a new read when it changes."""
+    from toolkit.finetune.plan import _file_stats
+
+    f = tmp_path / "train.jsonl"
+    f.write_text('{"text": "one"}\n{"text": "two"}\n')
+    reads = []
+    real = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda self: reads.append(self) or real(self))
+    first = _file_stats(f)
+    assert _file_stats(f) == first and first[0] == 2 and len(reads) == 1
+    f.write_text('{"text": "one"}\n{"text": "two"}\n{"text": "three"}\n')
+    assert _file_stats(f)[0] == 3 and len(reads) == 2
+    assert _file_stats(tmp_path / "missing.jsonl") == (0, 0, 0)

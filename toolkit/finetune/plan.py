@@ -90,13 +90,23 @@ CHARS_PER_TOKEN = 4.5
 def _file_stats(path) -> tuple[int, int, int]:
     """(examples, approximate tokens, approximate tokens every example begins with) of a JSONL file;
     zeros when missing. The last is the lines' common prefix (the JSON up to where two examples
-    differ: a shared system prompt), 0 under the minimum `scoring.shared_prefix` runs apart."""
+    differ: a shared system prompt), 0 under the minimum `scoring.shared_prefix` runs apart. Read once
+    per file version: a dry run asks for the training files' counts from the plan and the time model."""
+    try:
+        st = path.stat()
+    except OSError:
+        return 0, 0, 0
+    return _file_stats_of(str(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=32)
+def _file_stats_of(path: str, size: int, mtime_ns: int) -> tuple[int, int, int]:
     import os
 
     from toolkit.finetune.scoring import SHARED_PREFIX_MIN
 
     try:
-        data = path.read_bytes()
+        data = Path(path).read_bytes()
     except OSError:
         return 0, 0, 0
     lines = [line for line in data.splitlines() if line.strip()]
