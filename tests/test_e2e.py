@@ -41,6 +41,11 @@ def test_finetune_export_q8_0_and_llamacpp_answers(tmp_path, embedded_dir, monke
     # The plan's peak for this run (the catalog knows the embedded model) beside the measured one.
     mem = info["memory"]
     assert mem["planned_peak_bytes"] > 0 and 0 < mem["training_peak_bytes"] <= mem["run_peak_bytes"]
+    # ... the dry run's figure to the byte: both plan the examples as they tokenized them
+    from toolkit.finetune.dry_run import dry_run
+
+    planned = dry_run(ROOT / "recipes" / "finance", _short_run(tmp_path, "embedded"), gpu=False).estimate
+    assert planned["total_bytes"] == mem["planned_peak_bytes"]
 
     assert main(["export", str(run), "--quant", "q8_0"]) == 0
     out = run / "gguf"

@@ -234,8 +234,9 @@ def test_cpu_fused_activation_formula_matches_what_the_fused_path_saves(dtype, d
 
 def test_cpu_training_plans_the_fused_path_and_its_runtime():
     """A CPU LoRA / QLoRA plan counts the toolkit's fused layers (not PEFT's), the packed attention's
-    scores for the conversations' length, and the CPU trainer's runtime heap; CUDA and inference don't."""
-    from toolkit.core.segment_attention import kept_scores_per_token
+    scores for the conversations' length, and the CPU trainer's runtime heap by its allocator; CUDA and
+    inference don't."""
+    from toolkit.core.segment_attention import BMM_MAX_SCORES_PER_QUERY_ELEMENT, kept_scores_per_token
 
     m = lookup("embedded")
     for compute, act in (("bf16", 2), ("fp32", 4)):
@@ -246,9 +247,22 @@ def test_cpu_training_plans_the_fused_path_and_its_runtime():
         logits, retained = F.cpu_lean_logits_bytes(1024, m.vocab, m.hidden, act), F.cpu_lean_retained_bytes(1024, m.vocab, act)
         peak = F.training_peak_activation_bytes(per_layer, m.layers, m.hidden, 1024, False, logits, act, 0, 0, retained)
         assert (est.components["activations"], est.components["logits"]) == peak[:2]
-        assert est.components["runtime"] == F.CPU_TRAINING_RUNTIME_BYTES
+        assert est.components["runtime"] == F.CPU_TRAINING_RUNTIME_BYTES["glibc"]  # the default: the larger
         unpacked = estimate(m, "lora", compute, 512, 2, 16, False, device="cpu", compute=compute)
         assert unpacked.components["activations"] < est.components["activations"]
+        # data whose lengths are unknown (an hf: dataset): priced at the longest conversation the kernel keeps
+        unknown = estimate(m, "lora", compute, 512, 2, 16, False, device="cpu", compute=compute, conversation_tokens=None)
+        longest = estimate(m, "lora", compute, 512, 2, 16, False, device="cpu", compute=compute,
+                           conversation_tokens=BMM_MAX_SCORES_PER_QUERY_ELEMENT * m.head_dim)
+        assert unknown.components["activations"] == longest.components["activations"] > est.components["activations"]
+        assert any("not known here" in n for n in unknown.notes)
+        assert estimate(m, "lora", compute, 64, 2, 16, False, device="cpu", compute=compute, conversation_tokens=None
+                        ).components == estimate(m, "lora", compute, 64, 2, 16, False, device="cpu", compute=compute,
+                                                 conversation_tokens=64).components  # rows shorter than that limit
+    tc = estimate(m, "lora", "bf16", 512, 2, 16, False, device="cpu", compute="bf16", allocator="tcmalloc")
+    assert tc.components["runtime"] == F.CPU_TRAINING_RUNTIME_BYTES["tcmalloc"] < F.CPU_TRAINING_RUNTIME_BYTES["glibc"]
+    with pytest.raises(UserError, match="allocator"):
+        estimate(m, "lora", "bf16", device="cpu", allocator="jemalloc")
     assert "runtime" not in estimate(m, "lora", "bf16", 512, 2, 16, False, device="cuda").components
     assert "runtime" not in estimate(m, "inference", device="cpu").components
 

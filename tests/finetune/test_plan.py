@@ -50,6 +50,31 @@ def test_conversation_tokens_are_the_training_files_mean_example_when_packing(tm
     assert plan_inputs(unpacked, "cpu", "bfloat16").conversation_tokens == 0
 
 
+def test_conversation_tokens_of_the_tokenized_examples_else_unknown_for_hf_data():
+    """Where the caller has tokenized the examples (the dry run, the trainer) their mean is the length;
+    an hf: dataset, which a plan does not download, leaves it unknown (None: the planner prices the most)."""
+    rec = recipe.load(FINANCE, gpu=False)
+    assert plan_inputs(rec, "cpu", "bfloat16", [100, 200, 600]).conversation_tokens == 300
+    assert plan_inputs(rec, "cpu", "bfloat16", [600, 700]).conversation_tokens == rec.data.max_seq_len
+    hf = recipe.load(FINANCE, ["data.train=hf:org/chats"], gpu=False)
+    assert plan_inputs(hf, "cpu", "bfloat16").conversation_tokens is None
+    assert plan_inputs(hf, "cpu", "bfloat16", [120, 80]).conversation_tokens == 100
+    mix = recipe.load(FINANCE, ["data.train=[{path: train.jsonl}, {path: 'hf:org/chats'}]"], gpu=False)
+    assert plan_inputs(mix, "cpu", "bfloat16").conversation_tokens is None
+    unpacked = recipe.load(FINANCE, ["data.train=hf:org/chats", "data.packing=false"], gpu=False)
+    assert plan_inputs(unpacked, "cpu", "bfloat16").conversation_tokens == 0
+
+
+def test_plan_takes_the_allocator_the_cpu_run_trains_under():
+    """The runtime heap a CPU plan counts is that of the allocator `toolkit finetune` would train under on
+    this machine (`allocator.training_allocator`, the same call the time model makes)."""
+    from toolkit.core import allocator
+
+    rec = recipe.load(FINANCE, gpu=False)
+    assert plan_inputs(rec, "cpu", "bfloat16").allocator == allocator.training_allocator(allocator.detect())
+    assert plan_inputs(rec, "cuda:0", "bfloat16").allocator == "glibc"
+
+
 def test_named_targets_pass_through():
     rec = recipe.load(FINANCE, ["lora.target_modules=q_proj,v_proj"], gpu=False)
     assert plan_inputs(rec, "cpu", "float32").targets == ("q_proj", "v_proj")
@@ -69,7 +94,8 @@ def test_pick_and_fit_check_agree(monkeypatch):
         monkeypatch.setattr(hardware, "detect", lambda use_torch=False, m=machine: m)
         chosen = pick(p.task, machine.available_bytes, p.seq_len, p.batch, p.lora_r, p.device, quants=(p.quant,),
                       grad_ckpt=p.grad_ckpt, targets=p.targets, optimizer=p.optimizer, lora_dropout=p.lora_dropout,
-                      compute=p.compute, packed_weights=p.packed_weights)
+                      compute=p.compute, packed_weights=p.packed_weights, conversation_tokens=p.conversation_tokens,
+                      allocator=p.allocator)
         for cand in chosen.candidates:
             try:
                 check_fits(rec, cand.model, "cpu", "float32")

@@ -136,7 +136,8 @@ def _one_model(args) -> int:
     usable = E.usable_bytes(bud.bytes) if bud else None
     est = E.estimate(facts, s["task"], s["quant"], s["seq_len"], s["batch"], s["lora_r"], s["grad_ckpt"],
                      targets_of(s["targets"], facts), s["optimizer"], s["lora_dropout"], device=device,
-                     budget_bytes=usable, compute=s["compute"], packed_weights=s["packed_weights"])
+                     budget_bytes=usable, compute=s["compute"], packed_weights=s["packed_weights"],
+                     conversation_tokens=s["conversation_tokens"], allocator=s["allocator"])
     tm = _time(args, facts, est, device, s)
     if s.get("method_note"):
         est.notes.append(s["method_note"])
@@ -226,7 +227,6 @@ def _context_warnings(args, models, seq_len: int, picking: bool = False) -> list
 
 def _pick(args) -> int:
     from toolkit.estimate import budget as B
-    from toolkit.estimate import planner as E
     from toolkit.estimate.catalog import CATALOG
     if args.quant and not args.recipe:
         raise UserError("--quant needs --model (without it, the pick tries the task's usual quants)")
@@ -244,8 +244,9 @@ def _pick(args) -> int:
 
         targets = s["targets"]
 
-        def seconds_of(m, e):
+        def train_wall_s(m, e):
             return time_fields(m, e, rates, targets=targets_of(targets, m), run=run)["train_wall_s"]
+        seconds_of = train_wall_s
     warnings = []
     if seconds_of is None:
         limit = None  # nothing is timed: no time budget can be applied
@@ -258,7 +259,8 @@ def _pick(args) -> int:
     p = pick(s["task"], bud.bytes, s["seq_len"], s["batch"], s["lora_r"], device=bud.device, quants=quants,
                grad_ckpt=s["grad_ckpt"], targets=targets_of(s["targets"], None), optimizer=s["optimizer"],
                lora_dropout=s["lora_dropout"], seconds_of=seconds_of, time_budget_s=limit, compute=s["compute"],
-               packed_weights=s["packed_weights"])
+               packed_weights=s["packed_weights"], conversation_tokens=s["conversation_tokens"],
+               allocator=s["allocator"])
     models = [CATALOG[name] for name in dict.fromkeys(c.model for c in p.candidates)]
     warnings = _context_warnings(args, models, s["seq_len"], picking=True) + warnings
     _warn(warnings)

@@ -51,7 +51,7 @@ def settings(args, device: str) -> dict:
                    batch=E._positive("--batch", args.batch), lora_r=E._positive("--lora-r", args.lora_r),
                    grad_ckpt=args.grad_ckpt, targets=_parse_targets(args.target_modules),
                    optimizer=args.optimizer, lora_dropout=0.0, device=device,
-                   compute=DTYPE_QUANT[dtype]).as_kwargs()
+                   compute=DTYPE_QUANT[dtype], conversation_tokens=None).as_kwargs()
     ref = Path(__file__).resolve().parents[2] / "recipes" / "finance"
     run = None
     if (ref / "recipe.yaml").is_file() and args.task != "inference":
@@ -65,10 +65,11 @@ def settings(args, device: str) -> dict:
 
 
 def _packs(s: dict, device: str) -> dict:
-    """`s` with `packed_weights` as a training run computing in its dtype on `device` would have them."""
-    from toolkit.finetune.plan import cpu_packs
+    """`s` with `packed_weights` as a training run computing in its dtype on `device` would have them,
+    and the C allocator it would train under."""
+    from toolkit.finetune.plan import cpu_packs, training_allocator
 
-    return {**s, "packed_weights": cpu_packs(device, s["dtype"], s["task"])}
+    return {**s, "packed_weights": cpu_packs(device, s["dtype"], s["task"]), "allocator": training_allocator(device)}
 
 
 def _dense_quant_is_the_dtype(s: dict) -> dict:

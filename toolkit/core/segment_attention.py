@@ -196,8 +196,6 @@ def varlen(q, k, v, sizes, scale=None):
     """The row through PyTorch's varlen flash kernel: q (1, H, T, D), k and v (1, KV, T, D) in,
     (1, T, H, D) out. transformers' q, k, v are (1, T, h, D) projections transposed, so the kernel's
     (T, h, D) layout is a view of them, not a copy."""
-    import torch
-
     call = varlen_call()
     if call is None:
         raise RuntimeError("this PyTorch has no torch.nn.attention.varlen.varlen_attn")

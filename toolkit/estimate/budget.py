@@ -72,7 +72,7 @@ def gpu_bytes(name: str) -> tuple[str, int]:
     if len(sized) == 1:
         return sized[0], GPUS[sized[0]] * GIB
     if not n:
-        raise UserError(f"--gpu is empty (a name such as \"RTX 3060 12GB\", see `toolkit estimate --list-gpus`)")
+        raise UserError("--gpu is empty (a name such as \"RTX 3060 12GB\", see `toolkit estimate --list-gpus`)")
     close = difflib.get_close_matches(n, list(_BY_NORM), n=3, cutoff=0.5)
     hint = f"did you mean: {', '.join(_BY_NORM[c] for c in close)}" if close else "see `toolkit estimate --list-gpus`"
     raise UserError(f"--gpu: unknown GPU {name!r}; {hint} (or pass --vram SIZE)")

@@ -383,11 +383,17 @@ def optimizer_bytes(trainable: int, optimizer: str, param_bytes: int) -> int:
 # loads its trainer lazily: 395 MiB, the constant before).
 # cpu/llama.cpp: RSS of `import llama_cpp` measured here, 40 MiB.
 FRAMEWORK_OVERHEAD = {"cuda": 512 * MIB, "cpu": 485 * MIB, "llama.cpp": 40 * MIB}
-# What a CPU training process holds on its heap beyond the tensors counted above: the allocator's
-# retained free blocks, oneDNN's caches of primitives (bounded at 256 entries each by
-# `toolkit.core.primitive_caches`), the run's data and objects, less the import-time heap that the
-# framework constant counts. Measured with tcmalloc's own counters (peak and step-end live bytes, heap
-# size) against the process's resident set in four runs of the embedded model on the Zen 4 EPYC, the
-# finance recipe and README's `recipe new` example, bf16 and fp32: 0.24-0.38 GiB beyond the tensors,
-# of which ~0.1 GiB is the framework constant's own heap (docs/estimate.md, 2026-12-07).
-CPU_TRAINING_RUNTIME_BYTES = 224 * MIB
+# What a CPU training process holds on its heap beyond the tensors counted above, by the C allocator it
+# trains under (`toolkit.core.allocator.training_allocator`): the allocator's retained free blocks,
+# oneDNN's caches of primitives (bounded at 256 entries each by `toolkit.core.primitive_caches`), the
+# run's data and objects, less the import-time heap that the framework constant counts.
+# - tcmalloc: tcmalloc's own counters (peak and step-end live bytes, heap size) against the process's
+#   resident set in four runs of the embedded model on the Zen 4 EPYC, the finance recipe and README's
+#   `recipe new` example, bf16 and fp32: 0.24-0.38 GiB beyond the tensors, of which ~0.1 GiB is the
+#   framework constant's own heap (docs/estimate.md, 2026-12-07).
+# - glibc (huge pages or its defaults): training peaks under glibc's malloc read 0.05-0.28 GiB above
+#   tcmalloc's in seven runs (the finance recipe at rows of 256 / 512 / 1024 tokens, batch 2 and 4, bf16 and
+#   fp32; the `recipe new` example), the most from rows of 512 tokens up. This is the most any of them needed
+#   beyond its tensors, the finance recipe in bf16; the others' plans read 1-15% high (docs/estimate.md,
+#   2026-12-07).
+CPU_TRAINING_RUNTIME_BYTES = {"tcmalloc": 224 * MIB, "glibc": 592 * MIB}

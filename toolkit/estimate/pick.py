@@ -53,7 +53,7 @@ def pick(task: str, budget_bytes: int, seq_len: int = 512, batch: int = 1, lora_
          device: str | None = None, *, quants: tuple[str, ...] | None = None, grad_ckpt: bool = True,
          targets: tuple[str, ...] = ALL_LINEAR, optimizer: str = "adamw", lora_dropout: float = 0.0,
          seconds_of=None, time_budget_s: float | None = None, compute: str | None = None,
-         packed_weights: bool = False) -> Pick:
+         packed_weights: bool = False, conversation_tokens: float | None = 0, allocator: str = "glibc") -> Pick:
     """The largest catalog model whose estimate fits in `budget_bytes` minus SAFETY_MARGIN (10%).
 
     Candidates are every pickable model (instruct variants; `embedded` stands for
@@ -83,7 +83,8 @@ def pick(task: str, budget_bytes: int, seq_len: int = 512, batch: int = 1, lora_
         in_context = past_context(CATALOG[name], seq_len) is None
         for q in quants or default_quants(device, compute, PICK_QUANTS)[task]:
             e = estimate(CATALOG[name], task, q, seq_len, batch, lora_r, grad_ckpt, targets, optimizer, lora_dropout,
-                         device=device, compute=compute, packed_weights=packed_weights)
+                         device=device, compute=compute, packed_weights=packed_weights,
+                         conversation_tokens=conversation_tokens, allocator=allocator)
             secs = seconds_of(CATALOG[name], e) if seconds_of is not None else None
             in_time = time_budget_s is None or secs is None or secs <= time_budget_s
             cand = Candidate(name, q, e.params, e.total_bytes, e.total_bytes <= usable and in_time and in_context,

@@ -131,7 +131,8 @@ def estimate(model: str | ModelFacts, task: str = "qlora", quant: str | None = N
              optimizer: str = "adamw", lora_dropout: float = 0.0, device: str = "cuda",
              budget_bytes: int | None = None, bnb_legacy: bool = False, *, kbit_upcast: bool = False,
              attn_impl: str = "sdpa", loss: str = "trl", loss_chunk: int = 0, compute: str | None = None,
-             packed_weights: bool = False, conversation_tokens: float = 0) -> Estimate:
+             packed_weights: bool = False, conversation_tokens: float | None = 0,
+             allocator: str = "glibc") -> Estimate:
     """Estimate peak memory of `task` ("inference" | "lora" | "qlora" | "full") for `model`.
 
     quant: fp32/bf16/fp16, int8/nf4/nf4-dq (bitsandbytes), or a GGUF type (inference with
@@ -158,10 +159,14 @@ def estimate(model: str | ModelFacts, task: str = "qlora", quant: str | None = N
     CUDA; on a CPU fp32 for inference, bf16 for training.
     packed_weights: a CPU training run pre-packs its frozen weights for oneDNN (this machine's
     calibration decides: `toolkit.finetune.plan.cpu_packs`), two copies of each (`packed_weights_bytes`).
-    conversation_tokens: the mean tokens of a conversation in a packed row (0: rows not packed). A CPU
-    LoRA / QLoRA run of this toolkit's trainer takes its own fused layers, which keep less than PEFT's
-    (`formulas.cpu_fused_layer_activation_bytes`), and its packed attention keeps each conversation's
-    probabilities (`segment_attention.kept_scores_per_token`).
+    conversation_tokens: the mean tokens of a conversation in a packed row (0: rows not packed; None:
+    packed, lengths unknown, as for an hf: dataset not downloaded yet: priced at the longest the kernel
+    takes, the most it can keep). A CPU LoRA / QLoRA run of this toolkit's trainer takes its own fused
+    layers, which keep less than PEFT's (`formulas.cpu_fused_layer_activation_bytes`), and its packed
+    attention keeps each conversation's probabilities (`segment_attention.kept_scores_per_token`).
+    allocator: the C allocator a CPU training process runs under ("tcmalloc" | "glibc", as
+    `toolkit.core.allocator.training_allocator` says): what its heap holds beyond the tensors
+    (`formulas.CPU_TRAINING_RUNTIME_BYTES`). The default is the one that holds more.
     """
     m = model if isinstance(model, ModelFacts) else lookup(model)
     if task not in TASKS:
@@ -169,6 +174,8 @@ def estimate(model: str | ModelFacts, task: str = "qlora", quant: str | None = N
     seq_len, batch = _positive("--seq-len", seq_len), _positive("--batch", batch)
     if task in ("lora", "qlora"):
         lora_r = _positive("--lora-r", lora_r)
+    if allocator not in F.CPU_TRAINING_RUNTIME_BYTES:
+        raise UserError(f"allocator must be one of {', '.join(F.CPU_TRAINING_RUNTIME_BYTES)}, got {allocator!r}")
     if compute is not None and compute not in DENSE_QUANTS:
         raise UserError(f"compute dtype must be one of {', '.join(DENSE_QUANTS)}, got {compute!r}")
     if quant is None:
@@ -223,7 +230,7 @@ def estimate(model: str | ModelFacts, task: str = "qlora", quant: str | None = N
     overhead = "llama.cpp" if (is_gguf and device == "cpu") else device
     c["framework"] = F.FRAMEWORK_OVERHEAD[overhead]
     if device == "cpu" and task != "inference":
-        c["runtime"] = F.CPU_TRAINING_RUNTIME_BYTES
+        c["runtime"] = F.CPU_TRAINING_RUNTIME_BYTES[allocator]
     return est
 
 
@@ -269,8 +276,12 @@ def _training_terms(est, m, quant, tokens, lora_r, grad_ckpt, targets, optimizer
     # CUDA's fused dropout keeps a bool mask; CPU dropout multiplies by a mask of the input dtype
     if est.device == "cpu" and task != "full" and attn_impl == "sdpa" and loss == "trl" and not loss_chunk:
         # this toolkit's trainer on a CPU: its fused layers and packed attention (see `estimate`)
-        from toolkit.core.segment_attention import kept_scores_per_token
+        from toolkit.core.segment_attention import BMM_MAX_SCORES_PER_QUERY_ELEMENT, kept_scores_per_token
 
+        if conversation_tokens is None:
+            conversation_tokens = min(est.seq_len, BMM_MAX_SCORES_PER_QUERY_ELEMENT * m.head_dim)
+            est.notes.append(f"packed attention priced for conversations of {conversation_tokens} tokens, the most it keeps "
+                             "(the data's lengths are not known here)")
         per_layer = F.cpu_fused_layer_activation_bytes(m.hidden, m.q_dim, m.kv_dim, m.intermediate, targets,
                                                        m.linears(), lora_r or 0, lora_dropout, act,
                                                        kept_scores_per_token(conversation_tokens, m.heads, m.head_dim))

@@ -91,7 +91,8 @@ def _auto_pick(recipe, announce, device: str, dtype: str) -> tuple[str, dict]:
 
     p = pick(plan.task, hw.available_bytes, plan.seq_len, plan.batch, plan.lora_r, plan.device, quants=(plan.quant,),
              grad_ckpt=plan.grad_ckpt, targets=plan.targets, optimizer=plan.optimizer, lora_dropout=plan.lora_dropout,
-             seconds_of=seconds_of, time_budget_s=budget_s, compute=plan.compute, packed_weights=plan.packed_weights)
+             seconds_of=seconds_of, time_budget_s=budget_s, compute=plan.compute, packed_weights=plan.packed_weights,
+             conversation_tokens=plan.conversation_tokens, allocator=plan.allocator)
     info = {k: getattr(p, k) for k in ("model", "quant", "fits", "headroom_bytes", "reason")}
     announce(f"base_model auto: estimator picked {p.model} for {hw.name} ({p.reason})")
     if not p.fits:

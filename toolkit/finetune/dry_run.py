@@ -183,7 +183,7 @@ def run_estimate(rec, spec: str, dev: str, dtype: str, labelled_fraction: float,
     the catalog)."""
     from toolkit.estimate.catalog import CATALOG
 
-    e, why = planned_memory(rec, spec, dev, dtype)
+    e, why = planned_memory(rec, spec, dev, dtype, train_lengths)
     if e is None:
         return None, why
     out = e.to_dict()
@@ -191,9 +191,10 @@ def run_estimate(rec, spec: str, dev: str, dtype: str, labelled_fraction: float,
     return out, ""
 
 
-def planned_memory(rec, spec: str, dev: str, dtype: str):
+def planned_memory(rec, spec: str, dev: str, dtype: str, train_lengths: Sequence[int] | None = None):
     """(the planner's `Estimate` of this run's memory, "") or (None, why there is none; "" = not in the
-    catalog)."""
+    catalog). `train_lengths`: the training examples' token counts, as the dry run and the trainer
+    tokenized them (`plan.plan_inputs`)."""
     from toolkit.core.errors import UserError
     from toolkit.core.hardware import detect
     from toolkit.estimate.catalog import CATALOG
@@ -203,7 +204,7 @@ def planned_memory(rec, spec: str, dev: str, dtype: str):
     if spec not in CATALOG:
         return None, ""
     try:
-        return estimate(CATALOG[spec], **plan_inputs(rec, dev, dtype).as_kwargs(),
+        return estimate(CATALOG[spec], **plan_inputs(rec, dev, dtype, train_lengths).as_kwargs(),
                         budget_bytes=usable_bytes(detect().available_bytes)), ""
     except UserError as exc:
         # The model is in the catalog: what the estimator refused, not "not in the catalog".

@@ -39,7 +39,8 @@ class PlanInputs:
     device: str  # cuda | cpu
     compute: str = "bf16"  # the compute dtype, as the estimator names it (fp32 on a CPU without native bf16)
     packed_weights: bool = False  # a CPU run pre-packs its frozen weights (`cpu_packs`)
-    conversation_tokens: float = 0.0  # mean tokens of a packed conversation (`conversation_tokens`)
+    conversation_tokens: float | None = 0.0  # mean tokens of a packed conversation (`conversation_tokens`)
+    allocator: str = "glibc"  # the C allocator a CPU run trains under (`toolkit.core.allocator.training_allocator`)
 
     def as_kwargs(self) -> dict:
         return asdict(self)
@@ -126,14 +127,22 @@ def _train_file_stats(recipe) -> tuple[int, int]:
     return n_train, tok_train
 
 
-def conversation_tokens(recipe) -> float:
-    """The mean tokens of a conversation in a packed row of `recipe`'s run (its training files' mean
-    example, at most max_seq_len), for the planner's packed attention; 0 where it does not pack or the
-    files can't be read here."""
+def conversation_tokens(recipe, train_lengths: Sequence[int] | None = None) -> float | None:
+    """The mean tokens of a conversation in a packed row of `recipe`'s run, at most max_seq_len, for
+    the planner's packed attention: of `train_lengths` (the examples as the trainer tokenized them)
+    where the caller has them, else of the training files' sizes. 0 where it does not pack; None where
+    the lengths can't be known here (an hf: dataset is not downloaded for a plan)."""
+    from toolkit.finetune.data import train_sources
+
     if not recipe.data.packing:
         return 0.0
-    n, tokens = _train_file_stats(recipe)
-    return min(float(recipe.data.max_seq_len), tokens / n) if n else 0.0
+    if train_lengths:
+        n, tokens = len(train_lengths), sum(train_lengths)
+    elif any(not isinstance(src, Path) for _, src, _ in train_sources(recipe)):
+        return None
+    else:
+        n, tokens = _train_file_stats(recipe)
+    return min(float(recipe.data.max_seq_len), tokens / n) if n else None
 
 
 def run_shape(recipe, train_lengths: Sequence[int] | None = None) -> RunShape:
@@ -249,9 +258,10 @@ def in_training_evals(steps: int, eval_steps: int, report_ends: bool) -> list[in
     return [s for s in at if not (report_ends and s in (0, steps))]
 
 
-def plan_inputs(recipe, device: str, dtype: str) -> PlanInputs:
+def plan_inputs(recipe, device: str, dtype: str, train_lengths: Sequence[int] | None = None) -> PlanInputs:
     """The estimator's inputs for `recipe` trained on `device` ("cuda..." or "cpu") with compute
-    `dtype` (a torch dtype name, as `toolkit.core.hardware.dtype_for` returns it)."""
+    `dtype` (a torch dtype name, as `toolkit.core.hardware.dtype_for` returns it). `train_lengths`: the
+    training examples' token counts where the caller has tokenized them (`conversation_tokens`)."""
     from toolkit.estimate.planner import ALL_LINEAR
 
     m, lo = recipe.method, recipe.lora
@@ -268,8 +278,19 @@ def plan_inputs(recipe, device: str, dtype: str) -> PlanInputs:
         lora_r=lo.r, grad_ckpt=recipe.training.gradient_checkpointing, targets=targets,
         optimizer=TRAINER_OPTIMIZER, lora_dropout=lo.dropout, device="cuda" if device.startswith("cuda") else "cpu",
         compute=DTYPE_QUANT[dtype], packed_weights=cpu_packs(device, dtype, "full" if m.name == "full" else "lora"),
-        conversation_tokens=conversation_tokens(recipe),
+        conversation_tokens=conversation_tokens(recipe, train_lengths), allocator=training_allocator(device),
     )
+
+
+def training_allocator(device: str) -> str:
+    """The C allocator a training run on `device` holds its heap in, as the planner names it: on a CPU
+    `toolkit.core.allocator.training_allocator` of this machine (tcmalloc or glibc); on CUDA the
+    process's host heap is not planned, and "glibc" stands."""
+    if device.startswith("cuda"):
+        return "glibc"
+    from toolkit.core import allocator
+
+    return allocator.training_allocator(allocator.detect())
 
 
 def cpu_packs(device: str, dtype: str, task: str) -> bool:

@@ -8,13 +8,13 @@ settings); the measure is `toolkit.core.peak_memory`'s, from the start of traini
 from __future__ import annotations
 
 
-def record(rec, spec: str, dev: str, dtype: str, trained: dict | None) -> dict:
-    """run.json `memory`: the planner's peak for this run (the dry run's figure; None for a model
-    outside its catalog) and the training's measured peak (`toolkit.core.peak_memory`; None when no
-    training ran, a resumed run that only makes its report)."""
+def record(rec, spec: str, dev: str, dtype: str, trained: dict | None, train_lengths=None) -> dict:
+    """run.json `memory`: the planner's peak for this run (the dry run's figure, for the same tokenized
+    `train_lengths`; None for a model outside its catalog) and the training's measured peak
+    (`toolkit.core.peak_memory`; None when no training ran, a resumed run that only makes its report)."""
     from toolkit.finetune.dry_run import planned_memory
 
-    est, _ = planned_memory(rec, spec, dev, dtype)
+    est, _ = planned_memory(rec, spec, dev, dtype, train_lengths)
     out = {"planned_peak_bytes": est.total_bytes if est else None}
     if trained is not None:
         out.update(training_peak_bytes=trained["peak_bytes"], measure=trained["measure"])

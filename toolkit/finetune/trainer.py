@@ -290,7 +290,7 @@ def _train(rec, overrides, stage: Path, runs: Path, dev, dtype, train_ex, eval_e
     # The weights go to disk first: nothing after this point may lose them.
     _save_outputs(trainer, tok, stage, rec)
     try:
-        memory = run_memory.record(rec, choice.spec, dev, dtype, trained_peak)
+        memory = run_memory.record(rec, choice.spec, dev, dtype, trained_peak, [len(x) for x in train_split.input_ids])
         train_loss, rate = resume.totals(trainer, result, None if done else resume_from, tokens, train_s)
         info = {
             "recipe": rec.name, "recipe_dir": str(Path(rec.root).resolve()), "base_model": choice.spec, "base_source": choice.source,
