@@ -168,6 +168,44 @@ def cpu_training_rows() -> list[dict]:
     return rows
 
 
+# A CPU run's peak against its plan, by the C allocator it trains under (the plan's `runtime` term): the
+# finance recipe on the embedded model, its 40 steps without the report (a glibc heap grows over the steps:
+# 2.59 GiB after 12, 2.71 after 40 on the Zen 4), at rows of 512 tokens (the recipe's) and 256, bf16 where native.
+RUN_SEQ_LENS = (512, 256)
+
+
+def cpu_run_rows() -> list[dict]:
+    """`toolkit finetune recipes/finance` (no report) under each allocator this machine has: tcmalloc where
+    installed, and glibc's malloc (`TOOLKIT_MALLOC=glibc`), the process's training peak (run.json
+    `memory`) against the plan for that allocator."""
+    import os
+    import tempfile
+
+    from benchmarks import finetune_process
+    from toolkit.core import allocator
+
+    # a tcmalloc preloaded into this bench is not passed on: each run chooses its own (`allocator.decide`)
+    base = {k: v for k, v in os.environ.items() if k != allocator.OPT_OUT}
+    base[allocator.PRELOAD] = ":".join(p for p in base.get(allocator.PRELOAD, "").split(":") if p and "tcmalloc" not in p)
+    kinds = (["tcmalloc"] if allocator.find_tcmalloc(allocator.library_dirs()) else []) + ["glibc"]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for seq in RUN_SEQ_LENS:
+            for kind in kinds:
+                env = {**base, **({allocator.OPT_OUT: "glibc"} if kind == "glibc" else {})}
+                folder = finetune_process.run(ROOT / "recipes" / "finance", Path(tmp) / f"{kind}-{seq}",
+                                              [f"data.max_seq_len={seq}", "eval.report=false", "training.save_steps=0"],
+                                              timeout_s=900, env=env)
+                info = json.loads((folder / "run.json").read_text())
+                mem, plan = info["memory"], info["memory"]["planned_peak_bytes"]
+                rows.append({"case": f"finance recipe on {info['base_model']}, rows of {seq}, {info['steps']} steps, "
+                                     f"{info.get('compute_dtype', '')}".rstrip(", "),
+                             "allocator": info["malloc"], "training peak MiB": round(mem["training_peak_bytes"] / MIB),
+                             "plan MiB": round(plan / MIB),
+                             "error": f"{100 * (plan / mem['training_peak_bytes'] - 1):+.1f}%"})
+    return rows
+
+
 def gpu_rows() -> list[dict]:
     """The estimate (this code) against `make gpu-check`'s measured CUDA peaks (benchmarks/gpu-results.json:
     the trainer's varlen attention and, before it, the block-diagonal mask), the table behind
@@ -196,6 +234,7 @@ def gpu_rows() -> list[dict]:
 def run() -> dict:
     rows = calibration_rows() + _cli_rows()
     rows += [{"measure": "cpu training step", **r} for r in cpu_training_rows()]
+    rows += [{"measure": "cpu training run, by allocator", **r} for r in cpu_run_rows()]
     rows += [{"measure": "cuda training step (make gpu-check)", **r} for r in gpu_rows()]
     rows += [{"measure": "published peak", **r} for r in published_rows()]
     peers = peer_rows()
@@ -220,7 +259,9 @@ def run() -> dict:
                   "CPU stack (its LM head, fused LoRA layers, norms, rotary, and pre-packed linears where the calibration "
                   "takes them), the transformers-loss rows PEFT's own layers; the process is compared with the estimate's "
                   "tensors and framework constant, not a run's `runtime` heap, which one step does not grow; bf16 compute "
-                  "only on a CPU with native bf16 (bench_estimate.cpu_cases). Peer peaks: fitcheck's one-step "
+                  "only on a CPU with native bf16 (bench_estimate.cpu_cases). CPU training run: `toolkit finetune recipes/finance` "
+                  "for a few steps in a process of its own under each allocator the machine has, its run.json training "
+                  "peak (the process's VmHWM) against the plan it printed, whose runtime heap follows the allocator. Peer peaks: fitcheck's one-step "
                   "Tesla T4 runs (max_memory_allocated; prepare_model_for_kbit_training on the nf4 rows, eager or "
                   "SDPA attention as recorded) against allocated_bytes; litgpt rows model its 128-token chunked "
                   "loss (loss_chunk=128)."),

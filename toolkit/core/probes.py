@@ -52,7 +52,16 @@ def native(flops: dict[str, float]) -> list[str]:
     return [dt for dt, rate in flops.items() if 2 * m * k * n / rate <= FULL_SHAPE_LIMIT_S]
 
 
-def attention_times(torch, flops: dict[str, float], reps: int = 5) -> dict[str, float]:
+# Rounds of `packed_gains` and `attention_times`: best of 2 and of 3. The whole calibration must stay
+# within ~3 s on a 2-core CPU at a shared host's slow moment: on the Zen 4 (2026-12-07 18:3x UTC) it read
+# 3.19-3.52 s with 3 and 5 (packed_gains 1.15-1.19 s, attention 0.46-0.48). Packing is decided by the median
+# of a machine's last five readings (`packed_gain_seen`) and the attention kernel at a 1.2x margin, so
+# neither rests on one round.
+PACKED_GAIN_REPS = 2
+ATTENTION_REPS = 3
+
+
+def attention_times(torch, flops: dict[str, float], reps: int = ATTENTION_REPS) -> dict[str, float]:
     """Seconds of each packed-row attention kernel on the ATTENTION_SIZES row, forward and backward,
     best of `reps` (the kernels alternating) after one untimed call, per dtype whose matmul is not an
     emulation's."""
@@ -129,7 +138,7 @@ def packed_rates(torch, flops: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def packed_gains(torch, flops: dict[str, float], reps: int = 3) -> dict[str, float]:
+def packed_gains(torch, flops: dict[str, float], reps: int = PACKED_GAIN_REPS) -> dict[str, float]:
     """"dtype use" -> torch's time over the pre-packed time for each PACKED_GAIN_ROWS use, per
     `packable` dtype. The two alternate (a shared host's slow moment then slows both); best of `reps`
     each."""
