@@ -118,6 +118,13 @@ def llamacpp_rows() -> list[dict]:
     return rows
 
 
+def _without_tcmalloc(environ) -> dict:
+    """`environ` with any tcmalloc taken out of LD_PRELOAD: what a child process runs under is its own."""
+    env = dict(environ)
+    env["LD_PRELOAD"] = ":".join(p for p in env.get("LD_PRELOAD", "").split(":") if p and "tcmalloc" not in p)
+    return env
+
+
 def cpu_cases(native_bf16: bool) -> list[tuple[str, str]]:
     """(loss, compute) of the CPU training steps measured. "trl": the loss as this toolkit's trainer
     computes it (the estimate's default); "transformers": the model's own loss, which the published and
@@ -137,11 +144,10 @@ def cpu_training_rows() -> list[dict]:
     from toolkit.estimate.planner import estimate
     from toolkit.finetune.plan import DTYPE_QUANT, cpu_packs
 
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # RSS follows live tensors (see the script)
-    # ... under glibc's malloc only: a tcmalloc preloaded by the caller keeps what a step frees, and the
-    # RSS then read 191 / 741 MiB where glibc read 522 / 1598 (the Zen 3, 2026-12-06).
-    preload = [p for p in env.get("LD_PRELOAD", "").split(":") if p and "tcmalloc" not in p]
-    env["LD_PRELOAD"] = ":".join(preload)
+    # RSS follows live tensors (see the script) under glibc's malloc only: a tcmalloc preloaded by the
+    # caller keeps what a step frees, and the RSS then read 191 / 741 MiB where glibc read 522 / 1598 (the
+    # Zen 3, 2026-12-06).
+    env = {**_without_tcmalloc(os.environ), "MALLOC_MMAP_THRESHOLD_": "65536"}
     rows = []
     for loss, compute in cpu_cases(capability.detect("cpu").native_bf16):
         for ckpt in (True, False):
@@ -184,9 +190,8 @@ def cpu_run_rows() -> list[dict]:
     from benchmarks import finetune_process
     from toolkit.core import allocator
 
-    # a tcmalloc preloaded into this bench is not passed on: each run chooses its own (`allocator.decide`)
-    base = {k: v for k, v in os.environ.items() if k != allocator.OPT_OUT}
-    base[allocator.PRELOAD] = ":".join(p for p in base.get(allocator.PRELOAD, "").split(":") if p and "tcmalloc" not in p)
+    # each run chooses its own allocator (`allocator.decide`), the glibc runs told to
+    base = {k: v for k, v in _without_tcmalloc(os.environ).items() if k != allocator.OPT_OUT}
     kinds = (["tcmalloc"] if allocator.find_tcmalloc(allocator.library_dirs()) else []) + ["glibc"]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -260,7 +265,7 @@ def run() -> dict:
                   "takes them), the transformers-loss rows PEFT's own layers; the process is compared with the estimate's "
                   "tensors and framework constant, not a run's `runtime` heap, which one step does not grow; bf16 compute "
                   "only on a CPU with native bf16 (bench_estimate.cpu_cases). CPU training run: `toolkit finetune recipes/finance` "
-                  "for a few steps in a process of its own under each allocator the machine has, its run.json training "
+                  "(its steps, no report) in a process of its own under each allocator the machine has, its run.json training "
                   "peak (the process's VmHWM) against the plan it printed, whose runtime heap follows the allocator. Peer peaks: fitcheck's one-step "
                   "Tesla T4 runs (max_memory_allocated; prepare_model_for_kbit_training on the nf4 rows, eager or "
                   "SDPA attention as recorded) against allocated_bytes; litgpt rows model its 128-token chunked "
