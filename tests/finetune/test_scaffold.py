@@ -153,6 +153,18 @@ def test_new_recipe_writes_commented_recipe_that_loads(tmp_path, embedded_dir):
     assert 0 < lo <= med <= hi < rec.data.max_seq_len and found.n_truncated == 0
     text = "\n".join(found.lines())
     assert f"min {lo}, median {med}, max {hi}" in text and "truncated at max_seq_len" in text
+    # The sizes were planned on the training examples as tokenized (the files were not written yet), which
+    # price the packed attention at their mean conversation, not at the most it could keep.
+    from toolkit.core import hardware
+    from toolkit.estimate.catalog import CATALOG
+    from toolkit.estimate.planner import estimate
+    from toolkit.finetune.plan import plan_inputs
+
+    s = found.sizes
+    plan = plan_inputs(rec, "cpu", hardware.dtype_choice("cpu", "train")[0], found.lengths[:found.n_train]).as_kwargs()
+    plan.update(seq_len=s.max_seq_len, batch=s.batch_size, grad_ckpt=s.gradient_checkpointing)
+    assert estimate(CATALOG["embedded"], **plan).total_bytes == s.estimate_bytes
+    assert estimate(CATALOG["embedded"], **{**plan, "conversation_tokens": None}).total_bytes != s.estimate_bytes
 
 
 def test_written_split_reads_back_as_the_source_read(tmp_path, embedded_dir):

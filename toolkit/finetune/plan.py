@@ -328,8 +328,10 @@ def choose_method(lora_bytes: int | None, usable: int, no_estimate: str = "") ->
                      "4-bit weights leave room)")
 
 
-def resolve_method(recipe, spec: str, device: str, dtype: str, available_bytes: int):
-    """(recipe with `method.name: auto` resolved for base `spec`, why); unchanged with "" otherwise."""
+def resolve_method(recipe, spec: str, device: str, dtype: str, available_bytes: int,
+                   train_lengths: Sequence[int] | None = None):
+    """(recipe with `method.name: auto` resolved for base `spec`, why); unchanged with "" otherwise.
+    `train_lengths`: as `plan_inputs` takes them."""
     import copy
 
     from toolkit.core.errors import UserError
@@ -340,7 +342,7 @@ def resolve_method(recipe, spec: str, device: str, dtype: str, available_bytes: 
         return recipe, ""
     lora_bytes, no_estimate = None, ""
     if spec in CATALOG:
-        kw = plan_inputs(recipe, device, dtype).as_kwargs()
+        kw = plan_inputs(recipe, device, dtype, train_lengths).as_kwargs()
         kw.update(task="lora", quant=DTYPE_QUANT[dtype])
         try:
             lora_bytes = estimate(CATALOG[spec], **kw).total_bytes

@@ -269,11 +269,12 @@ def new_recipe(name: str, data_specs: list[str], eval_spec: str | None = None, b
         lengths.append(len(ids))
         labelled += sum(1 for t in labels if t != -100)
 
-    plan = plan_inputs(rec, dev, dtype)
+    # The examples as tokenized here (the recipe's files are not written yet).
+    plan = plan_inputs(rec, dev, dtype, lengths[:len(train)])
     sizes = choose_sizes(lengths, CATALOG.get(choice.spec), plan, usable_bytes(hw.available_bytes), dev)
     _apply_sizes(rec, sizes, lengths[:len(train)], dev, len(held))
     # The run takes plain LoRA where memory is plentiful (see plan.choose_method): timed as it will run.
-    resolved, method_why = resolve_method(rec, choice.spec, dev, dtype, hw.available_bytes)
+    resolved, method_why = resolve_method(rec, choice.spec, dev, dtype, hw.available_bytes, lengths[:len(train)])
     if method_why:
         sizes.reasons.append(method_why)
 
