@@ -82,6 +82,14 @@ def test_training_allocator_and_the_install_hint(facts, kind, hint):
         assert "libtcmalloc-minimal4" in allocator.install_hint(facts)
 
 
+def test_the_plan_and_the_time_model_name_one_allocator_per_device(monkeypatch):
+    """`training_allocator_on`: this machine's training allocator on a CPU (what the memory plan and the
+    time model both price), "glibc" for a CUDA run, whose host heap neither prices."""
+    assert allocator.training_allocator_on("cpu") == allocator.training_allocator(allocator.detect())
+    monkeypatch.setattr(allocator, "detect", lambda: pytest.fail("a CUDA run reads no allocator facts"))
+    assert allocator.training_allocator_on("cuda:0") == allocator.training_allocator_on("cuda") == "glibc"
+
+
 def test_find_tcmalloc_prefers_the_minimal_library_then_the_first_folder(tmp_path):
     first, second = tmp_path / "venv", tmp_path / "system"
     for d in (first, second):

@@ -67,9 +67,10 @@ def settings(args, device: str) -> dict:
 def _packs(s: dict, device: str) -> dict:
     """`s` with `packed_weights` as a training run computing in its dtype on `device` would have them,
     and the C allocator it would train under."""
-    from toolkit.finetune.plan import cpu_packs, training_allocator
+    from toolkit.core.allocator import training_allocator_on
+    from toolkit.finetune.plan import cpu_packs
 
-    return {**s, "packed_weights": cpu_packs(device, s["dtype"], s["task"]), "allocator": training_allocator(device)}
+    return {**s, "packed_weights": cpu_packs(device, s["dtype"], s["task"]), "allocator": training_allocator_on(device)}
 
 
 def _dense_quant_is_the_dtype(s: dict) -> dict:

@@ -163,6 +163,13 @@ def training_allocator(f: Facts) -> str:
     return "tcmalloc" if _under_tcmalloc(f) or (env and PRELOAD in env) else "glibc"
 
 
+def training_allocator_on(device: str) -> str:
+    """`training_allocator` of this machine for a training run on `device` ("cuda..." or "cpu"), as the
+    planner and the time model name it: on CUDA the process's host heap is neither planned nor priced,
+    and "glibc" stands."""
+    return "glibc" if device.startswith("cuda") else training_allocator(detect())
+
+
 def install_hint(f: Facts) -> str:
     """One line for a CPU training run's output where `decide` would take tcmalloc were one installed
     but none is, else ""."""

@@ -147,7 +147,7 @@ def rates_here(dtype: str | None = None, purpose: str = "train") -> Rates:
     packed = f" pre-packed ({unpacked / 1e9:.1f} unpacked{why})" if flops != unpacked else ""
     from toolkit.core import allocator
 
-    malloc = allocator.training_allocator(allocator.detect()) if kind == "cpu" else "glibc"
+    malloc = allocator.training_allocator_on(kind)
     under = ", tcmalloc" if malloc == "tcmalloc" else ""
     return Rates(kind, flops, cal.bandwidth_bytes_per_s, f"calibration: {dtype} {flops / 1e9:.1f} GFLOP/s{packed}, "
                  f"{cal.bandwidth_bytes_per_s / 1e9:.1f} GB/s{under}", dtype, unpacked, malloc, cal.host_layer_s)

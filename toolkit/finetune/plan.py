@@ -40,7 +40,7 @@ class PlanInputs:
     compute: str = "bf16"  # the compute dtype, as the estimator names it (fp32 on a CPU without native bf16)
     packed_weights: bool = False  # a CPU run pre-packs its frozen weights (`cpu_packs`)
     conversation_tokens: float | None = 0.0  # mean tokens of a packed conversation (`conversation_tokens`)
-    allocator: str = "glibc"  # the C allocator a CPU run trains under (`toolkit.core.allocator.training_allocator`)
+    allocator: str = "glibc"  # the C allocator a CPU run trains under (`toolkit.core.allocator.training_allocator_on`)
 
     def as_kwargs(self) -> dict:
         return asdict(self)
@@ -262,6 +262,7 @@ def plan_inputs(recipe, device: str, dtype: str, train_lengths: Sequence[int] | 
     """The estimator's inputs for `recipe` trained on `device` ("cuda..." or "cpu") with compute
     `dtype` (a torch dtype name, as `toolkit.core.hardware.dtype_for` returns it). `train_lengths`: the
     training examples' token counts where the caller has tokenized them (`conversation_tokens`)."""
+    from toolkit.core import allocator
     from toolkit.estimate.planner import ALL_LINEAR
 
     m, lo = recipe.method, recipe.lora
@@ -278,19 +279,9 @@ def plan_inputs(recipe, device: str, dtype: str, train_lengths: Sequence[int] | 
         lora_r=lo.r, grad_ckpt=recipe.training.gradient_checkpointing, targets=targets,
         optimizer=TRAINER_OPTIMIZER, lora_dropout=lo.dropout, device="cuda" if device.startswith("cuda") else "cpu",
         compute=DTYPE_QUANT[dtype], packed_weights=cpu_packs(device, dtype, "full" if m.name == "full" else "lora"),
-        conversation_tokens=conversation_tokens(recipe, train_lengths), allocator=training_allocator(device),
+        conversation_tokens=conversation_tokens(recipe, train_lengths),
+        allocator=allocator.training_allocator_on(device),
     )
-
-
-def training_allocator(device: str) -> str:
-    """The C allocator a training run on `device` holds its heap in, as the planner names it: on a CPU
-    `toolkit.core.allocator.training_allocator` of this machine (tcmalloc or glibc); on CUDA the
-    process's host heap is not planned, and "glibc" stands."""
-    if device.startswith("cuda"):
-        return "glibc"
-    from toolkit.core import allocator
-
-    return allocator.training_allocator(allocator.detect())
 
 
 def cpu_packs(device: str, dtype: str, task: str) -> bool:
