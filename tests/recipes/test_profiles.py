@@ -81,7 +81,7 @@ CASES = [(p, name) for p in SHIPPED for name, _ in profiles(p)]
 @pytest.mark.parametrize("path,profile", CASES, ids=[f"{p.parent.name}-{n}" for p, n in CASES])
 def test_profile_evaluates_several_times_and_saves(path, profile, tokenizers):
     rec = dict(profiles(path))[profile]
-    model = rec.model.fallback_model if profile in ("cpu", "fallback") else rec.model.base_model
+    model = rec.model.fallback_model if profile == "fallback" else rec.model.base_model
     steps = optimizer_steps(rec, tokenizers(model))
     where = f"{path} ({profile} profile, {model}): {steps} optimizer steps"
     if rec.data.eval:
@@ -140,3 +140,33 @@ def test_gpu_check_dry_run_plans_every_measurement_without_a_gpu():
     proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 2 and "needs a CUDA GPU" in proc.stderr
+
+
+def test_on_a_cpu_the_finance_recipe_trains_the_embedded_model_even_where_its_llama_is_at_hand(
+        tiny_llama32_dir, tmp_path, monkeypatch):
+    """The `cpu:` profile is sized and tuned for the embedded model. A CPU whose HF cache holds the recipe's
+    Llama-3.2-1B had trained that instead (12-28 min planned, against the profile's 10-min target)."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    from toolkit.finetune import base_model, recipe
+
+    path = ROOT / "recipes" / "finance"
+    gpu, cpu = recipe.load(path, gpu=True), recipe.load(path, gpu=False)
+    repo = gpu.model.base_model
+    assert repo.startswith("meta-llama/Llama-3.2")
+    # The hub cache's own layout, holding the recipe's base (a tiny model of its family stands in for it).
+    snapshot = tmp_path / "hub" / f"models--{repo.replace('/', '--')}" / "snapshots" / ("0" * 40)
+    shutil.copytree(tiny_llama32_dir, snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert base_model.available_source(repo, 0.1) == repo  # the cache above is found
+
+    said = []
+    choice = base_model.resolve_base(cpu, announce=said.append, device="cpu")
+    assert (choice.spec, choice.requested, choice.fallback_reason, said) == ("embedded", "embedded", "", [])
+    # A user who wants the 1B on a CPU says so (whether it then fits is the memory rule's, tested apart).
+    assert recipe.load(path, [f"model.base_model={repo}"], gpu=False).model.base_model == repo
