@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -227,3 +228,40 @@ def test_default_system_prompt_of_an_exported_gguf(tmp_path):
     assert default_system_prompt(str(out / "other.gguf")) == ""  # copied in, not exported here
     (out / "export.json").write_text("{broken")
     assert default_system_prompt(str(out / "m-q8_0.gguf")) == ""
+
+
+def _mapped_files(maps: str = "/proc/self/maps") -> dict[str, list[tuple[int, int]]]:
+    """path -> the address ranges this process has it mapped at (Linux)."""
+    out: dict[str, list[tuple[int, int]]] = {}
+    with open(maps) as f:
+        for line in f:
+            parts = line.split(maxsplit=5)
+            if len(parts) == 6 and parts[5].startswith("/"):
+                lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                out.setdefault(parts[5].strip(), []).append((lo, hi))
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads Linux's /proc/self/maps")
+def test_a_model_quantized_on_a_cpu_keeps_no_view_of_its_checkpoint(tmp_path, tiny_llama32_dir):
+    """The tensors a 4-bit load leaves unconverted (embeddings, norms) had stayed views of the mapped
+    checkpoint, holding the whole file's read pages resident (the 1B's QLoRA run: +1.8 GiB)."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from toolkit.core.models import load_causal_lm
+
+    bf16 = tmp_path / "bf16"  # a checkpoint in the compute dtype: nothing converted, so views are possible
+    AutoModelForCausalLM.from_pretrained(tiny_llama32_dir, dtype=torch.bfloat16).save_pretrained(bf16)
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    model = load_causal_lm(str(bf16), "bfloat16", "cpu", quantization=quant)
+    ranges = [r for path, rs in _mapped_files().items() if path.startswith(str(bf16)) for r in rs]
+    views = [name for name, t in [*model.named_parameters(), *model.named_buffers()]
+             if any(lo <= t.data_ptr() < hi for lo, hi in ranges)]
+    assert views == []
+    # The copies hold the loader's values: the same logits as transformers' own load of the same checkpoint.
+    ids = torch.tensor([[1, 5, 9, 200, 17]])
+    plain = AutoModelForCausalLM.from_pretrained(bf16, dtype=torch.bfloat16, quantization_config=quant,
+                                                 device_map={"": "cpu"})
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, plain(ids).logits)

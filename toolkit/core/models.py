@@ -242,7 +242,21 @@ def load_causal_lm(source: str, dtype: str = "float32", device: str = "cpu", qua
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     if quantization is None:
         model.to(device)
+    elif device == "cpu":
+        own_memory(model)
     return model
+
+
+def own_memory(model) -> None:
+    """Copy `model`'s floating-point tensors into the process's own memory, after a 4-bit load on a CPU:
+    the tensors left unconverted (embeddings, norms) are views of the memory-mapped checkpoint, which keep
+    the whole file mapped and the pages quantizing read resident (Llama-3.2-1B's bf16 file: 1.86 GB
+    beside 0.96 GB of 4-bit weights; its QLoRA run peaked at 5.85 GiB, its plan 4.15; now 4.04, 2026-12-07)."""
+    import itertools
+
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        if t.is_floating_point():  # the 4-bit weights are integer tensors, made by the quantizer
+            t.data = t.data.clone()
 
 
 def run_info(run: Path) -> dict:
