@@ -166,3 +166,26 @@ def test_chat_failures_catch_leaked_template_tokens(llama_tok):
     (leak,) = chat_failures(turn("A loan.<|start_header_id|>user<|end_header_id|>"), llama_tok)
     assert "<|start_header_id|>" in leak and "<|end_header_id|>" in leak
     assert chat_failures(turn("A loan.<|eot_id|>"), llama_tok)
+
+
+def test_tokens_past_the_embedding_rows_are_left_out_of_the_gguf(tmp_path):
+    """Meta's Llama-3.2 Vision tokenizer (the one at hand) adds `<|image|>` at 128256, past the text
+    models' 128256 embedding rows: llama.cpp's converter refused such a folder with an assertion,
+    after an export's merge and save. The export now drops the tokens the model has no row for."""
+    from llama_cpp import Llama
+
+    from toolkit.core.reference_models import tiny_llama32_dir
+    from toolkit.export.convert import drop_tokens_past, hf_to_gguf
+
+    folder = tiny_llama32_dir(tmp_path / "m", vocab_size=128256)
+    with pytest.raises(RuntimeError, match="convert_hf_to_gguf failed"):
+        hf_to_gguf(folder, tmp_path / "before.gguf")
+    assert drop_tokens_past(folder, 128256) == ["<|image|>"]
+    assert drop_tokens_past(folder, 128256) == []
+    gguf = hf_to_gguf(folder, tmp_path / "after.gguf")
+    llm = Llama(model_path=str(gguf), vocab_only=True, verbose=False)
+    try:
+        assert llm.n_vocab() == 128256
+        assert llm.tokenize(b"<|eot_id|>", add_bos=False, special=True) == [128009]
+    finally:
+        llm.close()

@@ -122,6 +122,26 @@ def hf_to_gguf(hf_dir, out_path, outtype: str = "f16", model_name: str | None = 
     return out_path
 
 
+def drop_tokens_past(hf_dir, rows: int) -> list[str]:
+    """Remove from `hf_dir`'s tokenizer.json the added tokens whose ids are past the model's `rows`
+    embedding rows, and return their texts. The model can neither read nor write such a token, and
+    llama.cpp's converter refuses a tokenizer larger than the vocabulary (an assertion, after the merge
+    and save): Meta's Llama-3.2 Vision tokenizer, for one, adds `<|image|>` at 128256 to the text
+    models' 128256 rows. Tokens of the tokenizer's own model (not added ones) are left as they are."""
+    import json
+
+    path = Path(hf_dir) / "tokenizer.json"
+    if not path.is_file():
+        return []
+    data = json.loads(path.read_text(encoding="utf-8"))
+    added = data.get("added_tokens") or []
+    past = [t for t in added if t.get("id", -1) >= rows]
+    if past:
+        data["added_tokens"] = [t for t in added if t.get("id", -1) < rows]
+        path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    return [t.get("content", "") for t in past]
+
+
 def quantize_gguf(src, dst, quant: str) -> Path:
     """Quantize GGUF `src` into `dst` as `quant` (see QUANT_TYPES) with llama.cpp's quantizer.
 

@@ -19,7 +19,7 @@ from toolkit.core.errors import UserError
 from toolkit.core.progress import say
 from toolkit.core.units import MIB, gib
 from toolkit.export import work_dirs
-from toolkit.export.convert import QUANT_TYPES, check_quant, hf_to_gguf, quantize_with_log
+from toolkit.export.convert import QUANT_TYPES, check_quant, drop_tokens_past, hf_to_gguf, quantize_with_log
 
 # Approximate bits per weight of each output type, for the free-disk check (K-quants that fall
 # back to q8_0/q5_0 on 576-wide tensors come out larger; the margin below absorbs that).
@@ -276,6 +276,10 @@ def export_model(spec: str, quants=("q4_k_m",), out=None, force: bool = False, p
         hf_dir = work / "hf"
         model.save_pretrained(hf_dir)
         tok.save_pretrained(hf_dir)
+        dropped = drop_tokens_past(hf_dir, model.get_input_embeddings().num_embeddings)
+        if dropped:
+            progress(f"note: the tokenizer's {', '.join(dropped)} left out of the GGUF: past the model's "
+                     f"{model.get_input_embeddings().num_embeddings} embedding rows, no input or output of it")
         timings["save_hf"] = time.perf_counter() - t
 
         progress(f"[3/{steps}] converting to f16 GGUF with llama.cpp's converter (convert-hf-to-gguf)")
