@@ -25,6 +25,8 @@ def _source(package: str, relative: str) -> str:
 def test_the_dropped_texts_are_still_what_upstream_says():
     # Fails when an upstream rewords a message: the entry is stale and should go.
     assert upstream_noise.LOGGED["bitsandbytes.backends.cpu.ops"] in _source("bitsandbytes", "backends/cpu/ops.py")
+    assert upstream_noise.LOGGED["transformers.tokenization_utils_tokenizers"] in \
+        _source("transformers", "tokenization_utils_tokenizers.py")
     assert "`is_gradient_checkpointing` is deprecated" in _source("transformers", "modeling_utils.py")
     assert "is_gradient_checkpointing" in _source("trl", "models/utils.py")
 
@@ -71,3 +73,15 @@ def test_importing_peft_after_install_prints_no_kernels_message():
 
     if "avx512_bf16" in capability.detect("cpu").flags:  # where bitsandbytes tries to fetch that kernel
         assert "Failed to load CPU gemm_4bit_forward" in run("").stderr
+
+
+def test_decoding_with_metas_llama32_tokenizer_after_install_logs_no_cleanup_advice(llama32_tokenizer_dir):
+    code = ("from toolkit.core import upstream_noise; {}from transformers import AutoTokenizer; "
+            f"t = AutoTokenizer.from_pretrained({str(llama32_tokenizer_dir)!r}); print(t.decode(t.encode('Hi , there .')))")
+    run = lambda setup: subprocess.run([sys.executable, "-c", code.format(setup)],  # noqa: E731
+                                       capture_output=True, text=True, timeout=300)
+    quieted, plain = run("upstream_noise.install(); "), run("")
+    assert quieted.returncode == 0, quieted.stderr
+    assert "Hi , there ." in quieted.stdout  # the spaces kept: transformers skips the cleanup either way
+    assert "clean_up_tokenization_spaces" not in quieted.stderr
+    assert "Ignoring clean_up_tokenization_spaces=True for BPE tokenizer" in plain.stderr  # what it drops

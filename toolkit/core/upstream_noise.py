@@ -8,6 +8,10 @@ Each entry was seen at the start of every `make finetune RECIPE=finance` on the 
   That kernel would be downloaded from the Hugging Face Hub at run time, and serves 4-bit
   matrix-vector products; bitsandbytes falls back to its own CPU kernel. The toolkit's CPU runs
   train LoRA, or QLoRA through dequantized matmuls, and decode in fp32 or through llama.cpp.
+- transformers, decoding with a BPE tokenizer whose config sets `clean_up_tokenization_spaces` (Meta's
+  Llama-3.2 does), logs that it ignores the setting and asks the user to set it False "to suppress this
+  warning": the setting is wrong for BPE and transformers already does the right thing (seen once per
+  `toolkit generate` / chat / report on a Llama-3.2 run, 2026-12-07).
 - transformers warns that `is_gradient_checkpointing` is deprecated: TRL reads it, not the toolkit
   (trl/models/utils.py); nothing a user can change.
 
@@ -23,6 +27,7 @@ import logging
 # logger name -> start of the message dropped from it
 LOGGED = {
     "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward from kernels-community",
+    "transformers.tokenization_utils_tokenizers": "Ignoring clean_up_tokenization_spaces=True for BPE tokenizer",
 }
 # (category, regex the warning's message must match from its start)
 WARNED = (
