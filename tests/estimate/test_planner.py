@@ -460,12 +460,39 @@ def test_fp32_compute_holds_qloras_unquantized_weights_and_activations_in_fp32()
     up = estimate(m, "qlora", "nf4-dq", 1024, 2, 16, True, device="cuda", kbit_upcast=True)
     assert f32.components["weights"] - b16.components["weights"] == 2 * (m.embedding_params() + m.lm_head_params()
                                                                            + m.small_params())
-    assert f32.components == up.components
+    # prepare_model_for_kbit_training upcasts, but bnb still dequantizes into the bf16 it loaded in
+    assert {k: v for k, v in f32.components.items() if k != "dequant_buffer"} == \
+        {k: v for k, v in up.components.items() if k != "dequant_buffer"}
+    assert up.components["dequant_buffer"] == b16.components["dequant_buffer"]
     assert f32.components["activations"] > b16.components["activations"]
     assert "fp32 compute" in " ".join(f32.notes) and "fp32 compute" not in " ".join(b16.notes)
     assert estimate(m, "qlora", "nf4-dq", 1024, 2, 16, True, device="cuda").components == b16.components
     with pytest.raises(UserError, match="compute dtype"):
         estimate(m, "qlora", compute="int8")
+
+
+@pytest.mark.parametrize("compute", ["float32", "bfloat16"])
+def test_dequant_buffer_is_one_weight_in_the_dtype_bitsandbytes_dequantizes_to(compute, tmp_path):
+    """A 4-bit base dequantizes each weight into its quant_state's dtype, the dtype the toolkit loads it
+    in (the compute dtype): the plan's buffer is the largest linear in that many bytes."""
+    import torch
+    from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+    from bitsandbytes.functional import dequantize_4bit
+    from toolkit.core import models
+    from toolkit.estimate.catalog import from_hf_folder
+
+    cfg = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=384, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2)
+    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(tmp_path)  # bf16 on disk, as Meta ships
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                           bnb_4bit_compute_dtype=getattr(torch, compute))
+    model = models.load_causal_lm(str(tmp_path), compute, "cpu", quantization=q)
+    four_bit = [p for p in model.parameters() if hasattr(p, "quant_state")]
+    largest = max(four_bit, key=lambda w: w.quant_state.shape.numel())
+    real = dequantize_4bit(largest.data, largest.quant_state)
+    plan = estimate(from_hf_folder(tmp_path), "qlora", "nf4", 64, 1, 8, True, device="cpu",
+                    compute={"float32": "fp32", "bfloat16": "bf16"}[compute])
+    assert plan.components["dequant_buffer"] == real.numel() * real.element_size()
 
 
 def test_compute_dtype_is_the_dense_tasks_default_quant_and_the_picks():

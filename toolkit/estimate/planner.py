@@ -216,7 +216,8 @@ def estimate(model: str | ModelFacts, task: str = "qlora", quant: str | None = N
             if (bnb_legacy and quant in ("nf4", "nf4-dq") and not grad_ckpt) else 0
         act = 4 if (quant == "fp32" or upcast) else 2
         _training_terms(est, m, quant, tokens, lora_r, grad_ckpt, targets, optimizer, lora_dropout,
-                        act=act, attn_impl=attn_impl, loss=loss, loss_chunk=loss_chunk,
+                        act=act, dequant_bytes=4 if compute == "fp32" else 2, attn_impl=attn_impl, loss=loss,
+                        loss_chunk=loss_chunk,
                         extra_kept=legacy, conversation_tokens=conversation_tokens)
         if packed_weights and device == "cpu" and task in ("lora", "qlora"):
             dense = m.layers * sum(a * b for a, b in m.linears().values()) if task == "lora" else 0
@@ -254,7 +255,8 @@ def _inference_terms(est: Estimate, m: ModelFacts, quant: str, is_gguf: bool, to
 
 
 def _training_terms(est, m, quant, tokens, lora_r, grad_ckpt, targets, optimizer, lora_dropout, *, act,
-                    attn_impl="sdpa", loss="trl", loss_chunk=0, extra_kept=0, conversation_tokens=0) -> None:
+                    dequant_bytes=2, attn_impl="sdpa", loss="trl", loss_chunk=0, extra_kept=0,
+                    conversation_tokens=0) -> None:
     c = est.components
     task = est.task
     if task == "full":
@@ -317,8 +319,9 @@ def _training_terms(est, m, quant, tokens, lora_r, grad_ckpt, targets, optimizer
     c["logits"] = logits
     est.notes.append(f"peak during {phase}")
     if quant in ("nf4", "nf4-dq", "int8"):
-        # bnb dequantizes one weight at a time to the compute dtype for the matmul
-        c["dequant_buffer"] = 2 * max(a * b for a, b in m.linears().values())
+        # bnb dequantizes one weight at a time to the dtype the base was loaded in, the compute dtype
+        # (quant_state.dtype: float32 under fp32 compute), whatever prepare_model_for_kbit_training upcast
+        c["dequant_buffer"] = dequant_bytes * max(a * b for a, b in m.linears().values())
     if task != "full" and tuple(targets) != ALL_LINEAR:
         est.notes.append(f"LoRA targets: {', '.join(targets)}")
 
