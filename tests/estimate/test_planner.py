@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -245,6 +246,8 @@ def test_cpu_training_plans_the_fused_path_and_its_runtime():
                                                        m.linears(), 16, 0.0, act,
                                                        kept_scores_per_token(120, m.heads, m.head_dim))
         logits, retained = F.cpu_lean_logits_bytes(1024, m.vocab, m.hidden, act), F.cpu_lean_retained_bytes(1024, m.vocab, act)
+        if compute == "fp32":  # a head weight not pre-packed streams the vocabulary in fp32
+            logits, retained = F.cpu_streamed_logits_bytes(1024, m.vocab, m.hidden, act), 0
         peak = F.training_peak_activation_bytes(per_layer, m.layers, m.hidden, 1024, False, logits, act, 0, 0, retained)
         assert (est.components["activations"], est.components["logits"]) == peak[:2]
         assert est.components["runtime"] == F.CPU_TRAINING_RUNTIME_BYTES["glibc"]  # the default: the larger
@@ -511,8 +514,8 @@ def test_cpu_head_keeps_its_logits_buffers_through_the_layers_backward(monkeypat
     """The materialized CPU LM head hands its logits buffers (fp32, and in bf16 the matmul's bf16 one)
     to the next step, so they are allocated while the decoder layers run their backward:
     `formulas.cpu_lean_retained_bytes` is what `cpu_lm_head._SPARE` holds after a step, and the
-    estimate's peak on a CPU is that phase. (The streamed head, fp32 with an unpacked weight, keeps
-    none: the estimate stays the bound, since packing is the run's calibration's choice.)"""
+    estimate's peak on a CPU is that phase. The streamed head (a frozen weight not pre-packed: in fp32, or
+    past the materialized head's limit) keeps none: the plan follows the run's packing (`packed_weights`)."""
     torch = pytest.importorskip("torch")
     from toolkit.finetune import cpu_lm_head
 
@@ -533,6 +536,53 @@ def test_cpu_head_keeps_its_logits_buffers_through_the_layers_backward(monkeypat
     m = CATALOG["embedded"]
     assert e.components["logits"] == F.cpu_lean_retained_bytes(1024, m.vocab, 2)
     assert "peak during a decoder layer's backward" in e.notes
+    for packed, logits in ((True, F.cpu_lean_retained_bytes(1024, m.vocab, 4)),
+                           (False, F.cpu_streamed_logits_bytes(1024, m.vocab, m.hidden, 4))):
+        fp32 = estimate("embedded", "qlora", "nf4-dq", 512, 2, 16, False, device="cpu", compute="fp32",
+                        packed_weights=packed)
+        assert fp32.components["logits"] == logits
+    # bf16 past the materialized head's limit (Llama-3.2-1B, 2,048 positions) streams too
+    big = CATALOG["meta-llama/Llama-3.2-1B-Instruct"]
+    past = estimate(big, "lora", "bf16", 1024, 2, 16, False, device="cpu", compute="bf16")
+    assert past.components["logits"] == F.cpu_streamed_logits_bytes(2048, big.vocab, big.hidden, 2)
+    # full fine-tuning trains the head: the materialized one
+    full = estimate("embedded", "full", "fp32", 512, 2, None, False, device="cpu", compute="fp32")
+    assert full.components["logits"] == F.cpu_lean_retained_bytes(1024, m.vocab, 4)
+
+
+@pytest.mark.parametrize("n,h,v,dtype", [(460, 576, 49152, "float32"), (974, 2048, 32768, "float32"),
+                                         (300, 256, 20000, "bfloat16"), (1200, 128, 4096, "bfloat16")])
+def test_streamed_head_spike_is_what_the_head_allocates(n, h, v, dtype):
+    """`formulas.cpu_streamed_logits_bytes` against the growth of a real process's high-water mark over
+    one forward and backward of the streamed head (glibc's mmap threshold at 64 KiB: every buffer is its
+    own mapping, returned when freed), in shapes where its forward and where its backward is the peak."""
+    import subprocess
+    import sys
+
+    code = f"""
+import torch
+from toolkit.finetune import cpu_lm_head
+def hwm(key):
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key))
+torch.manual_seed(0)
+hidden = torch.randn({n}, {h}, dtype=torch.{dtype}, requires_grad=True)
+weight, targets = torch.randn({v}, {h}, dtype=torch.{dtype}) * 0.02, torch.randint(0, {v}, ({n},))
+def step():
+    out = cpu_lm_head.streamed_function().apply(hidden, weight, None, targets, 1.0, 128, None, 1.0,
+                                                ("log_probs", "entropy", "is_top1"))
+    (-out[0].sum()).backward()
+    hidden.grad = None
+step()
+open("/proc/self/clear_refs", "w").write("5")
+before = hwm("VmRSS:")
+step()
+print(hwm("VmHWM:") - before)
+"""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    measured = int(out.stdout.split()[-1])
+    planned = F.cpu_streamed_logits_bytes(n, v, h, 4 if dtype == "float32" else 2)
+    assert planned == pytest.approx(measured, rel=0.06)
 
 
 @pytest.mark.parametrize("tied", [True, False])

@@ -335,6 +335,26 @@ def cpu_lean_logits_bytes(tokens: int, vocab: int, hidden: int, act_bytes: int =
     return cpu_lean_retained_bytes(tokens, vocab, act_bytes) + tokens * hidden * act_bytes
 
 
+def cpu_streamed_logits_bytes(tokens: int, vocab: int, hidden: int, act_bytes: int = 2) -> int:
+    """The same spike with the CPU head that streams the vocabulary (`toolkit.finetune.cpu_lm_head_streamed`:
+    a frozen weight not pre-packed, in fp32 always, in bf16 past CPU_LEAN_HEAD_MAX_BYTES), which keeps
+    nothing vocabulary-sized and nothing for the next step. The larger of its two moments:
+    - the forward: a block's fp32 logits, their exponentials and the entropy's product of the two (3 x N x
+      block x 4 bytes; in bf16 also the bf16 product and exponentials, 2 x 2 more), and P @ W accumulated
+      in fp32 (N x H x 4; in bf16 also the hidden states and that product's block in bf16, 2 x 2 more);
+    - the backward: P @ W, W[targets], their difference and the gradient, N x H each in fp32 (in bf16
+      also W[targets] and the gradient in bf16: 20 bytes a position).
+    Measured as the growth of a process's high-water mark (glibc's mmap threshold at 64 KiB, every buffer
+    its own mapping) within 6% (tests/estimate/test_planner.py). `tokens` is every position; the head
+    runs on the labelled ones only, so this is an upper bound."""
+    from toolkit.finetune.cpu_lm_head_streamed import vocab_block
+
+    narrow = act_bytes < 4
+    block = tokens * vocab_block(tokens, vocab, hidden)
+    forward = block * (16 if narrow else 12) + tokens * hidden * (8 if narrow else 4)
+    return max(forward, tokens * hidden * (20 if narrow else 16))
+
+
 def cpu_lean_retained_bytes(tokens: int, vocab: int, act_bytes: int = 2) -> int:
     """What the CPU head keeps after its backward for the next step (`cpu_lm_head._SPARE`: the fp32
     logits buffer and, in 16-bit compute, the 16-bit one; a fresh one page-faults every step), so

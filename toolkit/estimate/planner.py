@@ -216,8 +216,8 @@ def estimate(model: str | ModelFacts, task: str = "qlora", quant: str | None = N
             if (bnb_legacy and quant in ("nf4", "nf4-dq") and not grad_ckpt) else 0
         act = 4 if (quant == "fp32" or upcast) else 2
         _training_terms(est, m, quant, tokens, lora_r, grad_ckpt, targets, optimizer, lora_dropout,
-                        act=act, dequant_bytes=4 if compute == "fp32" else 2, attn_impl=attn_impl, loss=loss,
-                        loss_chunk=loss_chunk,
+                        act=act, dequant_bytes=4 if compute == "fp32" else 2, packed_weights=packed_weights,
+                        attn_impl=attn_impl, loss=loss, loss_chunk=loss_chunk,
                         extra_kept=legacy, conversation_tokens=conversation_tokens)
         if packed_weights and device == "cpu" and task in ("lora", "qlora"):
             dense = m.layers * sum(a * b for a, b in m.linears().values()) if task == "lora" else 0
@@ -255,7 +255,7 @@ def _inference_terms(est: Estimate, m: ModelFacts, quant: str, is_gguf: bool, to
 
 
 def _training_terms(est, m, quant, tokens, lora_r, grad_ckpt, targets, optimizer, lora_dropout, *, act,
-                    dequant_bytes=2, attn_impl="sdpa", loss="trl", loss_chunk=0, extra_kept=0,
+                    dequant_bytes=2, packed_weights=False, attn_impl="sdpa", loss="trl", loss_chunk=0, extra_kept=0,
                     conversation_tokens=0) -> None:
     c = est.components
     task = est.task
@@ -310,6 +310,8 @@ def _training_terms(est, m, quant, tokens, lora_r, grad_ckpt, targets, optimizer
         logits = F.logits_bytes(tokens, m.vocab, act)
     elif est.device == "cuda":
         logits = F.trl_fused_logits_bytes(tokens, m.vocab, m.hidden, act)
+    elif _cpu_head_streams(act, tokens * m.vocab * 4, packed_weights, task):
+        logits = F.cpu_streamed_logits_bytes(tokens, m.vocab, m.hidden, act)
     else:
         logits = F.cpu_lean_logits_bytes(tokens, m.vocab, m.hidden, act)
         retained = F.cpu_lean_retained_bytes(tokens, m.vocab, act)
@@ -324,6 +326,17 @@ def _training_terms(est, m, quant, tokens, lora_r, grad_ckpt, targets, optimizer
         c["dequant_buffer"] = dequant_bytes * max(a * b for a, b in m.linears().values())
     if task != "full" and tuple(targets) != ALL_LINEAR:
         est.notes.append(f"LoRA targets: {', '.join(targets)}")
+
+
+def _cpu_head_streams(act: int, fp32_logits_bytes: int, packed_weights: bool, task: str) -> bool:
+    """Whether the CPU trainer's LM head streams the vocabulary, as `cpu_lm_head.streams` decides at run
+    time: a frozen head weight (not full fine-tuning) that the run does not pre-pack (`packed_weights`,
+    the calibration's choice; only an fp32 head is ever packed, `cpu_lm_head.uses_weight_packs`)."""
+    from toolkit.finetune.cpu_lm_head import streams, uses_weight_packs
+
+    dtype = "float32" if act == 4 else "bfloat16"
+    return streams(dtype, task == "full", packed_weights and uses_weight_packs(dtype),
+                   fp32_logits_bytes <= F.CPU_LEAN_HEAD_MAX_BYTES)
 
 
 def past_context(m: ModelFacts, seq_len: int) -> int | None:
