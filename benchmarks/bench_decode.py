@@ -139,7 +139,7 @@ def _merged_vs_unmerged(run: str, cfg) -> dict:
     """A run folder through the transformers backend as the toolkit opens it (the adapter merged into
     the base) vs the same run as a PeftModel (the adapter's products at every layer), both packed as
     this CPU's calibration says: best of REPEATS each, alternating."""
-    from toolkit.core.models import load_model
+    from toolkit.core.loading import load_model
     from toolkit.decoding import generate
     from toolkit.decoding.backends.hf import HFBackend
 

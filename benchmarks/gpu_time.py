@@ -124,7 +124,7 @@ def measure_decode(row: dict, model_dir: str, device: str = "cuda") -> dict:
     "nf4+lora" (the QLoRA model the report scores: 4-bit base, LoRA r16 on all linears, unmerged)."""
     import torch
 
-    from toolkit.core.models import load_causal_lm, load_tokenizer
+    from toolkit.core.loading import load_causal_lm, load_tokenizer
 
     tok = load_tokenizer(model_dir)
     if row["model"] == "bf16":

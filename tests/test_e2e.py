@@ -83,7 +83,7 @@ def test_llama32_qlora_merge_gguf_llamacpp_and_modelfile(tmp_path, tiny_llama32_
 
     from tests.export.ollama_template import ollama_prompt
     from toolkit.core.chat_tokens import end_of_turn_token
-    from toolkit.core.models import load_model
+    from toolkit.core.loading import load_model
     from toolkit.export import verify, verify_text
     from toolkit.export.convert import hf_to_gguf
     from toolkit.export.modelfile import modelfile_text

@@ -20,7 +20,7 @@ def raw_llama32_tok():
 
 @pytest.fixture(scope="module")
 def llama32_tok(llama32_tokenizer_dir):
-    from toolkit.core.models import load_tokenizer
+    from toolkit.core.loading import load_tokenizer
 
     return load_tokenizer(str(llama32_tokenizer_dir))
 
@@ -136,7 +136,7 @@ def test_ensure_chat_template_only_for_template_less_llama3(raw_llama32_tok, emb
 
 
 def test_load_tokenizer_gives_llama3_its_template(tmp_path, raw_llama32_tok):
-    from toolkit.core.models import load_tokenizer
+    from toolkit.core.loading import load_tokenizer
 
     raw_llama32_tok.save_pretrained(tmp_path)
     assert "<|start_header_id|>" in load_tokenizer(str(tmp_path)).chat_template

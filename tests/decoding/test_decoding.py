@@ -145,7 +145,7 @@ def test_stop_prefix_holdback():
 @pytest.fixture(scope="module")
 def tiny(tiny_llama_dir):
     from toolkit.decoding.backends.hf import HFBackend
-    from toolkit.core.models import load_model
+    from toolkit.core.loading import load_model
 
     model, tok = load_model(str(tiny_llama_dir))
     return HFBackend(model, tok)

@@ -481,7 +481,7 @@ def test_dequant_buffer_is_one_weight_in_the_dtype_bitsandbytes_dequantizes_to(c
     import torch
     from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
     from bitsandbytes.functional import dequantize_4bit
-    from toolkit.core import models
+    from toolkit.core import loading
     from toolkit.estimate.catalog import from_hf_folder
 
     cfg = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=384, num_hidden_layers=1,
@@ -489,7 +489,7 @@ def test_dequant_buffer_is_one_weight_in_the_dtype_bitsandbytes_dequantizes_to(c
     LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(tmp_path)  # bf16 on disk, as Meta ships
     q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                            bnb_4bit_compute_dtype=getattr(torch, compute))
-    model = models.load_causal_lm(str(tmp_path), compute, "cpu", quantization=q)
+    model = loading.load_causal_lm(str(tmp_path), compute, "cpu", quantization=q)
     four_bit = [p for p in model.parameters() if hasattr(p, "quant_state")]
     largest = max(four_bit, key=lambda w: w.quant_state.shape.numel())
     real = dequantize_4bit(largest.data, largest.quant_state)

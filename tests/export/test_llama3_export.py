@@ -17,7 +17,7 @@ BOS = "<|begin_of_text|>"
 
 @pytest.fixture(scope="module")
 def llama_tok(llama32_tokenizer_dir):
-    from toolkit.core.models import load_tokenizer
+    from toolkit.core.loading import load_tokenizer
 
     return load_tokenizer(str(llama32_tokenizer_dir))
 

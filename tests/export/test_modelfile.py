@@ -65,7 +65,7 @@ def test_modelfile_system_is_the_trained_prompt_and_renders_hf_text(request, tok
     without one equals HF's with that system message, and a request's own system message still wins."""
     from tests.export.ollama_template import modelfile_parts, ollama_prompt
     from toolkit.core.chat_tokens import end_of_turn_token
-    from toolkit.core.models import load_tokenizer
+    from toolkit.core.loading import load_tokenizer
     from toolkit.export.modelfile import modelfile_text
 
     tok = request.getfixturevalue(tok_fixture)

@@ -28,13 +28,13 @@ def make_recipe(folder, extra=""):
 
 
 def _no_model_loads(monkeypatch):
-    from toolkit.core import models
+    from toolkit.core import loading
     from toolkit.finetune import base_model
 
     def refuse(*a, **k):
         raise AssertionError("a dry run must not load a model")
 
-    monkeypatch.setattr(models, "load_causal_lm", refuse)
+    monkeypatch.setattr(loading, "load_causal_lm", refuse)
     monkeypatch.setattr(base_model, "load_for_training", refuse)
 
 

@@ -330,7 +330,7 @@ def test_run_shape_counts_the_steps_and_tokens_the_trainer_runs(tmp_path, tiny_l
     import json
 
     from toolkit.core.chat_tokens import fix_chat_special_tokens
-    from toolkit.core.models import load_tokenizer
+    from toolkit.core.loading import load_tokenizer
     from toolkit.finetune import data
     from toolkit.finetune.plan import run_shape
     from toolkit.finetune.trainer import finetune

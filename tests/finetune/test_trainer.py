@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.mark.slow
 def test_finetune_writes_complete_run_folder(tmp_path, tiny_llama_dir, capsys):
-    from toolkit.core.models import load_model
+    from toolkit.core.loading import load_model
     from toolkit.finetune.trainer import finetune
 
     runs = tmp_path / "runs"
@@ -169,7 +169,7 @@ def test_cli_bad_input_exits_2_with_one_line_and_leaves_nothing(tmp_path, tiny_l
 def test_report_failure_keeps_the_trained_run_and_exits_nonzero(tmp_path, tiny_llama_dir, monkeypatch, capsys):
     from toolkit.cli import main
     from toolkit.core import allocator
-    from toolkit.core.models import load_model
+    from toolkit.core.loading import load_model
     from toolkit.finetune import report
 
     order = []

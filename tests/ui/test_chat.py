@@ -128,7 +128,7 @@ def test_history_and_trimming(tiny_llama_dir):
     from toolkit.decoding.backends.hf import HFBackend
     from toolkit.decoding.conversation import build_prompt
     from toolkit.core.errors import UserError
-    from toolkit.core.models import load_model
+    from toolkit.core.loading import load_model
     from ui.chat import history_to_messages, list_models
 
     history = [

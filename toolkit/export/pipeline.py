@@ -255,7 +255,7 @@ def export_model(spec: str, quants=("q4_k_m",), out=None, force: bool = False, p
         t = time.perf_counter()
         from transformers.utils import logging as hf_logging
 
-        from toolkit.core.models import load_model
+        from toolkit.core.loading import load_model
 
         hf_logging.disable_progress_bar()  # our per-step lines are the progress
 

@@ -13,7 +13,7 @@ import importlib.util
 import os
 from dataclasses import dataclass, field
 
-from toolkit.core import models
+from toolkit.core import loading, models
 from toolkit.core.chat_tokens import fix_chat_special_tokens, sync_special_ids
 from toolkit.core.errors import UserError
 
@@ -46,13 +46,6 @@ def hub_reachable(timeout: float) -> tuple[bool, str]:
         return False, f"cannot reach {host} within {timeout:g}s ({exc.__class__.__name__})"
 
 
-def _in_hf_cache(repo_id: str) -> bool:
-    from huggingface_hub import try_to_load_from_cache
-
-    hit = try_to_load_from_cache(repo_id, "config.json")
-    return isinstance(hit, str)
-
-
 def available_source(spec: str, timeout: float) -> str:
     """from_pretrained source for `spec`, or raise Unavailable saying why it can't be had."""
     try:
@@ -63,7 +56,7 @@ def available_source(spec: str, timeout: float) -> str:
         raise UserError(f"model.base_model {spec}: a run folder can't be a base (export or merge it first)")
     if ref.kind != "hub":
         return models.hf_source(ref)
-    if _in_hf_cache(spec):
+    if loading.in_hf_cache(spec):
         return spec
     ok, why = hub_reachable(timeout)
     if not ok:
@@ -331,7 +324,7 @@ def load_for_training(source: str, recipe, device: str, dtype: str):
             bnb_4bit_use_double_quant=recipe.method.double_quant, bnb_4bit_compute_dtype=torch_dtype(dtype))
     # Full fine-tuning keeps fp32 master weights; autocast supplies the low-precision compute.
     load_dtype = "float32" if method == "full" else dtype
-    model = models.load_causal_lm(source, load_dtype, device, quantization=quant)
+    model = loading.load_causal_lm(source, load_dtype, device, quantization=quant)
     if quant is not None:
         keep_4bit_weights_trainable(model)
     sync_special_ids(model, tok)

@@ -129,7 +129,7 @@ def dry_run(recipe_spec, overrides: Sequence[str] = (), gpu: bool | None = None)
     """Resolve the recipe, read its data, resolve the base and estimate the run; load no model."""
     from toolkit.core import hardware
     from toolkit.core.chat_tokens import fix_chat_special_tokens
-    from toolkit.core.models import load_tokenizer
+    from toolkit.core.loading import load_tokenizer
     from toolkit.finetune import data as data_mod
     from toolkit.finetune import recipe as recipe_mod
     from toolkit.finetune.base_model import context_warning, resolve_base

@@ -172,7 +172,7 @@ def _base_as_loaded(model, tok, choice, dev: str):
     model's dtype, with the same special-token ids."""
     from toolkit.core.chat_tokens import sync_special_ids
     from toolkit.core.errors import UserError
-    from toolkit.core.models import load_causal_lm
+    from toolkit.core.loading import load_causal_lm
 
     if choice is None:
         raise UserError("the report of a full fine-tune needs the base model it started from")

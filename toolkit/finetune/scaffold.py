@@ -318,7 +318,7 @@ def new_recipe(name: str, data_specs: list[str], eval_spec: str | None = None, b
 
 def _tokenizer(source: str):
     from toolkit.core.chat_tokens import fix_chat_special_tokens
-    from toolkit.core.models import load_tokenizer
+    from toolkit.core.loading import load_tokenizer
 
     tok = load_tokenizer(source)
     fix_chat_special_tokens(tok)

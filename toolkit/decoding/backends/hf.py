@@ -44,7 +44,7 @@ class HFBackend:
     @classmethod
     def from_spec(cls, spec: str, n_ctx: int | None = None, device: str | None = None) -> "HFBackend":
         from toolkit.core import hardware, primitive_caches
-        from toolkit.core.models import load_model
+        from toolkit.core.loading import load_model
 
         primitive_caches.bound()  # before torch computes anything: prompts and batches vary in shape
         dev = device or hardware.device()
