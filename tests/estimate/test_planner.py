@@ -550,6 +550,25 @@ def test_cpu_head_keeps_its_logits_buffers_through_the_layers_backward(monkeypat
     assert full.components["logits"] == F.cpu_lean_retained_bytes(1024, m.vocab, 4)
 
 
+def test_the_plans_streamed_head_is_the_trainers():
+    """The planner's mirror of the trainer's head choice (`cpu_lm_head.streams`, with `uses_weight_packs` for
+    which heads a run packs) and of the streamed head's blocks (`cpu_lm_head_streamed.vocab_block`)."""
+    from toolkit.estimate import planner
+    from toolkit.finetune import cpu_lm_head, cpu_lm_head_streamed
+
+    for act, dtype in ((4, "float32"), (2, "bfloat16")):
+        for task in ("lora", "qlora", "full"):
+            for packed in (False, True):
+                for logits in (F.CPU_LEAN_HEAD_MAX_BYTES, F.CPU_LEAN_HEAD_MAX_BYTES + 1):
+                    want = cpu_lm_head.streams(dtype, task == "full", packed and cpu_lm_head.uses_weight_packs(dtype),
+                                               logits <= cpu_lm_head.MAX_LOGITS_BYTES)
+                    assert planner._cpu_head_streams(act, logits, packed, task) == want, (dtype, task, packed, logits)
+    assert (F.CPU_STREAMED_BLOCK_BYTES, F.CPU_STREAMED_BLOCK_ALIGN) == (cpu_lm_head_streamed.VOCAB_BLOCK_BYTES,
+                                                                      cpu_lm_head_streamed.BLOCK_ALIGN)
+    for n, v, h in ((0, 49152, 576), (460, 49152, 576), (974, 128256, 2048), (10, 300, 64), (100_000, 49152, 576)):
+        assert F.cpu_streamed_block_rows(n, v, h) == cpu_lm_head_streamed.vocab_block(n, v, h)
+
+
 @pytest.mark.parametrize("n,h,v,dtype", [(460, 576, 49152, "float32"), (974, 2048, 32768, "float32"),
                                          (300, 256, 20000, "bfloat16"), (1200, 128, 4096, "bfloat16")])
 def test_streamed_head_spike_is_what_the_head_allocates(n, h, v, dtype):

@@ -335,6 +335,18 @@ def cpu_lean_logits_bytes(tokens: int, vocab: int, hidden: int, act_bytes: int =
     return cpu_lean_retained_bytes(tokens, vocab, act_bytes) + tokens * hidden * act_bytes
 
 
+# The streamed CPU head's vocabulary blocks (`cpu_lm_head_streamed.VOCAB_BLOCK_BYTES`, `BLOCK_ALIGN` and
+# `vocab_block`: the tests check these against them).
+CPU_STREAMED_BLOCK_BYTES = 16 * 2**20
+CPU_STREAMED_BLOCK_ALIGN = 256
+
+
+def cpu_streamed_block_rows(tokens: int, vocab: int, hidden: int) -> int:
+    """Vocabulary rows in one block of the streamed CPU head at `tokens` positions of width `hidden`."""
+    rows = CPU_STREAMED_BLOCK_BYTES // (4 * (2 * max(1, tokens) + hidden))
+    return min(vocab, max(CPU_STREAMED_BLOCK_ALIGN, rows // CPU_STREAMED_BLOCK_ALIGN * CPU_STREAMED_BLOCK_ALIGN))
+
+
 def cpu_streamed_logits_bytes(tokens: int, vocab: int, hidden: int, act_bytes: int = 2) -> int:
     """The same spike with the CPU head that streams the vocabulary (`toolkit.finetune.cpu_lm_head_streamed`:
     a frozen weight not pre-packed, in fp32 always, in bf16 past CPU_LEAN_HEAD_MAX_BYTES), which keeps
@@ -347,10 +359,8 @@ def cpu_streamed_logits_bytes(tokens: int, vocab: int, hidden: int, act_bytes: i
     Measured as the growth of a process's high-water mark (glibc's mmap threshold at 64 KiB, every buffer
     its own mapping) within 6% (tests/estimate/test_planner.py). `tokens` is every position; the head
     runs on the labelled ones only, so this is an upper bound."""
-    from toolkit.finetune.cpu_lm_head_streamed import vocab_block
-
     narrow = act_bytes < 4
-    block = tokens * vocab_block(tokens, vocab, hidden)
+    block = tokens * cpu_streamed_block_rows(tokens, vocab, hidden)
     forward = block * (16 if narrow else 12) + tokens * hidden * (8 if narrow else 4)
     return max(forward, tokens * hidden * (20 if narrow else 16))
 

@@ -330,13 +330,11 @@ def _training_terms(est, m, quant, tokens, lora_r, grad_ckpt, targets, optimizer
 
 def _cpu_head_streams(act: int, fp32_logits_bytes: int, packed_weights: bool, task: str) -> bool:
     """Whether the CPU trainer's LM head streams the vocabulary, as `cpu_lm_head.streams` decides at run
-    time: a frozen head weight (not full fine-tuning) that the run does not pre-pack (`packed_weights`,
-    the calibration's choice; only an fp32 head is ever packed, `cpu_lm_head.uses_weight_packs`)."""
-    from toolkit.finetune.cpu_lm_head import streams, uses_weight_packs
-
-    dtype = "float32" if act == 4 else "bfloat16"
-    return streams(dtype, task == "full", packed_weights and uses_weight_packs(dtype),
-                   fp32_logits_bytes <= F.CPU_LEAN_HEAD_MAX_BYTES)
+    time (tests/estimate/test_planner.py checks the two agree): a frozen head weight (not full
+    fine-tuning) that the run does not pre-pack (`packed_weights`, the calibration's choice; only an fp32
+    head is ever packed), in fp32 always, in bf16 past the materialized head's limit."""
+    packed = packed_weights and act == 4
+    return task != "full" and not packed and (act == 4 or fp32_logits_bytes > F.CPU_LEAN_HEAD_MAX_BYTES)
 
 
 def past_context(m: ModelFacts, seq_len: int) -> int | None:
