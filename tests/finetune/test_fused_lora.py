@@ -335,12 +335,12 @@ def test_one_layer_backward_accumulates_the_input_gradient_in_the_gemm(tiny):
 @pytest.mark.parametrize("masked,p", [(False, 0.0), (True, 0.0), (False, 0.3), (True, 0.3)],
                          ids=["all rows", "adapter rows masked", "dropout", "dropout, rows masked"])
 def test_lora_matmul_gradients_against_autograd_of_the_same_formula(masked, p, monkeypatch):
-    from toolkit.finetune import fused_lora
+    from toolkit.finetune import lora_products
     from toolkit.finetune.fused_lora import _lora_matmul
 
     gen = torch.Generator().manual_seed(5)
     drop = torch.rand(8, 6, generator=gen) < p
-    monkeypatch.setattr(fused_lora, "dropped", lambda shape, q, device: drop if q == p else None)
+    monkeypatch.setattr(lora_products, "dropped", lambda shape, q, device: drop if q == p else None)
     base = torch.nn.Linear(6, 5).requires_grad_(False)
     x = torch.randn(8, 6, generator=gen, requires_grad=True)
     a = torch.randn(3, 6, generator=gen, requires_grad=True)
@@ -436,7 +436,7 @@ def test_qlora_takes_the_fused_path_with_peft_and_bitsandbytes_numbers(tiny_qlor
 
 
 def test_dropped_draws_each_element_with_probability_p_from_the_seeded_generator():
-    from toolkit.finetune.fused_lora import dropped
+    from toolkit.finetune.lora_products import dropped
 
     for p in (0.05, 0.5):
         torch.manual_seed(3)
@@ -460,7 +460,7 @@ def test_dropout_gives_peft_numbers_for_the_same_dropped_elements(tiny, tiny_lla
     import contextlib
 
     from toolkit.core import packed_linear
-    from toolkit.finetune import fused_lora
+    from toolkit.finetune import fused_lora, lora_products
     from toolkit.finetune.base_model import keep_4bit_weights_trainable
 
     packed = base == "pre-packed base"
@@ -474,8 +474,8 @@ def test_dropout_gives_peft_numbers_for_the_same_dropped_elements(tiny, tiny_lla
         model = _peft(tiny, lora_dropout=p)
     model.train()
     ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
-    drawn, real = [], fused_lora.dropped
-    monkeypatch.setattr(fused_lora, "dropped", lambda *a: drawn.append(real(*a)) or drawn[-1])
+    drawn, real = [], lora_products.dropped
+    monkeypatch.setattr(lora_products, "dropped", lambda *a: drawn.append(real(*a)) or drawn[-1])
     pack = packed_linear.packed_linears(model, torch.float32) if packed else contextlib.nullcontext(0)
     with fused_lora.fused_on_cpu(model, "cpu") as n, pack:
         loss, grads = _loss_and_grads(model, ids)
@@ -509,7 +509,7 @@ def test_dropout_is_noted_where_the_fused_layers_draw_it():
 def test_b_grad_is_the_scaled_product_in_the_adapters_dtype_either_way_round(dtype, sliced):
     """bf16 takes the product the other way round (see `b_grad`): the same numbers as g.T @ h to the
     rounding of one bf16 product, contiguous, in the adapter's dtype, for a sibling's column slice of h too."""
-    from toolkit.finetune.fused_lora import b_grad
+    from toolkit.finetune.lora_products import b_grad
 
     gen = torch.Generator().manual_seed(3)
     g = torch.randn(37, 24, generator=gen).to(dtype)

@@ -78,7 +78,7 @@ def test_a_sibling_called_on_another_or_a_changed_input_runs_alone(tiny):
 @pytest.mark.parametrize("ps", [(0.0, 0.0), (0.3, 0.0), (0.3, 0.5)], ids=["no dropout", "one dropout", "two dropouts"])
 def test_group_gradients_against_autograd_of_the_same_formula(x_grad, ps, monkeypatch):
     """Each sibling's own dropout (as PEFT's separate layers draw): its dropped copy of x into its A."""
-    from toolkit.finetune import fused_lora
+    from toolkit.finetune import lora_products
     from toolkit.finetune.lora_groups import _group_matmul
 
     gen = torch.Generator().manual_seed(5)
@@ -92,7 +92,7 @@ def test_group_gradients_against_autograd_of_the_same_formula(x_grad, ps, monkey
 
     drops = [torch.rand(8, 6, generator=gen) < p for p in ps]
     drawn = iter([d for d, p in zip(drops, ps) if p])
-    monkeypatch.setattr(fused_lora, "dropped", lambda shape, p, device: next(drawn))
+    monkeypatch.setattr(lora_products, "dropped", lambda shape, p, device: next(drawn))
 
     outs = _group_matmul().apply(x, bases, scalings, ps, *a, *b)
     got = (*outs, *torch.autograd.grad(outs, wrt, g))

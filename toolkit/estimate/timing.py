@@ -93,7 +93,7 @@ CPU_STEP_SECONDS_PER_LAYER = 0.00385
 # -4.2% (not rerun there: it was not at hand; nor the Zen 5; docs/cpu-training.md, twenty-fourth session).
 CPU_STEP_OVER_PROBE = 39.0
 CPU_ELEMENTWISE_BYTES_PER_S = 40e9
-# A LoRA dropout on a CPU (`toolkit.finetune.fused_lora`: the fused layers draw it, `dropped`): per
+# A LoRA dropout on a CPU (`toolkit.finetune.fused_lora`: the fused layers draw it, `lora_products.dropped`): per
 # element of every adapted linear's input, a share of a 64-bit draw, the dropped copy its adapter
 # multiplies, the masked share of the input's gradient, and the adapters' products apart where siblings
 # shared one. Priced in the elementwise term's currency: this many 4-byte passes over those elements at

@@ -19,7 +19,7 @@ bitsandbytes' 4-bit one: below), one dtype -- or the bf16 CPU run's
 mix: bf16 base and input, fp32 adapter (kept fp32 for its updates), under bf16 autocast. There PEFT
 casts each layer's input to fp32 and autocast casts it back, two full copies a layer forward and
 two more backward (~10% of a bf16 step in the profile); here only the adapter's r-wide weights are
-cast. A LoRA dropout is applied on this path too (`dropped`: the same Bernoulli draw per element
+cast. A LoRA dropout is applied on this path too (`lora_products.dropped`: the same Bernoulli draw per element
 as PEFT's `nn.Dropout`, from four 16-bit lanes of each 64-bit draw of torch's generator, where
 `F.dropout` draws one float an element; measured in docs/cpu-training.md). Anything else (and any
 call with extra arguments) goes to PEFT's own forward. It is a
@@ -48,12 +48,7 @@ from __future__ import annotations
 import contextlib
 import functools
 
-
-def _four_bit_weight(base):
-    """`base`'s 4-bit weight and its quantization state where `base` is bitsandbytes' Linear4bit (QLoRA),
-    else None."""
-    state = getattr(base.weight, "quant_state", None)
-    return None if state is None else (base.weight, state)
+from toolkit.finetune import lora_products as products
 
 
 @functools.cache
@@ -91,13 +86,13 @@ def _fused_classes() -> dict:
                     if out is not None:
                         return out
                 out = _lora_matmul().apply(x2, base, a, b, self.scaling[key], mask,
-                                           dropout_p(self.lora_dropout[key]))
+                                           products.dropout_p(self.lora_dropout[key]))
             else:
                 # No gradient (decoding, evaluation): the product runs outside autograd, and a paired
                 # batch's cast weights are made once for its block; with the per-call mask and casts,
                 # 6-25% of the report's decoding step (docs/cpu-training.md, ninth session).
                 cast = (lambda w: w.to(x2.dtype)) if rows is None else (lambda w: rows.cast(w, x2.dtype))
-                out = _lora_product(x2, base, cast(a), cast(b), self.scaling[key], mask)[0]
+                out = products.lora_product(x2, base, cast(a), cast(b), self.scaling[key], mask)[0]
             return out.view(*x.shape[:-1], out.shape[-1])
 
         def fused_key(self, x, args, kwargs):
@@ -109,7 +104,7 @@ def _fused_classes() -> dict:
                 return None
             key = active[0]
             base, la, lb = self.base_layer, self.lora_A[key], self.lora_B[key]
-            p = dropout_p(self.lora_dropout[key])
+            p = products.dropout_p(self.lora_dropout[key])
             # A dropout that is on is applied inside the autograd node only (no call without a gradient
             # trains, and evaluation turns it off).
             if (key in self.lora_variant or not self.base_fits(base, x) or base._forward_hooks
@@ -144,7 +139,7 @@ def _fused_classes() -> dict:
             # repacked on AVX512-BF16; `base_model.keep_4bit_weights_trainable` turns it off for a
             # trained model) or already has, that layer is left to it. Elsewhere its path is ours:
             # dequantize, then matmul.
-            four_bit = _four_bit_weight(base)
+            four_bit = products.four_bit_weight(base)
             inference_kernel = getattr(base, "support_avx512bf16_for_cpu", False) and not base.training \
                 and not x.requires_grad
             return (type(base) is bnb.nn.Linear4bit and four_bit is not None and not inference_kernel
@@ -153,118 +148,6 @@ def _fused_classes() -> dict:
 
     classes[Lora4bit] = FusedLora4bit
     return classes
-
-
-def _base_product(x2, base):
-    """`x2 @ W.T + b` outside autograd: a 4-bit base dequantized for this call (QLoRA keeps no
-    unquantized copy), any other through `packed_linear.product` (its packs where it is packed)."""
-    four_bit = _four_bit_weight(base)
-    if four_bit is None:
-        from toolkit.core import packed_linear
-
-        return packed_linear.product(x2, base)
-    import torch
-
-    bias = None if base.bias is None else base.bias.to(x2.dtype)
-    return torch.nn.functional.linear(x2, _dequantized(four_bit, x2.dtype), bias)
-
-
-def _base_input_grad(g, base, into=None):
-    """`g @ W`, the input's gradient through `base` (see `_base_product`); with `into`, added into
-    that tensor (by the GEMM itself where it can) and returned."""
-    four_bit = _four_bit_weight(base)
-    if four_bit is None:
-        from toolkit.core import packed_linear
-
-        return packed_linear.input_grad(g, base, into=into)
-    weight = _dequantized(four_bit, g.dtype)
-    return g @ weight if into is None else into.addmm_(g, weight)
-
-
-def _dequantized(four_bit, dtype):
-    from bitsandbytes.functional import dequantize_4bit
-
-    weight, state = four_bit
-    return dequantize_4bit(weight.data, state).to(dtype)
-
-
-def dropout_p(module) -> float | None:
-    """The probability with which a LoRA layer's dropout module drops an element now: 0.0 for none
-    (PEFT's `nn.Identity`, or an `nn.Dropout` in eval mode), None for a module the fused path does not
-    know."""
-    import torch
-
-    if isinstance(module, torch.nn.Identity):
-        return 0.0
-    if type(module) is torch.nn.Dropout:
-        return float(module.p) if module.training else 0.0
-    return None
-
-
-def dropped(shape, p: float, device):
-    """A bool tensor of `shape`, True where dropout drops, each element with probability p (to
-    1/65,536) from torch's default generator, so a run's seed fixes it. Each 64-bit draw gives four
-    16-bit lanes: `F.dropout` (one float an element) took 3.4 ms for a 1000 x 576 input on the Zen 4
-    EPYC, this 0.84 ms; per step of the finance CPU profile that is most of what a dropout costs."""
-    import math
-
-    import torch
-
-    n = math.prod(shape)
-    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-2 ** 63, 2 ** 63 - 1)
-    # a lane drops below p's share of the 65,536 values (int16 holds up to 32,767: p near 1 keeps 1 in 65,536)
-    return words.view(torch.int16)[:n].view(shape) < min(round(p * 65536), 65535) - 32768
-
-
-def _adapter_middle(x2, a_x, drop, p: float):
-    """(xa @ a_x.T / (1 - p), xa): the adapter's r-wide middle from xa, x2 with the elements `drop`
-    marks zeroed (x2 itself, and no scaling, without a dropout)."""
-    import torch
-
-    if drop is None:
-        return torch.mm(x2, a_x.t()), x2
-    xa = x2.masked_fill(drop, 0)
-    return torch.mm(xa, a_x.t()).mul_(1.0 / (1.0 - p)), xa
-
-
-def _add_adapter_input_grad(grad_x, gh, a_x, drop):
-    """grad_x += gh @ a_x, the dropped elements' share zeroed: inside the GEMM where nothing was dropped."""
-    import torch
-
-    if drop is None:
-        return grad_x.addmm_(gh, a_x)
-    return grad_x.add_(torch.mm(gh, a_x).masked_fill_(drop, 0))
-
-
-def b_grad(g, h, scaling: float, dtype):
-    """B's gradient `scaling * g.T @ h` (g [M, N] the output's gradient, h [M, r] the adapter's middle) in
-    `dtype` (the adapter's), contiguous. In bf16 as `(h.T @ g).T`: oneDNN's bf16 product with the output's
-    N columns as its wide dimension took 509 against 737 us for g of 990 x 1536 (gate and up), 198 against
-    225 at 576 outputs, 87 against 86 at 192 (the Zen 4 EPYC, each g fresh from a set of 24 as in a step;
-    docs/cpu-training.md, twenty-ninth session). In fp32 MKL's way round is the faster: 739 against 1,151 us
-    at 1,536 outputs (885 capped at AVX2)."""
-    import torch
-
-    if g.dtype == torch.bfloat16:
-        return torch.mm(h.t(), g).t().to(dtype, memory_format=torch.contiguous_format).mul_(scaling)
-    return torch.mm(g.t(), h).mul_(scaling).to(dtype)
-
-
-def _lora_product(x2, base, a_x, b_x, scaling, mask, drop=None, p=0.0):
-    """(x2 @ W.T + bias + scaling * (mask * (xa @ a_x.T) / (1 - p)) @ b_x.T, the adapter's middle h,
-    xa), outside autograd and autocast, the adapter's weights already in x2's dtype; xa is x2 with
-    the elements `drop` marks zeroed (x2 itself without a dropout)."""
-    import torch
-
-    with torch.autocast(x2.device.type, enabled=False):
-        x2 = x2.contiguous()
-        out = _base_product(x2, base)  # pre-packed inside `packed_linears`, or dequantized
-        h, xa = _adapter_middle(x2, a_x, drop, p)
-        if mask is not None:
-            h.mul_(mask)
-        # Into the fresh base output: the adapter's product costs no pass of its own.
-        out.addmm_(h, b_x.t(), alpha=scaling)
-    return out, h, xa
 
 
 @functools.cache
@@ -283,8 +166,8 @@ def _lora_matmul():
             # Under autocast the fp32 adapter computes in the input's dtype, as PEFT's forward does
             # after its round trip of x through fp32; the cast of these r-wide weights is cheap.
             a_x, b_x = a.to(x2.dtype), b.to(x2.dtype)
-            drop = dropped(x2.shape, p, x2.device) if p else None
-            out, h, xa = _lora_product(x2, base, a_x, b_x, scaling, mask, drop, p)
+            drop = products.dropped(x2.shape, p, x2.device) if p else None
+            out, h, xa = products.lora_product(x2, base, a_x, b_x, scaling, mask, drop, p)
             ctx.save_for_backward(xa, h, a_x, b_x, drop)
             ctx.base, ctx.scaling, ctx.mask, ctx.dtypes, ctx.p = base, scaling, mask, (a.dtype, b.dtype), p
             return out
@@ -301,11 +184,11 @@ def _lora_matmul():
                 if ctx.mask is not None:
                     gh.mul_(ctx.mask)
                 if ctx.needs_input_grad[0]:
-                    grad_x = _add_adapter_input_grad(_base_input_grad(g, ctx.base), gh, a_x, drop)
+                    grad_x = products.add_adapter_input_grad(products.base_input_grad(g, ctx.base), gh, a_x, drop)
                 if ctx.needs_input_grad[2]:
                     grad_a = torch.mm(gh.t(), xa).to(a_dtype)
                 if ctx.needs_input_grad[3]:
-                    grad_b = b_grad(g, h, s, b_dtype)
+                    grad_b = products.b_grad(g, h, s, b_dtype)
             return grad_x, None, grad_a, grad_b, None, None, None
 
     return LoraMatmul

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 
-from toolkit.finetune import fused_lora
+from toolkit.finetune import lora_products as products
 
 # Sibling layers a Llama-family block calls on one input, first caller first (transformers'
 # LlamaAttention and LlamaMLP; Mistral, Qwen2 and the like name theirs the same).
@@ -59,7 +59,7 @@ class Group:
         if any(m.fused_key(x, (), {}) != key for m in self.members[1:]) or len({w.dtype for w in a + b}) != 1:
             return None
         x2 = x.reshape(-1, x.shape[-1])
-        ps = tuple(fused_lora.dropout_p(m.lora_dropout[key]) for m in self.members)
+        ps = tuple(products.dropout_p(m.lora_dropout[key]) for m in self.members)
         outs = _group_matmul().apply(x2, tuple(m.base_layer for m in self.members),
                                      tuple(m.scaling[key] for m in self.members), ps, *a, *b)
         outs = [o.view(*x.shape[:-1], o.shape[-1]) for o in outs]
@@ -107,8 +107,8 @@ def _group_matmul():
             with torch.autocast(x2.device.type, enabled=False):
                 x2 = x2.contiguous()
                 if any(ps):
-                    drops = [fused_lora.dropped(x2.shape, p, x2.device) if p else None for p in ps]
-                    hs, xas = zip(*(fused_lora._adapter_middle(x2, ai, d, p)
+                    drops = [products.dropped(x2.shape, p, x2.device) if p else None for p in ps]
+                    hs, xas = zip(*(products.adapter_middle(x2, ai, d, p)
                                     for ai, d, p in zip(a_x.split(ranks), drops, ps)))
                     h = torch.cat(hs, dim=1)
                 else:
@@ -116,7 +116,7 @@ def _group_matmul():
                     h = torch.mm(x2, a_x.t())
                 outs = []
                 for base, hi, bi, s in zip(bases, h.split(ranks, dim=1), b_x, scalings):
-                    out = fused_lora._base_product(x2, base)
+                    out = products.base_product(x2, base)
                     out.addmm_(hi, bi.t(), alpha=s)
                     outs.append(out)
             # With a dropout, A's gradients need each dropped copy, not x.
@@ -139,9 +139,9 @@ def _group_matmul():
                     # the gradient at adapter i's r-wide middle, its dropout's 1 / (1 - p) included
                     gh.append(torch.mm(g, bi).mul_(s / (1.0 - p)))
                     if wants_x:
-                        grad_x = fused_lora._base_input_grad(g, base, into=grad_x)
+                        grad_x = products.base_input_grad(g, base, into=grad_x)
                     if wants_b[i]:
-                        grad_b[i] = fused_lora.b_grad(g, hi, s, b_dtype)
+                        grad_b[i] = products.b_grad(g, hi, s, b_dtype)
                 grad_a = [None] * n
                 if not drops:
                     gh = torch.cat(gh, dim=1)
@@ -152,7 +152,7 @@ def _group_matmul():
                 else:
                     for i, (ghi, ai, xa, drop) in enumerate(zip(gh, a_x.split(ctx.ranks), xas, drops)):
                         if wants_x:
-                            fused_lora._add_adapter_input_grad(grad_x, ghi, ai, drop)
+                            products.add_adapter_input_grad(grad_x, ghi, ai, drop)
                         if wants_a[i]:
                             grad_a[i] = torch.mm(ghi.t(), xa).to(a_dtype)
             return (grad_x, None, None, None, *grad_a, *grad_b)
