@@ -258,7 +258,8 @@ def for_device(model, dev: str, dtype: str, use: str, skip=()):
     # The count, and the frozen linears of another kind left unpacked: a QLoRA run's log must not
     # read as if its 4-bit base ran pre-packed.
     block = packed_linears(model, tdtype, skip=skip, backward=use == "train")
-    return block, (why + f"; {n} layer{'s' if n != 1 else ''}" + (f", not the {unpackable} layers" if unpackable else ""))
+    return block, (why + f"; {n} layer{'s' if n != 1 else ''}"
+                   + (f", not the {unpackable} layers" if unpackable else ""))
 
 
 def _unpackable(model) -> str:
