@@ -93,8 +93,8 @@ def test_sizes_cover_95_percent_and_fit(plan):
     facts = CATALOG["embedded"]
     lengths = [100] * 95 + [3000] * 5
     s = scaffold.choose_sizes(lengths, facts, plan, 100 * 2**30, "cpu")
-    assert (s.max_seq_len, s.batch_size, s.grad_accum, s.gradient_checkpointing) == (256, 2, 4, False)
-    assert s.estimate_bytes == _est(plan, 256, 2, False)
+    assert (s.max_seq_len, s.batch_size, s.grad_accum, s.gradient_checkpointing) == (256, 4, 2, False)
+    assert s.estimate_bytes == _est(plan, 256, 4, False)
     assert scaffold.choose_sizes([100] * 94 + [300] * 6, facts, plan, 100 * 2**30, "cpu").max_seq_len == 512
     gpu = scaffold.choose_sizes(lengths, facts, plan, 100 * 2**30, "cuda")
     assert (gpu.batch_size, gpu.grad_accum) == (8, 1)
