@@ -160,7 +160,8 @@ def choose_sizes(lengths: list[int], facts, plan, usable_bytes: int, device: str
                            f"{', gradient checkpointing' if ckpt else ''}: planner estimate "
                            f"{gib(e.total_bytes)} of {gib(usable_bytes)} usable ({plan.task} {plan.quant} on {device})")
                     if device == "cpu" and b == max_batch:
-                        why += f"; batch capped at {max_batch} on CPU (the same optimizer batch in fewer, larger micro-batches)"
+                        why += (f"; batch capped at {max_batch} on CPU "
+                                "(the same optimizer batch in fewer, larger micro-batches)")
                     return Sizes(seq, b, max(1, TARGET_BATCH // b), ckpt, e.total_bytes, [why_seq, why])
         if seq <= SEQ_LENS[0]:
             raise UserError(f"{facts.name}: a {plan.task} run does not fit this machine even at batch 1 and "
