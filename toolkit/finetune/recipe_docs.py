@@ -4,6 +4,7 @@ The comments next to (or right above) each field in `toolkit/finetune/recipe.py`
 documentation; `field_docs()` reads them from the source, so the comments `toolkit recipe new`
 writes into recipe.yaml can't drift from the code. Fields that carry no comment there are
 documented in `_UNCOMMENTED` below (a test checks that every field has exactly one of the two).
+`render_yaml` writes a recipe with each field's line of help above it.
 """
 
 from __future__ import annotations
@@ -91,3 +92,25 @@ def source_docs() -> dict[str, str]:
     from toolkit.finetune.recipe import TrainSource
 
     return dict(_comments(TrainSource))
+
+
+def _yaml_scalar(value) -> str:
+    import yaml
+
+    # Dump inside a flow list so a scalar is not followed by YAML's document-end marker.
+    return yaml.safe_dump([value], default_flow_style=True, width=10**6, sort_keys=False).strip()[1:-1]
+
+
+def render_yaml(rec, header: list[str]) -> str:
+    """recipe.yaml text: `header` as comments, then every field with its help on the line above."""
+    docs = field_docs()
+    out = [f"# {h}" if h else "#" for h in header]
+    for key, value in rec.to_dict().items():
+        if not isinstance(value, dict):
+            out += ["", f"# {docs[key]}", f"{key}: {_yaml_scalar(value)}"]
+            continue
+        out += ["", f"{key}:"]
+        for k, v in value.items():
+            out.append(f"  # {docs[f'{key}.{k}']}")
+            out.append(f"  {k}: {_yaml_scalar(v)}")
+    return "\n".join(out) + "\n"

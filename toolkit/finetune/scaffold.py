@@ -25,13 +25,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from toolkit.core.errors import UserError
+from toolkit.finetune import recipe_docs
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 SEQ_LENS = (256, 512, 1024, 2048, 4096)
 HELDOUT_FRACTION = 0.1
 MAX_HELDOUT = 200
 TARGET_BATCH = 8  # sequences per optimizer update
-CPU_MAX_BATCH = 4  # 4 rows x grad_accum 2 ran 2-16% more tokens/s than 2 x 4 on a CPU (docs/cpu-training.md)
+# 4 rows x grad_accum 2 against 2 x 4, the Zen 4: +2-16% tokens/s in bf16, +7-12% in fp32, +1-16% with the
+# libraries capped at AVX2 (docs/cpu-training.md)
+CPU_MAX_BATCH = 4
 CPU_MAX_STEPS = 50  # a CPU run of the embedded model stays in the minutes
 
 
@@ -170,30 +173,6 @@ def choose_sizes(lengths: list[int], facts, plan, usable_bytes: int, device: str
         why_seq = f"max_seq_len {seq}: longer sequences do not fit in memory (95th percentile is {p95} tokens)"
 
 
-def _yaml_scalar(value) -> str:
-    import yaml
-
-    # Dump inside a flow list so a scalar is not followed by YAML's document-end marker.
-    return yaml.safe_dump([value], default_flow_style=True, width=10**6, sort_keys=False).strip()[1:-1]
-
-
-def render_yaml(rec, header: list[str]) -> str:
-    """recipe.yaml text: `header` as comments, then every field with its help on the line above."""
-    from toolkit.finetune.recipe_docs import field_docs
-
-    docs = field_docs()
-    out = [f"# {h}" if h else "#" for h in header]
-    for key, value in rec.to_dict().items():
-        if not isinstance(value, dict):
-            out += ["", f"# {docs[key]}", f"{key}: {_yaml_scalar(value)}"]
-            continue
-        out += ["", f"{key}:"]
-        for k, v in value.items():
-            out.append(f"  # {docs[f'{key}.{k}']}")
-            out.append(f"  {k}: {_yaml_scalar(v)}")
-    return "\n".join(out) + "\n"
-
-
 def _write_jsonl(path: Path, examples: list) -> None:
     with path.open("w", encoding="utf-8") as f:
         for ex in examples:
@@ -304,7 +283,7 @@ def new_recipe(name: str, data_specs: list[str], eval_spec: str | None = None, b
                   f"Held out: {len(held)} of {len(train) + len(held)} ({split}).",
                   *[f"Sizes: {r}" for r in sizes.reasons],
                   "Each key's help is the comment above it; the same help is in toolkit/finetune/recipe.py."]
-        (stage / "recipe.yaml").write_text(render_yaml(rec, header), encoding="utf-8")
+        (stage / "recipe.yaml").write_text(recipe_docs.render_yaml(rec, header), encoding="utf-8")
         recipe_mod.load(stage / "recipe.yaml")  # what we wrote must load; a failure here is a bug
         if folder.exists():
             raise UserError(f"recipe {name} already exists: {folder} (pick another NAME or remove it)")
@@ -366,7 +345,7 @@ def _fit_time_budget(rec, stage: Path, facts, dev: str, dtype: str, labelled_fra
     from toolkit.finetune.plan import plan_inputs
 
     def timed():
-        (stage / "recipe.yaml").write_text(render_yaml(rec, []), encoding="utf-8")
+        (stage / "recipe.yaml").write_text(recipe_docs.render_yaml(rec, []), encoding="utf-8")
         staged = recipe_mod.load(stage / "recipe.yaml")
         staged.method.name = method  # what `method: auto` resolved to
         return run_time(staged, facts, estimate(facts, **plan_inputs(staged, dev, dtype).as_kwargs()), dtype,
